@@ -1,0 +1,301 @@
+"""Muon: momentum SGD whose update is orthogonalized by a Newton-Schulz iteration.
+
+The idea
+--------
+For a weight matrix W (rows x cols) with gradient G, SGD-momentum keeps a buffer M and steps along M.
+The momentum matrix of a transformer layer is typically very ill-conditioned: a handful of directions
+dominate, so the step mostly amplifies those and barely moves the rest. Muon replaces the step by the
+*orthogonal polar factor* of the (Nesterov) momentum: if M = U S V^T is its SVD, the step is U V^T,
+which keeps M's singular directions but sets every singular value to 1. All directions then move by the
+same amount (the steepest-descent direction under the spectral norm).
+
+Computing U V^T exactly needs an SVD; Muon instead runs a few steps of an odd matrix polynomial that
+acts on every singular value separately. Start from X_0 = M / (||M||_F + eps), whose singular values lie
+in (0, 1], then iterate
+
+    X_{k+1} = a X_k + b (X_k X_k^T) X_k + c (X_k X_k^T)^2 X_k,   (a, b, c) = (3.4445, -4.7750, 2.0315),
+
+which maps each singular value x to f(x) = a x + b x^3 + c x^5. The coefficients are tuned for speed,
+not exactness: f'(0) = a = 3.4445 pulls small singular values up fast, and after 5 steps every singular
+value that started above about 2e-3 (relative to ||M||_F) lies in the band [0.68, 1.21]; iterating
+further it settles into the oscillation band [0.68, 1.14]. "Roughly orthogonal" is good enough for an
+optimizer, and the iteration is only matrix products, so it runs in bf16 on tensor cores. The products
+are taken on the wide orientation (rows <= cols, transposing tall matrices) so X X^T is the small
+Gram matrix.
+
+Matching AdamW's update size (the Xmodel-2.5 recipe, after Moonlight / "Muon is Scalable for LLM
+Training")
+----------------------------------------------------------------------------------------------------
+An orthogonal rows x cols matrix has min(rows, cols) unit singular values, so its RMS entry is
+1 / sqrt(max(rows, cols)): the raw Muon step shrinks as the matrix grows. Multiplying it by
+0.2 * sqrt(max(rows, cols)) gives an update of RMS 0.2, about what AdamW's updates have. Then the
+learning rate and the decoupled weight decay tuned for AdamW (and transferred by muP) carry over to
+Muon unchanged:
+
+    M  <- momentum * M + G                              (fp32 buffer, whatever the weight dtype)
+    U  <- G + momentum * M   (Nesterov)   or   M
+    O  <- NewtonSchulz5(U)
+    W  <- W * (1 - lr * weight_decay)                   (unscaled lr, as in AdamW)
+    W  <- W - lr * 0.2 * sqrt(max(rows, cols)) * O
+
+The AdamW -> Muon switch (Xmodel-2.5, arXiv 2511.19496)
+-------------------------------------------------------
+Xmodel-2.5 trains the warmup and stable phases with AdamW and, at the first step of the decay phase,
+moves only the 2-D hidden matrices (attention q/k/v/o, MLP gate/up/down) to Muon with a fresh
+(zero) momentum; embeddings and norm weights stay on AdamW. Because of the RMS match above, nothing
+else changes (LR schedule, clipping, weight decay, data mix). The paper reports +4.58 points on its
+13-task average against an AdamW-only decay. This module is only the optimizer; train.py does the
+switch.
+
+Distributed
+-----------
+Newton-Schulz is the only expensive part (15 matrix products per matrix and step). Under
+torch.distributed, gradients are already averaged (DDP), so every rank would compute the same
+orthogonalizations. Instead each rank orthogonalizes a disjoint share of the matrices (see
+`shard_by_shape`) and the bf16 results are all-gathered, one collective per distinct shape. The
+momentum update is cheap and elementwise, so every rank keeps the full momentum state and applies
+the full update: all ranks hold identical weights, and the result is bit-for-bit the single-process
+one.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
+    """Approximate orthogonal polar factor U V^T of G = U S V^T, over the last two dimensions.
+
+    X_0 = bf16(G) / (||G||_F + eps); X_{k+1} = a X + (b A + c A^2) X with A = X X^T, (a, b, c) =
+    NS_COEFFS, on the orientation with rows <= cols (tall inputs are transposed and back). Leading
+    dimensions are a batch: each matrix is normalized and iterated on its own. Returns bf16, same
+    shape as G. Singular values x of X_0 go to f^steps(x), f(x) = a x + b x^3 + c x^5; for steps = 5
+    and x >= 2e-3 that is inside [0.68, 1.21]. f(0) = 0, so a zero matrix gives zeros (never NaN) and
+    a matrix with ||G||_F << eps comes out scaled by about ||G||_F / eps, i.e. nearly zero.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"zeropower_via_newtonschulz5 needs a matrix (or a batch of them), got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFS
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if tall:
+        X = X.mT
+    return X
+
+
+def update_scale(shape, rms_scale=0.2):
+    """Factor multiplying lr * NewtonSchulz5(U) for a rows x cols matrix.
+
+    rms_scale = s (the recipe: 0.2): s * sqrt(max(rows, cols)), so the update RMS is s (an orthogonal
+    matrix has RMS 1 / sqrt(max(rows, cols))) and AdamW's lr / weight decay carry over.
+    rms_scale = None: plain Muon (Keller Jordan's reference), max(1, rows / cols) ** 0.5.
+    """
+    rows, cols = shape
+    if rms_scale is None:
+        return max(1.0, rows / cols) ** 0.5
+    return rms_scale * math.sqrt(max(rows, cols))
+
+
+def shard_by_shape(shapes, world_size):
+    """Owner rank of each matrix: round-robin over the matrices grouped by shape.
+
+    Matrices are taken shape by shape (shapes in order of first appearance, matrices in list order
+    within a shape) and dealt to ranks 0, 1, ..., world_size - 1, 0, ... with one running counter.
+    Every rank then owns a near-equal number (difference <= 1) of each shape, which balances the
+    Newton-Schulz work, and the owners of one shape can be gathered in one collective. Deterministic
+    in the list of shapes, so every rank computes the same partition without talking.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    owners = [0] * len(shapes)
+    next_rank = 0
+    for idxs in _group_by_shape(shapes).values():
+        for i in idxs:
+            owners[i] = next_rank
+            next_rank = (next_rank + 1) % world_size
+    return owners
+
+
+def _group_by_shape(shapes):
+    groups = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(i)
+    return groups
+
+
+def newton_schulz_flops(rows, cols, steps=5):
+    """Matrix-product FLOPs of zeropower_via_newtonschulz5 on one rows x cols matrix.
+
+    With m = min(rows, cols), n = max(rows, cols), each step does X X^T (2 m^2 n), A A (2 m^3) and
+    B X (2 m^2 n): steps * (4 m^2 n + 2 m^3). The elementwise work (O(m n) per step) is left out.
+    """
+    m, n = min(rows, cols), max(rows, cols)
+    return steps * (4 * m * m * n + 2 * m**3)
+
+
+def _world():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D hidden matrices (module docstring has the math).
+
+    Per matrix W with gradient G, fp32 momentum M (state "momentum_buffer"):
+        M <- momentum * M + G
+        U <- G + momentum * M if nesterov else M
+        O <- zeropower_via_newtonschulz5(U, ns_steps)
+        W <- W * (1 - lr * weight_decay)
+        W <- W - lr * update_scale(W.shape, rms_scale) * O
+    lr and weight_decay are read from each param group at step time (a schedule may set group["lr"]).
+    rms_scale: 0.2 = the recipe's AdamW-RMS match; None = plain Muon scaling max(1, rows/cols)**0.5.
+    Only 2-D parameters are accepted: embeddings (2-D, but not hidden), norm weights and biases belong
+    on AdamW. Under torch.distributed (world size > 1) every rank must hold the same parameters in the
+    same order with gradients already averaged; each orthogonalizes its share and all-gathers.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rms_scale=0.2):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        weight_decay=weight_decay, rms_scale=rms_scale)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        first_index = sum(len(g["params"]) for g in self.param_groups)
+        group_index = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for j, p in enumerate(group["params"]):
+            if p.ndim != 2:
+                raise ValueError(
+                    f"Muon: parameter {first_index + j} (param group {group_index}) has shape {tuple(p.shape)}; "
+                    "Muon only updates 2-D hidden matrices, keep embeddings, norm weights and biases on AdamW")
+        _check_hyperparameters(group, group_index)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = []
+        for group_index, group in enumerate(self.param_groups):
+            _check_hyperparameters(group, group_index)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("Muon does not support sparse gradients")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
+                items.append((p, group))
+        for (p, group), O in zip(items, self._orthogonalized(items)):
+            lr = group["lr"]
+            p.mul_(1 - lr * group["weight_decay"])
+            p.sub_(O.float() * (lr * update_scale(p.shape, group["rms_scale"])))
+        return loss
+
+    def _ns_input(self, p, group):
+        buf = self.state[p]["momentum_buffer"]
+        if group["nesterov"]:
+            return p.grad.float() + group["momentum"] * buf
+        return buf
+
+    def _orthogonalized(self, items):
+        """NewtonSchulz5 of each item's update direction; under DDP each rank computes only its share."""
+        world_size, rank = _world()
+        if world_size == 1:
+            return [zeropower_via_newtonschulz5(self._ns_input(p, g), g["ns_steps"]) for p, g in items]
+        shapes = [tuple(p.shape) for p, _ in items]
+        owners = shard_by_shape(shapes, world_size)
+        out = [None] * len(items)
+        pending = []
+        for shape, idxs in _group_by_shape(shapes).items():
+            owned = [[i for i in idxs if owners[i] == r] for r in range(world_size)]
+            slots = max(len(o) for o in owned)
+            # Ranks with fewer matrices of this shape send zero padding so all_gather sizes match.
+            local = torch.zeros((slots, *shape), dtype=torch.bfloat16, device=items[idxs[0]][0].device)
+            for s, i in enumerate(owned[rank]):
+                p, g = items[i]
+                local[s] = zeropower_via_newtonschulz5(self._ns_input(p, g), g["ns_steps"])
+            gathered = [torch.empty_like(local) for _ in range(world_size)]
+            pending.append((dist.all_gather(gathered, local, async_op=True), owned, gathered))
+        for work, owned, gathered in pending:
+            work.wait()
+            for r in range(world_size):
+                for s, i in enumerate(owned[r]):
+                    out[i] = gathered[r][s]
+        return out
+
+    def load_state_dict(self, state_dict):
+        # torch.optim casts loaded state to the parameter dtype (bf16 weights -> bf16 momentum);
+        # put the saved fp32 buffers back so a resume is exact.
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id, {})
+            if "momentum_buffer" in saved:
+                self.state[p]["momentum_buffer"] = saved["momentum_buffer"].to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def _check_hyperparameters(group, group_index):
+    where = f"Muon param group {group_index}"
+    if not group["lr"] >= 0:
+        raise ValueError(f"{where}: lr must be >= 0, got {group['lr']}")
+    if not 0 <= group["momentum"] < 1:
+        raise ValueError(f"{where}: momentum must be in [0, 1), got {group['momentum']}")
+    if not (isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1):
+        raise ValueError(f"{where}: ns_steps must be an int >= 1, got {group['ns_steps']}")
+    if not group["weight_decay"] >= 0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']}")
+    if group["rms_scale"] is not None and not group["rms_scale"] > 0:
+        raise ValueError(f"{where}: rms_scale must be > 0 (or None for plain Muon scaling), got {group['rms_scale']}")
+
+
+def _ns_share_report(name, layer_shapes, n_layers, n_params, tokens_per_step, seq_len, d_attn):
+    """Newton-Schulz FLOPs per optimizer step against 6 N T (+ attention 12 L T_seq d per token)."""
+    ns = n_layers * sum(newton_schulz_flops(r, c) for r, c in layer_shapes)
+    dense = 6 * n_params * tokens_per_step
+    attention = 12 * n_layers * seq_len * d_attn * tokens_per_step
+    print(f"{name}: Newton-Schulz {ns:.3e} FLOPs/step (all matrices, one device); training "
+          f"6NT {dense:.3e} -> {100 * ns / dense:.3f}%; with attention {dense + attention:.3e} -> "
+          f"{100 * ns / (dense + attention):.3f}%. Sharded over R data-parallel ranks each pays 1/R of it.")
+
+
+def _time_steps(make_opt, shapes, n_steps=20):
+    import time
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(r, c) * 0.02) for r, c in shapes]
+    opt = make_opt(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # warm-up (state allocation)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        opt.step()
+    return (time.perf_counter() - t0) / n_steps
+
+
+if __name__ == "__main__":
+    h, f = 1536, 3840
+    xmodel25 = [(h, h), (512, h), (512, h), (h, h), (f, h), (f, h), (h, f)]
+    _ns_share_report("xmodel25 (decay: 960 x 3712 tokens)", xmodel25, 48, 1.35e9, 960 * 3712, 3712, h)
+    proxy = [(128, 128), (64, 128), (64, 128), (128, 128), (320, 128), (320, 128), (128, 320)]
+    shapes = proxy * 8
+    t_muon = _time_steps(lambda ps: Muon(ps, lr=1e-3, weight_decay=0.1), shapes)
+    t_adamw = _time_steps(lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), shapes)
+    print(f"proxy20m hidden matrices ({len(shapes)} matrices, {sum(r * c for r, c in shapes) / 1e6:.2f}M params, "
+          f"{torch.get_num_threads()} CPU threads): Muon step {1e3 * t_muon:.2f} ms, AdamW step {1e3 * t_adamw:.2f} ms")
