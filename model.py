@@ -1,0 +1,334 @@
+"""The Xmodel-2.5 decoder: a deep-and-thin Llama-style transformer written for μP.
+
+Xmodel-2.5 (arXiv 2511.19496) is a 1.3B-parameter decoder: 48 blocks of width 1536, each a pre-RMSNorm
+grouped-query attention (24 query heads sharing 8 key/value heads, head dim 64, RoPE base 500,000)
+followed by a pre-RMSNorm SwiGLU MLP (3840 wide), no biases anywhere, and a 129,280-row token embedding
+that doubles as the output projection (tied embeddings). "Deep and thin" means many narrow layers; at
+this width the embedding alone is 15% of the parameters and the 129,280-way softmax is most of the
+cost of a small proxy, which is why the loss here is computed in chunks (see `chunked_cross_entropy`).
+
+What makes it μP (the maximal-update parameterization, Yang et al.) is a handful of multipliers in the
+forward pass, all read from `ModelConfig` and written out below where they act:
+
+    x      = embed(ids) * input_scale                    (x12: the embedding output is O(1) at any width)
+    x      = x + attn(norm(x)) * residual_scale/sqrt(L)  (1.4/sqrt(48): each branch, both kinds)
+    x      = x + mlp(norm(x))  * residual_scale/sqrt(L)
+    logits = embed.weight @ norm(x) * output_scale / m   (m = hidden / base_width: width multiplier)
+    attn   = softmax(q k^T / head_dim) v                 (1/d instead of 1/sqrt(d): q.k grows like d
+                                                          once q and k become correlated in training)
+
+The other two μP rules, the initialisation (embedding N(0, 0.1), hidden matrices N(0, 0.1/sqrt(m)))
+and the per-group Adam learning rates (hidden 0.01/m, embedding 0.01), live in mup.py, which is also
+where a model is built (`mup.build_model`): a bare `Xmodel(cfg)` keeps torch's default init.
+With `use_mup=False` the same code is the standard parameterization (1/sqrt(head_dim), no multipliers,
+one width-independent init std), for side-by-side comparisons.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 129280      # DeepSeek-V3 tokenizer's 128,815 tokens, padded
+    n_layer: int = 48
+    hidden: int = 1536
+    ffn_hidden: int = 3840        # SwiGLU inner size
+    n_head: int = 24
+    n_kv_head: int = 8            # grouped-query attention: n_head / n_kv_head queries share a K/V head
+    rope_base: float = 500000.0
+    max_seq_len: int = 131072
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    # μP: every constant of the parameterization is here and nowhere else
+    use_mup: bool = True
+    base_width: int = 256         # the width at which base learning rates are tuned (m = hidden / base_width)
+    input_scale: float = 12.0     # embedding output multiplier
+    output_scale: float = 1.0     # logits multiplier, divided by m
+    residual_scale: float = 1.4   # residual branch multiplier, divided by sqrt(n_layer)
+    init_std: float = 0.1         # embedding std; hidden matrices get init_std / sqrt(m) under μP
+    # execution
+    fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
+    act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)
+    loss_chunk: int = 1024        # tokens per chunk of the chunked cross-entropy
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "hidden", "ffn_hidden", "n_head", "n_kv_head", "max_seq_len",
+                     "base_width", "loss_chunk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"model config: {name} must be a positive integer, got {v!r}")
+        for name in ("rope_base", "norm_eps", "input_scale", "output_scale", "residual_scale", "init_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise ValueError(f"model config: {name} must be a positive number, got {v!r}")
+        if self.hidden % self.n_head:
+            raise ValueError(f"model config: n_head={self.n_head} does not divide hidden={self.hidden}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model config: n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"model config: head_dim = hidden/n_head = {self.head_dim} must be even for RoPE "
+                             f"(hidden={self.hidden}, n_head={self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.n_head
+
+    @property
+    def width_mult(self) -> float:
+        """m = hidden / base_width: how much wider than the proxy-tuning width this model is."""
+        return self.hidden / self.base_width
+
+    # The forward-pass multipliers. Under the standard parameterization they are all 1 (and the
+    # attention scale is the usual 1/sqrt(d)).
+    @property
+    def embed_mult(self) -> float:
+        return self.input_scale if self.use_mup else 1.0
+
+    @property
+    def residual_mult(self) -> float:
+        return self.residual_scale / math.sqrt(self.n_layer) if self.use_mup else 1.0
+
+    @property
+    def logit_mult(self) -> float:
+        return self.output_scale / self.width_mult if self.use_mup else 1.0
+
+    @property
+    def attn_scale(self) -> float:
+        return 1.0 / self.head_dim if self.use_mup else 1.0 / math.sqrt(self.head_dim)
+
+
+def _linear(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
+    if cfg.fp8:
+        from fp8 import FP8Linear  # only FP8 runs pay for importing it (and Triton)
+        return FP8Linear(n_in, n_out)
+    return nn.Linear(n_in, n_out, bias=False)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), with the statistics in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, base: float, device=None, start: int = 0):
+    """cos, sin of shape [seq_len, head_dim/2] for positions start..start+seq_len-1 (fp32)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    pos = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x[i], x[i + d/2]) of the last dim by the angle pos * base^(-2i/d).
+
+    The half-split pairing is Hugging Face Llama's, so exported q/k weights need no permutation.
+    x: [B, H, T, d]; cos, sin: [T, d/2]."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    y = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return y.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale = cfg.attn_scale
+        self.wq = _linear(cfg, cfg.hidden, cfg.n_head * cfg.head_dim)
+        self.wk = _linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
+        self.wv = _linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
+        self.wo = _linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = True
+        if cache is not None:  # generation: append to this layer's K/V and attend to all of it
+            if "k" in cache:
+                k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
+                causal = T > 1
+                if causal:
+                    raise ValueError("KV cache: only one new token at a time after the prompt")
+            cache["k"], cache["v"] = k, v
+        # enable_gqa lets SDPA broadcast the shared K/V heads instead of materializing repeats
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale,
+                                           enable_gqa=self.n_head != self.n_kv_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w_gate = _linear(cfg, cfg.hidden, cfg.ffn_hidden)
+        self.w_up = _linear(cfg, cfg.hidden, cfg.ffn_hidden)
+        self.w_down = _linear(cfg, cfg.ffn_hidden, cfg.hidden)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.residual_mult = cfg.residual_mult
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache) * self.residual_mult
+        return x + self.mlp(self.mlp_norm(x)) * self.residual_mult
+
+
+class Xmodel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+
+    @property
+    def output_weight(self):
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, idx, start_pos: int = 0, caches=None):
+        """Final-normed hidden states [B, T, hidden] for token ids idx [B, T]."""
+        cfg = self.config
+        T = idx.shape[1]
+        if start_pos + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_base, idx.device, start_pos)
+        x = self.tok_emb(idx) * cfg.embed_mult
+        for i, block in enumerate(self.blocks):
+            if cfg.act_ckpt and self.training and caches is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None if caches is None else caches[i])
+        return self.norm(x)
+
+    def logits(self, h):
+        """Full fp32 logits for hidden states h: for sampling and evaluation of short inputs only."""
+        return F.linear(h, self.output_weight.to(h.dtype)).float() * self.config.logit_mult
+
+    def forward(self, idx, targets=None):
+        """With targets: the mean next-token cross-entropy (targets < 0 are ignored), computed in chunks.
+        Without: the fp32 logits [B, T, vocab]."""
+        h = self.hidden_states(idx)
+        if targets is None:
+            return self.logits(h)
+        w = self.output_weight
+        if torch.is_autocast_enabled(h.device.type):  # the output GEMM in the autocast dtype, softmax in fp32
+            dt = torch.get_autocast_dtype(h.device.type)
+            h, w = h.to(dt), w.to(dt)
+        return chunked_cross_entropy(h.flatten(0, 1), w, targets.flatten(), self.config.logit_mult,
+                                     self.config.loss_chunk)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                        eos_id: int | None = None, generator: torch.Generator | None = None):
+        """Yield sampled token ids one at a time (a [B] tensor each), using a KV cache.
+        temperature 0 means greedy; top_k keeps only the k most likely tokens."""
+        if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens = {idx.shape[1] + max_new_tokens} exceeds "
+                             f"max_seq_len={self.config.max_seq_len}")
+        caches = [{} for _ in self.blocks]
+        pos, x = 0, idx
+        for _ in range(max_new_tokens):
+            logits = self.logits(self.hidden_states(x, pos, caches)[:, -1])
+            pos += x.shape[1]
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            yield nxt
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                return
+            x = nxt[:, None]
+
+    def generate(self, idx, max_new_tokens: int, **kw):
+        """idx [B, T] -> idx with up to max_new_tokens sampled tokens appended."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kw))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    def num_params(self, embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embedding else n - self.tok_emb.weight.numel()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per weight of every matmul (blocks and output layer; the embedding
+        lookup is free) plus causal attention, 6 * n_layer * seq_len * n_head * head_dim (half of PaLM's
+        12 L T d since only the lower triangle is computed)."""
+        cfg = self.config
+        matmul = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2) + cfg.vocab_size * cfg.hidden
+        return 6.0 * matmul + 6.0 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = s * h W^T without ever holding [N, vocab] logits.
+
+    Forward walks the N rows in chunks; for each chunk it forms the chunk's logits (fp32), its
+    log-sum-exp and target logit, and, when a backward will follow, the gradients right away:
+    with p = softmax(logits), dlogits = (p - onehot(y)) / n_valid, so
+        dh = s * dlogits @ W        dW = s * dlogits^T @ h
+    Computing them in the forward means the output GEMM is not recomputed in backward (3 GEMMs in all,
+    as in a plain implementation), and memory holds one chunk of logits plus dh and dW.
+    Backward only scales the stored gradients by the incoming scalar gradient."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, scale, chunk):
+        valid = targets >= 0
+        n_valid = valid.sum().clamp(min=1)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if need_grad else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+        for i in range(0, h.shape[0], chunk):
+            hc, yc, vc = h[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
+            logits = (hc @ w.t()).float() * scale
+            lse = torch.logsumexp(logits, dim=-1)
+            y = yc.clamp(min=0)
+            tgt = logits.gather(1, y[:, None]).squeeze(1)
+            loss += ((lse - tgt) * vc).sum()
+            if need_grad:
+                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the logits buffer
+                g[torch.arange(len(y), device=g.device), y] -= 1.0
+                g *= (vc.float() * (scale / n_valid))[:, None]
+                g = g.to(h.dtype)
+                dh[i:i + chunk] = g @ w
+                dw += (g.t() @ hc).float()
+        if need_grad:
+            ctx.save_for_backward(dh, dw.to(w.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_loss.to(dh.dtype), dw * grad_loss.to(dw.dtype), None, None, None
+
+
+def chunked_cross_entropy(h, w, targets, scale: float = 1.0, chunk: int = 1024):
+    """Mean over targets >= 0 of cross_entropy(scale * h @ w.T, targets); h [N, D], w [V, D], targets [N]."""
+    return _ChunkedCrossEntropy.apply(h, w, targets, scale, chunk)
