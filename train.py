@@ -1,0 +1,641 @@
+"""The Xmodel-2.5 trainer: a Warmup-Stable-Decay curriculum, end to end, on one CPU or many GPUs.
+
+    python train.py configs/proxy20m.py [--key=value ...]                    # laptop CPU, ~10 minutes
+    torchrun --nproc_per_node=8 train.py configs/xmodel25.py                 # the 1.3B run
+
+The curriculum is data: `phases` in the config, each a number of steps with an LR shape, a global batch
+(sequences), a sequence length, a data mixture and an optimizer. Xmodel-2.5's (RECIPE.md) is:
+
+    warmup   2k steps   LR 0 -> peak        480 x 3712     stable mix    AdamW
+    stable1  268k       peak                480 x 3712     stable mix    AdamW
+    stable2  260k       peak                960 x 3712     stable mix    AdamW
+    decay    20k        exp. to peak/16     960 x 3712     decay mix     Muon   <- the optimizer switch
+    long     10k        back up, linear     480 x 8192, then 240 x 16384 decay mix  Muon
+
+Why WSD: a constant LR for most of the run keeps the model "unfinished" but cheap to continue (more data
+can be appended at any time), and a short decay at the end collects most of the loss improvement; the
+decay is where the data mix moves to high-quality SFT data and, in Xmodel-2.5, where AdamW hands the
+hidden matrices to Muon (`Optimizers.use`).
+
+Each step: the global batch is split into micro-batches x gradient accumulation x data-parallel ranks
+(recomputed whenever a phase changes the batch or the sequence length); the learning rate of every μP
+group is its peak times the schedule's factor; gradients are clipped to norm 1.0. The loop does not wait
+on the device except at logging steps: the loss and a "first bad step" marker stay on the device and are
+read every `log_interval` steps, and before each checkpoint, so a NaN stops the run naming its step
+without ever being written into a checkpoint. Checkpoints are written to a temporary file and renamed,
+hold everything needed to continue exactly, and load with `weights_only=True` (no code execution).
+"""
+import ast
+import json
+import math
+import os
+import re
+import sys
+import time
+import typing
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import data
+import mup
+from model import ModelConfig
+from muon import Muon
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    device: str = "cpu"                # cpu | cuda
+    seed: int = 0
+    max_steps: int = 0                 # stop after this many steps (with a checkpoint); 0 = whole curriculum
+    dtype: str = "bfloat16"            # float32 | bfloat16 (autocast; master weights stay fp32)
+    compile: bool = False              # torch.compile each block
+    resume: bool = False               # continue from the latest checkpoint in out_dir
+    dry_run: bool = False              # print the plan, allocate nothing
+    # optimizer (μP base rates, at width base_width)
+    lr: float = 0.01
+    emb_lr: float = 0.01
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    muon_momentum: float = 0.95
+    muon_rms_scale: float = 0.2
+    muon_ns_steps: int = 5
+    zero1: bool = False                # shard AdamW state across ranks (ZeroRedundancyOptimizer)
+    # batch
+    micro_batch: int = 8               # sequences per rank per forward (a phase may set its own)
+    # data
+    tokenizer: str = "deepseek-v3"
+    data: typing.Optional[dict] = None  # {source: prepared dataset dir}; None = the embedded default corpus
+    data_cache: str = ""               # where the default corpus is prepared ("" = data.py's default)
+    mixtures: dict = field(default_factory=lambda: {"stable": {"prose": 0.5, "code": 0.5}})
+    eval_mix: str = "stable"
+    phases: list = field(default_factory=list)
+    # logging, evaluation, checkpoints
+    log_interval: int = 10
+    eval_interval: int = 0             # 0 = only at the end
+    eval_windows: int = 40
+    eval_batch: int = 8
+    sample_tokens: int = 48
+    ckpt_interval: int = 0             # 0 = only at the end / at max_steps
+    keep_checkpoints: int = 3
+    dist_timeout_s: int = 300          # a dead or hung rank fails the job after this long
+    # dry-run cost model
+    gpu_peak_tflops: float = 989.0     # H100 SXM dense bf16
+    mfu: float = 0.4
+
+
+LR_SHAPES = ("linear", "constant", "exp")
+OPTIMIZERS = ("adamw", "muon")
+PHASE_KEYS = {"name", "steps", "lr", "batch", "seq_len", "mix", "optimizer", "micro_batch"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration: a Python file of assignments, then --key=value overrides
+
+def _check_type(key, value, tp):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, typing.get_origin(tp) or tp):
+        raise ValueError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def _parse_value(s: str):
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False}.get(s.lower(), s)
+
+
+def load_config(argv: list[str]) -> dict:
+    """argv = [CONFIG.py] [--key=value ...] [--phase.NAME.KEY=value ...] -> {"train": TrainConfig, "model": ModelConfig}."""
+    train_types = typing.get_type_hints(TrainConfig)
+    model_types = typing.get_type_hints(ModelConfig)
+    values: dict = {}
+    args = list(argv)
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        if not os.path.isfile(path):
+            raise ValueError(f"config file not found: {path}")
+        scope: dict = {}
+        exec(compile(open(path).read(), path, "exec"), scope)
+        values.update({k: v for k, v in scope.items() if not k.startswith("_")
+                       and not isinstance(v, type(os)) and not callable(v)})
+    phase_overrides = []
+    for a in args:
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
+        key, eq, raw = a[2:].partition("=")
+        value = _parse_value(raw) if eq else True
+        if key.startswith("phase."):
+            phase_overrides.append((key, value))
+        else:
+            values[key] = value
+    for key in values:
+        if key not in train_types and key not in model_types:
+            raise ValueError(f"unknown config key {key!r}")
+    tcfg = TrainConfig(**{k: _check_type(k, v, train_types[k]) for k, v in values.items() if k in train_types})
+    mcfg = ModelConfig(**{k: _check_type(k, v, model_types[k]) for k, v in values.items() if k in model_types})
+    tcfg.phases = [dict(p) for p in tcfg.phases]
+    for key, value in phase_overrides:  # --phase.decay.optimizer=adamw
+        _, name, pkey = (key.split(".", 2) + ["", ""])[:3]
+        hits = [p for p in tcfg.phases if p.get("name") == name]
+        if not hits or pkey not in PHASE_KEYS:
+            raise ValueError(f"config override --{key}: no phase named {name!r} or unknown phase key {pkey!r}")
+        hits[0][pkey] = value
+    validate(tcfg)
+    return {"train": tcfg, "model": mcfg}
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"config key 'device': cpu or cuda, got {cfg.device!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config key 'dtype': float32 or bfloat16, got {cfg.dtype!r}")
+    if not cfg.phases:
+        raise ValueError("config key 'phases': the curriculum is empty")
+    for k in ("micro_batch", "log_interval", "eval_windows", "eval_batch", "keep_checkpoints"):
+        if getattr(cfg, k) <= 0:
+            raise ValueError(f"config key {k!r} must be positive, got {getattr(cfg, k)}")
+    if cfg.eval_mix not in cfg.mixtures:
+        raise ValueError(f"config key 'eval_mix': {cfg.eval_mix!r} is not in mixtures {sorted(cfg.mixtures)}")
+    for i, p in enumerate(cfg.phases):
+        where = f"phases[{i}] ({p.get('name', '?')})"
+        missing = PHASE_KEYS - {"micro_batch"} - set(p)
+        if missing or set(p) - PHASE_KEYS:
+            raise ValueError(f"{where}: missing keys {sorted(missing)} / unknown keys {sorted(set(p) - PHASE_KEYS)}")
+        for k in ("steps", "batch", "seq_len") + (("micro_batch",) if "micro_batch" in p else ()):
+            if not isinstance(p[k], int) or isinstance(p[k], bool) or p[k] <= 0:
+                raise ValueError(f"{where}: {k} must be a positive integer, got {p[k]!r}")
+        lr = p["lr"]
+        if not (isinstance(lr, (tuple, list)) and len(lr) == 3 and lr[0] in LR_SHAPES
+                and all(isinstance(v, (int, float)) and v >= 0 for v in lr[1:])):
+            raise ValueError(f"{where}: lr must be (shape, start, end) with shape in {LR_SHAPES} and "
+                             f"start, end >= 0 (fractions of the peak LR), got {lr!r}")
+        if p["mix"] not in cfg.mixtures:
+            raise ValueError(f"{where}: mix {p['mix']!r} is not in mixtures {sorted(cfg.mixtures)}")
+        if p["optimizer"] not in OPTIMIZERS:
+            raise ValueError(f"{where}: optimizer must be one of {OPTIMIZERS}, got {p['optimizer']!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the curriculum
+
+def phase_at(phases: list, step: int) -> tuple[int, int]:
+    """(phase index, step within the phase) of global step `step` (0-based)."""
+    for i, p in enumerate(phases):
+        if step < p["steps"]:
+            return i, step
+        step -= p["steps"]
+    raise IndexError("step past the end of the curriculum")
+
+
+def lr_factor(phase: dict, i: int) -> float:
+    """The LR of step i of a phase, as a fraction of the peak. r = (i + 1) / steps runs to 1 at the phase's
+    last step, so a warmup ends exactly at the peak and a decay exactly at its minimum."""
+    shape, start, end = phase["lr"]
+    r = (i + 1) / phase["steps"]
+    if shape == "constant":
+        return start
+    if shape == "linear":
+        return start + r * (end - start)
+    return end + (2 * 0.5 ** r - 1) * (start - end)  # "exp", the recipe's decay: start at r=0, end at r=1
+
+
+def total_steps(phases: list) -> int:
+    return sum(p["steps"] for p in phases)
+
+
+def batch_split(phase: dict, micro_batch: int, world: int) -> tuple[int, int]:
+    """global batch -> (sequences per micro-batch per rank, gradient-accumulation steps)."""
+    mb = min(phase.get("micro_batch", micro_batch), phase["batch"] // world or 1)
+    if phase["batch"] % (mb * world):
+        raise ValueError(f"phase {phase['name']!r}: global batch {phase['batch']} is not divisible by "
+                         f"micro_batch {mb} x world size {world}")
+    return mb, phase["batch"] // (mb * world)
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimizers: AdamW for everything, or Muon for the hidden matrices and AdamW for the rest
+
+class Optimizers:
+    """The μP parameter groups, split between AdamW and (from the switch on) Muon.
+
+    `use("muon")` hands the "hidden" group to a fresh Muon (momentum starts at zero); the embedding and
+    norm groups stay on AdamW with their state; `use("adamw")` hands it back with fresh Adam moments."""
+
+    def __init__(self, model, cfg: TrainConfig, kind: str = "adamw"):
+        self.cfg, self.groups = cfg, mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
+        self.kind, self.adamw, self.muon = None, None, None
+        self.use(kind)
+
+    def _adamw(self, groups):
+        kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps)
+        if self.cfg.zero1 and dist.is_initialized():
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            return ZeroRedundancyOptimizer([dict(g) for g in groups], torch.optim.AdamW, **kw)
+        return torch.optim.AdamW([dict(g) for g in groups], **kw)
+
+    def use(self, kind: str) -> None:
+        if kind == self.kind:
+            return
+        old = self.adamw
+        hidden = [g for g in self.groups if g["name"] == "hidden"]
+        keep = [g for g in self.groups if kind == "adamw" or g["name"] != "hidden"]
+        self.adamw = self._adamw(keep)
+        if old is not None:
+            for p, s in old.state.items():  # embedding and norm moments carry over
+                if not any(p is q for g in hidden for q in g["params"]):
+                    self.adamw.state[p] = s
+        self.muon = Muon([dict(g) for g in hidden], lr=hidden[0]["lr"], momentum=self.cfg.muon_momentum,
+                         nesterov=True, ns_steps=self.cfg.muon_ns_steps, weight_decay=self.cfg.weight_decay,
+                         rms_scale=self.cfg.muon_rms_scale) if kind == "muon" and hidden else None
+        self.kind = kind
+
+    def all(self):
+        return [o for o in (self.adamw, self.muon) if o is not None]
+
+    def set_lr(self, factor: float) -> None:
+        for opt in self.all():
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+
+    def step(self) -> None:
+        for opt in self.all():
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.all():
+            opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        adamw = self.adamw
+        if hasattr(adamw, "consolidate_state_dict"):  # ZeRO-1: gather the shards on rank 0
+            adamw.consolidate_state_dict(0)
+            adamw = adamw if dist.get_rank() == 0 else None
+        return {"kind": self.kind, "adamw": adamw.state_dict() if adamw is not None else None,
+                "muon": self.muon.state_dict() if self.muon is not None else None}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.use(sd["kind"])
+        for opt, s in ((self.adamw, sd["adamw"]), (self.muon, sd["muon"])):
+            if opt is None:
+                continue
+            peak = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
+            opt.load_state_dict(s)
+            for g, (base_lr, wd) in zip(opt.param_groups, peak):  # the config's rates win over the file's
+                g["base_lr"], g["weight_decay"] = base_lr, wd
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints: atomic, self-contained, loadable without executing code
+
+CKPT_FORMAT = "xmodel25-checkpoint-v1"
+_CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+def save_checkpoint(out_dir: str, step: int, state: dict, keep: int) -> str:
+    """Write out_dir/ckpt_<step>.pt through a temporary file and a rename (a crash leaves either the old set
+    or the new file, never a partial one under a checkpoint's name), then prune all but the last `keep`."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(dict(state, format=CKPT_FORMAT, step=step), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in list_checkpoints(out_dir)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints in out_dir, oldest first (a .tmp left by a crash is never listed)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if _CKPT_RE.match(n)]
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint file (weights_only: a file can hold tensors and plain data, never code)."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
+        path = found[-1]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, disallowed global, ...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not an Xmodel-2.5 checkpoint of this project (format {CKPT_FORMAT})")
+    return ckpt
+
+
+def model_config_from(ckpt: dict) -> ModelConfig:
+    return ModelConfig(**ckpt["model_config"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# distributed set-up (torchrun provides RANK / WORLD_SIZE / LOCAL_RANK)
+
+def setup_distributed(cfg: TrainConfig):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("config key 'device': cuda requested but torch.cuda.is_available() is False")
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        # the timeout bounds how long a collective waits for a dead or hung rank before failing the job
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
+                                timeout=timedelta(seconds=cfg.dist_timeout_s))
+    device = torch.device(f"cuda:{local}" if cfg.device == "cuda" else "cpu")
+    return rank, world, device
+
+
+def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------
+# the plan (--dry_run) and what it costs
+
+def memory_estimate_gb(mcfg: ModelConfig, n_params: int, n_hidden: int, phase: dict, micro_batch: int,
+                       world: int, zero1: bool, act_ckpt: bool) -> float:
+    """Per-GPU memory of a phase, in GB: fp32 master weights and gradients (8 B/param), optimizer state
+    (AdamW 8 B/param, Muon 4 B per hidden weight; ZeRO-1 divides it by the world size), and activations
+    under bf16 autocast with SDPA (about 34 bytes x tokens x hidden per layer, Korthikanti et al. 2022,
+    without the s^2 term flash attention removes; with checkpointing only each block's fp32 input plus one
+    block's activations), plus the chunked loss (one chunk of fp32 logits, twice)."""
+    muon = phase["optimizer"] == "muon"
+    opt = 8 * (n_params - n_hidden) + (4 if muon else 8) * n_hidden
+    opt /= world if zero1 else 1
+    tokens = micro_batch * phase["seq_len"]
+    per_layer = 34 * tokens * mcfg.hidden
+    act = (4 * tokens * mcfg.hidden * mcfg.n_layer + per_layer) if act_ckpt else per_layer * mcfg.n_layer
+    loss = 2 * 4 * mcfg.loss_chunk * mcfg.vocab_size + 2 * tokens * mcfg.hidden * 4
+    return (8 * n_params + opt + act + loss) / 1e9
+
+
+def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
+    model = mup.build_model(mcfg, device="meta")
+    n = model.num_params()
+    n_hidden = sum(p.numel() for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2)
+    print(f"model: {n:,} parameters ({n - model.tok_emb.weight.numel():,} without the embedding), "
+          f"width multiplier m = {mcfg.width_mult:g}, μP {'on' if mcfg.use_mup else 'off'}")
+    groups = mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
+    print("peak LRs: " + ", ".join(f"{g['name']} {g['lr']:.4g} (wd {g['weight_decay']:g})" for g in groups))
+    print(f"{'phase':<10} {'steps':>8} {'batch x seq':>13} {'mb x acc x world':>17} {'tokens':>10} "
+          f"{'LR first..last (x peak)':>25} {'mix':>7} {'opt':>6} {'GB/GPU':>7} {'ckpt+zero1':>10}")
+    tokens_total, flops_total, step = 0, 0.0, 0
+    for p in cfg.phases:
+        mb, acc = batch_split(p, cfg.micro_batch, world)
+        tok = p["steps"] * p["batch"] * p["seq_len"]
+        tokens_total += tok
+        flops_total += tok * model.flops_per_token(p["seq_len"])
+        mem = memory_estimate_gb(mcfg, n, n_hidden, p, mb, world, False, mcfg.act_ckpt)
+        mem_lean = memory_estimate_gb(mcfg, n, n_hidden, p, mb, world, True, True)
+        lrs = f"{lr_factor(p, 0):.4g}..{lr_factor(p, p['steps'] - 1):.4g}"
+        print(f"{p['name']:<10} {p['steps']:>8,} {p['batch']:>5} x {p['seq_len']:<6} {mb:>5} x {acc:>3} x {world:<4} "
+              f"{tok / 1e9:>9.2f}B {lrs:>25} {p['mix']:>7} {p['optimizer']:>6} {mem:>7.1f} {mem_lean:>10.1f}")
+        step += p["steps"]
+    gpu_hours = flops_total / (cfg.gpu_peak_tflops * 1e12 * cfg.mfu) / 3600
+    print(f"total: {step:,} steps, {tokens_total / 1e12:.3f}T tokens, {model.flops_per_token(cfg.phases[0]['seq_len']):.3g} "
+          f"FLOPs/token at {cfg.phases[0]['seq_len']}, {flops_total:.3g} FLOPs; {gpu_hours:,.0f} GPU-hours at "
+          f"{cfg.mfu:.0%} MFU of {cfg.gpu_peak_tflops:g} TFLOP/s")
+    return dict(params=n, steps=step, tokens=tokens_total, flops=flops_total, gpu_hours=gpu_hours)
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation and the training loop
+
+@torch.no_grad()
+def evaluate(model, mixture, cfg: TrainConfig, seq_len: int, rank: int, world: int, device, autocast) -> float:
+    """Mean held-out loss over cfg.eval_windows fixed windows of the eval mix; each rank takes every
+    world-th batch and the sums are all-reduced, so the value does not depend on the number of ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    batches = mixture.eval_batches(cfg.eval_windows, cfg.eval_batch, seq_len, seed=cfg.seed)
+    for i, (x, y) in enumerate(batches):
+        if i % world != rank:
+            continue
+        x, y = x.to(device), y.to(device)
+        with autocast:
+            loss = model(x, y)
+        total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+def _log(out_dir: str, row: dict) -> None:
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int):
+    tok = data.get_tokenizer(cfg.tokenizer)
+    if cfg.data is None:
+        if rank == 0:  # one rank prepares the embedded corpus, the others wait and reuse it
+            path = data.default_corpus(cfg.data_cache or None, tokenizer=tok)
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            path = data.default_corpus(cfg.data_cache or None, tokenizer=tok)
+        source = path
+    else:
+        source = dict(cfg.data)
+    mixture = data.Mixture(source, cfg.mixtures[cfg.phases[0]["mix"]], seed=cfg.seed,
+                           vocab_size=mcfg.vocab_size, tokenizer=tok)
+    return tok, mixture
+
+
+def train(argv: list[str]) -> dict:
+    """Run the curriculum described by argv (see load_config); returns a summary (used by the tests)."""
+    conf = load_config(argv)
+    cfg, mcfg = conf["train"], conf["model"]
+    rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    if cfg.dry_run:
+        return dry_run(cfg, mcfg, world)
+    say(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1, default=str))
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        tmp = os.path.join(cfg.out_dir, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"train": asdict(cfg), "model": asdict(mcfg)}, f, indent=1, default=str)
+        os.replace(tmp, os.path.join(cfg.out_dir, "config.json"))
+
+    torch.manual_seed(cfg.seed)
+    tok, mixture = build_data(cfg, mcfg, rank, world)
+    raw = mup.build_model(mcfg, device)
+    if cfg.compile:
+        for block in raw.blocks:
+            block.compile()
+    model = raw
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    phases, n_total = cfg.phases, total_steps(cfg.phases)
+    opts = Optimizers(raw, cfg, phases[0]["optimizer"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+    step, tokens = 0, 0
+    found = list_checkpoints(cfg.out_dir) if cfg.resume else []
+    if cfg.resume and not found:
+        say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
+    if found:
+        ckpt = load_checkpoint(found[-1])
+        if ckpt["model_config"] != asdict(mcfg):
+            diff = [k for k, v in asdict(mcfg).items() if ckpt["model_config"].get(k) != v]
+            raise ValueError(f"{found[-1]}: checkpoint was written for another model config (fields {diff})")
+        raw.load_state_dict(ckpt["model"])
+        opts.load_state_dict(ckpt["optim"])
+        step, tokens = ckpt["step"], ckpt["tokens"]
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        say(f"resumed from {found[-1]} at step {step}")
+    stop = min(n_total, cfg.max_steps) if cfg.max_steps > 0 else n_total
+
+    def checkpoint_now():
+        state = {"model": raw.state_dict(), "optim": opts.state_dict(), "tokens": tokens,
+                 "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity(),
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        if master:
+            path = save_checkpoint(cfg.out_dir, step, state, cfg.keep_checkpoints)
+            say(f"step {step}: checkpoint {path}")
+        if world > 1:
+            dist.barrier()
+
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss/grad
+
+    def check_finite():
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise FloatingPointError(f"non-finite loss or gradient norm at step {bad + 1}: stopping; "
+                                     f"the last good checkpoint in {cfg.out_dir} is kept as it was")
+
+    losses, evals, params = [], [], [p for p in raw.parameters()]
+    cur_phase, mb, accum = None, 0, 0
+    t_log, tok_log = time.perf_counter(), tokens
+    loss_acc = torch.zeros((), device=device)
+    while step < stop:
+        pi, i = phase_at(phases, step)
+        phase = phases[pi]
+        if pi != cur_phase:
+            cur_phase = pi
+            mb, accum = batch_split(phase, cfg.micro_batch, world)
+            say(f"phase {phase['name']}: steps {step}..{step + phase['steps'] - i - 1}, batch {phase['batch']} x "
+                f"{phase['seq_len']} = {mb} x {accum} accumulation x {world} ranks, mix {phase['mix']}, "
+                f"optimizer {phase['optimizer']}")
+            mixture = mixture.with_weights(cfg.mixtures[phase["mix"]])
+            if phase["optimizer"] != opts.kind:
+                say(f"step {step}: optimizer switch {opts.kind} -> {phase['optimizer']} for the hidden matrices")
+                if master:
+                    _log(cfg.out_dir, {"step": step, "event": "optimizer_switch", "from": opts.kind,
+                                       "to": phase["optimizer"], "phase": phase["name"]})
+                opts.use(phase["optimizer"])
+        lr = lr_factor(phase, i)
+        opts.set_lr(lr)
+        loss_step = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = mixture.batch(step, micro, rank, world, mb, phase["seq_len"])
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = model.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
+            with sync, autocast:
+                loss = model(x, y) / accum
+            with sync:
+                loss.backward()
+            loss_step += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        finite = torch.isfinite(loss_step) & torch.isfinite(grad_norm)
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        opts.step()
+        opts.zero_grad()
+        step += 1
+        tokens += phase["batch"] * phase["seq_len"]
+        losses.append(loss_step)
+        loss_acc += loss_step
+
+        last = step == stop
+        if step % cfg.log_interval == 0 or last:
+            check_finite()
+            n_logged = step % cfg.log_interval or cfg.log_interval
+            loss_mean = all_reduce_mean(loss_acc / n_logged, world).item()
+            loss_acc.zero_()
+            dt = time.perf_counter() - t_log
+            tps = (tokens - tok_log) / max(dt, 1e-9)
+            remaining = sum(p["steps"] * p["batch"] * p["seq_len"] for p in phases[pi + 1:]) + \
+                (phase["steps"] - i - 1) * phase["batch"] * phase["seq_len"]
+            row = {"step": step, "phase": phase["name"], "loss": loss_mean,
+                   "lr": opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
+                   "tokens": tokens, "tokens_per_s": tps, "seq_len": phase["seq_len"],
+                   "global_batch": phase["batch"], "optimizer": opts.kind}
+            line = (f"step {step}/{n_total} {phase['name']} loss {loss_mean:.4f} lr {row['lr']:.3g} "
+                    f"gnorm {row['grad_norm']:.3f} {tps:,.0f} tok/s ETA {remaining / max(tps, 1e-9) / 60:.1f} min")
+            if device.type == "cuda":
+                row["mfu"] = raw.flops_per_token(phase["seq_len"]) * tps / world / (cfg.gpu_peak_tflops * 1e12)
+                line += f" MFU {row['mfu']:.1%}"
+            say(line)
+            if master:
+                _log(cfg.out_dir, row)
+            t_log, tok_log = time.perf_counter(), tokens
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
+            ev = evaluate(raw, mixture_eval(mixture, cfg), cfg, phase["seq_len"], rank, world, device, autocast)
+            evals.append((step, ev))
+            say(f"step {step}: held-out loss {ev:.4f}")
+            if master:
+                _log(cfg.out_dir, {"step": step, "phase": phase["name"], "eval_loss": ev, "tokens": tokens})
+            t_log = time.perf_counter()
+        if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last:
+            check_finite()
+            checkpoint_now()
+            t_log = time.perf_counter()
+
+    summary = {"step": step, "losses": [l.item() for l in losses], "evals": evals, "out_dir": cfg.out_dir}
+    if step == n_total and master and cfg.sample_tokens > 0:
+        prompt = tok.encode("def ")
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        out = raw.generate(torch.tensor([prompt], device=device), cfg.sample_tokens, temperature=0.8, top_k=50,
+                           generator=g)
+        summary["sample"] = tok.decode(out[0].tolist())
+        say(f"final held-out loss {evals[-1][1]:.4f}\nsample:\n{summary['sample']}")
+    return summary
+
+
+def mixture_eval(mixture, cfg: TrainConfig):
+    return mixture.with_weights(cfg.mixtures[cfg.eval_mix])
+
+
+if __name__ == "__main__":
+    try:
+        train(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
