@@ -1,0 +1,392 @@
+"""Tests for muon.py: Newton-Schulz orthogonalization, the Muon update, its state and its sharding.
+
+The band. zeropower_via_newtonschulz5 maps each singular value x of G / ||G||_F to p(x) = f^5(x),
+f(x) = 3.4445 x - 4.7750 x^3 + 2.0315 x^5 (float64 scan of x in [2e-3, 1]: p(x) in [0.682, 1.203]).
+Inputs are built as U diag(s) V^T with known U, V, so every singular value is checked along its own
+direction (D = U^T O V): D_ii in the band, D_ii close to p(x_i), off-diagonal small. bf16 rounding adds
+about 0.02 (measured <= 0.012), hence BAND = [0.66, 1.23].
+"""
+
+import datetime
+import io
+import math
+import os
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import muon  # noqa: E402
+from muon import Muon, newton_schulz_flops, shard_by_shape, update_scale, zeropower_via_newtonschulz5  # noqa: E402
+
+BAND = (0.66, 1.23)
+X_MIN = 2e-3  # normalized singular values above this reach the band in 5 steps
+
+
+def quintic5(x, steps=5):
+    for _ in range(steps):
+        x = 3.4445 * x - 4.7750 * x**3 + 2.0315 * x**5
+    return x
+
+
+def random_orthogonal(n, gen):
+    return torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))[0]
+
+
+def with_spectrum(rows, cols, s, seed=0):
+    """G = U diag(s) V^T (float32) with random orthonormal U (rows x k), V (cols x k)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = len(s)
+    U = random_orthogonal(rows, gen)[:, :k]
+    V = random_orthogonal(cols, gen)[:, :k]
+    return ((U * s) @ V.T).float(), U, V
+
+
+def check_directions(G, U, V, s, O):
+    """Every input singular direction i with x_i >= X_MIN comes out with gain in BAND, close to p(x_i)."""
+    x = s / torch.linalg.vector_norm(G.double())
+    D = U.T @ O.double() @ V
+    gains = D.diagonal()
+    off = D - torch.diag(gains)
+    assert off.abs().max() < 0.05, "output is not aligned with the input's singular vectors"
+    big = x >= X_MIN
+    assert big.any()
+    assert gains[big].min() >= BAND[0] and gains[big].max() <= BAND[1], gains[big]
+    torch.testing.assert_close(gains[big], quintic5(x[big]), atol=0.04, rtol=0)
+
+
+# ---------------------------------------------------------------- Newton-Schulz
+
+
+def test_band_of_the_quintic_itself():
+    x = torch.logspace(math.log10(X_MIN), 0, 100_001, dtype=torch.float64)
+    y = quintic5(x)
+    assert 0.68 < y.min() < 0.69 and 1.20 < y.max() < 1.21
+    assert quintic5(torch.tensor(1e-3, dtype=torch.float64)) < 0.5  # below X_MIN 5 steps are not enough
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 256), (256, 64), (128, 128), (320, 128), (128, 320)])
+def test_random_gaussian_directions_in_band(rows, cols):
+    G = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
+    U, s, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    O = zeropower_via_newtonschulz5(G)
+    assert O.dtype == torch.bfloat16 and O.shape == G.shape
+    check_directions(G, U, Vh.T, s, O)
+    if rows != cols:  # well conditioned: every singular value is in the band
+        sv = torch.linalg.svdvals(O.double())
+        assert sv.min() >= BAND[0] and sv.max() <= BAND[1]
+
+
+def test_ill_conditioned_condition_100():
+    s = torch.logspace(0, -2, 64, dtype=torch.float64)
+    G, U, V = with_spectrum(64, 96, s)
+    assert (s / s.norm()).min() > X_MIN
+    O = zeropower_via_newtonschulz5(G)
+    check_directions(G, U, V, s, O)
+    sv = torch.linalg.svdvals(O.double())
+    assert sv.min() >= BAND[0] and sv.max() <= BAND[1]
+
+
+def test_rank_deficient_keeps_null_directions_small():
+    s = torch.logspace(0, -1, 16, dtype=torch.float64)
+    G, U, V = with_spectrum(64, 96, s, seed=1)
+    O = zeropower_via_newtonschulz5(G).double()
+    check_directions(G, U, V, s, O)
+    # Exact arithmetic keeps null directions at 0 (f(0) = 0); bf16 rounding of X puts noise of size
+    # ~2^-9 there and the iteration amplifies small values by up to 3.4445^5 = 485, so they come out
+    # around 0.4 (measured 0.39), well below the band: bound 0.5 on both sides.
+    right_null = torch.eye(96, dtype=torch.float64) - V @ V.T
+    left_null = torch.eye(64, dtype=torch.float64) - U @ U.T
+    assert torch.linalg.matrix_norm(O @ right_null, ord=2) < 0.5
+    assert torch.linalg.matrix_norm(left_null @ O, ord=2) < 0.5
+    sv = torch.linalg.svdvals(O)
+    assert sv[:16].min() >= BAND[0] and sv[16] < 0.5
+
+
+def test_tall_is_transposed_wide():
+    G = torch.randn(96, 40, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(zeropower_via_newtonschulz5(G), zeropower_via_newtonschulz5(G.T.contiguous()).T)
+
+
+def test_batched_normalizes_each_matrix_on_its_own():
+    gen = torch.Generator().manual_seed(4)
+    scales = torch.tensor([1e-3, 1.0, 1e3]).view(3, 1, 1)
+    B = torch.randn(3, 40, 96, generator=gen) * scales  # a batch-wide norm would zero the first one
+    O = zeropower_via_newtonschulz5(B)
+    assert O.shape == B.shape
+    for i in range(3):
+        sv = torch.linalg.svdvals(O[i].double())
+        assert sv.min() >= BAND[0] and sv.max() <= BAND[1]
+        torch.testing.assert_close(O[i].float(), zeropower_via_newtonschulz5(B[i]).float(), atol=2e-2, rtol=0)
+    tall = zeropower_via_newtonschulz5(B.mT)
+    torch.testing.assert_close(tall.float(), O.mT.float(), atol=2e-2, rtol=0)
+
+
+def test_zero_and_tiny_matrices_give_no_nan():
+    assert torch.equal(zeropower_via_newtonschulz5(torch.zeros(5, 7)), torch.zeros(5, 7, dtype=torch.bfloat16))
+    for tiny in (1e-30, 1e-20):
+        O = zeropower_via_newtonschulz5(torch.full((7, 5), tiny))
+        assert torch.isfinite(O).all() and O.abs().max() < 1e-6
+    assert torch.isfinite(zeropower_via_newtonschulz5(torch.zeros(2, 3, 4))).all()
+
+
+def test_rejects_vectors():
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        zeropower_via_newtonschulz5(torch.ones(5))
+
+
+# ---------------------------------------------------------------- the Muon update
+
+
+def reference_ns(G, steps=5):
+    X = G.bfloat16()
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.T
+        B = -4.7750 * A + 2.0315 * (A @ A)
+        X = 3.4445 * X + B @ X
+    return X.T if tall else X
+
+
+def reference_step(p, buf, g, lr, momentum, nesterov, wd, scale, ns_steps=5):
+    buf = momentum * buf + g.float()
+    u = g.float() + momentum * buf if nesterov else buf
+    O = reference_ns(u, ns_steps)
+    p = p * (1 - lr * wd)
+    p = p - O.float() * (lr * scale)
+    return p, buf
+
+
+SHAPES = [(48, 32), (32, 48), (40, 40)]
+
+
+def make_params(shapes, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(r, c, generator=gen) * 0.05).to(dtype)) for r, c in shapes]
+
+
+def grads_for(shapes, step, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(r, c, generator=gen).to(dtype) for r, c in shapes]
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("rms_scale", [0.2, None])
+def test_two_steps_equal_hand_written_reference(nesterov, rms_scale):
+    params = make_params(SHAPES)
+    frozen = torch.nn.Parameter(torch.ones(8, 8))  # no grad: untouched, no state
+    opt = Muon([{"params": params[:2]}, {"params": [params[2], frozen], "lr": 0.03, "weight_decay": 0.0}],
+               lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.1, rms_scale=rms_scale)
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros(p.shape) for p in params]
+    hyper = [(0.05, 0.1), (0.05, 0.1), (0.03, 0.0)]
+    for step in range(2):
+        if step == 1:  # a schedule writes group["lr"] between steps
+            opt.param_groups[0]["lr"] = 0.02
+            hyper[0] = hyper[1] = (0.02, 0.1)
+        for p, g in zip(params, grads_for(SHAPES, step)):
+            p.grad = g
+        opt.step()
+        for i, g in enumerate(grads_for(SHAPES, step)):
+            lr, wd = hyper[i]
+            scale = 0.2 * math.sqrt(max(SHAPES[i])) if rms_scale else max(1.0, SHAPES[i][0] / SHAPES[i][1]) ** 0.5
+            ref[i], bufs[i] = reference_step(ref[i], bufs[i], g, lr, 0.9, nesterov, wd, scale)
+        for i, p in enumerate(params):
+            assert torch.equal(p.detach(), ref[i]), (step, i)
+            assert torch.equal(opt.state[p]["momentum_buffer"], bufs[i])
+    assert torch.equal(frozen.detach(), torch.ones(8, 8)) and len(opt.state[frozen]) == 0
+
+
+def test_update_scale_values():
+    assert update_scale((3840, 1536)) == pytest.approx(0.2 * math.sqrt(3840))
+    assert update_scale((1536, 3840)) == pytest.approx(0.2 * math.sqrt(3840))
+    assert update_scale((3840, 1536), None) == pytest.approx(math.sqrt(2.5))
+    assert update_scale((1536, 3840), None) == 1.0
+
+
+@pytest.mark.parametrize("rows,cols", [(128, 320), (320, 128), (96, 96)])
+def test_update_rms_matches_0p2(rows, cols):
+    """With lr = 1 and no decay the step is 0.2 sqrt(max(r, c)) O, whose RMS is 0.2 * RMS(sigma(O)).
+
+    RMS(sigma(O)) is inside the band, so the update RMS is in 0.2 * [0.66, 1.23] whatever the gradient;
+    checked also exactly against the singular values of O (float64 SVD, 1e-4 relative).
+    """
+    p = torch.nn.Parameter(torch.zeros(rows, cols))
+    p.grad = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows * cols))
+    Muon([p], lr=1.0, momentum=0.95, weight_decay=0.0).step()
+    rms = p.detach().double().pow(2).mean().sqrt().item()
+    assert 0.2 * BAND[0] <= rms <= 0.2 * BAND[1]
+    u = p.grad.float() + 0.95 * p.grad.float()  # first step: buf = g, Nesterov u = g + 0.95 g
+    sigma = torch.linalg.svdvals(zeropower_via_newtonschulz5(u).double())
+    expected = 0.2 * math.sqrt(max(rows, cols)) * math.sqrt(sigma.pow(2).sum().item() / (rows * cols))
+    assert rms == pytest.approx(expected, rel=1e-4)
+    assert expected == pytest.approx(0.2 * sigma.pow(2).mean().sqrt().item(), rel=1e-9)
+
+
+def test_bf16_params_keep_fp32_momentum():
+    params = make_params(SHAPES, dtype=torch.bfloat16)
+    opt = Muon(params, lr=0.01, momentum=0.95)
+    grads = [grads_for(SHAPES, s, torch.bfloat16) for s in range(2)]
+    for s in range(2):
+        for p, g in zip(params, grads[s]):
+            p.grad = g
+        opt.step()
+    for i, p in enumerate(params):
+        assert p.dtype == torch.bfloat16
+        buf = opt.state[p]["momentum_buffer"]
+        assert buf.dtype == torch.float32
+        assert torch.equal(buf, 0.95 * grads[0][i].float() + grads[1][i].float())
+
+
+def test_rejects_non_matrices_naming_the_parameter():
+    ok = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match=r"parameter 1 \(param group 0\) has shape \(4,\)"):
+        Muon([ok, torch.nn.Parameter(torch.zeros(4))])
+    with pytest.raises(ValueError, match=r"parameter 2 \(param group 1\) has shape \(2, 3, 4\)"):
+        Muon([{"params": [ok]}, {"params": [torch.nn.Parameter(torch.zeros(4, 4)), torch.nn.Parameter(torch.zeros(2, 3, 4))]}])
+
+
+@pytest.mark.parametrize("bad", [dict(momentum=1.0), dict(lr=-1.0), dict(ns_steps=0), dict(weight_decay=-0.1),
+                                 dict(rms_scale=0.0)])
+def test_rejects_bad_hyperparameters(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], **bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip(dtype):
+    params = make_params(SHAPES, dtype)
+    opt = Muon(params, lr=0.02, weight_decay=0.1)
+    for s in range(2):
+        for p, g in zip(params, grads_for(SHAPES, s, dtype)):
+            p.grad = g
+        opt.step()
+    blob = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in params], "opt": opt.state_dict()}, blob)
+    for p, g in zip(params, grads_for(SHAPES, 2, dtype)):
+        p.grad = g
+    opt.step()
+
+    blob.seek(0)
+    saved = torch.load(blob)
+    resumed = [torch.nn.Parameter(t) for t in saved["params"]]
+    opt2 = Muon(resumed, lr=0.5)  # hyper-parameters come from the state dict
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["lr"] == 0.02
+    for p in resumed:
+        assert opt2.state[p]["momentum_buffer"].dtype == torch.float32
+    for p, g in zip(resumed, grads_for(SHAPES, 2, dtype)):
+        p.grad = g
+    opt2.step()
+    for a, b in zip(params, resumed):
+        assert torch.equal(a.detach(), b.detach())
+        assert torch.equal(opt.state[a]["momentum_buffer"], opt2.state[b]["momentum_buffer"])
+
+
+def test_closure_is_called_and_returned():
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    opt = Muon([p])
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() > 0 and "momentum_buffer" in opt.state[p]
+
+
+# ---------------------------------------------------------------- sharding and distributed
+
+
+def test_shard_by_shape_is_a_balanced_partition():
+    shapes = [(8, 4), (4, 8), (8, 4), (2, 2), (8, 4), (4, 8), (8, 4), (8, 4)]
+    for world in (1, 2, 3, 5, 16):
+        owners = shard_by_shape(shapes, world)
+        assert len(owners) == len(shapes) and all(0 <= o < world for o in owners)
+        for shape in set(shapes):
+            counts = Counter(o for o, s in zip(owners, shapes) if s == shape)
+            per_rank = [counts.get(r, 0) for r in range(world)]
+            assert max(per_rank) - min(per_rank) <= 1, (world, shape, per_rank)
+        total = Counter(owners)
+        assert max(total.values()) - min(total.get(r, 0) for r in range(world)) <= 1
+        assert owners == shard_by_shape(list(shapes), world)
+    assert shard_by_shape(shapes, 1) == [0] * len(shapes)
+    with pytest.raises(ValueError, match="world_size"):
+        shard_by_shape(shapes, 0)
+
+
+DIST_SHAPES = [(32, 48), (48, 32), (32, 48), (16, 48), (32, 48), (48, 32), (24, 24)]
+DIST_STEPS = 3
+
+
+def run_muon(steps, record=None):
+    params = make_params(DIST_SHAPES, seed=7)
+    opt = Muon([{"params": params[:4]}, {"params": params[4:], "lr": 0.01, "weight_decay": 0.0}],
+               lr=0.02, momentum=0.95, weight_decay=0.1)
+    for s in range(steps):
+        for p, g in zip(params, grads_for(DIST_SHAPES, s)):
+            p.grad = g  # identical on every rank, as after DDP's all-reduce
+        opt.step()
+    return params, opt
+
+
+def _dist_worker(rank, world_size, init_file, out_dir):
+    torch.set_num_threads(1)
+    # A timeout turns a broken collective into a failure instead of a hung test suite.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    calls = []
+    real = muon.zeropower_via_newtonschulz5
+
+    def counting(G, steps=5, eps=1e-7):
+        calls.append(tuple(G.shape))
+        return real(G, steps, eps)
+
+    muon.zeropower_via_newtonschulz5 = counting
+    try:
+        params, opt = run_muon(DIST_STEPS)
+    finally:
+        muon.zeropower_via_newtonschulz5 = real
+        dist.destroy_process_group()
+    torch.save({"params": [p.detach() for p in params],
+                "bufs": [opt.state[p]["momentum_buffer"] for p in params],
+                "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_distributed_equals_single_process_and_shards_work(tmp_path):
+    world = 2
+    mp.spawn(_dist_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params, opt = run_muon(DIST_STEPS)
+    finally:
+        torch.set_num_threads(threads)
+    owners = shard_by_shape(DIST_SHAPES, world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for r, res in enumerate(results):
+        for i, p in enumerate(params):
+            assert torch.equal(res["params"][i], p.detach()), (r, i)
+            assert torch.equal(res["bufs"][i], opt.state[p]["momentum_buffer"]), (r, i)
+        mine = Counter(s for s, o in zip(DIST_SHAPES, owners) if o == r)
+        assert Counter(res["calls"]) == Counter({s: n * DIST_STEPS for s, n in mine.items()}), r
+    assert sum(len(res["calls"]) for res in results) == len(DIST_SHAPES) * DIST_STEPS  # no repeated work
+
+
+# ---------------------------------------------------------------- cost
+
+
+def test_newton_schulz_flops():
+    # 5 steps x (X X^T: 2 m^2 n, A A: 2 m^3, B X: 2 m^2 n), m = min side
+    assert newton_schulz_flops(2, 3, steps=1) == 2 * 2 * 2 * 3 + 2 * 2 * 2 * 2 + 2 * 2 * 2 * 3
+    assert newton_schulz_flops(3840, 1536) == newton_schulz_flops(1536, 3840) == 5 * (4 * 1536**2 * 3840 + 2 * 1536**3)
+    assert isinstance(newton_schulz_flops(10, 20), int)
