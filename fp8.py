@@ -1,0 +1,492 @@
+"""FP8 hybrid mixed precision with delayed scaling: the linear layers of the blocks in 8-bit floats.
+
+Xmodel-2.5 trains the linear layers of its transformer blocks in FP8 with Transformer Engine's
+"hybrid" recipe and reports about +30% training throughput with no observable accuracy loss
+(RECIPE.md, "FP8 mixed precision"). This module is that recipe, from scratch, in one file.
+
+The two 8-bit formats (the "hybrid" part)
+    E4M3 (torch.float8_e4m3fn): 4 exponent bits, 3 mantissa bits, max 448, smallest normal 2^-6.
+        Relative rounding error <= 2^-4. More precision, little range: used for the FORWARD
+        tensors, the activations x and the weights W.
+    E5M2 (torch.float8_e5m2):   5 exponent bits, 2 mantissa bits, max 57344, smallest normal 2^-14.
+        Relative rounding error <= 2^-3. More range, less precision: used for the GRADIENTS dY,
+        whose magnitudes spread over many more octaves than activations do.
+
+Per-tensor scaling
+    Eight bits cover only a narrow window of magnitudes, so every tensor is multiplied by a scale s
+    before the cast so that its largest value lands near the format's maximum:
+        q = saturate(x * s) = clamp(x * s, -fp8_max, fp8_max).to(fp8)
+    and a GEMM of two quantized operands undoes both scales on its fp32 accumulator:
+        C = (q_a @ q_b) / (s_a * s_b)          (every product of two fp8 numbers is exact in fp32)
+    Saturating instead of overflowing means an outlier larger than expected is clipped to +-max,
+    never turned into inf/nan.
+
+Delayed scaling (Transformer Engine's DelayedScaling, algorithm "max", margin 0)
+    The "right" scale is fp8_max / amax(x), but computing amax(x) before quantizing x costs an extra
+    pass over the tensor and a synchronisation. Delayed scaling uses the PAST instead: each linear
+    layer keeps, for each of its three tensor roles (input, weight, grad_output), a history of the
+    last `history_len` (128) amaxes, and
+        scale_{t+1} = fp8_max / max(amax_history) / 2^margin.
+    The amax observed at step t is pushed into the history and sets the scale of step t+1; step t
+    itself is quantized with the scale computed at step t-1 (the first step uses scale 1.0). A zero
+    or non-finite amax (an all-zero batch, an overflowed gradient) is not pushed and leaves the
+    scale unchanged. Under torch.distributed the amaxes are all-reduced with MAX before they are
+    pushed, so every data-parallel rank quantizes with the same scales. The history and the scales
+    are registered buffers: they live in the state_dict and a resumed run continues bit-exactly.
+
+    What is a "step"? Every call: the input and weight histories advance at each forward of a
+    module in training mode, the grad_output history at each backward. With gradient accumulation
+    that is once per micro-batch (Transformer Engine's behaviour without grouping micro-batches),
+    so the 128-entry window spans 128 micro-batches; nothing needs to be called per optimizer step.
+    Modules in eval mode quantize with their current scales and update nothing. Activation
+    recomputation (checkpointing) would re-run forward and advance the histories twice: the blocks
+    using FP8Linear must not be recomputed.
+
+The FP8 linear layer (FP8Linear), y = x W^T, and its backward:
+    forward   y  = x   @ W^T   q(x) E4M3  x  q(W) E4M3
+    backward  dX = dY  @ W     q(dY) E5M2 x  q(W) E4M3
+              dW = dY^T @ x    q(dY) E5M2 x  q(x) E4M3
+    Only the 1-byte quantized x and W are saved for backward (half the memory of bf16). The master
+    weight stays in its own (higher) precision; only its quantized copy enters the GEMMs, and
+    dW is returned in the weight's dtype.
+
+The GEMM (fp8_matmul)
+    A Triton kernel: tiles of a and b are loaded as fp8, tl.dot accumulates in fp32 on the tensor
+    cores (Ada/Hopper, compute capability >= 8.9; older GPUs have no fp8 tensor cores and are
+    refused), the epilogue divides by both scales and casts to bf16/fp32. It takes strides, so a
+    transposed view is a valid operand without a copy. Hopper's fp8 wgmma, however, reads both
+    operands from shared memory only in "K-major" layout: the reduction dimension K must be the
+    contiguous one, i.e. a [M, K] row-major and b [K, N] column-major (b^T contiguous). The forward
+    x @ W^T is K-major as stored; the two backward GEMMs are not (dY @ W reduces over W's rows,
+    dY^T @ x reduces over the token dimension of both), so on the GPU FP8Linear makes K-contiguous
+    copies of those fp8 operands first: 1-byte transposes, far cheaper than letting the GEMM run
+    from a transposed layout. On the CPU the same scaling logic runs with an emulated GEMM
+    (dequantize to fp32, matmul): the same numbers up to fp32 accumulation order.
+
+Backends (module-level BACKEND): "auto" = Triton on CUDA with capability >= 8.9, a RuntimeError on
+older CUDA GPUs, emulation on the CPU; "emulate" = always the emulated GEMM; "triton" = always the
+kernel, which on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1; used by the tests).
+Triton is imported lazily, so CPU-only runs never import it.
+
+`python fp8.py bench` reports FP8 vs bf16 GEMM TFLOP/s at the 1.3B model's layer shapes (H100).
+"""
+
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+
+BACKEND = "auto"  # "auto" | "triton" | "emulate" (see the module docstring)
+BACKENDS = ("auto", "triton", "emulate")
+
+# tensor roles: the rows of FP8Linear.amax_history and the entries of FP8Linear.scale
+INPUT, WEIGHT, GRAD_OUTPUT = 0, 1, 2
+ROLE_FORMAT = (E4M3, E4M3, E5M2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization (plain torch ops, so torch.compile can fuse scale, clamp, cast and amax)
+
+def amax(x):
+    """amax(x) = max |x_i|, as a 0-d fp32 tensor (no host sync; nan if x holds a nan)."""
+    return x.detach().abs().amax().float()
+
+
+def quantize(x, scale, dtype):
+    """q = clamp(x * scale, -fp8_max, fp8_max) cast to the fp8 `dtype` (round to nearest even).
+
+    The product is formed in fp32; saturating first turns values beyond the format (inf too) into
+    +-fp8_max instead of inf/nan."""
+    if dtype not in FP8_MAX:
+        raise ValueError(f"quantize: dtype must be {E4M3} or {E5M2}, got {dtype}")
+    fp8_max = FP8_MAX[dtype]
+    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+
+
+def dequantize(q, scale):
+    """x ~= q / scale, in fp32."""
+    return q.float() / scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Delayed scaling
+
+def _all_reduce_max(t):
+    """Under torch.distributed (initialized, world > 1), t <- max over ranks, in place."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def update_delayed_scale(history, scale, new_amax, fp8_max, margin=0):
+    """Push the amax of this step into `history` (newest first) and set
+    scale = fp8_max / max(history) / 2^margin, in place and without a host sync.
+
+    A zero or non-finite amax changes nothing (history and scale are kept), and so does a scale
+    that would not be finite (amax so small that fp8_max / amax overflows fp32)."""
+    pushed = torch.cat([new_amax.reshape(1).to(history.dtype), history[:-1]])
+    new_scale = fp8_max / pushed.max() / 2.0 ** margin
+    ok = torch.isfinite(new_amax) & (new_amax > 0) & torch.isfinite(new_scale)
+    history.copy_(torch.where(ok, pushed, history))
+    scale.copy_(torch.where(ok, new_scale, scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton GEMM (built lazily: importing this module never imports Triton)
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Hopper (H100) configurations for fp8 (the tensor-core K step of fp8 wgmma is 32, so BLOCK_K >= 32;
+# 128x128 or 128x256 tiles with BLOCK_K 128 keep the 4th-gen tensor cores busy, 3-4 pipeline stages
+# hide the global-memory latency, 8 warps = 2 warpgroups).
+_H100_CONFIGS = [
+    # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+    (128, 256, 128, 8, 8, 3),
+    (256, 128, 128, 8, 8, 3),
+    (128, 128, 128, 8, 8, 4),
+    (128, 128, 64, 8, 4, 4),
+    (64, 128, 128, 8, 4, 4),
+    (128, 64, 128, 8, 4, 4),
+    (64, 64, 128, 8, 4, 5),
+]
+# The interpreter runs one program at a time in numpy: one tiny tile, no autotuning sweep.
+_INTERPRET_CONFIG = (16, 16, 32, 2, 1, 1)
+
+_KERNELS = {}  # interpret? -> launchable kernel
+
+
+def _build_kernel(interpret):
+    import triton
+    import triton.language as tl
+
+    def fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, scale_a_ptr, scale_b_ptr, M, N, K,
+                          stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, OUT_BF16: tl.constexpr):
+        # Grouped launch order: GROUP_M consecutive row-tiles share the same b column-tiles, so
+        # those stay in L2 while the group sweeps them.
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        # int64 offsets: M * stride can pass 2^31 for long token batches
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            # masked lanes load 0, which adds nothing to the dot product
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        # epilogue: undo both quantization scales on the fp32 accumulator, then cast
+        c = acc / tl.load(scale_a_ptr) / tl.load(scale_b_ptr)
+        if OUT_BF16:
+            # Round to nearest even by hand (add 0x7FFF plus the lowest kept bit, keep the high 16
+            # bits): bit-identical to torch's .to(bfloat16) on every backend; the Triton
+            # interpreter's own float32 -> bfloat16 cast truncates. A few integer ops per output.
+            bits = c.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            c = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, c, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    def config(bm, bn, bk, gm, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                             num_warps=warps, num_stages=stages)
+
+    configs = [config(*_INTERPRET_CONFIG)] if interpret else [config(*c) for c in _H100_CONFIGS]
+    # the K-contiguity of the operands (stride_ak, stride_bk) changes which tile is fastest
+    return triton.autotune(configs=configs, key=["M", "N", "K", "stride_ak", "stride_bk"])(triton.jit(fp8_matmul_kernel))
+
+
+def _check_cuda_capability(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise RuntimeError(
+            f"fp8: {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}; FP8 tensor "
+            "cores need Ada or Hopper (>= 8.9). Train without fp8 on this GPU (config fp8=False).")
+
+
+def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
+    """C = (a @ b) / (scale_a * scale_b) with the Triton kernel, accumulated in fp32.
+
+    a [M, K] and b [K, N] are float8_e4m3fn or float8_e5m2 tensors (any pair), with any strides
+    (transposed views are fine; on Hopper K-contiguous operands are fastest, see the docstring);
+    scale_a, scale_b are the 0-d fp32 scales the operands were quantized with; out_dtype is
+    torch.bfloat16 or torch.float32. CUDA (capability >= 8.9) or, under TRITON_INTERPRET=1, CPU."""
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype not in FP8_MAX:
+            raise ValueError(f"fp8_matmul: {name} must be float8_e4m3fn or float8_e5m2, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"fp8_matmul: {name} must be 2-D, got shape {tuple(t.shape)}")
+    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if not torch.is_tensor(s) or s.numel() != 1 or s.dtype != torch.float32:
+            raise ValueError(f"fp8_matmul: {name} must be a one-element fp32 tensor")
+        if s.device != a.device:
+            raise ValueError(f"fp8_matmul: {name} is on {s.device}, a on {a.device}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"fp8_matmul: inner dimensions differ, a {tuple(a.shape)} @ b {tuple(b.shape)}")
+    if b.device != a.device:
+        raise ValueError(f"fp8_matmul: a is on {a.device}, b on {b.device}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"fp8_matmul: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+    interpret = _interpreting()
+    if a.device.type == "cuda":
+        _check_cuda_capability(a.device)
+    elif not interpret:
+        raise RuntimeError(f"fp8_matmul: tensors on {a.device}; the Triton kernel needs CUDA, "
+                           "or TRITON_INTERPRET=1 to run on the CPU")
+    if interpret not in _KERNELS:
+        _KERNELS[interpret] = _build_kernel(interpret)
+    kernel = _KERNELS[interpret]
+
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    if M == 0 or N == 0:
+        return c
+    grid = lambda meta: (math.ceil(M / meta["BLOCK_M"]) * math.ceil(N / meta["BLOCK_N"]),)
+    kernel[grid](a, b, c, scale_a.reshape(()), scale_b.reshape(()), M, N, K,
+                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+                 OUT_BF16=out_dtype == torch.bfloat16)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend choice and the GEMM used by FP8Linear
+
+def resolve_backend(device):
+    """'triton' or 'emulate' for tensors on `device`, following BACKEND (module docstring)."""
+    if BACKEND not in BACKENDS:
+        raise ValueError(f"fp8.BACKEND must be one of {BACKENDS}, got {BACKEND!r}")
+    device = torch.device(device)
+    if BACKEND == "emulate":
+        return "emulate"
+    if device.type == "cuda":
+        _check_cuda_capability(device)
+        return "triton"
+    if BACKEND == "triton":
+        if not _interpreting():
+            raise RuntimeError(f"fp8.BACKEND='triton' on {device} needs the Triton interpreter (TRITON_INTERPRET=1)")
+        return "triton"
+    return "emulate"
+
+
+def emulated_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
+    """The CPU stand-in for fp8_matmul: (a.float() @ b.float()) / scale_a / scale_b, then cast.
+    fp8 x fp8 products are exact in fp32, so it differs from the kernel only in summation order."""
+    return (a.float() @ b.float() / scale_a / scale_b).to(out_dtype)
+
+
+def _k_major(t, dim):
+    """t with dimension `dim` (the GEMM's reduction dimension) contiguous, copying only if needed."""
+    if t.stride(dim) == 1:
+        return t
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def scaled_gemm(a, b, scale_a, scale_b, out_dtype):
+    """(a @ b) / (scale_a * scale_b) on the backend chosen for a's device, returned in out_dtype.
+    On the Triton path the operands are made K-major first (Hopper's fp8 wgmma requirement)."""
+    gemm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float32) else torch.float32
+    if resolve_backend(a.device) == "triton":
+        c = fp8_matmul(_k_major(a, 1), _k_major(b, 0), scale_a, scale_b, gemm_dtype)
+    else:
+        c = emulated_matmul(a, b, scale_a, scale_b, gemm_dtype)
+    return c.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The FP8 linear layer
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T with x, W in E4M3; backward dX = dY W, dW = dY^T x with dY in E5M2."""
+
+    @staticmethod
+    def forward(ctx, x, weight, history, scale, out_dtype, update, margin):
+        # The scales of THIS step were set by the previous steps; copy them before the update
+        # below overwrites them with the scales of the next step.
+        scale_x, scale_w = scale[INPUT].clone(), scale[WEIGHT].clone()
+        x_q = quantize(x, scale_x, E4M3)
+        w_q = quantize(weight, scale_w, E4M3)
+        if update:
+            amaxes = _all_reduce_max(torch.stack([amax(x), amax(weight)]))
+            for role in (INPUT, WEIGHT):
+                update_delayed_scale(history[role], scale[role], amaxes[role], FP8_MAX[E4M3], margin)
+        y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype)
+        ctx.save_for_backward(x_q, w_q, scale_x, scale_w)
+        # the state buffers are mutated in place every step, so they are kept out of save_for_backward
+        ctx.state = (history, scale, update, margin)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_q, w_q, scale_x, scale_w = ctx.saved_tensors
+        history, scale, update, margin = ctx.state
+        x_dtype, w_dtype = ctx.dtypes
+        scale_dy = scale[GRAD_OUTPUT].clone()
+        dy_q = quantize(dy, scale_dy, E5M2)
+        if update:
+            update_delayed_scale(history[GRAD_OUTPUT], scale[GRAD_OUTPUT], _all_reduce_max(amax(dy)),
+                                 FP8_MAX[E5M2], margin)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = scaled_gemm(dy_q, w_q, scale_dy, scale_w, x_dtype)          # [T, out] @ [out, in]
+        if ctx.needs_input_grad[1]:
+            dw = scaled_gemm(dy_q.t(), x_q, scale_dy, scale_x, w_dtype)      # [out, T] @ [T, in]
+        return dx, dw, None, None, None, None, None
+
+
+class FP8Linear(nn.Module):
+    """Drop-in for nn.Linear(in_features, out_features, bias=False) computing y = x W^T in FP8.
+
+    weight [out_features, in_features] is the master weight (its own dtype, fp32 usually);
+    amax_history [3, history_len] and scale [3] (fp32 buffers, rows INPUT, WEIGHT, GRAD_OUTPUT) are
+    the delayed-scaling state. x may be [..., in_features]; the output has the autocast dtype when
+    autocast is on, else x's dtype."""
+
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, history_len=128, margin=0):
+        super().__init__()
+        if bias:
+            raise ValueError("FP8Linear: bias=True is not supported (the blocks' linear layers have no bias)")
+        if history_len < 1:
+            raise ValueError(f"FP8Linear: history_len must be >= 1, got {history_len}")
+        self.in_features, self.out_features = in_features, out_features
+        self.margin = margin
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.register_buffer("amax_history", torch.zeros(3, history_len, device=device, dtype=torch.float32))
+        self.register_buffer("scale", torch.ones(3, device=device, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    @classmethod
+    def from_linear(cls, linear, history_len=128, margin=0):
+        """An FP8Linear sharing `linear`'s weight Parameter (same object: optimizer groups and any
+        attributes set on it carry over). `linear` must have no bias."""
+        if linear.bias is not None:
+            raise ValueError(f"FP8Linear.from_linear: {linear} has a bias; only bias-free layers convert")
+        new = cls(linear.in_features, linear.out_features, device=linear.weight.device,
+                  dtype=linear.weight.dtype, history_len=history_len, margin=margin)
+        new.weight = linear.weight
+        return new
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bfloat16) / .half() must not round the scaling state: keep it fp32, move the device only
+        history, scale = self.amax_history, self.scale
+        super()._apply(fn, *args, **kwargs)
+        self.amax_history = history.to(self.amax_history.device)
+        self.scale = scale.to(self.scale.device)
+        return self
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FP8Linear: input has last dimension {x.shape[-1]}, expected {self.in_features}")
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            out_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            out_dtype = x.dtype
+        x2d = x.reshape(-1, self.in_features)
+        with torch.autocast(device_type, enabled=False):  # our GEMMs choose their own precisions
+            y = _FP8LinearFunction.apply(x2d, self.weight, self.amax_history, self.scale,
+                                         out_dtype, self.training, self.margin)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias=False, "
+                f"history_len={self.amax_history.shape[1]}, margin={self.margin}")
+
+
+def convert_to_fp8(module, filter_fn=None, history_len=128, margin=0):
+    """Replace, recursively and in place, every nn.Linear child of `module` for which
+    filter_fn(qualified_name, linear) is true (all of them if filter_fn is None) by an FP8Linear
+    sharing its weight. A selected linear with a bias is an error. Returns `module`."""
+    def visit(parent, prefix):
+        for name, child in list(parent.named_children()):
+            qual = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, nn.Linear) and (filter_fn is None or filter_fn(qual, child)):
+                if child.bias is not None:
+                    raise ValueError(f"convert_to_fp8: linear layer '{qual}' has a bias; exclude it with filter_fn")
+                setattr(parent, name, FP8Linear.from_linear(child, history_len, margin))
+            else:
+                visit(child, qual)
+    visit(module, "")
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# GEMM benchmark (H100; not run in CI)
+
+def layer_shapes(hidden=1536, ffn=3840, n_head=24, n_kv_head=8, head_dim=64):
+    """(name, in_features, out_features) of the block linears of the 1.3B model."""
+    qkv = (n_head + 2 * n_kv_head) * head_dim
+    return [("qkv", hidden, qkv), ("attn_out", n_head * head_dim, hidden),
+            ("mlp_gate_or_up", hidden, ffn), ("mlp_down", ffn, hidden)]
+
+
+def bench_gemm(tokens=8192, shapes=None, warmup=25, rep=100):
+    """FP8 (this module's kernel, K-major operands) vs bf16 (torch.matmul) TFLOP/s for the three
+    GEMMs of each block linear (forward, dgrad, wgrad) with `tokens` rows. Returns a list of dicts
+    and prints a table. Needs a CUDA GPU with capability >= 8.9."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("fp8 bench_gemm needs a CUDA GPU with compute capability >= 8.9 (H100/Ada); none found")
+    import triton.testing
+    device = torch.device("cuda")
+    _check_cuda_capability(device)
+    one = torch.ones((), device=device)
+    rows = []
+    print(f"{torch.cuda.get_device_name(device)}, tokens={tokens}")
+    print(f"{'layer':<16}{'gemm':<8}{'M x K x N':>22}{'bf16 TF/s':>12}{'fp8 TF/s':>11}{'speedup':>9}")
+    for name, n_in, n_out in shapes or layer_shapes():
+        # (gemm, M, K, N): forward x@W^T, dgrad dY@W, wgrad dY^T@x
+        for gemm, M, K, N in (("fwd", tokens, n_in, n_out), ("dgrad", tokens, n_out, n_in), ("wgrad", n_out, tokens, n_in)):
+            a16 = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            b16 = torch.randn(N, K, device=device, dtype=torch.bfloat16).t()  # K-major, as FP8Linear feeds it
+            a8 = a16.to(E5M2 if gemm != "fwd" else E4M3)
+            b8 = b16.to(E4M3)
+            t16 = triton.testing.do_bench(lambda: a16 @ b16, warmup=warmup, rep=rep)
+            t8 = triton.testing.do_bench(lambda: fp8_matmul(a8, b8, one, one), warmup=warmup, rep=rep)
+            flops = 2.0 * M * K * N
+            row = dict(layer=name, gemm=gemm, M=M, K=K, N=N, bf16_tflops=flops / t16 / 1e9, fp8_tflops=flops / t8 / 1e9)
+            rows.append(row)
+            print(f"{name:<16}{gemm:<8}{f'{M}x{K}x{N}':>22}{row['bf16_tflops']:>12.1f}{row['fp8_tflops']:>11.1f}"
+                  f"{t16 / t8:>8.2f}x")
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "bench":
+        tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
+        try:
+            bench_gemm(tokens)
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            sys.exit(1)
+    else:
+        print("usage: python fp8.py bench [tokens]   (FP8 vs bf16 GEMM TFLOP/s at the 1.3B layer shapes)")
+        sys.exit(2)

@@ -1,0 +1,473 @@
+"""Tests for fp8.py: the Triton FP8 GEMM (under the Triton interpreter, CPU tensors), quantization,
+FP8Linear forward/backward against a high-precision linear, and delayed scaling.
+
+The interpreter: Triton decides interpreted-vs-compiled when a kernel is built and reads
+TRITON_INTERPRET again while running it. fp8.py builds its kernel lazily and keeps one per mode,
+so the `interpret` fixture only has to set the variable for the duration of a test (monkeypatch),
+whatever other test files in the same pytest process did with Triton before.
+
+Error bounds used below (u = unit roundoff):
+  fp32 accumulation: products of two fp8 numbers are exact in fp32; summing K of them in any order
+      errs by at most K*u32*sum|a_k b_k| (u32 = 2^-24), and each division by a scale adds u32|c|.
+      So two implementations differing only in summation order agree within (2K+4)*u32*(|A|@|B|)/(sa*sb).
+  bf16 output: rounding to bf16 adds at most u_bf16 = 2^-8 relative (8 significant bits).
+  quantization: a value x quantized with scale s (no saturation) errs by at most
+      max(u*|x|, h/s) with E4M3: u = 2^-4, h = 2^-10 (half the subnormal spacing 2^-9);
+                          E5M2: u = 2^-3, h = 2^-17 (half the subnormal spacing 2^-16).
+      Hence |x^ w^ - x w| <= |x^ - x||w^| + |x||w^ - w| summed over k: bound = Ex @ |W^| + |X| @ Ew.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import fp8  # noqa: E402
+from fp8 import E4M3, E5M2, FP8_MAX, GRAD_OUTPUT, INPUT, WEIGHT  # noqa: E402
+
+U32 = 2.0 ** -24
+U_BF16 = 2.0 ** -8
+QUANT_U = {E4M3: 2.0 ** -4, E5M2: 2.0 ** -3}
+QUANT_H = {E4M3: 2.0 ** -10, E5M2: 2.0 ** -17}
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    def set_backend(name):
+        monkeypatch.setattr(fp8, "BACKEND", name)
+    return set_backend
+
+
+def make_operand(shape, dtype, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    return fp8.quantize(x / scale, torch.tensor(scale), dtype)  # values ~N(0,1) in fp8 units
+
+
+def reorder_bound(a, b, sa, sb):
+    """How far two fp32 summation orders of (a@b)/sa/sb can be apart (module docstring)."""
+    K = a.shape[1]
+    return (2 * K + 4) * U32 * (a.double().abs() @ b.double().abs()) / float(sa) / float(sb)
+
+
+def quant_error(x, scale, dtype):
+    return torch.maximum(QUANT_U[dtype] * x.double().abs(), torch.full_like(x.double(), QUANT_H[dtype] / float(scale)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernel under the interpreter
+
+DTYPE_PAIRS = [(E4M3, E4M3), (E5M2, E4M3), (E4M3, E5M2), (E5M2, E5M2)]
+SHAPES = [(37, 29, 45), (5, 70, 3), (32, 64, 16)]  # (M, K, N): ragged tiles, 3 K-iterations, exact tiles
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{str(d[0])[11:]}x{str(d[1])[11:]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_dequantized_reference(interpret, shape, dtypes, out_dtype):
+    M, K, N = shape
+    sa, sb = torch.tensor(3.5), torch.tensor(0.0625)
+    a = make_operand((M, K), dtypes[0], 3.5, seed=1)
+    b = make_operand((K, N), dtypes[1], 0.0625, seed=2)
+    c = fp8.fp8_matmul(a, b, sa, sb, out_dtype)
+    assert c.dtype == out_dtype and c.shape == (M, N)
+    ref = (a.double() @ b.double()) / 3.5 / 0.0625
+    bound = reorder_bound(a, b, sa, sb)
+    if out_dtype == torch.bfloat16:
+        bound = bound * (1 + U_BF16) + U_BF16 * ref.abs()
+        # same tiles, same fp32 sums: the bf16 result is exactly the fp32 result rounded to nearest even
+        assert torch.equal(c, fp8.fp8_matmul(a, b, sa, sb, torch.float32).to(torch.bfloat16))
+    err = (c.double() - ref).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+    assert ref.abs().max() > 1.0  # a non-degenerate product
+
+
+def test_kernel_transposed_and_strided_operands(interpret):
+    """Operands given as transposed / sliced views (no copies) give the same result."""
+    M, K, N = 37, 29, 45
+    sa, sb = torch.tensor(2.0), torch.tensor(8.0)
+    a_t = make_operand((K, M), E5M2, 2.0, seed=3)            # a = a_t.t(): strides (1, M)
+    b_wide = make_operand((N, 2 * K), E4M3, 8.0, seed=4)     # b = every other column of b_wide, transposed
+    a, b = a_t.t(), b_wide[:, ::2].t()
+    assert not a.is_contiguous() and not b.is_contiguous() and b.stride() == (2, 2 * K)
+    c = fp8.fp8_matmul(a, b, sa, sb, torch.float32)
+    ref = (a.double() @ b.double()) / 2.0 / 8.0
+    assert ((c.double() - ref).abs() <= reorder_bound(a, b, sa, sb)).all()
+    c_contig = fp8.fp8_matmul(a.contiguous(), b.contiguous(), sa, sb, torch.float32)
+    assert torch.equal(c, c_contig)  # same tiles, same summation order
+
+
+@pytest.mark.parametrize("sa,sb", [(1e-12, 3e9), (7.3e4, 2.5e-6), (2.0 ** 30, 2.0 ** 20), (2.0 ** -20, 2.0 ** -25)])
+def test_kernel_tiny_and_large_scales(interpret, sa, sb):
+    a = make_operand((37, 29), E4M3, 1.0, seed=5)
+    b = make_operand((29, 45), E5M2, 1.0, seed=6)
+    ta, tb = torch.tensor(sa), torch.tensor(sb)
+    c = fp8.fp8_matmul(a, b, ta, tb, torch.float32)
+    ref = (a.double() @ b.double()) / float(ta) / float(tb)
+    assert torch.isfinite(c).all()
+    assert ((c.double() - ref).abs() <= reorder_bound(a, b, ta, tb)).all()
+
+
+def test_fp8_matmul_rejects_bad_input(interpret):
+    a = make_operand((4, 32), E4M3, 1.0, seed=0)
+    b = make_operand((32, 8), E4M3, 1.0, seed=0)
+    one = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="a must be float8"):
+        fp8.fp8_matmul(a.float(), b, one, one)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        fp8.fp8_matmul(a, b[:16], one, one)
+    with pytest.raises(ValueError, match="scale_b"):
+        fp8.fp8_matmul(a, b, one, torch.ones(2))
+    with pytest.raises(ValueError, match="out_dtype"):
+        fp8.fp8_matmul(a, b, one, one, torch.float16)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch, backend):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    a = make_operand((4, 32), E4M3, 1.0, seed=0)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fp8.fp8_matmul(a, a.t(), torch.tensor(1.0), torch.tensor(1.0))
+    backend("triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fp8.resolve_backend("cpu")
+
+
+def test_backend_resolution(monkeypatch, backend):
+    assert fp8.resolve_backend("cpu") == "emulate"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    with pytest.raises(RuntimeError, match=r"capability 8\.0.*8\.9"):
+        fp8.resolve_backend("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert fp8.resolve_backend("cuda") == "triton"
+    backend("emulate")
+    assert fp8.resolve_backend("cuda") == "emulate"
+    backend("fast")
+    with pytest.raises(ValueError, match="BACKEND"):
+        fp8.resolve_backend("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Quantization
+
+def test_quantize_saturates_instead_of_overflowing():
+    x = torch.tensor([1e6, -1e6, float("inf"), -float("inf"), 448.0, 500.0, -460.0, 1.0])
+    q = fp8.quantize(x, torch.tensor(1.0), E4M3)
+    assert q.dtype == E4M3
+    assert q.float().tolist() == [448.0, -448.0, 448.0, -448.0, 448.0, 448.0, -448.0, 1.0]
+    q5 = fp8.quantize(x * 1e3, torch.tensor(1.0), E5M2)
+    assert q5.float().tolist() == [57344.0, -57344.0, 57344.0, -57344.0, 57344.0, 57344.0, -57344.0, 1024.0]
+    # the scale is applied before the clamp: 3 * 200 = 600 -> 448
+    assert fp8.quantize(torch.tensor([200.0]), torch.tensor(3.0), E4M3).float().item() == 448.0
+    assert fp8.amax(torch.tensor([[0.5, -3.0], [2.0, 1.0]], dtype=torch.bfloat16)).item() == 3.0
+    assert FP8_MAX == {E4M3: float(torch.finfo(E4M3).max), E5M2: float(torch.finfo(E5M2).max)}
+
+
+def test_quantize_rounds_to_nearest_within_bound():
+    x = torch.randn(4000) * 3
+    for dtype, s in ((E4M3, 448 / 12.0), (E5M2, 57344 / 12.0)):
+        q = fp8.quantize(x, torch.tensor(s), dtype)
+        err = (fp8.dequantize(q, torch.tensor(s)).double() - x.double()).abs()
+        assert (err <= quant_error(x, s, dtype)).all()
+        assert err.max() > 0.5 * QUANT_U[dtype] * 2 ** -1  # not trivially exact
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8Linear
+
+def linear_grads(layer, x, dy):
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    return y, x.grad, layer.weight.grad
+
+
+def calibrated_layer(x, dy, n_in, n_out, seed=0):
+    """An FP8Linear after one step on (x, dy): the next step's scales are fp8_max / amax(current)."""
+    torch.manual_seed(seed)
+    layer = fp8.FP8Linear(n_in, n_out)
+    linear_grads(layer, x, dy)
+    layer.weight.grad = None
+    return layer
+
+
+def test_fp8_linear_matches_high_precision_within_fp8_bounds():
+    torch.manual_seed(0)
+    T, n_in, n_out = 64, 48, 40
+    x = torch.randn(T, n_in)
+    dy = torch.randn(T, n_out) * 1e-3
+    layer = calibrated_layer(x, dy, n_in, n_out)
+    s = layer.scale.clone()
+    assert torch.equal(s, torch.stack([448 / fp8.amax(x), 448 / fp8.amax(layer.weight), 57344 / fp8.amax(dy)]))
+    y, dx, dw = linear_grads(layer, x, dy)
+    W = layer.weight.detach()
+
+    def bound(a, sa, fa, b, sb, fb):
+        """|a^ @ b^ - a @ b| bound for a [M,K] quantized (fa, sa), b [K,N] quantized (fb, sb)."""
+        b_hat = fp8.dequantize(fp8.quantize(b, sb, fb), sb).double()
+        return (quant_error(a, sa, fa) @ b_hat.abs() + a.double().abs() @ quant_error(b, sb, fb)
+                + 1e-6 * (a.double().abs() @ b_hat.abs()))  # + fp32 accumulation (2K u32 << 1e-6)
+
+    checks = [
+        ("y = x W^T", y, x @ W.t(), bound(x, s[INPUT], E4M3, W.t(), s[WEIGHT], E4M3)),
+        ("dX = dY W", dx, dy @ W, bound(dy, s[GRAD_OUTPUT], E5M2, W, s[WEIGHT], E4M3)),
+        ("dW = dY^T X", dw, dy.t() @ x, bound(dy.t(), s[GRAD_OUTPUT], E5M2, x, s[INPUT], E4M3)),
+    ]
+    for name, got, ref, b in checks:
+        err = (got.double() - ref.double()).abs()
+        assert (err <= b).all(), name
+        rel = err.norm() / ref.double().norm()
+        # statistically the relative error is ~u/sqrt(3) per operand; e4m3 x e4m3 stays below 2^-4,
+        # anything involving e5m2 below 2^-3 (a wrong format or scale breaks these)
+        assert rel < (2.0 ** -4 if name.startswith("y") else 2.0 ** -3), (name, rel.item())
+        assert rel > 1e-4, name  # really quantized, not a high-precision path
+    assert dx.dtype == x.dtype and dw.dtype == W.dtype
+
+
+def test_fp8_linear_triton_backend_equals_emulated(interpret, backend):
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 29)
+    dy = torch.randn(3, 7, 45) * 1e-2
+    layer = fp8.FP8Linear(29, 45)
+    linear_grads(layer, x, dy)  # calibrate the scales
+    results = {}
+    for name in ("emulate", "triton"):
+        backend(name)
+        twin = fp8.FP8Linear(29, 45)
+        twin.load_state_dict(layer.state_dict())
+        results[name] = (linear_grads(twin, x, dy), twin.state_dict())
+    (y_e, dx_e, dw_e), sd_e = results["emulate"]
+    (y_t, dx_t, dw_t), sd_t = results["triton"]
+    for k in sd_e:
+        assert torch.equal(sd_e[k], sd_t[k]), k
+    s = layer.scale
+    xq = fp8.quantize(x.reshape(-1, 29), s[INPUT], E4M3)
+    wq = fp8.quantize(layer.weight.detach(), s[WEIGHT], E4M3)
+    dyq = fp8.quantize(dy.reshape(-1, 45), s[GRAD_OUTPUT], E5M2)
+    for got, ref, b in ((y_t, y_e, reorder_bound(xq, wq.t(), s[INPUT], s[WEIGHT])),
+                        (dx_t, dx_e, reorder_bound(dyq, wq, s[GRAD_OUTPUT], s[WEIGHT])),
+                        (dw_t, dw_e, reorder_bound(dyq.t(), xq, s[GRAD_OUTPUT], s[INPUT]))):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        assert ((got.double() - ref.double()).abs().reshape(b.shape) <= b).all()
+        assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_delayed_scaling_sequence_matches_hand_computed(backend):
+    backend("emulate")
+    torch.manual_seed(2)
+    n_in, n_out = 16, 8
+    layer = fp8.FP8Linear(n_in, n_out, history_len=3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(n_out, n_in) * 0.4)
+        layer.weight[0, 0] = 0.5                      # amax(W) = 0.5 exactly
+    base_x = torch.rand(6, n_in) * 0.9
+    base_x[0, 0] = -1.0                               # amax = 1: x_t = base_x * amax_t
+    base_dy = torch.rand(6, n_out) * 0.9
+    base_dy[1, 1] = 1.0
+    x_amax = [2.0, 8.0, 0.5, 4.0, 1.0, 0.0, 0.25]
+    dy_amax = [2 ** -10, 2 ** -8, 0.0, float("inf"), 2 ** -12, 2 ** -9, 2 ** -12]
+    # hand-computed: history newest first (length 3), scale = fp8_max / max(history); zero/inf skipped
+    x_hist = [[2, 0, 0], [8, 2, 0], [.5, 8, 2], [4, .5, 8], [1, 4, .5], [1, 4, .5], [.25, 1, 4]]
+    x_scale_used = [1.0, 224.0, 56.0, 56.0, 56.0, 112.0, 112.0]   # the scale of step t = after step t-1
+    dy_hist = [[2 ** -10, 0, 0], [2 ** -8, 2 ** -10, 0], [2 ** -8, 2 ** -10, 0], [2 ** -8, 2 ** -10, 0],
+               [2 ** -12, 2 ** -8, 2 ** -10], [2 ** -9, 2 ** -12, 2 ** -8], [2 ** -12, 2 ** -9, 2 ** -12]]
+    dy_scale_used = [1.0, 57344 * 2.0 ** 10] + [57344 * 2.0 ** 8] * 5
+    w_scale_used = [1.0] + [896.0] * 6
+    for t in range(7):
+        x = base_x * x_amax[t]
+        dy = base_dy * dy_amax[t] if dy_amax[t] != float("inf") else base_dy.masked_fill(base_dy == 1.0, float("inf"))
+        y, dx, _ = linear_grads(layer, x, dy)
+        sx, sw, sdy = (torch.tensor(v) for v in (x_scale_used[t], w_scale_used[t], dy_scale_used[t]))
+        xq = fp8.quantize(x, sx, E4M3)
+        wq = fp8.quantize(layer.weight.detach(), sw, E4M3)
+        dyq = fp8.quantize(dy, sdy, E5M2)
+        assert torch.equal(y, fp8.emulated_matmul(xq, wq.t(), sx, sw, torch.float32)), t
+        assert torch.equal(dx, fp8.emulated_matmul(dyq, wq, sdy, sw, torch.float32)), t
+        assert torch.isfinite(y).all() and torch.isfinite(dx).all(), t   # step 1 saturates 8*224 -> 448
+        assert layer.amax_history[INPUT].tolist() == x_hist[t], t
+        assert layer.amax_history[WEIGHT].tolist() == [0.5] * min(t + 1, 3) + [0.0] * (2 - t if t < 2 else 0)
+        assert layer.amax_history[GRAD_OUTPUT].tolist() == dy_hist[t], t
+        next_x = x_scale_used[t + 1] if t + 1 < 7 else 448 / 4
+        next_dy = dy_scale_used[t + 1] if t + 1 < 7 else 57344 * 2.0 ** 9
+        assert layer.scale.tolist() == [next_x, 896.0, next_dy], t
+        layer.weight.grad = None
+
+
+def test_zero_and_nonfinite_amax_keep_previous_scale(backend):
+    backend("emulate")
+    layer = fp8.FP8Linear(8, 4)
+    zeros_x, zeros_dy = torch.zeros(3, 8), torch.zeros(3, 4)
+    with torch.no_grad():
+        layer.weight.zero_()
+    linear_grads(layer, zeros_x, zeros_dy)
+    assert layer.scale.tolist() == [1.0, 1.0, 1.0] and not layer.amax_history.any()  # initial scale stays
+    with torch.no_grad():
+        layer.weight.fill_(0.25)
+    linear_grads(layer, torch.full((3, 8), 2.0), torch.full((3, 4), 0.5))
+    before = (layer.amax_history.clone(), layer.scale.clone())
+    assert before[1].tolist() == [224.0, 1792.0, 114688.0]
+    nan_dy = torch.full((3, 4), 0.5)
+    nan_dy[0, 0] = float("nan")
+    linear_grads(layer, zeros_x, nan_dy)
+    assert torch.equal(layer.amax_history[INPUT], before[0][INPUT]) and torch.equal(layer.scale[INPUT], before[1][INPUT])
+    assert torch.equal(layer.amax_history[GRAD_OUTPUT], before[0][GRAD_OUTPUT])
+    assert torch.equal(layer.scale[GRAD_OUTPUT], before[1][GRAD_OUTPUT])
+    # a scale that would overflow fp32 (amax 1e-40 is subnormal: 448 / 1e-40 = inf) is not taken
+    history, scale = torch.zeros(4), torch.tensor(5.0)
+    fp8.update_delayed_scale(history, scale, torch.tensor(1e-40), 448.0)
+    assert scale.item() == 5.0 and not history.any()
+
+
+def test_margin_divides_scale_by_power_of_two():
+    history, scale = torch.zeros(4), torch.tensor(1.0)
+    fp8.update_delayed_scale(history, scale, torch.tensor(3.5), 448.0, margin=2)
+    assert scale.item() == 448.0 / 3.5 / 4 and history.tolist() == [3.5, 0, 0, 0]
+
+
+def test_eval_mode_uses_but_does_not_update_scales():
+    layer = fp8.FP8Linear(8, 4)
+    linear_grads(layer, torch.randn(5, 8), torch.randn(5, 4))
+    state = {k: v.clone() for k, v in layer.state_dict().items() if k != "weight"}
+    layer.eval()
+    linear_grads(layer, torch.randn(5, 8) * 10, torch.randn(5, 4) * 10)
+    with torch.no_grad():
+        layer(torch.randn(5, 8) * 100)
+    for k, v in state.items():
+        assert torch.equal(layer.state_dict()[k], v), k
+
+
+def test_only_fp8_tensors_are_saved_for_backward():
+    layer = fp8.FP8Linear(32, 16)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(torch.randn(10, 32, requires_grad=True))
+    y.sum().backward()
+    big = [d for d, n in saved if n > 1]
+    assert sorted(map(str, big)) == [str(E4M3)] * 2, saved  # q(x) and q(W); the rest are 0-d scales
+
+
+def test_shapes_dtypes_and_autocast():
+    layer = fp8.FP8Linear(12, 20)
+    x = torch.randn(2, 3, 5, 12, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, 5, 20) and y.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16
+    y16.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    assert layer.weight.grad.shape == (20, 12)
+    with pytest.raises(ValueError, match="last dimension 7"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="bias"):
+        fp8.FP8Linear(4, 4, bias=True)
+
+
+def test_state_dict_round_trip_resumes_exactly():
+    torch.manual_seed(3)
+    a = fp8.FP8Linear(16, 8, history_len=5)
+    for step in range(4):
+        linear_grads(a, torch.randn(4, 16) * (step + 1), torch.randn(4, 8) * 10 ** -step)
+    sd = a.state_dict()
+    assert set(sd) == {"weight", "amax_history", "scale"}
+    b = fp8.FP8Linear(16, 8, history_len=5)
+    b.load_state_dict(sd)
+    for k in sd:
+        assert torch.equal(b.state_dict()[k], sd[k]), k
+    x, dy = torch.randn(4, 16) * 7, torch.randn(4, 8)
+    a.weight.grad = None
+    ra, rb = linear_grads(a, x, dy), linear_grads(b, x, dy)
+    for u, v in zip(ra, rb):
+        assert torch.equal(u, v)
+    assert torch.equal(a.amax_history, b.amax_history) and torch.equal(a.scale, b.scale)
+    # casting the module keeps the scaling state exact fp32
+    scale = a.scale.clone()
+    a.to(torch.bfloat16)
+    assert a.weight.dtype == torch.bfloat16 and a.scale.dtype == torch.float32 and torch.equal(a.scale, scale)
+
+
+def test_convert_to_fp8():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(),
+                          nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 4, bias=False)))
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    fp8.convert_to_fp8(model, filter_fn=lambda name, lin: name != "2.1")
+    assert isinstance(model[0], fp8.FP8Linear) and isinstance(model[2][0], fp8.FP8Linear)
+    assert type(model[2][1]) is nn.Linear
+    assert model[0].weight is weights[0] and model[2][0].weight is weights[1]
+    assert set(model.state_dict()) == {"0.weight", "0.amax_history", "0.scale", "2.0.weight",
+                                       "2.0.amax_history", "2.0.scale", "2.1.weight"}
+    with pytest.raises(ValueError, match="'1.0' has a bias"):
+        fp8.convert_to_fp8(nn.Sequential(nn.Identity(), nn.Sequential(nn.Linear(2, 2))))
+
+
+def test_bench_gemm_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("the CPU message is what this test checks")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        fp8.bench_gemm()
+    shapes = fp8.layer_shapes()
+    assert ("qkv", 1536, 2560) in shapes and ("mlp_down", 3840, 1536) in shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: amaxes reduced with MAX
+
+WORKER = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[1])
+    import fp8
+    rank, path = int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[4], rank=rank, world_size=2)
+    torch.manual_seed(0)
+    layer = fp8.FP8Linear(8, 4)                       # same weight on both ranks
+    g = torch.Generator().manual_seed(100 + rank)     # different data on each rank
+    local = []
+    for step in range(2):
+        x = torch.randn(5, 8, generator=g) * (1 + 3 * rank)
+        dy = torch.randn(5, 4, generator=g) * (1 + 5 * (1 - rank))
+        y = layer(x.requires_grad_(True))
+        y.backward(dy)
+        local.append((fp8.amax(x).item(), fp8.amax(dy).item()))
+    torch.save({"history": layer.amax_history, "scale": layer.scale, "local": local}, path)
+    dist.destroy_process_group()
+""")
+
+
+def test_distributed_amax_max_reduction(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    init = tmp_path / "rendezvous"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(r), str(tmp_path / f"r{r}.pt"), str(init)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode()
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in range(2))
+    assert torch.equal(r0["scale"], r1["scale"]) and torch.equal(r0["history"], r1["history"])
+    for step in range(2):
+        (x0, dy0), (x1, dy1) = r0["local"][step], r1["local"][step]
+        assert x0 != x1 and dy0 != dy1   # the ranks really saw different amaxes
+        assert r0["history"][INPUT, 1 - step].item() == max(x0, x1)
+        assert r0["history"][GRAD_OUTPUT, 1 - step].item() == max(dy0, dy1)
+    assert r0["scale"][INPUT].item() == pytest.approx(448 / max(r0["history"][INPUT].tolist()), rel=1e-7)
