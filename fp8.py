@@ -304,7 +304,7 @@ def _k_major(t, dim):
     """t with dimension `dim` (the GEMM's reduction dimension) contiguous, copying only if needed."""
     if t.stride(dim) == 1:
         return t
-    return t.transpose(0, 1).contiguous().transpose(0, 1)
+    return t.contiguous() if dim == 1 else t.t().contiguous().t()
 
 
 def scaled_gemm(a, b, scale_a, scale_b, out_dtype):

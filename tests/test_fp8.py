@@ -238,12 +238,20 @@ def test_fp8_linear_matches_high_precision_within_fp8_bounds():
     assert dx.dtype == x.dtype and dw.dtype == W.dtype
 
 
-def test_fp8_linear_triton_backend_equals_emulated(interpret, backend):
+def test_fp8_linear_triton_backend_equals_emulated(interpret, backend, monkeypatch):
     torch.manual_seed(1)
     x = torch.randn(3, 7, 29)
     dy = torch.randn(3, 7, 45) * 1e-2
     layer = fp8.FP8Linear(29, 45)
     linear_grads(layer, x, dy)  # calibrate the scales
+    layouts = []
+    real_matmul = fp8.fp8_matmul
+
+    def spy(a, b, *args):
+        layouts.append((a.stride(1), b.stride(0)))
+        return real_matmul(a, b, *args)
+
+    monkeypatch.setattr(fp8, "fp8_matmul", spy)
     results = {}
     for name in ("emulate", "triton"):
         backend(name)
@@ -264,6 +272,8 @@ def test_fp8_linear_triton_backend_equals_emulated(interpret, backend):
         assert got.shape == ref.shape and got.dtype == ref.dtype
         assert ((got.double() - ref.double()).abs().reshape(b.shape) <= b).all()
         assert not torch.equal(got, torch.zeros_like(got))
+    # forward, dgrad, wgrad all reached the kernel with K-contiguous operands (Hopper's fp8 layout)
+    assert layouts == [(1, 1)] * 3
 
 
 def test_delayed_scaling_sequence_matches_hand_computed(backend):
