@@ -172,11 +172,14 @@ def _build_kernel(interpret):
                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, OUT_BF16: tl.constexpr):
+        # Only builtins here (no tl.cdiv / tl.zeros): those are @triton.jit helpers bound when Triton
+        # is imported, so if Triton was imported before TRITON_INTERPRET=1 was set (another test
+        # file, torch._inductor) the interpreter could not call them; builtins work either way.
         # Grouped launch order: GROUP_M consecutive row-tiles share the same b column-tiles, so
         # those stay in L2 while the group sweeps them.
         pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
         num_pid_in_group = GROUP_M * num_pid_n
         first_pid_m = (pid // num_pid_in_group) * GROUP_M
         group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
@@ -190,8 +193,8 @@ def _build_kernel(interpret):
         a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
 
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
             k_left = K - k * BLOCK_K
             # masked lanes load 0, which adds nothing to the dot product
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)

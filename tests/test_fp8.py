@@ -2,9 +2,10 @@
 FP8Linear forward/backward against a high-precision linear, and delayed scaling.
 
 The interpreter: Triton decides interpreted-vs-compiled when a kernel is built and reads
-TRITON_INTERPRET again while running it. fp8.py builds its kernel lazily and keeps one per mode,
-so the `interpret` fixture only has to set the variable for the duration of a test (monkeypatch),
-whatever other test files in the same pytest process did with Triton before.
+TRITON_INTERPRET again while running it. fp8.py builds its kernel lazily, keeps one per mode and
+uses only Triton builtins in it, so the `interpret` fixture only has to set the variable for the
+duration of a test (monkeypatch), whatever other test files in the same pytest process did with
+Triton before (test_kernel_works_when_triton_was_imported_first checks that in a fresh process).
 
 Error bounds used below (u = unit roundoff):
   fp32 accumulation: products of two fp8 numbers are exact in fp32; summing K of them in any order
@@ -120,6 +121,22 @@ def test_kernel_tiny_and_large_scales(interpret, sa, sb):
     ref = (a.double() @ b.double()) / float(ta) / float(tb)
     assert torch.isfinite(c).all()
     assert ((c.double() - ref).abs() <= reorder_bound(a, b, ta, tb)).all()
+
+
+def test_kernel_works_when_triton_was_imported_first():
+    code = textwrap.dedent(f"""
+        import os, sys, torch, triton, triton.language  # Triton first, without the interpreter
+        sys.path.insert(0, {str(ROOT)!r})
+        import fp8
+        os.environ["TRITON_INTERPRET"] = "1"
+        a = fp8.quantize(torch.randn(20, 40), torch.tensor(1.0), fp8.E4M3)
+        one = torch.tensor(1.0)
+        c = fp8.fp8_matmul(a, a.t(), one, one, torch.float32)
+        assert torch.allclose(c, a.float() @ a.float().t(), rtol=1e-5, atol=1e-4)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_fp8_matmul_rejects_bad_input(interpret):
