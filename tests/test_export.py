@@ -1,0 +1,222 @@
+"""Tests for export.py: a checkpoint becomes a stock LlamaForCausalLM with the same logits, and back.
+
+The model is tiny (3 layers, hidden 64, GQA 4 query / 2 KV heads, RoPE base 2000: a value neither ours nor
+transformers' default, so a dropped rope_theta shows up) with a 300-token byte-level BPE tokenizer trained
+here. The DeepSeek-V3 tokenizer files are checked on a 1-layer model with the full 129,280 vocabulary.
+"""
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import export  # noqa: E402
+import mup  # noqa: E402
+import train  # noqa: E402
+from model import ModelConfig  # noqa: E402
+
+transformers = pytest.importorskip("transformers")  # installed by .ci/run (requirements-extra.txt)
+from safetensors.torch import load_file  # noqa: E402
+
+TINY = ModelConfig(vocab_size=300, n_layer=3, hidden=64, ffn_hidden=96, n_head=4, n_kv_head=2, rope_base=2000.0,
+                   max_seq_len=256)
+TEXT = "hello world, the quick brown fox jumps over the lazy dog. " * 3
+
+
+def tiny_tokenizer(path) -> str:
+    """A byte-level BPE tokenizer.json of < 300 ids with <|endoftext|> (id 0), trained on a sentence."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([TEXT] * 20, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(path))
+    return str(path)
+
+
+def make_run(tmp_path, cfg=TINY, tokenizer=None, seed=0, name="run"):
+    """A checkpoint as train.py writes it, for a μP-initialized model; returns (run dir, model)."""
+    tokenizer = tokenizer or tiny_tokenizer(tmp_path / "tokenizer.json")
+    tok = data.get_tokenizer(tokenizer)
+    torch.manual_seed(seed)
+    model = mup.build_model(cfg)
+    with torch.no_grad():  # norm gains away from 1, so a dropped norm weight would show
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    state = {"model": model.state_dict(), "model_config": asdict(cfg), "config": {"tokenizer": tokenizer},
+             "tokenizer": tok.identity, "tokens": 1234, "optim": None, "rng": None}
+    run = tmp_path / name
+    train.save_checkpoint(str(run), 7, state, keep=1)
+    return str(run), model.eval()
+
+
+def hf_logits(folder, x):
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(x).logits
+
+
+@pytest.mark.parametrize("variant", ["mup", "sp", "untied"])
+def test_logits_equal_transformers(tmp_path, variant):
+    cfg = {"mup": TINY, "sp": replace(TINY, use_mup=False), "untied": replace(TINY, tie_embeddings=False)}[variant]
+    run, model = make_run(tmp_path, cfg)
+    conf = export.export(run, str(tmp_path / "hf"))
+    assert conf["rope_theta"] == 2000.0 and conf["num_key_value_heads"] == 2 and not conf["tie_word_embeddings"]
+    x = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(x)
+    theirs = hf_logits(str(tmp_path / "hf"), x)
+    assert ours.abs().max() > 1.0  # not a trivially small comparison
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_rope_base_and_multipliers_are_needed(tmp_path):
+    """The comparison above can fail: a wrong RoPE base, or an unfolded multiplier, changes the logits."""
+    run, model = make_run(tmp_path)
+    export.export(run, str(tmp_path / "hf"))
+    x = torch.randint(0, 300, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(x)
+    conf_path = tmp_path / "hf" / "config.json"
+    conf = json.loads(conf_path.read_text())
+    conf["rope_theta"] = 10000.0
+    conf["rope_parameters"]["rope_theta"] = 10000.0
+    conf_path.write_text(json.dumps(conf))
+    assert (hf_logits(str(tmp_path / "hf"), x) - ours).abs().max() > 1e-2
+    sd = export.export_tensors(TINY, model.state_dict(), torch.float32)
+    assert not torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], model.blocks[0].attn.wq.weight)
+    assert torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], model.blocks[0].attn.wk.weight)
+
+
+def test_folding_rules():
+    m = export.multipliers(TINY)  # hidden 64 -> m = 1/4; head_dim 16
+    assert m == {"embed_tokens": 12.0, "q_proj": 0.25, "o_proj": 1.4 / 3 ** 0.5, "down_proj": 1.4 / 3 ** 0.5,
+                 "lm_head": 4.0}
+    assert export.multipliers(replace(TINY, use_mup=False)) == dict.fromkeys(m, 1.0)
+
+
+def test_deepseek_tokenizer_round_trip_and_chat_template(tmp_path):
+    cfg = ModelConfig(vocab_size=129280, n_layer=1, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1, max_seq_len=4096)
+    run, _ = make_run(tmp_path, cfg, tokenizer="deepseek-v3")
+    export.export(run, str(tmp_path / "hf"), dtype="bfloat16")
+    ds = data.get_tokenizer("deepseek-v3")
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert conf["bos_token_id"] == 0 and conf["eos_token_id"] == ds.eos_id == 1 and conf["vocab_size"] == 129280
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert export.hf_dir_tokenizer(tmp_path / "hf").identity == ds.identity  # byte-identical tokenizer.json
+    for text in ["Hello, world!", "  def f(x):\n\treturn x ** 2  # 平方\n", "数学 1234567 ÷ 7 ≈ 176366.7",
+                 "a<｜end▁of▁sentence｜>b"]:
+        ids = hf_tok(text).input_ids  # what lm-evaluation-harness and vLLM do
+        assert ids == ds.encode(text)
+        assert hf_tok.decode(ids) == ds.decode(ids) == text
+    for msgs in ([{"role": "user", "content": "2+2?"}],
+                 [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."},
+                  {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                  {"role": "user", "content": "bye"}]):
+        for gen in (False, True):
+            assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == \
+                data.render_chat(msgs, add_generation_prompt=gen)
+
+
+@pytest.mark.parametrize("dtype,tied", [("float32", True), ("float32", False), ("bfloat16", True)])
+def test_export_import_export_is_lossless(tmp_path, dtype, tied):
+    cfg = replace(TINY, tie_embeddings=tied)
+    run, model = make_run(tmp_path, cfg)
+    export.export(run, str(tmp_path / "hf1"), dtype=dtype)
+    export.main(["--import", str(tmp_path / "hf1"), str(tmp_path / "back")])
+    ckpt = train.load_checkpoint(str(tmp_path / "back"))
+    assert ckpt["model_config"] == asdict(cfg) and ckpt["step"] == 7 and ckpt["tokens"] == 1234
+    assert ckpt["optim"] is None and ckpt["tokenizer"] == data.get_tokenizer(str(tmp_path / "tokenizer.json")).identity
+    export.main([str(tmp_path / "back"), str(tmp_path / "hf2"), "--dtype", dtype])
+    a, b = load_file(str(tmp_path / "hf1" / "model.safetensors")), load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k  # bit-exact
+    if dtype == "float32":  # the original weights: exact under power-of-two multipliers, else within 1 ulp
+        orig = model.state_dict()
+        for k, v in orig.items():
+            assert ((ckpt["model"][k] - v).abs() <= 2.0 ** -23 * v.abs()).all(), k
+        assert torch.equal(ckpt["model"]["blocks.0.attn.wq.weight"], orig["blocks.0.attn.wq.weight"])  # x 1/4
+
+
+def test_unfold_inverts_fold_exactly():
+    """At the 1.3B model's multipliers (x12, 1.4/sqrt(48), 1/6, 1/8) and others, in float32 and bfloat16."""
+    w = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 0.1
+    for c in (12.0, 1.4 / 48 ** 0.5, 1 / 6, 0.125, 3.0):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            y = export.fold(w, c, dt)
+            assert torch.equal(export.fold(export.unfold(y, c), c, dt), y)
+            e = export.fold(w, 12.0, dt)  # a tied embedding's two images
+            x, inexact = export.unfold_tied(e, 12.0, y, c)
+            assert inexact == 0 and torch.equal(export.fold(x, 12.0, dt), e) and torch.equal(export.fold(x, c, dt), y)
+    naive = (export.fold(w, 12.0, torch.bfloat16).double() / 12).float()  # what the search improves on
+    assert not torch.equal(export.fold(naive, 1 / 6, torch.bfloat16), export.fold(w, 1 / 6, torch.bfloat16))
+
+
+def test_import_foreign_llama(tmp_path):
+    """A Llama not written here (tied embeddings, no xmodel_mup) imports into μP or SP with the same logits."""
+    hcfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, rope_theta=3000.0,
+                                    rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=128)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hcfg).eval()
+    hf.save_pretrained(str(tmp_path / "foreign"))
+    x = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(x).logits
+    for overrides in ({}, {"use_mup": False}):
+        cfg, sd, _ = export.import_hf(str(tmp_path / "foreign"), overrides)
+        assert cfg.rope_base == 3000.0 and cfg.n_kv_head == 2 and cfg.use_mup == (not overrides)
+        with torch.no_grad():
+            ours = export.build(cfg, sd)(x)
+        assert (ours - ref).abs().max().item() < 1e-4
+
+
+def test_bad_inputs(tmp_path):
+    run, _ = make_run(tmp_path)
+    export.export(run, str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="not empty"):
+        export.export(run, str(tmp_path / "hf"))
+    export.export(run, str(tmp_path / "hf"), overwrite=True)
+    # unknown architecture
+    conf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(conf, architectures=["MistralForCausalLM"])))
+    with pytest.raises(ValueError, match="MistralForCausalLM"):
+        export.import_hf(str(tmp_path / "hf"))
+    # a folder whose weights are from another config
+    foreign = dict(conf, hidden_size=128, head_dim=32)
+    del foreign["xmodel_mup"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(foreign))
+    with pytest.raises(ValueError, match="shapes do not match.*embed_tokens"):
+        export.import_hf(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(conf, xmodel_mup=None, num_hidden_layers=4)))
+    with pytest.raises(ValueError, match="missing tensors.*layers.3"):
+        export.import_hf(str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="not supported"):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(conf, xmodel_mup=None, rope_scaling={"rope_type": "yarn"})))
+        export.import_hf(str(tmp_path / "hf"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        export.import_hf(str(tmp_path))
+    # a checkpoint whose weights do not fit its own config
+    ckpt = train.load_checkpoint(run)
+    ckpt["model_config"]["hidden"] = 128
+    bad = tmp_path / "bad"
+    train.save_checkpoint(str(bad), 1, ckpt, keep=1)
+    with pytest.raises(ValueError, match="do not match its model config.*tok_emb"):
+        export.export(str(bad), str(tmp_path / "hf3"))
+    # a missing tokenizer
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        export.export(run, str(tmp_path / "hf4"))
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        (tmp_path / "junk.pt").write_text("not a checkpoint")
+        export.export(str(tmp_path / "junk.pt"), str(tmp_path / "hf5"))
+    with pytest.raises(ValueError, match="--mup"):
+        export.main(["--import", str(tmp_path / "hf"), str(tmp_path / "x"), "--mup", "nonsense=1"])
+    assert not (tmp_path / "hf3").exists() and not (tmp_path / "hf4").exists()
