@@ -773,8 +773,12 @@ def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
 
 
 def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | Tokenizer = DEFAULT_TOKENIZER,
-                   workers: int | None = None, progress: bool = True) -> str:
-    """Prepare (once, then reuse) the stdlib corpus: domains "code" and "prose", 2% held out by document."""
+                   workers: int | None = 1, progress: bool = True) -> str:
+    """Prepare (once, then reuse) the stdlib corpus: domains "code" and "prose", 2% held out by document.
+
+    workers=1 by default: the documents are already in memory and the tokenizer's batch encoder uses
+    every core by itself, so worker processes would only add their start-up time.
+    """
     tok = get_tokenizer(tokenizer)
     root, files = _stdlib_files()
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
