@@ -435,7 +435,8 @@ class _Progress:
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
         self.total, self.desc, self.enabled = max(total, 1), desc, enabled
-        self.done, self.t0, self.last = 0, time.time(), 0.0
+        self.done, self.t0 = 0, time.time()
+        self.last = 0.0 if sys.stderr.isatty() else self.t0  # off a terminal: first line after 10 s
         self.tty = sys.stderr.isatty()
 
     def update(self, n: int) -> None:
