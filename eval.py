@@ -1,0 +1,184 @@
+"""Held-out loss and perplexity, the way Xmodel-2.5 reports WikiText-2 (RECIPE.md, Evaluation).
+
+    python eval.py CHECKPOINT|HF_DIR --text FILE       [--seq_len 3776] [--windows 100] [--batch 5] [--seed 0] [--json]
+    python eval.py CHECKPOINT|HF_DIR --data DATASET_DIR [--source NAME] ...
+
+The text is tokenized into one stream (or a prepared dataset's held-out split is read: documents there
+are already separated by EOS), and `windows` windows of seq_len + 1 tokens are scored, `batch` at a time:
+input w[:-1], targets w[1:], the mean next-token cross-entropy of each window is one sample.
+
+Window placement. A window should start where a document starts, as the model saw documents begin during
+training (right after an end-of-text token), so the first tokens are not scored mid-sentence without
+context. The candidate starts are 0 (the text's first token) and p + 1 for every EOS at p, kept if a
+whole window fits. If there are at least `windows` of them, `windows` distinct ones are drawn at random;
+otherwise all are used and the rest are uniform random offsets. A numpy Generator seeded with --seed
+does all drawing, so the result is a function of (text, tokenizer, model, arguments) alone.
+
+Statistics over the n windows (all of equal length, so their mean is the token mean):
+
+    loss = mean(l_i)        CI95(loss) = loss -+ 1.96 * std(l_i, ddof=1) / sqrt(n)
+    ppl  = exp(loss)        CI95(ppl)  = exp(CI95(loss))        (exp is monotone)
+
+The interval covers the window-sampling noise only (windows may overlap, so it is slightly optimistic).
+A Hugging Face folder (an export of this project, or any Llama) is read through export.import_hf into the
+same model code; --backend transformers runs it through transformers' LlamaForCausalLM instead, as a
+check of the exported folder in the stack people use.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+from model import chunked_cross_entropy
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def window_starts(tokens: np.ndarray, eos_id: int, seq_len: int, n: int, seed: int) -> tuple[np.ndarray, int]:
+    """(n start offsets of (seq_len + 1)-token windows, how many of them start a document)."""
+    N = len(tokens)
+    length = seq_len + 1
+    if N < length:
+        raise ValueError(f"the text has {N} tokens, fewer than one window of seq_len + 1 = {length}; "
+                         f"use a longer text or a smaller --seq_len")
+    if n <= 0:
+        raise ValueError(f"--windows must be positive, got {n}")
+    rng = np.random.default_rng(seed)
+    doc = np.concatenate(([0], np.flatnonzero(np.asarray(tokens) == eos_id) + 1))
+    doc = np.unique(doc[doc + length <= N])
+    if len(doc) >= n:
+        return rng.choice(doc, size=n, replace=False).astype(np.int64), n
+    rest = rng.integers(0, N - length + 1, size=n - len(doc))
+    return np.concatenate((rng.permutation(doc), rest)).astype(np.int64), len(doc)
+
+
+def confidence(losses) -> dict:
+    """Mean, 95% interval of the mean, perplexity and its interval, for per-window losses."""
+    x = np.asarray(losses, dtype=np.float64)
+    if x.size == 0 or not np.all(np.isfinite(x)):
+        raise ValueError(f"cannot summarize losses {x[:5].tolist()}...: empty or not finite")
+    mean = float(x.mean())
+    half = Z95 * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else float("nan")
+    return {"loss": mean, "loss_ci": [mean - half, mean + half], "ci_half_width": half,
+            "ppl": math.exp(mean), "ppl_ci": [math.exp(mean - half), math.exp(mean + half)], "n": int(x.size)}
+
+
+def text_tokens(path: str, tok: data.Tokenizer) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--text file {path!r} does not exist")
+    return np.asarray(tok.encode(p.read_text(encoding="utf-8")), dtype=np.int64)
+
+
+def dataset_tokens(dataset_dir: str, tok: data.Tokenizer, source: str | None = None) -> np.ndarray:
+    """The held-out split of a prepared dataset (all sources in manifest order, or one)."""
+    m = data.read_manifest(dataset_dir)
+    if m["tokenizer"]["sha256"] != tok.sha256:
+        raise ValueError(f"{dataset_dir!r} was prepared with tokenizer {m['tokenizer']['name']} "
+                         f"(sha256 {m['tokenizer']['sha256'][:12]}), the model uses {tok.name} "
+                         f"(sha256 {tok.sha256[:12]})")
+    names = list(m["sources"])
+    if source is not None:
+        if source not in m["sources"]:
+            raise ValueError(f"--source {source!r} is not in {dataset_dir!r} (it has {names})")
+        names = [source]
+    parts = []
+    for name in names:
+        for shard in m["sources"][name]["splits"]["heldout"]["shards"]:
+            parts.append(np.fromfile(Path(dataset_dir) / shard["file"], dtype=data.TOKEN_DTYPE).astype(np.int64))
+    if not parts:
+        raise ValueError(f"{dataset_dir!r} has no held-out tokens (sources {names})")
+    return np.concatenate(parts)
+
+
+@torch.no_grad()
+def window_losses(model, tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch: int, device="cpu",
+                  dtype: torch.dtype = torch.float32) -> list[float]:
+    """Mean cross-entropy of each window (our Xmodel or a transformers LlamaForCausalLM)."""
+    if batch <= 0:
+        raise ValueError(f"--batch must be positive, got {batch}")
+    hf = not hasattr(model, "hidden_states")
+    vocab = model.config.vocab_size
+    if int(tokens.max()) >= vocab:
+        raise ValueError(f"token id {int(tokens.max())} >= the model's vocab_size {vocab} (wrong tokenizer?)")
+    out = []
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    for k in range(0, len(starts), batch):
+        w = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts[k:k + batch]])).to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        with autocast:
+            if hf:
+                h, weight, scale = model.model(input_ids=x).last_hidden_state, model.lm_head.weight, 1.0
+            else:
+                h, weight, scale = model.hidden_states(x), model.output_weight, model.config.logit_mult
+            for b in range(len(x)):
+                out.append(chunked_cross_entropy(h[b].to(weight.dtype), weight, y[b], scale).item())
+    return out
+
+
+def evaluate(path: str, text: str | None = None, dataset: str | None = None, source: str | None = None,
+             seq_len: int = 3776, windows: int = 100, batch: int = 5, seed: int = 0, device: str = "cpu",
+             dtype: str = "float32", backend: str = "xmodel", tokenizer: str | None = None) -> dict:
+    if (text is None) == (dataset is None):
+        raise ValueError("give exactly one of --text FILE or --data DATASET_DIR")
+    if backend not in ("xmodel", "transformers"):
+        raise ValueError(f"--backend must be xmodel or transformers, got {backend!r}")
+    import export  # the shared loader of checkpoints and HF folders
+    model, tok, info = export.load_any(path, tokenizer, device)
+    if backend == "transformers":
+        if info["kind"] != "hf":
+            raise ValueError("--backend transformers needs a Hugging Face folder (run export.py first)")
+        from transformers import LlamaForCausalLM
+        model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    tokens = text_tokens(text, tok) if text is not None else dataset_tokens(dataset, tok, source)
+    max_len = model.config.max_position_embeddings if backend == "transformers" else model.config.max_seq_len
+    if seq_len > max_len:
+        raise ValueError(f"--seq_len {seq_len} exceeds the model's maximum sequence length {max_len}")
+    starts, aligned = window_starts(tokens, tok.eos_id, seq_len, windows, seed)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    losses = window_losses(model, tokens, starts, seq_len, batch, device, dt)
+    return {**confidence(losses), "windows": windows, "aligned": aligned, "seq_len": seq_len, "batch": batch,
+            "seed": seed, "tokens": int(len(tokens)), "model": str(path), "backend": backend,
+            "text": text, "data": dataset, "source": source, "per_window": losses,
+            "starts": starts.tolist()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Held-out loss / perplexity over random windows, with a 95% CI.")
+    ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a UTF-8 text file (e.g. WikiText-2's wiki.test.raw)")
+    src.add_argument("--data", help="a prepared dataset directory (its held-out split)")
+    ap.add_argument("--source", default=None, help="with --data: one source only")
+    ap.add_argument("--seq_len", type=int, default=3776)
+    ap.add_argument("--windows", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--backend", default="xmodel", choices=["xmodel", "transformers"])
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args(argv)
+    r = evaluate(a.model, a.text, a.data, a.source, a.seq_len, a.windows, a.batch, a.seed, a.device, a.dtype,
+                 a.backend, a.tokenizer)
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['model']}: {r['windows']} windows x {r['seq_len']} tokens ({r['aligned']} start after EOS), "
+              f"seed {r['seed']}, {r['tokens']:,} tokens in the text")
+        print(f"loss {r['loss']:.4f}  95% CI [{r['loss_ci'][0]:.4f}, {r['loss_ci'][1]:.4f}]")
+        print(f"perplexity {r['ppl']:.3f}  95% CI [{r['ppl_ci'][0]:.3f}, {r['ppl_ci'][1]:.3f}]")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
