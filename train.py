@@ -521,7 +521,7 @@ def train(argv: list[str]) -> dict:
 
     def checkpoint_now():
         state = {"model": raw.state_dict(), "optim": opts.state_dict(), "tokens": tokens,
-                 "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity(),
+                 "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity,
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         if master:

@@ -1,0 +1,191 @@
+"""The trainer: curriculum arithmetic, dry run, a tiny real run, exact resume, config errors, NaN stop."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import model as model_mod
+import train
+from conftest import write_config
+
+
+def load(name, *extra):
+    return train.load_config([f"configs/{name}.py", *extra])
+
+
+# ---------------------------------------------------------------- curriculum arithmetic
+
+def test_xmodel25_schedule_at_every_boundary():
+    cfg = load("xmodel25")["train"]
+    ph = {p["name"]: p for p in cfg.phases}
+    assert [p["name"] for p in cfg.phases] == ["warmup", "stable1", "stable2", "decay", "rewarm8k", "long8k", "long16k"]
+    assert train.total_steps(cfg.phases) == 560_000
+    assert train.phase_at(cfg.phases, 1999) == (0, 1999) and train.phase_at(cfg.phases, 2000) == (1, 0)
+    assert train.phase_at(cfg.phases, 270_000) == (2, 0) and train.phase_at(cfg.phases, 530_000) == (3, 0)
+    assert train.phase_at(cfg.phases, 550_000) == (4, 0)
+    with pytest.raises(IndexError):
+        train.phase_at(cfg.phases, 560_000)
+    f = train.lr_factor
+    assert f(ph["warmup"], 0) == pytest.approx(1 / 2000) and f(ph["warmup"], 1999) == 1.0
+    assert f(ph["stable1"], 0) == f(ph["stable1"], 267_999) == f(ph["stable2"], 259_999) == 1.0
+    # the recipe's decay: min + (2 * 0.5**r - 1) * (peak - min), r = (i+1)/steps
+    r = 1 / 20000
+    assert f(ph["decay"], 0) == pytest.approx(1 / 16 + (2 * 0.5 ** r - 1) * (1 - 1 / 16))
+    assert f(ph["decay"], 9999) == pytest.approx(1 / 16 + (2 * 0.5 ** 0.5 - 1) * (15 / 16))
+    assert f(ph["decay"], 19_999) == pytest.approx(1 / 16)
+    assert f(ph["rewarm8k"], 499) == pytest.approx(1 / 16) and f(ph["long16k"], 6999) == pytest.approx(6e-3)
+    assert f(ph["long8k"], 2499) == pytest.approx(f(ph["long16k"], 0), rel=1e-3)  # linear across the two
+    tokens = sum(p["steps"] * p["batch"] * p["seq_len"] for p in cfg.phases)
+    assert tokens == pytest.approx(1.518e12, rel=1e-3)
+    assert [p["optimizer"] for p in cfg.phases] == ["adamw"] * 3 + ["muon"] * 4
+    assert [p["mix"] for p in cfg.phases] == ["stable"] * 3 + ["decay"] * 4
+    assert (ph["long16k"]["batch"], ph["long16k"]["seq_len"], ph["long8k"]["seq_len"]) == (240, 16384, 8192)
+
+
+def test_proxy_schedule_has_every_phase_and_is_continuous():
+    cfg = load("proxy20m")["train"]
+    names = [p["name"] for p in cfg.phases]
+    assert names[:4] == ["warmup", "stable1", "stable2", "decay"] and len(names) >= 5
+    assert cfg.phases[0]["lr"][0] == "linear" and cfg.phases[3]["lr"][0] == "exp"
+    assert cfg.phases[3]["optimizer"] == "muon" and cfg.phases[3]["mix"] == "decay"
+    assert cfg.phases[2]["batch"] == 2 * cfg.phases[1]["batch"]
+    assert max(p["seq_len"] for p in cfg.phases[4:]) > cfg.phases[3]["seq_len"]  # a sequence-length stretch
+    for a, b in zip(cfg.phases[1:], cfg.phases[2:]):  # no jump in LR at a boundary
+        assert train.lr_factor(b, 0) == pytest.approx(train.lr_factor(a, a["steps"] - 1), rel=0.1)
+    assert train.lr_factor(cfg.phases[3], cfg.phases[3]["steps"] - 1) == pytest.approx(1 / 16)
+
+
+def test_batch_split():
+    p = dict(name="x", batch=480, seq_len=8)
+    assert train.batch_split(p, 4, 8) == (4, 15)
+    assert train.batch_split(p, 4, 1) == (4, 120)
+    assert train.batch_split(dict(p, batch=4), 8, 2) == (2, 1)  # micro-batch capped by the per-rank share
+    assert train.batch_split(dict(p, micro_batch=2), 4, 8) == (2, 30)
+    with pytest.raises(ValueError, match="not divisible"):
+        train.batch_split(p, 7, 1)
+
+
+def test_dry_run_xmodel25(capsys):
+    plan = train.train(["configs/xmodel25.py", "--dry_run", "--device=cpu"])
+    out = capsys.readouterr().out
+    assert plan["params"] == pytest.approx(1.35e9, rel=0.01)
+    assert plan["tokens"] == pytest.approx(1.518e12, rel=1e-3) and plan["steps"] == 560_000
+    assert plan["flops"] == pytest.approx(1.518e12 * 9.7e9, rel=0.05) and plan["gpu_hours"] > 0
+    for name in ("warmup", "stable1", "stable2", "decay", "long16k", "GPU-hours", "1.518T", "hidden 0.001667"):
+        assert name in out
+
+
+# ---------------------------------------------------------------- configuration errors
+
+@pytest.mark.parametrize("args,match", [
+    (["--no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["--n_layer=two"], "config key 'n_layer'"),
+    (["--lr=fast"], "config key 'lr'"),
+    (["--compile=3"], "config key 'compile'"),
+    (["--device=tpu"], "config key 'device'"),
+    (["--phase.decay.optimizer=sgd"], "optimizer must be one of"),
+    (["--phase.nope.steps=3"], "no phase named 'nope'"),
+    (["--phase.decay.lr=('cosine', 1, 0)"], "lr must be"),
+    (["--phase.decay.mix=unknown"], "mix 'unknown'"),
+    (["--phase.decay.batch=0"], "batch must be a positive integer"),
+    (["--hidden=129"], "n_head=2 does not divide hidden=129"),
+    (["--eval_mix=zzz"], "eval_mix"),
+])
+def test_config_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        load("proxy20m", *args)
+
+
+def test_config_overrides_and_missing_file():
+    conf = load("proxy20m", "--lr=0.02", "--compile=True", "--phase.decay.optimizer=adamw", "--n_layer=4")
+    assert conf["train"].lr == 0.02 and conf["train"].compile is True and conf["model"].n_layer == 4
+    assert [p["optimizer"] for p in conf["train"].phases if p["name"] == "decay"] == ["adamw"]
+    with pytest.raises(ValueError, match="config file not found"):
+        train.load_config(["configs/nope.py"])
+
+
+# ---------------------------------------------------------------- running
+
+def test_tiny_run_loss_falls_and_logs(tmp_path, tiny_data, capsys):
+    cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out"))
+    s = train.train([cfg, "--phase.stable.steps=12"])
+    out = capsys.readouterr().out
+    assert s["step"] == 19 and all(math.isfinite(l) for l in s["losses"])
+    assert sum(s["losses"][-3:]) / 3 < s["losses"][0] - 1.0
+    rows = [json.loads(l) for l in open(tmp_path / "out" / "metrics.jsonl")]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 19
+    for k in ("step", "phase", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "seq_len", "global_batch", "optimizer"):
+        assert k in steps[0]
+    assert steps[-1]["tokens"] == 2 * 4 * 32 + 12 * 4 * 32 + 3 * 4 * 32 + 2 * 2 * 64
+    assert [r["optimizer"] for r in steps].count("muon") == 5 and steps[-1]["seq_len"] == 64
+    switch = [r for r in rows if r.get("event") == "optimizer_switch"]
+    assert switch == [{"step": 14, "event": "optimizer_switch", "from": "adamw", "to": "muon", "phase": "decay"}]
+    assert "eval_loss" in rows[-1] and "final held-out loss" in out and s["sample"]
+    assert json.load(open(tmp_path / "out" / "config.json"))["model"]["hidden"] == 32
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])  # inside "stable" (resume crosses the switch) and inside "decay"
+def test_resume_is_exact(tmp_path, tiny_data, stop_at):
+    full = train.train([write_config(tmp_path / "a.py", tiny_data, out_dir=str(tmp_path / "a"))])
+    cfg_b = write_config(tmp_path / "b.py", tiny_data, out_dir=str(tmp_path / "b"))
+    first = train.train([cfg_b, f"--max_steps={stop_at}"])
+    assert first["step"] == stop_at and os.path.exists(tmp_path / "b" / f"ckpt_{stop_at:08d}.pt")
+    rest = train.train([cfg_b, "--resume"])
+    assert first["losses"] + rest["losses"] == full["losses"]  # bit for bit
+    a, b = train.load_checkpoint(str(tmp_path / "a")), train.load_checkpoint(str(tmp_path / "b"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_switch_keeps_adamw_state_of_embedding_and_norms(tiny_data):
+    conf = train.load_config([write_config("/tmp/_unused.py", tiny_data)])
+    m = model_mod.Xmodel(conf["model"])
+    opts = train.Optimizers(m, conf["train"])
+    m(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))).backward()
+    opts.step()
+    before = {p: s for p, s in opts.adamw.state.items()}
+    opts.use("muon")
+    hidden = {id(p) for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert {id(p) for p in opts.adamw.state} == {id(p) for p in before} - hidden
+    assert all(opts.adamw.state[p] is before[p] for p in opts.adamw.state)
+    assert {id(p) for g in opts.muon.param_groups for p in g["params"]} == hidden and not opts.muon.state
+    assert opts.muon.param_groups[0]["lr"] == opts.groups[0]["lr"]
+    opts.use("adamw")
+    assert opts.muon is None and sum(len(g["params"]) for g in opts.adamw.param_groups) == len(list(m.parameters()))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+    cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out"), ckpt_interval=2)
+    real, calls = model_mod.Xmodel.forward, []
+
+    def poisoned(self, idx, targets=None):
+        out = real(self, idx, targets)
+        calls.append(1)
+        return out * float("nan") if self.training and len(calls) == 5 else out  # step 3 (two micro-batches each)
+    monkeypatch.setattr(model_mod.Xmodel, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train.train([cfg])
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path / "out"))] == ["ckpt_00000002.pt"]
+    ck = train.load_checkpoint(str(tmp_path / "out"))
+    assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_checkpoint_loading_rejects_bad_files(tmp_path):
+    good = train.save_checkpoint(str(tmp_path), 1, {"model": {"w": torch.ones(3)}}, keep=2)
+    assert train.load_checkpoint(good)["model"]["w"].sum() == 3
+    raw = open(good, "rb").read()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="trunc.pt: not a readable checkpoint"):
+        train.load_checkpoint(str(tmp_path / "trunc.pt"))
+    torch.save({"w": torch.ones(1)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not an Xmodel-2.5 checkpoint"):
+        train.load_checkpoint(str(tmp_path / "foreign.pt"))
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "code.pt")  # a pickled module: refused by weights_only
+    with pytest.raises(ValueError, match="code.pt: not a readable checkpoint"):
+        train.load_checkpoint(str(tmp_path / "code.pt"))
+    for s in (2, 3, 4):
+        train.save_checkpoint(str(tmp_path), s, {}, keep=2)
+    (tmp_path / "ckpt_00000009.pt.tmp").write_bytes(b"partial")  # a crash mid-write is never "latest"
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
