@@ -1,0 +1,632 @@
+"""Tests for model.py, mup.py and configs/: the decoder, its μP parameterization and the two configs.
+
+Every forward-pass piece is checked against a plain reference written here from the math, not from the
+model's own helpers: a functional forward (naive softmax(q k^T * scale) v with K/V heads repeated,
+RoPE as a complex rotation, explicit multipliers computed from the config fields by hand), the plain
+F.cross_entropy for the chunked loss, and a no-cache forward for generation. Where a test checks that
+something happens (a multiplier, a chunked allocation, a recompute), it also checks that the reference
+would tell the difference, so a broken model cannot pass by accident.
+"""
+
+import dataclasses
+import math
+import os
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model as model_mod  # noqa: E402
+import mup  # noqa: E402
+from model import ModelConfig, Xmodel, apply_rope, chunked_cross_entropy, rope_tables  # noqa: E402
+
+MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads only add OpenMP barriers, which cost seconds per test on a
+    busy 2-core machine. Restored afterwards for the other test modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def load_config(name: str) -> dict:
+    """The config file's namespace (it is plain Python assignments)."""
+    ns: dict = {}
+    with open(os.path.join(ROOT, "configs", f"{name}.py")) as f:
+        exec(f.read(), ns)
+    return ns
+
+
+def model_config(name: str, **override) -> ModelConfig:
+    ns = load_config(name)
+    kw = {k: v for k, v in ns.items() if k in MODEL_FIELDS}
+    kw.update(override)
+    return ModelConfig(**kw)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, n_layer=2, hidden=64, ffn_hidden=96, n_head=4, n_kv_head=2, max_seq_len=128,
+                base_width=256, loss_chunk=16)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed=0, **kw) -> Xmodel:
+    torch.manual_seed(seed)
+    return mup.build_model(tiny(**kw))
+
+
+class AllocRecorder(TorchDispatchMode):
+    """Records every aten op and the element count of the largest new storage any op returns
+    (views of an input, such as w.t(), allocate nothing and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func)
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+    def count(self, *names):
+        return sum(1 for op in self.ops if op.overloadpacket.__name__ in names)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# references written from the math
+
+def ref_rms(x, w, eps):
+    return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def ref_rope(x, base, start=0):
+    """Pairs (x_i, x_{i+d/2}) as complex numbers z_i, times exp(i * pos * theta_i), theta_i = base^(-2i/d)."""
+    d = x.shape[-1]
+    xd = x.double()
+    z = torch.complex(xd[..., : d // 2], xd[..., d // 2:])
+    theta = base ** (-torch.arange(0, d // 2, dtype=torch.float64) * 2 / d)
+    pos = torch.arange(start, start + x.shape[-2], dtype=torch.float64)
+    rot = torch.polar(torch.ones(len(pos), d // 2, dtype=torch.float64), torch.outer(pos, theta))
+    z = z * rot
+    return torch.cat((z.real, z.imag), -1)
+
+
+def ref_attention(q, k, v, scale):
+    """Naive causal attention with the K/V heads repeated to the query heads. q [B,H,T,d], k/v [B,Hkv,T,d]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    T = q.shape[2]
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def ref_attn_block(attn, x, base, scale):
+    B, T, _ = x.shape
+    H, Hkv, d = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = (x @ attn.wq.weight.double().T).view(B, T, H, d).transpose(1, 2)
+    k = (x @ attn.wk.weight.double().T).view(B, T, Hkv, d).transpose(1, 2)
+    v = (x @ attn.wv.weight.double().T).view(B, T, Hkv, d).transpose(1, 2)
+    y = ref_attention(ref_rope(q, base), ref_rope(k, base), v, scale)
+    return y.transpose(1, 2).reshape(B, T, H * d) @ attn.wo.weight.double().T
+
+
+def hand_multipliers(cfg: ModelConfig) -> dict:
+    """RECIPE.md's multipliers, from the raw config fields (not the config's own properties)."""
+    d = cfg.hidden // cfg.n_head
+    if cfg.use_mup:
+        return dict(embed=cfg.input_scale, residual=cfg.residual_scale / math.sqrt(cfg.n_layer),
+                    logit=cfg.output_scale / (cfg.hidden / cfg.base_width), attn=1.0 / d)
+    return dict(embed=1.0, residual=1.0, logit=1.0, attn=1.0 / math.sqrt(d))
+
+
+@torch.no_grad()
+def ref_forward(model: Xmodel, idx, mult: dict):
+    """The whole decoder, functionally, in float64, with the model's weights and explicit multipliers."""
+    cfg = model.config
+    g = lambda p: p.detach().double()  # noqa: E731
+    x = g(model.tok_emb.weight)[idx] * mult["embed"]
+    for b in model.blocks:
+        h = ref_rms(x, g(b.attn_norm.weight), cfg.norm_eps)
+        x = x + ref_attn_block(b.attn, h, cfg.rope_base, mult["attn"]) * mult["residual"]
+        h = ref_rms(x, g(b.mlp_norm.weight), cfg.norm_eps)
+        m = b.mlp
+        y = (F.silu(h @ g(m.w_gate.weight).T) * (h @ g(m.w_up.weight).T)) @ g(m.w_down.weight).T
+        x = x + y * mult["residual"]
+    h = ref_rms(x, g(model.norm.weight), cfg.norm_eps)
+    return (h @ g(model.output_weight).T) * mult["logit"]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# configs and parameter counts
+
+def test_xmodel25_config_is_the_recipe():
+    cfg = model_config("xmodel25")
+    assert (cfg.n_layer, cfg.hidden, cfg.ffn_hidden, cfg.n_head, cfg.n_kv_head) == (48, 1536, 3840, 24, 8)
+    assert (cfg.vocab_size, cfg.rope_base, cfg.max_seq_len, cfg.norm_eps) == (129280, 500000.0, 131072, 1e-5)
+    assert cfg.tie_embeddings and cfg.use_mup and cfg.head_dim == 64 and cfg.width_mult == 6.0
+    assert (cfg.input_scale, cfg.output_scale, cfg.residual_scale, cfg.init_std) == (12.0, 1.0, 1.4, 0.1)
+
+
+def test_xmodel25_parameter_count_on_meta():
+    # fp8 off: FP8Linear holds the same weights; the count must not depend on fp8.py being importable
+    cfg = model_config("xmodel25", fp8=False)
+    model = mup.build_model(cfg, device="meta")
+    assert model.tok_emb.weight.is_meta
+    n = model.num_params()
+    assert abs(n - 1.35e9) / 1.35e9 < 0.01, n
+    # the breakdown, from the shapes: embedding 198.6M + 48 x 24.0M + final norm
+    d, f, kv = 1536, 3840, 8 * 64
+    per_block = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == per_block == 23_989_248
+    assert model.num_params(embedding=False) == n - 129280 * d
+    assert n == 129280 * d + 48 * per_block + d == 1_350_059_520
+
+
+def test_proxy20m_exact_parameter_count():
+    cfg = model_config("proxy20m")
+    model = mup.build_model(cfg, device="meta")
+    assert model.num_params() == 17_926_272  # the count stated in configs/proxy20m.py
+    assert model.tok_emb.weight.numel() == 16_547_840
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == 172_288
+
+
+def test_proxy_shares_xmodel25_mup_constants_and_base_lrs():
+    """Transfer only holds if everything but width and depth is the same."""
+    p, x = load_config("proxy20m"), load_config("xmodel25")
+    for k in ("vocab_size", "base_width", "input_scale", "output_scale", "residual_scale", "init_std",
+              "use_mup", "rope_base", "norm_eps", "tie_embeddings", "lr", "emb_lr", "weight_decay"):
+        assert p[k] == x[k], k
+    assert p["hidden"] // p["n_head"] == 64  # the recipe's proxy family: heads = hidden / 64
+
+
+# ----------------------------------------------------------------------------------------------------------
+# μP: learning rates and initialisation
+
+def test_param_groups_resolved_lrs_for_xmodel25():
+    ns = load_config("xmodel25")
+    model = mup.build_model(model_config("xmodel25", fp8=False), device="meta")
+    groups = mup.param_groups(model, ns["lr"], ns["emb_lr"], ns["weight_decay"])
+    by = {g["name"]: g for g in groups}
+    assert set(by) == {"hidden", "embedding", "norm"}
+    assert by["hidden"]["lr"] == pytest.approx(1.6667e-3, rel=1e-4)
+    assert by["embedding"]["lr"] == pytest.approx(0.01, rel=1e-12)
+    assert by["hidden"]["weight_decay"] == by["embedding"]["weight_decay"] == 0.1
+    assert by["norm"]["weight_decay"] == 0.0
+    for g in groups:
+        assert g["base_lr"] == g["lr"]
+    # each parameter in exactly one group, and the right one
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    hidden = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert {id(p) for p in by["hidden"]["params"]} == hidden and len(hidden) == 48 * 7
+    assert [id(p) for p in by["embedding"]["params"]] == [id(model.tok_emb.weight)]
+    assert all(p.dim() == 1 for p in by["norm"]["params"]) and len(by["norm"]["params"]) == 48 * 2 + 1
+
+
+def test_param_groups_sp_does_not_scale_lr():
+    model = mup.build_model(model_config("xmodel25", fp8=False, use_mup=False), device="meta")
+    by = {g["name"]: g for g in mup.param_groups(model, 3e-3, 5e-3, 0.1)}
+    assert by["hidden"]["lr"] == 3e-3 and by["embedding"]["lr"] == 5e-3
+
+
+@pytest.mark.parametrize("use_mup", [True, False])
+def test_init_stds(use_mup):
+    """Embedding N(0, 0.1) always; hidden matrices N(0, 0.1/sqrt(m)) under μP, N(0, 0.1) under SP."""
+    for hidden in (128, 512):  # m = 0.5 and 2
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=2000, n_layer=1, hidden=hidden, ffn_hidden=hidden * 2, n_head=hidden // 64,
+                          n_kv_head=1, max_seq_len=64, use_mup=use_mup)
+        model = mup.build_model(cfg)
+        want_hidden = 0.1 / math.sqrt(hidden / 256) if use_mup else 0.1
+        assert model.tok_emb.weight.std().item() == pytest.approx(0.1, rel=0.03)
+        assert abs(model.tok_emb.weight.mean().item()) < 3e-3
+        n2d = 0
+        for name, p in model.blocks.named_parameters():
+            if p.dim() == 2:
+                n2d += 1
+                assert p.std().item() == pytest.approx(want_hidden, rel=0.03), (hidden, name)
+            else:
+                assert torch.equal(p, torch.ones_like(p)), name
+        assert n2d == 7
+        assert torch.equal(model.norm.weight, torch.ones_like(model.norm.weight))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pieces: RoPE, attention, GQA
+
+def test_rope_matches_complex_rotation():
+    torch.manual_seed(0)
+    for start in (0, 1000):
+        x = torch.randn(2, 3, 16, 32)
+        cos, sin = rope_tables(16, 32, 500000.0, start=start)
+        got = apply_rope(x, cos, sin)
+        want = ref_rope(x, 500000.0, start)
+        assert (got.double() - want).abs().max() < 1e-4 * max(1.0, start / 100)
+        # rotation preserves each pair's length, and position 0 is the identity
+        assert torch.allclose(got.norm(dim=-1), x.norm(dim=-1), rtol=1e-5)
+    cos0, sin0 = rope_tables(1, 32, 500000.0)
+    assert torch.equal(apply_rope(x[..., :1, :], cos0, sin0), x[..., :1, :])
+    # the reference can tell an interleaved pairing (x_2i, x_2i+1) from the half-split one
+    xi = x.view(*x.shape[:-1], 16, 2)
+    inter = torch.complex(xi[..., 0], xi[..., 1]).to(torch.complex128) * torch.polar(
+        torch.ones(16, 16, dtype=torch.float64),
+        torch.outer(torch.arange(1000, 1016.0, dtype=torch.float64),
+                    500000.0 ** (-torch.arange(16, dtype=torch.float64) * 2 / 32)))
+    assert (torch.view_as_real(inter).flatten(-2) - got.double()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("use_mup", [True, False])
+def test_attention_matches_naive_reference(use_mup):
+    torch.manual_seed(0)
+    cfg = tiny(use_mup=use_mup)
+    attn = mup.build_model(cfg).blocks[0].attn
+    d = cfg.hidden // cfg.n_head
+    scale = 1.0 / d if use_mup else 1.0 / math.sqrt(d)
+    assert attn.scale == scale
+    x = torch.randn(2, 12, cfg.hidden)
+    cos, sin = rope_tables(12, d, cfg.rope_base)
+    with torch.no_grad():
+        got = attn(x, cos, sin)
+    want = ref_attn_block(attn, x.double(), cfg.rope_base, scale)
+    assert rel_err(got, want) < 1e-5
+    other = ref_attn_block(attn, x.double(), cfg.rope_base, 1.0 / math.sqrt(d) if use_mup else 1.0 / d)
+    assert rel_err(other, want) > 1e-2  # the reference does see the scale
+    # causal: a change in the last token leaves the earlier outputs alone
+    x2 = x.clone()
+    x2[:, -1] += 1.0
+    with torch.no_grad():
+        got2 = attn(x2, cos, sin)
+    assert torch.allclose(got2[:, :-1], got[:, :-1], atol=1e-6) and not torch.allclose(got2[:, -1], got[:, -1])
+
+
+def test_gqa_shapes_and_no_repeated_kv(monkeypatch):
+    cfg = tiny(n_head=8, n_kv_head=2, hidden=128)  # head dim 16, 4 queries per K/V head
+    model = tiny_model(n_head=8, n_kv_head=2, hidden=128)
+    a = model.blocks[0].attn
+    assert a.wq.weight.shape == (128, 128) and a.wo.weight.shape == (128, 128)
+    assert a.wk.weight.shape == a.wv.weight.shape == (2 * 16, 128)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kw):
+        seen.append((q.shape, k.shape, v.shape, kw.get("enable_gqa", False), kw.get("scale")))
+        return sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    idx = torch.randint(0, cfg.vocab_size, (3, 10))
+    out = model(idx)
+    assert out.shape == (3, 10, cfg.vocab_size) and out.dtype == torch.float32
+    assert len(seen) == cfg.n_layer
+    for qs, ks, vs, gqa, scale in seen:
+        assert qs == (3, 8, 10, 16) and ks == vs == (3, 2, 10, 16)  # K/V handed over un-repeated
+        assert gqa and scale == 1 / 16
+    caches = [{} for _ in model.blocks]
+    with torch.no_grad():
+        model.hidden_states(idx, 0, caches)
+    assert caches[0]["k"].shape == caches[0]["v"].shape == (3, 2, 10, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole forward: μP multipliers present and absent
+
+@pytest.mark.parametrize("use_mup", [True, False])
+def test_forward_matches_functional_reference(use_mup):
+    model = tiny_model(use_mup=use_mup, n_layer=4)
+    idx = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
+    mult = hand_multipliers(model.config)
+    if use_mup:  # the recipe's numbers for this tiny model: m = 64/256
+        assert mult == dict(embed=12.0, residual=0.7, logit=4.0, attn=1 / 16)
+    with torch.no_grad():
+        got = model(idx)
+    want = ref_forward(model, idx, mult)
+    assert rel_err(got, want) < 1e-5
+    # the reference notices each multiplier: dropping any one of them (SP value) changes the output
+    sp = hand_multipliers(dataclasses.replace(model.config, use_mup=False))
+    for k in mult:
+        if mult[k] != sp[k]:
+            assert rel_err(ref_forward(model, idx, {**mult, k: sp[k]}), want) > 1e-2, k
+    if use_mup:
+        assert all(mult[k] != sp[k] for k in mult)
+
+
+@pytest.mark.parametrize("field,value", [("input_scale", 5.0), ("residual_scale", 0.6), ("output_scale", 3.0),
+                                         ("base_width", 128)])
+def test_changing_a_mup_field_changes_the_output(field, value):
+    base = tiny_model()
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y0 = base(idx)
+        for use_mup in (True, False):
+            cfg = dataclasses.replace(base.config, use_mup=use_mup, **{field: value})
+            m = Xmodel(cfg)
+            m.load_state_dict(base.state_dict())
+            y = m(idx)
+            assert rel_err(y, ref_forward(m, idx, hand_multipliers(cfg))) < 1e-5
+            if use_mup:
+                assert rel_err(y, y0) > 1e-2, field  # the field acts under μP
+            else:
+                sp = Xmodel(dataclasses.replace(base.config, use_mup=False))
+                sp.load_state_dict(base.state_dict())
+                assert torch.equal(y, sp(idx)), field  # and is ignored under SP
+
+
+def test_bf16_autocast_forward_finite_and_close():
+    model = tiny_model()
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    tgt = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref_logits, ref_loss = model(idx), model(idx, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = model(idx), model(idx, tgt)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all() and torch.isfinite(loss)
+    assert rel_err(logits, ref_logits) < 3e-2
+    assert abs(loss.item() - ref_loss.item()) / ref_loss.item() < 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the chunked cross-entropy
+
+def ce_inputs(N=50, V=300, D=24, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=dtype)
+    w = torch.randn(V, D, generator=g, dtype=dtype) * 0.5
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < 0.2] = -1
+    y[0] = -1
+    return h, w, y
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 50, 64])
+def test_chunked_ce_and_grads_equal_plain(chunk):
+    scale = 0.37
+    h, w, y = ce_inputs()
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = chunked_cross_entropy(h1, w1, y, scale, chunk)
+    (loss * 2.5).backward()  # an upstream gradient != 1 reaches the stored gradients
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy(scale * h2 @ w2.T, y, ignore_index=-1)
+    (ref * 2.5).backward()
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(h1.grad, h2.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(w1.grad, w2.grad, rtol=1e-5, atol=1e-7)
+    assert torch.all(h1.grad[y < 0] == 0)  # ignored rows get no gradient
+    # the comparison can fail: the unscaled or un-masked loss is different
+    assert not torch.allclose(loss, F.cross_entropy(h @ w.T, y, ignore_index=-1), rtol=1e-3)
+    assert not torch.allclose(loss, F.cross_entropy(scale * h @ w.T, y.clamp(min=0)), rtol=1e-5, atol=0)
+
+
+def test_chunked_ce_only_one_input_needs_grad_and_all_ignored():
+    h, w, y = ce_inputs()
+    hr = h.clone().requires_grad_()
+    chunked_cross_entropy(hr, w, y, 0.5, 8).backward()
+    ref_h = h.clone().requires_grad_()
+    F.cross_entropy(0.5 * ref_h @ w.T, y, ignore_index=-1).backward()
+    assert torch.allclose(hr.grad, ref_h.grad, rtol=1e-5, atol=1e-7)
+    # a batch with every target ignored: a finite zero, not NaN
+    hz, wz = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = chunked_cross_entropy(hz, wz, torch.full_like(y, -1), 1.0, 8)
+    loss.backward()
+    assert loss.item() == 0.0 and not hz.grad.any() and not wz.grad.any()
+
+
+def test_chunked_ce_never_materializes_n_by_vocab():
+    N, V, D, chunk = 64, 5000, 32, 16
+    h, w, y = ce_inputs(N, V, D)
+    h.requires_grad_(), w.requires_grad_()
+    with AllocRecorder() as rec:
+        loss = chunked_cross_entropy(h, w, y, 1.0, chunk)
+        loss.backward()
+    assert rec.count("mm") > 0 and h.grad is not None and w.grad is not None  # backward was recorded
+    assert rec.largest <= max(chunk * V, V * D) < N * V
+    # the recorder does see a full [N, V] when the plain loss makes one
+    with AllocRecorder() as plain:
+        F.cross_entropy(h @ w.T, y, ignore_index=-1).backward()
+    assert plain.largest >= N * V
+
+
+def test_model_loss_forward_backward_never_materializes_n_by_vocab():
+    model = tiny_model(vocab_size=4096, hidden=32, n_head=2, n_kv_head=1, ffn_hidden=64, loss_chunk=32)
+    idx = torch.randint(0, 4096, (2, 64))
+    with AllocRecorder() as rec:
+        loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+    N, V = idx.numel(), 4096
+    assert model.tok_emb.weight.grad is not None
+    assert rec.largest <= max(32 * V, V * 32) < N * V
+
+
+def test_chunked_ce_under_no_grad_does_forward_work_only():
+    """Evaluation (torch.no_grad) must not pay for the gradients: one GEMM per chunk, no [V, D] buffer."""
+    N, V, D, chunk = 64, 5000, 32, 16
+    h, w, y = ce_inputs(N, V, D)
+    h.requires_grad_(), w.requires_grad_()  # parameters require grad, but no backward will follow
+    with torch.no_grad(), AllocRecorder() as rec:
+        loss = chunked_cross_entropy(h, w, y, 1.0, chunk)
+    assert torch.allclose(loss, F.cross_entropy(h.detach() @ w.detach().T, y, ignore_index=-1), rtol=1e-6)
+    assert rec.count("mm", "addmm", "matmul", "bmm") == math.ceil(N / chunk)
+    assert rec.largest <= chunk * V < V * D  # one chunk of logits; no [V, D] gradient buffer
+
+
+def test_chunked_loss_bf16_autocast_through_model_close_to_plain():
+    model = tiny_model(vocab_size=500, loss_chunk=24)  # 40 tokens: chunks of 24 and 16
+    idx = torch.randint(0, 500, (2, 20), generator=torch.Generator().manual_seed(5))
+    tgt = idx.roll(-1, 1)
+    tgt[:, -1] = -1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, tgt)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(model(idx).flatten(0, 1), tgt.flatten(), ignore_index=-1)
+    ref.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 2e-3 * ref.item()
+    for n, p in model.named_parameters():
+        assert rel_err(got[n], p.grad) < 3e-2, n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compile, activation checkpointing, FLOPs
+
+def test_block_compiles_fullgraph_and_equals_eager():
+    """No graph breaks in a block, forward and backward. The aot_eager backend runs Dynamo (which is what
+    fullgraph=True checks) and AOT autograd without Inductor's C++ codegen, which costs ~30 s on 2 cores."""
+    torch._dynamo.reset()
+    model = tiny_model(n_layer=1)
+    block = model.blocks[0]
+    cos, sin = rope_tables(8, 16, model.config.rope_base)
+    x = torch.randn(2, 8, 64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    y1 = compiled(x1, cos, sin)
+    y1.square().sum().backward()
+    g1 = {n: p.grad.clone() for n, p in block.named_parameters()}
+    block.zero_grad()
+    y2 = block(x2, cos, sin)
+    y2.square().sum().backward()
+    assert torch.allclose(y1, y2, atol=1e-6)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    for n, p in block.named_parameters():
+        assert torch.allclose(g1[n], p.grad, rtol=1e-5, atol=1e-6), n
+
+
+def test_act_ckpt_same_loss_and_grads_and_recomputes():
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    results = {}
+    for ckpt in (False, True):
+        model = tiny_model(act_ckpt=ckpt)
+        model.train()
+        calls = []
+        for b in model.blocks:
+            b.register_forward_pre_hook(lambda *a: calls.append(1))  # recompute stops early
+        loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results[ckpt] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(calls))
+    (l0, g0, c0), (l1, g1, c1) = results[False], results[True]
+    assert torch.equal(l0, l1)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-6, atol=1e-8), n
+    assert c0 == 2 and c1 == 4  # with checkpointing each block's forward runs again in backward
+
+
+def test_flops_per_token():
+    cfg = model_config("xmodel25", fp8=False)
+    model = mup.build_model(cfg, device="meta")
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)  # tied: counted once
+    attn = 6 * 48 * 24 * 64  # per token per position of context, causal (half of 12 L d)
+    assert model.flops_per_token(3712) == pytest.approx(6 * matmul + attn * 3712, rel=1e-12)
+    assert model.flops_per_token(2 * 3712) - model.flops_per_token(3712) == pytest.approx(attn * 3712)
+    six_n = 6 * model.num_params()
+    assert model.flops_per_token(1) / six_n == pytest.approx(1.0, abs=1e-3)  # 6N dominated at short context
+    assert 1.0 < model.flops_per_token(3712) / six_n < 1.25
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation with a KV cache
+
+@torch.no_grad()
+def no_cache_greedy(model, idx, n):
+    for _ in range(n):
+        idx = torch.cat((idx, model(idx)[:, -1].argmax(-1, keepdim=True)), 1)
+    return idx
+
+
+def test_kv_cache_logits_equal_full_forward():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 97, (2, 14), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(idx)
+        caches = [{} for _ in model.blocks]
+        steps = [model.logits(model.hidden_states(idx[:, :6], 0, caches))]
+        for t in range(6, 14):
+            steps.append(model.logits(model.hidden_states(idx[:, t:t + 1], t, caches)))
+    assert torch.allclose(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):  # after the prompt, one token at a time
+        model.hidden_states(idx[:, :2], 14, caches)
+
+
+def test_generate_greedy_equals_no_cache_and_top_k_1():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(8))
+    want = no_cache_greedy(model, prompt, 12)
+    assert torch.equal(model.generate(prompt, 12, temperature=0), want)
+    assert torch.equal(model.generate(prompt, 12, temperature=0.7, top_k=1), want)
+    # generation stops once every sequence has produced eos_id (here the first new token)
+    one = prompt[:1]
+    first = no_cache_greedy(model, one, 1)[0, -1].item()
+    assert torch.equal(model.generate(one, 12, temperature=0, eos_id=first), want[:1, :6])
+    streamed = list(model.generate_stream(one, 4, temperature=0))
+    assert torch.equal(torch.cat(streamed), want[0, 5:9])
+
+
+def test_generate_sampling_seeded_and_top_k():
+    model = tiny_model().eval()
+    prompt = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(9))
+    run = lambda seed, **kw: model.generate(prompt, 16, temperature=2.0,  # noqa: E731
+                                            generator=torch.Generator().manual_seed(seed), **kw)
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :4], prompt) and a.shape == (3, 20)
+    out = run(2, top_k=3)
+    with torch.no_grad():
+        logits = model(out[:, :-1])[:, 3:]  # the distribution each new token was drawn from
+    top3 = logits.topk(3, -1).indices
+    assert (top3 == out[:, 4:, None]).any(-1).all()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(prompt, 200)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config errors
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(hidden=64, n_head=5), "n_head"),
+    (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+    (dict(hidden=12, n_head=4, n_kv_head=2), "head_dim"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(n_layer=-1), "n_layer"),
+    (dict(hidden=0), "hidden"),
+    (dict(ffn_hidden=0), "ffn_hidden"),
+    (dict(n_head=0), "n_head"),
+    (dict(n_kv_head=0), "n_kv_head"),
+    (dict(max_seq_len=0), "max_seq_len"),
+    (dict(base_width=0), "base_width"),
+    (dict(loss_chunk=0), "loss_chunk"),
+    (dict(norm_eps=0.0), "norm_eps"),
+    (dict(rope_base=-1.0), "rope_base"),
+    (dict(init_std=0.0), "init_std"),
+    (dict(input_scale=-12.0), "input_scale"),
+    (dict(hidden=64.0), "hidden"),
+])
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        tiny(**kw)
+
+
+def test_too_long_input_raises():
+    model = tiny_model(max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
