@@ -11,7 +11,6 @@ would tell the difference, so a broken model cannot pass by accident.
 import dataclasses
 import math
 import os
-import re
 import sys
 
 import pytest
@@ -22,7 +21,6 @@ from torch.utils._pytree import tree_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import model as model_mod  # noqa: E402
 import mup  # noqa: E402
 from model import ModelConfig, Xmodel, apply_rope, chunked_cross_entropy, rope_tables  # noqa: E402
 
