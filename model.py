@@ -298,10 +298,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     Backward only scales the stored gradients by the incoming scalar gradient."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, scale, chunk):
+    def forward(ctx, h, w, targets, scale, chunk, grad_enabled):
         valid = targets >= 0
         n_valid = valid.sum().clamp(min=1)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # grad mode is always off inside forward: the caller says whether a backward can follow
+        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h) if need_grad else None
         dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
@@ -326,9 +327,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         dh, dw = ctx.saved_tensors
-        return dh * grad_loss.to(dh.dtype), dw * grad_loss.to(dw.dtype), None, None, None
+        return dh * grad_loss.to(dh.dtype), dw * grad_loss.to(dw.dtype), None, None, None, None
 
 
 def chunked_cross_entropy(h, w, targets, scale: float = 1.0, chunk: int = 1024):
     """Mean over targets >= 0 of cross_entropy(scale * h @ w.T, targets); h [N, D], w [V, D], targets [N]."""
-    return _ChunkedCrossEntropy.apply(h, w, targets, scale, chunk)
+    return _ChunkedCrossEntropy.apply(h, w, targets, scale, chunk, torch.is_grad_enabled())
