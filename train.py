@@ -55,6 +55,7 @@ class TrainConfig:
     dtype: str = "bfloat16"            # float32 | bfloat16 (autocast; master weights stay fp32)
     compile: bool = False              # torch.compile each block
     resume: bool = False               # continue from the latest checkpoint in out_dir
+    init_from: str = ""                # start from these weights (a checkpoint, e.g. export.py --import), step 0
     dry_run: bool = False              # print the plan, allocate nothing
     # optimizer (μP base rates, at width base_width)
     lr: float = 0.01
@@ -231,41 +232,45 @@ def batch_split(phase: dict, micro_batch: int, world: int) -> tuple[int, int]:
 # optimizers: AdamW for everything, or Muon for the hidden matrices and AdamW for the rest
 
 class Optimizers:
-    """The μP parameter groups, split between AdamW and (from the switch on) Muon.
+    """The μP parameter groups on two optimizers: AdamW for the embedding and norm weights, always, and
+    for the hidden matrices either AdamW or (from the switch on) Muon.
 
-    `use("muon")` hands the "hidden" group to a fresh Muon (momentum starts at zero); the embedding and
-    norm groups stay on AdamW with their state; `use("adamw")` hands it back with fresh Adam moments."""
+    Keeping the hidden matrices on their own optimizer makes the switch a replacement of that one
+    optimizer: `use("muon")` gives them a fresh Muon (momentum starts at zero) and the embedding/norm
+    AdamW, its moments and its step counts are not touched. AdamW updates each parameter independently,
+    so two AdamW instances compute exactly what one over all groups would. With `zero1` under
+    torch.distributed each AdamW shards its state across ranks (ZeroRedundancyOptimizer)."""
 
     def __init__(self, model, cfg: TrainConfig, kind: str = "adamw"):
         self.cfg, self.groups = cfg, mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
-        self.kind, self.adamw, self.muon = None, None, None
+        hidden = [g for g in self.groups if g["name"] == "hidden"]
+        self.rest = self._adamw([g for g in self.groups if g["name"] != "hidden"])
+        self.hidden_groups, self.kind, self.hidden = hidden, None, None
         self.use(kind)
 
     def _adamw(self, groups):
         kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps)
-        if self.cfg.zero1 and dist.is_initialized():
+        groups = [dict(g) for g in groups]
+        if self.cfg.zero1 and dist.is_initialized() and dist.get_world_size() > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
-            return ZeroRedundancyOptimizer([dict(g) for g in groups], torch.optim.AdamW, **kw)
-        return torch.optim.AdamW([dict(g) for g in groups], **kw)
+            return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **kw)
+        return torch.optim.AdamW(groups, **kw)
 
     def use(self, kind: str) -> None:
+        """Put the hidden matrices on `kind` ("adamw" or "muon") with fresh optimizer state."""
         if kind == self.kind:
             return
-        old = self.adamw
-        hidden = [g for g in self.groups if g["name"] == "hidden"]
-        keep = [g for g in self.groups if kind == "adamw" or g["name"] != "hidden"]
-        self.adamw = self._adamw(keep)
-        if old is not None:
-            for p, s in old.state.items():  # embedding and norm moments carry over
-                if not any(p is q for g in hidden for q in g["params"]):
-                    self.adamw.state[p] = s
-        self.muon = Muon([dict(g) for g in hidden], lr=hidden[0]["lr"], momentum=self.cfg.muon_momentum,
-                         nesterov=True, ns_steps=self.cfg.muon_ns_steps, weight_decay=self.cfg.weight_decay,
-                         rms_scale=self.cfg.muon_rms_scale) if kind == "muon" and hidden else None
+        if kind == "muon":
+            c = self.cfg
+            self.hidden = Muon([dict(g) for g in self.hidden_groups], lr=self.hidden_groups[0]["lr"],
+                               momentum=c.muon_momentum, nesterov=True, ns_steps=c.muon_ns_steps,
+                               weight_decay=c.weight_decay, rms_scale=c.muon_rms_scale)
+        else:
+            self.hidden = self._adamw(self.hidden_groups)
         self.kind = kind
 
     def all(self):
-        return [o for o in (self.adamw, self.muon) if o is not None]
+        return [self.rest, self.hidden]
 
     def set_lr(self, factor: float) -> None:
         for opt in self.all():
@@ -280,19 +285,19 @@ class Optimizers:
         for opt in self.all():
             opt.zero_grad(set_to_none=True)
 
+    @staticmethod
+    def _state(opt):
+        if hasattr(opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
+            opt.consolidate_state_dict(0)
+            return opt.state_dict() if dist.get_rank() == 0 else None
+        return opt.state_dict()
+
     def state_dict(self) -> dict:
-        adamw = self.adamw
-        if hasattr(adamw, "consolidate_state_dict"):  # ZeRO-1: gather the shards on rank 0
-            adamw.consolidate_state_dict(0)
-            adamw = adamw if dist.get_rank() == 0 else None
-        return {"kind": self.kind, "adamw": adamw.state_dict() if adamw is not None else None,
-                "muon": self.muon.state_dict() if self.muon is not None else None}
+        return {"kind": self.kind, "rest": self._state(self.rest), "hidden": self._state(self.hidden)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.use(sd["kind"])
-        for opt, s in ((self.adamw, sd["adamw"]), (self.muon, sd["muon"])):
-            if opt is None:
-                continue
+        for opt, s in ((self.rest, sd["rest"]), (self.hidden, sd["hidden"])):
             peak = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
             opt.load_state_dict(s)
             for g, (base_lr, wd) in zip(opt.param_groups, peak):  # the config's rates win over the file's
@@ -505,18 +510,28 @@ def train(argv: list[str]) -> dict:
     found = list_checkpoints(cfg.out_dir) if cfg.resume else []
     if cfg.resume and not found:
         say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
-    if found:
-        ckpt = load_checkpoint(found[-1])
+    source = found[-1] if found else cfg.init_from
+    if source:
+        ckpt = load_checkpoint(source)
         if ckpt["model_config"] != asdict(mcfg):
             diff = [k for k, v in asdict(mcfg).items() if ckpt["model_config"].get(k) != v]
-            raise ValueError(f"{found[-1]}: checkpoint was written for another model config (fields {diff})")
-        raw.load_state_dict(ckpt["model"])
-        opts.load_state_dict(ckpt["optim"])
+            raise ValueError(f"{source}: checkpoint was written for another model config (fields {diff})")
+        missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
+        if unexpected or any(not k.endswith(("amax_history", "scale")) for k in missing):  # FP8 state may start fresh
+            raise ValueError(f"{source}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    if found:
         step, tokens = ckpt["step"], ckpt["tokens"]
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        say(f"resumed from {found[-1]} at step {step}")
+        if ckpt.get("optim") is not None:
+            opts.load_state_dict(ckpt["optim"])
+        else:
+            say(f"{source} holds no optimizer state: the optimizers start fresh")
+        if ckpt.get("rng"):
+            torch.set_rng_state(ckpt["rng"]["cpu"])
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        say(f"resumed from {source} at step {step}")
+    elif source:
+        say(f"initialized from {source} (weights only), starting at step 0")
     stop = min(n_total, cfg.max_steps) if cfg.max_steps > 0 else n_total
 
     def checkpoint_now():

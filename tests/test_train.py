@@ -127,33 +127,40 @@ def test_tiny_run_loss_falls_and_logs(tmp_path, tiny_data, capsys):
     assert json.load(open(tmp_path / "out" / "config.json"))["model"]["hidden"] == 32
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+    d = tmp_path_factory.mktemp("full")
+    return d, train.train([write_config(d / "a.py", tiny_data, out_dir=str(d / "a"))])
+
+
 @pytest.mark.parametrize("stop_at", [4, 6])  # inside "stable" (resume crosses the switch) and inside "decay"
-def test_resume_is_exact(tmp_path, tiny_data, stop_at):
-    full = train.train([write_config(tmp_path / "a.py", tiny_data, out_dir=str(tmp_path / "a"))])
+def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at):
+    full_dir, full = uninterrupted
     cfg_b = write_config(tmp_path / "b.py", tiny_data, out_dir=str(tmp_path / "b"))
     first = train.train([cfg_b, f"--max_steps={stop_at}"])
     assert first["step"] == stop_at and os.path.exists(tmp_path / "b" / f"ckpt_{stop_at:08d}.pt")
     rest = train.train([cfg_b, "--resume"])
     assert first["losses"] + rest["losses"] == full["losses"]  # bit for bit
-    a, b = train.load_checkpoint(str(tmp_path / "a")), train.load_checkpoint(str(tmp_path / "b"))
+    a, b = train.load_checkpoint(str(full_dir / "a")), train.load_checkpoint(str(tmp_path / "b"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_switch_keeps_adamw_state_of_embedding_and_norms(tiny_data):
-    conf = train.load_config([write_config("/tmp/_unused.py", tiny_data)])
+def test_switch_keeps_adamw_state_of_embedding_and_norms(tmp_path, tiny_data):
+    conf = train.load_config([write_config(tmp_path / "c.py", tiny_data)])
     m = model_mod.Xmodel(conf["model"])
     opts = train.Optimizers(m, conf["train"])
     m(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))).backward()
     opts.step()
-    before = {p: s for p, s in opts.adamw.state.items()}
-    opts.use("muon")
+    rest, before = opts.rest, {p: s for p, s in opts.rest.state.items()}
     hidden = {id(p) for n, p in m.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
-    assert {id(p) for p in opts.adamw.state} == {id(p) for p in before} - hidden
-    assert all(opts.adamw.state[p] is before[p] for p in opts.adamw.state)
-    assert {id(p) for g in opts.muon.param_groups for p in g["params"]} == hidden and not opts.muon.state
-    assert opts.muon.param_groups[0]["lr"] == opts.groups[0]["lr"]
+    assert {id(p) for p in opts.hidden.state} == hidden and not hidden & {id(p) for p in before}
+    opts.use("muon")
+    assert opts.rest is rest and all(opts.rest.state[p] is before[p] for p in before) and len(before) == 6  # embedding + 2 x 2 block norms + final norm
+    assert isinstance(opts.hidden, train.Muon) and not opts.hidden.state
+    assert {id(p) for g in opts.hidden.param_groups for p in g["params"]} == hidden
+    assert opts.hidden.param_groups[0]["lr"] == opts.groups[0]["lr"] == 0.05 / 2  # μP: base lr / m
     opts.use("adamw")
-    assert opts.muon is None and sum(len(g["params"]) for g in opts.adamw.param_groups) == len(list(m.parameters()))
+    assert isinstance(opts.hidden, torch.optim.AdamW) and not opts.hidden.state
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
