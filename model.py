@@ -70,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"model config: n_head={self.n_head} does not divide hidden={self.hidden}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model config: n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.fp8 and self.act_ckpt:  # a recomputed forward would advance the FP8 amax history twice
+            raise ValueError("model config: act_ckpt=True is not supported together with fp8=True")
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim = hidden/n_head = {self.head_dim} must be even for RoPE "
                              f"(hidden={self.hidden}, n_head={self.n_head})")
@@ -205,6 +207,7 @@ class Xmodel(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.compiled = False  # set by compile_for_training
 
     @property
     def output_weight(self):
@@ -235,12 +238,19 @@ class Xmodel(nn.Module):
         h = self.hidden_states(idx)
         if targets is None:
             return self.logits(h)
-        w = self.output_weight
-        if torch.is_autocast_enabled(h.device.type):  # the output GEMM in the autocast dtype, softmax in fp32
-            dt = torch.get_autocast_dtype(h.device.type)
-            h, w = h.to(dt), w.to(dt)
-        return chunked_cross_entropy(h.flatten(0, 1), w, targets.flatten(), self.config.logit_mult,
-                                     self.config.loss_chunk)
+        if torch.is_autocast_enabled(h.device.type):  # the output GEMMs in the autocast dtype, softmax in fp32
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        return chunked_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), self.config.logit_mult,
+                                     self.config.loss_chunk, compiled=self.compiled)
+
+    def compile_for_training(self):
+        """torch.compile each block (in place: parameter names are unchanged) and the loss's per-chunk
+        softmax/gradient. Opt-in because compiling costs tens of seconds per new shape; it pays back
+        within a few steps (see bench.py)."""
+        for block in self.blocks:
+            block.compile()
+        self.compiled = True
+        return self
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -286,50 +296,114 @@ class Xmodel(nn.Module):
         return 6.0 * matmul + 6.0 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
 
 
+def _loss_and_grad_fused(logits, y, valid, scale: float, inv_n):
+    """One chunk of the loss, written as whole-tensor expressions for torch.compile: the returned value is
+    sum_i valid_i * (lse_i - z_{i,y_i}) with z = scale * logits, lse = logsumexp(z), and `logits` is
+    overwritten with dlogits = (softmax(z) - onehot(y)) * valid * scale / n_valid.
+    Compiled, this is two passes over the chunk: one reduction, one fused exp/subtract/scale/store; run
+    eagerly, every line here would be a separate fp32 [chunk, vocab] temporary."""
+    z = logits.float() * scale
+    lse = torch.logsumexp(z, dim=-1)
+    tgt = z.gather(1, y[:, None]).squeeze(1)
+    onehot = torch.arange(z.shape[1], device=z.device) == y[:, None]
+    coef = valid * (inv_n * scale)
+    logits.copy_((torch.exp(z - lse[:, None]) - onehot.float()) * coef[:, None])
+    return ((lse - tgt) * valid).sum()
+
+
+def _loss_and_grad_inplace(logits, y, valid, scale: float, inv_n, z):
+    """The same as `_loss_and_grad_fused`, for eager mode: every step in place over one fp32 buffer z
+    ([chunk, vocab], reused across chunks), so no other [chunk, vocab] tensor is ever allocated."""
+    z = z.copy_(logits).mul_(scale)
+    zmax = z.amax(dim=-1, keepdim=True)
+    tgt = z.gather(1, y[:, None]).squeeze(1)
+    sumexp = z.sub_(zmax).exp_().sum(dim=-1, keepdim=True)
+    lse = (zmax + sumexp.log()).squeeze(1)
+    coef = valid * (inv_n * scale)
+    z.mul_(coef[:, None] / sumexp)  # softmax * coef
+    z[torch.arange(len(y), device=z.device), y] -= coef
+    logits.copy_(z)
+    return ((lse - tgt) * valid).sum()
+
+
+def _loss_only(logits, y, valid, scale: float):
+    """Forward-only chunk (evaluation): sum_i valid_i * (logsumexp(z_i) - z_{i,y_i}), z = scale * logits."""
+    z = logits.float() * scale
+    return ((torch.logsumexp(z, dim=-1) - z.gather(1, y[:, None]).squeeze(1)) * valid).sum()
+
+
+_compiled_loss_and_grad = None
+
+
+def _fused_loss_and_grad():
+    """`_loss_and_grad_fused` through torch.compile, compiled once per process on first use."""
+    global _compiled_loss_and_grad
+    if _compiled_loss_and_grad is None:
+        _compiled_loss_and_grad = torch.compile(_loss_and_grad_fused)
+    return _compiled_loss_and_grad
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits = s * h W^T without ever holding [N, vocab] logits.
 
-    Forward walks the N rows in chunks; for each chunk it forms the chunk's logits (fp32), its
-    log-sum-exp and target logit, and, when a backward will follow, the gradients right away:
-    with p = softmax(logits), dlogits = (p - onehot(y)) / n_valid, so
+    Forward walks the N rows in chunks; for each chunk it forms the chunk's logits, its log-sum-exp and
+    target logit, and, when a backward will follow, the gradients right away: with p = softmax(logits),
+    dlogits = (p - onehot(y)) / n_valid, so
         dh = s * dlogits @ W        dW = s * dlogits^T @ h
     Computing them in the forward means the output GEMM is not recomputed in backward (3 GEMMs in all,
     as in a plain implementation), and memory holds one chunk of logits plus dh and dW.
-    Backward only scales the stored gradients by the incoming scalar gradient."""
+    Backward only scales the stored gradients by the incoming scalar gradient.
+
+    Speed (the output layer is most of a small model's step): the GEMMs run in h's dtype (bf16 under
+    autocast) while W stays the fp32 master, so dW is accumulated and returned in fp32 with no bf16
+    round trip; the chunk's logits, and then its gradient, live in one buffer reused by every chunk (a
+    fresh [chunk, vocab] tensor per chunk costs the kernel's page faults, about as much as the softmax);
+    every GEMM writes into preallocated memory (`out=`)."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, scale, chunk, grad_enabled):
-        valid = targets >= 0
-        n_valid = valid.sum().clamp(min=1)
+    def forward(ctx, h, w, targets, scale, chunk, grad_enabled, compiled):
+        N, V = h.shape[0], w.shape[0]
+        valid = (targets >= 0).float()
+        inv_n = 1.0 / valid.sum().clamp(min=1)  # a tensor: no host synchronisation
+        y = targets.clamp(min=0)
         # grad mode is always off inside forward: the caller says whether a backward can follow
         need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        wc = w.to(h.dtype)  # the GEMM operand (a bf16 copy under autocast; w itself when dtypes agree)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h) if need_grad else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
-        for i in range(0, h.shape[0], chunk):
-            hc, yc, vc = h[i:i + chunk], targets[i:i + chunk], valid[i:i + chunk]
-            logits = (hc @ w.t()).float() * scale
-            lse = torch.logsumexp(logits, dim=-1)
-            y = yc.clamp(min=0)
-            tgt = logits.gather(1, y[:, None]).squeeze(1)
-            loss += ((lse - tgt) * vc).sum()
-            if need_grad:
-                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the logits buffer
-                g[torch.arange(len(y), device=g.device), y] -= 1.0
-                g *= (vc.float() * (scale / n_valid))[:, None]
-                g = g.to(h.dtype)
-                dh[i:i + chunk] = g @ w
-                dw += (g.t() @ hc).float()
+        logits_buf = torch.empty(min(chunk, N), V, dtype=h.dtype, device=h.device)
+        if need_grad:
+            dh = torch.empty_like(h)
+            dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+            dw_chunk = None if h.dtype == torch.float32 else torch.empty(w.shape, dtype=h.dtype, device=w.device)
+            z_buf = None if compiled else torch.empty(logits_buf.shape, dtype=torch.float32, device=h.device)
+        for i in range(0, N, chunk):
+            hc, yc, vc = h[i:i + chunk], y[i:i + chunk], valid[i:i + chunk]
+            logits = torch.mm(hc, wc.t(), out=logits_buf[:len(hc)])
+            if not need_grad:
+                loss += _loss_only(logits, yc, vc, scale)
+                continue
+            if compiled:
+                loss += _fused_loss_and_grad()(logits, yc, vc, scale, inv_n)
+            else:
+                loss += _loss_and_grad_inplace(logits, yc, vc, scale, inv_n, z_buf[:len(hc)])
+            g = logits  # now dlogits * s
+            torch.mm(g, wc, out=dh[i:i + chunk])
+            if dw_chunk is None:
+                dw.addmm_(g.t(), hc)
+            else:  # bf16 GEMM into scratch, then one mixed-dtype add into the fp32 accumulator
+                dw.add_(torch.mm(g.t(), hc, out=dw_chunk))
         if need_grad:
             ctx.save_for_backward(dh, dw.to(w.dtype))
-        return loss / n_valid
+        return loss * inv_n
 
     @staticmethod
     def backward(ctx, grad_loss):
         dh, dw = ctx.saved_tensors
-        return dh * grad_loss.to(dh.dtype), dw * grad_loss.to(dw.dtype), None, None, None, None
+        return dh * grad_loss.to(dh.dtype), dw * grad_loss.to(dw.dtype), None, None, None, None, None
 
 
-def chunked_cross_entropy(h, w, targets, scale: float = 1.0, chunk: int = 1024):
-    """Mean over targets >= 0 of cross_entropy(scale * h @ w.T, targets); h [N, D], w [V, D], targets [N]."""
-    return _ChunkedCrossEntropy.apply(h, w, targets, scale, chunk, torch.is_grad_enabled())
+def chunked_cross_entropy(h, w, targets, scale: float = 1.0, chunk: int = 1024, compiled: bool = False):
+    """Mean over targets >= 0 of cross_entropy(scale * h @ w.T, targets); h [N, D], w [V, D], targets [N].
+    The GEMMs run in h's dtype; w may be wider (the fp32 master), and then its gradient is fp32 too.
+    compiled=True fuses each chunk's softmax and gradient with torch.compile (compiles on first use)."""
+    return _ChunkedCrossEntropy.apply(h, w, targets, scale, chunk, torch.is_grad_enabled(), compiled)
