@@ -88,6 +88,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     dist_timeout_s: int = 300          # a dead or hung rank fails the job after this long
     # dry-run cost model
+    gpus: int = 0                      # the data-parallel size the dry run plans for (0 = the current one)
     gpu_peak_tflops: float = 989.0     # H100 SXM dense bf16
     mfu: float = 0.4
 
@@ -220,12 +221,14 @@ def total_steps(phases: list) -> int:
 
 
 def batch_split(phase: dict, micro_batch: int, world: int) -> tuple[int, int]:
-    """global batch -> (sequences per micro-batch per rank, gradient-accumulation steps)."""
-    mb = min(phase.get("micro_batch", micro_batch), phase["batch"] // world or 1)
-    if phase["batch"] % (mb * world):
-        raise ValueError(f"phase {phase['name']!r}: global batch {phase['batch']} is not divisible by "
-                         f"micro_batch {mb} x world size {world}")
-    return mb, phase["batch"] // (mb * world)
+    """global batch -> (sequences per micro-batch per rank, gradient-accumulation steps): the largest
+    micro-batch up to the phase's (or the config's) micro_batch that divides each rank's share."""
+    if phase["batch"] % world:
+        raise ValueError(f"phase {phase['name']!r}: global batch {phase['batch']} is not divisible by the "
+                         f"world size {world}")
+    share = phase["batch"] // world
+    mb = max(d for d in range(1, min(phase.get("micro_batch", micro_batch), share) + 1) if share % d == 0)
+    return mb, share // mb
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,7 +403,15 @@ def memory_estimate_gb(mcfg: ModelConfig, n_params: int, n_hidden: int, phase: d
     return (8 * n_params + opt + act + loss) / 1e9
 
 
+def _si(n: float) -> str:
+    for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= v:
+            return f"{n / v:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
+    world = cfg.gpus or world
     model = mup.build_model(mcfg, device="meta")
     n = model.num_params()
     n_hidden = sum(p.numel() for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2)
@@ -420,12 +431,13 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
         mem_lean = memory_estimate_gb(mcfg, n, n_hidden, p, mb, world, True, True)
         lrs = f"{lr_factor(p, 0):.4g}..{lr_factor(p, p['steps'] - 1):.4g}"
         print(f"{p['name']:<10} {p['steps']:>8,} {p['batch']:>5} x {p['seq_len']:<6} {mb:>5} x {acc:>3} x {world:<4} "
-              f"{tok / 1e9:>9.2f}B {lrs:>25} {p['mix']:>7} {p['optimizer']:>6} {mem:>7.1f} {mem_lean:>10.1f}")
+              f"{_si(tok):>10} {lrs:>25} {p['mix']:>7} {p['optimizer']:>6} {mem:>7.1f} {mem_lean:>10.1f}")
         step += p["steps"]
     gpu_hours = flops_total / (cfg.gpu_peak_tflops * 1e12 * cfg.mfu) / 3600
-    print(f"total: {step:,} steps, {tokens_total / 1e12:.3f}T tokens, {model.flops_per_token(cfg.phases[0]['seq_len']):.3g} "
-          f"FLOPs/token at {cfg.phases[0]['seq_len']}, {flops_total:.3g} FLOPs; {gpu_hours:,.0f} GPU-hours at "
-          f"{cfg.mfu:.0%} MFU of {cfg.gpu_peak_tflops:g} TFLOP/s")
+    print(f"total: {step:,} steps, {_si(tokens_total)} tokens, {model.flops_per_token(cfg.phases[0]['seq_len']):.3g} "
+          f"FLOPs/token at {cfg.phases[0]['seq_len']}, {flops_total:.3g} FLOPs; {gpu_hours:,.4g} GPU-hours at "
+          f"{cfg.mfu:.0%} MFU of {cfg.gpu_peak_tflops:g} TFLOP/s; memory per GPU with {world} data-parallel GPUs "
+          f"(last column: with activation checkpointing and ZeRO-1)")
     return dict(params=n, steps=step, tokens=tokens_total, flops=flops_total, gpu_hours=gpu_hours)
 
 

@@ -42,6 +42,7 @@ log_interval = 10
 eval_interval = 2000
 eval_windows = 100
 ckpt_interval = 1000
+gpus = 16                    # data-parallel GPUs the dry run plans for (2 nodes x 8; torchrun sets the real number)
 
 # --- data: source name -> prepared dataset (python data.py prepare --out DIR --source NAME=PATH ...) ---
 data = {s: f"data/{s}" for s in [

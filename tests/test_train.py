@@ -63,8 +63,10 @@ def test_batch_split():
     assert train.batch_split(p, 4, 1) == (4, 120)
     assert train.batch_split(dict(p, batch=4), 8, 2) == (2, 1)  # micro-batch capped by the per-rank share
     assert train.batch_split(dict(p, micro_batch=2), 4, 8) == (2, 30)
-    with pytest.raises(ValueError, match="not divisible"):
-        train.batch_split(p, 7, 1)
+    assert train.batch_split(p, 7, 1) == (6, 80)  # the largest micro-batch <= 7 that divides 480
+    assert train.batch_split(p, 4, 64 // 2) == (3, 5)
+    with pytest.raises(ValueError, match="not divisible by the world size 64"):
+        train.batch_split(p, 4, 64)
 
 
 def test_dry_run_xmodel25(capsys):
@@ -73,7 +75,7 @@ def test_dry_run_xmodel25(capsys):
     assert plan["params"] == pytest.approx(1.35e9, rel=0.01)
     assert plan["tokens"] == pytest.approx(1.518e12, rel=1e-3) and plan["steps"] == 560_000
     assert plan["flops"] == pytest.approx(1.518e12 * 9.7e9, rel=0.05) and plan["gpu_hours"] > 0
-    for name in ("warmup", "stable1", "stable2", "decay", "long16k", "GPU-hours", "1.518T", "hidden 0.001667"):
+    for name in ("warmup", "stable1", "stable2", "decay", "long16k", "GPU-hours", "1.52T", "hidden 0.001667"):
         assert name in out
 
 
