@@ -643,6 +643,8 @@ def train(argv: list[str]) -> dict:
             t_log = time.perf_counter()
 
     summary = {"step": step, "losses": [l.item() for l in losses], "evals": evals, "out_dir": cfg.out_dir}
+    if master:
+        plot_runs({os.path.basename(os.path.normpath(cfg.out_dir)): cfg.out_dir}, os.path.join(cfg.out_dir, "loss.png"))
     if step == n_total and master and cfg.sample_tokens > 0:
         prompt = tok.encode("def ")
         g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -653,13 +655,45 @@ def train(argv: list[str]) -> dict:
     return summary
 
 
+def plot_runs(runs: dict, path: str, title: str = "") -> str | None:
+    """Training loss (and held-out loss, as markers) against tokens for {label: out_dir}, saved as a PNG
+    next to the metrics it comes from. matplotlib is optional: without it nothing is drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, out_dir in runs.items():
+        rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+        train_rows = [r for r in rows if "loss" in r]
+        line, = ax.plot([r["tokens"] for r in train_rows], [r["loss"] for r in train_rows], label=label, lw=1)
+        ev = [r for r in rows if "eval_loss" in r]
+        ax.plot([r["tokens"] for r in ev], [r["eval_loss"] for r in ev], "o", color=line.get_color(), ms=4)
+        for r in rows:
+            if r.get("event") == "optimizer_switch":  # a dotted line where AdamW hands over to Muon
+                x = max([t["tokens"] for t in train_rows if t["step"] <= r["step"]], default=0)
+                ax.axvline(x, color=line.get_color(), ls=":", lw=0.8)
+    ax.set(xlabel="tokens", ylabel="loss (lines: training, dots: held-out)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def mixture_eval(mixture, cfg: TrainConfig):
     return mixture.with_weights(cfg.mixtures[cfg.eval_mix])
 
 
 if __name__ == "__main__":
     try:
-        train(sys.argv[1:])
+        if sys.argv[1:2] == ["plot"]:  # python train.py plot OUT.png LABEL=OUT_DIR [LABEL=OUT_DIR ...]
+            print(plot_runs(dict(a.split("=", 1) for a in sys.argv[3:]), sys.argv[2]) or "matplotlib is not installed")
+        else:
+            train(sys.argv[1:])
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

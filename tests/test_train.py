@@ -127,6 +127,7 @@ def test_tiny_run_loss_falls_and_logs(tmp_path, tiny_data, capsys):
     assert switch == [{"step": 14, "event": "optimizer_switch", "from": "adamw", "to": "muon", "phase": "decay"}]
     assert "eval_loss" in rows[-1] and "final held-out loss" in out and s["sample"]
     assert json.load(open(tmp_path / "out" / "config.json"))["model"]["hidden"] == 32
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 1000  # the loss curve, drawn at the end
 
 
 @pytest.fixture(scope="module")
