@@ -508,8 +508,7 @@ def train(argv: list[str]) -> dict:
     tok, mixture = build_data(cfg, mcfg, rank, world)
     raw = mup.build_model(mcfg, device)
     if cfg.compile:
-        for block in raw.blocks:
-            block.compile()
+        raw.compile_for_training()
     model = raw
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
