@@ -97,10 +97,28 @@ def param_groups(model: Xmodel, lr: float, emb_lr: float, weight_decay: float) -
 # a proxy (search). `python mup.py {coord-check,sweep,search} --help`.
 # ====================================================================================================
 #
-# All three train small members of the recipe's proxy family (RECIPE.md: heads = hidden/64, one K/V
-# head, FFN = 2.5 x hidden) for a few steps with AdamW on `param_groups` at a constant learning rate, as
-# the paper's sweeps did. Only the width changes between the members of a sweep; everything that is a
+# All three train small members of the recipe's proxy family (RECIPE.md: heads = hidden/head_dim, one
+# K/V head, FFN = 2.5 x hidden) for a few steps with AdamW on `param_groups` at a constant learning rate,
+# as the paper's sweeps did. Only the width changes between the members of a sweep; everything that is a
 # finite dimension under μP (depth, head size, vocabulary, sequence length, batch) stays fixed.
+#
+# Coordinate check (Yang et al., Tensor Programs V, Fig. 5). μP's claim is about the size of a typical
+# coordinate of every activation, |x_i| = Θ(1) in the width n, at init AND after any fixed number of
+# updates. After t Adam steps a hidden layer computes (W_0 + ΔW) x, and Adam's ΔW has entries of size
+# η regardless of the gradient's scale; because ΔW is built from the same inputs it is applied to, ΔW x
+# sums n aligned terms and is of size η·n. SP (η fixed) therefore grows like n after one step, and μP's
+# η/m keeps it Θ(1). Likewise the output layer: the logits sum n aligned terms, hence the 1/m multiplier.
+# So: measure mean |x| per layer type at widths 64 ... 1024 for a few steps at a large LR and fit
+# log2(scale) against log2(width). A slope near 0 is μP working; a slope near 0.5 (a missing 1/sqrt(m) in
+# an init) or 1 (a missing 1/m in an LR or multiplier) is a broken rule, visible within 1-3 steps.
+#
+# LR transfer sweep (Tensor Programs V, Fig. 1). The consequence that matters: the base LR that minimises
+# the loss does not move with width under μP, while under SP it drifts to smaller values as the model
+# widens. Loss vs log2(LR), one curve per width, both parameterizations.
+#
+# Proxy search. Xmodel-2.5 tuned its base LRs, init std and multipliers on a small proxy with a TPE
+# search (Optuna) and copied the winners to the 1.3B config; `search` does the same against the held-out
+# loss of a short proxy training and writes the winners into a copy of a config file.
 
 import argparse
 import json
@@ -401,7 +419,7 @@ def _sweep_task(task):
 
 def lr_sweep(widths=(64, 128, 256, 512), lrs=None, steps: int = 64, n_layer: int = 2, batch: int = 8,
              seq_len: int = 64, eval_windows: int = 64, parameterizations=PARAMETERIZATIONS, dataset=None,
-             weight_decay: float = 0.0, seed: int = 0, jobs: int = 3, threads: int = 1, out_json=None,
+             weight_decay: float = 0.0, seed: int = 0, jobs: int = 2, threads: int = 1, out_json=None,
              log=None) -> dict:
     """Held-out loss after `steps` constant-LR AdamW steps for every (parameterization, width, base lr).
 
@@ -727,7 +745,8 @@ def format_sweep_table(result: dict) -> str:
         cells = []
         for p in params:
             b = opt[p].get(str(w))
-            cells.append(f"{'2^%+.0f' % b['log2_lr'] if b else 'all diverged':>16} {b['loss'] if b else float('nan'):7.4f}")
+            best = f"{b['lr']:.3g} (2^{b['log2_lr']:+g})" if b else "no finite run"
+            cells.append(f"{best:>16} {b['loss'] if b else float('nan'):7.4f}")
         lines.append(f"{w:>5}  " + "  ".join(cells))
     for p in params:
         lines.append(f"{p}: optimum spread across widths = {opt[p + '_spread_grid_steps']} grid steps (powers of 2)")
@@ -746,7 +765,8 @@ def main(argv=None):
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--seq-len", type=int, default=64)
     s.add_argument("--eval-windows", type=int, default=64)
-    s.add_argument("--jobs", type=int, default=3)
+    s.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="parallel runs of --threads torch threads each (default: one per core)")
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--dataset", default=None)
     c = sub.add_parser("coord-check", help="activation scale vs width over a few large-LR steps, μP and SP")
@@ -757,6 +777,7 @@ def main(argv=None):
     c.add_argument("--lr", type=float, default=0.01)
     c.add_argument("--vocab", type=int, default=1024)
     c.add_argument("--seeds", type=int, default=2)
+    c.add_argument("--head-dim", type=int, default=32, help="fixed head size (heads = width / head_dim)")
     c.add_argument("--threads", type=int, default=None)
     q = sub.add_parser("search", help="Optuna TPE search of base LRs, init std and multipliers on the proxy")
     q.add_argument("--base", default="configs/proxy20m.py", help="config file to tune and copy")
@@ -775,13 +796,22 @@ def main(argv=None):
     q.add_argument("--n-layer", type=int, default=None, help="proxy depth (default: the base config's)")
     q.add_argument("--dataset", default=None)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy machine)")
     args = ap.parse_args(argv)
+    try:
+        _run(args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        ap.exit(2, f"mup.py {args.cmd}: error: {e}\n")
+
+
+def _run(args):
     say = lambda m: print(m, flush=True)  # noqa: E731
+    if getattr(args, "threads", None) and args.cmd != "sweep":
+        torch.set_num_threads(args.threads)
     if args.cmd == "coord-check":
-        if args.threads:
-            torch.set_num_threads(args.threads)
         out = Path(args.out)
-        res = coord_check(args.widths, args.steps, args.n_layer, args.lr, args.vocab, seeds=args.seeds, log=say)
+        res = coord_check(args.widths, args.steps, args.n_layer, args.lr, args.vocab, seeds=args.seeds,
+                          head_dim=args.head_dim, log=say)
         _write_atomic(out / "coord_check.json", json.dumps(res, indent=1))
         for p in res["slopes"]:
             ok, sl = coord_check_ok(res, p)

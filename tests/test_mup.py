@@ -170,6 +170,9 @@ def test_search_writes_loadable_best_config(tiny_dataset, tmp_path):
     cfg = mup.model_config_from(vals)
     assert (cfg.input_scale, cfg.residual_scale) == (vals["input_scale"], vals["residual_scale"])
     assert cfg.vocab_size == base_vals["vocab_size"]  # the proxy's small vocabulary does not leak out
+    import train  # the trainer's own loader accepts it, tuned values included
+    loaded = train.load_config([str(out)])
+    assert loaded["model"].input_scale == vals["input_scale"] and loaded["train"].lr == vals["lr"]
     # resumable: a second call with a larger budget continues the same study
     res2 = mup.search(trials=3, **kw)
     assert res2["trials"] == 3
