@@ -1,0 +1,295 @@
+"""Benchmark: training throughput, step-time split, peak memory, FLOPs and MFU of one config.
+
+A training step is forward (blocks + the chunked output layer/loss, which also forms the output layer's
+gradients, see model._ChunkedCrossEntropy), backward (the blocks and the embedding) and the optimizer.
+This tool times each part over N steps after a warm-up, on random tokens (data loading is not measured),
+and reports:
+
+    tokens/s       batch * seq_len / mean step time
+    peak memory    CPU: the process's peak resident set (getrusage ru_maxrss), so each measured model runs
+                   in its own subprocess when compared; CUDA: torch.cuda.max_memory_allocated
+    FLOPs/token    model.flops_per_token(seq_len): 6 per matmul weight + causal attention
+    MFU (CUDA)     FLOPs/token * tokens/s / the device's dense peak (bf16, or FP8 with fp8=True)
+
+    python bench.py configs/proxy20m.py [--batch_size 8] [--seq_len 512] [--dtype bfloat16] [--device cpu]
+                    [--steps 5] [--compile] [--optimizer adamw|muon] [--json] [--peer] [--repeats 2]
+    python bench.py scaling configs/proxy20m.py     # tokens/s and peak memory vs sequence length and width
+
+--peer runs Hugging Face transformers' LlamaForCausalLM of the same shape (tied embeddings, SDPA
+attention, bf16 autocast, torch.optim.AdamW as it comes) with the same timing loop, each model in its own
+subprocess, alternating ours/peer --repeats times (the machine may be shared: alternation puts both
+under the same load), and prints both with the ratios. With --json the last printed line is one JSON
+object (tokens_per_s, peak_mem_mb, step_ms, flops_per_token, ...).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from model import ModelConfig
+import mup
+
+# Dense tensor-core peaks (FLOP/s, no sparsity) for MFU; matched against torch.cuda.get_device_name().
+GPU_PEAK = {
+    "H100": {"bf16": 989e12, "fp8": 1979e12},   # SXM; the PCIe card is ~756 / 1513
+    "H200": {"bf16": 989e12, "fp8": 1979e12},
+    "A100": {"bf16": 312e12, "fp8": None},
+}
+
+
+def load_config(path: str) -> tuple[ModelConfig, dict]:
+    """Exec a config file; keys that are ModelConfig fields build the ModelConfig, the rest are returned."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}")
+    scope: dict = {}
+    exec(compile(open(path).read(), path, "exec"), scope)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    mcfg = ModelConfig(**{k: v for k, v in scope.items() if k in fields})
+    rest = {k: v for k, v in scope.items() if k not in fields and not k.startswith("__")}
+    return mcfg, rest
+
+
+def device_peak(device: torch.device, fp8: bool) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAK.items():
+        if key in name:
+            return peaks["fp8" if fp8 else "bf16"] or peaks["bf16"]
+    return None
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build_ours(mcfg: ModelConfig, rest: dict, args, device):
+    model = mup.build_model(mcfg, device)
+    if args.compile:
+        model.compile_for_training()
+    groups = mup.param_groups(model, rest.get("lr", 0.01), rest.get("emb_lr", 0.01), rest.get("weight_decay", 0.1))
+    betas = (rest.get("beta1", 0.9), rest.get("beta2", 0.95))
+    adam_kw = dict(betas=betas, eps=rest.get("adam_eps", 1e-8), fused=True)  # one pass over each tensor
+    if args.optimizer == "muon":
+        from muon import Muon
+        hidden = [g for g in groups if g["name"] == "hidden"]
+        others = [g for g in groups if g["name"] != "hidden"]
+        opts = [Muon([dict(g) for g in hidden], lr=hidden[0]["lr"], momentum=rest.get("muon_momentum", 0.95),
+                     rms_scale=rest.get("muon_rms_scale", 0.2)),
+                torch.optim.AdamW(others, **adam_kw)]
+    else:
+        opts = [torch.optim.AdamW(groups, **adam_kw)]
+
+    def loss_fn(x, y):
+        return model(x, y)
+    return model, opts, loss_fn
+
+
+def build_peer(mcfg: ModelConfig, args, device):
+    """LlamaForCausalLM at the same shape: tied embeddings, SDPA, HF's own loss; stock AdamW."""
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional dependency, peer only
+    cfg = LlamaConfig(vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden, intermediate_size=mcfg.ffn_hidden,
+                      num_hidden_layers=mcfg.n_layer, num_attention_heads=mcfg.n_head,
+                      num_key_value_heads=mcfg.n_kv_head, max_position_embeddings=args.seq_len,
+                      rope_theta=mcfg.rope_base, rms_norm_eps=mcfg.norm_eps, tie_word_embeddings=True,
+                      attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(device)
+    if args.compile:
+        model.compile()
+    opts = [torch.optim.AdamW(model.parameters(), lr=1e-3)]
+
+    def loss_fn(x, y):  # HF shifts labels itself: pass the inputs as labels
+        return model(input_ids=x, labels=x).loss
+    return model, opts, loss_fn
+
+
+def run(args) -> dict:
+    """Build, warm up, time args.steps training steps; returns the measurements."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if args.dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    mcfg, rest = load_config(args.config)
+    overrides = {k: getattr(args, k) for k in ("hidden", "fp8") if getattr(args, k, None) is not None}
+    if "hidden" in overrides:  # the scaling table's width axis: heads of 64 (the recipe's proxy family)
+        h = overrides["hidden"]
+        overrides.update(n_head=max(1, h // 64), n_kv_head=1, ffn_hidden=int(2.5 * h))
+    mcfg = dataclasses.replace(mcfg, **overrides)
+    B = args.batch_size or rest.get("micro_batch", 8)
+    T = args.seq_len
+    mcfg = dataclasses.replace(mcfg, max_seq_len=max(mcfg.max_seq_len, T))
+    model, opts, loss_fn = (build_peer(mcfg, args, device) if args.run_peer else build_ours(mcfg, rest, args, device))
+    model.train()
+    data = torch.randint(0, mcfg.vocab_size, (B, T + 1), device=device)
+    x, y = data[:, :-1], data[:, 1:]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(x, y)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        for opt in opts:
+            opt.step()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, loss
+
+    t_build = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warm_s = time.perf_counter() - t_build
+    times = [step() for _ in range(args.steps)]
+    loss = float(times[-1][3].detach())
+    fwd, bwd, optim = (statistics.median(t[k] for t in times) for k in range(3))
+    step_s = statistics.median(sum(t[:3]) for t in times)
+    # our model's FLOPs formula also describes the peer: same shapes, same matmuls
+    from model import Xmodel
+    with torch.device("meta"):
+        flops_tok = Xmodel(mcfg).flops_per_token(T)
+    tok_s = B * T / step_s
+    peak = device_peak(device, mcfg.fp8)
+    return dict(model="hf_llama" if args.run_peer else "xmodel", config=os.path.basename(args.config),
+                device=device.type, dtype=args.dtype, batch_size=B, seq_len=T, hidden=mcfg.hidden,
+                compile=bool(args.compile), optimizer="adamw" if args.run_peer else args.optimizer,
+                threads=torch.get_num_threads(), tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_ms=fwd * 1e3,
+                bwd_ms=bwd * 1e3, opt_ms=optim * 1e3, warmup_s=warm_s, peak_mem_mb=peak_mem_mb(device),
+                flops_per_token=flops_tok, mfu=(flops_tok * tok_s / peak) if peak else None, loss=loss,
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def describe(r: dict) -> str:
+    mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    return (f"{r['model']:9s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_ms']:7.0f} ms "
+            f"(fwd {r['fwd_ms']:.0f} / bwd {r['bwd_ms']:.0f} / opt {r['opt_ms']:.0f})  "
+            f"peak {r['peak_mem_mb']:7.0f} MiB  {r['flops_per_token'] / 1e6:.1f} MFLOP/token{mfu}  loss {r['loss']:.3f}")
+
+
+def subprocess_run(argv: list[str]) -> dict:
+    """Run this script in a fresh process (clean peak RSS) and return its JSON line."""
+    cmd = [sys.executable, os.path.abspath(__file__)] + argv + ["--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def common_argv(args) -> list[str]:
+    argv = [args.config, "--seq_len", str(args.seq_len), "--dtype", args.dtype, "--device", args.device,
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--optimizer", args.optimizer]
+    if args.batch_size:
+        argv += ["--batch_size", str(args.batch_size)]
+    if args.compile:
+        argv.append("--compile")
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+def compare_with_peer(args) -> dict:
+    ours, peer = [], []
+    for rep in range(args.repeats):  # alternate, so both see the same background load
+        ours.append(subprocess_run(common_argv(args)))
+        print(f"[{rep + 1}/{args.repeats}] " + describe(ours[-1]), flush=True)
+        peer_argv = common_argv(args)
+        if not args.peer_compile and "--compile" in peer_argv:
+            peer_argv.remove("--compile")
+        peer.append(subprocess_run(peer_argv + ["--run_peer"]))
+        print(f"[{rep + 1}/{args.repeats}] " + describe(peer[-1]), flush=True)
+    best = lambda rs: max(rs, key=lambda r: r["tokens_per_s"])  # noqa: E731  (least disturbed run)
+    o, p = best(ours), best(peer)
+    pairs = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours, peer)]
+    print("best of each:")
+    print("  " + describe(o))
+    print("  " + describe(p))
+    speed, mem = o["tokens_per_s"] / p["tokens_per_s"], o["peak_mem_mb"] / p["peak_mem_mb"]
+    print(f"  speed x{speed:.2f} (per alternating pair: {', '.join(f'{r:.2f}' for r in pairs)})   "
+          f"memory x{mem:.3f} of the peer's")
+    return dict(ours=o, peer=p, speedup=speed, mem_ratio=mem, pair_speedups=pairs,
+                tokens_per_s=o["tokens_per_s"], peak_mem_mb=o["peak_mem_mb"], step_ms=o["step_ms"],
+                flops_per_token=o["flops_per_token"])
+
+
+def scaling(args) -> list[dict]:
+    """tokens/s and peak RSS vs sequence length (fixed tokens per step) and width, one subprocess each."""
+    rows = []
+    tokens = (args.batch_size or 8) * 512
+    points = [dict(seq_len=T) for T in (512, 1024, 2048, 4096)] + [dict(seq_len=512, hidden=h) for h in (256, 512)]
+    print(f"{'seq_len':>7} {'batch':>5} {'hidden':>6} {'tok/s':>8} {'step ms':>8} {'peak MiB':>9}")
+    for pt in points:
+        T = pt["seq_len"]
+        argv = common_argv(args)
+        argv[argv.index("--seq_len") + 1] = str(T)
+        argv = [a for i, a in enumerate(argv) if a != "--batch_size" and (i == 0 or argv[i - 1] != "--batch_size")]
+        argv += ["--batch_size", str(max(1, tokens // T))]
+        if "hidden" in pt:
+            argv += ["--hidden", str(pt["hidden"])]
+        r = subprocess_run(argv)
+        rows.append(r)
+        print(f"{T:7d} {r['batch_size']:5d} {r['hidden']:6d} {r['tokens_per_s']:8.0f} {r['step_ms']:8.0f} "
+              f"{r['peak_mem_mb']:9.0f}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    mode = "bench"
+    if argv and argv[0] == "scaling":
+        mode, argv = "scaling", argv[1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks and the loss chunk")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="last printed line: one JSON object")
+    p.add_argument("--peer", action="store_true", help="also run HF LlamaForCausalLM, side by side")
+    p.add_argument("--peer_compile", action="store_true", help="with --peer and --compile: compile the peer too")
+    p.add_argument("--repeats", type=int, default=2, help="alternating ours/peer pairs with --peer")
+    p.add_argument("--fp8", action="store_true", default=None, help="FP8 block linears (fp8.py)")
+    p.add_argument("--hidden", type=int, default=None, help=argparse.SUPPRESS)  # scaling table's width axis
+    p.add_argument("--run_peer", action="store_true", help=argparse.SUPPRESS)   # internal: be the peer
+    args = p.parse_args(argv)
+    for k in ("steps", "seq_len", "repeats"):
+        if getattr(args, k) <= 0:
+            raise ValueError(f"--{k} must be positive, got {getattr(args, k)}")
+    if mode == "scaling":
+        result = dict(scaling=scaling(args))
+    elif args.peer:
+        result = compare_with_peer(args)
+    else:
+        result = run(args)
+        if not args.json:
+            print(describe(result))
+    if args.json:
+        print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
