@@ -108,13 +108,15 @@ def param_groups(model: Xmodel, lr: float, emb_lr: float, weight_decay: float) -
 # η regardless of the gradient's scale; because ΔW is built from the same inputs it is applied to, ΔW x
 # sums n aligned terms and is of size η·n. SP (η fixed) therefore grows like n after one step, and μP's
 # η/m keeps it Θ(1). Likewise the output layer: the logits sum n aligned terms, hence the 1/m multiplier.
+# (This project's SP also gives every matrix the same init std, so its W_0 x already grows like sqrt(n).)
 # So: measure mean |x| per layer type at widths 64 ... 1024 for a few steps at a large LR and fit
 # log2(scale) against log2(width). A slope near 0 is μP working; a slope near 0.5 (a missing 1/sqrt(m) in
 # an init) or 1 (a missing 1/m in an LR or multiplier) is a broken rule, visible within 1-3 steps.
 #
 # LR transfer sweep (Tensor Programs V, Fig. 1). The consequence that matters: the base LR that minimises
-# the loss does not move with width under μP, while under SP it drifts to smaller values as the model
-# widens. Loss vs log2(LR), one curve per width, both parameterizations.
+# the loss does not move with width under μP, while under SP it has no reason to stay put (in the paper
+# it drifts to smaller values as the model widens). Loss vs log2(LR), one curve per width, both
+# parameterizations; docs/lr_sweep.png is the default grid's result.
 #
 # Proxy search. Xmodel-2.5 tuned its base LRs, init std and multipliers on a small proxy with a TPE
 # search (Optuna) and copied the winners to the 1.3B config; `search` does the same against the held-out
@@ -304,7 +306,7 @@ def small_bpe(vocab_size: int = BPE_VOCAB, cache_dir=None, texts=None) -> str:
     if vocab_size < 300:
         raise ValueError(f"BPE vocab_size {vocab_size} is too small: it needs the 256 bytes + EOS + merges")
     base = Path(cache_dir).expanduser() if cache_dir is not None else data.default_cache_dir()
-    path = base / f"mup-bpe{vocab_size}" / "tokenizer.json"
+    path = base / f"mup-bpe{vocab_size}-py{sys.version_info.major}{sys.version_info.minor}" / "tokenizer.json"
     if texts is None and path.is_file():
         return str(path)
     if texts is None:
