@@ -56,6 +56,15 @@ orthogonalizations. Instead each rank orthogonalizes a disjoint share of the mat
 momentum update is cheap and elementwise, so every rank keeps the full momentum state and applies
 the full update: all ranks hold identical weights, and the result is bit-for-bit the single-process
 one.
+
+With `shard_state=True` (ZeRO-1 for Muon, "split by matrix") a rank keeps the fp32 momentum only of
+the matrices it owns: it updates that momentum, orthogonalizes it, and the bf16 results are
+all-gathered as above, so every rank still applies every update. The arithmetic is the same, so the
+weights stay bit-identical to the unsharded run, and the momentum memory per rank drops from
+4 B x (hidden weights) to about 1/world of it. Each rank's `state_dict()` then holds only its share:
+`full_state_dict(to=0)` gathers the shares into one ordinary (unsharded) state dict on rank 0 for a
+checkpoint, and `load_state_dict` of that full dict keeps only the share the rank owns, so a
+checkpoint moves freely between sharded, unsharded and other world sizes.
 """
 
 import math
@@ -163,12 +172,21 @@ class Muon(torch.optim.Optimizer):
     Only 2-D parameters are accepted: embeddings (2-D, but not hidden), norm weights and biases belong
     on AdamW. Under torch.distributed (world size > 1) every rank must hold the same parameters in the
     same order with gradients already averaged; each orthogonalizes its share and all-gathers.
+    shard_state=True: each rank also keeps only its share's momentum (checkpoint with full_state_dict).
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rms_scale=0.2):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rms_scale=0.2,
+                 shard_state=False):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         weight_decay=weight_decay, rms_scale=rms_scale)
         super().__init__(params, defaults)
+        self.shard_state = shard_state  # under torch.distributed: keep momentum only for owned matrices
+
+    def owners(self, world_size):
+        """Owner rank of every parameter (param-group order): shard_by_shape over all of them, so the
+        partition is fixed for the optimizer's life and the same on every rank."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return dict(zip(params, shard_by_shape([tuple(p.shape) for p in params], world_size)))
 
     def add_param_group(self, param_group):
         first_index = sum(len(g["params"]) for g in self.param_groups)
@@ -189,6 +207,8 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         items = []
+        world_size, rank = _world()
+        owners = self.owners(world_size) if world_size > 1 else None
         for group_index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, group_index)
             for p in group["params"]:
@@ -196,12 +216,15 @@ class Muon(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise ValueError("Muon does not support sparse gradients")
+                if self.shard_state and owners is not None and owners[p] != rank:
+                    items.append((p, group))  # its owner keeps the momentum; the update arrives by all-gather
+                    continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
                 items.append((p, group))
-        for (p, group), O in zip(items, self._orthogonalized(items)):
+        for (p, group), O in zip(items, self._orthogonalized(items, owners)):
             lr = group["lr"]
             p.mul_(1 - lr * group["weight_decay"])
             p.sub_(O.float() * (lr * update_scale(p.shape, group["rms_scale"])))
@@ -213,13 +236,13 @@ class Muon(torch.optim.Optimizer):
             return p.grad.float() + group["momentum"] * buf
         return buf
 
-    def _orthogonalized(self, items):
+    def _orthogonalized(self, items, owner_of=None):
         """NewtonSchulz5 of each item's update direction; under DDP each rank computes only its share."""
         world_size, rank = _world()
         if world_size == 1:
             return [zeropower_via_newtonschulz5(self._ns_input(p, g), g["ns_steps"]) for p, g in items]
         shapes = [tuple(p.shape) for p, _ in items]
-        owners = shard_by_shape(shapes, world_size)
+        owners = [owner_of[p] for p, _ in items]
         out = [None] * len(items)
         pending = []
         for shape, idxs in _group_by_shape(shapes).items():
@@ -239,7 +262,42 @@ class Muon(torch.optim.Optimizer):
                     out[i] = gathered[r][s]
         return out
 
+    def full_state_dict(self, to=0):
+        """The unsharded state dict: on rank `to` with shard_state under torch.distributed, every owner
+        sends its momentum buffers there one matrix at a time (None is returned on the other ranks);
+        otherwise simply state_dict(). Every rank must call it (it is a collective)."""
+        world_size, rank = _world()
+        if not (self.shard_state and world_size > 1):
+            return self.state_dict()
+        sd = self.state_dict()  # this rank's share, keyed by parameter index
+        params = [p for g in self.param_groups for p in g["params"]]
+        owners = self.owners(world_size)
+        have = [None] * world_size  # which indices each rank holds state for (a matrix never stepped has none)
+        dist.all_gather_object(have, sorted(sd["state"]))
+        for r, indices in enumerate(have):
+            for i in indices:
+                if owners[params[i]] != r:
+                    raise RuntimeError(f"Muon: rank {r} holds momentum of parameter {i}, owned by rank {owners[params[i]]}")
+                if r == rank and rank != to:
+                    dist.send(sd["state"][i]["momentum_buffer"].contiguous(), dst=to)
+                elif rank == to and r != to:
+                    buf = torch.empty_like(params[i], dtype=torch.float32)
+                    dist.recv(buf, src=r)
+                    sd["state"][i] = {"momentum_buffer": buf.cpu()}  # the full set never sits on one GPU
+        if rank != to:
+            return None
+        sd["state"] = dict(sorted(sd["state"].items()))
+        return sd
+
     def load_state_dict(self, state_dict):
+        # With shard_state a rank takes only the momentum of the matrices it owns from the (full) dict.
+        world_size, rank = _world()
+        if self.shard_state and world_size > 1:
+            owners = self.owners(world_size)
+            saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            mine = {i for i, p in zip(saved_ids, params) if owners[p] == rank}
+            state_dict = dict(state_dict, state={i: s for i, s in state_dict["state"].items() if i in mine})
         # torch.optim casts loaded state to the parameter dtype (bf16 weights -> bf16 momentum);
         # put the saved fp32 buffers back so a resume is exact.
         super().load_state_dict(state_dict)

@@ -242,7 +242,9 @@ class Optimizers:
     optimizer: `use("muon")` gives them a fresh Muon (momentum starts at zero) and the embedding/norm
     AdamW, its moments and its step counts are not touched. AdamW updates each parameter independently,
     so two AdamW instances compute exactly what one over all groups would. With `zero1` under
-    torch.distributed each AdamW shards its state across ranks (ZeroRedundancyOptimizer)."""
+    torch.distributed each AdamW shards its state across ranks (ZeroRedundancyOptimizer) and Muon keeps
+    each matrix's momentum on the one rank that orthogonalizes it (Muon(shard_state=True)); checkpoints
+    hold the full, unsharded state (gathered on rank 0), which every rank loads and shards again."""
 
     def __init__(self, model, cfg: TrainConfig, kind: str = "adamw"):
         self.cfg, self.groups = cfg, mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
@@ -251,10 +253,13 @@ class Optimizers:
         self.hidden_groups, self.kind, self.hidden = hidden, None, None
         self.use(kind)
 
+    def _sharded(self) -> bool:
+        return self.cfg.zero1 and dist.is_initialized() and dist.get_world_size() > 1
+
     def _adamw(self, groups):
         kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps)
         groups = [dict(g) for g in groups]
-        if self.cfg.zero1 and dist.is_initialized() and dist.get_world_size() > 1:
+        if self._sharded():
             from torch.distributed.optim import ZeroRedundancyOptimizer
             return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **kw)
         return torch.optim.AdamW(groups, **kw)
@@ -267,7 +272,7 @@ class Optimizers:
             c = self.cfg
             self.hidden = Muon([dict(g) for g in self.hidden_groups], lr=self.hidden_groups[0]["lr"],
                                momentum=c.muon_momentum, nesterov=True, ns_steps=c.muon_ns_steps,
-                               weight_decay=c.weight_decay, rms_scale=c.muon_rms_scale)
+                               weight_decay=c.weight_decay, rms_scale=c.muon_rms_scale, shard_state=self._sharded())
         else:
             self.hidden = self._adamw(self.hidden_groups)
         self.kind = kind
@@ -293,6 +298,8 @@ class Optimizers:
         if hasattr(opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
             opt.consolidate_state_dict(0)
             return opt.state_dict() if dist.get_rank() == 0 else None
+        if isinstance(opt, Muon):  # with shard_state the same: the momentum shares gathered on rank 0
+            return opt.full_state_dict(to=0)
         return opt.state_dict()
 
     def state_dict(self) -> dict:
@@ -371,8 +378,46 @@ def setup_distributed(cfg: TrainConfig):
         # the timeout bounds how long a collective waits for a dead or hung rank before failing the job
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
                                 timeout=timedelta(seconds=cfg.dist_timeout_s))
+        _DIST_TIMEOUT_S[0] = cfg.dist_timeout_s
     device = torch.device(f"cuda:{local}" if cfg.device == "cuda" else "cpu")
     return rank, world, device
+
+
+_DIST_TIMEOUT_S = [0]
+_PROGRESS_KEY = "xmodel25/step/{}"
+
+
+def note_progress(rank: int, step: int) -> None:
+    """Record in the rendezvous key-value store (torchrun's, which outlives the workers) the step this
+    rank is starting, so that after a failed collective the survivors can name the rank that fell behind."""
+    dist.distributed_c10d._get_default_store().set(_PROGRESS_KEY.format(rank), str(step))
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        w in text for w in ("Connection closed by peer", "Connection reset", "Broken pipe", "Timed out", "timed out"))
+
+
+def collective_failure(error: BaseException) -> str:
+    """The message for a collective that failed (a peer's connection closed) or timed out: this rank,
+    the timeout, the last step each rank started and which rank(s) fell behind (died or hung)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    steps = {}
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        for r in range(world):
+            if store.check([_PROGRESS_KEY.format(r)]):
+                steps[r] = int(store.get(_PROGRESS_KEY.format(r)))
+    except Exception:  # the store lived in a rank that is gone: report without it
+        pass
+    behind = sorted(r for r in range(world) if r not in steps or steps[r] < max(steps.values(), default=0))
+    blame = (f"rank(s) {behind} fell behind (died or hung)" if behind else
+             "every rank reached the same step; one of them died or hung inside it")
+    detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return (f"rank {rank}: a collective failed or timed out (dist_timeout_s={_DIST_TIMEOUT_S[0]}) waiting for "
+            f"the other ranks; last step started per rank: {steps}; {blame}. ({type(error).__name__}: {detail})")
 
 
 def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -569,6 +614,8 @@ def train(argv: list[str]) -> dict:
     t_log, tok_log = time.perf_counter(), tokens
     loss_acc = torch.zeros((), device=device)
     while step < stop:
+        if world > 1:
+            note_progress(rank, step)
         pi, i = phase_at(phases, step)
         phase = phases[pi]
         if pi != cur_phase:
@@ -590,10 +637,11 @@ def train(argv: list[str]) -> dict:
         for micro in range(accum):
             x, y = mixture.batch(step, micro, rank, world, mb, phase["seq_len"])
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = model.no_sync() if world > 1 and micro < accum - 1 else nullcontext()
-            with sync, autocast:
+            # DDP all-reduces the gradients only in the last micro-step's backward (a fresh context each use)
+            sync = model.no_sync if world > 1 and micro < accum - 1 else nullcontext
+            with sync(), autocast:
                 loss = model(x, y) / accum
-            with sync:
+            with sync():
                 loss.backward()
             loss_step += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -694,8 +742,14 @@ if __name__ == "__main__":
         else:
             train(sys.argv[1:])
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+        print(f"error: {where}{e}", file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as e:  # gloo raises RuntimeError (DistBackendError) on a dead peer or a timeout
+        if not (dist.is_initialized() and dist.get_world_size() > 1 and is_collective_failure(e)):
+            raise
+        print(f"error: {collective_failure(e)}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken: tearing it down could wait on the dead rank again
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
