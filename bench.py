@@ -201,6 +201,8 @@ def common_argv(args) -> list[str]:
         argv += ["--batch_size", str(args.batch_size)]
     if args.compile:
         argv.append("--compile")
+    if args.fp8 is not None:
+        argv.append("--fp8" if args.fp8 else "--no-fp8")
     if args.threads:
         argv += ["--threads", str(args.threads)]
     return argv
@@ -223,9 +225,10 @@ def compare_with_peer(args) -> dict:
     print("  " + describe(o))
     print("  " + describe(p))
     speed, mem = o["tokens_per_s"] / p["tokens_per_s"], o["peak_mem_mb"] / p["peak_mem_mb"]
-    print(f"  speed x{speed:.2f} (per alternating pair: {', '.join(f'{r:.2f}' for r in pairs)})   "
-          f"memory x{mem:.3f} of the peer's")
-    return dict(ours=o, peer=p, speedup=speed, mem_ratio=mem, pair_speedups=pairs,
+    print(f"  speed x{speed:.2f} best/best, x{statistics.median(pairs):.2f} median of the alternating pairs "
+          f"({', '.join(f'{r:.2f}' for r in pairs)});  peak memory x{mem:.3f} of the peer's")
+    return dict(ours=o, peer=p, speedup=speed, median_pair_speedup=statistics.median(pairs), mem_ratio=mem,
+                pair_speedups=pairs,
                 tokens_per_s=o["tokens_per_s"], peak_mem_mb=o["peak_mem_mb"], step_ms=o["step_ms"],
                 flops_per_token=o["flops_per_token"])
 
@@ -271,7 +274,8 @@ def main(argv=None):
     p.add_argument("--peer", action="store_true", help="also run HF LlamaForCausalLM, side by side")
     p.add_argument("--peer_compile", action="store_true", help="with --peer and --compile: compile the peer too")
     p.add_argument("--repeats", type=int, default=2, help="alternating ours/peer pairs with --peer")
-    p.add_argument("--fp8", action="store_true", default=None, help="FP8 block linears (fp8.py)")
+    p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help="FP8 block linears (fp8.py); default: the config's fp8")
     p.add_argument("--hidden", type=int, default=None, help=argparse.SUPPRESS)  # scaling table's width axis
     p.add_argument("--run_peer", action="store_true", help=argparse.SUPPRESS)   # internal: be the peer
     args = p.parse_args(argv)
