@@ -422,7 +422,7 @@ def _sweep_task(task):
     return dict(param=p, width=w, lr=lr, loss=r["loss"], diverged=r["diverged"], seconds=round(time.time() - t0, 2))
 
 
-def lr_sweep(widths=(64, 128, 256, 512), lrs=None, steps: int = 64, n_layer: int = 2, batch: int = 8,
+def lr_sweep(widths=(64, 128, 256, 512), lrs=None, steps: int = 128, n_layer: int = 2, batch: int = 8,
              seq_len: int = 64, eval_windows: int = 64, parameterizations=PARAMETERIZATIONS, dataset=None,
              weight_decay: float = 0.0, seed: int = 0, jobs: int = 2, threads: int = 1, out_json=None,
              log=None) -> dict:
@@ -765,7 +765,7 @@ def main(argv=None):
     s.add_argument("--out", default="docs")
     s.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
     s.add_argument("--lrs", type=float, nargs="+", default=None, help="base LRs (default 2^-10 ... 2^-3)")
-    s.add_argument("--steps", type=int, default=64)
+    s.add_argument("--steps", type=int, default=128)
     s.add_argument("--n-layer", type=int, default=2)
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--seq-len", type=int, default=64)
