@@ -68,6 +68,7 @@ class TrainConfig:
     muon_momentum: float = 0.95
     muon_rms_scale: float = 0.2
     muon_ns_steps: int = 5
+    hidden_optimizer: str = ""         # if set (adamw | muon), every phase's optimizer: e.g. the AdamW-only ablation
     zero1: bool = False                # shard AdamW state across ranks (ZeroRedundancyOptimizer)
     # batch
     micro_batch: int = 8               # sequences per rank per forward (a phase may set its own)
@@ -157,6 +158,11 @@ def load_config(argv: list[str]) -> dict:
         if not hits or pkey not in PHASE_KEYS:
             raise ValueError(f"config override --{key}: no phase named {name!r} or unknown phase key {pkey!r}")
         hits[0][pkey] = value
+    if tcfg.hidden_optimizer:
+        if tcfg.hidden_optimizer not in OPTIMIZERS:
+            raise ValueError(f"config key 'hidden_optimizer': one of {OPTIMIZERS}, got {tcfg.hidden_optimizer!r}")
+        for p in tcfg.phases:
+            p["optimizer"] = tcfg.hidden_optimizer
     validate(tcfg)
     return {"train": tcfg, "model": mcfg}
 

@@ -104,6 +104,9 @@ def test_config_overrides_and_missing_file():
     conf = load("proxy20m", "--lr=0.02", "--compile=True", "--phase.decay.optimizer=adamw", "--n_layer=4")
     assert conf["train"].lr == 0.02 and conf["train"].compile is True and conf["model"].n_layer == 4
     assert [p["optimizer"] for p in conf["train"].phases if p["name"] == "decay"] == ["adamw"]
+    assert {p["optimizer"] for p in load("xmodel25", "--hidden_optimizer=adamw")["train"].phases} == {"adamw"}
+    with pytest.raises(ValueError, match="hidden_optimizer"):
+        load("proxy20m", "--hidden_optimizer=sgd")
     with pytest.raises(ValueError, match="config file not found"):
         train.load_config(["configs/nope.py"])
 
