@@ -333,6 +333,7 @@ def _loss_only(logits, y, valid, scale: float):
 
 
 _compiled_loss_and_grad = None
+_EAGER_ROWS = 256  # rows per eager softmax pass (see _ChunkedCrossEntropy.forward)
 
 
 def _fused_loss_and_grad():
@@ -375,7 +376,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             dh = torch.empty_like(h)
             dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             dw_chunk = None if h.dtype == torch.float32 else torch.empty(w.shape, dtype=h.dtype, device=w.device)
-            z_buf = None if compiled else torch.empty(logits_buf.shape, dtype=torch.float32, device=h.device)
+            # eager mode's fp32 scratch covers EAGER_ROWS rows of a chunk at a time: the GEMMs keep the
+            # chunk's efficiency, the scratch stays a quarter of a 1024-row chunk
+            z_buf = None if compiled else torch.empty(min(chunk, N, _EAGER_ROWS), V, dtype=torch.float32,
+                                                      device=h.device)
         for i in range(0, N, chunk):
             hc, yc, vc = h[i:i + chunk], y[i:i + chunk], valid[i:i + chunk]
             logits = torch.mm(hc, wc.t(), out=logits_buf[:len(hc)])
@@ -385,7 +389,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if compiled:
                 loss += _fused_loss_and_grad()(logits, yc, vc, scale, inv_n)
             else:
-                loss += _loss_and_grad_inplace(logits, yc, vc, scale, inv_n, z_buf[:len(hc)])
+                for j in range(0, len(hc), _EAGER_ROWS):
+                    r = slice(j, j + _EAGER_ROWS)
+                    loss += _loss_and_grad_inplace(logits[r], yc[r], vc[r], scale, inv_n, z_buf[:len(yc[r])])
             g = logits  # now dlogits * s
             torch.mm(g, wc, out=dh[i:i + chunk])
             if dw_chunk is None:
