@@ -56,13 +56,14 @@ def load_config(path: str) -> tuple[ModelConfig, dict]:
     return mcfg, rest
 
 
-def device_peak(device: torch.device, fp8: bool) -> float | None:
+def device_peak(device: torch.device, kind: str = "bf16") -> float | None:
+    """The card's dense peak FLOP/s for kind "bf16" or "fp8"; None off CUDA or for an unknown card."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     for key, peaks in GPU_PEAK.items():
         if key in name:
-            return peaks["fp8" if fp8 else "bf16"] or peaks["bf16"]
+            return peaks[kind]
     return None
 
 
@@ -168,18 +169,23 @@ def run(args) -> dict:
     with torch.device("meta"):
         flops_tok = Xmodel(mcfg).flops_per_token(T)
     tok_s = B * T / step_s
-    peak = device_peak(device, mcfg.fp8)
+    # MFU against the bf16 peak for every run (so bf16 and FP8 runs compare directly); FP8 runs also
+    # get it against the card's FP8 peak
+    peak, peak8 = device_peak(device, "bf16"), (device_peak(device, "fp8") if mcfg.fp8 else None)
     return dict(model="hf_llama" if args.run_peer else "xmodel", config=os.path.basename(args.config),
                 device=device.type, dtype=args.dtype, batch_size=B, seq_len=T, hidden=mcfg.hidden,
                 compile=bool(args.compile), optimizer="adamw" if args.run_peer else args.optimizer,
                 threads=torch.get_num_threads(), tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_ms=fwd * 1e3,
                 bwd_ms=bwd * 1e3, opt_ms=optim * 1e3, warmup_s=warm_s, peak_mem_mb=peak_mem_mb(device),
-                flops_per_token=flops_tok, mfu=(flops_tok * tok_s / peak) if peak else None, loss=loss,
+                flops_per_token=flops_tok, mfu=(flops_tok * tok_s / peak) if peak else None,
+                mfu_fp8_peak=(flops_tok * tok_s / peak8) if peak8 else None, fp8=mcfg.fp8, loss=loss,
                 params=sum(p.numel() for p in model.parameters()))
 
 
 def describe(r: dict) -> str:
-    mfu = f"  MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    mfu = f"  MFU {100 * r['mfu']:.1f}% of bf16 peak" if r.get("mfu") is not None else ""
+    if r.get("mfu_fp8_peak") is not None:
+        mfu += f" ({100 * r['mfu_fp8_peak']:.1f}% of FP8 peak)"
     return (f"{r['model']:9s} {r['tokens_per_s']:8.0f} tok/s  step {r['step_ms']:7.0f} ms "
             f"(fwd {r['fwd_ms']:.0f} / bwd {r['bwd_ms']:.0f} / opt {r['opt_ms']:.0f})  "
             f"peak {r['peak_mem_mb']:7.0f} MiB  {r['flops_per_token'] / 1e6:.1f} MFLOP/token{mfu}  loss {r['loss']:.3f}")
