@@ -263,7 +263,8 @@ class Optimizers:
         return self.cfg.zero1 and dist.is_initialized() and dist.get_world_size() > 1
 
     def _adamw(self, groups):
-        kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps)
+        # fused: one kernel for all parameters (CPU and CUDA); the foreach path is several times slower on a CPU
+        kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps, fused=True)
         groups = [dict(g) for g in groups]
         if self._sharded():
             from torch.distributed.optim import ZeroRedundancyOptimizer
