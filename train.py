@@ -517,6 +517,21 @@ def evaluate(model, mixture, cfg: TrainConfig, seq_len: int, rank: int, world: i
     return (total[0] / total[1]).item()
 
 
+def _start_metrics(out_dir: str, resumed_from: str | None, step: int) -> None:
+    """A fresh run refuses an out_dir holding another run's checkpoints (nothing is overwritten); a resumed
+    run drops the metrics rows after its checkpoint's step, which it is about to redo."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if resumed_from is None and list_checkpoints(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} holds checkpoints of an earlier run: continue it with --resume, "
+                         f"or choose another out_dir")
+    if not os.path.exists(path):
+        return
+    rows = [l for l in open(path) if resumed_from and json.loads(l).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
 def _log(out_dir: str, row: dict) -> None:
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -582,6 +597,8 @@ def train(argv: list[str]) -> dict:
         missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
         if unexpected or any(not k.endswith(("amax_history", "scale")) for k in missing):  # FP8 state may start fresh
             raise ValueError(f"{source}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    if master:
+        _start_metrics(cfg.out_dir, found[-1] if found else None, ckpt["step"] if found else 0)
     if found:
         step, tokens = ckpt["step"], ckpt["tokens"]
         if ckpt.get("optim") is not None:

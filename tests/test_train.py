@@ -145,10 +145,14 @@ def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at):
     cfg_b = write_config(tmp_path / "b.py", tiny_data, out_dir=str(tmp_path / "b"))
     first = train.train([cfg_b, f"--max_steps={stop_at}"])
     assert first["step"] == stop_at and os.path.exists(tmp_path / "b" / f"ckpt_{stop_at:08d}.pt")
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        train.train([cfg_b])  # a fresh start never writes over another run
     rest = train.train([cfg_b, "--resume"])
     assert first["losses"] + rest["losses"] == full["losses"]  # bit for bit
     a, b = train.load_checkpoint(str(full_dir / "a")), train.load_checkpoint(str(tmp_path / "b"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = lambda d: [r for r in map(json.loads, open(d / "metrics.jsonl")) if "loss" in r]  # noqa: E731
+    assert [r["step"] for r in rows(tmp_path / "b")] == [r["step"] for r in rows(full_dir / "a")]
 
 
 def test_switch_keeps_adamw_state_of_embedding_and_norms(tmp_path, tiny_data):
