@@ -35,6 +35,7 @@ import torch
 
 from model import ModelConfig
 import mup
+import train
 
 # Dense tensor-core peaks (FLOP/s, no sparsity) for MFU; matched against torch.cuda.get_device_name().
 GPU_PEAK = {
@@ -42,18 +43,6 @@ GPU_PEAK = {
     "H200": {"bf16": 989e12, "fp8": 1979e12},
     "A100": {"bf16": 312e12, "fp8": None},
 }
-
-
-def load_config(path: str) -> tuple[ModelConfig, dict]:
-    """Exec a config file; keys that are ModelConfig fields build the ModelConfig, the rest are returned."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config file not found: {path}")
-    scope: dict = {}
-    exec(compile(open(path).read(), path, "exec"), scope)
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    mcfg = ModelConfig(**{k: v for k, v in scope.items() if k in fields})
-    rest = {k: v for k, v in scope.items() if k not in fields and not k.startswith("__")}
-    return mcfg, rest
 
 
 def device_peak(device: torch.device, kind: str = "bf16") -> float | None:
@@ -73,26 +62,12 @@ def peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def build_ours(mcfg: ModelConfig, rest: dict, args, device):
+def build_ours(mcfg: ModelConfig, tcfg, args, device):
+    """Our model with exactly the trainer's optimizers (train.Optimizers: μP groups, fused AdamW, Muon)."""
     model = mup.build_model(mcfg, device)
     if args.compile:
         model.compile_for_training()
-    groups = mup.param_groups(model, rest.get("lr", 0.01), rest.get("emb_lr", 0.01), rest.get("weight_decay", 0.1))
-    betas = (rest.get("beta1", 0.9), rest.get("beta2", 0.95))
-    adam_kw = dict(betas=betas, eps=rest.get("adam_eps", 1e-8), fused=True)  # one pass over each tensor
-    if args.optimizer == "muon":
-        from muon import Muon
-        hidden = [g for g in groups if g["name"] == "hidden"]
-        others = [g for g in groups if g["name"] != "hidden"]
-        opts = [Muon([dict(g) for g in hidden], lr=hidden[0]["lr"], momentum=rest.get("muon_momentum", 0.95),
-                     rms_scale=rest.get("muon_rms_scale", 0.2)),
-                torch.optim.AdamW(others, **adam_kw)]
-    else:
-        opts = [torch.optim.AdamW(groups, **adam_kw)]
-
-    def loss_fn(x, y):
-        return model(x, y)
-    return model, opts, loss_fn
+    return model, train.Optimizers(model, tcfg, args.optimizer).all(), lambda x, y: model(x, y)
 
 
 def build_peer(mcfg: ModelConfig, args, device):
@@ -123,16 +98,17 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    mcfg, rest = load_config(args.config)
+    conf = train.load_config([args.config])
+    mcfg, tcfg = conf["model"], conf["train"]
     overrides = {k: getattr(args, k) for k in ("hidden", "fp8") if getattr(args, k, None) is not None}
     if "hidden" in overrides:  # the scaling table's width axis: heads of 64 (the recipe's proxy family)
         h = overrides["hidden"]
         overrides.update(n_head=max(1, h // 64), n_kv_head=1, ffn_hidden=int(2.5 * h))
     mcfg = dataclasses.replace(mcfg, **overrides)
-    B = args.batch_size or rest.get("micro_batch", 8)
+    B = args.batch_size or tcfg.micro_batch
     T = args.seq_len
     mcfg = dataclasses.replace(mcfg, max_seq_len=max(mcfg.max_seq_len, T))
-    model, opts, loss_fn = (build_peer(mcfg, args, device) if args.run_peer else build_ours(mcfg, rest, args, device))
+    model, opts, loss_fn = (build_peer(mcfg, args, device) if args.run_peer else build_ours(mcfg, tcfg, args, device))
     model.train()
     data = torch.randint(0, mcfg.vocab_size, (B, T + 1), device=device)
     x, y = data[:, :-1], data[:, 1:]
@@ -302,4 +278,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
