@@ -726,7 +726,7 @@ def train(argv: list[str]) -> dict:
     return summary
 
 
-def plot_runs(runs: dict, path: str, title: str = "") -> str | None:
+def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) -> str | None:
     """Training loss (and held-out loss, as markers) against tokens for {label: out_dir}, saved as a PNG
     next to the metrics it comes from. matplotlib is optional: without it nothing is drawn."""
     try:
@@ -738,6 +738,7 @@ def plot_runs(runs: dict, path: str, title: str = "") -> str | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, out_dir in runs.items():
         rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+        rows = [r for r in rows if r.get("tokens", from_tokens) >= from_tokens]  # zoom: e.g. an ablation's decay
         train_rows = [r for r in rows if "loss" in r]
         line, = ax.plot([r["tokens"] for r in train_rows], [r["loss"] for r in train_rows], label=label, lw=1)
         ev = [r for r in rows if "eval_loss" in r]
