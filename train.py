@@ -74,7 +74,7 @@ class TrainConfig:
     micro_batch: int = 8               # sequences per rank per forward (a phase may set its own)
     # data
     tokenizer: str = "deepseek-v3"
-    data: typing.Optional[dict] = None  # {source: prepared dataset dir}; None = the embedded default corpus
+    data: typing.Optional[dict] = None  # {source: prepared dataset dir or raw .txt/.jsonl/dir}; None = embedded corpus
     data_cache: str = ""               # where the default corpus is prepared ("" = data.py's default)
     mixtures: dict = field(default_factory=lambda: {"stable": {"prose": 0.5, "code": 0.5}})
     eval_mix: str = "stable"
@@ -538,17 +538,25 @@ def _log(out_dir: str, row: dict) -> None:
 
 
 def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int):
+    """The tokenizer and the Mixture of the run. `data` maps each source to a prepared dataset directory, or
+    to raw text (.txt / .jsonl files or directories), which is prepared here into data_cache (once: an
+    unchanged input is reused). Rank 0 prepares while the others wait, then every rank opens the result."""
     tok = data.get_tokenizer(cfg.tokenizer)
-    if cfg.data is None:
-        if rank == 0:  # one rank prepares the embedded corpus, the others wait and reuse it
-            path = data.default_corpus(cfg.data_cache or None, tokenizer=tok)
-        if world > 1:
-            dist.barrier()
-        if rank != 0:
-            path = data.default_corpus(cfg.data_cache or None, tokenizer=tok)
-        source = path
-    else:
-        source = dict(cfg.data)
+    cache = cfg.data_cache or str(data.default_cache_dir())
+
+    def prepared():
+        if cfg.data is None:
+            return data.default_corpus(cfg.data_cache or None, tokenizer=tok)
+        return {s: p if os.path.isfile(os.path.join(p, "manifest.json"))
+                else data.prepare({s: p}, os.path.join(cache, "prepared", s), tokenizer=tok)
+                for s, p in cfg.data.items()}
+
+    if rank == 0:
+        source = prepared()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        source = prepared()  # ready by now: this only checks and reuses it
     mixture = data.Mixture(source, cfg.mixtures[cfg.phases[0]["mix"]], seed=cfg.seed,
                            vocab_size=mcfg.vocab_size, tokenizer=tok)
     return tok, mixture

@@ -206,3 +206,17 @@ def test_checkpoint_loading_rejects_bad_files(tmp_path):
         train.save_checkpoint(str(tmp_path), s, {}, keep=2)
     (tmp_path / "ckpt_00000009.pt.tmp").write_bytes(b"partial")  # a crash mid-write is never "latest"
     assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+
+
+def test_raw_text_sources_are_prepared_from_the_config(tmp_path, tiny_data):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.txt").write_text("def f(x):\n    return x + 1\n" * 400)
+    (raw / "b.jsonl").write_text("\n".join('{"text": "The quick brown fox %d jumps over the lazy dog."}' % i
+                                           for i in range(400)))
+    cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out"), data_cache=str(tmp_path / "cache"),
+                       data={"code": str(tiny_data), "prose": str(raw)})
+    s = train.train([cfg, "--max_steps=2"])
+    assert s["step"] == 2 and all(math.isfinite(l) for l in s["losses"])
+    manifest = json.load(open(tmp_path / "cache" / "prepared" / "prose" / "manifest.json"))
+    assert manifest["sources"]["prose"]["documents"] == 401  # one .txt document + 400 jsonl lines
