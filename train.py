@@ -731,6 +731,8 @@ def train(argv: list[str]) -> dict:
                            generator=g)
         summary["sample"] = tok.decode(out[0].tolist())
         say(f"final held-out loss {evals[-1][1]:.4f}\nsample:\n{summary['sample']}")
+    if world > 1:
+        dist.barrier()  # leave together: no rank tears the group down under another's last collective
     return summary
 
 

@@ -476,6 +476,7 @@ WORKER = textwrap.dedent("""
         y.backward(dy)
         local.append((fp8.amax(x).item(), fp8.amax(dy).item()))
     torch.save({"history": layer.amax_history, "scale": layer.scale, "local": local}, path)
+    dist.barrier()
     dist.destroy_process_group()
 """)
 

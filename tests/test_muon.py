@@ -356,7 +356,8 @@ def _dist_worker(rank, world_size, init_file, out_dir):
         params, opt = run_muon(DIST_STEPS)
     finally:
         muon.zeropower_via_newtonschulz5 = real
-        dist.destroy_process_group()
+    dist.barrier()  # no rank tears the group down while a peer's last all-gather is still in flight
+    dist.destroy_process_group()
     torch.save({"params": [p.detach() for p in params],
                 "bufs": [opt.state[p]["momentum_buffer"] for p in params],
                 "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
