@@ -27,14 +27,13 @@ hold everything needed to continue exactly, and load with `weights_only=True` (n
 """
 import ast
 import json
-import math
 import os
 import re
 import sys
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import torch

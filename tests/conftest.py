@@ -1,5 +1,4 @@
 """Shared fixtures: a small real dataset (two sources from the standard library) and a tiny run config."""
-import os
 import sysconfig
 from pathlib import Path
 
