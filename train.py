@@ -48,10 +48,10 @@ from muon import Muon
 @dataclass
 class TrainConfig:
     out_dir: str = "out/run"
-    device: str = "cpu"                # cpu | cuda
+    device: str = "auto"               # auto | cpu | cuda | mps (auto: CUDA, else Apple MPS, else CPU)
     seed: int = 0
     max_steps: int = 0                 # stop after this many steps (with a checkpoint); 0 = whole curriculum
-    dtype: str = "bfloat16"            # float32 | bfloat16 (autocast; master weights stay fp32)
+    dtype: str = "auto"                # auto | float32 | bfloat16 (autocast; master weights stay fp32)
     compile: bool = False              # torch.compile each block
     resume: bool = False               # continue from the latest checkpoint in out_dir
     init_from: str = ""                # start from these weights (a checkpoint, e.g. export.py --import), step 0
@@ -96,6 +96,65 @@ class TrainConfig:
 LR_SHAPES = ("linear", "constant", "exp")
 OPTIMIZERS = ("adamw", "muon")
 PHASE_KEYS = {"name", "steps", "lr", "batch", "seq_len", "mix", "optimizer", "micro_batch"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the machine: which device, which precision
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN has bf16 kernels for this CPU (AVX512-BF16 or AMX). Elsewhere (AVX2-only CPUs) a
+    bf16 GEMM is emulated and runs about 8x slower than fp32, so bf16 autocast would slow training down."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_device(device: str = "auto") -> tuple[str, str]:
+    """'auto' -> CUDA, else Apple MPS, else CPU (nanochat's order). Returns (device, the reason, for the log).
+    MPS is chosen but never tested here (no Apple machine in CI): it runs the plain eager path."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda", f"device auto -> cuda ({torch.cuda.get_device_name()})"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps", "device auto -> mps (Apple GPU; an untested path)"
+        return "cpu", f"device auto -> cpu (no CUDA or MPS device; {torch.backends.cpu.get_cpu_capability()})"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'device': cuda requested but torch.cuda.is_available() is False "
+                         "(device=auto picks what this machine has)")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ValueError("config key 'device': mps requested but torch.backends.mps.is_available() is False")
+    return device, f"device {device} (as configured)"
+
+
+def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """'auto' -> bfloat16 where the hardware runs it natively (CUDA with bf16 support, CPUs with AVX512-BF16
+    or AMX), else float32. An explicit bfloat16 is kept, with a warning where it is emulated."""
+    if device == "cuda":
+        native, why = torch.cuda.is_bf16_supported(), "this GPU"
+    elif device == "cpu":
+        native, why = cpu_has_native_bf16(), f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    else:
+        native, why = False, f"{device} (bf16 autocast not relied on)"
+    if dtype == "auto":
+        if native:
+            return "bfloat16", f"dtype auto -> bfloat16: {why} has native bf16 kernels"
+        return "float32", (f"dtype auto -> float32: {why} has no native bf16 kernels; bf16 would be about 8x "
+                           f"slower" if device == "cpu" else f"dtype auto -> float32: {why}")
+    if dtype == "bfloat16" and not native:
+        return dtype, (f"warning: dtype bfloat16 as configured, but {why} has no native bf16 kernels: expect it "
+                       f"to run several times slower than --dtype=float32")
+    return dtype, f"dtype {dtype} (as configured)"
+
+
+def resolve_machine(device: str = "auto", dtype: str = "auto", say=print) -> tuple[str, str]:
+    """Both choices, printed with their reasons: what train.py and every tool call first."""
+    device, why_device = resolve_device(device)
+    dtype, why_dtype = resolve_dtype(dtype, device)
+    say(why_device)
+    say(why_dtype)
+    return device, dtype
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,10 +226,10 @@ def load_config(argv: list[str]) -> dict:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.device not in ("cpu", "cuda"):
-        raise ValueError(f"config key 'device': cpu or cuda, got {cfg.device!r}")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"config key 'dtype': float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"config key 'device': one of {DEVICES}, got {cfg.device!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"config key 'dtype': one of {DTYPES}, got {cfg.dtype!r}")
     if not cfg.phases:
         raise ValueError("config key 'phases': the curriculum is empty")
     for k in ("micro_batch", "log_interval", "eval_windows", "eval_batch", "keep_checkpoints"):
@@ -377,15 +436,13 @@ def setup_distributed(cfg: TrainConfig):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cfg.device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("config key 'device': cuda requested but torch.cuda.is_available() is False")
         torch.cuda.set_device(local)
     if world > 1 and not dist.is_initialized():
         # the timeout bounds how long a collective waits for a dead or hung rank before failing the job
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo",
                                 timeout=timedelta(seconds=cfg.dist_timeout_s))
         _DIST_TIMEOUT_S[0] = cfg.dist_timeout_s
-    device = torch.device(f"cuda:{local}" if cfg.device == "cuda" else "cpu")
+    device = torch.device(f"cuda:{local}" if cfg.device == "cuda" else cfg.device)
     return rank, world, device
 
 
@@ -496,24 +553,32 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
 # evaluation and the training loop
 
 @torch.no_grad()
-def evaluate(model, mixture, cfg: TrainConfig, seq_len: int, rank: int, world: int, device, autocast) -> float:
-    """Mean held-out loss over cfg.eval_windows fixed windows of the eval mix; each rank takes every
+def heldout_loss(model, batches, device="cpu", autocast=None, rank: int = 0, world: int = 1) -> float:
+    """Token-weighted mean next-token loss over (x, y) batches, the one held-out evaluator of the project
+    (the trainer, the evaluation tool and the μP tools). Under torch.distributed each rank takes every
     world-th batch and the sums are all-reduced, so the value does not depend on the number of ranks."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    batches = mixture.eval_batches(cfg.eval_windows, cfg.eval_batch, seq_len, seed=cfg.seed)
     for i, (x, y) in enumerate(batches):
         if i % world != rank:
             continue
         x, y = x.to(device), y.to(device)
-        with autocast:
+        with autocast or nullcontext():
             loss = model(x, y)
         total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
     if world > 1:
         dist.all_reduce(total)
     model.train(was_training)
+    if total[1] == 0:
+        raise ValueError("held-out evaluation got no tokens (no batches)")
     return (total[0] / total[1]).item()
+
+
+def evaluate(model, mixture, cfg: TrainConfig, seq_len: int, rank: int, world: int, device, autocast) -> float:
+    """Held-out loss of the run: cfg.eval_windows fixed windows of the eval mix at this phase's length."""
+    batches = mixture.eval_batches(cfg.eval_windows, cfg.eval_batch, seq_len, seed=cfg.seed)
+    return heldout_loss(model, batches, device, autocast, rank, world)
 
 
 def _start_metrics(out_dir: str, resumed_from: str | None, step: int) -> None:
@@ -565,11 +630,12 @@ def train(argv: list[str]) -> dict:
     """Run the curriculum described by argv (see load_config); returns a summary (used by the tests)."""
     conf = load_config(argv)
     cfg, mcfg = conf["train"], conf["model"]
-    rank, world, device = setup_distributed(cfg)
-    master = rank == 0
+    if cfg.dry_run:  # a plan needs no device: any machine plans any run
+        return dry_run(cfg, mcfg, int(os.environ.get("WORLD_SIZE", 1)))
+    master = int(os.environ.get("RANK", 0)) == 0
     say = print if master else (lambda *a, **k: None)
-    if cfg.dry_run:
-        return dry_run(cfg, mcfg, world)
+    cfg.device, cfg.dtype = resolve_machine(cfg.device, cfg.dtype, say)
+    rank, world, device = setup_distributed(cfg)
     say(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1, default=str))
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)

@@ -38,8 +38,8 @@ muon_momentum = 0.95
 muon_rms_scale = 0.2
 
 # --- run ---
-device = "cpu"
-dtype = "bfloat16"
+device = "auto"
+dtype = "auto"
 compile = False
 micro_batch = 8
 tokenizer = "deepseek-v3"

@@ -31,8 +31,8 @@ muon_momentum = 0.95
 muon_rms_scale = 0.2
 
 # --- run ---
-device = "cuda"
-dtype = "bfloat16"
+device = "auto"
+dtype = "auto"
 compile = True
 fp8 = True                   # the paper's FP8 hybrid recipe in the blocks' linear layers
 micro_batch = 4              # sequences per GPU per forward at 3712 tokens; the long phases set their own

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 
 DOCS_A = [f"Alpha document {k}: the quick brown fox jumps over {k * 7} lazy dogs. Ünïcödé ✓ 数据 {k}\n" * 3

@@ -12,7 +12,6 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import export  # noqa: E402
 import mup  # noqa: E402

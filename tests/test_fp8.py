@@ -29,8 +29,6 @@ import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import fp8  # noqa: E402
 from fp8 import E4M3, E5M2, FP8_MAX, GRAD_OUTPUT, INPUT, WEIGHT  # noqa: E402

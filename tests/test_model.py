@@ -20,7 +20,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 import mup  # noqa: E402
 from model import ModelConfig, Xmodel, apply_rope, chunked_cross_entropy, rope_tables  # noqa: E402
 

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import muon  # noqa: E402
 from muon import Muon, newton_schulz_flops, shard_by_shape, update_scale, zeropower_via_newtonschulz5  # noqa: E402
 

@@ -15,7 +15,6 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import mup  # noqa: E402
 from model import ModelConfig  # noqa: E402
