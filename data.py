@@ -967,6 +967,10 @@ class Mixture:
         self._cum[-1] = 1.0  # so that every u < 1 lands on a source
         return full
 
+    def split_tokens(self, source: str, split: str) -> int:
+        """Tokens in a source's "train" or "heldout" split (a window needs seq_len + 1 of them)."""
+        return self.streams[source][split].n
+
     def with_weights(self, weights) -> "Mixture":
         """The same data with another phase's weights (shares the memory maps)."""
         new = object.__new__(Mixture)

@@ -1,7 +1,8 @@
 """The Xmodel-2.5 trainer: a Warmup-Stable-Decay curriculum, end to end, on one CPU or many GPUs.
 
-    python train.py configs/proxy20m.py [--key=value ...]                    # laptop CPU, ~10 minutes
+    python train.py configs/proxy20m.py [--key=value ...]                    # laptop CPU, minutes
     torchrun --nproc_per_node=8 train.py configs/xmodel25.py                 # the 1.3B run
+    python train.py --help                                                   # every config key
 
 The curriculum is data: `phases` in the config, each a number of steps with an LR shape, a global batch
 (sequences), a sequence length, a data mixture and an optimizer. Xmodel-2.5's (RECIPE.md) is:
@@ -22,18 +23,28 @@ Each step: the global batch is split into micro-batches x gradient accumulation 
 group is its peak times the schedule's factor; gradients are clipped to norm 1.0. The loop does not wait
 on the device except at logging steps: the loss and a "first bad step" marker stay on the device and are
 read every `log_interval` steps, and before each checkpoint, so a NaN stops the run naming its step
-without ever being written into a checkpoint. Checkpoints are written to a temporary file and renamed,
-hold everything needed to continue exactly, and load with `weights_only=True` (no code execution).
+without ever being written into a checkpoint.
+
+Nothing is lost to a late error: the whole curriculum is checked against the data before step 1; the last
+checkpoint is written before the final evaluation; checkpoints are written atomically with a sha256 beside
+them (verified on load), only with finite weights, by one run at a time (a lock on out_dir); SIGTERM or
+SIGUSR1 (how SLURM and Kubernetes announce preemption) ends the current step, writes a checkpoint and exits 0.
 """
 import ast
+import fcntl
+import hashlib
+import inspect
 import json
+import math
 import os
 import re
+import signal
+import socket
 import sys
 import time
 import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
 
 import torch
@@ -47,63 +58,63 @@ from muon import Muon
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out/run"
+    out_dir: str = "out/run"           # checkpoints, metrics.jsonl, config.json, loss.png
     device: str = "auto"               # auto | cpu | cuda | mps (auto: CUDA, else Apple MPS, else CPU)
-    seed: int = 0
-    max_steps: int = 0                 # stop after this many steps (with a checkpoint); 0 = whole curriculum
     dtype: str = "auto"                # auto | float32 | bfloat16 (autocast; master weights stay fp32)
+    seed: int = 0                      # model init and data order (data is a pure function of seed and step)
+    max_steps: int = 0                 # stop after this many steps (with a checkpoint); 0 = whole curriculum
     compile: bool = False              # torch.compile each block
     resume: bool = False               # continue from the latest checkpoint in out_dir
-    init_from: str = ""                # start from these weights (a checkpoint, e.g. export.py --import), step 0
-    dry_run: bool = False              # print the plan, allocate nothing
+    init_from: str = ""                # start from these weights (a checkpoint or run dir), at step 0
+    allow_tokenizer_change: bool = False  # resume/init_from a checkpoint trained with another tokenizer
+    dry_run: bool = False              # print the plan and its cost, allocate nothing, need no device
+    verbose: bool = False              # also print the whole effective config
     # optimizer (μP base rates, at width base_width)
-    lr: float = 0.01
-    emb_lr: float = 0.01
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    muon_momentum: float = 0.95
-    muon_rms_scale: float = 0.2
-    muon_ns_steps: int = 5
+    lr: float = 0.01                   # base LR of the hidden matrices (they get lr / m)
+    emb_lr: float = 0.01               # LR of the embedding and the norm weights
+    weight_decay: float = 0.1          # AdamW / Muon decoupled weight decay (none on norms)
+    beta1: float = 0.9                 # AdamW beta1
+    beta2: float = 0.95                # AdamW beta2
+    adam_eps: float = 1e-8             # AdamW epsilon
+    grad_clip: float = 1.0             # clip the global gradient norm to this (> 0; inf = no clipping)
+    muon_momentum: float = 0.95        # Muon (Nesterov) momentum
+    muon_rms_scale: float = 0.2        # Muon update RMS = muon_rms_scale (matches AdamW's update RMS)
+    muon_ns_steps: int = 5             # Newton-Schulz iterations per Muon step
     hidden_optimizer: str = ""         # if set (adamw | muon), every phase's optimizer: e.g. the AdamW-only ablation
-    zero1: bool = False                # shard AdamW state across ranks (ZeroRedundancyOptimizer)
-    # batch
+    zero1: bool = False                # shard optimizer state across ranks (ZeroRedundancyOptimizer)
     micro_batch: int = 8               # sequences per rank per forward (a phase may set its own)
     # data
-    tokenizer: str = "deepseek-v3"
+    tokenizer: str = "deepseek-v3"     # or a tokenizer.json path, tiktoken:NAME, a .tiktoken file
     data: typing.Optional[dict] = None  # {source: prepared dataset dir or raw .txt/.jsonl/dir}; None = embedded corpus
-    data_cache: str = ""               # where the default corpus is prepared ("" = data.py's default)
-    mixtures: dict = field(default_factory=lambda: {"stable": {"prose": 0.5, "code": 0.5}})
-    eval_mix: str = "stable"
-    phases: list = field(default_factory=list)
+    data_cache: str = ""               # where raw text and the default corpus are prepared ("" = data.py's default)
+    mixtures: dict = field(default_factory=lambda: {"stable": {"prose": 0.5, "code": 0.5}})  # {name: {source: weight}}
+    eval_mix: str = "stable"           # the mixture held-out loss is measured on
+    phases: list = field(default_factory=list)  # the curriculum: a list of phase dicts (see the README)
     # logging, evaluation, checkpoints
-    log_interval: int = 10
-    eval_interval: int = 0             # 0 = only at the end
-    eval_windows: int = 40
-    eval_batch: int = 8
-    sample_tokens: int = 48
-    ckpt_interval: int = 0             # 0 = only at the end / at max_steps
-    keep_checkpoints: int = 3
+    log_interval: int = 10             # steps per logged row (loss = mean over the steps in the interval)
+    eval_interval: int = 0             # steps between held-out evaluations (0 = only at the end)
+    eval_windows: int = 40             # held-out windows per evaluation
+    eval_batch: int = 8                # windows per evaluation forward
+    sample_tokens: int = 48            # tokens sampled at the end of the run (0 = none)
+    ckpt_interval: int = 0             # steps between checkpoints (0 = only at the end / at max_steps)
+    keep_checkpoints: int = 3          # the newest K checkpoints are kept
     dist_timeout_s: int = 300          # a dead or hung rank fails the job after this long
+    ckpt_timeout_s: int = 3600         # how long the other ranks wait for rank 0 to write a checkpoint
     # dry-run cost model
     gpus: int = 0                      # the data-parallel size the dry run plans for (0 = the current one)
-    gpu_peak_tflops: float = 989.0     # H100 SXM dense bf16
-    mfu: float = 0.4
+    gpu_peak_tflops: float = 989.0     # the GPU's dense bf16 peak (H100 SXM)
+    mfu: float = 0.4                   # the model-FLOPs utilization the dry run assumes
 
 
 LR_SHAPES = ("linear", "constant", "exp")
 OPTIMIZERS = ("adamw", "muon")
 PHASE_KEYS = {"name", "steps", "lr", "batch", "seq_len", "mix", "optimizer", "micro_batch"}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------------
 # the machine: which device, which precision
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16")
-
 
 def cpu_has_native_bf16() -> bool:
     """True where oneDNN has bf16 kernels for this CPU (AVX512-BF16 or AMX). Elsewhere (AVX2-only CPUs) a
@@ -160,6 +171,16 @@ def resolve_machine(device: str = "auto", dtype: str = "auto", say=print) -> tup
 # ----------------------------------------------------------------------------------------------------
 # configuration: a Python file of assignments, then --key=value overrides
 
+USAGE = """usage: python train.py [CONFIG.py] [--key=value ...] [--phase.NAME.KEY=value ...]
+       torchrun --nproc_per_node=N train.py CONFIG.py [...]
+
+A config is a Python file of assignments (configs/proxy20m.py, configs/xmodel25.py). Any key below can be
+overridden as --key=value (a Python literal; --flag alone means True) and any key of one phase of the
+curriculum as --phase.NAME.KEY=value (e.g. --phase.decay.optimizer=adamw). Phase keys: name, steps,
+lr=(shape, start, end) with shape linear|constant|exp, batch (global, sequences), seq_len, mix, optimizer
+(adamw|muon) and optionally micro_batch. --dry_run prints the plan and its cost on any machine."""
+
+
 def _check_type(key, value, tp):
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]
@@ -173,11 +194,26 @@ def _check_type(key, value, tp):
     return value
 
 
-def _parse_value(s: str):
+def parse_value(s: str):
+    """A command-line value: a Python literal, true/false, or else the string itself."""
     try:
         return ast.literal_eval(s)
     except (ValueError, SyntaxError):
         return {"true": True, "false": False}.get(s.lower(), s)
+
+
+def config_help() -> str:
+    """--help: every key of TrainConfig and ModelConfig with its default and the comment beside its field
+    (the dataclasses are the one source of truth)."""
+    lines = [USAGE]
+    for cls, title in ((TrainConfig, "training keys (train.TrainConfig)"), (ModelConfig, "model keys (model.ModelConfig)")):
+        notes = dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.+)$", inspect.getsource(cls), re.M))
+        lines += ["", title + ":"]
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            shown = repr(default) if len(repr(default)) <= 24 else "(see the config)"
+            lines.append(f"  --{f.name}={shown}".ljust(44) + notes.get(f.name, ""))
+    return "\n".join(lines)
 
 
 def load_config(argv: list[str]) -> dict:
@@ -191,22 +227,25 @@ def load_config(argv: list[str]) -> dict:
         if not os.path.isfile(path):
             raise ValueError(f"config file not found: {path}")
         scope: dict = {}
-        exec(compile(open(path).read(), path, "exec"), scope)
+        try:
+            exec(compile(open(path).read(), path, "exec"), scope)
+        except Exception as e:
+            raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
         values.update({k: v for k, v in scope.items() if not k.startswith("_")
                        and not isinstance(v, type(os)) and not callable(v)})
     phase_overrides = []
     for a in args:
         if not a.startswith("--"):
-            raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
+            raise ValueError(f"unexpected argument {a!r} (options are --key=value; see --help)")
         key, eq, raw = a[2:].partition("=")
-        value = _parse_value(raw) if eq else True
+        value = parse_value(raw) if eq else True
         if key.startswith("phase."):
             phase_overrides.append((key, value))
         else:
             values[key] = value
     for key in values:
         if key not in train_types and key not in model_types:
-            raise ValueError(f"unknown config key {key!r}")
+            raise ValueError(f"unknown config key {key!r} (python train.py --help lists them)")
     tcfg = TrainConfig(**{k: _check_type(k, v, train_types[k]) for k, v in values.items() if k in train_types})
     mcfg = ModelConfig(**{k: _check_type(k, v, model_types[k]) for k, v in values.items() if k in model_types})
     tcfg.phases = [dict(p) for p in tcfg.phases]
@@ -221,22 +260,52 @@ def load_config(argv: list[str]) -> dict:
             raise ValueError(f"config key 'hidden_optimizer': one of {OPTIMIZERS}, got {tcfg.hidden_optimizer!r}")
         for p in tcfg.phases:
             p["optimizer"] = tcfg.hidden_optimizer
-    validate(tcfg)
+    validate(tcfg, mcfg)
     return {"train": tcfg, "model": mcfg}
 
 
-def validate(cfg: TrainConfig) -> None:
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# (key, test, what it must be): every number of TrainConfig has a range; a negative LR or clip is refused
+_RANGES = [
+    (("lr", "emb_lr", "adam_eps", "muon_rms_scale", "gpu_peak_tflops"), lambda v: math.isfinite(v) and v > 0,
+     "a finite number > 0"),
+    (("weight_decay",), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    (("beta1", "beta2", "muon_momentum"), lambda v: 0 <= v < 1, "in [0, 1)"),
+    (("grad_clip",), lambda v: v > 0, "> 0 (inf = no clipping)"),
+    (("mfu",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("micro_batch", "log_interval", "eval_windows", "eval_batch", "keep_checkpoints", "muon_ns_steps",
+      "dist_timeout_s", "ckpt_timeout_s"), lambda v: v > 0, "a positive integer"),
+    (("max_steps", "eval_interval", "ckpt_interval", "sample_tokens", "gpus", "seed"), lambda v: v >= 0,
+     "an integer >= 0"),
+]
+
+
+def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
+    """Everything that can be checked without the data: choices, the range of every number, every phase."""
     if cfg.device not in DEVICES:
         raise ValueError(f"config key 'device': one of {DEVICES}, got {cfg.device!r}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"config key 'dtype': one of {DTYPES}, got {cfg.dtype!r}")
+    for keys, ok, what in _RANGES:
+        for k in keys:
+            v = getattr(cfg, k)
+            if not _number(v) or (isinstance(v, float) and math.isnan(v)) or not ok(v):
+                raise ValueError(f"config key {k!r} must be {what}, got {v!r}")
     if not cfg.phases:
         raise ValueError("config key 'phases': the curriculum is empty")
-    for k in ("micro_batch", "log_interval", "eval_windows", "eval_batch", "keep_checkpoints"):
-        if getattr(cfg, k) <= 0:
-            raise ValueError(f"config key {k!r} must be positive, got {getattr(cfg, k)}")
     if cfg.eval_mix not in cfg.mixtures:
         raise ValueError(f"config key 'eval_mix': {cfg.eval_mix!r} is not in mixtures {sorted(cfg.mixtures)}")
+    for name, mix in cfg.mixtures.items():
+        if not isinstance(mix, dict) or not mix or not all(_number(w) and math.isfinite(w) and w >= 0 for w in mix.values()) \
+                or sum(mix.values()) <= 0:
+            raise ValueError(f"config key 'mixtures': {name!r} must map sources to finite weights >= 0, not all 0; "
+                             f"got {mix!r}")
+    names = [p.get("name") for p in cfg.phases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config key 'phases': phase names must be unique, got {names}")
     for i, p in enumerate(cfg.phases):
         where = f"phases[{i}] ({p.get('name', '?')})"
         missing = PHASE_KEYS - {"micro_batch"} - set(p)
@@ -247,13 +316,42 @@ def validate(cfg: TrainConfig) -> None:
                 raise ValueError(f"{where}: {k} must be a positive integer, got {p[k]!r}")
         lr = p["lr"]
         if not (isinstance(lr, (tuple, list)) and len(lr) == 3 and lr[0] in LR_SHAPES
-                and all(isinstance(v, (int, float)) and v >= 0 for v in lr[1:])):
+                and all(_number(v) and math.isfinite(v) and v >= 0 for v in lr[1:])):
             raise ValueError(f"{where}: lr must be (shape, start, end) with shape in {LR_SHAPES} and "
-                             f"start, end >= 0 (fractions of the peak LR), got {lr!r}")
+                             f"finite start, end >= 0 (fractions of the peak LR), got {lr!r}")
         if p["mix"] not in cfg.mixtures:
             raise ValueError(f"{where}: mix {p['mix']!r} is not in mixtures {sorted(cfg.mixtures)}")
         if p["optimizer"] not in OPTIMIZERS:
             raise ValueError(f"{where}: optimizer must be one of {OPTIMIZERS}, got {p['optimizer']!r}")
+        if mcfg is not None and p["seq_len"] > mcfg.max_seq_len:
+            raise ValueError(f"{where}: seq_len {p['seq_len']} > the model's max_seq_len {mcfg.max_seq_len}")
+
+
+def check_run(cfg: TrainConfig, mixture, world: int) -> None:
+    """The checks that need the data and the world size, for the whole curriculum, before step 1: every
+    phase's global batch against the ranks, every source a phase draws from long enough for a window of
+    seq_len + 1 tokens (its training split; its held-out split where the run evaluates)."""
+    evaluated = range(len(cfg.phases)) if cfg.eval_interval else [phase_at(cfg.phases, _stop(cfg) - 1)[0]]
+    for i, p in enumerate(cfg.phases):
+        where = f"phases[{i}] ({p['name']})"
+        if p["batch"] % world:
+            raise ValueError(f"{where}: global batch {p['batch']} is not divisible by the world size {world}")
+        needs = [(s, "train", p["mix"]) for s, w in cfg.mixtures[p["mix"]].items() if w > 0]
+        if i in evaluated:
+            needs += [(s, "heldout", cfg.eval_mix) for s, w in cfg.mixtures[cfg.eval_mix].items() if w > 0]
+        for source, split, mix in needs:
+            if source not in mixture.names:
+                raise ValueError(f"{where}: mixture {mix!r} names source {source!r}, which the data does not "
+                                 f"have (sources: {mixture.names})")
+            n = mixture.split_tokens(source, split)
+            if n < p["seq_len"] + 1:
+                raise ValueError(f"{where}: seq_len {p['seq_len']} needs {p['seq_len'] + 1} tokens per window, but "
+                                 f"source {source!r} has {n} in its {split} split (mixture {mix!r})")
+
+
+def _stop(cfg: TrainConfig) -> int:
+    n = total_steps(cfg.phases)
+    return min(n, cfg.max_steps) if cfg.max_steps > 0 else n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,42 +478,77 @@ class Optimizers:
 
 
 # ----------------------------------------------------------------------------------------------------
-# checkpoints: atomic, self-contained, loadable without executing code
+# checkpoints: atomic, checksummed, loadable without executing code; one run per out_dir
 
 CKPT_FORMAT = "xmodel25-checkpoint-v1"
 _CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Hashing:
+    """A write-only file that hashes what passes through it (torch.save writes its zip sequentially)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
 def save_checkpoint(out_dir: str, step: int, state: dict, keep: int) -> str:
-    """Write out_dir/ckpt_<step>.pt through a temporary file and a rename (a crash leaves either the old set
-    or the new file, never a partial one under a checkpoint's name), then prune all but the last `keep`."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write out_dir/ckpt_<step>.pt atomically (data.atomic_write: a crash or a full disk leaves the earlier
+    checkpoints as they were and no partial file under a checkpoint's name) with the sha256 of its bytes in
+    ckpt_<step>.pt.sha256 (written just before the rename, so a listed checkpoint has its checksum), then
+    prune all but the newest `keep`."""
     path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(dict(state, format=CKPT_FORMAT, step=step), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with data.atomic_write(path, "wb") as f:
+        out = _Hashing(f)
+        torch.save(dict(state, format=CKPT_FORMAT, step=step), out)
+        with data.atomic_write(path + ".sha256") as g:
+            g.write(out.sha.hexdigest() + "\n")
     for old in list_checkpoints(out_dir)[:-keep]:
-        os.remove(old)
+        for p in (old, old + ".sha256"):
+            if os.path.exists(p):
+                os.remove(p)
     return path
 
 
 def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints in out_dir, oldest first (a .tmp left by a crash is never listed)."""
+    """Complete checkpoints in out_dir, oldest first (a partial file left by a crash is never listed)."""
     if not os.path.isdir(out_dir):
         return []
     return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if _CKPT_RE.match(n)]
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint file (weights_only: a file can hold tensors and plain data, never code)."""
+    """Load a checkpoint file, or a run directory's latest (weights_only: tensors and plain data, never code).
+    The file's sha256 must match the one written with it: flipped bytes are refused, naming the previous
+    good checkpoint."""
     if os.path.isdir(path):
         found = list_checkpoints(path)
         if not found:
             raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
         path = found[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.exists(path + ".sha256"):
+        want = open(path + ".sha256").read().strip()
+        if _sha256(path) != want:
+            earlier = [p for p in list_checkpoints(os.path.dirname(path) or ".") if p < path]
+            hint = (f"the previous checkpoint is {earlier[-1]}: move the corrupt one aside to resume from it"
+                    if earlier else "there is no earlier checkpoint in that directory")
+            raise ValueError(f"{path}: corrupt checkpoint (sha256 differs from {path}.sha256); {hint}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disallowed global, ...
@@ -427,6 +560,36 @@ def load_checkpoint(path: str) -> dict:
 
 def model_config_from(ckpt: dict) -> ModelConfig:
     return ModelConfig(**ckpt["model_config"])
+
+
+class RunLock:
+    """One run per out_dir: an exclusive flock on out_dir/.lock, held for the run's life. The kernel drops
+    it when the process dies however it dies, so a stale lock never blocks a resume; the file holds the
+    holder's PID and host for the message a second run gets."""
+
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, ".lock")
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "unknown"
+            self.f.close()
+            raise ValueError(f"out_dir {out_dir!r} is in use by another run ({holder}); wait for it or choose "
+                             f"another out_dir") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        self.f.flush()
+        for name in os.listdir(out_dir):  # partial files of a run that died mid-write (never listed, just space)
+            if ".tmp-" in name:
+                os.remove(os.path.join(out_dir, name))
+
+    def release(self) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,6 +644,29 @@ def collective_failure(error: BaseException) -> str:
     detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     return (f"rank {rank}: a collective failed or timed out (dist_timeout_s={_DIST_TIMEOUT_S[0]}) waiting for "
             f"the other ranks; last step started per rank: {steps}; {blame}. ({type(error).__name__}: {detail})")
+
+
+def checkpoint_handoff(rank: int, step: int, error: str | None, timeout_s: int) -> None:
+    """After rank 0 writes (or fails to write) the checkpoint of `step`, every rank learns the outcome through
+    the rendezvous store, waiting up to `timeout_s` (ckpt_timeout_s): a barrier would fail the whole job when
+    a 1.3B checkpoint on slow storage takes longer than the collective timeout."""
+    store, key = dist.distributed_c10d._get_default_store(), f"xmodel25/ckpt/{step}"
+    if rank == 0:
+        store.set(key, error or "ok")
+    else:
+        store.wait([key], timedelta(seconds=timeout_s))
+        outcome = store.get(key).decode()
+        if outcome != "ok":
+            raise OSError(f"rank 0 could not write the checkpoint of step {step}: {outcome}")
+
+
+def any_rank(flag: bool, world: int, device) -> bool:
+    """True on every rank if it is True on any (e.g. a preemption signal that reached one rank first)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -550,7 +736,7 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# evaluation and the training loop
+# evaluation
 
 @torch.no_grad()
 def heldout_loss(model, batches, device="cpu", autocast=None, rank: int = 0, world: int = 1) -> float:
@@ -581,25 +767,46 @@ def evaluate(model, mixture, cfg: TrainConfig, seq_len: int, rank: int, world: i
     return heldout_loss(model, batches, device, autocast, rank, world)
 
 
-def _start_metrics(out_dir: str, resumed_from: str | None, step: int) -> None:
-    """A fresh run refuses an out_dir holding another run's checkpoints (nothing is overwritten); a resumed
-    run drops the metrics rows after its checkpoint's step, which it is about to redo."""
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl: one row per logged step, evaluation and event; exact across resumes
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (a crash or a full disk mid-append) is dropped with a
+    warning naming the file; a bad line elsewhere is an error naming the file and the line."""
+    lines = open(path).read().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not JSON (the file is damaged)") from None
+            print(f"warning: {path}: dropped a torn last line ({line[:60]!r})", file=sys.stderr)
+    return rows
+
+
+def start_metrics(out_dir: str, resumed_step: int | None) -> None:
+    """A fresh run refuses an out_dir holding another run's checkpoints (nothing is overwritten). A resumed
+    run keeps the rows up to its checkpoint's step, minus the events and evaluations of that step itself,
+    which it redoes: the file ends as an uninterrupted run's would."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    if resumed_from is None and list_checkpoints(out_dir):
+    if resumed_step is None and list_checkpoints(out_dir):
         raise ValueError(f"out_dir {out_dir!r} holds checkpoints of an earlier run: continue it with --resume, "
                          f"or choose another out_dir")
-    if not os.path.exists(path):
-        return
-    rows = [l for l in open(path) if resumed_from and json.loads(l).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(rows)
-    os.replace(path + ".tmp", path)
+    rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
+    keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r] \
+        if rows else []
+    with data.atomic_write(path) as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
 
 
-def _log(out_dir: str, row: dict) -> None:
+def log_row(out_dir: str, row: dict) -> None:
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
 
+
+# ----------------------------------------------------------------------------------------------------
+# setting up a run: data, model, optimizers, the state to continue from
 
 def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int):
     """The tokenizer and the Mixture of the run. `data` maps each source to a prepared dataset directory, or
@@ -626,26 +833,150 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int):
     return tok, mixture
 
 
+def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, device, say) -> tuple[int, int]:
+    """Continue from the latest checkpoint (--resume) or start from a checkpoint's weights (--init_from):
+    the model config and the tokenizer must be the run's. Returns (step, tokens) to start from."""
+    found = list_checkpoints(cfg.out_dir) if cfg.resume else []
+    if cfg.resume and not found:
+        say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
+    source = found[-1] if found else cfg.init_from
+    if not source:
+        return 0, 0
+    ckpt = load_checkpoint(source)
+    if ckpt["model_config"] != asdict(mcfg):
+        diff = [k for k, v in asdict(mcfg).items() if ckpt["model_config"].get(k) != v]
+        raise ValueError(f"{source}: checkpoint was written for another model config (fields {diff})")
+    theirs, ours = ckpt.get("tokenizer") or {}, tok.identity
+    if (theirs.get("name"), theirs.get("sha256")) != (ours["name"], ours["sha256"]):
+        msg = (f"{source}: trained with tokenizer {theirs.get('name')} (sha256 {str(theirs.get('sha256'))[:12]}), "
+               f"this run uses {ours['name']} (sha256 {ours['sha256'][:12]})")
+        if not cfg.allow_tokenizer_change:
+            raise ValueError(msg + "; --allow_tokenizer_change=True to continue anyway")
+        say(f"warning: {msg}; continuing (--allow_tokenizer_change)")
+    missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or any(not k.endswith(("amax_history", "scale")) for k in missing):  # FP8 state may start fresh
+        raise ValueError(f"{source}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    if not found:
+        say(f"initialized from {source} (weights only), starting at step 0")
+        return 0, 0
+    if ckpt.get("optim") is not None:
+        opts.load_state_dict(ckpt["optim"])
+    else:
+        say(f"{source} holds no optimizer state: the optimizers start fresh")
+    if ckpt.get("rng"):
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    say(f"resumed from {source} at step {ckpt['step']}")
+    return ckpt["step"], ckpt["tokens"]
+
+
+def write_config(cfg: TrainConfig, mcfg: ModelConfig, say) -> None:
+    path = os.path.join(cfg.out_dir, "config.json")
+    with data.atomic_write(path) as f:
+        json.dump({"train": asdict(cfg), "model": asdict(mcfg)}, f, indent=1, default=str)
+    if cfg.verbose:
+        say(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1, default=str))
+    say(f"config: {path}")
+
+
+def print_plan(cfg: TrainConfig, raw, world: int, start: int, say) -> None:
+    n = raw.num_params()
+    say(f"model: {n / 1e6:.1f}M parameters ({(n - raw.tok_emb.weight.numel()) / 1e6:.1f}M without the embedding), "
+        f"{raw.config.n_layer} x {raw.config.hidden}, width multiplier m = {raw.config.width_mult:g}")
+    stop, step = _stop(cfg), 0
+    for p in cfg.phases:
+        if step < stop:
+            say(f"  {p['name']:<10} steps {step}..{min(step + p['steps'], stop) - 1}  {p['batch']} x {p['seq_len']}  "
+                f"LR {p['lr'][0]} {p['lr'][1]:g}->{p['lr'][2]:g}  mix {p['mix']}  {p['optimizer']}")
+        step += p["steps"]
+    tokens = sum(p["steps"] * p["batch"] * p["seq_len"] for p in cfg.phases)
+    say(f"plan: {stop - start} steps to run of {total_steps(cfg.phases)}, {tokens / 1e6:,.2f}M tokens in the "
+        f"curriculum, {world} rank(s); the time estimate follows the first steps")
+
+
+def remaining_tokens(phases: list, step: int, stop: int) -> int:
+    """Tokens in steps [step, stop) of the curriculum."""
+    total, begin = 0, 0
+    for p in phases:
+        end = begin + p["steps"]
+        total += max(0, min(end, stop) - max(begin, step)) * p["batch"] * p["seq_len"]
+        begin = end
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# the training loop
+
+class _Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits 0."""
+
+    def __init__(self):
+        self.flag, self.old = False, {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.old[sig] = signal.signal(sig, self._set)
+            except ValueError:  # not the main thread (e.g. a test harness): no signal handling
+                pass
+
+    def _set(self, *_):
+        self.flag = True
+
+    def restore(self):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+def train_step(model, params, opts, mixture, phase, step, mb, accum, rank, world, device, autocast, grad_clip):
+    """One optimizer step over the phase's global batch: `accum` micro-batches of `mb` sequences on each rank.
+    Returns this rank's loss and the global gradient norm, as device tensors (no sync)."""
+    loss_step = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = mixture.batch(step, micro, rank, world, mb, phase["seq_len"])
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP all-reduces the gradients only in the last micro-step's backward (a fresh context each use)
+        sync = model.no_sync if world > 1 and micro < accum - 1 else nullcontext
+        with sync(), autocast:
+            loss = model(x, y) / accum
+        with sync():
+            loss.backward()
+        loss_step += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opts.step()
+    opts.zero_grad()
+    return loss_step, grad_norm
+
+
 def train(argv: list[str]) -> dict:
-    """Run the curriculum described by argv (see load_config); returns a summary (used by the tests)."""
+    """Run the curriculum described by argv (see load_config); returns a summary: the last step, the logged
+    losses of this rank, the held-out evaluations, the last checkpoint, the sample."""
+    if "-h" in argv or "--help" in argv:
+        print(config_help())
+        return {}
     conf = load_config(argv)
     cfg, mcfg = conf["train"], conf["model"]
     if cfg.dry_run:  # a plan needs no device: any machine plans any run
         return dry_run(cfg, mcfg, int(os.environ.get("WORLD_SIZE", 1)))
     master = int(os.environ.get("RANK", 0)) == 0
-    say = print if master else (lambda *a, **k: None)
+    say = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
+    t_start = time.perf_counter()
     cfg.device, cfg.dtype = resolve_machine(cfg.device, cfg.dtype, say)
     rank, world, device = setup_distributed(cfg)
-    say(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1, default=str))
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        tmp = os.path.join(cfg.out_dir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"train": asdict(cfg), "model": asdict(mcfg)}, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(cfg.out_dir, "config.json"))
+    lock = RunLock(cfg.out_dir) if master else None
+    preemption = _Preemption()
+    try:
+        return _run(cfg, mcfg, rank, world, device, say, t_start, preemption)
+    finally:
+        preemption.restore()
+        if lock:
+            lock.release()
 
+
+def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
+    master = rank == 0
     torch.manual_seed(cfg.seed)
     tok, mixture = build_data(cfg, mcfg, rank, world)
+    check_run(cfg, mixture, world)  # the whole curriculum against the data, before anything trains
     raw = mup.build_model(mcfg, device)
     if cfg.compile:
         raw.compile_for_training()
@@ -653,51 +984,19 @@ def train(argv: list[str]) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    phases, n_total = cfg.phases, total_steps(cfg.phases)
+    phases, stop = cfg.phases, _stop(cfg)
     opts = Optimizers(raw, cfg, phases[0]["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-
-    step, tokens = 0, 0
-    found = list_checkpoints(cfg.out_dir) if cfg.resume else []
-    if cfg.resume and not found:
-        say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
-    source = found[-1] if found else cfg.init_from
-    if source:
-        ckpt = load_checkpoint(source)
-        if ckpt["model_config"] != asdict(mcfg):
-            diff = [k for k, v in asdict(mcfg).items() if ckpt["model_config"].get(k) != v]
-            raise ValueError(f"{source}: checkpoint was written for another model config (fields {diff})")
-        missing, unexpected = raw.load_state_dict(ckpt["model"], strict=False)
-        if unexpected or any(not k.endswith(("amax_history", "scale")) for k in missing):  # FP8 state may start fresh
-            raise ValueError(f"{source}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
+    step, tokens = restore(cfg, mcfg, raw, opts, tok, device, say)
+    start = step
     if master:
-        _start_metrics(cfg.out_dir, found[-1] if found else None, ckpt["step"] if found else 0)
-    if found:
-        step, tokens = ckpt["step"], ckpt["tokens"]
-        if ckpt.get("optim") is not None:
-            opts.load_state_dict(ckpt["optim"])
-        else:
-            say(f"{source} holds no optimizer state: the optimizers start fresh")
-        if ckpt.get("rng"):
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        say(f"resumed from {source} at step {step}")
-    elif source:
-        say(f"initialized from {source} (weights only), starting at step 0")
-    stop = min(n_total, cfg.max_steps) if cfg.max_steps > 0 else n_total
+        start_metrics(cfg.out_dir, step if cfg.resume and step else None)
+        write_config(cfg, mcfg, say)
+    print_plan(cfg, raw, world, step, say)
+    if not data_plot_ok():
+        say("note: matplotlib is not installed: no loss.png will be drawn (pip install matplotlib)")
 
-    def checkpoint_now():
-        state = {"model": raw.state_dict(), "optim": opts.state_dict(), "tokens": tokens,
-                 "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity,
-                 "rng": {"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        if master:
-            path = save_checkpoint(cfg.out_dir, step, state, cfg.keep_checkpoints)
-            say(f"step {step}: checkpoint {path}")
-        if world > 1:
-            dist.barrier()
-
+    summary = {"step": step, "losses": [], "evals": [], "out_dir": cfg.out_dir, "checkpoint": None}
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss/grad
 
     def check_finite():
@@ -706,10 +1005,42 @@ def train(argv: list[str]) -> dict:
             raise FloatingPointError(f"non-finite loss or gradient norm at step {bad + 1}: stopping; "
                                      f"the last good checkpoint in {cfg.out_dir} is kept as it was")
 
-    losses, evals, params = [], [], [p for p in raw.parameters()]
-    cur_phase, mb, accum = None, 0, 0
+    def checkpoint():
+        check_finite()
+        if not all(bool(torch.isfinite(p).all()) for p in raw.parameters()):
+            raise FloatingPointError(f"non-finite weights after step {step}: no checkpoint written; the last "
+                                     f"good checkpoint in {cfg.out_dir} is kept as it was")
+        state = {"model": raw.state_dict(), "optim": opts.state_dict(), "tokens": tokens,
+                 "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity,
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        error = None
+        if master:
+            try:
+                summary["checkpoint"] = save_checkpoint(cfg.out_dir, step, state, cfg.keep_checkpoints)
+                say(f"step {step}: checkpoint {summary['checkpoint']}")
+            except OSError as e:
+                error = str(e)
+        if world > 1:
+            checkpoint_handoff(rank, step, error, cfg.ckpt_timeout_s)
+        if error:
+            raise OSError(error)
+
+    def evaluate_now(phase):
+        ev = evaluate(raw, mixture_eval(mixture, cfg), cfg, phase["seq_len"], rank, world, device, autocast)
+        summary["evals"].append((step, ev))
+        say(f"step {step}: held-out loss {ev:.4f}")
+        if master:
+            log_row(cfg.out_dir, {"step": step, "phase": phase["name"], "eval_loss": ev, "tokens": tokens})
+
+    due = lambda interval: interval and step % interval == 0  # noqa: E731
+    if step and step < stop and due(cfg.eval_interval):  # the evaluation of the resumed step is redone
+        evaluate_now(phases[phase_at(phases, step - 1)[0]])
+    params = list(raw.parameters())
+    cur_phase, mb, accum, n_logged = None, 0, 0, 0
     t_log, tok_log = time.perf_counter(), tokens
     loss_acc = torch.zeros((), device=device)
+    preempted = False
     while step < stop:
         if world > 1:
             note_progress(rank, step)
@@ -725,80 +1056,100 @@ def train(argv: list[str]) -> dict:
             if phase["optimizer"] != opts.kind:
                 say(f"step {step}: optimizer switch {opts.kind} -> {phase['optimizer']} for the hidden matrices")
                 if master:
-                    _log(cfg.out_dir, {"step": step, "event": "optimizer_switch", "from": opts.kind,
-                                       "to": phase["optimizer"], "phase": phase["name"]})
+                    log_row(cfg.out_dir, {"step": step, "event": "optimizer_switch", "from": opts.kind,
+                                          "to": phase["optimizer"], "phase": phase["name"]})
                 opts.use(phase["optimizer"])
         lr = lr_factor(phase, i)
         opts.set_lr(lr)
-        loss_step = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = mixture.batch(step, micro, rank, world, mb, phase["seq_len"])
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP all-reduces the gradients only in the last micro-step's backward (a fresh context each use)
-            sync = model.no_sync if world > 1 and micro < accum - 1 else nullcontext
-            with sync(), autocast:
-                loss = model(x, y) / accum
-            with sync():
-                loss.backward()
-            loss_step += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        loss_step, grad_norm = train_step(model, params, opts, mixture, phase, step, mb, accum, rank, world,
+                                          device, autocast, cfg.grad_clip)
         finite = torch.isfinite(loss_step) & torch.isfinite(grad_norm)
         first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
-        opts.step()
-        opts.zero_grad()
         step += 1
         tokens += phase["batch"] * phase["seq_len"]
-        losses.append(loss_step)
         loss_acc += loss_step
-
+        n_logged += 1
+        preempted = any_rank(preemption.flag, world, device)
         last = step == stop
-        if step % cfg.log_interval == 0 or last:
+        if due(cfg.log_interval) or last or preempted or step - start == 2:
             check_finite()
-            n_logged = step % cfg.log_interval or cfg.log_interval
-            loss_mean = all_reduce_mean(loss_acc / n_logged, world).item()
-            loss_acc.zero_()
             dt = time.perf_counter() - t_log
             tps = (tokens - tok_log) / max(dt, 1e-9)
-            remaining = sum(p["steps"] * p["batch"] * p["seq_len"] for p in phases[pi + 1:]) + \
-                (phase["steps"] - i - 1) * phase["batch"] * phase["seq_len"]
-            row = {"step": step, "phase": phase["name"], "loss": loss_mean,
-                   "lr": opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
-                   "tokens": tokens, "tokens_per_s": tps, "seq_len": phase["seq_len"],
-                   "global_batch": phase["batch"], "optimizer": opts.kind}
-            line = (f"step {step}/{n_total} {phase['name']} loss {loss_mean:.4f} lr {row['lr']:.3g} "
-                    f"gnorm {row['grad_norm']:.3f} {tps:,.0f} tok/s ETA {remaining / max(tps, 1e-9) / 60:.1f} min")
-            if device.type == "cuda":
-                row["mfu"] = raw.flops_per_token(phase["seq_len"]) * tps / world / (cfg.gpu_peak_tflops * 1e12)
-                line += f" MFU {row['mfu']:.1%}"
-            say(line)
-            if master:
-                _log(cfg.out_dir, row)
-            t_log, tok_log = time.perf_counter(), tokens
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or last:
-            ev = evaluate(raw, mixture_eval(mixture, cfg), cfg, phase["seq_len"], rank, world, device, autocast)
-            evals.append((step, ev))
-            say(f"step {step}: held-out loss {ev:.4f}")
-            if master:
-                _log(cfg.out_dir, {"step": step, "phase": phase["name"], "eval_loss": ev, "tokens": tokens})
+            eta = remaining_tokens(phases, step, stop) / max(tps, 1e-9) / 60
+            if step - start == 2 and not (due(cfg.log_interval) or last or preempted):  # an early estimate
+                say(f"step {step}: {tps:,.0f} tok/s over the first steps; the whole run: about "
+                    f"{(time.perf_counter() - t_start) / 60 + eta:.1f} min (ETA {eta:.1f} min)")
+            else:
+                local = (loss_acc / n_logged).item()
+                loss_mean = all_reduce_mean(loss_acc / n_logged, world).item()
+                summary["losses"].append(local)
+                loss_acc.zero_()
+                n_logged = 0
+                row = {"step": step, "phase": phase["name"], "loss": loss_mean,
+                       "lr": opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
+                       "tokens": tokens, "tokens_per_s": tps, "seq_len": phase["seq_len"],
+                       "global_batch": phase["batch"], "optimizer": opts.kind}
+                line = (f"step {step}/{total_steps(phases)} {phase['name']} loss {loss_mean:.4f} lr {row['lr']:.3g} "
+                        f"gnorm {row['grad_norm']:.3f} {tps:,.0f} tok/s ETA {eta:.1f} min")
+                if device.type == "cuda":
+                    row["mfu"] = raw.flops_per_token(phase["seq_len"]) * tps / world / (cfg.gpu_peak_tflops * 1e12)
+                    line += f" MFU {row['mfu']:.1%}"
+                say(line)
+                if master:
+                    log_row(cfg.out_dir, row)
+                t_log, tok_log = time.perf_counter(), tokens
+        if due(cfg.ckpt_interval) or last or preempted:  # before the evaluation: an evaluation never costs weights
+            checkpoint()
+        if preempted:
+            break
+        if due(cfg.eval_interval) or last:
+            evaluate_now(phase)
+        if due(cfg.ckpt_interval) or due(cfg.eval_interval) or last:
             t_log = time.perf_counter()
-        if (cfg.ckpt_interval and step % cfg.ckpt_interval == 0) or last:
-            check_finite()
-            checkpoint_now()
-            t_log = time.perf_counter()
-
-    summary = {"step": step, "losses": [l.item() for l in losses], "evals": evals, "out_dir": cfg.out_dir}
-    if master:
-        plot_runs({os.path.basename(os.path.normpath(cfg.out_dir)): cfg.out_dir}, os.path.join(cfg.out_dir, "loss.png"))
-    if step == n_total and master and cfg.sample_tokens > 0:
-        prompt = tok.encode("def ")
-        g = torch.Generator(device=device).manual_seed(cfg.seed)
-        out = raw.generate(torch.tensor([prompt], device=device), cfg.sample_tokens, temperature=0.8, top_k=50,
-                           generator=g)
-        summary["sample"] = tok.decode(out[0].tolist())
-        say(f"final held-out loss {evals[-1][1]:.4f}\nsample:\n{summary['sample']}")
+    summary["step"] = step
+    if preempted:
+        say(f"preempted: stopped after step {step} with a checkpoint; continue with: "
+            f"python train.py {' '.join(sys.argv[1:]) or '...'} --resume")
+        summary["preempted"] = True
+        return summary
+    if step == stop and start == stop and stop:  # resumed a finished run: its final evaluation again
+        evaluate_now(phases[phase_at(phases, step - 1)[0]])
+    finish(cfg, raw, tok, device, summary, t_start, tokens, master, say)
     if world > 1:
         dist.barrier()  # leave together: no rank tears the group down under another's last collective
     return summary
+
+
+def data_plot_ok() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def finish(cfg, raw, tok, device, summary, t_start, tokens, master, say) -> None:
+    """The run's last lines: the loss curve, a sample, the numbers, where everything is, what to run next."""
+    if not master:
+        return
+    out = cfg.out_dir
+    plot = plot_runs({os.path.basename(os.path.normpath(out)): out}, os.path.join(out, "loss.png"))
+    if summary["step"] == total_steps(cfg.phases) and cfg.sample_tokens > 0:
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        ids = raw.generate(torch.tensor([tok.encode("def ")], device=device), cfg.sample_tokens, temperature=0.8,
+                           top_k=50, generator=g)
+        summary["sample"] = tok.decode(ids[0].tolist())
+        say(f"sample:\n{summary['sample']}")
+    wall = time.perf_counter() - t_start
+    ckpt = summary["checkpoint"] or (list_checkpoints(out) or ["(none)"])[-1]
+    if summary["evals"]:
+        say(f"final held-out loss {summary['evals'][-1][1]:.4f}")
+    say(f"done: {summary['step']} steps in {wall / 60:.1f} min, {tokens:,} tokens trained in total\n"
+        f"  checkpoint  {ckpt}\n  metrics     {os.path.join(out, 'metrics.jsonl')}\n"
+        f"  loss curve  {plot or 'not drawn: matplotlib is not installed (pip install matplotlib)'}\n"
+        f"  config      {os.path.join(out, 'config.json')}\n"
+        f"next:\n  python -m tools.sample {out} --prompt 'def '\n  python -m tools.export {out} {out}/hf\n"
+        f"  python -m tools.eval {out}\n  python -m tools.plot compare.png A={out} B=OTHER_RUN")
 
 
 def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) -> str | None:
@@ -812,7 +1163,7 @@ def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) ->
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, out_dir in runs.items():
-        rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+        rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
         rows = [r for r in rows if r.get("tokens", from_tokens) >= from_tokens]  # zoom: e.g. an ablation's decay
         train_rows = [r for r in rows if "loss" in r]
         line, = ax.plot([r["tokens"] for r in train_rows], [r["loss"] for r in train_rows], label=label, lw=1)
@@ -837,11 +1188,10 @@ def mixture_eval(mixture, cfg: TrainConfig):
 
 if __name__ == "__main__":
     try:
-        if sys.argv[1:2] == ["plot"]:  # python train.py plot OUT.png LABEL=OUT_DIR [LABEL=OUT_DIR ...]
-            print(plot_runs(dict(a.split("=", 1) for a in sys.argv[3:]), sys.argv[2]) or "matplotlib is not installed")
-        else:
-            train(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        train(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        if isinstance(e, RuntimeError):
+            raise
         where = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
         print(f"error: {where}{e}", file=sys.stderr)
         sys.exit(1)
