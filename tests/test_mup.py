@@ -1,4 +1,4 @@
-"""Tests for mup.py's tools: the coordinate check, the LR transfer sweep and the proxy search.
+"""Tests for the μP tools (tools/coord_check.py, lr_sweep.py, search.py, proxy.py) against mup.py's rules.
 
 The coordinate check is the test of μP itself: train 2-layer proxies of width 64/128/256 for 3 Adam
 steps at lr 0.005 (2 seeds, vocabulary 256, head dim 32) and fit log2(mean |activation|) against log2(width) at the last step. Under μP every
@@ -10,20 +10,23 @@ Measured slopes at these settings: μP embedding 0.00, attention -0.11, mlp -0.0
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-import data  # noqa: E402
-import mup  # noqa: E402
-from model import ModelConfig  # noqa: E402
+import data
+import mup
+import train
+from model import ModelConfig
+from tools import coord_check, lr_sweep, proxy, search
 
 WIDTHS = (64, 128, 256)
 
 
 def small_check(params=("mup",)):
-    return mup.coord_check(widths=WIDTHS, steps=3, n_layer=2, lr=0.005, vocab_size=256, batch=4, seq_len=32,
+    return coord_check.coord_check(widths=WIDTHS, steps=3, n_layer=2, lr=0.005, vocab_size=256, batch=4, seq_len=32,
                            seeds=2, head_dim=32, parameterizations=params)
 
 
@@ -34,11 +37,11 @@ def check():
 
 
 def test_coord_check_mup_flat_sp_grows(check):
-    ok, slopes = mup.coord_check_ok(check, "mup")
+    ok, slopes = coord_check.coord_check_ok(check, "mup")
     assert ok, slopes
-    ok_sp, sp = mup.coord_check_ok(check, "sp")
+    ok_sp, sp = coord_check.coord_check_ok(check, "sp")
     assert not ok_sp, sp
-    assert max(sp[t] for t in mup.HIDDEN_TYPES) > 2 * mup.SLOPE_BOUND, sp
+    assert max(sp[t] for t in coord_check.HIDDEN_TYPES) > 2 * coord_check.SLOPE_BOUND, sp
     assert len(check["scales"]["mup"]["block"]) == 4 and len(check["scales"]["mup"]["block"][0]) == len(WIDTHS)
 
 
@@ -47,10 +50,10 @@ def test_coord_scales_match_plain_forward():
     each branch x residual multiplier as added to the stream, block outputs, logits x output_scale/m."""
     from model import rope_tables
     torch.manual_seed(0)
-    model = mup.build_model(mup.proxy_config(64, 2, 128, head_dim=32))
+    model = mup.build_model(proxy.proxy_config(64, 2, 128, head_dim=32))
     cfg = model.config
     idx = torch.randint(128, (2, 16))
-    loss, sc = mup.coord_scales(model, idx, idx)
+    loss, sc = coord_check.coord_scales(model, idx, idx)
     cos, sin = rope_tables(16, cfg.head_dim, cfg.rope_base)
     with torch.no_grad():
         h = model.tok_emb(idx) * cfg.input_scale
@@ -86,14 +89,14 @@ def _broken_residual(monkeypatch):
 def test_coord_check_catches_broken_mup(monkeypatch, breakage):
     torch.set_num_threads(1)
     breakage(monkeypatch)
-    ok, slopes = mup.coord_check_ok(small_check(), "mup")
+    ok, slopes = coord_check.coord_check_ok(small_check(), "mup")
     assert not ok, slopes
 
 
 def test_log_slope():
-    assert mup.log_slope([64, 128, 256], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
-    assert mup.log_slope([64, 128, 256], [3.0, 3.0, 3.0]) == pytest.approx(0.0, abs=1e-12)
-    assert mup.log_slope([64, 128], [1.0, float("nan")]) == float("inf")
+    assert coord_check.log_slope([64, 128, 256], [1.0, 2.0, 4.0]) == pytest.approx(1.0)
+    assert coord_check.log_slope([64, 128, 256], [3.0, 3.0, 3.0]) == pytest.approx(0.0, abs=1e-12)
+    assert coord_check.log_slope([64, 128], [1.0, float("nan")]) == float("inf")
 
 
 TEXT = [
@@ -116,7 +119,7 @@ def tiny_dataset(tmp_path_factory):
             p.parent.mkdir(exist_ok=True)
             p.write_text(t.replace("10", str(i)) * 3)
             docs[src].append(str(p))
-    tok = mup.small_bpe(300, cache_dir=root, texts=TEXT * 4)
+    tok = proxy.small_bpe(300, cache_dir=root, texts=TEXT * 4)
     out = data.prepare({"code": str(root / "code"), "prose": str(root / "prose")}, root / "ds", tokenizer=tok,
                        heldout_frac=0.1, workers=1, progress=False)
     return out
@@ -124,7 +127,7 @@ def tiny_dataset(tmp_path_factory):
 
 def test_sweep_end_to_end(tiny_dataset, tmp_path):
     out = tmp_path / "lr_sweep.json"
-    res = mup.lr_sweep(widths=(64, 128), lrs=[1e-3, 1e-2], steps=3, n_layer=1, batch=2, seq_len=16, eval_windows=4,
+    res = lr_sweep.lr_sweep(widths=(64, 128), lrs=[1e-3, 1e-2], steps=3, n_layer=1, batch=2, seq_len=16, eval_windows=4,
                        dataset=tiny_dataset, jobs=1, out_json=out)
     assert len(res["runs"]) == 2 * 2 * 2
     saved = json.loads(out.read_text())
@@ -135,56 +138,86 @@ def test_sweep_end_to_end(tiny_dataset, tmp_path):
             runs = [r for r in res["runs"] if r["param"] == p and str(r["width"]) == w]
             assert best["loss"] == min(r["loss"] for r in runs)
     # resuming with the same config repeats nothing (the stored losses come back unchanged)
-    again = mup.lr_sweep(widths=(64, 128), lrs=[1e-3, 1e-2], steps=3, n_layer=1, batch=2, seq_len=16,
+    again = lr_sweep.lr_sweep(widths=(64, 128), lrs=[1e-3, 1e-2], steps=3, n_layer=1, batch=2, seq_len=16,
                          eval_windows=4, dataset=tiny_dataset, jobs=1, out_json=out)
     assert [r["seconds"] for r in again["runs"]] == [r["seconds"] for r in res["runs"]]
-    assert "width" in mup.format_sweep_table(res)
-    assert mup.plot_sweep(res, tmp_path / "lr_sweep.png") and (tmp_path / "lr_sweep.png").stat().st_size > 1000
+    assert "width" in lr_sweep.format_sweep_table(res)
+    assert lr_sweep.plot_sweep(res, tmp_path / "lr_sweep.png") and (tmp_path / "lr_sweep.png").stat().st_size > 1000
 
 
 def test_train_proxy_lr_matters_and_is_deterministic(tiny_dataset):
-    mix, n_vocab = mup.corpus_mixture(dataset=tiny_dataset)
+    mix, n_vocab = proxy.corpus_mixture(dataset=tiny_dataset)
     ev = mix.eval_batches(4, 2, 16)
-    cfg = mup.proxy_config(64, 1, n_vocab)
-    a = mup.train_proxy(cfg, 1e-2, 1e-2, mix, 5, 2, 16, ev)
-    b = mup.train_proxy(cfg, 1e-2, 1e-2, mix, 5, 2, 16, ev)
-    c = mup.train_proxy(cfg, 1e-5, 1e-5, mix, 5, 2, 16, ev)
+    cfg = proxy.proxy_config(64, 1, n_vocab)
+    a = proxy.train_proxy(cfg, 1e-2, 1e-2, mix, 5, 2, 16, ev)
+    b = proxy.train_proxy(cfg, 1e-2, 1e-2, mix, 5, 2, 16, ev)
+    c = proxy.train_proxy(cfg, 1e-5, 1e-5, mix, 5, 2, 16, ev)
     assert a["loss"] == b["loss"] and a["train"] == b["train"]
     assert a["loss"] < c["loss"]  # 5 steps at 1e-5 barely move; at 1e-2 the loss drops
 
 
 def test_search_writes_loadable_best_config(tiny_dataset, tmp_path):
-    pytest.importorskip("optuna")
     base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "proxy20m.py")
     study, out = tmp_path / "study.db", tmp_path / "best.py"
     kw = dict(base_config=base, study_path=study, out_path=out, steps=2, batch=2, seq_len=16, eval_windows=2,
-              width=64, n_layer=1, dataset=tiny_dataset, space=mup.parse_space(["init_std=off"]))
-    res = mup.search(trials=2, **kw)
+              width=64, n_layer=1, dataset=tiny_dataset, space=search.parse_space(["init_std=off"]))
+    res = search.search(trials=2, **kw)
     assert res["trials"] == 2
-    vals = mup.load_config_file(out)
-    for k, v in res["best"].items():
-        assert vals[k] == v
-    base_vals = mup.load_config_file(base)
-    assert vals["phases"] == base_vals["phases"] and vals["init_std"] == base_vals["init_std"]
-    cfg = mup.model_config_from(vals)
-    assert (cfg.input_scale, cfg.residual_scale) == (vals["input_scale"], vals["residual_scale"])
-    assert cfg.vocab_size == base_vals["vocab_size"]  # the proxy's small vocabulary does not leak out
-    import train  # the trainer's own loader accepts it, tuned values included
-    loaded = train.load_config([str(out)])
-    assert loaded["model"].input_scale == vals["input_scale"] and loaded["train"].lr == vals["lr"]
+    loaded, base_loaded = train.load_config([str(out)]), train.load_config([base])  # the trainer's own loader
+    for k, v in res["best"].items():  # the tuned values, each in the config it belongs to
+        assert getattr(loaded["train" if k in search.OPTIMIZER_KEYS else "model"], k) == v
+    assert set(res["best"]) == {"lr", "emb_lr", "input_scale", "residual_scale"}
+    assert loaded["train"].phases == base_loaded["train"].phases
+    assert loaded["model"].init_std == base_loaded["model"].init_std
+    assert loaded["model"].vocab_size == base_loaded["model"].vocab_size  # the proxy's small vocabulary does not leak out
     # resumable: a second call with a larger budget continues the same study
-    res2 = mup.search(trials=3, **kw)
+    res2 = search.search(trials=3, **kw)
     assert res2["trials"] == 3
     # another setup on the same study file is refused, naming what differs
     with pytest.raises(ValueError, match="steps"):
-        mup.search(trials=3, **{**kw, "steps": 3})
+        search.search(trials=3, **{**kw, "steps": 3})
 
 
 def test_parse_space_errors():
-    assert mup.parse_space(["lr=0.001:0.1"])["lr"] == (0.001, 0.1)
+    assert search.parse_space(["lr=0.001:0.1"])["lr"] == (0.001, 0.1)
     with pytest.raises(ValueError, match="bogus"):
-        mup.parse_space(["bogus=1:2"])
+        search.parse_space(["bogus=1:2"])
     with pytest.raises(ValueError, match="LOW < HIGH"):
-        mup.parse_space(["lr=0.1:0.01"])
+        search.parse_space(["lr=0.1:0.01"])
     with pytest.raises(ValueError, match="head_dim"):
-        mup.proxy_config(100, 1, 64)
+        proxy.proxy_config(100, 1, 64)
+
+
+def test_coord_check_command_line(tmp_path):
+    """`python -m tools.coord_check` from the repository root: the machine is resolved and said, JSON + PNG."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "tools.coord_check", "--out", str(tmp_path), "--widths", "64", "128",
+                        "--steps", "1", "--seeds", "1", "--n-layer", "1", "--vocab", "64", "--threads", "1",
+                        "--device", "cpu", "--dtype", "float32"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "device cpu (as configured)" in r.stdout and "dtype float32 (as configured)" in r.stdout
+    res = json.loads((tmp_path / "coord_check.json").read_text())
+    assert res["widths"] == [64, 128] and res["steps"] == [0, 1] and set(res["slopes"]) == {"mup", "sp"}
+    assert (res["config"]["device"], res["config"]["dtype"]) == ("cpu", "float32")
+    assert (tmp_path / "coord_check.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "tools.coord_check", "--out", str(tmp_path), "--steps", "0"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "need steps >= 1" in bad.stderr
+
+
+def test_sweep_and_search_command_lines(tiny_dataset, tmp_path, capsys):
+    res = lr_sweep.main(["--out", str(tmp_path), "--widths", "64", "--lrs", "0.01", "--steps", "2", "--n-layer", "1",
+                         "--batch", "2", "--seq-len", "16", "--eval-windows", "2", "--jobs", "1",
+                         "--dataset", tiny_dataset, "--device", "cpu", "--dtype", "float32"])
+    assert json.loads((tmp_path / "lr_sweep.json").read_text())["runs"] == json.loads(json.dumps(res["runs"]))
+    assert res["config"]["dtype"] == "float32" and len(res["runs"]) == 2
+    assert (tmp_path / "lr_sweep.png").stat().st_size > 1000
+    base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "proxy20m.py")
+    res = search.main(["--base", base, "--trials", "1", "--study", str(tmp_path / "s.db"), "--out",
+                       str(tmp_path / "best.py"), "--steps", "1", "--batch", "2", "--seq-len", "16", "--eval-windows",
+                       "2", "--width", "64", "--n-layer", "1", "--dataset", tiny_dataset, "--device", "cpu",
+                       "--dtype", "float32"])
+    assert res["trial"] == 0 and res["best"]["lr"] == train.load_config([base])["train"].lr  # trial 0: the base values
+    assert train.load_config([str(tmp_path / "best.py")])["train"].lr == res["best"]["lr"]
+    out = capsys.readouterr().out
+    assert "device cpu (as configured)" in out and f"wrote {tmp_path / 'best.py'}" in out
