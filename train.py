@@ -908,6 +908,51 @@ def remaining_tokens(phases: list, step: int, stop: int) -> int:
 # ----------------------------------------------------------------------------------------------------
 # the training loop
 
+class Meter:
+    """Throughput and the logged loss: the mean over the steps actually in the interval (after a resume the
+    first interval may be shorter), read from the device only at logging steps."""
+
+    def __init__(self, tokens: int, phases: list, device, say):
+        self.phases, self.say, self.n = phases, say, 0
+        self.loss = torch.zeros((), device=device)
+        self.pause(tokens)
+
+    def pause(self, tokens: int | None = None):
+        self.t = time.perf_counter()
+        self.tokens = self.tokens if tokens is None else tokens
+
+    def add(self, loss: torch.Tensor):
+        self.loss += loss
+        self.n += 1
+
+    def _rate(self, tokens: int, step: int, stop: int) -> tuple[float, float]:
+        tps = (tokens - self.tokens) / max(time.perf_counter() - self.t, 1e-9)
+        return tps, remaining_tokens(self.phases, step, stop) / max(tps, 1e-9) / 60
+
+    def estimate(self, step: int, tokens: int, stop: int, t_start: float):
+        tps, eta = self._rate(tokens, step, stop)
+        self.say(f"step {step}: {tps:,.0f} tok/s over the first steps; the whole run: about "
+                 f"{(time.perf_counter() - t_start) / 60 + eta:.1f} min (ETA {eta:.1f} min)")
+
+    def row(self, step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg) -> dict:
+        tps, eta = self._rate(tokens, step, stop)
+        local = self.loss / self.n
+        row = {"step": step, "phase": phase["name"], "loss": all_reduce_mean(local, world).item(),
+               "lr": opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
+               "tokens": tokens, "tokens_per_s": tps, "seq_len": phase["seq_len"],
+               "global_batch": phase["batch"], "optimizer": opts.kind}
+        line = (f"step {step}/{total_steps(self.phases)} {phase['name']} loss {row['loss']:.4f} lr {row['lr']:.3g} "
+                f"gnorm {row['grad_norm']:.3f} {tps:,.0f} tok/s ETA {eta:.1f} min")
+        if device.type == "cuda":
+            row["mfu"] = raw.flops_per_token(phase["seq_len"]) * tps / world / (cfg.gpu_peak_tflops * 1e12)
+            line += f" MFU {row['mfu']:.1%}"
+        self.say(line)
+        self.loss.zero_()
+        self.n = 0
+        self.pause(tokens)
+        return dict(row, local_loss=local.item())
+
+
 class _Preemption:
     """SIGTERM / SIGUSR1 set a flag; the loop finishes its step, checkpoints and exits 0."""
 
@@ -925,6 +970,22 @@ class _Preemption:
     def restore(self):
         for sig, h in self.old.items():
             signal.signal(sig, h)
+
+
+def enter_phase(cfg, phase, step, i, opts, mixture, world, master, say):
+    """A phase boundary: the micro-batch / accumulation split, the data mix, and possibly the optimizer switch
+    of the hidden matrices (logged as an event row). Returns (micro-batch, accumulation steps, mixture)."""
+    mb, accum = batch_split(phase, cfg.micro_batch, world)
+    say(f"phase {phase['name']}: steps {step}..{step + phase['steps'] - i - 1}, batch {phase['batch']} x "
+        f"{phase['seq_len']} = {mb} x {accum} accumulation x {world} ranks, mix {phase['mix']}, "
+        f"optimizer {phase['optimizer']}")
+    if phase["optimizer"] != opts.kind:
+        say(f"step {step}: optimizer switch {opts.kind} -> {phase['optimizer']} for the hidden matrices")
+        if master:
+            log_row(cfg.out_dir, {"step": step, "event": "optimizer_switch", "from": opts.kind,
+                                  "to": phase["optimizer"], "phase": phase["name"]})
+        opts.use(phase["optimizer"])
+    return mb, accum, mixture.with_weights(cfg.mixtures[phase["mix"]])
 
 
 def train_step(model, params, opts, mixture, phase, step, mb, accum, rank, world, device, autocast, grad_clip):
@@ -1037,10 +1098,8 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
     if step and step < stop and due(cfg.eval_interval):  # the evaluation of the resumed step is redone
         evaluate_now(phases[phase_at(phases, step - 1)[0]])
     params = list(raw.parameters())
-    cur_phase, mb, accum, n_logged = None, 0, 0, 0
-    t_log, tok_log = time.perf_counter(), tokens
-    loss_acc = torch.zeros((), device=device)
-    preempted = False
+    cur_phase, mb, accum, preempted = None, 0, 0, False
+    meter = Meter(tokens, phases, device, say)
     while step < stop:
         if world > 1:
             note_progress(rank, step)
@@ -1048,17 +1107,7 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
         phase = phases[pi]
         if pi != cur_phase:
             cur_phase = pi
-            mb, accum = batch_split(phase, cfg.micro_batch, world)
-            say(f"phase {phase['name']}: steps {step}..{step + phase['steps'] - i - 1}, batch {phase['batch']} x "
-                f"{phase['seq_len']} = {mb} x {accum} accumulation x {world} ranks, mix {phase['mix']}, "
-                f"optimizer {phase['optimizer']}")
-            mixture = mixture.with_weights(cfg.mixtures[phase["mix"]])
-            if phase["optimizer"] != opts.kind:
-                say(f"step {step}: optimizer switch {opts.kind} -> {phase['optimizer']} for the hidden matrices")
-                if master:
-                    log_row(cfg.out_dir, {"step": step, "event": "optimizer_switch", "from": opts.kind,
-                                          "to": phase["optimizer"], "phase": phase["name"]})
-                opts.use(phase["optimizer"])
+            mb, accum, mixture = enter_phase(cfg, phase, step, i, opts, mixture, world, master, say)
         lr = lr_factor(phase, i)
         opts.set_lr(lr)
         loss_step, grad_norm = train_step(model, params, opts, mixture, phase, step, mb, accum, rank, world,
@@ -1067,37 +1116,17 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
         first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
         step += 1
         tokens += phase["batch"] * phase["seq_len"]
-        loss_acc += loss_step
-        n_logged += 1
+        meter.add(loss_step)
         preempted = any_rank(preemption.flag, world, device)
         last = step == stop
-        if due(cfg.log_interval) or last or preempted or step - start == 2:
+        if due(cfg.log_interval) or last or preempted:
             check_finite()
-            dt = time.perf_counter() - t_log
-            tps = (tokens - tok_log) / max(dt, 1e-9)
-            eta = remaining_tokens(phases, step, stop) / max(tps, 1e-9) / 60
-            if step - start == 2 and not (due(cfg.log_interval) or last or preempted):  # an early estimate
-                say(f"step {step}: {tps:,.0f} tok/s over the first steps; the whole run: about "
-                    f"{(time.perf_counter() - t_start) / 60 + eta:.1f} min (ETA {eta:.1f} min)")
-            else:
-                local = (loss_acc / n_logged).item()
-                loss_mean = all_reduce_mean(loss_acc / n_logged, world).item()
-                summary["losses"].append(local)
-                loss_acc.zero_()
-                n_logged = 0
-                row = {"step": step, "phase": phase["name"], "loss": loss_mean,
-                       "lr": opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
-                       "tokens": tokens, "tokens_per_s": tps, "seq_len": phase["seq_len"],
-                       "global_batch": phase["batch"], "optimizer": opts.kind}
-                line = (f"step {step}/{total_steps(phases)} {phase['name']} loss {loss_mean:.4f} lr {row['lr']:.3g} "
-                        f"gnorm {row['grad_norm']:.3f} {tps:,.0f} tok/s ETA {eta:.1f} min")
-                if device.type == "cuda":
-                    row["mfu"] = raw.flops_per_token(phase["seq_len"]) * tps / world / (cfg.gpu_peak_tflops * 1e12)
-                    line += f" MFU {row['mfu']:.1%}"
-                say(line)
-                if master:
-                    log_row(cfg.out_dir, row)
-                t_log, tok_log = time.perf_counter(), tokens
+            row = meter.row(step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg)
+            summary["losses"].append(row.pop("local_loss"))
+            if master:
+                log_row(cfg.out_dir, row)
+        elif step - start == 2:  # a first estimate of the whole run's time, long before the first log row
+            meter.estimate(step, tokens, stop, t_start)
         if due(cfg.ckpt_interval) or last or preempted:  # before the evaluation: an evaluation never costs weights
             checkpoint()
         if preempted:
@@ -1105,7 +1134,7 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
         if due(cfg.eval_interval) or last:
             evaluate_now(phase)
         if due(cfg.ckpt_interval) or due(cfg.eval_interval) or last:
-            t_log = time.perf_counter()
+            meter.pause()  # checkpoints and evaluations are not training time
     summary["step"] = step
     if preempted:
         say(f"preempted: stopped after step {step} with a checkpoint; continue with: "
