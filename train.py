@@ -173,7 +173,7 @@ def _check_type(key, value, tp):
     return value
 
 
-def _parse_value(s: str):
+def parse_value(s: str):
     try:
         return ast.literal_eval(s)
     except (ValueError, SyntaxError):
@@ -199,7 +199,7 @@ def load_config(argv: list[str]) -> dict:
         if not a.startswith("--"):
             raise ValueError(f"unexpected argument {a!r} (options are --key=value)")
         key, eq, raw = a[2:].partition("=")
-        value = _parse_value(raw) if eq else True
+        value = parse_value(raw) if eq else True
         if key.startswith("phase."):
             phase_overrides.append((key, value))
         else:
