@@ -122,14 +122,11 @@ class Tokenizer:
     eos_id: int
     n_vocab: int
     spec: str
-    _encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
+    encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
     _decode: Callable[[list[int]], str] = field(repr=False)
 
     def encode(self, text: str) -> list[int]:
-        return self._encode_batch([text])[0]
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._encode_batch(texts)
+        return self.encode_batch([text])[0]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._decode([int(i) for i in ids])
@@ -163,12 +160,11 @@ def get_tokenizer(spec: str | Tokenizer = DEFAULT_TOKENIZER) -> Tokenizer:
         if not is_file:
             raise FileNotFoundError(f"tiktoken BPE file {str(path)!r} does not exist")
         tok = _tiktoken(path.stem, str(path.resolve()), path.read_bytes())
-    elif spec == DEFAULT_TOKENIZER or is_file:
-        if not is_file:
-            tok = _hf_tokenizer(DEFAULT_TOKENIZER, tokenizer_json(spec), DEFAULT_TOKENIZER)
-        else:
-            name = f"{path.parent.name}/{path.name}" if path.name == "tokenizer.json" else path.name
-            tok = _hf_tokenizer(name, path.read_bytes(), str(path.resolve()))
+    elif spec == DEFAULT_TOKENIZER:
+        tok = _hf_tokenizer(spec, tokenizer_json(spec), spec)
+    elif is_file:
+        name = f"{path.parent.name}/{path.name}" if path.name == "tokenizer.json" else path.name
+        tok = _hf_tokenizer(name, path.read_bytes(), str(path.resolve()))
     else:
         raise ValueError(f"unknown tokenizer {spec!r}: expected 'deepseek-v3', a path to a tokenizer.json, "
                          f"'tiktoken:<encoding name>' or a path to a .tiktoken file")
@@ -382,7 +378,7 @@ class _ShardWriter:
     def __init__(self, directory: Path, prefix: str, shard_tokens: int):
         self.directory, self.prefix, self.shard_tokens = directory, prefix, shard_tokens
         self.shards: list[dict] = []
-        self._f = None
+        self.documents, self._f = 0, None  # documents: counted by the caller
 
     def write(self, tokens: np.ndarray) -> None:
         while tokens.size:
@@ -395,13 +391,14 @@ class _ShardWriter:
             self._hash.update(part.tobytes())
             self.shards[-1]["tokens"] += int(part.size)
 
-    def close(self) -> list[dict]:
+    def close(self) -> dict:
+        """The split's manifest entry: document and token counts, and the shards with their sha256."""
         if self._f is not None:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
             self.shards[-1]["sha256"], self._f = self._hash.hexdigest(), None
-        return self.shards
+        return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
 
 
 def _fingerprint(obj) -> str:
@@ -519,8 +516,7 @@ def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shar
     """Tokenize tasks in order (in a spawn pool when worth it) into shards; per-source statistics."""
     names = list(dict.fromkeys(t.source for t in tasks))
     writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
-    stats = {s: {"bytes": 0, "max_token_id": -1, "splits": {sp: {"documents": 0, "tokens": 0} for sp in ("train", "heldout")}}
-             for s in names}
+    stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
     total, done, t0 = sum(t.nbytes for t in tasks), 0, time.time()
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     args = [(t, tok.spec, heldout_frac, keyroots.get(t.source)) for t in tasks]
@@ -537,16 +533,14 @@ def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shar
             st["max_token_id"] = max(st["max_token_id"], max_id)
             for split, (ndocs, arr) in parts.items():
                 writers[(source, split)].write(arr)
-                st["splits"][split]["documents"] += ndocs
-                st["splits"][split]["tokens"] += int(arr.size)
+                writers[(source, split)].documents += ndocs
             done += nbytes
             if progress and (time.time() - last > 10 or done == total):
                 last = time.time()
                 print(f"data: tokenized {done / 1e6:.1f}/{total / 1e6:.1f} MB "
                       f"({done / 1e6 / max(last - t0, 1e-9):.2f} MB/s)", file=sys.stderr)
-    for (source, split), w in writers.items():
-        stats[source]["splits"][split]["shards"] = w.close()
     for name, st in stats.items():
+        st["splits"] = {split: writers[(name, split)].close() for split in ("train", "heldout")}
         st["documents"] = sum(sp["documents"] for sp in st["splits"].values())
         st["tokens"] = sum(sp["tokens"] for sp in st["splits"].values())
         if st["tokens"] == 0:
@@ -632,18 +626,6 @@ class _Stream:
         return out
 
 
-def load_weights(weights: Mapping[str, float] | str | os.PathLike) -> dict[str, float]:
-    """A {source: weight} mapping, given directly or as a JSON file holding one."""
-    if isinstance(weights, (str, os.PathLike)):
-        path = Path(weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"mixture weights file {str(path)!r} does not exist")
-        weights = json.loads(path.read_text())
-        if not isinstance(weights, dict):
-            raise ValueError(f"{path}: expected a JSON object {{source: weight}}")
-    return {str(k): float(v) for k, v in dict(weights).items()}
-
-
 class Mixture:
     """Domain-weighted (T+1)-token windows from prepared datasets.
 
@@ -695,7 +677,13 @@ class Mixture:
         self.weights = self._validate(weights)
 
     def _validate(self, weights) -> dict[str, float]:
-        w = load_weights(weights)
+        if isinstance(weights, (str, os.PathLike)):  # a JSON file holding {source: weight}
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"mixture weights file {str(weights)!r} does not exist")
+            weights = json.loads(Path(weights).read_text())
+        if not isinstance(weights, Mapping):
+            raise ValueError(f"mixture weights: expected {{source: weight}}, got {weights!r}")
+        w = {str(k): float(v) for k, v in weights.items()}
         for s, v in w.items():
             if s not in self.streams:
                 raise ValueError(f"mixture weight for unknown source {s!r}; available sources: {self.names}")
