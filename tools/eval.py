@@ -157,7 +157,8 @@ def evaluate(path: str, text: str | None = None, dataset: str | None = None, sou
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tools.eval", description="Held-out loss / perplexity over random windows, with a 95% CI.")
+    ap = argparse.ArgumentParser(prog="python -m tools.eval",
+                                 description="Held-out loss / perplexity over random windows, with a 95% CI.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a UTF-8 text file (e.g. WikiText-2's wiki.test.raw)")

@@ -500,7 +500,8 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tools.export", description="Export a checkpoint as a stock LlamaForCausalLM folder, or import one.")
+    ap = argparse.ArgumentParser(prog="python -m tools.export",
+                                 description="Export a checkpoint as a stock LlamaForCausalLM folder, or import one.")
     ap.add_argument("src", help="checkpoint (ckpt_*.pt or run directory); with --import, a Llama folder")
     ap.add_argument("out", help="output folder (export) or checkpoint directory (import)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -96,7 +96,8 @@ def stream(model, tok: data.Tokenizer, ids: list[int], max_tokens: int, temperat
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m tools.sample", description="Stream generated text from a checkpoint or a Hugging Face export.")
+    ap = argparse.ArgumentParser(prog="python -m tools.sample",
+                                 description="Stream generated text from a checkpoint or a Hugging Face export.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
     ap.add_argument("--prompt", default="")
     ap.add_argument("--max_tokens", type=int, default=200)
