@@ -362,7 +362,8 @@ def _tokenize_task(args) -> tuple:
             seq = seq + [tok.eos_id]
         rel = os.path.relpath(key, keyroot) if keyroot and task.docs is None else key
         parts["heldout" if _is_heldout(rel, heldout_frac) else "train"].append(seq)
-    out = {split: (len(seqs), np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs else np.zeros(0, np.int64))
+    out = {split: (len(seqs), np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs
+                   else np.zeros(0, np.int64))
            for split, seqs in parts.items()}
     max_id = max((int(a.max()) for _, a in out.values() if a.size), default=-1)
     return task.source, task.nbytes, {s: (n, a.astype(TOKEN_DTYPE)) for s, (n, a) in out.items()}, max_id
@@ -787,7 +788,8 @@ def _docstrings(tree: ast.Module, module: str) -> str:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             d = ast.get_docstring(node)
             if d and len(d) > 40 and not node.name.startswith("_"):
-                head = f"class {node.name}" if isinstance(node, ast.ClassDef) else f"{node.name}({ast.unparse(node.args)})"
+                head = f"class {node.name}" if isinstance(node, ast.ClassDef) else \
+                    f"{node.name}({ast.unparse(node.args)})"
                 parts.append(f"{head}\n\n{d}")
     return "\n\n".join(parts)
 

@@ -151,7 +151,8 @@ def evaluate(path: str, text: str | None = None, dataset: str | None = None, sou
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     losses = window_losses(model, tokens, starts, seq_len, batch, device, dt)
     return {**confidence(losses), "windows": windows, "aligned": aligned, "seq_len": seq_len, "batch": batch,
-            "seed": seed, "tokens": int(len(tokens)), "model": str(path), "backend": backend, "device": device, "dtype": dtype,
+            "seed": seed, "tokens": int(len(tokens)), "model": str(path), "backend": backend,
+            "device": device, "dtype": dtype,
             "text": text, "data": dataset, "source": source, "per_window": losses,
             "starts": starts.tolist()}
 
