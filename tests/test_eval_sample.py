@@ -1,25 +1,30 @@
-"""Tests for eval.py (windows, confidence interval, determinism) and sample.py (greedy = generate, streaming).
+"""Tests for tools/eval.py (windows, confidence interval, determinism) and tools/sample.py (greedy = generate,
+streaming).
 
-Tiny model (2 layers, hidden 32, vocab 300) with a byte-level BPE tokenizer trained here; all CPU, fp32.
+Tiny model (2 layers, hidden 32, vocab 300) with a byte-level BPE tokenizer trained here; all CPU, fp32 (passed
+explicitly: the tools' "auto" dtype is bf16 on CPUs with native bf16, and the references here are fp32).
 """
 import io
 import json
 import math
 import os
+import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import data  # noqa: E402
-import eval as ev  # noqa: E402
-import export  # noqa: E402
-import mup  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from model import ModelConfig  # noqa: E402
+import data
+import mup
+import train
+from model import ModelConfig
+from tools import eval as ev
+from tools import export, sample
+
+FP32 = {"device": "cpu", "dtype": "float32"}
 
 CFG = ModelConfig(vocab_size=300, n_layer=2, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1, max_seq_len=256)
 CORPUS = "hello world, the quick brown fox jumps over the lazy dog. naïve café – 数学 "
@@ -46,7 +51,7 @@ def run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------
-# eval.py
+# tools/eval.py
 
 def test_windows_start_after_eos_and_are_deterministic():
     eos, T = 0, 9
@@ -80,8 +85,8 @@ def test_eval_equals_plain_cross_entropy_and_is_deterministic(run, tmp_path):
     path, model, tok, _ = run
     text = tmp_path / "t.txt"
     text.write_text((CORPUS + "<|endoftext|>") * 12)
-    r = ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=5)
-    assert r == ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=5)
+    r = ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=5, **FP32)
+    assert r == ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=5, **FP32)
     assert r["aligned"] == 7 and len(r["per_window"]) == 7
     toks = np.asarray(tok.encode(text.read_text()))
     ref = []
@@ -92,7 +97,7 @@ def test_eval_equals_plain_cross_entropy_and_is_deterministic(run, tmp_path):
             ref.append(torch.nn.functional.cross_entropy(model(w[:, :-1])[0], w[0, 1:]).item())
     assert r["per_window"] == pytest.approx(ref, abs=1e-5)
     assert r["loss"] == pytest.approx(float(np.mean(ref)), abs=1e-5)
-    assert ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=6)["starts"] != r["starts"]
+    assert ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=6, **FP32)["starts"] != r["starts"]
 
 
 def test_eval_on_export_and_dataset(run, tmp_path):
@@ -101,45 +106,45 @@ def test_eval_on_export_and_dataset(run, tmp_path):
     text.write_text((CORPUS + "<|endoftext|>") * 12)
     hf = tmp_path / "hf"
     export.export(path, str(hf))
-    a = ev.evaluate(path, text=str(text), seq_len=16, windows=5, batch=5)
-    b = ev.evaluate(str(hf), text=str(text), seq_len=16, windows=5, batch=5)
+    a = ev.evaluate(path, text=str(text), seq_len=16, windows=5, batch=5, **FP32)
+    b = ev.evaluate(str(hf), text=str(text), seq_len=16, windows=5, batch=5, **FP32)
     assert b["starts"] == a["starts"] and b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     pytest.importorskip("transformers")
-    c = ev.evaluate(str(hf), text=str(text), seq_len=16, windows=5, batch=5, backend="transformers")
+    c = ev.evaluate(str(hf), text=str(text), seq_len=16, windows=5, batch=5, backend="transformers", **FP32)
     assert c["loss"] == pytest.approx(a["loss"], abs=1e-4)
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": CORPUS * (k + 1)}) + "\n" for k in range(40)))
     ds = data.prepare({"prose": [str(docs)]}, tmp_path / "ds", tokenizer=str(tmp / "tokenizer.json"),
                       heldout_frac=0.5, workers=1)
-    d = ev.evaluate(path, dataset=str(ds), seq_len=16, windows=6, batch=4)
+    d = ev.evaluate(path, dataset=str(ds), seq_len=16, windows=6, batch=4, **FP32)
     assert d["aligned"] == 6 and math.isfinite(d["loss"])
 
 
 def test_eval_bad_inputs(run, tmp_path):
     path, _, _, tmp = run
     with pytest.raises(FileNotFoundError, match="nope.txt"):
-        ev.evaluate(path, text=str(tmp_path / "nope.txt"), seq_len=16)
+        ev.evaluate(path, text=str(tmp_path / "nope.txt"), seq_len=16, **FP32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ev.evaluate(str(tmp_path / "missing_ckpt"), text=str(tmp_path / "nope.txt"))
+        ev.evaluate(str(tmp_path / "missing_ckpt"), text=str(tmp_path / "nope.txt"), **FP32)
     (tmp_path / "t.txt").write_text(CORPUS)
     with pytest.raises(ValueError, match="max"):
-        ev.evaluate(path, text=str(tmp_path / "t.txt"), seq_len=4096)
+        ev.evaluate(path, text=str(tmp_path / "t.txt"), seq_len=4096, **FP32)
     with pytest.raises(ValueError, match="exactly one"):
-        ev.evaluate(path, seq_len=16)
+        ev.evaluate(path, seq_len=16, **FP32)
     with pytest.raises(ValueError, match="deepseek-v3"):  # a dataset from another tokenizer
         (tmp_path / "d").mkdir()
         (tmp_path / "d" / "x.txt").write_text(CORPUS * 10)
         ds = data.prepare({"x": [str(tmp_path / "d")]}, tmp_path / "ds", heldout_frac=0.5, workers=1)
-        ev.evaluate(path, dataset=str(ds), seq_len=16)
+        ev.evaluate(path, dataset=str(ds), seq_len=16, **FP32)
     hf = tmp_path / "hf"
     export.export(path, str(hf))
     os.remove(hf / "tokenizer.json")
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        ev.evaluate(str(hf), text=str(tmp_path / "t.txt"), seq_len=16)
+        ev.evaluate(str(hf), text=str(tmp_path / "t.txt"), seq_len=16, **FP32)
 
 
 # ---------------------------------------------------------------------------------------------------
-# sample.py
+# tools/sample.py
 
 def test_greedy_stream_equals_generate(run):
     path, model, tok, _ = run
@@ -179,7 +184,8 @@ def test_chat_prompt_and_cli(run, capsys):
     path, model, tok, _ = run
     ids = sample.prompt_ids(tok, "hi", chat=True)
     assert tok.decode(ids[1:]) == data.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    sample.main([path, "--prompt", "the", "--max_tokens", "12", "--temperature", "0"])
+    sample.main([path, "--prompt", "the", "--max_tokens", "12", "--temperature", "0", "--device", "cpu",
+                 "--dtype", "float32"])
     printed = capsys.readouterr().out
     ref = sample.stream(model, tok, sample.prompt_ids(tok, "the", False), 12, temperature=0)
     assert printed == "the" + tok.decode(ref) + "\n"
@@ -189,3 +195,20 @@ def test_chat_prompt_and_cli(run, capsys):
         sample.stream(model, tok, [1, 2], 5, temperature=-1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sample.main([path + "_missing", "--prompt", "x"])
+
+
+def test_eval_cli_runs_as_a_module(run, tmp_path):
+    """`python -m tools.eval ... --json` from the repository root prints exactly evaluate()'s result on stdout
+    (the device/dtype choice goes to stderr)."""
+    path, _, _, _ = run
+    text = tmp_path / "t.txt"
+    text.write_text((CORPUS + "<|endoftext|>") * 12)
+    args = ["--text", str(text), "--seq_len", "16", "--windows", "4", "--batch", "2", "--device", "cpu",
+            "--dtype", "float32"]
+    p = subprocess.run([sys.executable, "-m", "tools.eval", path, *args, "--json"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+    got, want = json.loads(p.stdout), ev.evaluate(path, text=str(text), seq_len=16, windows=4, batch=2, **FP32)
+    assert got.keys() == want.keys() and got["starts"] == want["starts"] and got["dtype"] == "float32"
+    assert got["per_window"] == pytest.approx(want["per_window"], abs=1e-6)  # another process, same CPU
+    assert "dtype float32" in p.stderr

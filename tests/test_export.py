@@ -1,25 +1,31 @@
-"""Tests for export.py: a checkpoint becomes a stock LlamaForCausalLM with the same logits, and back.
+"""Tests for tools/export.py: a checkpoint becomes a stock LlamaForCausalLM with the same logits, and back.
 
 The model is tiny (3 layers, hidden 64, GQA 4 query / 2 KV heads, RoPE base 2000: a value neither ours nor
 transformers' default, so a dropped rope_theta shows up) with a 300-token byte-level BPE tokenizer trained
 here. The DeepSeek-V3 tokenizer files are checked on a 1-layer model with the full 129,280 vocabulary.
 """
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
 
-import data  # noqa: E402
-import export  # noqa: E402
-import mup  # noqa: E402
-import train  # noqa: E402
-from model import ModelConfig  # noqa: E402
+import data
+import mup
+import train
+from model import ModelConfig
+from tools import export
 
-transformers = pytest.importorskip("transformers")  # installed by .ci/run (requirements-extra.txt)
-from safetensors.torch import load_file  # noqa: E402
+# the optional extras (requirements-extra.txt, installed in CI): only the tests that use them are skipped
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed (requirements-extra.txt)")
+needs_safetensors = pytest.mark.skipif(importlib.util.find_spec("safetensors") is None,
+                                       reason="safetensors is not installed (requirements-extra.txt)")
 
 TINY = ModelConfig(vocab_size=300, n_layer=3, hidden=64, ffn_hidden=96, n_head=4, n_kv_head=2, rope_base=2000.0,
                    max_seq_len=256)
@@ -56,11 +62,13 @@ def make_run(tmp_path, cfg=TINY, tokenizer=None, seed=0, name="run"):
 
 
 def hf_logits(folder, x):
+    import transformers
     hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return hf(x).logits
 
 
+@needs_transformers
 @pytest.mark.parametrize("variant", ["mup", "sp", "untied"])
 def test_logits_equal_transformers(tmp_path, variant):
     cfg = {"mup": TINY, "sp": replace(TINY, use_mup=False), "untied": replace(TINY, tie_embeddings=False)}[variant]
@@ -75,6 +83,7 @@ def test_logits_equal_transformers(tmp_path, variant):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+@needs_transformers
 def test_rope_base_and_multipliers_are_needed(tmp_path):
     """The comparison above can fail: a wrong RoPE base, or an unfolded multiplier, changes the logits."""
     run, model = make_run(tmp_path)
@@ -100,7 +109,9 @@ def test_folding_rules():
     assert export.multipliers(replace(TINY, use_mup=False)) == dict.fromkeys(m, 1.0)
 
 
+@needs_transformers
 def test_deepseek_tokenizer_round_trip_and_chat_template(tmp_path):
+    import transformers
     cfg = ModelConfig(vocab_size=129280, n_layer=1, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1, max_seq_len=4096)
     run, _ = make_run(tmp_path, cfg, tokenizer="deepseek-v3")
     export.export(run, str(tmp_path / "hf"), dtype="bfloat16")
@@ -123,8 +134,10 @@ def test_deepseek_tokenizer_round_trip_and_chat_template(tmp_path):
                 data.render_chat(msgs, add_generation_prompt=gen)
 
 
+@needs_safetensors
 @pytest.mark.parametrize("dtype,tied", [("float32", True), ("float32", False), ("bfloat16", True)])
 def test_export_import_export_is_lossless(tmp_path, dtype, tied):
+    from safetensors.torch import load_file
     cfg = replace(TINY, tie_embeddings=tied)
     run, model = make_run(tmp_path, cfg)
     export.export(run, str(tmp_path / "hf1"), dtype=dtype)
@@ -158,8 +171,10 @@ def test_unfold_inverts_fold_exactly():
     assert not torch.equal(export.fold(naive, 1 / 6, torch.bfloat16), export.fold(w, 1 / 6, torch.bfloat16))
 
 
+@needs_transformers
 def test_import_foreign_llama(tmp_path):
     """A Llama not written here (tied embeddings, no xmodel_mup) imports into μP or SP with the same logits."""
+    import transformers
     hcfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, rope_theta=3000.0,
                                     rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=128)
@@ -177,6 +192,7 @@ def test_import_foreign_llama(tmp_path):
         assert (ours - ref).abs().max().item() < 1e-4
 
 
+@needs_safetensors
 def test_bad_inputs(tmp_path):
     run, _ = make_run(tmp_path)
     export.export(run, str(tmp_path / "hf"))
@@ -219,3 +235,26 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="--mup"):
         export.main(["--import", str(tmp_path / "hf"), str(tmp_path / "x"), "--mup", "nonsense=1"])
     assert not (tmp_path / "hf3").exists() and not (tmp_path / "hf4").exists()
+
+
+def test_tokenizer_json_is_the_training_tokenizers_file(tmp_path):
+    """data.tokenizer_json (the blob the export writes) hashes to the tokenizer's recorded sha256."""
+    import hashlib
+    for spec in ("deepseek-v3", tiny_tokenizer(tmp_path / "tokenizer.json")):
+        tok = data.get_tokenizer(spec)
+        assert hashlib.sha256(data.tokenizer_json(tok)).hexdigest() == tok.sha256
+    files, ids = export.tokenizer_files(data.get_tokenizer(str(tmp_path / "tokenizer.json")), 256)
+    assert files["tokenizer.json"] == (tmp_path / "tokenizer.json").read_bytes() and ids["eos_token_id"] == 0
+
+
+@needs_safetensors
+def test_cli_runs_as_a_module(tmp_path):
+    """`python -m tools.export` from the repository root: an export, then an error exits 1 with its message."""
+    run, _ = make_run(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    ok = subprocess.run([sys.executable, "-m", "tools.export", run, str(tmp_path / "hf")], cwd=root,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "exported" in ok.stdout and (tmp_path / "hf" / "model.safetensors").is_file()
+    bad = subprocess.run([sys.executable, "-m", "tools.export", run, str(tmp_path / "hf")], cwd=root,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "error:" in bad.stderr and "not empty" in bad.stderr

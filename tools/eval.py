@@ -1,7 +1,8 @@
 """Held-out loss and perplexity, the way Xmodel-2.5 reports WikiText-2 (RECIPE.md, Evaluation).
 
-    python eval.py CHECKPOINT|HF_DIR --text FILE       [--seq_len 3776] [--windows 100] [--batch 5] [--seed 0] [--json]
-    python eval.py CHECKPOINT|HF_DIR --data DATASET_DIR [--source NAME] ...
+    python -m tools.eval CHECKPOINT|HF_DIR --text FILE       [--seq_len 3776] [--windows 100] [--batch 5] [--seed 0]
+                                                             [--device auto] [--dtype auto] [--json]
+    python -m tools.eval CHECKPOINT|HF_DIR --data DATASET_DIR [--source NAME] ...
 
 The text is tokenized into one stream (or a prepared dataset's held-out split is read: documents there
 are already separated by EOS), and `windows` windows of seq_len + 1 tokens are scored, `batch` at a time:
@@ -20,9 +21,12 @@ Statistics over the n windows (all of equal length, so their mean is the token m
     ppl  = exp(loss)        CI95(ppl)  = exp(CI95(loss))        (exp is monotone)
 
 The interval covers the window-sampling noise only (windows may overlap, so it is slightly optimistic).
-A Hugging Face folder (an export of this project, or any Llama) is read through export.import_hf into the
-same model code; --backend transformers runs it through transformers' LlamaForCausalLM instead, as a
-check of the exported folder in the stack people use.
+The per-window losses are what the interval needs, so they are computed here (from the hidden states, with
+model.chunked_cross_entropy) rather than with train.heldout_loss, which returns only the token mean.
+A Hugging Face folder (an export of this project, or any Llama) is read through tools.export.load_any into
+the same model code; --backend transformers runs it through transformers' LlamaForCausalLM instead, as a
+check of the exported folder in the stack people use. --device/--dtype "auto" pick as train.py does
+(train.resolve_machine: CUDA, else MPS, else CPU; bf16 where native), the choice printed on stderr.
 """
 import argparse
 import json
@@ -34,7 +38,9 @@ import numpy as np
 import torch
 
 import data
+import train
 from model import chunked_cross_entropy
+from tools import export
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -122,17 +128,19 @@ def window_losses(model, tokens: np.ndarray, starts: np.ndarray, seq_len: int, b
 
 
 def evaluate(path: str, text: str | None = None, dataset: str | None = None, source: str | None = None,
-             seq_len: int = 3776, windows: int = 100, batch: int = 5, seed: int = 0, device: str = "cpu",
-             dtype: str = "float32", backend: str = "xmodel", tokenizer: str | None = None) -> dict:
+             seq_len: int = 3776, windows: int = 100, batch: int = 5, seed: int = 0, device: str = "auto",
+             dtype: str = "auto", backend: str = "xmodel", tokenizer: str | None = None) -> dict:
+    """Loss, perplexity and their 95% intervals over `windows` windows of a text file or a dataset's
+    held-out split (see the module docstring); also the per-window losses and the window starts."""
     if (text is None) == (dataset is None):
         raise ValueError("give exactly one of --text FILE or --data DATASET_DIR")
     if backend not in ("xmodel", "transformers"):
         raise ValueError(f"--backend must be xmodel or transformers, got {backend!r}")
-    import export  # the shared loader of checkpoints and HF folders
+    device, dtype = train.resolve_machine(device, dtype, say=lambda msg: print(msg, file=sys.stderr))
     model, tok, info = export.load_any(path, tokenizer, device)
     if backend == "transformers":
         if info["kind"] != "hf":
-            raise ValueError("--backend transformers needs a Hugging Face folder (run export.py first)")
+            raise ValueError("--backend transformers needs a Hugging Face folder (run python -m tools.export first)")
         from transformers import LlamaForCausalLM
         model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     tokens = text_tokens(text, tok) if text is not None else dataset_tokens(dataset, tok, source)
@@ -144,12 +152,14 @@ def evaluate(path: str, text: str | None = None, dataset: str | None = None, sou
     losses = window_losses(model, tokens, starts, seq_len, batch, device, dt)
     return {**confidence(losses), "windows": windows, "aligned": aligned, "seq_len": seq_len, "batch": batch,
             "seed": seed, "tokens": int(len(tokens)), "model": str(path), "backend": backend,
+            "device": device, "dtype": dtype,
             "text": text, "data": dataset, "source": source, "per_window": losses,
             "starts": starts.tolist()}
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Held-out loss / perplexity over random windows, with a 95% CI.")
+    ap = argparse.ArgumentParser(prog="python -m tools.eval",
+                                 description="Held-out loss / perplexity over random windows, with a 95% CI.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a UTF-8 text file (e.g. WikiText-2's wiki.test.raw)")
@@ -159,8 +169,8 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=int, default=100)
     ap.add_argument("--batch", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="auto", choices=train.DEVICES)
+    ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
     ap.add_argument("--backend", default="xmodel", choices=["xmodel", "transformers"])
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

