@@ -92,6 +92,8 @@ class TrainConfig:
     phases: list = field(default_factory=list)  # the curriculum: a list of phase dicts (see the README)
     # logging, evaluation, checkpoints
     log_interval: int = 10             # steps per logged row (loss = mean over the steps in the interval)
+    log_to: list = field(default_factory=lambda: ["jsonl"])  # jsonl (always) and any of tensorboard, wandb
+    wandb_project: str = "xmodel25"    # the W&B project (WANDB_MODE=offline works without a network)
     eval_interval: int = 0             # steps between held-out evaluations (0 = only at the end)
     eval_windows: int = 40             # held-out windows per evaluation
     eval_batch: int = 8                # windows per evaluation forward
@@ -294,6 +296,8 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
             v = getattr(cfg, k)
             if not _number(v) or (isinstance(v, float) and math.isnan(v)) or not ok(v):
                 raise ValueError(f"config key {k!r} must be {what}, got {v!r}")
+    if not (isinstance(cfg.log_to, list) and set(cfg.log_to) <= set(LOG_SINKS)):
+        raise ValueError(f"config key 'log_to': a list of {LOG_SINKS}, got {cfg.log_to!r}")
     if not cfg.phases:
         raise ValueError("config key 'phases': the curriculum is empty")
     if cfg.eval_mix not in cfg.mixtures:
@@ -800,9 +804,58 @@ def start_metrics(out_dir: str, resumed_step: int | None) -> None:
         f.writelines(json.dumps(r) + "\n" for r in keep)
 
 
-def log_row(out_dir: str, row: dict) -> None:
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+LOG_SINKS = ("jsonl", "tensorboard", "wandb")
+
+
+class Sinks:
+    """Where rank 0's rows go: metrics.jsonl always (the record the resume logic and the report read), and
+    as asked by `log_to`, TensorBoard event files in out_dir/tensorboard and Weights & Biases (run id = the
+    out_dir's name, so a resumed run continues its W&B run). Both are optional packages: a missing one is an
+    error before step 1, never a silent gap in a long run's curves."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.path, self.tb, self.wandb = os.path.join(cfg.out_dir, "metrics.jsonl"), None, None
+        if "tensorboard" in cfg.log_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("config key 'log_to': tensorboard needs the tensorboard package "
+                                 "(pip install tensorboard)") from None
+            self.tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        if "wandb" in cfg.log_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("config key 'log_to': wandb needs the wandb package (pip install wandb; "
+                                 "WANDB_MODE=offline runs without a network)") from None
+            name = os.path.basename(os.path.normpath(cfg.out_dir))
+            self.wandb = wandb.init(project=cfg.wandb_project, name=name, id=re.sub(r"[^\w-]", "-", name),
+                                    dir=cfg.out_dir, resume="allow", config=asdict(cfg))
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row["step"]
+        if "event" in row:  # the optimizer switch: a marker in both dashboards
+            scalars = {f"event/{row['event']}": 1.0}
+            if self.tb:
+                self.tb.add_text("events", json.dumps(row), step)
+        elif "eval_loss" in row:
+            scalars = {"eval/loss": row["eval_loss"]}
+        else:
+            scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and _number(v)}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -871,10 +924,21 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, dev
     return ckpt["step"], ckpt["tokens"]
 
 
-def write_config(cfg: TrainConfig, mcfg: ModelConfig, say) -> None:
+def machine_info(device, world: int) -> dict:
+    """What the run ran on, for config.json and the report."""
+    info = {"device": str(device), "world_size": world, "torch": torch.__version__, "host": socket.gethostname()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = torch.backends.cpu.get_cpu_capability()
+        info["cpu_native_bf16"] = cpu_has_native_bf16()
+    return info
+
+
+def write_config(cfg: TrainConfig, mcfg: ModelConfig, machine: dict, say) -> None:
     path = os.path.join(cfg.out_dir, "config.json")
     with data.atomic_write(path) as f:
-        json.dump({"train": asdict(cfg), "model": asdict(mcfg)}, f, indent=1, default=str)
+        json.dump({"train": asdict(cfg), "model": asdict(mcfg), "machine": machine}, f, indent=1, default=str)
     if cfg.verbose:
         say(json.dumps({"train": asdict(cfg), "model": asdict(mcfg)}, indent=1, default=str))
     say(f"config: {path}")
@@ -972,7 +1036,7 @@ class _Preemption:
             signal.signal(sig, h)
 
 
-def enter_phase(cfg, phase, step, i, opts, mixture, world, master, say):
+def enter_phase(cfg, phase, step, i, opts, mixture, world, sinks, say):
     """A phase boundary: the micro-batch / accumulation split, the data mix, and possibly the optimizer switch
     of the hidden matrices (logged as an event row). Returns (micro-batch, accumulation steps, mixture)."""
     mb, accum = batch_split(phase, cfg.micro_batch, world)
@@ -981,9 +1045,9 @@ def enter_phase(cfg, phase, step, i, opts, mixture, world, master, say):
         f"optimizer {phase['optimizer']}")
     if phase["optimizer"] != opts.kind:
         say(f"step {step}: optimizer switch {opts.kind} -> {phase['optimizer']} for the hidden matrices")
-        if master:
-            log_row(cfg.out_dir, {"step": step, "event": "optimizer_switch", "from": opts.kind,
-                                  "to": phase["optimizer"], "phase": phase["name"]})
+        if sinks:
+            sinks.log({"step": step, "event": "optimizer_switch", "from": opts.kind, "to": phase["optimizer"],
+                       "phase": phase["name"]})
         opts.use(phase["optimizer"])
     return mb, accum, mixture.with_weights(cfg.mixtures[phase["mix"]])
 
@@ -1045,14 +1109,25 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    phases, stop = cfg.phases, _stop(cfg)
-    opts = Optimizers(raw, cfg, phases[0]["optimizer"])
+    opts = Optimizers(raw, cfg, cfg.phases[0]["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     step, tokens = restore(cfg, mcfg, raw, opts, tok, device, say)
-    start = step
+    sinks = None
     if master:
         start_metrics(cfg.out_dir, step if cfg.resume and step else None)
-        write_config(cfg, mcfg, say)
+        write_config(cfg, mcfg, machine_info(device, world), say)
+        sinks = Sinks(cfg)
+    try:
+        return _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture, raw, model, opts,
+                     autocast, step, tokens, sinks)
+    finally:
+        if sinks:
+            sinks.close()
+
+
+def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture, raw, model, opts, autocast,
+          step, tokens, sinks) -> dict:
+    master, phases, stop, start = rank == 0, cfg.phases, _stop(cfg), step
     print_plan(cfg, raw, world, step, say)
     if not data_plot_ok():
         say("note: matplotlib is not installed: no loss.png will be drawn (pip install matplotlib)")
@@ -1091,8 +1166,8 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
         ev = evaluate(raw, mixture_eval(mixture, cfg), cfg, phase["seq_len"], rank, world, device, autocast)
         summary["evals"].append((step, ev))
         say(f"step {step}: held-out loss {ev:.4f}")
-        if master:
-            log_row(cfg.out_dir, {"step": step, "phase": phase["name"], "eval_loss": ev, "tokens": tokens})
+        if sinks:
+            sinks.log({"step": step, "phase": phase["name"], "eval_loss": ev, "tokens": tokens})
 
     due = lambda interval: interval and step % interval == 0  # noqa: E731
     if step and step < stop and due(cfg.eval_interval):  # the evaluation of the resumed step is redone
@@ -1107,7 +1182,7 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
         phase = phases[pi]
         if pi != cur_phase:
             cur_phase = pi
-            mb, accum, mixture = enter_phase(cfg, phase, step, i, opts, mixture, world, master, say)
+            mb, accum, mixture = enter_phase(cfg, phase, step, i, opts, mixture, world, sinks, say)
         lr = lr_factor(phase, i)
         opts.set_lr(lr)
         loss_step, grad_norm = train_step(model, params, opts, mixture, phase, step, mb, accum, rank, world,
@@ -1123,8 +1198,8 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
             check_finite()
             row = meter.row(step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg)
             summary["losses"].append(row.pop("local_loss"))
-            if master:
-                log_row(cfg.out_dir, row)
+            if sinks:
+                sinks.log(row)
         elif step - start == 2:  # a first estimate of the whole run's time, long before the first log row
             meter.estimate(step, tokens, stop, t_start)
         if due(cfg.ckpt_interval) or last or preempted:  # before the evaluation: an evaluation never costs weights
@@ -1169,16 +1244,65 @@ def finish(cfg, raw, tok, device, summary, t_start, tokens, master, say) -> None
                            top_k=50, generator=g)
         summary["sample"] = tok.decode(ids[0].tolist())
         say(f"sample:\n{summary['sample']}")
+        with data.atomic_write(os.path.join(out, "sample.txt")) as f:
+            f.write(summary["sample"])
     wall = time.perf_counter() - t_start
     ckpt = summary["checkpoint"] or (list_checkpoints(out) or ["(none)"])[-1]
+    report = write_report(out, wall)
     if summary["evals"]:
         say(f"final held-out loss {summary['evals'][-1][1]:.4f}")
     say(f"done: {summary['step']} steps in {wall / 60:.1f} min, {tokens:,} tokens trained in total\n"
         f"  checkpoint  {ckpt}\n  metrics     {os.path.join(out, 'metrics.jsonl')}\n"
         f"  loss curve  {plot or 'not drawn: matplotlib is not installed (pip install matplotlib)'}\n"
-        f"  config      {os.path.join(out, 'config.json')}\n"
+        f"  config      {os.path.join(out, 'config.json')}\n  report      {report}\n"
         f"next:\n  python -m tools.sample {out} --prompt 'def '\n  python -m tools.export {out} {out}/hf\n"
         f"  python -m tools.eval {out}\n  python -m tools.plot compare.png A={out} B=OTHER_RUN")
+
+
+def write_report(out_dir: str, wall_s: float | None = None) -> str:
+    """out_dir/report.md from what the run left (config.json, metrics.jsonl, loss.png, sample.txt, and a
+    downstream probe's probe.json if one was run): the config in brief, the machine, plan vs actual, one row per
+    phase, the final held-out loss. Written at the end of every run; `python -m tools.report RUN` redoes it."""
+    conf = json.load(open(os.path.join(out_dir, "config.json")))
+    t, m, machine = conf["train"], conf["model"], conf.get("machine", {})
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    planned = sum(p["steps"] * p["batch"] * p["seq_len"] for p in t["phases"])
+    train_s = sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip([{"tokens": 0}] + steps, steps)
+                  if b["tokens_per_s"] > 0)
+    done = steps[-1]["tokens"] if steps else 0
+    lines = [f"# Run report: {out_dir}", "",
+             f"- model: {m['n_layer']} layers x {m['hidden']} (FFN {m['ffn_hidden']}, {m['n_head']} heads / "
+             f"{m['n_kv_head']} KV), vocab {m['vocab_size']:,}, μP {'on' if m['use_mup'] else 'off'}, "
+             f"fp8 {m['fp8']}",
+             f"- machine: {machine.get('gpu') or machine.get('cpu', '?')} ({machine.get('device', t['device'])}, "
+             f"{machine.get('world_size', 1)} rank(s)), dtype {t['dtype']}, torch {machine.get('torch', '?')}",
+             f"- optimizer: AdamW (lr {t['lr']}, emb_lr {t['emb_lr']}), hidden matrices per phase; Muon momentum "
+             f"{t['muon_momentum']}, seed {t['seed']}",
+             f"- plan vs actual: {done:,} of {planned:,} tokens ({done / max(planned, 1):.0%}), "
+             f"{steps[-1]['step'] if steps else 0} of {sum(p['steps'] for p in t['phases'])} steps; training time "
+             f"{train_s / 60:.1f} min at {done / max(train_s, 1e-9):,.0f} tokens/s"
+             + (f"; wall time of the last session {wall_s / 60:.1f} min" if wall_s else ""),
+             "", "| phase | steps | batch x seq | optimizer | last loss | tokens/s | MFU |", "|---|---|---|---|---|---|---|"]
+    for p in t["phases"]:
+        mine = [r for r in steps if r["phase"] == p["name"]]
+        if mine:
+            mfu = f"{sum(r['mfu'] for r in mine) / len(mine):.1%}" if "mfu" in mine[-1] else "-"
+            lines.append(f"| {p['name']} | {p['steps']} | {p['batch']} x {p['seq_len']} | {mine[-1]['optimizer']} | "
+                         f"{mine[-1]['loss']:.4f} | {sum(r['tokens_per_s'] for r in mine) / len(mine):,.0f} | {mfu} |")
+    lines += ["", f"Final held-out loss: {evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']})" if evals
+              else "No held-out evaluation yet."]
+    extras = {"probe.json": "Downstream probe", "sample.txt": "Sample"}
+    for name, title in extras.items():
+        if os.path.exists(os.path.join(out_dir, name)):
+            lines += ["", f"## {title}", "", "```", open(os.path.join(out_dir, name)).read().strip(), "```"]
+    if os.path.exists(os.path.join(out_dir, "loss.png")):
+        lines += ["", "![loss](loss.png)"]
+    path = os.path.join(out_dir, "report.md")
+    with data.atomic_write(path) as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) -> str | None:
