@@ -785,16 +785,18 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def start_metrics(out_dir: str, resumed_step: int | None) -> None:
+def start_metrics(out_dir: str, resumed_step: int | None, redo_row: bool = False) -> None:
     """A fresh run refuses an out_dir holding another run's checkpoints (nothing is overwritten). A resumed
     run keeps the rows up to its checkpoint's step, minus the events and evaluations of that step itself,
-    which it redoes: the file ends as an uninterrupted run's would."""
+    which it redoes, and minus that step's loss row if it closed a log interval early (`redo_row`: the
+    resumed run continues that interval): the file ends as an uninterrupted run's would."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if resumed_step is None and list_checkpoints(out_dir):
         raise ValueError(f"out_dir {out_dir!r} holds checkpoints of an earlier run: continue it with --resume, "
                          f"or choose another out_dir")
     rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
-    keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r] \
+    keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r
+            and not redo_row] \
         if rows else []
     with data.atomic_write(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -833,15 +835,17 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int):
     return tok, mixture
 
 
-def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, device, say) -> tuple[int, int]:
+def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, device, say) -> tuple[int, int, dict]:
     """Continue from the latest checkpoint (--resume) or start from a checkpoint's weights (--init_from):
-    the model config and the tokenizer must be the run's. Returns (step, tokens) to start from."""
+    the model config and the tokenizer must be the run's. Returns (step, tokens, the unfinished log
+    interval: {"loss_sum", "steps"}) to start from."""
+    fresh = {"loss_sum": torch.zeros(()), "steps": 0}
     found = list_checkpoints(cfg.out_dir) if cfg.resume else []
     if cfg.resume and not found:
         say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
     source = found[-1] if found else cfg.init_from
     if not source:
-        return 0, 0
+        return 0, 0, fresh
     ckpt = load_checkpoint(source)
     if ckpt["model_config"] != asdict(mcfg):
         diff = [k for k, v in asdict(mcfg).items() if ckpt["model_config"].get(k) != v]
@@ -858,7 +862,7 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, dev
         raise ValueError(f"{source}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     if not found:
         say(f"initialized from {source} (weights only), starting at step 0")
-        return 0, 0
+        return 0, 0, fresh
     if ckpt.get("optim") is not None:
         opts.load_state_dict(ckpt["optim"])
     else:
@@ -868,7 +872,7 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, dev
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     say(f"resumed from {source} at step {ckpt['step']}")
-    return ckpt["step"], ckpt["tokens"]
+    return ckpt["step"], ckpt["tokens"], ckpt.get("log") or fresh
 
 
 def write_config(cfg: TrainConfig, mcfg: ModelConfig, say) -> None:
@@ -987,10 +991,10 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
     phases, stop = cfg.phases, _stop(cfg)
     opts = Optimizers(raw, cfg, phases[0]["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    step, tokens = restore(cfg, mcfg, raw, opts, tok, device, say)
+    step, tokens, unlogged = restore(cfg, mcfg, raw, opts, tok, device, say)
     start = step
     if master:
-        start_metrics(cfg.out_dir, step if cfg.resume and step else None)
+        start_metrics(cfg.out_dir, step if cfg.resume and step else None, unlogged["steps"] > 0 and step < stop)
         write_config(cfg, mcfg, say)
     print_plan(cfg, raw, world, step, say)
     if not data_plot_ok():
@@ -1012,6 +1016,7 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
                                      f"good checkpoint in {cfg.out_dir} is kept as it was")
         state = {"model": raw.state_dict(), "optim": opts.state_dict(), "tokens": tokens,
                  "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity,
+                 "log": {"loss_sum": all_reduce_mean(loss_acc, world).cpu(), "steps": n_logged},
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         error = None
@@ -1037,9 +1042,9 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
     if step and step < stop and due(cfg.eval_interval):  # the evaluation of the resumed step is redone
         evaluate_now(phases[phase_at(phases, step - 1)[0]])
     params = list(raw.parameters())
-    cur_phase, mb, accum, n_logged = None, 0, 0, 0
+    cur_phase, mb, accum, n_logged = None, 0, 0, unlogged["steps"]
     t_log, tok_log = time.perf_counter(), tokens
-    loss_acc = torch.zeros((), device=device)
+    loss_acc = unlogged["loss_sum"].to(device)  # a resume continues the log interval its checkpoint cut short
     preempted = False
     while step < stop:
         if world > 1:
@@ -1083,8 +1088,9 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
                 local = (loss_acc / n_logged).item()
                 loss_mean = all_reduce_mean(loss_acc / n_logged, world).item()
                 summary["losses"].append(local)
-                loss_acc.zero_()
-                n_logged = 0
+                if due(cfg.log_interval):  # a row cut short by the stop or a preemption is continued on resume
+                    loss_acc.zero_()
+                    n_logged = 0
                 row = {"step": step, "phase": phase["name"], "loss": loss_mean,
                        "lr": opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
                        "tokens": tokens, "tokens_per_s": tps, "seq_len": phase["seq_len"],
