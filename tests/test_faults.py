@@ -5,7 +5,6 @@ step 3) of 2 x 16 (long: 1 x 32) on the tiny model of conftest.py; most scenario
 nonsense arguments, the issue's case 10, is tested with the tools, which are being moved.)
 """
 import errno
-import hashlib
 import json
 import os
 import re
@@ -134,26 +133,26 @@ def test_global_batch_not_divisible_by_the_world_size(tmp_path, tiny_data):
 
 # ---------------------------------------------------------------- 3. harmful numbers
 
-@pytest.mark.parametrize("args,key", [
-    (["--grad_clip=-1.0"], "'grad_clip'"),
-    (["--lr=-0.01"], "'lr'"),
-    (["--emb_lr=-0.01"], "'emb_lr'"),
-    (["--lr=1e999"], "'lr'"),                     # inf
-    (["--max_steps=-1"], "'max_steps'"),
-    (["--ckpt_interval=-2"], "'ckpt_interval'"),
-    (["--eval_interval=-1"], "'eval_interval'"),
-    (["--phase.decay.lr=('exp', 1e999, 0.0625)"], r"phases\[2\] \(decay\): lr must be"),
-    (["--weight_decay=-0.1"], "'weight_decay'"),
-    ("lr = float('nan')", "'lr'"),                # NaN has no literal: from the config file
-    ("grad_clip = float('nan')", "'grad_clip'"),
+@pytest.mark.parametrize("args,match", [
+    (["--grad_clip=-1.0"], "config key 'grad_clip' must be > 0"),
+    (["--lr=-0.01"], "config key 'lr' must be a finite number > 0"),
+    (["--emb_lr=-0.01"], "config key 'emb_lr' must be a finite number > 0"),
+    (["--lr=1e999"], "config key 'lr' must be a finite number > 0, got inf"),
+    (["--max_steps=-1"], "config key 'max_steps' must be an integer >= 0"),
+    (["--ckpt_interval=-2"], "config key 'ckpt_interval' must be an integer >= 0"),
+    (["--eval_interval=-1"], "config key 'eval_interval' must be an integer >= 0"),
+    (["--weight_decay=-0.1"], "config key 'weight_decay' must be a finite number >= 0"),
+    (["--phase.decay.lr=('exp', 1e999, 0.0625)"], r"phases\[2\] \(decay\): lr must be .* got \('exp', inf"),
+    ("lr = float('nan')", "config key 'lr' must be a finite number > 0, got nan"),  # NaN: no literal, so a config line
+    ("grad_clip = float('nan')", "config key 'grad_clip' must be > 0"),
 ])
-def test_harmful_numbers_are_refused_naming_the_key(tmp_path, tiny_data, args, key):
+def test_harmful_numbers_are_refused_naming_the_key(tmp_path, tiny_data, args, match):
     c = write_config(tmp_path / "c.py", tiny_data)
     if isinstance(args, str):
         with open(c, "a") as f:
             f.write(args + "\n")
         args = []
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=match):
         train.load_config([c, *args])
 
 
@@ -200,7 +199,9 @@ def test_another_tokenizer_identity_is_refused_unless_allowed(tmp_path, cfg, one
     capsys.readouterr()
     s = run(cfg, out, "--max_steps=2", "--resume", "--allow_tokenizer_change=True")
     assert s["step"] == 2 and ckpt_names(out) == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
-    assert "trained with tokenizer other-tokenizer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"warning: .*trained with tokenizer other-tokenizer .*; continuing \(--allow_tokenizer_change\)",
+                     out), out[-2000:]
 
 
 # ---------------------------------------------------------------- 5. one run per out_dir
@@ -298,25 +299,22 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_naming_the_previous_one(tmp_p
     assert torch.equal(train.load_checkpoint(first)["model"]["w"], state["model"]["w"])
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: `python data.py verify DIR` (data.verify) is not written yet")
+@pytest.mark.xfail(strict=True, raises=AttributeError,
+                   reason="issue 14: data.verify / `python data.py verify DIR` is not written yet")
 def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
     ds = tmp_path / "ds"
     shutil.copytree(tiny_data, ds)
     data.verify(str(ds))  # an intact dataset passes
-    shard = read_first_shard(ds)
+    m = data.read_manifest(ds)
+    shard = ds / m["sources"]["code"]["splits"]["train"]["shards"][0]["file"]
     raw = bytearray(shard.read_bytes())
-    raw[len(raw) // 2] ^= 0x01  # same size: only the hash can tell
+    raw[len(raw) // 2] ^= 0x01  # same size: only the sha256 in the manifest can tell
     shard.write_bytes(raw)
     with pytest.raises(ValueError, match=re.escape(shard.name)):
         data.verify(str(ds))
-    with pytest.raises(SystemExit) as e:
-        data.main(["verify", str(ds)])
-    assert e.value.code != 0
-
-
-def read_first_shard(ds):
-    m = data.read_manifest(ds)
-    return ds / next(iter(m["sources"].values()))["splits"]["train"]["shards"][0]["file"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "verify", str(ds)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and shard.name in p.stderr, p.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- 9. a full disk
@@ -367,7 +365,7 @@ def _slow_save_worker(rank, port, argv, slow_s):
 
 
 def test_slow_checkpoint_write_outlasts_the_collective_timeout(tmp_path, cfg):
-    timeout_s = 3
+    timeout_s = 4
     argv = [cfg, *SHORT, f"--out_dir={tmp_path / 'out'}", "--max_steps=1", "--phase.long.batch=2",
             f"--dist_timeout_s={timeout_s}"]  # ckpt_timeout_s: its default, an hour
     # fork: the workers start with everything imported (a fresh interpreter per rank costs seconds)
@@ -402,7 +400,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(tmp_
                   stdout)
     assert m, stdout[-3000:]
     stopped = int(m.group(1))
-    assert 2 <= stopped < 6 and ckpt_names(out) == [f"ckpt_{stopped:08d}.pt"]
+    assert 2 <= stopped <= 6 and ckpt_names(out) == [f"ckpt_{stopped:08d}.pt"]
     assert run(cfg, out, "--log_interval=2", "--resume")["step"] == 6
     assert loss_rows(out) == loss_rows(uninterrupted)
     a, b = train.load_checkpoint(str(uninterrupted)), train.load_checkpoint(str(out))
