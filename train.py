@@ -789,16 +789,18 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def start_metrics(out_dir: str, resumed_step: int | None) -> None:
+def start_metrics(out_dir: str, resumed_step: int | None, redo_row: bool = False) -> None:
     """A fresh run refuses an out_dir holding another run's checkpoints (nothing is overwritten). A resumed
     run keeps the rows up to its checkpoint's step, minus the events and evaluations of that step itself,
-    which it redoes: the file ends as an uninterrupted run's would."""
+    which it redoes, and minus that step's loss row if it closed a log interval early (`redo_row`: the
+    resumed run continues that interval): the file ends as an uninterrupted run's would."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if resumed_step is None and list_checkpoints(out_dir):
         raise ValueError(f"out_dir {out_dir!r} holds checkpoints of an earlier run: continue it with --resume, "
                          f"or choose another out_dir")
     rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
-    keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r] \
+    keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r
+            and not redo_row] \
         if rows else []
     with data.atomic_write(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
@@ -886,15 +888,17 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int):
     return tok, mixture
 
 
-def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, device, say) -> tuple[int, int]:
+def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, device, say) -> tuple[int, int, dict]:
     """Continue from the latest checkpoint (--resume) or start from a checkpoint's weights (--init_from):
-    the model config and the tokenizer must be the run's. Returns (step, tokens) to start from."""
+    the model config and the tokenizer must be the run's. Returns (step, tokens, the unfinished log
+    interval: {"loss_sum", "steps"}) to start from."""
+    fresh = {"loss_sum": torch.zeros(()), "steps": 0}
     found = list_checkpoints(cfg.out_dir) if cfg.resume else []
     if cfg.resume and not found:
         say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
     source = found[-1] if found else cfg.init_from
     if not source:
-        return 0, 0
+        return 0, 0, fresh
     ckpt = load_checkpoint(source)
     if ckpt["model_config"] != asdict(mcfg):
         diff = [k for k, v in asdict(mcfg).items() if ckpt["model_config"].get(k) != v]
@@ -911,7 +915,7 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, dev
         raise ValueError(f"{source}: weights do not fit the model (missing {missing}, unexpected {unexpected})")
     if not found:
         say(f"initialized from {source} (weights only), starting at step 0")
-        return 0, 0
+        return 0, 0, fresh
     if ckpt.get("optim") is not None:
         opts.load_state_dict(ckpt["optim"])
     else:
@@ -921,7 +925,7 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, dev
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     say(f"resumed from {source} at step {ckpt['step']}")
-    return ckpt["step"], ckpt["tokens"]
+    return ckpt["step"], ckpt["tokens"], ckpt.get("log") or fresh
 
 
 def machine_info(device, world: int) -> dict:
@@ -976,9 +980,10 @@ class Meter:
     """Throughput and the logged loss: the mean over the steps actually in the interval (after a resume the
     first interval may be shorter), read from the device only at logging steps."""
 
-    def __init__(self, tokens: int, phases: list, device, say):
-        self.phases, self.say, self.n = phases, say, 0
-        self.loss = torch.zeros((), device=device)
+    def __init__(self, tokens: int, phases: list, device, say, unlogged: dict):
+        # a resume continues the log interval its checkpoint cut short (the checkpoint holds its sum and count)
+        self.phases, self.say, self.n = phases, say, unlogged["steps"]
+        self.loss = unlogged["loss_sum"].to(device=device, dtype=torch.float32).clone()
         self.pause(tokens)
 
     def pause(self, tokens: int | None = None):
@@ -998,7 +1003,9 @@ class Meter:
         self.say(f"step {step}: {tps:,.0f} tok/s over the first steps; the whole run: about "
                  f"{(time.perf_counter() - t_start) / 60 + eta:.1f} min (ETA {eta:.1f} min)")
 
-    def row(self, step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg) -> dict:
+    def row(self, step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg, closes=True) -> dict:
+        """The row of `step`; `closes`: a full interval ends here (a row cut short by a stop or a preemption
+        keeps its sum, which the checkpoint carries into the resumed run)."""
         tps, eta = self._rate(tokens, step, stop)
         local = self.loss / self.n
         row = {"step": step, "phase": phase["name"], "loss": all_reduce_mean(local, world).item(),
@@ -1011,8 +1018,9 @@ class Meter:
             row["mfu"] = raw.flops_per_token(phase["seq_len"]) * tps / world / (cfg.gpu_peak_tflops * 1e12)
             line += f" MFU {row['mfu']:.1%}"
         self.say(line)
-        self.loss.zero_()
-        self.n = 0
+        if closes:
+            self.loss.zero_()
+            self.n = 0
         self.pause(tokens)
         return dict(row, local_loss=local.item())
 
@@ -1111,22 +1119,22 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     opts = Optimizers(raw, cfg, cfg.phases[0]["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    step, tokens = restore(cfg, mcfg, raw, opts, tok, device, say)
+    step, tokens, unlogged = restore(cfg, mcfg, raw, opts, tok, device, say)
     sinks = None
     if master:
-        start_metrics(cfg.out_dir, step if cfg.resume and step else None)
+        start_metrics(cfg.out_dir, step if cfg.resume and step else None, unlogged["steps"] > 0 and step < _stop(cfg))
         write_config(cfg, mcfg, machine_info(device, world), say)
         sinks = Sinks(cfg)
     try:
         return _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture, raw, model, opts,
-                     autocast, step, tokens, sinks)
+                     autocast, step, tokens, unlogged, sinks)
     finally:
         if sinks:
             sinks.close()
 
 
 def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture, raw, model, opts, autocast,
-          step, tokens, sinks) -> dict:
+          step, tokens, unlogged, sinks) -> dict:
     master, phases, stop, start = rank == 0, cfg.phases, _stop(cfg), step
     print_plan(cfg, raw, world, step, say)
     if not data_plot_ok():
@@ -1148,6 +1156,7 @@ def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture
                                      f"good checkpoint in {cfg.out_dir} is kept as it was")
         state = {"model": raw.state_dict(), "optim": opts.state_dict(), "tokens": tokens,
                  "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity,
+                 "log": {"loss_sum": all_reduce_mean(meter.loss, world).cpu(), "steps": meter.n},
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
         error = None
@@ -1174,7 +1183,7 @@ def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture
         evaluate_now(phases[phase_at(phases, step - 1)[0]])
     params = list(raw.parameters())
     cur_phase, mb, accum, preempted = None, 0, 0, False
-    meter = Meter(tokens, phases, device, say)
+    meter = Meter(tokens, phases, device, say, unlogged)
     while step < stop:
         if world > 1:
             note_progress(rank, step)
@@ -1196,7 +1205,8 @@ def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture
         last = step == stop
         if due(cfg.log_interval) or last or preempted:
             check_finite()
-            row = meter.row(step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg)
+            row = meter.row(step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg,
+                            closes=bool(due(cfg.log_interval)))
             summary["losses"].append(row.pop("local_loss"))
             if sinks:
                 sinks.log(row)
