@@ -63,17 +63,20 @@ The GEMM (fp8_matmul)
     from a transposed layout. On the CPU the same scaling logic runs with an emulated GEMM
     (dequantize to fp32, matmul): the same numbers up to fp32 accumulation order.
 
-Backends (module-level BACKEND): "auto" = Triton on CUDA with capability >= 8.9, a RuntimeError on
-older CUDA GPUs, emulation on the CPU; "emulate" = always the emulated GEMM; "triton" = always the
-kernel, which on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1; used by the tests).
-Triton is imported lazily, so CPU-only runs never import it.
+Two GEMM kernels (FP8Linear(gemm=...), the model's `fp8_backend`), same quantization and delayed scaling:
+"triton" = fp8_matmul above; "torch" = torch._scaled_mm (cuBLASLt on CUDA; torch also has a CPU
+implementation), which takes dequantization scales, 1/s_a and 1/s_b, and needs K-major operands on CUDA.
+Where they run (module-level BACKEND): "auto" = the chosen kernel on CUDA with capability >= 8.9, a
+RuntimeError on older CUDA GPUs, emulation on the CPU; "emulate" = always the emulated GEMM; "kernel" =
+always the chosen kernel, which for "triton" on CPU tensors needs the Triton interpreter
+(TRITON_INTERPRET=1; used by the tests). Triton is imported lazily, so CPU-only runs never import it.
 
-`python fp8.py bench` reports FP8 vs bf16 GEMM TFLOP/s at the 1.3B model's layer shapes (H100).
+`python -m tools.bench fp8 configs/xmodel25.py` reports FP8 vs bf16 GEMM TFLOP/s at the 1.3B model's layer
+shapes (CUDA), and `python -m tools.gpu_check` checks kernel, GEMMs and FP8 training on a GPU.
 """
 
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -83,8 +86,9 @@ E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
 FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 
-BACKEND = "auto"  # "auto" | "triton" | "emulate" (see the module docstring)
-BACKENDS = ("auto", "triton", "emulate")
+BACKEND = "auto"  # "auto" | "kernel" | "emulate": where the GEMM runs (see the module docstring)
+BACKENDS = ("auto", "kernel", "emulate")
+GEMMS = ("triton", "torch")  # which kernel: the Triton one here, or torch._scaled_mm
 
 # tensor roles: the rows of FP8Linear.amax_history and the entries of FP8Linear.scale
 INPUT, WEIGHT, GRAD_OUTPUT = 0, 1, 2
@@ -232,6 +236,25 @@ def _check_cuda_capability(device):
             "cores need Ada or Hopper (>= 8.9). Train without fp8 on this GPU (config fp8=False).")
 
 
+def _check_operands(who, a, b, scale_a, scale_b, out_dtype):
+    for name, t in (("a", a), ("b", b)):
+        if t.dtype not in FP8_MAX:
+            raise ValueError(f"{who}: {name} must be float8_e4m3fn or float8_e5m2, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{who}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if not torch.is_tensor(s) or s.numel() != 1 or s.dtype != torch.float32:
+            raise ValueError(f"{who}: {name} must be a one-element fp32 tensor")
+        if s.device != a.device:
+            raise ValueError(f"{who}: {name} is on {s.device}, a on {a.device}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"{who}: inner dimensions differ, a {tuple(a.shape)} @ b {tuple(b.shape)}")
+    if b.device != a.device:
+        raise ValueError(f"{who}: a is on {a.device}, b on {b.device}")
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"{who}: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+
+
 def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
     """C = (a @ b) / (scale_a * scale_b) with the Triton kernel, accumulated in fp32.
 
@@ -239,22 +262,7 @@ def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
     (transposed views are fine; on Hopper K-contiguous operands are fastest, see the docstring);
     scale_a, scale_b are the 0-d fp32 scales the operands were quantized with; out_dtype is
     torch.bfloat16 or torch.float32. CUDA (capability >= 8.9) or, under TRITON_INTERPRET=1, CPU."""
-    for name, t in (("a", a), ("b", b)):
-        if t.dtype not in FP8_MAX:
-            raise ValueError(f"fp8_matmul: {name} must be float8_e4m3fn or float8_e5m2, got {t.dtype}")
-        if t.dim() != 2:
-            raise ValueError(f"fp8_matmul: {name} must be 2-D, got shape {tuple(t.shape)}")
-    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
-        if not torch.is_tensor(s) or s.numel() != 1 or s.dtype != torch.float32:
-            raise ValueError(f"fp8_matmul: {name} must be a one-element fp32 tensor")
-        if s.device != a.device:
-            raise ValueError(f"fp8_matmul: {name} is on {s.device}, a on {a.device}")
-    if a.shape[1] != b.shape[0]:
-        raise ValueError(f"fp8_matmul: inner dimensions differ, a {tuple(a.shape)} @ b {tuple(b.shape)}")
-    if b.device != a.device:
-        raise ValueError(f"fp8_matmul: a is on {a.device}, b on {b.device}")
-    if out_dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"fp8_matmul: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
+    _check_operands("fp8_matmul", a, b, scale_a, scale_b, out_dtype)
     interpret = _interpreting()
     if a.device.type == "cuda":
         _check_cuda_capability(a.device)
@@ -277,23 +285,40 @@ def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
     return c
 
 
+def torch_fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
+    """The same product as fp8_matmul with torch._scaled_mm (cuBLASLt on CUDA, torch's own kernel on the
+    CPU). _scaled_mm multiplies by dequantization scales, so it gets 1/scale_a and 1/scale_b. On CUDA it
+    needs a row-major and b column-major (K-major, as FP8Linear feeds them), sizes that are multiples
+    of 16, and not both operands E5M2; torch raises its own error otherwise."""
+    _check_operands("torch_fp8_matmul", a, b, scale_a, scale_b, out_dtype)
+    if a.device.type == "cuda":
+        _check_cuda_capability(a.device)
+    one = torch.ones((), dtype=torch.float32, device=a.device)
+    return torch._scaled_mm(a, b, scale_a=one / scale_a.reshape(()), scale_b=one / scale_b.reshape(()),
+                            out_dtype=out_dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Backend choice and the GEMM used by FP8Linear
 
-def resolve_backend(device):
-    """'triton' or 'emulate' for tensors on `device`, following BACKEND (module docstring)."""
+def resolve_backend(device, gemm="triton"):
+    """'triton', 'torch' or 'emulate' for tensors on `device` and the kernel `gemm`, following BACKEND
+    (module docstring)."""
     if BACKEND not in BACKENDS:
         raise ValueError(f"fp8.BACKEND must be one of {BACKENDS}, got {BACKEND!r}")
+    if gemm not in GEMMS:
+        raise ValueError(f"fp8 GEMM must be one of {GEMMS}, got {gemm!r}")
     device = torch.device(device)
     if BACKEND == "emulate":
         return "emulate"
     if device.type == "cuda":
         _check_cuda_capability(device)
-        return "triton"
-    if BACKEND == "triton":
-        if not _interpreting():
-            raise RuntimeError(f"fp8.BACKEND='triton' on {device} needs the Triton interpreter (TRITON_INTERPRET=1)")
-        return "triton"
+        return gemm
+    if BACKEND == "kernel":
+        if gemm == "triton" and not _interpreting():
+            raise RuntimeError(f"fp8.BACKEND='kernel' with the Triton GEMM on {device} needs the Triton "
+                               "interpreter (TRITON_INTERPRET=1)")
+        return gemm
     return "emulate"
 
 
@@ -310,12 +335,14 @@ def _k_major(t, dim):
     return t.contiguous() if dim == 1 else t.t().contiguous().t()
 
 
-def scaled_gemm(a, b, scale_a, scale_b, out_dtype):
-    """(a @ b) / (scale_a * scale_b) on the backend chosen for a's device, returned in out_dtype.
-    On the Triton path the operands are made K-major first (Hopper's fp8 wgmma requirement)."""
+def scaled_gemm(a, b, scale_a, scale_b, out_dtype, gemm="triton"):
+    """(a @ b) / (scale_a * scale_b) with the kernel `gemm` where it runs for a's device (else emulated),
+    returned in out_dtype. Kernel operands are made K-major first (Hopper's fp8 wgmma and cuBLASLt)."""
     gemm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float32) else torch.float32
-    if resolve_backend(a.device) == "triton":
-        c = fp8_matmul(_k_major(a, 1), _k_major(b, 0), scale_a, scale_b, gemm_dtype)
+    backend = resolve_backend(a.device, gemm)
+    if backend != "emulate":
+        kernel = fp8_matmul if backend == "triton" else torch_fp8_matmul
+        c = kernel(_k_major(a, 1), _k_major(b, 0), scale_a, scale_b, gemm_dtype)
     else:
         c = emulated_matmul(a, b, scale_a, scale_b, gemm_dtype)
     return c.to(out_dtype)
@@ -328,7 +355,7 @@ class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with x, W in E4M3; backward dX = dY W, dW = dY^T x with dY in E5M2."""
 
     @staticmethod
-    def forward(ctx, x, weight, history, scale, out_dtype, update, margin):
+    def forward(ctx, x, weight, history, scale, out_dtype, update, margin, gemm):
         # The scales of THIS step were set by the previous steps; copy them before the update
         # below overwrites them with the scales of the next step.
         scale_x, scale_w = scale[INPUT].clone(), scale[WEIGHT].clone()
@@ -338,17 +365,17 @@ class _FP8LinearFunction(torch.autograd.Function):
             amaxes = _all_reduce_max(torch.stack([amax(x), amax(weight)]))
             for role in (INPUT, WEIGHT):
                 update_delayed_scale(history[role], scale[role], amaxes[role], FP8_MAX[E4M3], margin)
-        y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype)
+        y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype, gemm)
         ctx.save_for_backward(x_q, w_q, scale_x, scale_w)
         # the state buffers are mutated in place every step, so they are kept out of save_for_backward
-        ctx.state = (history, scale, update, margin)
+        ctx.state = (history, scale, update, margin, gemm)
         ctx.dtypes = (x.dtype, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_q, w_q, scale_x, scale_w = ctx.saved_tensors
-        history, scale, update, margin = ctx.state
+        history, scale, update, margin, gemm = ctx.state
         x_dtype, w_dtype = ctx.dtypes
         scale_dy = scale[GRAD_OUTPUT].clone()
         dy_q = quantize(dy, scale_dy, E5M2)
@@ -357,10 +384,10 @@ class _FP8LinearFunction(torch.autograd.Function):
                                  FP8_MAX[E5M2], margin)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = scaled_gemm(dy_q, w_q, scale_dy, scale_w, x_dtype)          # [T, out] @ [out, in]
+            dx = scaled_gemm(dy_q, w_q, scale_dy, scale_w, x_dtype, gemm)          # [T, out] @ [out, in]
         if ctx.needs_input_grad[1]:
-            dw = scaled_gemm(dy_q.t(), x_q, scale_dy, scale_x, w_dtype)      # [out, T] @ [T, in]
-        return dx, dw, None, None, None, None, None
+            dw = scaled_gemm(dy_q.t(), x_q, scale_dy, scale_x, w_dtype, gemm)      # [out, T] @ [T, in]
+        return dx, dw, None, None, None, None, None, None
 
 
 class FP8Linear(nn.Module):
@@ -369,16 +396,19 @@ class FP8Linear(nn.Module):
     weight [out_features, in_features] is the master weight (its own dtype, fp32 usually);
     amax_history [3, history_len] and scale [3] (fp32 buffers, rows INPUT, WEIGHT, GRAD_OUTPUT) are
     the delayed-scaling state. x may be [..., in_features]; the output has the autocast dtype when
-    autocast is on, else x's dtype."""
+    autocast is on, else x's dtype. gemm: "triton" or "torch", the kernel (module docstring)."""
 
-    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, history_len=128, margin=0):
+    def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, history_len=128, margin=0,
+                 gemm="triton"):
         super().__init__()
         if bias:
             raise ValueError("FP8Linear: bias=True is not supported (the blocks' linear layers have no bias)")
         if history_len < 1:
             raise ValueError(f"FP8Linear: history_len must be >= 1, got {history_len}")
+        if gemm not in GEMMS:
+            raise ValueError(f"FP8Linear: gemm must be one of {GEMMS}, got {gemm!r}")
         self.in_features, self.out_features = in_features, out_features
-        self.margin = margin
+        self.margin, self.gemm = margin, gemm
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.register_buffer("amax_history", torch.zeros(3, history_len, device=device, dtype=torch.float32))
         self.register_buffer("scale", torch.ones(3, device=device, dtype=torch.float32))
@@ -386,17 +416,6 @@ class FP8Linear(nn.Module):
 
     def reset_parameters(self):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
-
-    @classmethod
-    def from_linear(cls, linear, history_len=128, margin=0):
-        """An FP8Linear sharing `linear`'s weight Parameter (same object: optimizer groups and any
-        attributes set on it carry over). `linear` must have no bias."""
-        if linear.bias is not None:
-            raise ValueError(f"FP8Linear.from_linear: {linear} has a bias; only bias-free layers convert")
-        new = cls(linear.in_features, linear.out_features, device=linear.weight.device,
-                  dtype=linear.weight.dtype, history_len=history_len, margin=margin)
-        new.weight = linear.weight
-        return new
 
     def _apply(self, fn, *args, **kwargs):
         # .to(bfloat16) / .half() must not round the scaling state: keep it fp32, move the device only
@@ -417,79 +436,9 @@ class FP8Linear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         with torch.autocast(device_type, enabled=False):  # our GEMMs choose their own precisions
             y = _FP8LinearFunction.apply(x2d, self.weight, self.amax_history, self.scale,
-                                         out_dtype, self.training, self.margin)
+                                         out_dtype, self.training, self.margin, self.gemm)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias=False, "
-                f"history_len={self.amax_history.shape[1]}, margin={self.margin}")
-
-
-def convert_to_fp8(module, filter_fn=None, history_len=128, margin=0):
-    """Replace, recursively and in place, every nn.Linear child of `module` for which
-    filter_fn(qualified_name, linear) is true (all of them if filter_fn is None) by an FP8Linear
-    sharing its weight. A selected linear with a bias is an error. Returns `module`."""
-    def visit(parent, prefix):
-        for name, child in list(parent.named_children()):
-            qual = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, nn.Linear) and (filter_fn is None or filter_fn(qual, child)):
-                if child.bias is not None:
-                    raise ValueError(f"convert_to_fp8: linear layer '{qual}' has a bias; exclude it with filter_fn")
-                setattr(parent, name, FP8Linear.from_linear(child, history_len, margin))
-            else:
-                visit(child, qual)
-    visit(module, "")
-    return module
-
-
-# ----------------------------------------------------------------------------------------------
-# GEMM benchmark (H100; not run in CI)
-
-def layer_shapes(hidden=1536, ffn=3840, n_head=24, n_kv_head=8, head_dim=64):
-    """(name, in_features, out_features) of the block linears of the 1.3B model."""
-    qkv = (n_head + 2 * n_kv_head) * head_dim
-    return [("qkv", hidden, qkv), ("attn_out", n_head * head_dim, hidden),
-            ("mlp_gate_or_up", hidden, ffn), ("mlp_down", ffn, hidden)]
-
-
-def bench_gemm(tokens=8192, shapes=None, warmup=25, rep=100):
-    """FP8 (this module's kernel, K-major operands) vs bf16 (torch.matmul) TFLOP/s for the three
-    GEMMs of each block linear (forward, dgrad, wgrad) with `tokens` rows. Returns a list of dicts
-    and prints a table. Needs a CUDA GPU with capability >= 8.9."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("fp8 bench_gemm needs a CUDA GPU with compute capability >= 8.9 (H100/Ada); none found")
-    import triton.testing
-    device = torch.device("cuda")
-    _check_cuda_capability(device)
-    one = torch.ones((), device=device)
-    rows = []
-    print(f"{torch.cuda.get_device_name(device)}, tokens={tokens}")
-    print(f"{'layer':<16}{'gemm':<8}{'M x K x N':>22}{'bf16 TF/s':>12}{'fp8 TF/s':>11}{'speedup':>9}")
-    for name, n_in, n_out in shapes or layer_shapes():
-        # (gemm, M, K, N): forward x@W^T, dgrad dY@W, wgrad dY^T@x
-        for gemm, M, K, N in (("fwd", tokens, n_in, n_out), ("dgrad", tokens, n_out, n_in), ("wgrad", n_out, tokens, n_in)):
-            a16 = torch.randn(M, K, device=device, dtype=torch.bfloat16)
-            b16 = torch.randn(N, K, device=device, dtype=torch.bfloat16).t()  # K-major, as FP8Linear feeds it
-            a8 = a16.to(E5M2 if gemm != "fwd" else E4M3)
-            b8 = b16.to(E4M3)
-            t16 = triton.testing.do_bench(lambda: a16 @ b16, warmup=warmup, rep=rep)
-            t8 = triton.testing.do_bench(lambda: fp8_matmul(a8, b8, one, one), warmup=warmup, rep=rep)
-            flops = 2.0 * M * K * N
-            row = dict(layer=name, gemm=gemm, M=M, K=K, N=N, bf16_tflops=flops / t16 / 1e9, fp8_tflops=flops / t8 / 1e9)
-            rows.append(row)
-            print(f"{name:<16}{gemm:<8}{f'{M}x{K}x{N}':>22}{row['bf16_tflops']:>12.1f}{row['fp8_tflops']:>11.1f}"
-                  f"{t16 / t8:>8.2f}x")
-    return rows
-
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "bench":
-        tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-        try:
-            bench_gemm(tokens)
-        except RuntimeError as e:
-            print(e, file=sys.stderr)
-            sys.exit(1)
-    else:
-        print("usage: python fp8.py bench [tokens]   (FP8 vs bf16 GEMM TFLOP/s at the 1.3B layer shapes)")
-        sys.exit(2)
+                f"history_len={self.amax_history.shape[1]}, margin={self.margin}, gemm={self.gemm}")

@@ -23,6 +23,7 @@ where a model is built (`mup.build_model`): a bare `Xmodel(cfg)` keeps torch's d
 With `use_mup=False` the same code is the standard parameterization (1/sqrt(head_dim), no multipliers,
 one width-independent init std), for side-by-side comparisons.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,7 @@ class ModelConfig:
     init_std: float = 0.1         # embedding std; hidden matrices get init_std / sqrt(m) under μP
     # execution
     fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
+    fp8_backend: str = "triton"   # the FP8 GEMM: "triton" (fp8.py's kernel) or "torch" (torch._scaled_mm, cuBLASLt)
     act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)
     loss_chunk: int = 1024        # tokens per chunk of the chunked cross-entropy
 
@@ -70,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"model config: n_head={self.n_head} does not divide hidden={self.hidden}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"model config: n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.fp8_backend not in ("triton", "torch"):
+            raise ValueError(f"model config: fp8_backend must be 'triton' or 'torch', got {self.fp8_backend!r}")
         if self.fp8 and self.act_ckpt:  # a recomputed forward would advance the FP8 amax history twice
             raise ValueError("model config: act_ckpt=True is not supported together with fp8=True")
         if self.head_dim % 2:
@@ -107,7 +111,7 @@ class ModelConfig:
 def _linear(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
     if cfg.fp8:
         from fp8 import FP8Linear  # only FP8 runs pay for importing it (and Triton)
-        return FP8Linear(n_in, n_out)
+        return FP8Linear(n_in, n_out, gemm=cfg.fp8_backend)
     return nn.Linear(n_in, n_out, bias=False)
 
 
@@ -246,7 +250,7 @@ class Xmodel(nn.Module):
     def compile_for_training(self):
         """torch.compile each block (in place: parameter names are unchanged) and the loss's per-chunk
         softmax/gradient. Opt-in because compiling costs tens of seconds per new shape; it pays back
-        within a few steps (see bench.py)."""
+        within a few steps (see tools/bench.py)."""
         for block in self.blocks:
             block.compile()
         self.compiled = True
@@ -297,11 +301,10 @@ class Xmodel(nn.Module):
 
 
 def _loss_and_grad_fused(logits, y, valid, scale: float, inv_n):
-    """One chunk of the loss, written as whole-tensor expressions for torch.compile: the returned value is
-    sum_i valid_i * (lse_i - z_{i,y_i}) with z = scale * logits, lse = logsumexp(z), and `logits` is
-    overwritten with dlogits = (softmax(z) - onehot(y)) * valid * scale / n_valid.
-    Compiled, this is two passes over the chunk: one reduction, one fused exp/subtract/scale/store; run
-    eagerly, every line here would be a separate fp32 [chunk, vocab] temporary."""
+    """One chunk of the loss and its gradient as whole-tensor expressions, for torch.compile (the
+    compiled path of `_ChunkedCrossEntropy`): the same numbers as `_chunk_loss` with `coef` given.
+    Inductor turns it into two passes over the chunk (one reduction, one fused exp/subtract/scale/store);
+    run eagerly every line would be its own fp32 [chunk, vocab] temporary, hence `_chunk_loss`."""
     z = logits.float() * scale
     lse = torch.logsumexp(z, dim=-1)
     tgt = z.gather(1, y[:, None]).squeeze(1)
@@ -311,37 +314,30 @@ def _loss_and_grad_fused(logits, y, valid, scale: float, inv_n):
     return ((lse - tgt) * valid).sum()
 
 
-def _loss_and_grad_inplace(logits, y, valid, scale: float, inv_n, z):
-    """The same as `_loss_and_grad_fused`, for eager mode: every step in place over one fp32 buffer z
-    ([chunk, vocab], reused across chunks), so no other [chunk, vocab] tensor is ever allocated."""
+def _chunk_loss(logits, y, valid, scale: float, z, coef=None):
+    """sum_i valid_i * (lse_i - z_{i,y_i}) for z = scale * logits, lse = logsumexp(z), every step in place
+    over the fp32 scratch z (same shape as logits), so no other [rows, vocab] tensor is allocated.
+    With coef (= valid * scale / n_valid, per row), `logits` is also overwritten with its gradient
+    dlogits * scale = (softmax(z) - onehot(y)) * coef."""
     z = z.copy_(logits).mul_(scale)
     zmax = z.amax(dim=-1, keepdim=True)
     tgt = z.gather(1, y[:, None]).squeeze(1)
     sumexp = z.sub_(zmax).exp_().sum(dim=-1, keepdim=True)
     lse = (zmax + sumexp.log()).squeeze(1)
-    coef = valid * (inv_n * scale)
-    z.mul_(coef[:, None] / sumexp)  # softmax * coef
-    z[torch.arange(len(y), device=z.device), y] -= coef
-    logits.copy_(z)
+    if coef is not None:
+        z.mul_(coef[:, None] / sumexp)  # softmax * coef
+        z[torch.arange(len(y), device=z.device), y] -= coef
+        logits.copy_(z)
     return ((lse - tgt) * valid).sum()
 
 
-def _loss_only(logits, y, valid, scale: float):
-    """Forward-only chunk (evaluation): sum_i valid_i * (logsumexp(z_i) - z_{i,y_i}), z = scale * logits."""
-    z = logits.float() * scale
-    return ((torch.logsumexp(z, dim=-1) - z.gather(1, y[:, None]).squeeze(1)) * valid).sum()
+_EAGER_ROWS = 256  # rows per eager softmax pass: the fp32 scratch is a quarter of a 1024-row chunk
 
 
-_compiled_loss_and_grad = None
-_EAGER_ROWS = 256  # rows per eager softmax pass (see _ChunkedCrossEntropy.forward)
-
-
-def _fused_loss_and_grad():
+@functools.cache
+def _compiled_loss_and_grad():
     """`_loss_and_grad_fused` through torch.compile, compiled once per process on first use."""
-    global _compiled_loss_and_grad
-    if _compiled_loss_and_grad is None:
-        _compiled_loss_and_grad = torch.compile(_loss_and_grad_fused)
-    return _compiled_loss_and_grad
+    return torch.compile(_loss_and_grad_fused)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -376,22 +372,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             dh = torch.empty_like(h)
             dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             dw_chunk = None if h.dtype == torch.float32 else torch.empty(w.shape, dtype=h.dtype, device=w.device)
-            # eager mode's fp32 scratch covers EAGER_ROWS rows of a chunk at a time: the GEMMs keep the
-            # chunk's efficiency, the scratch stays a quarter of a 1024-row chunk
-            z_buf = None if compiled else torch.empty(min(chunk, N, _EAGER_ROWS), V, dtype=torch.float32,
-                                                      device=h.device)
+            coef = valid * (inv_n * scale)
+        # the eager softmax's fp32 scratch covers _EAGER_ROWS rows of a chunk at a time: the GEMMs keep the
+        # chunk's efficiency, the scratch stays small
+        z_buf = None if compiled and need_grad else torch.empty(min(chunk, N, _EAGER_ROWS), V, dtype=torch.float32,
+                                                                device=h.device)
         for i in range(0, N, chunk):
             hc, yc, vc = h[i:i + chunk], y[i:i + chunk], valid[i:i + chunk]
             logits = torch.mm(hc, wc.t(), out=logits_buf[:len(hc)])
-            if not need_grad:
-                loss += _loss_only(logits, yc, vc, scale)
-                continue
-            if compiled:
-                loss += _fused_loss_and_grad()(logits, yc, vc, scale, inv_n)
+            if compiled and need_grad:
+                loss += _compiled_loss_and_grad()(logits, yc, vc, scale, inv_n)
             else:
                 for j in range(0, len(hc), _EAGER_ROWS):
                     r = slice(j, j + _EAGER_ROWS)
-                    loss += _loss_and_grad_inplace(logits[r], yc[r], vc[r], scale, inv_n, z_buf[:len(yc[r])])
+                    loss += _chunk_loss(logits[r], yc[r], vc[r], scale, z_buf[:len(yc[r])],
+                                        coef[i:i + chunk][r] if need_grad else None)
+            if not need_grad:
+                continue
             g = logits  # now dlogits * s
             torch.mm(g, wc, out=dh[i:i + chunk])
             if dw_chunk is None:

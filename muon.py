@@ -321,39 +321,3 @@ def _check_hyperparameters(group, group_index):
         raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']}")
     if group["rms_scale"] is not None and not group["rms_scale"] > 0:
         raise ValueError(f"{where}: rms_scale must be > 0 (or None for plain Muon scaling), got {group['rms_scale']}")
-
-
-def _ns_share_report(name, layer_shapes, n_layers, n_params, tokens_per_step, seq_len, d_attn):
-    """Newton-Schulz FLOPs per optimizer step against 6 N T (+ attention 12 L T_seq d per token)."""
-    ns = n_layers * sum(newton_schulz_flops(r, c) for r, c in layer_shapes)
-    dense = 6 * n_params * tokens_per_step
-    attention = 12 * n_layers * seq_len * d_attn * tokens_per_step
-    print(f"{name}: Newton-Schulz {ns:.3e} FLOPs/step (all matrices, one device); training "
-          f"6NT {dense:.3e} -> {100 * ns / dense:.3f}%; with attention {dense + attention:.3e} -> "
-          f"{100 * ns / (dense + attention):.3f}%. Sharded over R data-parallel ranks each pays 1/R of it.")
-
-
-def _time_steps(make_opt, shapes, n_steps=20):
-    import time
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(r, c) * 0.02) for r, c in shapes]
-    opt = make_opt(params)
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt.step()  # warm-up (state allocation)
-    t0 = time.perf_counter()
-    for _ in range(n_steps):
-        opt.step()
-    return (time.perf_counter() - t0) / n_steps
-
-
-if __name__ == "__main__":
-    h, f = 1536, 3840
-    xmodel25 = [(h, h), (512, h), (512, h), (h, h), (f, h), (f, h), (h, f)]
-    _ns_share_report("xmodel25 (decay: 960 x 3712 tokens)", xmodel25, 48, 1.35e9, 960 * 3712, 3712, h)
-    proxy = [(128, 128), (64, 128), (64, 128), (128, 128), (320, 128), (320, 128), (128, 320)]
-    shapes = proxy * 8
-    t_muon = _time_steps(lambda ps: Muon(ps, lr=1e-3, weight_decay=0.1), shapes)
-    t_adamw = _time_steps(lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), shapes)
-    print(f"proxy20m hidden matrices ({len(shapes)} matrices, {sum(r * c for r, c in shapes) / 1e6:.2f}M params, "
-          f"{torch.get_num_threads()} CPU threads): Muon step {1e3 * t_muon:.2f} ms, AdamW step {1e3 * t_adamw:.2f} ms")

@@ -57,10 +57,11 @@ def make_operand(shape, dtype, scale, seed):
     return fp8.quantize(x / scale, torch.tensor(scale), dtype)  # values ~N(0,1) in fp8 units
 
 
-def reorder_bound(a, b, sa, sb):
-    """How far two fp32 summation orders of (a@b)/sa/sb can be apart (module docstring)."""
+def reorder_bound(a, b, sa, sb, scale_ops=4):
+    """How far two fp32 summation orders of (a@b)/sa/sb can be apart (module docstring); scale_ops counts
+    the fp32 roundings spent on the scales by both sides (torch._scaled_mm: 1/s twice, two products)."""
     K = a.shape[1]
-    return (2 * K + 4) * U32 * (a.double().abs() @ b.double().abs()) / float(sa) / float(sb)
+    return (2 * K + scale_ops) * U32 * (a.double().abs() @ b.double().abs()) / float(sa) / float(sb)
 
 
 def quant_error(x, scale, dtype):
@@ -93,6 +94,32 @@ def test_kernel_matches_dequantized_reference(interpret, shape, dtypes, out_dtyp
     err = (c.double() - ref).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
     assert ref.abs().max() > 1.0  # a non-degenerate product
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS[:3], ids=lambda d: f"{str(d[0])[11:]}x{str(d[1])[11:]}")
+@pytest.mark.parametrize("b_layout", ["k_major", "row_major"])
+def test_torch_gemm_matches_dequantized_reference(dtypes, out_dtype, b_layout):
+    """The "torch" backend (torch._scaled_mm; here torch's CPU kernel) against the float64 product, with
+    the same bound as the Triton kernel (plus its two reciprocal scales): the quantization-scale
+    convention is right (1/s is passed) and both operand layouts work."""
+    M, K, N = 37, 70, 45
+    sa, sb = torch.tensor(3.5), torch.tensor(0.0625)
+    a = make_operand((M, K), dtypes[0], 3.5, seed=1)
+    b = make_operand((K, N), dtypes[1], 0.0625, seed=2)
+    if b_layout == "k_major":
+        b = b.t().contiguous().t()
+    c = fp8.torch_fp8_matmul(a, b, sa, sb, out_dtype)
+    assert c.dtype == out_dtype and c.shape == (M, N)
+    ref = (a.double() @ b.double()) / 3.5 / 0.0625
+    bound = reorder_bound(a, b, sa, sb, scale_ops=8)
+    if out_dtype == torch.bfloat16:
+        bound = bound * (1 + U_BF16) + U_BF16 * ref.abs()
+    err = (c.double() - ref).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+    assert ref.abs().max() > 1.0
+    with pytest.raises(ValueError, match="inner dimensions"):
+        fp8.torch_fp8_matmul(a, b[:16], sa, sb)
 
 
 def test_kernel_transposed_and_strided_operands(interpret):
@@ -156,9 +183,10 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch, backend):
     a = make_operand((4, 32), E4M3, 1.0, seed=0)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fp8.fp8_matmul(a, a.t(), torch.tensor(1.0), torch.tensor(1.0))
-    backend("triton")
+    backend("kernel")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fp8.resolve_backend("cpu")
+    assert fp8.resolve_backend("cpu", "torch") == "torch"  # torch._scaled_mm has a CPU kernel
 
 
 def test_backend_resolution(monkeypatch, backend):
@@ -169,6 +197,12 @@ def test_backend_resolution(monkeypatch, backend):
         fp8.resolve_backend("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     assert fp8.resolve_backend("cuda") == "triton"
+    assert fp8.resolve_backend("cuda", "torch") == "torch"
+    assert fp8.resolve_backend("cpu", "torch") == "emulate"
+    with pytest.raises(ValueError, match="cublas"):
+        fp8.resolve_backend("cpu", "cublas")
+    with pytest.raises(ValueError, match="gemm"):
+        fp8.FP8Linear(4, 4, gemm="cublas")
     backend("emulate")
     assert fp8.resolve_backend("cuda") == "emulate"
     backend("fast")
@@ -253,37 +287,41 @@ def test_fp8_linear_matches_high_precision_within_fp8_bounds():
     assert dx.dtype == x.dtype and dw.dtype == W.dtype
 
 
-def test_fp8_linear_triton_backend_equals_emulated(interpret, backend, monkeypatch):
+@pytest.mark.parametrize("gemm", fp8.GEMMS)
+def test_fp8_linear_kernel_backend_equals_emulated(interpret, backend, monkeypatch, gemm):
+    """Both GEMM backends run the same delayed scaling: same state, results within summation order."""
     torch.manual_seed(1)
     x = torch.randn(3, 7, 29)
     dy = torch.randn(3, 7, 45) * 1e-2
     layer = fp8.FP8Linear(29, 45)
     linear_grads(layer, x, dy)  # calibrate the scales
     layouts = []
-    real_matmul = fp8.fp8_matmul
+    kernel_name = {"triton": "fp8_matmul", "torch": "torch_fp8_matmul"}[gemm]
+    real_matmul = getattr(fp8, kernel_name)
 
     def spy(a, b, *args):
         layouts.append((a.stride(1), b.stride(0)))
         return real_matmul(a, b, *args)
 
-    monkeypatch.setattr(fp8, "fp8_matmul", spy)
+    monkeypatch.setattr(fp8, kernel_name, spy)
     results = {}
-    for name in ("emulate", "triton"):
+    for name in ("emulate", "kernel"):
         backend(name)
-        twin = fp8.FP8Linear(29, 45)
+        twin = fp8.FP8Linear(29, 45, gemm=gemm)
         twin.load_state_dict(layer.state_dict())
         results[name] = (linear_grads(twin, x, dy), twin.state_dict())
     (y_e, dx_e, dw_e), sd_e = results["emulate"]
-    (y_t, dx_t, dw_t), sd_t = results["triton"]
+    (y_t, dx_t, dw_t), sd_t = results["kernel"]
     for k in sd_e:
         assert torch.equal(sd_e[k], sd_t[k]), k
     s = layer.scale
     xq = fp8.quantize(x.reshape(-1, 29), s[INPUT], E4M3)
     wq = fp8.quantize(layer.weight.detach(), s[WEIGHT], E4M3)
     dyq = fp8.quantize(dy.reshape(-1, 45), s[GRAD_OUTPUT], E5M2)
-    for got, ref, b in ((y_t, y_e, reorder_bound(xq, wq.t(), s[INPUT], s[WEIGHT])),
-                        (dx_t, dx_e, reorder_bound(dyq, wq, s[GRAD_OUTPUT], s[WEIGHT])),
-                        (dw_t, dw_e, reorder_bound(dyq.t(), xq, s[GRAD_OUTPUT], s[INPUT]))):
+    ops = 8 if gemm == "torch" else 4
+    for got, ref, b in ((y_t, y_e, reorder_bound(xq, wq.t(), s[INPUT], s[WEIGHT], ops)),
+                        (dx_t, dx_e, reorder_bound(dyq, wq, s[GRAD_OUTPUT], s[WEIGHT], ops)),
+                        (dw_t, dw_e, reorder_bound(dyq.t(), xq, s[GRAD_OUTPUT], s[INPUT], ops))):
         assert got.shape == ref.shape and got.dtype == ref.dtype
         assert ((got.double() - ref.double()).abs().reshape(b.shape) <= b).all()
         assert not torch.equal(got, torch.zeros_like(got))
@@ -430,27 +468,9 @@ def test_state_dict_round_trip_resumes_exactly():
     assert a.weight.dtype == torch.bfloat16 and a.scale.dtype == torch.float32 and torch.equal(a.scale, scale)
 
 
-def test_convert_to_fp8():
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(),
-                          nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 4, bias=False)))
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    fp8.convert_to_fp8(model, filter_fn=lambda name, lin: name != "2.1")
-    assert isinstance(model[0], fp8.FP8Linear) and isinstance(model[2][0], fp8.FP8Linear)
-    assert type(model[2][1]) is nn.Linear
-    assert model[0].weight is weights[0] and model[2][0].weight is weights[1]
-    assert set(model.state_dict()) == {"0.weight", "0.amax_history", "0.scale", "2.0.weight",
-                                       "2.0.amax_history", "2.0.scale", "2.1.weight"}
-    with pytest.raises(ValueError, match="'1.0' has a bias"):
-        fp8.convert_to_fp8(nn.Sequential(nn.Identity(), nn.Sequential(nn.Linear(2, 2))))
-
-
-def test_bench_gemm_needs_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU message, also on a GPU machine
-    with pytest.raises(RuntimeError, match="CUDA"):
-        fp8.bench_gemm()
-    shapes = fp8.layer_shapes()
-    assert ("qkv", 1536, 2560) in shapes and ("mlp_down", 3840, 1536) in shapes
+def test_fp8_linear_state_dict_keys():
+    model = nn.Sequential(fp8.FP8Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
+    assert set(model.state_dict()) == {"0.weight", "0.amax_history", "0.scale", "2.weight"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -617,6 +617,7 @@ def test_generate_sampling_seeded_and_top_k():
     (dict(init_std=0.0), "init_std"),
     (dict(input_scale=-12.0), "input_scale"),
     (dict(hidden=64.0), "hidden"),
+    (dict(fp8_backend="cublas"), "fp8_backend"),
 ])
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):

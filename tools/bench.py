@@ -11,15 +11,21 @@ and reports:
     FLOPs/token    model.flops_per_token(seq_len): 6 per matmul weight + causal attention
     MFU (CUDA)     FLOPs/token * tokens/s / the device's dense peak (bf16, or FP8 with fp8=True)
 
-    python bench.py configs/proxy20m.py [--batch_size 8] [--seq_len 512] [--dtype bfloat16] [--device cpu]
-                    [--steps 5] [--compile] [--optimizer adamw|muon] [--json] [--peer] [--repeats 2]
-    python bench.py scaling configs/proxy20m.py     # tokens/s and peak memory vs sequence length and width
+    python -m tools.bench configs/proxy20m.py [--batch_size 8] [--seq_len 512] [--dtype auto|bfloat16|float32]
+                    [--device auto|cpu|cuda] [--steps 5] [--compile] [--optimizer adamw|muon] [--json] [--peer]
+                    [--repeats 2]
+    python -m tools.bench scaling configs/proxy20m.py  # tokens/s and peak memory vs sequence length and width
+    python -m tools.bench muon configs/xmodel25.py     # Newton-Schulz FLOPs vs the step's; Muon vs AdamW step time
+    python -m tools.bench fp8 configs/xmodel25.py      # FP8 vs bf16 GEMM TFLOP/s at the config's layer shapes (CUDA)
+
+--device and --dtype default to auto (train.resolve_machine: CUDA, else MPS, else CPU; bf16 where native).
 
 --peer runs Hugging Face transformers' LlamaForCausalLM of the same shape (tied embeddings, SDPA
 attention, bf16 autocast, torch.optim.AdamW as it comes) with the same timing loop, each model in its own
 subprocess, alternating ours/peer --repeats times (the machine may be shared: alternation puts both
 under the same load), and prints both with the ratios. With --json the last printed line is one JSON
-object (tokens_per_s, peak_mem_mb, step_ms, flops_per_token, ...).
+object (tokens_per_s, peak_mem_mb, step_ms, flops_per_token, ...). `tokens` counts the tokens the timed
+steps actually fed the model and `timed_s` is their total wall time.
 """
 import argparse
 import dataclasses
@@ -33,9 +39,12 @@ import time
 
 import torch
 
-from model import ModelConfig
 import mup
+import muon
 import train
+from model import Block, ModelConfig, Xmodel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Dense tensor-core peaks (FLOP/s, no sparsity) for MFU; matched against torch.cuda.get_device_name().
 GPU_PEAK = {
@@ -91,10 +100,6 @@ def build_peer(mcfg: ModelConfig, args, device):
 def run(args) -> dict:
     """Build, warm up, time args.steps training steps; returns the measurements."""
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if args.dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"--dtype must be bfloat16 or float32, got {args.dtype!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,9 +119,11 @@ def run(args) -> dict:
     x, y = data[:, :-1], data[:, 1:]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seen = [0]  # tokens that reached the model
 
     def step():
         t0 = time.perf_counter()
+        seen[0] += x.numel()
         with autocast:
             loss = loss_fn(x, y)
         sync()
@@ -133,15 +140,17 @@ def run(args) -> dict:
         return t1 - t0, t2 - t1, t3 - t2, loss
 
     t_build = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
+    warm = [step() for _ in range(args.warmup)]
     warm_s = time.perf_counter() - t_build
+    seen[0] = 0
+    t_timed = time.perf_counter()
     times = [step() for _ in range(args.steps)]
+    timed_s = time.perf_counter() - t_timed
+    loss_at_init = float((warm or times)[0][3].detach())  # computed before any optimizer step
     loss = float(times[-1][3].detach())
     fwd, bwd, optim = (statistics.median(t[k] for t in times) for k in range(3))
     step_s = statistics.median(sum(t[:3]) for t in times)
     # our model's FLOPs formula also describes the peer: same shapes, same matmuls
-    from model import Xmodel
     with torch.device("meta"):
         flops_tok = Xmodel(mcfg).flops_per_token(T)
     tok_s = B * T / step_s
@@ -151,10 +160,11 @@ def run(args) -> dict:
     return dict(model="hf_llama" if args.run_peer else "xmodel", config=os.path.basename(args.config),
                 device=device.type, dtype=args.dtype, batch_size=B, seq_len=T, hidden=mcfg.hidden,
                 compile=bool(args.compile), optimizer="adamw" if args.run_peer else args.optimizer,
-                threads=torch.get_num_threads(), tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_ms=fwd * 1e3,
+                threads=torch.get_num_threads(), steps=args.steps, tokens=seen[0], timed_s=timed_s, tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_ms=fwd * 1e3,
                 bwd_ms=bwd * 1e3, opt_ms=optim * 1e3, warmup_s=warm_s, peak_mem_mb=peak_mem_mb(device),
                 flops_per_token=flops_tok, mfu=(flops_tok * tok_s / peak) if peak else None,
                 mfu_fp8_peak=(flops_tok * tok_s / peak8) if peak8 else None, fp8=mcfg.fp8, loss=loss,
+                loss_at_init=loss_at_init,
                 params=sum(p.numel() for p in model.parameters()))
 
 
@@ -168,16 +178,16 @@ def describe(r: dict) -> str:
 
 
 def subprocess_run(argv: list[str]) -> dict:
-    """Run this script in a fresh process (clean peak RSS) and return its JSON line."""
-    cmd = [sys.executable, os.path.abspath(__file__)] + argv + ["--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    """Run this tool in a fresh process (clean peak RSS) and return its JSON line."""
+    cmd = [sys.executable, "-m", "tools.bench"] + argv + ["--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def common_argv(args) -> list[str]:
-    argv = [args.config, "--seq_len", str(args.seq_len), "--dtype", args.dtype, "--device", args.device,
+    argv = [os.path.abspath(args.config), "--seq_len", str(args.seq_len), "--dtype", args.dtype, "--device", args.device,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--optimizer", args.optimizer]
     if args.batch_size:
         argv += ["--batch_size", str(args.batch_size)]
@@ -236,17 +246,111 @@ def scaling(args) -> list[dict]:
     return rows
 
 
+def layer_shapes(mcfg: ModelConfig) -> list[tuple[str, int, int]]:
+    """(name, in_features, out_features) of a block's linear layers as a fused implementation runs them
+    (q/k/v as one GEMM, gate/up as one): the GEMM shapes FP8 kernels are judged at (1.3B: K/N from
+    1536, 2560, 3840, 7680)."""
+    h, d = mcfg.hidden, mcfg.head_dim
+    return [("qkv", h, (mcfg.n_head + 2 * mcfg.n_kv_head) * d), ("attn_out", mcfg.n_head * d, h),
+            ("mlp_gate_up", h, 2 * mcfg.ffn_hidden), ("mlp_down", mcfg.ffn_hidden, h)]
+
+
+def hidden_matrix_shapes(mcfg: ModelConfig) -> list[tuple[int, int]]:
+    """[rows, cols] of every 2-D hidden matrix of the model (what Muon updates), all layers."""
+    with torch.device("meta"):
+        block = Block(dataclasses.replace(mcfg, fp8=False))
+    return [tuple(p.shape) for p in block.parameters() if p.dim() == 2] * mcfg.n_layer
+
+
+def muon_cost(args) -> dict:
+    """Newton-Schulz FLOPs per optimizer step of the config's decay phase against its 6 N T (+ causal
+    attention), and the measured Muon vs fused-AdamW step time on the config's hidden matrices."""
+    conf = train.load_config([args.config])
+    mcfg, tcfg = conf["model"], conf["train"]
+    device = torch.device(args.device)
+    shapes = hidden_matrix_shapes(mcfg)
+    decay = next((p for p in tcfg.phases if p["optimizer"] == "muon"), tcfg.phases[-1])
+    tokens, T = decay["batch"] * decay["seq_len"], decay["seq_len"]
+    with torch.device("meta"):
+        model = Xmodel(mcfg)
+    ns = sum(muon.newton_schulz_flops(r, c) for r, c in shapes)
+    dense = 6 * model.num_params() * tokens
+    with_attn = model.flops_per_token(T) * tokens
+    print(f"{os.path.basename(args.config)} ({decay['name']}: {decay['batch']} x {T} tokens): Newton-Schulz "
+          f"{ns:.3e} FLOPs/step (all matrices, one device); 6NT {dense:.3e} -> {100 * ns / dense:.3f}%; model "
+          f"FLOPs with attention {with_attn:.3e} -> {100 * ns / with_attn:.3f}%. Over R data-parallel ranks each "
+          f"pays 1/R of it.")
+
+    def time_steps(make_opt):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(r, c, device=device) * 0.02) for r, c in shapes]
+        opt = make_opt(params)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # warm-up (state allocation)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            opt.step()
+        sync()
+        return (time.perf_counter() - t0) / args.steps
+
+    t_muon = time_steps(lambda ps: muon.Muon(ps, lr=1e-3, weight_decay=0.1))
+    t_adamw = time_steps(lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                                                      fused=device.type in ("cpu", "cuda")))
+    n = sum(r * c for r, c in shapes)
+    print(f"hidden matrices ({len(shapes)}, {n / 1e6:.2f}M params, {device}, {torch.get_num_threads()} threads): "
+          f"Muon step {1e3 * t_muon:.2f} ms, fused AdamW step {1e3 * t_adamw:.2f} ms")
+    return dict(ns_flops=ns, params=model.num_params(), dense_flops=dense, model_flops=with_attn, ns_share=ns / dense,
+                muon_step_ms=1e3 * t_muon, adamw_step_ms=1e3 * t_adamw, matrices=len(shapes), device=device.type)
+
+
+def fp8_gemms(args) -> list[dict]:
+    """FP8 (fp8.fp8_matmul, K-major operands; and torch._scaled_mm) vs bf16 (torch.mm) TFLOP/s for the
+    three GEMMs of each block linear (forward, dgrad, wgrad) at the config's layer shapes, with
+    batch_size x seq_len rows (default: micro_batch x 3712). Needs a CUDA GPU with capability >= 8.9."""
+    if args.device != "cuda":
+        raise ValueError(f"fp8 GEMM benchmark: needs a CUDA GPU with compute capability >= 8.9 (H100/Ada); "
+                         f"device is {args.device}")
+    import fp8
+    import triton.testing
+    conf = train.load_config([args.config])
+    mcfg, tcfg = conf["model"], conf["train"]
+    tokens = (args.batch_size or tcfg.micro_batch) * args.seq_len
+    device = torch.device("cuda")
+    one = torch.ones((), device=device)
+    rows = []
+    print(f"{torch.cuda.get_device_name(device)}, tokens={tokens}")
+    print(f"{'layer':<14}{'gemm':<7}{'M x K x N':>20}{'bf16':>8}{'triton':>8}{'torch':>8}  TFLOP/s")
+    for name, n_in, n_out in layer_shapes(mcfg):
+        for gemm, M, K, N in (("fwd", tokens, n_in, n_out), ("dgrad", tokens, n_out, n_in),
+                              ("wgrad", n_out, tokens, n_in)):
+            a16 = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            b16 = torch.randn(N, K, device=device, dtype=torch.bfloat16).t()  # K-major, as FP8Linear feeds it
+            a8, b8 = a16.to(fp8.E5M2 if gemm != "fwd" else fp8.E4M3), b16.to(fp8.E4M3)
+            flops = 2.0 * M * K * N
+            ms = {"bf16": triton.testing.do_bench(lambda: a16 @ b16),
+                  "triton": triton.testing.do_bench(lambda: fp8.fp8_matmul(a8, b8, one, one)),
+                  "torch": triton.testing.do_bench(lambda: fp8.torch_fp8_matmul(a8, b8, one, one))}
+            row = dict(layer=name, gemm=gemm, M=M, K=K, N=N, **{f"{k}_tflops": flops / t / 1e9 for k, t in ms.items()})
+            rows.append(row)
+            print(f"{name:<14}{gemm:<7}{f'{M}x{K}x{N}':>20}{row['bf16_tflops']:>8.0f}{row['triton_tflops']:>8.0f}"
+                  f"{row['torch_tflops']:>8.0f}")
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     mode = "bench"
-    if argv and argv[0] == "scaling":
-        mode, argv = "scaling", argv[1:]
+    if argv and argv[0] in ("scaling", "muon", "fp8"):
+        mode, argv = argv[0], argv[1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
     p.add_argument("--batch_size", type=int, default=None)
-    p.add_argument("--seq_len", type=int, default=512)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seq_len", type=int, default=None, help="default 512 (fp8: 3712)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks and the loss chunk")
@@ -261,10 +365,17 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=None, help=argparse.SUPPRESS)  # scaling table's width axis
     p.add_argument("--run_peer", action="store_true", help=argparse.SUPPRESS)   # internal: be the peer
     args = p.parse_args(argv)
+    if args.seq_len is None:
+        args.seq_len = 3712 if mode == "fp8" else 512
     for k in ("steps", "seq_len", "repeats"):
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k} must be positive, got {getattr(args, k)}")
-    if mode == "scaling":
+    args.device, args.dtype = train.resolve_machine(args.device, args.dtype)  # subprocesses get the result
+    if mode == "muon":
+        result = muon_cost(args)
+    elif mode == "fp8":
+        result = dict(gemms=fp8_gemms(args))
+    elif mode == "scaling":
         result = dict(scaling=scaling(args))
     elif args.peer:
         result = compare_with_peer(args)

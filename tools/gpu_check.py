@@ -1,0 +1,453 @@
+"""Ready for the GPU: one script that checks, on a lent GPU, what the CPU cannot (issue 19).
+
+    python -m tools.gpu_check --out DIR [--sections kernel,gemm,train,ns,dist] [--device auto] [--dtype auto]
+                              [--layers N] [--steps 4]
+
+writes DIR/gpu_check.json and DIR/gpu_check.md (rewritten after every section, so a run cut short still
+leaves what it measured). The sections, each time-boxed, each recording device, versions and the command
+that reruns it; a failure in one is recorded and the next one runs:
+
+    kernel  fp8.fp8_matmul (the Triton FP8 GEMM, compiled) and fp8.torch_fp8_matmul (torch._scaled_mm) vs a
+            float64 reference, e4m3 x e4m3 and e5m2 x e4m3, b K-major and row-major; the error is reported
+            against the fp32-summation bound (ratio <= 1 passes)
+    gemm    TFLOP/s at the 1.3B layer shapes (M = 4 x 3712, K/N from 1536/2560/3840/7680; forward, dgrad,
+            wgrad): the Triton FP8 kernel, torch._scaled_mm, bf16 torch.mm
+    train   xmodel25's width with as many layers as fit (train.memory_estimate_gb vs the free memory),
+            micro-batch 4 x 3712, compiled, bf16 vs FP8 (both kernels): tokens/s, MFU vs the device's bf16
+            peak, peak memory, and the losses of the same steps on the same synthetic batches, finite and
+            equal within FP8 tolerance
+    ns      the Newton-Schulz step (muon.zeropower_via_newtonschulz5) at every 1.3B hidden-matrix shape:
+            ms, TFLOP/s, and the whole Muon orthogonalization per step on one device
+    dist    torchrun with one process: a DDP step (nccl) against the same step without DDP, and the FP8
+            amax all-reduce (MAX) of fp8.FP8Linear's statistics
+
+Without CUDA the same sequence runs at tiny shapes on the CPU, so tests/test_gpu_check.py proves the script
+in CI: the kernel under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors), torch._scaled_mm where the
+CPU build has it (else recorded as unavailable), FP8 emulated in training, no compile, gloo instead of nccl.
+Synthetic token batches only: no tokenizer, no data, no package index needed.
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("kernel", "gemm", "train", "ns", "dist")
+TIME_BOX = {"kernel": 60, "gemm": 90, "train": 240, "ns": 45, "dist": 90}  # seconds, on one H100: < 8 min
+FP8_LOSS_RTOL = 0.02  # FP8 vs bf16 loss over a few steps from the same init (the paper: no visible change)
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+def versions(device: torch.device) -> dict:
+    v = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+             device=str(device), platform=platform.platform())
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    if device.type == "cuda":
+        v.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
+                 gpu_memory_gb=round(torch.cuda.get_device_properties(device).total_memory / 1e9, 1))
+    else:
+        v["cpu"] = torch.backends.cpu.get_cpu_capability()
+    return v
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ms(fn, device, reps=None) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, a plain timer on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=10, rep=50)
+    fn()
+    times = []
+    for _ in range(reps or 1):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def shapes_config(device):
+    """The model config whose shapes the sections use: xmodel25's on CUDA, a tiny one on the CPU."""
+    import train
+    mcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["model"]
+    if device.type == "cuda":
+        return mcfg, dict(micro_batch=4, seq_len=3712)
+    import dataclasses
+    tiny = dataclasses.replace(mcfg, vocab_size=512, n_layer=2, hidden=32, ffn_hidden=80, n_head=2, n_kv_head=1,
+                               base_width=16, loss_chunk=64)
+    return tiny, dict(micro_batch=1, seq_len=32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernel: both FP8 GEMMs against float64
+
+def kernel(device, args, rec):
+    import fp8
+    M, K, N = (1024, 1536, 2560) if device.type == "cuda" else (48, 64, 32)
+    g = torch.Generator().manual_seed(0)
+    sa, sb = 3.5, 0.0625
+    rows = rec.setdefault("results", [])
+    for fa, fb in ((fp8.E4M3, fp8.E4M3), (fp8.E5M2, fp8.E4M3)):
+        a = fp8.quantize(torch.randn(M, K, generator=g) / sa, torch.tensor(sa), fa).to(device)
+        b_km = fp8.quantize(torch.randn(N, K, generator=g) / sb, torch.tensor(sb), fb).to(device).t()  # K-major
+        for layout, b in (("k_major", b_km), ("row_major", b_km.contiguous())):
+            a64, b64 = a.float().double(), b.float().double()  # fp8 -> fp32 is exact
+            ref = (a64 @ b64) / sa / sb
+            # two fp32 summation orders of K exact products, plus the scale operations (tests/test_fp8.py)
+            bound = (2 * K + 8) * 2.0 ** -24 * (a64.abs() @ b64.abs()) / sa / sb
+            for name, fn in (("triton", fp8.fp8_matmul), ("torch", fp8.torch_fp8_matmul)):
+                row = dict(kernel=name, a=str(fa)[6:], b=str(fb)[6:], layout=layout, shape=[M, K, N])
+                try:
+                    c = fn(a, b, torch.tensor(sa, device=device), torch.tensor(sb, device=device), torch.float32)
+                    ratio = float(((c.double() - ref).abs() / bound).max())
+                    row.update(status="ok" if ratio <= 1 else "failed", error_over_bound=ratio,
+                               max_abs_error=float((c.double() - ref).abs().max()))
+                except Exception as e:  # e.g. _scaled_mm without a CPU kernel, or a layout cuBLASLt refuses
+                    row.update(status="unavailable" if name == "torch" else "failed", error=f"{type(e).__name__}: {e}"[:300])
+                rows.append(row)
+    bad = [r for r in rows if r["status"] == "failed"]
+    if bad:
+        raise AssertionError(f"{len(bad)} kernel checks outside the fp32 bound: {bad}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# gemm: TFLOP/s at the layer shapes
+
+def gemm(device, args, rec):
+    import fp8
+    from tools.bench import layer_shapes
+    mcfg, run = shapes_config(device)
+    M = run["micro_batch"] * run["seq_len"]
+    one = torch.ones((), device=device)
+    gemm_dtype = torch.bfloat16
+    rows = rec.setdefault("results", [])
+    for name, n_in, n_out in layer_shapes(mcfg):
+        for kind, m, k, n in (("fwd", M, n_in, n_out), ("dgrad", M, n_out, n_in), ("wgrad", n_out, M, n_in)):
+            a16 = torch.randn(m, k, device=device, dtype=gemm_dtype)
+            b16 = torch.randn(n, k, device=device, dtype=gemm_dtype).t()  # K-major, as FP8Linear feeds them
+            a8, b8 = a16.to(fp8.E4M3 if kind == "fwd" else fp8.E5M2), b16.to(fp8.E4M3)
+            flops = 2.0 * m * k * n
+            row = dict(layer=name, gemm=kind, M=m, K=k, N=n)
+            for label, fn in (("bf16_mm", lambda: torch.mm(a16, b16)),
+                              ("triton_fp8", lambda: fp8.fp8_matmul(a8, b8, one, one)),
+                              ("torch_scaled_mm", lambda: fp8.torch_fp8_matmul(a8, b8, one, one))):
+                try:
+                    row[label + "_tflops"] = flops / bench_ms(fn, device) / 1e9
+                except Exception as e:
+                    row[label + "_error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train: bf16 vs FP8 (both kernels), compiled, at xmodel25's width
+
+def fit_layers(mcfg, run, device) -> int:
+    """The most layers (<= the config's) whose training memory (train.memory_estimate_gb) fits 90% of the GPU."""
+    import dataclasses
+    import train
+    from model import Xmodel
+    free = torch.cuda.mem_get_info(device)[0] / 1e9 * 0.9
+    phase = dict(optimizer="adamw", seq_len=run["seq_len"])
+    for n in range(mcfg.n_layer, 0, -1):
+        cfg = dataclasses.replace(mcfg, n_layer=n)
+        with torch.device("meta"):
+            m = Xmodel(cfg)
+        n_hidden = sum(p.numel() for p in m.blocks.parameters() if p.dim() == 2)
+        if train.memory_estimate_gb(cfg, m.num_params(), n_hidden, phase, run["micro_batch"], 1, False, False) < free:
+            return n
+    return 1
+
+
+def train_section(device, args, rec):
+    import dataclasses
+    import fp8
+    import mup
+    import train
+    from tools.bench import device_peak
+    mcfg, run = shapes_config(device)
+    tcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["train"]
+    n_layer = args.layers or (fit_layers(mcfg, run, device) if device.type == "cuda" else mcfg.n_layer)
+    compile_ = device.type == "cuda"
+    B, T = run["micro_batch"], run["seq_len"]
+    rec.update(n_layer=n_layer, hidden=mcfg.hidden, micro_batch=B, seq_len=T, compiled=compile_, dtype=args.dtype,
+               steps=args.steps)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(args.steps + 2)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    runs = rec.setdefault("runs", {})
+    for label, over in (("bf16", dict(fp8=False)), ("fp8_triton", dict(fp8=True, fp8_backend="triton")),
+                        ("fp8_torch", dict(fp8=True, fp8_backend="torch"))):
+        cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
+        r = runs.setdefault(label, {})
+        try:
+            torch.manual_seed(0)
+            model = mup.build_model(cfg, device)
+            if compile_:
+                model.compile_for_training()
+            opts = train.Optimizers(model, tcfg, "adamw")
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            losses, times = [], []
+            for i, batch in enumerate(batches):
+                sync(device)
+                t0 = time.perf_counter()
+                with autocast:
+                    loss = model(batch[:, :-1], batch[:, 1:])
+                loss.backward()
+                opts.step()
+                opts.zero_grad()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+                losses.append(float(loss.detach()))
+            step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
+            tok_s = B * T / step_s
+            flops = model.flops_per_token(T) * tok_s
+            peak = device_peak(device, "bf16")
+            r.update(status="ok", gemm=fp8.resolve_backend(device, cfg.fp8_backend) if cfg.fp8 else None, losses=losses, tokens_per_s=tok_s, step_ms=step_s * 1e3, warmup_s=sum(times[:2]),
+                     tflops=flops / 1e12, mfu=flops / peak if peak else None,
+                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+                     params=model.num_params())
+            if not all(math.isfinite(x) for x in losses):
+                r["status"] = "failed"
+                r["error"] = "non-finite loss"
+        except SectionTimeout:
+            r.update(status="timeout")
+            raise
+        except Exception as e:
+            r.update(status="failed", error=f"{type(e).__name__}: {e}"[:500])
+        finally:
+            model = opts = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    base = runs["bf16"].get("losses")
+    for label in ("fp8_triton", "fp8_torch"):
+        got = runs[label].get("losses")
+        if base and got:
+            diff = max(abs(a - b) / abs(b) for a, b in zip(got, base))
+            runs[label].update(max_loss_rel_diff_vs_bf16=diff, speedup_vs_bf16=runs[label]["tokens_per_s"] /
+                               runs["bf16"]["tokens_per_s"])
+            if diff > FP8_LOSS_RTOL:
+                runs[label]["status"] = "failed"
+                runs[label]["error"] = f"loss differs from bf16 by {diff:.3g} > {FP8_LOSS_RTOL}"
+    failed = [k for k, v in runs.items() if v.get("status") != "ok"]
+    if failed:
+        raise AssertionError(f"train runs not ok: {failed}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ns: the Newton-Schulz step at the hidden-matrix shapes
+
+def ns(device, args, rec):
+    import muon
+    from tools.bench import hidden_matrix_shapes
+    mcfg, _ = shapes_config(device)
+    shapes = hidden_matrix_shapes(mcfg)
+    rows, total_ms = rec.setdefault("results", []), 0.0
+    for shape in sorted(set(shapes)):
+        G = torch.randn(*shape, device=device)
+        ms = bench_ms(lambda: muon.zeropower_via_newtonschulz5(G), device)
+        count = shapes.count(shape)
+        total_ms += ms * count
+        rows.append(dict(shape=list(shape), count=count, ms=ms, tflops=muon.newton_schulz_flops(*shape) / ms / 1e9))
+    rec.update(matrices=len(shapes), ms_per_step_one_device=total_ms,
+               flops_per_step=sum(muon.newton_schulz_flops(*s) for s in shapes))
+
+
+# ----------------------------------------------------------------------------------------------------
+# dist: a one-process torchrun (nccl on CUDA, gloo on the CPU)
+
+def dist_worker(args):
+    """Run under torchrun: a DDP step of a tiny FP8 model against the same step without DDP, and the amax
+    all-reduce with MAX. Writes its findings to --out/dist_worker.json."""
+    import dataclasses
+    import torch.distributed as dist
+    import mup
+    from torch.nn.parallel import DistributedDataParallel
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    rank = int(os.environ["RANK"])
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend)
+    out = dict(backend=backend, world=dist.get_world_size(), device=str(device))
+    mcfg, _ = shapes_config(torch.device("cpu"))  # tiny on both: this is a smoke test of the plumbing
+    cfg = dataclasses.replace(mcfg, fp8=True)
+    torch.manual_seed(0)
+    ref, net = mup.build_model(cfg, device), mup.build_model(cfg, device)
+    net.load_state_dict(ref.state_dict())
+    ddp = DistributedDataParallel(net, device_ids=[device.index] if cuda else None)
+    x = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1)).to(device)
+    for m in (ref, ddp):
+        m(x[:, :-1], x[:, 1:]).backward()
+    diffs = [float((a.grad - b.grad).abs().max()) for a, b in zip(ref.parameters(), net.parameters())]
+    out["ddp_max_grad_diff"] = max(diffs)
+    amax = torch.stack([ref.blocks[0].attn.wq.amax_history[:, 0]]).to(device) * (rank + 1)
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+    out["amax_all_reduce"] = amax.flatten().tolist()
+    out["amax_local"] = ref.blocks[0].attn.wq.amax_history[:, 0].tolist()
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(os.path.join(args.out, "dist_worker.json"), "w") as f:
+            json.dump(out, f)
+
+
+def dist_section(device, args, rec):
+    path = os.path.join(args.out, "dist_worker.json")
+    if os.path.exists(path):
+        os.remove(path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+           "tools.gpu_check", "--dist_worker", "--out", os.path.abspath(args.out), "--device", device.type]
+    rec["worker_command"] = " ".join(cmd)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIME_BOX["dist"] * args.time_scale)
+    if p.returncode != 0 or not os.path.exists(path):
+        raise RuntimeError(f"torchrun exited {p.returncode}: {p.stderr[-1500:]}")
+    with open(path) as f:
+        rec.update(json.load(f))
+    if rec["ddp_max_grad_diff"] != 0.0:
+        raise AssertionError(f"DDP on one process changed the gradients by {rec['ddp_max_grad_diff']}")
+    if rec["amax_all_reduce"] != rec["amax_local"] or not any(rec["amax_local"]):
+        raise AssertionError("the amax all-reduce (MAX, one rank) did not return the local amaxes")
+
+
+RUNNERS = {"kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "dist": dist_section}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def run_section(name, device, args) -> dict:
+    rec = dict(section=name, status="running", device=str(device), versions=versions(device),
+               command=f"python -m tools.gpu_check --out {args.out} --sections {name} --device {device.type}",
+               time_box_s=TIME_BOX[name] * args.time_scale)
+
+    def on_alarm(signum, frame):
+        raise SectionTimeout(f"section {name} exceeded its time box of {rec['time_box_s']} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(max(1, int(rec["time_box_s"])))
+    t0 = time.perf_counter()
+    try:
+        RUNNERS[name](device, args, rec)
+        rec["status"] = "ok"
+    except (SectionTimeout, subprocess.TimeoutExpired) as e:
+        rec.update(status="timeout", error=str(e))
+    except Exception as e:
+        rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:2000])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# GPU check ({report['device']})", "", f"`{report['command']}`", "",
+             "| section | status | seconds | summary |", "|---|---|---:|---|"]
+    for r in report["sections"]:
+        lines.append(f"| {r['section']} | {r['status']} | {r.get('seconds', '')} | {summary(r)} |")
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    for r in report["sections"]:
+        if r.get("error"):
+            lines += [f"**{r['section']}**: {r['error']}", ""]
+    return "\n".join(lines)
+
+
+def summary(r: dict) -> str:
+    s = r["section"]
+    if s == "kernel":
+        return "; ".join(f"{x['kernel']} {x['a']}x{x['b']} {x['layout']}: {x['status']}"
+                         + (f" ({x['error_over_bound']:.2g} of bound)" if "error_over_bound" in x else "")
+                         for x in r.get("results", []))
+    if s == "gemm":
+        return "; ".join(f"{x['layer']} {x['gemm']}: " + ", ".join(f"{k[:-7]} {v:.0f}" for k, v in x.items()
+                                                                   if k.endswith("_tflops")) + " TFLOP/s"
+                         for x in r.get("results", []))
+    if s == "train":
+        return f"{r.get('n_layer')} layers x {r.get('hidden')}, {r.get('micro_batch')} x {r.get('seq_len')}: " + "; ".join(
+            f"{k} {v.get('status')}" + (f" {v['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in v else "")
+            + (f" MFU {100 * v['mfu']:.1f}%" if v.get("mfu") else "")
+            + (f" {v['peak_mem_gb']:.1f} GB" if v.get("peak_mem_gb") else "")
+            + (f" loss diff {v['max_loss_rel_diff_vs_bf16']:.2g}" if "max_loss_rel_diff_vs_bf16" in v else "")
+            for k, v in r.get("runs", {}).items())
+    if s == "ns":
+        return f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices"
+    if s == "dist":
+        return f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax MAX {r.get('amax_all_reduce')}"
+    return ""
+
+
+def write(report: dict, out: str) -> None:
+    from data import atomic_write
+    with atomic_write(os.path.join(out, "gpu_check.json")) as f:
+        json.dump(report, f, indent=1, default=str)
+    with atomic_write(os.path.join(out, "gpu_check.md")) as f:
+        f.write(markdown(report))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="directory for gpu_check.json and gpu_check.md")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the train section's autocast dtype (FP8 runs use it outside the FP8 GEMMs)")
+    p.add_argument("--layers", type=int, default=None, help="train section: layers (default: as many as fit)")
+    p.add_argument("--steps", type=int, default=None, help="train section: timed steps after two warm-up steps "
+                   "(default 4 on CUDA, 1 on the CPU)")
+    p.add_argument("--time_scale", type=float, default=1.0, help="multiplies every section's time box")
+    p.add_argument("--dist_worker", action="store_true", help=argparse.SUPPRESS)  # internal: under torchrun
+    args = p.parse_args(argv)
+    if args.dist_worker:
+        return dist_worker(args)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    import train
+    dev, args.dtype = train.resolve_machine(args.device, args.dtype)
+    if dev not in ("cuda", "cpu"):
+        raise ValueError(f"gpu_check runs on cuda or cpu, got {dev}")
+    device = torch.device(dev)
+    args.steps = args.steps or (4 if device.type == "cuda" else 1)
+    if device.type == "cpu":  # the Triton kernel on CPU tensors: the interpreter, set before it is built
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.makedirs(args.out, exist_ok=True)
+    report = dict(device=str(device), versions=versions(device), command="python -m tools.gpu_check " + " ".join(argv),
+                  sections=[])
+    for name in sections:
+        print(f"[gpu_check] {name} ...", flush=True)
+        rec = run_section(name, device, args)
+        report["sections"].append(rec)
+        write(report, args.out)
+        print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s  {summary(rec)[:300]}"
+              + (f"\n  {rec['error'][:500]}" if rec.get("error") else ""), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
