@@ -220,7 +220,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(runs):
         for k in exact:
             bound = (gamma(d) + gamma(n - 1, U64)) * size[k]
             err = (run["grad"][k].double() - exact[k]).abs()
-            assert (err <= bound).all(), (name, k, (err - bound).max().item())
+            assert bool((err <= bound).all()), (name, k, (err - bound).max().item())
             worst = max(worst, (err / bound.clamp_min(1e-300)).max().item())
             bound_sq += bound.square().sum().item()
             exact_sq += exact[k].square().sum().item()
