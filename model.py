@@ -36,17 +36,17 @@ from torch.utils.checkpoint import checkpoint
 @dataclass
 class ModelConfig:
     vocab_size: int = 129280      # DeepSeek-V3 tokenizer's 128,815 tokens, padded
-    n_layer: int = 48
-    hidden: int = 1536
+    n_layer: int = 48             # transformer blocks (deep and thin)
+    hidden: int = 1536            # model width (the μP width: m = hidden / base_width)
     ffn_hidden: int = 3840        # SwiGLU inner size
-    n_head: int = 24
+    n_head: int = 24              # attention (query) heads; head_dim = hidden / n_head
     n_kv_head: int = 8            # grouped-query attention: n_head / n_kv_head queries share a K/V head
-    rope_base: float = 500000.0
-    max_seq_len: int = 131072
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
+    rope_base: float = 500000.0   # RoPE frequency base
+    max_seq_len: int = 131072     # the longest sequence the model accepts (RoPE tables, generation)
+    norm_eps: float = 1e-5        # RMSNorm epsilon
+    tie_embeddings: bool = True   # the embedding doubles as the output projection
     # μP: every constant of the parameterization is here and nowhere else
-    use_mup: bool = True
+    use_mup: bool = True          # μP multipliers and init; False = the standard parameterization
     base_width: int = 256         # the width at which base learning rates are tuned (m = hidden / base_width)
     input_scale: float = 12.0     # embedding output multiplier
     output_scale: float = 1.0     # logits multiplier, divided by m

@@ -1228,9 +1228,9 @@ def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture
         return summary
     if step == stop and start == stop and stop:  # resumed a finished run: its final evaluation again
         evaluate_now(phases[phase_at(phases, step - 1)[0]])
+    if world > 1:  # leave together: no rank tears the group down under another's last collective; before
+        dist.barrier()  # finish, so no rank waits (under dist_timeout_s) while rank 0 draws and samples
     finish(cfg, raw, tok, device, summary, t_start, tokens, master, say)
-    if world > 1:
-        dist.barrier()  # leave together: no rank tears the group down under another's last collective
     return summary
 
 

@@ -220,3 +220,82 @@ def test_raw_text_sources_are_prepared_from_the_config(tmp_path, tiny_data):
     assert s["step"] == 2 and all(math.isfinite(l) for l in s["losses"])
     manifest = json.load(open(tmp_path / "cache" / "prepared" / "prose" / "manifest.json"))
     assert manifest["sources"]["prose"]["documents"] == 401  # one .txt document + 400 jsonl lines
+
+
+# ---------------------------------------------------------------- the machine: both bf16 paths on any CPU
+# These machines change between CPUs with native bf16 (AMX, AVX512-BF16) and AVX2-only ones where bf16 is
+# emulated: each path is forced here, so both are tested whichever CPU runs the suite.
+import dataclasses  # noqa: E402  (here, not at the top: this section is appended on its own)
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_auto_follows_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    dtype, why = train.resolve_dtype("auto", "cpu")
+    if native:
+        assert dtype == "bfloat16" and why.startswith("dtype auto -> bfloat16: this CPU (")
+        assert why.endswith("has native bf16 kernels")
+    else:
+        assert dtype == "float32" and why.startswith("dtype auto -> float32: this CPU (")
+        assert "has no native bf16 kernels" in why and "8x slower" in why
+    assert train.resolve_dtype("float32", "cpu") == ("float32", "dtype float32 (as configured)")
+
+
+def test_explicit_bf16_is_kept_with_a_warning_where_emulated(monkeypatch):
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    dtype, why = train.resolve_dtype("bfloat16", "cpu")
+    assert dtype == "bfloat16" and why.startswith("warning: dtype bfloat16 as configured")
+    assert "no native bf16 kernels" in why and "--dtype=float32" in why
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.resolve_dtype("bfloat16", "cpu") == ("bfloat16", "dtype bfloat16 (as configured)")
+    said = []
+    assert train.resolve_machine("cpu", "auto", said.append) == ("cpu", "bfloat16")
+    assert said == ["device cpu (as configured)", train.resolve_dtype("auto", "cpu")[1]]
+
+
+def test_device_cuda_without_cuda_names_the_key(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
+    with pytest.raises(ValueError, match="config key 'device': cuda requested but torch.cuda.is_available"):
+        train.resolve_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    device, why = train.resolve_device("auto")
+    assert device == "cpu" and why.startswith("device auto -> cpu (no CUDA or MPS device")
+
+
+def _cli(*args):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no CUDA, also on a GPU machine
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)  # a hang guard only
+
+
+def test_cli_dry_run_xmodel25_needs_no_cuda():
+    p = _cli("configs/xmodel25.py", "--dry_run")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "total: 560,000 steps, 1.52T tokens" in p.stdout and "GPU-hours" in p.stdout, p.stdout[-3000:]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help_lists_every_key_with_its_meaning(flag):
+    p = _cli(flag)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.startswith("usage: python train.py") and p.stdout.rstrip("\n") == train.config_help()
+    for line in ("--dist_timeout_s=300", "a dead or hung rank fails the job after this long"), \
+                ("--zero1=False", "shard optimizer state across ranks"), \
+                ("--vocab_size=129280", "DeepSeek-V3 tokenizer's 128,815 tokens, padded"):
+        assert any(line[0] in l and line[1] in l for l in p.stdout.splitlines()), line
+
+
+def test_help_has_a_meaning_for_every_field():
+    """The help is generated from the comments beside the dataclass fields: a field added without one
+    shows up here."""
+    # a line: "  --key=default", padded, then the meaning (a default shows no run of two spaces)
+    rows = dict(re.match(r"  --(\w+)=(?:\S| (?! ))*\s*(.*)$", l).groups() for l in train.config_help().splitlines()
+                if l.startswith("  --"))
+    keys = [f.name for cls in (train.TrainConfig, model_mod.ModelConfig) for f in dataclasses.fields(cls)]
+    assert sorted(rows) == sorted(keys)
+    empty = [k for k in keys if not rows[k].strip()]
+    assert not empty, f"fields without a comment (their --help line is empty): {empty}"
