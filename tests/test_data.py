@@ -290,7 +290,8 @@ def test_compressed_and_parquet_equal_plain_jsonl(tmp_path, tok, monkeypatch):
         import zstandard
         # two frames, as parallel compressors write: the reader must go on across them
         c = zstandard.ZstdCompressor()
-        (tmp_path / "zst" / "d.jsonl.zst").write_bytes(c.compress(b"".join(lines[:7])) + c.compress(b"".join(lines[7:])))
+        frames = c.compress(b"".join(lines[:7])) + c.compress(b"".join(lines[7:]))
+        (tmp_path / "zst" / "d.jsonl.zst").write_bytes(frames)
         files["zst"] = "zst/d.jsonl.zst"
     if importlib.util.find_spec("pyarrow"):
         import pyarrow as pa
