@@ -102,6 +102,33 @@ def test_rope_base_and_multipliers_are_needed(tmp_path):
     assert torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], model.blocks[0].attn.wk.weight)
 
 
+@needs_safetensors
+def test_export_is_readable_by_others_and_promises_the_trained_context(tmp_path):
+    run, _ = make_run(tmp_path)
+    old = os.umask(0o077)  # a private umask: the export is still for serving containers and other users
+    try:
+        conf = export.export(run, str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()} == \
+        dict.fromkeys(["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json", "special_tokens_map.json"], 0o644)
+    assert conf["max_position_embeddings"] == TINY.max_seq_len  # no curriculum recorded: max_seq_len
+    ckpt = train.load_checkpoint(run)
+    ckpt["config"]["phases"] = [{"name": "a", "steps": 5, "seq_len": 64}, {"name": "b", "steps": 2, "seq_len": 128},
+                                {"name": "long", "steps": 3, "seq_len": 200}]
+    for step, want in ((0, 64), (5, 64), (6, 128), (7, 128), (8, 200), (10, 200)):
+        train.save_checkpoint(str(tmp_path / "run2"), step, ckpt, keep=1)
+        conf = export.export(str(tmp_path / "run2"), str(tmp_path / "hf2"), overwrite=True)
+        tcfg = json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())
+        assert conf["max_position_embeddings"] == tcfg["model_max_length"] == want, step
+    export.main([str(tmp_path / "run2"), str(tmp_path / "hf2"), "--overwrite", "--max_position_embeddings", "96"])
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["max_position_embeddings"] == 96
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        export.export(str(tmp_path / "run2"), str(tmp_path / "hf2"), overwrite=True, max_position_embeddings=257)
+
+
 def test_folding_rules():
     m = export.multipliers(TINY)  # hidden 64 -> m = 1/4; head_dim 16
     assert m == {"embed_tokens": 12.0, "q_proj": 0.25, "o_proj": 1.4 / 3 ** 0.5, "down_proj": 1.4 / 3 ** 0.5,
