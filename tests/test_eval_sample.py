@@ -79,6 +79,25 @@ def test_confidence_interval_known_case():
     assert r["ppl"] == pytest.approx(math.exp(2.5)) and r["ppl_ci"] == pytest.approx([math.exp(2.5 - half), math.exp(2.5 + half)])
     with pytest.raises(ValueError):
         ev.confidence([1.0, float("nan")])
+    one = ev.confidence([2.0])  # one window: no interval exists (null in JSON, not NaN)
+    assert one["loss"] == 2.0 and one["loss_ci"] is one["ppl_ci"] is one["ci_half_width"] is None
+
+
+def test_eval_json_is_strict(run, tmp_path, capsys):
+    path, _, _, _ = run
+    (tmp_path / "t.txt").write_text((CORPUS + "<|endoftext|>") * 12)
+    args = [path, "--text", str(tmp_path / "t.txt"), "--seq_len", "16", "--batch", "1", "--device", "cpu",
+            "--dtype", "float32"]
+
+    def strict(s):  # json.loads accepts NaN and Infinity unless told otherwise
+        return json.loads(s, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+    for windows in ("1", "3"):
+        ev.main(args + ["--windows", windows, "--json"])
+        r = strict(capsys.readouterr().out)
+        assert r["n"] == int(windows) and math.isfinite(r["loss"]) and (r["loss_ci"] is None) == (windows == "1")
+    ev.main(args + ["--windows", "1"])
+    assert "95% CI n/a (one window)" in capsys.readouterr().out
 
 
 def test_eval_equals_plain_cross_entropy_and_is_deterministic(run, tmp_path):
