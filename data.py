@@ -11,8 +11,10 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
    (`render_chat`).
 
 2. Preparation (`prepare`, `python data.py prepare ...`): .txt files (one file = one document), .jsonl
-   files (one line = one document: a "text" field or chat "messages") and directories are tokenized in
-   worker processes, and the documents of each source concatenated with one EOS after each:
+   files (one line = one document: a "text" field or chat "messages"), Parquet files (one row = one
+   document, the column chosen by --text-column), .gz/.zst-compressed ones and directories are read as
+   streams and tokenized in worker processes, and the documents of each source concatenated with one EOS
+   after each:
 
        stream = doc_1 EOS doc_2 EOS ... doc_n EOS          (uint32, one stream per source and split)
 
@@ -46,7 +48,9 @@ import argparse
 import ast
 import base64
 import contextlib
+import gzip
 import hashlib
+import importlib
 import importlib.resources
 import io
 import json
@@ -72,8 +76,8 @@ TOKEN_DTYPE = np.uint32
 DEFAULT_TOKENIZER = "deepseek-v3"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
 DEFAULT_HELDOUT_FRAC = 0.01
-DIR_SUFFIXES = (".txt", ".md", ".jsonl")  # what a directory scan picks up
-JSONL_CHUNK_BYTES = 32 << 20  # large .jsonl files are split into chunks so workers share them
+DIR_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet", ".jsonl.gz", ".jsonl.zst", ".txt.gz")  # a directory scan's
+BATCH_BYTES = 32 << 20  # documents go to the workers in batches of about this much text
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
 
 
@@ -274,34 +278,70 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False
 # -------- Preparation: documents -> EOS-separated uint32 shards, tokenized in worker processes -----
 
 
-def _read_jsonl_chunk(path: str, start: int, end: int) -> list[tuple[str, str]]:
-    """Documents of the lines that *begin* in bytes [start, end); key = file:byte offset of the line."""
-    docs = []
-    with open(path, "rb") as f:
-        pos = start
-        if start > 0:  # the line that straddles `start` belongs to the previous chunk
-            f.seek(start - 1)
-            pos = start - 1 + len(f.readline())
-        f.seek(pos)
-        while pos < end and (line := f.readline()):
-            at, pos = pos, pos + len(line)
-            if not line.strip():
-                continue
-            where = f"{path}: line at byte {at}"
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{where}: invalid JSON ({e})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                docs.append((f"{path}@{at}", obj["text"]))
-            elif isinstance(obj, dict) and "messages" in obj:
+def _need(module: str, path, package: str):
+    """An optional dependency, or a one-line error naming the file that needs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{path}: reading it needs {package}, which is not installed: pip install {package}") \
+            from None
+
+
+def _record_text(obj, column: str, where: str) -> str:
+    """A .jsonl line's or a Parquet row's document: its `column` string, or its chat "messages" rendered."""
+    if isinstance(obj, dict) and isinstance(obj.get(column), str):
+        return obj[column]
+    if isinstance(obj, dict) and obj.get("messages") is not None:
+        try:
+            return render_chat(obj["messages"])
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+    raise ValueError(f"{where}: a record needs a string {column!r} field or a chat 'messages' list")
+
+
+def _parquet_column(path: str, column: str) -> str:
+    """The column to read: `column`, else a chat "messages" column; an error names the file and column."""
+    names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
+    if column not in names and "messages" not in names:
+        raise ValueError(f"{path}: no column {column!r} (it has {names}); choose one with --text-column")
+    return column if column in names else "messages"
+
+
+def _documents(path: str, key: str, column: str) -> Iterable[tuple[str, str, int]]:
+    """(document key, text, input bytes read so far) of one file, streamed: a .jsonl line (key@byte offset)
+    or a Parquet row (key@row) per document, else the whole file; .gz / .zst are decompressed on the fly."""
+    if path.endswith(".parquet"):
+        pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, column)
+        row, n, size = 0, max(pf.metadata.num_rows, 1), os.path.getsize(path)
+        for batch in pf.iter_batches(batch_size=1024, columns=[col]):  # a row group at a time, at most
+            for value in batch.column(0).to_pylist():
+                yield f"{key}@{row}", _record_text({col: value}, column, f"{path}: row {row}"), size * row // n
+                row += 1
+        return
+    with open(path, "rb") as raw:
+        f = raw
+        if path.endswith(".gz"):
+            f = gzip.GzipFile(fileobj=raw)
+        elif path.endswith(".zst"):
+            zstd = _need("zstandard", path, "zstandard")
+            f = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
+        if not key.endswith(".jsonl"):
+            try:  # with universal newlines, like Path.read_text
+                text = f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+            if text:
+                yield key, text, raw.tell()
+            return
+        at = 0
+        for line in f:
+            where, at = f"{path}: line at byte {at}", at + len(line)
+            if line.strip():
                 try:
-                    docs.append((f"{path}@{at}", render_chat(obj["messages"])))
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
-            else:
-                raise ValueError(f"{where}: a .jsonl line needs a string 'text' field or a chat 'messages' list")
-    return docs
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{where}: invalid JSON ({e})") from None
+                yield f"{key}@{at - len(line)}", _record_text(obj, column, where), raw.tell()
 
 
 def _expand_source(name: str, paths) -> list[Path]:
@@ -310,7 +350,7 @@ def _expand_source(name: str, paths) -> list[Path]:
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         p = Path(p).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DIR_SUFFIXES
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DIR_SUFFIXES)
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise ValueError(f"source {name!r}: directory {str(p)!r} has no {'/'.join(DIR_SUFFIXES)} files")
@@ -329,39 +369,41 @@ def _is_heldout(key: str, frac: float) -> bool:
 
 @dataclass
 class _Task:
-    """One unit of work: a .txt file, a byte range of a .jsonl file, or in-memory documents."""
+    """One unit of input: a file (read lazily, in batches of documents) or in-memory [(key, text)]."""
 
     source: str
     nbytes: int
     path: str | None = None
-    start: int = 0
-    end: int = 0
+    column: str = "text"
     docs: list | None = None
 
-    def read(self) -> list[tuple[str, str]]:
+    def batches(self, keyroot: str | None) -> Iterable["_Task"]:
+        """Tasks of in-memory documents, about BATCH_BYTES of text each. A document key names its file
+        relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
         if self.docs is not None:
-            return self.docs
-        if self.path.endswith(".jsonl"):
-            return _read_jsonl_chunk(self.path, self.start, self.end)
-        try:
-            text = Path(self.path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{self.path}: not UTF-8 text ({e})") from None
-        return [(self.path, text)] if text else []
+            yield self
+            return
+        key = os.path.relpath(self.path, keyroot).removesuffix(".gz").removesuffix(".zst")
+        docs, chars, done = [], 0, 0
+        for doc_key, text, pos in _documents(self.path, key, self.column):
+            docs.append((doc_key, text))
+            chars += len(text)
+            if chars >= BATCH_BYTES:
+                yield _Task(self.source, pos - done, docs=docs)
+                docs, chars, done = [], 0, pos
+        yield _Task(self.source, self.nbytes - done, docs=docs)
 
 
 def _tokenize_task(args) -> tuple:
-    """(source, nbytes, {split: (n_docs, tokens)}, max_id): documents in file order, EOS after each."""
-    task, spec, heldout_frac, keyroot = args
+    """(source, nbytes, {split: (n_docs, tokens)}, max_id): documents in order, EOS after each."""
+    task, spec, heldout_frac = args
     tok = get_tokenizer(spec)
-    docs = task.read()
-    ids = tok.encode_batch([text for _, text in docs]) if docs else []
+    ids = tok.encode_batch([text for _, text in task.docs]) if task.docs else []
     parts = {"train": [], "heldout": []}
-    for (key, _), seq in zip(docs, ids):
+    for (key, _), seq in zip(task.docs, ids):
         if not seq or seq[-1] != tok.eos_id:  # a rendered chat already ends in EOS
             seq = seq + [tok.eos_id]
-        rel = os.path.relpath(key, keyroot) if keyroot and task.docs is None else key
-        parts["heldout" if _is_heldout(rel, heldout_frac) else "train"].append(seq)
+        parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(seq)
     out = {split: (len(seqs), np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs
                    else np.zeros(0, np.int64))
            for split, seqs in parts.items()}
@@ -520,9 +562,10 @@ def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shar
     stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
     total, done, t0 = sum(t.nbytes for t in tasks), 0, time.time()
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    args = [(t, tok.spec, heldout_frac, keyroots.get(t.source)) for t in tasks]
+    # read lazily (files are never whole in memory); a pool's feeder thread reads ahead of its workers
+    args = ((b, tok.spec, heldout_frac) for t in tasks for b in t.batches(keyroots.get(t.source)))
     with contextlib.ExitStack() as stack:
-        if workers > 1 and len(tasks) > 1 and total >= POOL_MIN_BYTES:
+        if workers > 1 and total >= POOL_MIN_BYTES:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
             results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
         else:
@@ -554,11 +597,13 @@ def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shar
 def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,
             tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, heldout_frac: float = DEFAULT_HELDOUT_FRAC,
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, hash_contents: bool = False,
-            progress: bool = True) -> str:
+            progress: bool = True, text_column: str | Mapping[str, str] = "text") -> str:
     """Tokenize {source: path | [paths]} into one dataset directory; return its path.
 
     Reuses out_dir when its manifest was built from the same inputs (path, size and mtime, or content
     sha256 with hash_contents=True), tokenizer, heldout_frac and shard_tokens; otherwise rebuilds.
+    text_column: the field holding a document in .jsonl lines and Parquet rows ("content" in code sets
+    such as The Stack), for all sources or as {source: column}; a chat "messages" field is used if absent.
     """
     if not sources:
         raise ValueError("prepare: no sources given")
@@ -566,17 +611,17 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
     for name in sources:
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
+        column = text_column if isinstance(text_column, str) else text_column.get(name, "text")
         files = _expand_source(name, sources[name])
-        inputs[name] = [_file_identity(f, hash_contents) for f in files]
+        inputs[name] = [_file_identity(f, hash_contents) | ({"text_column": column} if column != "text" else {})
+                        for f in files]
         keyroots[name] = os.path.commonpath([str(f.parent) for f in files])
-        for f in files:
-            size = f.stat().st_size
-            if f.suffix != ".jsonl":
-                tasks.append(_Task(name, size, path=str(f)))
-                continue
-            for start in range(0, max(size, 1), JSONL_CHUNK_BYTES):
-                end = min(start + JSONL_CHUNK_BYTES, size)
-                tasks.append(_Task(name, end - start, path=str(f), start=start, end=end))
+        for f in files:  # a missing dependency or column is an error now, not hours into the run
+            if f.name.endswith(".parquet"):
+                _parquet_column(str(f), column)
+            elif f.name.endswith(".zst"):
+                _need("zstandard", f, "zstandard")
+            tasks.append(_Task(name, f.stat().st_size, path=str(f), column=column))
     return _build(tasks, out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress, keyroots)
 
 
@@ -875,6 +920,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--hash-contents", action="store_true", help="detect changes by content hash, not mtime")
+    p.add_argument("--text-column", action="append", default=[], metavar="[NAME=]COLUMN",
+                   help="field of .jsonl/Parquet records holding the text (default 'text'; 'content' for code "
+                        "sets); repeatable as NAME=COLUMN per source")
     sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
     args = ap.parse_args(argv)
     if args.cmd == "info":
@@ -885,8 +933,10 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not name or not path:
             ap.error(f"--source {item!r}: expected NAME=PATH")
         sources.setdefault(name, []).append(path)
+    columns = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_column)
+    column = columns.pop("", "text")
     print(describe(prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                           args.hash_contents)))
+                           args.hash_contents, text_column={s: columns.get(s, column) for s in sources})))
 
 
 if __name__ == "__main__":

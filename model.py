@@ -164,16 +164,18 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = True
+        causal, mask = True, None
         if cache is not None:  # generation: append to this layer's K/V and attend to all of it
             if "k" in cache:
                 k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
-                causal = T > 1
-                if causal:
-                    raise ValueError("KV cache: only one new token at a time after the prompt")
+                # new token i is at position P + i: it sees the P cached ones and new ones 0..i (SDPA's
+                # is_causal would align the triangle top-left instead)
+                P = k.shape[2] - T
+                causal = False
+                mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
             cache["k"], cache["v"] = k, v
         # enable_gqa lets SDPA broadcast the shared K/V heads instead of materializing repeats
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                            enable_gqa=self.n_head != self.n_kv_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
@@ -256,31 +258,51 @@ class Xmodel(nn.Module):
         self.compiled = True
         return self
 
+    @staticmethod
+    def sample_next(logits, context=None, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, repetition_penalty: float = 1.0, generator=None):
+        """Next ids [B] from logits [B, V]. The repetition penalty (CTRL, Keskar et al. 2019) divides the
+        positive logits of tokens already in `context` [B, N] by it and multiplies the negative ones;
+        temperature 0 is then greedy; else logits / T, cut to the top_k, then to the nucleus (Holtzman et
+        al. 2020): the fewest most likely tokens whose probabilities sum to >= top_p."""
+        if repetition_penalty != 1.0 and context is not None and context.numel():
+            z = logits.gather(1, context)
+            logits = logits.scatter(1, context, torch.where(z > 0, z / repetition_penalty, z * repetition_penalty))
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            p, order = logits.softmax(-1).sort(-1, descending=True)
+            drop = p.cumsum(-1) - p >= top_p  # the mass before a token already reaches top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                        eos_id: int | None = None, generator: torch.Generator | None = None):
-        """Yield sampled token ids one at a time (a [B] tensor each), using a KV cache.
-        temperature 0 means greedy; top_k keeps only the k most likely tokens."""
+    def generate_stream(self, idx, max_new_tokens: int, eos_id: int | None = None, caches: list | None = None,
+                        **sampling):
+        """Yield sampled token ids one at a time (a [B] tensor each), using a KV cache; `sampling` goes to
+        sample_next. idx is the whole context; `caches` (a list of per-layer dicts, kept by the caller
+        across calls, as a chat does) may already hold the K/V of a prefix of it: only the rest is run."""
         if idx.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens = {idx.shape[1] + max_new_tokens} exceeds "
                              f"max_seq_len={self.config.max_seq_len}")
-        caches = [{} for _ in self.blocks]
-        pos, x = 0, idx
+        caches = [{} for _ in self.blocks] if caches is None else caches
+        pos = caches[0]["k"].shape[2] if "k" in caches[0] else 0
+        if pos >= idx.shape[1]:
+            raise ValueError(f"the cache holds {pos} tokens: idx ({idx.shape[1]}) must add at least one")
+        x = idx[:, pos:]
         for _ in range(max_new_tokens):
             logits = self.logits(self.hidden_states(x, pos, caches)[:, -1])
             pos += x.shape[1]
-            if temperature == 0:
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            nxt = self.sample_next(logits, idx, **sampling)
             yield nxt
             if eos_id is not None and bool((nxt == eos_id).all()):
                 return
             x = nxt[:, None]
+            idx = torch.cat((idx, x), 1)
 
     def generate(self, idx, max_new_tokens: int, **kw):
         """idx [B, T] -> idx with up to max_new_tokens sampled tokens appended."""

@@ -2,6 +2,7 @@
 
 import base64
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -250,12 +251,118 @@ def test_bad_inputs_to_prepare(tmp_path):
 def test_jsonl_chunks_split_at_line_starts(tmp_path, monkeypatch):
     lines = [json.dumps({"text": f"line {k} " + "x" * (k % 13)}) + "\n" for k in range(200)]
     (tmp_path / "d.jsonl").write_text("".join(lines))
-    monkeypatch.setattr(data, "JSONL_CHUNK_BYTES", 97)  # chunk edges fall inside lines
+    monkeypatch.setattr(data, "BATCH_BYTES", 97)  # many small batches
     out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1,
                        progress=False)
     tok = data.get_tokenizer()
     want = np.concatenate([tok.encode(json.loads(l)["text"]) + [1] for l in lines])
     assert np.array_equal(stream(out, "s", "train"), want)
+
+
+needs_pyarrow = pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None,
+                                   reason="pyarrow is not installed (requirements-extra.txt)")
+needs_zstandard = pytest.mark.skipif(importlib.util.find_spec("zstandard") is None,
+                                     reason="zstandard is not installed (requirements-extra.txt)")
+
+
+def reference(docs_by_key: list[tuple[str, str]], frac: float, tok) -> dict:
+    """Independent reference: {split: tokens} by the documented rule, blake2b-64(key) / 2^64 < frac."""
+    out = {"train": [], "heldout": []}
+    for key, text in docs_by_key:
+        h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+        ids = tok.encode(text)
+        out["heldout" if h < frac else "train"] += ids if ids and ids[-1] == tok.eos_id else ids + [tok.eos_id]
+    return {split: np.asarray(ids, np.uint32) for split, ids in out.items()}
+
+
+def test_compressed_and_parquet_equal_plain_jsonl(tmp_path, tok, monkeypatch):
+    import gzip
+    records = [{"text": d} for d in DOCS_A[:12] + DOCS_B[:12]] + [{"messages": m} for m in CHATS[:6]]
+    lines = [(json.dumps(r) + "\n").encode() for r in records]
+    offsets = np.cumsum([0] + [len(line) for line in lines])[:-1].tolist()
+    texts = [r.get("text") or data.render_chat(r["messages"]) for r in records]
+    for sub in ("plain", "gz", "zst", "pq"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "plain" / "d.jsonl").write_bytes(b"".join(lines))
+    (tmp_path / "gz" / "d.jsonl.gz").write_bytes(gzip.compress(b"".join(lines)))
+    files = {"plain": "plain/d.jsonl", "gz": "gz/d.jsonl.gz"}
+    if importlib.util.find_spec("zstandard"):
+        import zstandard
+        # two frames, as parallel compressors write: the reader must go on across them
+        c = zstandard.ZstdCompressor()
+        frames = c.compress(b"".join(lines[:7])) + c.compress(b"".join(lines[7:]))
+        (tmp_path / "zst" / "d.jsonl.zst").write_bytes(frames)
+        files["zst"] = "zst/d.jsonl.zst"
+    if importlib.util.find_spec("pyarrow"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"text": texts[:24]}), tmp_path / "pq" / "d.parquet", row_group_size=5)
+        pq.write_table(pa.table({"messages": [r["messages"] for r in records[24:]]}), tmp_path / "pq" / "e.parquet")
+        files["pq"] = ["pq/d.parquet", "pq/e.parquet"]
+    monkeypatch.setattr(data, "BATCH_BYTES", 400)  # several batches per file: read as a stream
+    batches = []
+    real = data._tokenize_task
+    monkeypatch.setattr(data, "_tokenize_task", lambda args: batches.append(args[0].docs) or real(args))
+    jsonl_keys = [f"d.jsonl@{o}" for o in offsets]
+    for name, paths in files.items():
+        batches.clear()
+        paths = [str(tmp_path / p) for p in ([paths] if isinstance(paths, str) else paths)]
+        out = data.prepare({"s": paths}, tmp_path / f"ds-{name}", heldout_frac=0.3, workers=1, progress=False)
+        keys = jsonl_keys if name != "pq" else [f"d.parquet@{k}" for k in range(24)] + \
+            [f"e.parquet@{k}" for k in range(6)]
+        want = reference(list(zip(keys, texts)), 0.3, tok)
+        assert len(want["heldout"]) and len(want["train"])
+        for split in ("train", "heldout"):
+            assert np.array_equal(stream(out, "s", split), want[split]), (name, split)
+        assert data.read_manifest(out)["sources"]["s"]["documents"] == len(records)
+        assert len(batches) > 3 and [k for b in batches for k, _ in b] == keys, name
+
+
+def test_txt_gz_directory_equals_txt(tmp_path, tok):
+    import gzip
+    (tmp_path / "gz" / "sub").mkdir(parents=True)
+    for k, d in enumerate(DOCS_A[:10]):  # CRLF line ends are read as \n, as in plain .txt files
+        (tmp_path / "gz" / ("sub" if k % 2 else "") / f"doc{k:03d}.txt.gz").write_bytes(
+            gzip.compress(d.replace("\n", "\r\n").encode()))
+    (tmp_path / "gz" / "notes.csv").write_text("not picked up by a directory scan")
+    out = data.prepare({"s": str(tmp_path / "gz")}, tmp_path / "ds", heldout_frac=0.3, workers=1, progress=False)
+    keys = sorted((f"{'sub/' if k % 2 else ''}doc{k:03d}.txt", d) for k, d in enumerate(DOCS_A[:10]))
+    want = reference(keys, 0.3, tok)
+    for split in ("train", "heldout"):
+        assert np.array_equal(stream(out, "s", split), want[split])
+
+
+@needs_pyarrow
+def test_text_column_flag_and_missing_column(tmp_path, tok, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": DOCS_B[:5], "lang": ["py"] * 5}), tmp_path / "code.parquet")
+    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in DOCS_B[5:8]))
+    with pytest.raises(ValueError, match=r"code.parquet: no column 'text'.*--text-column"):
+        data.prepare({"c": str(tmp_path / "code.parquet")}, tmp_path / "ds", progress=False)
+    with pytest.raises(ValueError, match=r"code.jsonl: line at byte 0.*'text'"):
+        data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", progress=False)
+    data.main(["prepare", "--out", str(tmp_path / "ds"), "--source", f"c={tmp_path / 'code.parquet'}",
+               "--source", f"c={tmp_path / 'code.jsonl'}", "--source", f"t={tmp_path / 'code.parquet'}",
+               "--text-column", "c=content", "--text-column", "lang", "--heldout-frac", "0", "--workers", "1"])
+    want = np.concatenate([tok.encode(d) + [tok.eos_id] for d in DOCS_B[:8]])
+    assert np.array_equal(stream(tmp_path / "ds", "c", "train"), want)
+    assert np.array_equal(stream(tmp_path / "ds", "t", "train"), np.tile(tok.encode("py") + [tok.eos_id], 5))
+    fp = data.read_manifest(tmp_path / "ds")["fingerprint"]  # the column is part of the inputs
+    data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", heldout_frac=0.0, text_column="content",
+                 workers=1, progress=False)
+    assert data.read_manifest(tmp_path / "ds")["fingerprint"] != fp
+
+
+def test_missing_optional_reader_names_the_file_and_the_install(tmp_path, monkeypatch):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    (tmp_path / "x.jsonl.zst").write_bytes(b"")
+    for module in ("pyarrow", "pyarrow.parquet", "zstandard"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(ImportError, match=r"x.parquet: .*pip install pyarrow"):
+        data.prepare({"s": str(tmp_path / "x.parquet")}, tmp_path / "ds", progress=False)
+    with pytest.raises(ImportError, match=r"x.jsonl.zst: .*pip install zstandard"):
+        data.prepare({"s": str(tmp_path)}, tmp_path / "ds", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- mixing

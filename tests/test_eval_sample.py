@@ -79,6 +79,25 @@ def test_confidence_interval_known_case():
     assert r["ppl"] == pytest.approx(math.exp(2.5)) and r["ppl_ci"] == pytest.approx([math.exp(2.5 - half), math.exp(2.5 + half)])
     with pytest.raises(ValueError):
         ev.confidence([1.0, float("nan")])
+    one = ev.confidence([2.0])  # one window: no interval exists (null in JSON, not NaN)
+    assert one["loss"] == 2.0 and one["loss_ci"] is one["ppl_ci"] is one["ci_half_width"] is None
+
+
+def test_eval_json_is_strict(run, tmp_path, capsys):
+    path, _, _, _ = run
+    (tmp_path / "t.txt").write_text((CORPUS + "<|endoftext|>") * 12)
+    args = [path, "--text", str(tmp_path / "t.txt"), "--seq_len", "16", "--batch", "1", "--device", "cpu",
+            "--dtype", "float32"]
+
+    def strict(s):  # json.loads accepts NaN and Infinity unless told otherwise
+        return json.loads(s, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+
+    for windows in ("1", "3"):
+        ev.main(args + ["--windows", windows, "--json"])
+        r = strict(capsys.readouterr().out)
+        assert r["n"] == int(windows) and math.isfinite(r["loss"]) and (r["loss_ci"] is None) == (windows == "1")
+    ev.main(args + ["--windows", "1"])
+    assert "95% CI n/a (one window)" in capsys.readouterr().out
 
 
 def test_eval_equals_plain_cross_entropy_and_is_deterministic(run, tmp_path):
@@ -195,6 +214,79 @@ def test_chat_prompt_and_cli(run, capsys):
         sample.stream(model, tok, [1, 2], 5, temperature=-1)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sample.main([path + "_missing", "--prompt", "x"])
+
+
+def test_top_p_keeps_the_nucleus_of_a_hand_built_distribution(run):
+    from model import Xmodel
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # sorted: 1 (0.5), 3 (0.3), 0 (0.15), 2 (0.05)
+    logits = probs.log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    for top_p, kept in ((0.2, {1}), (0.7, {1, 3}), (0.85, {0, 1, 3}), (0.99, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3})):
+        got = Xmodel.sample_next(logits, temperature=1.0, top_p=top_p, generator=g)
+        assert set(got.tolist()) == kept, top_p
+    # the kept tokens keep their relative odds: 0.5 : 0.3 renormalized to 0.625 : 0.375
+    got = Xmodel.sample_next(probs.log().expand(40000, 4), temperature=1.0, top_p=0.7, generator=g)
+    assert abs((got == 1).float().mean().item() - 0.625) < 0.01
+    # a tiny top_p leaves the most likely token only: sampling is then greedy decoding
+    path, _, _, _ = run
+    model, tok, _ = export.load_any(path)
+    ids = sample.prompt_ids(tok, "the quick", chat=False)
+    greedy = sample.stream(model, tok, ids, 20, temperature=0)
+    assert sample.stream(model, tok, ids, 20, temperature=1.5, top_p=1e-6, seed=3) == greedy
+    assert sample.stream(model, tok, ids, 20, temperature=1.5, seed=3) != greedy  # so the line above can fail
+
+
+def test_repetition_penalty_by_hand():
+    from model import Xmodel
+    pick = lambda logits, ctx, pen: Xmodel.sample_next(torch.tensor([logits]), torch.tensor([ctx]),  # noqa: E731
+                                                       temperature=0, repetition_penalty=pen).item()
+    # positive logits of seen tokens are divided: 3 / 1.49 = 2.013 > 2 keeps token 0, 3 / 1.51 = 1.987 < 2 does not
+    assert pick([3.0, 2.0, -1.0], [0], 1.0) == 0 and pick([3.0, 2.0, -1.0], [0], 1.49) == 0
+    assert pick([3.0, 2.0, -1.0], [0], 1.51) == 1
+    assert pick([3.0, 2.0, -1.0], [0, 0, 0, 2], 1.49) == 0  # once per token, however often it was seen
+    assert pick([3.0, 2.0, -1.0], [1], 1.51) == 0  # only seen tokens are penalized
+    # negative logits are multiplied: -1 * 1.49 = -1.49 > -1.5 keeps token 0, -1 * 1.51 = -1.51 does not
+    assert pick([-1.0, -1.5, -3.0], [0], 1.49) == 0 and pick([-1.0, -1.5, -3.0], [0], 1.51) == 1
+    # sampled: the probabilities are softmax of the penalized logits [1, 2, -1] (hand-computed)
+    g = torch.Generator().manual_seed(0)
+    got = Xmodel.sample_next(torch.tensor([[3.0, 2.0, -1.0]]).expand(40000, 3), torch.zeros(40000, 1).long(),
+                             temperature=1.0, repetition_penalty=3.0, generator=g)
+    want = math.exp(2) / (math.exp(1) + math.exp(2) + math.exp(-1))
+    assert abs((got == 1).float().mean().item() - want) < 0.01
+
+
+def greedy_reply(model, tok, ids, n):
+    """The independent reference: greedy decoding of the whole context from scratch (no cache kept)."""
+    out = model.generate(torch.tensor([ids]), n, temperature=0, eos_id=tok.eos_id)[0, len(ids):].tolist()
+    return [t for t in out if t != tok.eos_id], tok.eos_id in out
+
+
+def test_chat_loop_keeps_the_conversation_in_the_cache(run):
+    path, model, tok, _ = run
+    turns = ["hello world", "the quick brown fox"]
+    p = subprocess.run([sys.executable, "-m", "tools.sample", path, "--chat", "--temperature", "0", "--max_tokens",
+                        "9", "--device", "cpu", "--dtype", "float32"], input="\n".join(turns) + "\n",
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr
+    ctx, replies, lengths = [], [], []
+    for k, turn in enumerate(turns):
+        ctx += sample.prompt_ids(tok, turn, chat=True, eos_prefix=k == 0)
+        reply, stopped = greedy_reply(model, tok, ctx, 9)
+        replies.append(reply)
+        lengths.append(len(ctx) + len(reply) - (not stopped))  # the last token drawn is not run yet
+        ctx += reply + [tok.eos_id]
+    assert p.stdout == "".join(tok.decode(r) + "\n" for r in replies)
+    assert [int(line.split()[0][1:]) for line in p.stderr.splitlines() if "KV cache" in line] == lengths
+    assert lengths[1] > lengths[0] > 0
+    # in process: every token of the conversation runs through the model exactly once (nothing re-encoded)
+    fed, real = [], model.hidden_states
+    model.hidden_states = lambda idx, pos=0, caches=None: fed.append(idx.shape[1]) or real(idx, pos, caches)
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        sample.chat(model, tok, 9, io.StringIO("\n".join(turns) + "\n"), out, err, temperature=0)
+    finally:
+        del model.hidden_states
+    assert out.getvalue() == p.stdout and sum(fed) == lengths[1]
 
 
 def test_eval_cli_runs_as_a_module(run, tmp_path):

@@ -102,6 +102,88 @@ def test_rope_base_and_multipliers_are_needed(tmp_path):
     assert torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], model.blocks[0].attn.wk.weight)
 
 
+@needs_safetensors
+def test_export_is_readable_by_others_and_promises_the_trained_context(tmp_path):
+    run, _ = make_run(tmp_path)
+    old = os.umask(0o077)  # a private umask: the export is still for serving containers and other users
+    try:
+        conf = export.export(run, str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "hf").iterdir()} == \
+        dict.fromkeys(["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                       "tokenizer_config.json", "special_tokens_map.json"], 0o644)
+    assert conf["max_position_embeddings"] == TINY.max_seq_len  # no curriculum recorded: max_seq_len
+    ckpt = train.load_checkpoint(run)
+    ckpt["config"]["phases"] = [{"name": "a", "steps": 5, "seq_len": 64}, {"name": "b", "steps": 2, "seq_len": 128},
+                                {"name": "long", "steps": 3, "seq_len": 200}]
+    for step, want in ((0, 64), (5, 64), (6, 128), (7, 128), (8, 200), (10, 200)):
+        train.save_checkpoint(str(tmp_path / "run2"), step, ckpt, keep=1)
+        conf = export.export(str(tmp_path / "run2"), str(tmp_path / "hf2"), overwrite=True)
+        tcfg = json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())
+        assert conf["max_position_embeddings"] == tcfg["model_max_length"] == want, step
+    export.main([str(tmp_path / "run2"), str(tmp_path / "hf2"), "--overwrite", "--max_position_embeddings", "96"])
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["max_position_embeddings"] == 96
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        export.export(str(tmp_path / "run2"), str(tmp_path / "hf2"), overwrite=True, max_position_embeddings=257)
+
+
+def readme_block(heading: str, lang: str) -> str:
+    """The first ```lang block after `heading` in the README (the commands users copy)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text[text.index(heading):].split(f"```{lang}\n", 1)[1].split("```", 1)[0]
+
+
+@needs_transformers
+def test_readme_transformers_usage_equals_tools_sample(tmp_path, capsys):
+    from tools import sample
+    run, _ = make_run(tmp_path)
+    export.export(run, str(tmp_path / "hf"))
+    code = readme_block("**transformers**", "python")
+    assert code.count('"hf/xmodel25"') == 2 and 'reply = ' in code
+    scope = {}
+    exec(code.replace('"hf/xmodel25"', repr(str(tmp_path / "hf"))), scope)  # as a user would run it
+    capsys.readouterr()
+    sample.main([str(tmp_path / "hf"), "--prompt", "def fib(n):", "--temperature", "0", "--max_tokens", "100",
+                 "--device", "cpu", "--dtype", "float32"])
+    printed = capsys.readouterr().out
+    assert len(scope["reply"]) > 20 and printed == "def fib(n):" + scope["reply"] + "\n"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
+                    reason="gguf is not installed (requirements-extra.txt)")
+@needs_safetensors
+def test_export_tensors_map_to_gguf_llama_names(tmp_path):
+    """llama.cpp's convert_hf_to_gguf.py (not on PyPI) names tensors through the gguf package's Llama map: every
+    exported tensor must have a name there, and survive gguf's writer and reader unchanged."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+    run, _ = make_run(tmp_path)
+    conf = export.export(run, str(tmp_path / "hf"))
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, conf["num_hidden_layers"])
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_context_length(conf["max_position_embeddings"])
+    w.add_rope_freq_base(conf["rope_theta"])
+    mapped = {}
+    for name, t in tensors.items():
+        mapped[name] = names.get_name(name, try_suffixes=(".weight",))
+        assert mapped[name] is not None, f"{name} has no llama GGUF name"
+        w.add_tensor(mapped[name], t.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert r.fields["llama.context_length"].contents() == TINY.max_seq_len
+    back = {t.name: np.asarray(t.data) for t in r.tensors}
+    assert len(set(mapped.values())) == len(tensors) == len(back)
+    for name, t in tensors.items():
+        assert np.array_equal(back[mapped[name]].reshape(t.shape), t.numpy()), name
+
+
 def test_folding_rules():
     m = export.multipliers(TINY)  # hidden 64 -> m = 1/4; head_dim 16
     assert m == {"embed_tokens": 12.0, "q_proj": 0.25, "o_proj": 1.4 / 3 ** 0.5, "down_proj": 1.4 / 3 ** 0.5,

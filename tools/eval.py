@@ -64,14 +64,16 @@ def window_starts(tokens: np.ndarray, eos_id: int, seq_len: int, n: int, seed: i
 
 
 def confidence(losses) -> dict:
-    """Mean, 95% interval of the mean, perplexity and its interval, for per-window losses."""
+    """Mean, 95% interval of the mean, perplexity and its interval, for per-window losses; the intervals
+    are None (JSON null) for a single window, which has no spread to estimate."""
     x = np.asarray(losses, dtype=np.float64)
     if x.size == 0 or not np.all(np.isfinite(x)):
         raise ValueError(f"cannot summarize losses {x[:5].tolist()}...: empty or not finite")
     mean = float(x.mean())
-    half = Z95 * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else float("nan")
-    return {"loss": mean, "loss_ci": [mean - half, mean + half], "ci_half_width": half,
-            "ppl": math.exp(mean), "ppl_ci": [math.exp(mean - half), math.exp(mean + half)], "n": int(x.size)}
+    half = Z95 * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else None
+    return {"loss": mean, "loss_ci": None if half is None else [mean - half, mean + half], "ci_half_width": half,
+            "ppl": math.exp(mean), "ppl_ci": None if half is None else [math.exp(mean - half), math.exp(mean + half)],
+            "n": int(x.size)}
 
 
 def text_tokens(path: str, tok: data.Tokenizer) -> np.ndarray:
@@ -173,17 +175,20 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
     ap.add_argument("--backend", default="xmodel", choices=["xmodel", "transformers"])
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--json", action="store_true", help="print one strict JSON object (null, never NaN)")
     a = ap.parse_args(argv)
     r = evaluate(a.model, a.text, a.data, a.source, a.seq_len, a.windows, a.batch, a.seed, a.device, a.dtype,
                  a.backend, a.tokenizer)
     if a.json:
-        print(json.dumps(r))
+        print(json.dumps(r, allow_nan=False))
     else:
         print(f"{r['model']}: {r['windows']} windows x {r['seq_len']} tokens ({r['aligned']} start after EOS), "
               f"seed {r['seed']}, {r['tokens']:,} tokens in the text")
-        print(f"loss {r['loss']:.4f}  95% CI [{r['loss_ci'][0]:.4f}, {r['loss_ci'][1]:.4f}]")
-        print(f"perplexity {r['ppl']:.3f}  95% CI [{r['ppl_ci'][0]:.3f}, {r['ppl_ci'][1]:.3f}]")
+        def ci(key, fmt):
+            return "n/a (one window)" if r[key] is None else f"[{r[key][0]:{fmt}}, {r[key][1]:{fmt}}]"
+
+        print(f"loss {r['loss']:.4f}  95% CI {ci('loss_ci', '.4f')}")
+        print(f"perplexity {r['ppl']:.3f}  95% CI {ci('ppl_ci', '.3f')}")
 
 
 if __name__ == "__main__":

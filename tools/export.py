@@ -1,6 +1,6 @@
 """Export to (and import from) the Hugging Face Llama format: μP multipliers folded into the weights.
 
-    python -m tools.export CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--overwrite]
+    python -m tools.export CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--overwrite] [--max_position_embeddings N]
     python -m tools.export --import HF_DIR OUT_CKPT_DIR [--mup key=value ...]
 
 Why this works without custom code. The Xmodel-2.5 block is a Llama block (pre-RMSNorm, GQA, RoPE with
@@ -35,6 +35,12 @@ rounding w * c to float32 can map two neighbouring floats to one, and then no im
 A Llama folder without "xmodel_mup" (any other Llama) is imported into our
 μP defaults (base width 256, x12, 1.4/sqrt(L), ...) or whatever `--mup key=value` sets; the imported
 model computes the same logits either way.
+
+The folder is for others to read (serving containers, other users): files 0644, the folder 0755,
+whatever the umask. max_position_embeddings (and the tokenizer's model_max_length) is the longest context
+the checkpoint was trained at, the largest seq_len of the curriculum phases its step reached, not the
+RoPE table's size (model.max_seq_len, 131072): what a server may promise (--max_position_embeddings sets
+another).
 
 An imported checkpoint holds weights only: "optim" and "rng" are None, so continued training starts
 with fresh optimizer state (fresh Adam moments / Muon momentum, fresh FP8 amax histories).
@@ -242,13 +248,25 @@ def checked_state_dict(ckpt: dict, where: str) -> tuple[ModelConfig, dict]:
     return cfg, sd
 
 
-def llama_config(cfg: ModelConfig, dtype: str, ids: dict) -> dict:
+def trained_context(ckpt: dict, cfg: ModelConfig) -> int:
+    """The largest seq_len among the phases of the checkpoint's curriculum that its step reached (the
+    first phase at step 0), capped by max_seq_len; max_seq_len when the checkpoint records no phases."""
+    phases = (ckpt.get("config") or {}).get("phases") or []
+    step, start, longest = int(ckpt.get("step", 0)), 0, 0
+    for p in phases:
+        if start < step or not longest:
+            longest = max(longest, int(p.get("seq_len", 0)))
+        start += int(p.get("steps", 0))
+    return min(longest, cfg.max_seq_len) if longest else cfg.max_seq_len
+
+
+def llama_config(cfg: ModelConfig, dtype: str, ids: dict, max_positions: int) -> dict:
     """config.json for LlamaForCausalLM; rope_theta and rope_parameters both, for old and new transformers."""
     return {"architectures": [LLAMA_ARCH], "model_type": "llama",
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "intermediate_size": cfg.ffn_hidden,
             "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
             "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "max_position_embeddings": max_positions, "rms_norm_eps": cfg.norm_eps,
             "rope_theta": float(cfg.rope_base), "rope_scaling": None,
             "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_base)},
             "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False, "pretraining_tp": 1,
@@ -274,15 +292,14 @@ def _write_dir_atomic(out_dir: Path, files: dict, overwrite: bool) -> None:
         raise ValueError(f"output {str(out_dir)!r} exists and is not empty (pass --overwrite to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a model folder is for serving containers too
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is for serving containers too
     try:
         for name, content in files.items():
             if isinstance(content, dict):
                 save_file(content, str(tmp / name), metadata={"format": "pt"})
             else:
                 (tmp / name).write_bytes(content)
+            os.chmod(tmp / name, 0o644)
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
@@ -296,7 +313,7 @@ def _write_dir_atomic(out_dir: Path, files: dict, overwrite: bool) -> None:
 
 
 def export(checkpoint: str, out_dir: str, dtype: str = "float32", tokenizer: str | None = None,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, max_position_embeddings: int | None = None) -> dict:
     """Write a LlamaForCausalLM folder for a checkpoint (a ckpt_*.pt file or a run directory).
     Returns the config.json written."""
     if dtype not in DTYPES:
@@ -306,11 +323,15 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", tokenizer: str
     tok = checkpoint_tokenizer(ckpt, tokenizer)
     if tok.n_vocab > cfg.vocab_size:
         print(f"warning: tokenizer has {tok.n_vocab} ids but the model only {cfg.vocab_size}", file=sys.stderr)
-    files, ids = tokenizer_files(tok, cfg.max_seq_len)
+    max_positions = max_position_embeddings or trained_context(ckpt, cfg)
+    if not 0 < max_positions <= cfg.max_seq_len:
+        raise ValueError(f"--max_position_embeddings must be in [1, max_seq_len={cfg.max_seq_len}], "
+                         f"got {max_positions}")
+    files, ids = tokenizer_files(tok, max_positions)
     if "tokenizer.json" not in files:
         print(f"warning: tokenizer {tok.name!r} is not a Hugging Face tokenizer; the export has no "
               f"tokenizer.json (supply one to use the folder with transformers)", file=sys.stderr)
-    conf = llama_config(cfg, dtype, ids)
+    conf = llama_config(cfg, dtype, ids, max_positions)
     conf["xmodel_mup"] = {"format": EXPORT_FORMAT, "model_config": asdict(cfg), "multipliers": multipliers(cfg),
                           "step": int(ckpt.get("step", 0)), "tokens": int(ckpt.get("tokens", 0)),
                           "tokenizer": ckpt.get("tokenizer") or tok.identity, "train_config": ckpt.get("config")}
@@ -507,6 +528,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    ap.add_argument("--max_position_embeddings", type=int, default=None,
+                    help="the context the export promises (default: the longest the checkpoint was trained at)")
     ap.add_argument("--import", dest="do_import", action="store_true", help="Llama folder -> checkpoint")
     ap.add_argument("--mup", action="append", default=[], metavar="KEY=VALUE",
                     help="import: ModelConfig fields for a folder without xmodel_mup (e.g. use_mup=false)")
@@ -515,7 +538,7 @@ def main(argv=None) -> None:
         path = import_to_checkpoint(args.src, args.out, _parse_overrides(args.mup))
         print(f"imported {args.src} -> {path} (weights only: training from it starts fresh optimizer state)")
     else:
-        conf = export(args.src, args.out, args.dtype, args.tokenizer, args.overwrite)
+        conf = export(args.src, args.out, args.dtype, args.tokenizer, args.overwrite, args.max_position_embeddings)
         print(f"exported {args.src} -> {args.out} (LlamaForCausalLM, {conf['num_hidden_layers']} layers, "
               f"{args.dtype}, multipliers {conf['xmodel_mup']['multipliers']})")
 

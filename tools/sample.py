@@ -1,18 +1,24 @@
 """Sample text from a checkpoint or a Hugging Face export, streaming tokens as they are produced.
 
     python -m tools.sample CHECKPOINT|HF_DIR [--prompt TEXT] [--max_tokens 200] [--temperature 0.8] [--top_k 50]
-                           [--seed 0] [--chat] [--no_eos_prefix] [--device auto] [--dtype auto]
+                           [--top_p 0.9] [--repetition_penalty 1.1] [--seed 0] [--chat] [--no_eos_prefix]
+                           [--device auto] [--dtype auto]
 
 Generation is `Xmodel.generate_stream`: the prompt is run once, then one token at a time against the
-per-layer K/V cache. Temperature 0 is greedy (argmax); otherwise logits / T, optionally cut to the top k,
-are sampled with a torch.Generator seeded by --seed, so a run is reproducible. Generation stops at the
-tokenizer's EOS or after --max_tokens. --device/--dtype "auto" pick as train.py does (train.resolve_machine;
-the choice is printed on stderr, stdout carries the text only); bfloat16 runs the model under autocast.
+per-layer K/V cache. Each token is drawn by `Xmodel.sample_next`: the repetition penalty (off by
+default) first, then temperature 0 is greedy (argmax); otherwise logits / T, optionally cut to the top k
+and to the top-p nucleus, are sampled with a torch.Generator seeded by --seed, so a run is
+reproducible. Generation stops at the tokenizer's EOS or after --max_tokens. --device/--dtype "auto" pick
+as train.py does (train.resolve_machine; the choice is printed on stderr, stdout carries the text only);
+bfloat16 runs the model under autocast.
 
 Context. Training documents are separated by EOS only (no BOS), so a document's first token is always
 predicted right after an EOS; the prompt is therefore prefixed with EOS (--no_eos_prefix turns it off).
 With --chat the prompt becomes one user turn in the DeepSeek-V3 template the SFT data was rendered with
-(data.render_chat, generation prompt "<｜Assistant｜>"), and only the reply is printed.
+(data.render_chat, generation prompt "<｜Assistant｜>"), and only the reply is printed. --chat without
+--prompt is a conversation: each line read from stdin is a user turn, each reply is printed on stdout,
+and the conversation stays in the KV cache, so a turn runs only its own tokens (plus the previous reply's
+closing EOS), never the conversation again; stderr reports the cache's length. "/reset" starts over.
 
 Streaming. Byte-level BPE tokens need not end on a character boundary: a multi-byte character can be
 split across tokens, and decoding a prefix then yields U+FFFD for the incomplete bytes. So the generated
@@ -66,20 +72,25 @@ def prompt_ids(tok: data.Tokenizer, prompt: str, chat: bool, eos_prefix: bool = 
 
 
 def stream(model, tok: data.Tokenizer, ids: list[int], max_tokens: int, temperature: float = 0.8,
-           top_k: int | None = None, seed: int = 0, out=None, device="cpu") -> list[int]:
+           top_k: int | None = None, seed: int = 0, out=None, device="cpu", top_p: float | None = None,
+           repetition_penalty: float = 1.0, caches: list | None = None) -> list[int]:
     """Generate, writing text to `out` (a file object) as it becomes final; returns the new token ids
-    (without the EOS that stopped it)."""
+    (without the EOS that stopped it). `caches` (see Xmodel.generate_stream) continues a conversation."""
     if max_tokens <= 0:
         raise ValueError(f"--max_tokens must be positive, got {max_tokens}")
     if temperature < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"--top_k must be positive, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"--repetition_penalty must be positive (1 = off), got {repetition_penalty}")
     g = torch.Generator(device=device).manual_seed(seed)
     dec, new = StreamDecoder(tok), []
     idx = torch.tensor([ids], device=device)
-    for t in model.generate_stream(idx, max_tokens, temperature=temperature, top_k=top_k, eos_id=tok.eos_id,
-                                   generator=g):
+    for t in model.generate_stream(idx, max_tokens, eos_id=tok.eos_id, caches=caches, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, generator=g):
         t = int(t[0])
         if t == tok.eos_id:
             break
@@ -95,16 +106,43 @@ def stream(model, tok: data.Tokenizer, ids: list[int], max_tokens: int, temperat
     return new
 
 
+def chat(model, tok: data.Tokenizer, max_tokens: int, inp, out, err, eos_prefix: bool = True, **sampling) -> None:
+    """The conversation loop of --chat without --prompt (see the module docstring)."""
+    limit, ids, caches = model.config.max_seq_len, [], [{} for _ in model.blocks]
+    for line in inp:
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            ids, caches = [], [{} for _ in model.blocks]
+        if text.strip() in ("", "/reset"):
+            continue
+        turn = prompt_ids(tok, text, chat=True, eos_prefix=eos_prefix and not ids)
+        if len(ids) + len(turn) >= limit:
+            print(f"(the conversation fills the model's {limit} tokens of context: starting a new one)", file=err)
+            ids, caches = [], [{} for _ in model.blocks]
+            turn = prompt_ids(tok, text, chat=True, eos_prefix=eos_prefix)
+        ids += turn
+        new = stream(model, tok, ids, min(max_tokens, limit - len(ids)), out=out, caches=caches, **sampling)
+        out.write("\n")
+        out.flush()
+        ids += new + [tok.eos_id]  # the template closes every assistant turn, also one cut by --max_tokens
+        print(f"[{caches[0]['k'].shape[2]} tokens in the KV cache]", file=err, flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.sample",
                                  description="Stream generated text from a checkpoint or a Hugging Face export.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
-    ap.add_argument("--prompt", default="")
+    ap.add_argument("--prompt", default=None)
     ap.add_argument("--max_tokens", type=int, default=200)
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     ap.add_argument("--top_k", type=int, default=None)
+    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
+                    "whose probabilities sum to this (default: all)")
+    ap.add_argument("--repetition_penalty", type=float, default=1.0,
+                    help="> 1 discourages tokens already in the context (CTRL); 1 = off")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT checkpoints)")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT checkpoints); "
+                    "without --prompt: a conversation on stdin")
     ap.add_argument("--no_eos_prefix", action="store_true", help="do not start the context with EOS")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
     ap.add_argument("--device", default="auto", choices=train.DEVICES)
@@ -112,11 +150,18 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     device, dtype = train.resolve_machine(a.device, a.dtype, say=lambda msg: print(msg, file=sys.stderr))
     model, tok, _ = export.load_any(a.model, a.tokenizer, device)
-    ids = prompt_ids(tok, a.prompt, a.chat, not a.no_eos_prefix)
-    if not a.chat:
-        sys.stdout.write(a.prompt)
+    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    repetition_penalty=a.repetition_penalty, seed=a.seed, device=device)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-        stream(model, tok, ids, a.max_tokens, a.temperature, a.top_k, a.seed, sys.stdout, device)
+        if a.chat and a.prompt is None:
+            if sys.stdin.isatty():
+                print("chat: one line per turn; /reset starts over; Ctrl-D ends", file=sys.stderr)
+            return chat(model, tok, a.max_tokens, sys.stdin, sys.stdout, sys.stderr, not a.no_eos_prefix, **sampling)
+        prompt = a.prompt or ""
+        ids = prompt_ids(tok, prompt, a.chat, not a.no_eos_prefix)
+        if not a.chat:
+            sys.stdout.write(prompt)
+        stream(model, tok, ids, a.max_tokens, out=sys.stdout, **sampling)
     sys.stdout.write("\n")
 
 
