@@ -473,9 +473,12 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{str(dataset_dir)!r} is not a prepared dataset (no manifest.json); "
                                 f"create it with: python data.py prepare --out DIR --source name=path")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}): the dataset is damaged; prepare it again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a manifest of format {FORMAT!r}")
     return manifest
 
 
@@ -493,6 +496,26 @@ def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | No
                 if size != shard["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
                     raise ValueError(f"source {name!r} ({split}): shard {str(path)!r} has {size} bytes but the "
                                      f"manifest lists {shard['tokens']} uint32 tokens (partial or corrupt file)")
+
+
+def verify(dataset_dir: str | os.PathLike) -> int:
+    """The expensive check: every shard's sha256 against its manifest (flipped bytes keep a file's size, so
+    only this finds them; opening a dataset checks sizes only). Returns the number of shards checked."""
+    d, m = Path(dataset_dir), read_manifest(dataset_dir)
+    _check_shards(d, m)
+    n = 0
+    for name, src in m["sources"].items():
+        for split, info in src["splits"].items():
+            for shard in info["shards"]:
+                h = hashlib.sha256()
+                with open(d / shard["file"], "rb") as f:
+                    for block in iter(lambda: f.read(1 << 24), b""):
+                        h.update(block)
+                if h.hexdigest() != shard["sha256"]:
+                    raise ValueError(f"source {name!r} ({split}): shard {str(d / shard['file'])!r} does not match "
+                                     f"its sha256 in the manifest (corrupt): prepare the dataset again")
+                n += 1
+    return n
 
 
 def _reusable(out: Path, fingerprint: str) -> bool:
@@ -924,9 +947,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="field of .jsonl/Parquet records holding the text (default 'text'; 'content' for code "
                         "sets); repeatable as NAME=COLUMN per source")
     sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
+    sub.add_parser("verify", help="check every shard's sha256 against the manifest").add_argument("dir")
     args = ap.parse_args(argv)
-    if args.cmd == "info":
-        return print(describe(args.dir))
+    try:
+        if args.cmd == "info":
+            return print(describe(args.dir))
+        if args.cmd == "verify":
+            return print(f"{args.dir}: {verify(args.dir)} shards match their sha256")
+    except (ValueError, OSError) as e:
+        ap.exit(1, f"data.py {args.cmd}: error: {e}\n")
     sources: dict[str, list[str]] = {}
     for item in args.source:
         name, sep, path = item.partition("=")
@@ -935,8 +964,11 @@ def main(argv: list[str] | None = None) -> None:
         sources.setdefault(name, []).append(path)
     columns = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_column)
     column = columns.pop("", "text")
-    print(describe(prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                           args.hash_contents, text_column={s: columns.get(s, column) for s in sources})))
+    try:
+        print(describe(prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
+                               args.hash_contents, text_column={s: columns.get(s, column) for s in sources})))
+    except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: one line, nothing half-written
+        ap.exit(1, f"data.py prepare: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,8 @@ class TrainConfig:
     mfu: float = 0.4                   # the model-FLOPs utilization the dry run assumes
 
 
+# ModelConfig keys that change how the model is computed, not what it is: a resume may change them
+EXECUTION_KEYS = ("act_ckpt", "loss_chunk", "fp8_backend")
 LR_SHAPES = ("linear", "constant", "exp")
 OPTIMIZERS = ("adamw", "muon")
 PHASE_KEYS = {"name", "steps", "lr", "batch", "seq_len", "mix", "optimizer", "micro_batch"}
@@ -900,8 +902,9 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, raw, opts: Optimizers, tok, dev
     if not source:
         return 0, 0, fresh
     ckpt = load_checkpoint(source)
-    if ckpt["model_config"] != asdict(mcfg):
-        diff = [k for k, v in asdict(mcfg).items() if ckpt["model_config"].get(k) != v]
+    theirs = {**asdict(ModelConfig()), **ckpt["model_config"]}  # keys added since it was written: defaults
+    diff = [k for k, v in asdict(mcfg).items() if theirs.get(k) != v and k not in EXECUTION_KEYS]
+    if diff:
         raise ValueError(f"{source}: checkpoint was written for another model config (fields {diff})")
     theirs, ours = ckpt.get("tokenizer") or {}, tok.identity
     if (theirs.get("name"), theirs.get("sha256")) != (ours["name"], ours["sha256"]):

@@ -1,8 +1,7 @@
 """No run lost to a late error (issue 14): every fault the trainer must survive or refuse early, one test each.
 
 The runs use a 6-step curriculum (warmup 1, stable 2 on AdamW, decay 2 and long 1 on Muon: the switch is at
-step 3) of 2 x 16 (long: 1 x 32) on the tiny model of conftest.py; most scenarios stop after one or two steps. (The tools' refusal of
-nonsense arguments, the issue's case 10, is tested with the tools, which are being moved.)
+step 3) of 2 x 16 (long: 1 x 32) on the tiny model of conftest.py; most scenarios stop after one or two steps.
 """
 import errno
 import json
@@ -299,8 +298,6 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_naming_the_previous_one(tmp_p
     assert torch.equal(train.load_checkpoint(first)["model"]["w"], state["model"]["w"])
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="issue 14: data.verify / `python data.py verify DIR` is not written yet")
 def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
     ds = tmp_path / "ds"
     shutil.copytree(tiny_data, ds)
@@ -405,3 +402,34 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(tmp_
     assert loss_rows(out) == loss_rows(uninterrupted)
     a, b = train.load_checkpoint(str(uninterrupted)), train.load_checkpoint(str(out))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---------------------------------------------------------------- 10. the tools refuse nonsense in one line
+
+@pytest.mark.parametrize("argv,culprit", [
+    (["tools.eval", "RUN", "--text", "README.md", "--seq_len", "0"], "argument --seq_len: must be > 0, got 0"),
+    (["tools.eval", "RUN", "--text", "README.md", "--windows", "-3"], "argument --windows: must be > 0, got -3"),
+    (["tools.sample", "RUN", "--max_tokens", "0"], "argument --max_tokens: must be > 0, got 0"),
+    (["tools.sample", "RUN", "--temperature", "-1"], "argument --temperature: must be a finite number >= 0"),
+    (["tools.sample", "BROKEN_WEIGHTS", "--prompt", "x"], "model.safetensors: not a readable safetensors file"),
+    (["tools.eval", "BROKEN_CONFIG", "--text", "README.md"], "config.json: not valid JSON"),
+    (["data.py", "info", "BROKEN_MANIFEST"], "manifest.json: not valid JSON"),
+])
+def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 1, "num_key_value_heads": 1, "intermediate_size": 64, "vocab_size": 129280,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 64}))
+    (tmp_path / "weights" / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{")  # truncated
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    (tmp_path / "manifest").mkdir()
+    (tmp_path / "manifest" / "manifest.json").write_text("{bad")
+    where = {"RUN": str(tmp_path / "no_run"), "BROKEN_WEIGHTS": str(tmp_path / "weights"),
+             "BROKEN_CONFIG": str(tmp_path / "config"), "BROKEN_MANIFEST": str(tmp_path / "manifest")}
+    argv = [where.get(a, a) for a in argv]
+    cmd = [sys.executable, *(["-m", argv[0]] if argv[0].startswith("tools.") else [argv[0]]), *argv[1:]]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and culprit in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr

@@ -40,7 +40,7 @@ import torch
 import data
 import train
 from model import chunked_cross_entropy
-from tools import export
+from tools import export, positive_int
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -167,9 +167,9 @@ def main(argv=None) -> None:
     src.add_argument("--text", help="a UTF-8 text file (e.g. WikiText-2's wiki.test.raw)")
     src.add_argument("--data", help="a prepared dataset directory (its held-out split)")
     ap.add_argument("--source", default=None, help="with --data: one source only")
-    ap.add_argument("--seq_len", type=int, default=3776)
-    ap.add_argument("--windows", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=5)
+    ap.add_argument("--seq_len", type=positive_int, default=3776)
+    ap.add_argument("--windows", type=positive_int, default=100)
+    ap.add_argument("--batch", type=positive_int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=train.DEVICES)
     ap.add_argument("--dtype", default="auto", choices=train.DTYPES)

@@ -347,7 +347,13 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", tokenizer: str
 # import
 
 def _read_llama_weights(d: Path) -> dict:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load
+
+    def load_file(path):  # a truncated or foreign file: one line naming it, not a traceback from the reader
+        try:
+            return _load(path)
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:120]})") from None
     if (d / SAFETENSORS).is_file():
         return load_file(str(d / SAFETENSORS))
     index = d / (SAFETENSORS + ".index.json")
@@ -400,7 +406,10 @@ def import_hf(path: str, overrides: dict | None = None) -> tuple[ModelConfig, di
     d = Path(path)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{str(d)!r} is not a Hugging Face model folder (no config.json)")
-    conf = json.loads((d / "config.json").read_text())
+    try:
+        conf = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{d / 'config.json'}: not valid JSON ({e})") from None
     arch = conf.get("architectures") or [conf.get("model_type")]
     if arch != [LLAMA_ARCH]:
         raise ValueError(f"{d / 'config.json'}: architecture {arch} is not supported; import reads "

@@ -32,7 +32,7 @@ import torch
 
 import data
 import train
-from tools import export
+from tools import export, nonnegative_float, positive_int
 
 REPLACEMENT = "\ufffd"
 
@@ -133,9 +133,9 @@ def main(argv=None) -> None:
                                  description="Stream generated text from a checkpoint or a Hugging Face export.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
     ap.add_argument("--prompt", default=None)
-    ap.add_argument("--max_tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    ap.add_argument("--top_k", type=int, default=None)
+    ap.add_argument("--max_tokens", type=positive_int, default=200)
+    ap.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top_k", type=positive_int, default=None)
     ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
                     "whose probabilities sum to this (default: all)")
     ap.add_argument("--repetition_penalty", type=float, default=1.0,
