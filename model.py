@@ -53,9 +53,9 @@ class ModelConfig:
     residual_scale: float = 1.4   # residual branch multiplier, divided by sqrt(n_layer)
     init_std: float = 0.1         # embedding std; hidden matrices get init_std / sqrt(m) under μP
     # the original's choice (default) or the μP-pure one; README "Recipe fidelity" has the argument
-    muon_fused: bool = True       # Muon orthogonalizes [q;k;v] and [gate;up] as one matrix each (the original's fused weights)
-    norm_lr: str = "hidden"       # norm weights' Adam LR: "hidden" (lr/m, as Megatron) | "embedding" (emb_lr, vector-like)
-    init_out: str = "depth"       # attention-out/MLP-down init: "depth" (init_std/sqrt(2 n_layer), as the original) | "mup" (init_std/sqrt(m))
+    muon_fused: bool = True       # Muon orthogonalizes [q;k;v] and [gate;up] as one matrix each, as the original
+    norm_lr: str = "hidden"       # norm weights' LR: "hidden" (lr/m, as the original) | "embedding" (emb_lr, μP)
+    init_out: str = "depth"       # attn-out/MLP-down std: "depth" (init_std/sqrt(2 n_layer), original) | "mup" (/sqrt(m))
     # execution
     fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
     act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)

@@ -45,6 +45,26 @@ def test_coord_check_mup_flat_sp_grows(check):
     assert len(check["scales"]["mup"]["block"]) == 4 and len(check["scales"]["mup"]["block"][0]) == len(WIDTHS)
 
 
+def test_coord_check_mup_pure_variant_is_flat_too():
+    """The μP-pure choices (init_out="mup", norm_lr="embedding") pass the same check; the overrides reach
+    every model and are recorded."""
+    torch.set_num_threads(1)
+    res = coord_check.coord_check(widths=WIDTHS, steps=3, n_layer=2, lr=0.005, vocab_size=256, batch=4, seq_len=32,
+                                  seeds=2, head_dim=32, parameterizations=("mup",),
+                                  overrides=proxy.model_overrides(["init_out=mup", "norm_lr=embedding"]))
+    ok, slopes = coord_check.coord_check_ok(res, "mup")
+    assert ok, slopes
+    assert res["config"]["model_overrides"] == {"init_out": "mup", "norm_lr": "embedding"}
+
+
+def test_model_overrides_are_parsed_and_checked():
+    assert proxy.model_overrides(["muon_fused=false", "init_std=0.05"]) == {"muon_fused": False, "init_std": 0.05}
+    assert proxy.model_overrides([]) == {}
+    for bad, msg in ((["nope=1"], "ModelConfig field"), (["init_out"], "KEY=VALUE"), (["init_out=x"], "init_out")):
+        with pytest.raises(ValueError, match=msg):
+            proxy.model_overrides(bad)
+
+
 def test_coord_scales_match_plain_forward():
     """The hooks measure exactly what a plain re-computation of the forward gives: embedding x input_scale,
     each branch x residual multiplier as added to the stream, block outputs, logits x output_scale/m."""
