@@ -210,6 +210,8 @@ def main(argv=None):
                     help="parallel runs of --threads torch threads each (default: one per core on a CPU, 1 on a GPU)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dataset", default=None)
+    ap.add_argument("--params", nargs="+", default=list(PARAMETERIZATIONS), choices=PARAMETERIZATIONS,
+                    help="parameterizations to sweep")
     add_machine_options(ap)
     add_variant_options(ap, "lr_sweep")
     args = ap.parse_args(argv)
@@ -219,7 +221,8 @@ def main(argv=None):
         device, dtype = train.resolve_machine(args.device, args.dtype, say)
         jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1) if device == "cpu" else 1
         res = lr_sweep(args.widths, args.lrs, args.steps, args.n_layer, args.batch, args.seq_len,
-                       args.eval_windows, dataset=args.dataset, jobs=jobs, threads=args.threads,
+                       args.eval_windows, parameterizations=args.params, dataset=args.dataset, jobs=jobs,
+                       threads=args.threads,
                        out_json=out / f"{stem}.json", device=device, dtype=dtype, log=say,
                        overrides=model_overrides(args.set))
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
