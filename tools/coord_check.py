@@ -150,8 +150,9 @@ def plot_coord_check(result: dict, path) -> bool:
         axes[r][0].set_ylabel("mean |activation|", fontsize=8)
     axes[0][0].legend(fontsize=6)
     c = result["config"]
+    variant = "".join(f", {k}={v}" for k, v in c.get("model_overrides", {}).items())
     fig.suptitle(f"coordinate check: {c['n_layer']} layers, Adam lr {c['lr']:g}, {c['seeds']} seeds, "
-                 f"vocab {c['vocab_size']}", fontsize=9)
+                 f"vocab {c['vocab_size']}{variant}", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
     plt.close(fig)

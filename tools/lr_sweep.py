@@ -169,8 +169,9 @@ def plot_sweep(result: dict, path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"held-out loss after {c['steps']} steps", fontsize=9)
     axes[0][0].legend(fontsize=8)
+    variant = "".join(f", {k}={v}" for k, v in c.get("model_overrides", {}).items())
     fig.suptitle(f"LR transfer: {c['n_layer']} layers, {c['steps']} steps x {c['batch']}x{c['seq_len']} tokens, "
-                 f"BPE vocab {c['vocab_size']} (stars: optimum; missing points diverged)", fontsize=9)
+                 f"BPE vocab {c['vocab_size']}{variant} (stars: optimum; missing points diverged)", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
     plt.close(fig)
