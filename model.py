@@ -17,8 +17,9 @@ forward pass, all read from `ModelConfig` and written out below where they act:
     attn   = softmax(q k^T / head_dim) v                 (1/d instead of 1/sqrt(d): q.k grows like d
                                                           once q and k become correlated in training)
 
-The other two μP rules, the initialisation (embedding N(0, 0.1), hidden matrices N(0, 0.1/sqrt(m)))
-and the per-group Adam learning rates (hidden 0.01/m, embedding 0.01), live in mup.py, which is also
+The other two μP rules, the initialisation (embedding N(0, 0.1), hidden matrices N(0, 0.1/sqrt(m)),
+attention-out and MLP-down N(0, 0.1/sqrt(2 n_layer)) as in the original) and the per-group Adam learning
+rates (hidden and norms 0.01/m, embedding 0.01), live in mup.py, which is also
 where a model is built (`mup.build_model`): a bare `Xmodel(cfg)` keeps torch's default init.
 With `use_mup=False` the same code is the standard parameterization (1/sqrt(head_dim), no multipliers,
 one width-independent init std), for side-by-side comparisons.
@@ -52,6 +53,10 @@ class ModelConfig:
     output_scale: float = 1.0     # logits multiplier, divided by m
     residual_scale: float = 1.4   # residual branch multiplier, divided by sqrt(n_layer)
     init_std: float = 0.1         # embedding std; hidden matrices get init_std / sqrt(m) under μP
+    # the original's choice (default) or the μP-pure one; README "Recipe fidelity" has the argument
+    muon_fused: bool = True       # Muon orthogonalizes [q;k;v] and [gate;up] as one matrix each, as the original
+    norm_lr: str = "hidden"       # norm weights' LR: "hidden" (lr/m, as the original) | "embedding" (emb_lr, μP)
+    init_out: str = "depth"       # attn-out/MLP-down std: "depth" (init_std/sqrt(2 n_layer), original) | "mup" (/sqrt(m))
     # execution
     fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
     fp8_backend: str = "triton"   # the FP8 GEMM: "triton" (fp8.py's kernel) or "torch" (torch._scaled_mm, cuBLASLt)
@@ -68,6 +73,11 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"model config: {name} must be a positive number, got {v!r}")
+        if not isinstance(self.muon_fused, bool):
+            raise ValueError(f"model config: muon_fused must be true or false, got {self.muon_fused!r}")
+        for name, choices in (("norm_lr", ("hidden", "embedding")), ("init_out", ("depth", "mup"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"model config: {name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.hidden % self.n_head:
             raise ValueError(f"model config: n_head={self.n_head} does not divide hidden={self.hidden}")
         if self.n_head % self.n_kv_head:

@@ -38,6 +38,16 @@ Muon unchanged:
     W  <- W * (1 - lr * weight_decay)                   (unscaled lr, as in AdamW)
     W  <- W - lr * 0.2 * sqrt(max(rows, cols)) * O
 
+Fused matrices (the param-group key "stacks")
+---------------------------------------------
+What counts as "one matrix" is a modelling choice. A Megatron model stores q, k and v as one fused
+weight (and gate, up as another), so its Muon orthogonalizes [q; k; v] as one matrix, with the factor
+0.2 * sqrt(max) of the fused shape. A param group's "stacks" (a list of lists of positions in the
+group's params) reproduces that for separately stored weights: each listed set, with equal column
+counts, is one unit. Momentum stays per parameter; the Nesterov inputs are concatenated along the rows,
+orthogonalized once, scaled by update_scale of the stacked shape and split back. Parameters in no stack
+are units of their own.
+
 The AdamW -> Muon switch (Xmodel-2.5, arXiv 2511.19496)
 -------------------------------------------------------
 Xmodel-2.5 trains the warmup and stable phases with AdamW and, at the first step of the decay phase,
@@ -51,14 +61,15 @@ Distributed
 -----------
 Newton-Schulz is the only expensive part (15 matrix products per matrix and step). Under
 torch.distributed, gradients are already averaged (DDP), so every rank would compute the same
-orthogonalizations. Instead each rank orthogonalizes a disjoint share of the matrices (see
-`shard_by_shape`) and the bf16 results are all-gathered, one collective per distinct shape. The
+orthogonalizations. Instead each rank orthogonalizes a disjoint share of the units (a stack or a lone
+matrix; see `shard_by_shape`, over the units' stacked shapes) and the bf16 results are all-gathered, one
+collective per distinct shape. The
 momentum update is cheap and elementwise, so every rank keeps the full momentum state and applies
 the full update: all ranks hold identical weights, and the result is bit-for-bit the single-process
 one.
 
 With `shard_state=True` (ZeRO-1 for Muon, "split by matrix") a rank keeps the fp32 momentum only of
-the matrices it owns: it updates that momentum, orthogonalizes it, and the bf16 results are
+the matrices it owns (all members of a stack have the stack's owner): it updates that momentum, orthogonalizes it, and the bf16 results are
 all-gathered as above, so every rank still applies every update. The arithmetic is the same, so the
 weights stay bit-identical to the unsharded run, and the momentum memory per rank drops from
 4 B x (hidden weights) to about 1/world of it. Each rank's `state_dict()` then holds only its share:
@@ -161,14 +172,17 @@ def _world():
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D hidden matrices (module docstring has the math).
 
-    Per matrix W with gradient G, fp32 momentum M (state "momentum_buffer"):
-        M <- momentum * M + G
-        U <- G + momentum * M if nesterov else M
+    Per unit (a matrix W, or a group["stacks"] entry W = [W_1; W_2; ...]) with gradient G, and per
+    parameter an fp32 momentum M (state "momentum_buffer"):
+        M <- momentum * M + G                                   (each parameter)
+        U <- G + momentum * M if nesterov else M                (stacked: the members' U row-concatenated)
         O <- zeropower_via_newtonschulz5(U, ns_steps)
         W <- W * (1 - lr * weight_decay)
-        W <- W - lr * update_scale(W.shape, rms_scale) * O
+        W <- W - lr * update_scale(W.shape, rms_scale) * O      (W.shape: the stacked shape; O split back)
     lr and weight_decay are read from each param group at step time (a schedule may set group["lr"]).
     rms_scale: 0.2 = the recipe's AdamW-RMS match; None = plain Muon scaling max(1, rows/cols)**0.5.
+    stacks: per group, lists of positions in group["params"] (disjoint, equal column counts); it is
+    structure, not state, so load_state_dict keeps the constructor's stacks, not the file's.
     Only 2-D parameters are accepted: embeddings (2-D, but not hidden), norm weights and biases belong
     on AdamW. Under torch.distributed (world size > 1) every rank must hold the same parameters in the
     same order with gradients already averaged; each orthogonalizes its share and all-gathers.
@@ -178,15 +192,25 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rms_scale=0.2,
                  shard_state=False):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, rms_scale=rms_scale)
+                        weight_decay=weight_decay, rms_scale=rms_scale, stacks=[])
         super().__init__(params, defaults)
         self.shard_state = shard_state  # under torch.distributed: keep momentum only for owned matrices
 
+    @staticmethod
+    def units(group):
+        """The group's units in order: a stack where its first member stands, every other parameter alone."""
+        stack_of = {i: stack for stack in group["stacks"] for i in stack}
+        params = group["params"]
+        return [[params[j] for j in stack_of.get(i, [i])] for i in range(len(params))
+                if i not in stack_of or stack_of[i][0] == i]
+
     def owners(self, world_size):
-        """Owner rank of every parameter (param-group order): shard_by_shape over all of them, so the
-        partition is fixed for the optimizer's life and the same on every rank."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        return dict(zip(params, shard_by_shape([tuple(p.shape) for p in params], world_size)))
+        """Owner rank of every parameter (param-group order): shard_by_shape over the units' stacked shapes
+        (a stack's members share its owner), so the partition is fixed for the optimizer's life and the
+        same on every rank."""
+        units = [u for g in self.param_groups for u in self.units(g)]
+        ranks = shard_by_shape([_stacked_shape(u) for u in units], world_size)
+        return {p: r for u, r in zip(units, ranks) for p in u}
 
     def add_param_group(self, param_group):
         first_index = sum(len(g["params"]) for g in self.param_groups)
@@ -198,6 +222,8 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(
                     f"Muon: parameter {first_index + j} (param group {group_index}) has shape {tuple(p.shape)}; "
                     "Muon only updates 2-D hidden matrices, keep embeddings, norm weights and biases on AdamW")
+        group["stacks"] = [list(stack) for stack in group["stacks"]]
+        _check_stacks(group, group_index)
         _check_hyperparameters(group, group_index)
 
     @torch.no_grad()
@@ -206,53 +232,61 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = []
+        items = []  # (unit, group)
         world_size, rank = _world()
         owners = self.owners(world_size) if world_size > 1 else None
         for group_index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, group_index)
-            for p in group["params"]:
-                if p.grad is None:
+            for unit in self.units(group):
+                with_grad = [p.grad is not None for p in unit]
+                if not any(with_grad):
                     continue
-                if p.grad.is_sparse:
+                if not all(with_grad):
+                    raise ValueError(f"Muon: param group {group_index} has a stack of {len(unit)} matrices of which "
+                                     "only some have a gradient; a stack is updated as one matrix")
+                if any(p.grad.is_sparse for p in unit):
                     raise ValueError("Muon does not support sparse gradients")
-                if self.shard_state and owners is not None and owners[p] != rank:
-                    items.append((p, group))  # its owner keeps the momentum; the update arrives by all-gather
+                if self.shard_state and owners is not None and owners[unit[0]] != rank:
+                    items.append((unit, group))  # its owner keeps the momentum; the update arrives by all-gather
                     continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
-                items.append((p, group))
-        for (p, group), O in zip(items, self._orthogonalized(items, owners)):
+                for p in unit:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                                    memory_format=torch.preserve_format)
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
+                items.append((unit, group))
+        for (unit, group), O in zip(items, self._orthogonalized(items, owners)):
             lr = group["lr"]
-            p.mul_(1 - lr * group["weight_decay"])
-            p.sub_(O.float() * (lr * update_scale(p.shape, group["rms_scale"])))
+            scale = lr * update_scale(_stacked_shape(unit), group["rms_scale"])
+            for p, o in zip(unit, O.split([p.shape[0] for p in unit])):
+                p.mul_(1 - lr * group["weight_decay"])
+                p.sub_(o.float() * scale)
         return loss
 
-    def _ns_input(self, p, group):
-        buf = self.state[p]["momentum_buffer"]
-        if group["nesterov"]:
-            return p.grad.float() + group["momentum"] * buf
-        return buf
+    def _ns_input(self, unit, group):
+        def one(p):
+            buf = self.state[p]["momentum_buffer"]
+            return p.grad.float() + group["momentum"] * buf if group["nesterov"] else buf
+        return one(unit[0]) if len(unit) == 1 else torch.cat([one(p) for p in unit])
 
     def _orthogonalized(self, items, owner_of=None):
-        """NewtonSchulz5 of each item's update direction; under DDP each rank computes only its share."""
+        """NewtonSchulz5 of each unit's update direction; under DDP each rank computes only its share."""
         world_size, rank = _world()
         if world_size == 1:
-            return [zeropower_via_newtonschulz5(self._ns_input(p, g), g["ns_steps"]) for p, g in items]
-        shapes = [tuple(p.shape) for p, _ in items]
-        owners = [owner_of[p] for p, _ in items]
+            return [zeropower_via_newtonschulz5(self._ns_input(u, g), g["ns_steps"]) for u, g in items]
+        shapes = [_stacked_shape(u) for u, _ in items]
+        owners = [owner_of[u[0]] for u, _ in items]
         out = [None] * len(items)
         pending = []
         for shape, idxs in _group_by_shape(shapes).items():
             owned = [[i for i in idxs if owners[i] == r] for r in range(world_size)]
             slots = max(len(o) for o in owned)
-            # Ranks with fewer matrices of this shape send zero padding so all_gather sizes match.
-            local = torch.zeros((slots, *shape), dtype=torch.bfloat16, device=items[idxs[0]][0].device)
+            # Ranks with fewer units of this shape send zero padding so all_gather sizes match.
+            local = torch.zeros((slots, *shape), dtype=torch.bfloat16, device=items[idxs[0]][0][0].device)
             for s, i in enumerate(owned[rank]):
-                p, g = items[i]
-                local[s] = zeropower_via_newtonschulz5(self._ns_input(p, g), g["ns_steps"])
+                u, g = items[i]
+                local[s] = zeropower_via_newtonschulz5(self._ns_input(u, g), g["ns_steps"])
             gathered = [torch.empty_like(local) for _ in range(world_size)]
             pending.append((dist.all_gather(gathered, local, async_op=True), owned, gathered))
         for work, owned, gathered in pending:
@@ -300,13 +334,35 @@ class Muon(torch.optim.Optimizer):
             state_dict = dict(state_dict, state={i: s for i, s in state_dict["state"].items() if i in mine})
         # torch.optim casts loaded state to the parameter dtype (bf16 weights -> bf16 momentum);
         # put the saved fp32 buffers back so a resume is exact.
+        stacks = [g["stacks"] for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for g, s in zip(self.param_groups, stacks):  # which matrices are one unit is the model's, not the file's
+            g["stacks"] = s
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             saved = state_dict["state"].get(saved_id, {})
             if "momentum_buffer" in saved:
                 self.state[p]["momentum_buffer"] = saved["momentum_buffer"].to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def _stacked_shape(unit):
+    return (sum(p.shape[0] for p in unit), unit[0].shape[1])
+
+
+def _check_stacks(group, group_index):
+    where = f"Muon param group {group_index}"
+    n, seen = len(group["params"]), set()
+    for stack in group["stacks"]:
+        if not stack or not all(isinstance(i, int) and 0 <= i < n for i in stack):
+            raise ValueError(f"{where}: a stack must list positions 0..{n - 1} in the group's params, got {stack}")
+        if seen & set(stack) or len(set(stack)) != len(stack):
+            raise ValueError(f"{where}: parameter positions may be in one stack only, once; got {stack}")
+        seen |= set(stack)
+        cols = {group["params"][i].shape[1] for i in stack}
+        if len(cols) != 1:
+            raise ValueError(f"{where}: a stack's matrices are stacked vertically and need equal column counts, "
+                             f"got {sorted(cols)} in {stack}")
 
 
 def _check_hyperparameters(group, group_index):

@@ -13,19 +13,33 @@ The rules for Adam, as Xmodel-2.5 uses them (RECIPE.md):
     piece                 init std            Adam LR           forward multiplier (model.py)
     embedding             init_std (0.1)      emb_lr (0.01)     x input_scale (12)
     hidden matrices       init_std/sqrt(m)    lr / m (0.01/m)   residual branches x 1.4/sqrt(L)
+    attn-out, MLP-down    0.1/sqrt(2 L)       lr / m            (the original's; init_out="mup": as hidden)
     output (tied embed.)  -                   -                 logits x output_scale / m
-    norm weights          1                   emb_lr, no decay  -
+    norm weights          1                   lr / m, no decay  (the original's; norm_lr="embedding": emb_lr)
     attention             -                   -                 softmax scale 1/head_dim
 
-Norm gains are "vector-like" parameters (one dimension grows with width, none is summed over), so μP
-gives them the width-independent Adam LR, the same as the embedding; weight decay is off for them as in
-the recipe. The public Megatron scripts initialise the two output projections (attention out, MLP down)
-with 0.1/sqrt(2 * n_layer) and no width factor; that is not μP-consistent (it would not transfer), so
-here every hidden matrix, output projections included, uses init_std/sqrt(m) and the depth dependence
-comes from the residual multiplier alone.
+Two rows follow the original (a Megatron fork) rather than μP's textbook, each switchable in ModelConfig:
 
-This module holds those rules (`width_mult`, `init_stds`, `init_weights`, `build_model`, `param_groups`)
-and nothing else. The tools that make them visible live in tools/: `python -m tools.coord_check` (every
+- Norm gains are "vector-like" parameters (one dimension grows with width, none is summed over), so μP
+  proper gives them the width-independent Adam LR, the embedding's (norm_lr="embedding"). Megatron gives
+  the decoupled LR only to the embedding and output layer, so the original trains norms at the hidden
+  LR, 0.01/6 at 1.3B (norm_lr="hidden", the default). Weight decay is off for them either way.
+- The original initialises the two output projections (attention out, MLP down) with
+  init_std/sqrt(2 n_layer), 0.0102 at 48 layers, and no width factor (init_out="depth", the default).
+  μP wants init_std/sqrt(m) for every hidden matrix (init_out="mup"; 0.041 at 1.3B): a fixed std makes
+  a branch's output at init grow like sqrt(width), so strictly it does not transfer. The two agree at
+  m = 2 n_layer (width 24,576 for 48 layers); below that the depth init is the smaller one, and after a
+  few steps the update term, which μP does keep width-independent, may dominate it. README "Recipe
+  fidelity" has the measurement. With init_out="mup" the depth dependence comes from the residual
+  multiplier alone.
+
+When the model is on Muon, `param_groups` also says which matrices are orthogonalized together: the
+original stores q, k, v as one fused weight and gate, up as another, and Muon orthogonalizes each fused
+weight as one matrix; `fused_stacks` names the same groups of this model's separate weights
+(muon_fused=True, the default) so that Muon sees the same matrices.
+
+This module holds those rules (`width_mult`, `init_stds`, `init_weights`, `build_model`, `fused_stacks`,
+`param_groups`) and nothing else. The tools that make them visible live in tools/: `python -m tools.coord_check` (every
 layer's activation scale stays flat in width under μP and grows under SP), `python -m tools.lr_sweep` (the
 best base LR does not move with width) and `python -m tools.search` (the proxy hyper-parameter search whose
 winners are copied to the 1.3B config).
@@ -44,9 +58,11 @@ def width_mult(cfg: ModelConfig) -> float:
 
 
 def init_stds(cfg: ModelConfig) -> dict:
-    """The init std of each kind of weight (SP: one width-independent std for all of them)."""
-    return {"embedding": cfg.init_std, "hidden": cfg.init_std / math.sqrt(width_mult(cfg)),
-            "output": cfg.init_std}
+    """The init std of each kind of weight (SP: one width-independent std for all of them).
+    "branch_out" is the residual branches' output projections (attention out, MLP down)."""
+    hidden = cfg.init_std / math.sqrt(width_mult(cfg))
+    branch_out = cfg.init_std / math.sqrt(2 * cfg.n_layer) if cfg.use_mup and cfg.init_out == "depth" else hidden
+    return {"embedding": cfg.init_std, "hidden": hidden, "branch_out": branch_out, "output": cfg.init_std}
 
 
 @torch.no_grad()
@@ -55,9 +71,10 @@ def init_weights(model: Xmodel) -> None:
     nn.init.normal_(model.tok_emb.weight, 0.0, std["embedding"])
     if model.lm_head is not None:
         nn.init.normal_(model.lm_head.weight, 0.0, std["output"])
+    branch_out = {id(b.attn.wo.weight) for b in model.blocks} | {id(b.mlp.w_down.weight) for b in model.blocks}
     for name, p in model.blocks.named_parameters():
         if p.dim() == 2:
-            nn.init.normal_(p, 0.0, std["hidden"])
+            nn.init.normal_(p, 0.0, std["branch_out" if id(p) in branch_out else "hidden"])
         elif "norm" in name:
             nn.init.ones_(p)
     nn.init.ones_(model.norm.weight)
@@ -72,13 +89,28 @@ def build_model(cfg: ModelConfig, device="cpu") -> Xmodel:
     return model
 
 
+def fused_stacks(model: Xmodel) -> list[list[nn.Parameter]]:
+    """The weights the original fuses into one matrix, per block: [q; k; v] (its linear_qkv, 2560 x 1536
+    at 1.3B) and [gate; up] (its linear_fc1, 7680 x 1536), each stacked vertically (rows = outputs).
+    The original interleaves q, k, v per K/V group; a permutation of rows commutes with the
+    orthogonalization, so the plain stacking gives the same update."""
+    stacks = []
+    for b in model.blocks:
+        stacks += [[b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight], [b.mlp.w_gate.weight, b.mlp.w_up.weight]]
+    return stacks
+
+
 def param_groups(model: Xmodel, lr: float, emb_lr: float, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups with μP learning rates, from base (width base_width) rates.
 
     Each group carries "name" (hidden / embedding / norm), its peak "lr", "base_lr" (the same value, kept
     for the schedule to scale) and "weight_decay". The "hidden" group is the 2-D block matrices: the ones
-    Muon may take over in the decay phase."""
-    m = width_mult(model.config)
+    Muon may take over in the decay phase; its "stacks" (muon.Muon's key: lists of positions in the
+    group's params, each list orthogonalized as one vertically stacked matrix) are `fused_stacks` under
+    muon_fused, else empty. Positions rather than tensors, so an AdamW holding the same group saves only
+    a few integers with it. The "norm" group's LR is the hidden one (norm_lr="hidden") or emb_lr."""
+    cfg = model.config
+    m = width_mult(cfg)
     hidden, embedding, norm = [], [], []
     for name, p in model.named_parameters():
         if name.startswith("blocks.") and p.dim() == 2:
@@ -87,9 +119,11 @@ def param_groups(model: Xmodel, lr: float, emb_lr: float, weight_decay: float) -
             embedding.append(p)  # the token embedding, and lm_head when untied
         else:
             norm.append(p)
-    groups = [dict(name="hidden", params=hidden, lr=lr / m, weight_decay=weight_decay),
+    position = {id(p): i for i, p in enumerate(hidden)}
+    stacks = [[position[id(p)] for p in s] for s in fused_stacks(model)] if cfg.muon_fused else []
+    groups = [dict(name="hidden", params=hidden, lr=lr / m, weight_decay=weight_decay, stacks=stacks),
               dict(name="embedding", params=embedding, lr=emb_lr, weight_decay=weight_decay),
-              dict(name="norm", params=norm, lr=emb_lr, weight_decay=0.0)]
+              dict(name="norm", params=norm, lr=lr / m if cfg.norm_lr == "hidden" else emb_lr, weight_decay=0.0)]
     for g in groups:
         g["base_lr"] = g["lr"]
     return [g for g in groups if g["params"]]

@@ -230,7 +230,8 @@ def test_param_groups_sp_does_not_scale_lr():
 
 @pytest.mark.parametrize("use_mup", [True, False])
 def test_init_stds(use_mup):
-    """Embedding N(0, 0.1) always; hidden matrices N(0, 0.1/sqrt(m)) under μP, N(0, 0.1) under SP."""
+    """Embedding N(0, 0.1) always; hidden matrices N(0, 0.1/sqrt(m)) under μP, N(0, 0.1) under SP; under μP
+    attention-out and MLP-down N(0, 0.1/sqrt(2 n_layer)) (init_out="depth", tests/test_mup.py has both)."""
     for hidden in (128, 512):  # m = 0.5 and 2
         torch.manual_seed(0)
         cfg = ModelConfig(vocab_size=2000, n_layer=1, hidden=hidden, ffn_hidden=hidden * 2, n_head=hidden // 64,
@@ -243,7 +244,9 @@ def test_init_stds(use_mup):
         for name, p in model.blocks.named_parameters():
             if p.dim() == 2:
                 n2d += 1
-                assert p.std().item() == pytest.approx(want_hidden, rel=0.03), (hidden, name)
+                out = use_mup and name.endswith(("attn.wo.weight", "mlp.w_down.weight"))
+                want = 0.1 / math.sqrt(2 * cfg.n_layer) if out else want_hidden
+                assert p.std().item() == pytest.approx(want, rel=0.03), (hidden, name)
             else:
                 assert torch.equal(p, torch.ones_like(p)), name
         assert n2d == 7

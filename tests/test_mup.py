@@ -45,6 +45,26 @@ def test_coord_check_mup_flat_sp_grows(check):
     assert len(check["scales"]["mup"]["block"]) == 4 and len(check["scales"]["mup"]["block"][0]) == len(WIDTHS)
 
 
+def test_coord_check_mup_pure_variant_is_flat_too():
+    """The μP-pure choices (init_out="mup", norm_lr="embedding") pass the same check; the overrides reach
+    every model and are recorded."""
+    torch.set_num_threads(1)
+    res = coord_check.coord_check(widths=WIDTHS, steps=3, n_layer=2, lr=0.005, vocab_size=256, batch=4, seq_len=32,
+                                  seeds=2, head_dim=32, parameterizations=("mup",),
+                                  overrides=proxy.model_overrides(["init_out=mup", "norm_lr=embedding"]))
+    ok, slopes = coord_check.coord_check_ok(res, "mup")
+    assert ok, slopes
+    assert res["config"]["model_overrides"] == {"init_out": "mup", "norm_lr": "embedding"}
+
+
+def test_model_overrides_are_parsed_and_checked():
+    assert proxy.model_overrides(["muon_fused=false", "init_std=0.05"]) == {"muon_fused": False, "init_std": 0.05}
+    assert proxy.model_overrides([]) == {}
+    for bad, msg in ((["nope=1"], "ModelConfig field"), (["init_out"], "KEY=VALUE"), (["init_out=x"], "init_out")):
+        with pytest.raises(ValueError, match=msg):
+            proxy.model_overrides(bad)
+
+
 def test_coord_scales_match_plain_forward():
     """The hooks measure exactly what a plain re-computation of the forward gives: embedding x input_scale,
     each branch x residual multiplier as added to the stream, block outputs, logits x output_scale/m."""
@@ -221,3 +241,77 @@ def test_sweep_and_search_command_lines(tiny_dataset, tmp_path, capsys):
     assert train.load_config([str(tmp_path / "best.py")])["train"].lr == res["best"]["lr"]
     out = capsys.readouterr().out
     assert "device cpu (as configured)" in out and f"wrote {tmp_path / 'best.py'}" in out
+
+
+# ---------------------------------------------------------------- the original's choices vs μP-pure (ModelConfig)
+
+@pytest.mark.parametrize("norm_lr", ["hidden", "embedding"])
+def test_norm_group_lr(norm_lr):
+    """The 1.3B shape (m = 1536/256 = 6): norms at the hidden LR lr/m (Megatron's) or at emb_lr (μP's vector-like)."""
+    model = mup.build_model(ModelConfig(norm_lr=norm_lr), device="meta")
+    by = {g["name"]: g for g in mup.param_groups(model, 0.01, 0.03, 0.1)}
+    want = 0.01 / 6 if norm_lr == "hidden" else 0.03
+    assert by["norm"]["lr"] == by["norm"]["base_lr"] == want and by["norm"]["weight_decay"] == 0.0
+    assert by["hidden"]["lr"] == 0.01 / 6 and by["embedding"]["lr"] == 0.03
+    assert len(by["norm"]["params"]) == 48 * 2 + 1 and all(p.dim() == 1 for p in by["norm"]["params"])
+
+
+def test_new_keys_are_validated():
+    for bad in (dict(norm_lr="adam"), dict(init_out="megatron"), dict(muon_fused="yes")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ModelConfig(**bad)
+
+
+def test_init_stds_of_the_1p3b_model():
+    assert mup.init_stds(ModelConfig())["branch_out"] == pytest.approx(0.0102, abs=5e-5)  # 0.1/sqrt(96)
+    assert mup.init_stds(ModelConfig())["hidden"] == 0.1 / math.sqrt(6)
+    assert mup.init_stds(ModelConfig(init_out="mup"))["branch_out"] == 0.1 / math.sqrt(6)
+
+
+@pytest.mark.parametrize("use_mup,init_out", [(True, "depth"), (True, "mup"), (False, "depth")])
+def test_init_stds_per_init_out(use_mup, init_out):
+    """Measured stds of every block matrix (>= 65,536 draws each) against the rule: attention-out and
+    MLP-down 0.1/sqrt(2 n_layer) under init_out="depth" (0.035 here), else like every hidden matrix,
+    0.1/sqrt(m) (0.071 at m = 2); SP: 0.1 for all. The sample std of n normal draws has relative standard
+    error 1/sqrt(2(n-1)); the bound is 6 of them (a chance failure has probability < 1e-8), at most 1.7%,
+    far below the factor 2 between the rules."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, n_layer=4, hidden=512, ffn_hidden=1024, n_head=8, n_kv_head=2, max_seq_len=64,
+                      use_mup=use_mup, init_out=init_out)
+    model = mup.build_model(cfg)
+    hidden = 0.1 / math.sqrt(2) if use_mup else 0.1
+    out = 0.1 / math.sqrt(8) if use_mup and init_out == "depth" else hidden
+    seen = set()
+    for name, p in model.blocks.named_parameters():
+        if p.dim() != 2:
+            continue
+        kind = name.split(".", 1)[1]
+        want = out if kind in ("attn.wo.weight", "mlp.w_down.weight") else hidden
+        n = p.numel()
+        assert n >= 65536
+        assert abs(p.std().item() / want - 1) < 6 / math.sqrt(2 * (n - 1)), (name, p.std().item(), want)
+        assert abs(p.mean().item()) < 6 * want / math.sqrt(n), name
+        seen.add(kind)
+    assert len(seen) == 7
+
+
+def test_hidden_group_stacks_are_the_originals_fused_weights():
+    """muon_fused: the hidden group's stacks are [q; k; v] and [gate; up] of every block, i.e. the original's
+    linear_qkv (2560 x 1536) and linear_fc1 (7680 x 1536) at 1.3B; muon_fused=False: none. Muon takes the
+    group as it is, and a stack's members share one owner rank."""
+    from muon import Muon
+    model = mup.build_model(ModelConfig(), device="meta")
+    g = mup.param_groups(model, 0.01, 0.01, 0.1)[0]
+    assert g["name"] == "hidden" and len(g["stacks"]) == 2 * 48
+    for b, (qkv, fc1) in zip(model.blocks, zip(g["stacks"][0::2], g["stacks"][1::2])):
+        assert [g["params"][i] for i in qkv] == [b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]
+        assert [g["params"][i] for i in fc1] == [b.mlp.w_gate.weight, b.mlp.w_up.weight]
+        assert (sum(g["params"][i].shape[0] for i in qkv), g["params"][qkv[0]].shape[1]) == (2560, 1536)
+        assert (sum(g["params"][i].shape[0] for i in fc1), g["params"][fc1[0]].shape[1]) == (7680, 1536)
+    opt = Muon([dict(g)])
+    assert opt.param_groups[0]["stacks"] == g["stacks"]
+    owners = opt.owners(4)
+    assert all(len({owners[g["params"][i]] for i in s}) == 1 for s in g["stacks"])
+    assert sorted(len(u) for u in Muon.units(opt.param_groups[0])) == [1] * 96 + [2] * 48 + [3] * 48
+    unfused = mup.build_model(ModelConfig(muon_fused=False), device="meta")
+    assert mup.param_groups(unfused, 0.01, 0.01, 0.1)[0]["stacks"] == []

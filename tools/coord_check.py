@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import mup
 import train
 from model import ModelConfig, Xmodel
-from tools.proxy import (PARAMETERIZATIONS, add_machine_options, autocast, make_optimizer, markov_tokens,
-                         proxy_config, pyplot, report_written, save_png, write_json)
+from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, autocast, make_optimizer,
+                         markov_tokens, model_overrides, proxy_config, pyplot, report_written, save_png, write_json)
 
 COORD_TYPES = ("embedding", "attention", "mlp", "block", "logits")
 HIDDEN_TYPES = ("embedding", "attention", "mlp", "block")  # the logits are the output, not a hidden layer
@@ -72,9 +72,10 @@ def coord_scales(model: Xmodel, idx: torch.Tensor, targets: torch.Tensor):
 def coord_check(widths=(64, 128, 256, 512, 1024), steps: int = 4, n_layer: int = 2, lr: float = 0.03,
                 vocab_size: int = 1024, batch: int = 8, seq_len: int = 64, seeds: int = 2, head_dim: int = 32,
                 parameterizations=PARAMETERIZATIONS, device: str = "cpu", dtype: str = "float32",
-                log=None) -> dict:
+                log=None, overrides=None) -> dict:
     """Mean |activation| of each layer type at each of steps+1 forward passes (step t = after t Adam
     updates at a large, constant lr = emb_lr), for every width, under μP and SP, averaged over seeds.
+    overrides: ModelConfig fields for every model (e.g. {"init_out": "mup"}).
 
     Returns {"config", "widths", "steps", "scales": {param: {type: [[scale per width] per step]}},
     "slopes": {param: {type: log-log slope at the last step}}}."""
@@ -90,7 +91,8 @@ def coord_check(widths=(64, 128, 256, 512, 1024), steps: int = 4, n_layer: int =
             t0 = time.time()
             for s in range(seeds):
                 torch.manual_seed(s)
-                cfg = proxy_config(width, n_layer, vocab_size, use_mup=param == "mup", head_dim=head_dim)
+                cfg = proxy_config(width, n_layer, vocab_size, use_mup=param == "mup", head_dim=head_dim,
+                                   **(overrides or {}))
                 model = mup.build_model(cfg, device)
                 opt = make_optimizer(model, lr, lr)
                 for step in range(steps + 1):
@@ -111,7 +113,7 @@ def coord_check(widths=(64, 128, 256, 512, 1024), steps: int = 4, n_layer: int =
     config = dict(widths=list(widths), steps=steps, n_layer=n_layer, lr=lr, emb_lr=lr, vocab_size=vocab_size,
                   batch=batch, seq_len=seq_len, seeds=seeds, head_dim=head_dim, base_width=ModelConfig.base_width,
                   data=f"random Markov chain over {vocab_size} tokens", slope_bound=SLOPE_BOUND,
-                  device=torch.device(device).type, dtype=dtype)
+                  device=torch.device(device).type, dtype=dtype, model_overrides=dict(overrides or {}))
     return dict(config=config, widths=list(widths), steps=list(range(steps + 1)), scales=scales, slopes=slopes)
 
 
@@ -148,8 +150,9 @@ def plot_coord_check(result: dict, path) -> bool:
         axes[r][0].set_ylabel("mean |activation|", fontsize=8)
     axes[0][0].legend(fontsize=6)
     c = result["config"]
+    variant = "".join(f", {k}={v}" for k, v in c.get("model_overrides", {}).items())
     fig.suptitle(f"coordinate check: {c['n_layer']} layers, Adam lr {c['lr']:g}, {c['seeds']} seeds, "
-                 f"vocab {c['vocab_size']}", fontsize=9)
+                 f"vocab {c['vocab_size']}{variant}", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
     plt.close(fig)
@@ -170,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=32, help="fixed head size (heads = width / head_dim)")
     ap.add_argument("--threads", type=int, default=None)
     add_machine_options(ap, dtype_help=" (bf16 moves the slopes by about 0.002; docs/coord_check.png is float32)")
+    add_variant_options(ap, "coord_check")
     args = ap.parse_args(argv)
     say = lambda m: print(m, flush=True)  # noqa: E731
     try:
@@ -177,16 +181,17 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         device, dtype = train.resolve_machine(args.device, args.dtype, say)
         res = coord_check(args.widths, args.steps, args.n_layer, args.lr, args.vocab, seeds=args.seeds,
-                          head_dim=args.head_dim, device=device, dtype=dtype, log=say)
+                          head_dim=args.head_dim, device=device, dtype=dtype, log=say,
+                          overrides=model_overrides(args.set))
     except (ValueError, RuntimeError) as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
-    out = Path(args.out)
-    write_json(out / "coord_check.json", res)
+    out, stem = Path(args.out), "coord_check" + (f"_{args.tag}" if args.tag else "")
+    write_json(out / f"{stem}.json", res)
     for p in res["slopes"]:
         ok, sl = coord_check_ok(res, p)
         say(f"{p}: log-log slopes at step {args.steps}: " + "  ".join(f"{t} {v:+.2f}" for t, v in sl.items())
             + f"  -> {'width-independent' if ok else 'GROWS with width'} (bound {SLOPE_BOUND})")
-    report_written(say, out / "coord_check.json", out / "coord_check.png", plot_coord_check(res, out / "coord_check.png"))
+    report_written(say, out / f"{stem}.json", out / f"{stem}.png", plot_coord_check(res, out / f"{stem}.png"))
     return res
 
 

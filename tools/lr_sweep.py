@@ -20,8 +20,8 @@ import torch
 import data
 import train
 from model import ModelConfig
-from tools.proxy import (PARAMETERIZATIONS, add_machine_options, equal_mixture, proxy_config, proxy_dataset,
-                         pyplot, report_written, save_png, train_proxy, write_json)
+from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, equal_mixture, model_overrides,
+                         proxy_config, proxy_dataset, pyplot, report_written, save_png, train_proxy, write_json)
 
 
 def lr_grid(lo: int = -12, hi: int = -4) -> list[float]:
@@ -65,7 +65,7 @@ def _worker_init(dataset: str, eval_windows: int, batch: int, seq_len: int, seed
 def _run_one(task):
     p, w, lr, c = task
     t0 = time.time()
-    cfg = proxy_config(w, c["n_layer"], c["vocab_size"], use_mup=p == "mup")
+    cfg = proxy_config(w, c["n_layer"], c["vocab_size"], use_mup=p == "mup", **c["model_overrides"])
     r = train_proxy(cfg, lr, lr, _WORKER["mix"], c["steps"], c["batch"], c["seq_len"], _WORKER["evals"],
                     c["weight_decay"], c["seed"], _WORKER["device"], _WORKER["dtype"])
     return dict(param=p, width=w, lr=lr, loss=r["loss"], diverged=r["diverged"], seconds=round(time.time() - t0, 2))
@@ -85,14 +85,15 @@ def _resumable_runs(out_json, config: dict) -> list[dict]:
 def lr_sweep(widths=(64, 128, 256, 512), lrs=None, steps: int = 128, n_layer: int = 2, batch: int = 8,
              seq_len: int = 64, eval_windows: int = 64, parameterizations=PARAMETERIZATIONS, dataset=None,
              weight_decay: float = 0.0, seed: int = 0, jobs: int = 2, threads: int = 1, out_json=None,
-             device: str = "cpu", dtype: str = "float32", log=None) -> dict:
+             device: str = "cpu", dtype: str = "float32", log=None, overrides=None) -> dict:
     """Held-out loss after `steps` constant-LR AdamW steps for every (parameterization, width, base lr).
 
     The base lr is used for both groups (lr = emb_lr = η): μP then gives hidden matrices η/m and the
     embedding η; SP gives every parameter η. dataset: a prepared dataset directory (default: the
     embedded corpus with the small BPE). Runs are spread over `jobs` processes of `threads` torch
     threads each (many small runs parallelize better than threads inside one). With out_json, the
-    result is rewritten after every run and an existing file with the same config is resumed."""
+    result is rewritten after every run and an existing file with the same config is resumed.
+    overrides: ModelConfig fields for every model (e.g. {"init_out": "mup"})."""
     lrs = [float(x) for x in lrs] if lrs is not None else lr_grid(-10, -3)
     dataset = proxy_dataset(dataset)
     for p in parameterizations:
@@ -103,7 +104,8 @@ def lr_sweep(widths=(64, 128, 256, 512), lrs=None, steps: int = 128, n_layer: in
                   eval_windows=eval_windows, parameterizations=list(parameterizations),
                   vocab_size=int(tokenizer["n_vocab"]), weight_decay=weight_decay, seed=seed, head_dim=64,
                   base_width=ModelConfig.base_width, tokenizer=tokenizer["name"],
-                  optimizer="AdamW(0.9, 0.95, eps 1e-8), constant LR, no warmup, no clipping", dtype=dtype)
+                  optimizer="AdamW(0.9, 0.95, eps 1e-8), constant LR, no warmup, no clipping", dtype=dtype,
+                  model_overrides=dict(overrides or {}))
     runs = _resumable_runs(out_json, config)
     done = {(r["param"], r["width"], r["lr"]) for r in runs}
     # widest first: the long runs start early, so the pool does not end on one straggler
@@ -167,8 +169,9 @@ def plot_sweep(result: dict, path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"held-out loss after {c['steps']} steps", fontsize=9)
     axes[0][0].legend(fontsize=8)
+    variant = "".join(f", {k}={v}" for k, v in c.get("model_overrides", {}).items())
     fig.suptitle(f"LR transfer: {c['n_layer']} layers, {c['steps']} steps x {c['batch']}x{c['seq_len']} tokens, "
-                 f"BPE vocab {c['vocab_size']} (stars: optimum; missing points diverged)", fontsize=9)
+                 f"BPE vocab {c['vocab_size']}{variant} (stars: optimum; missing points diverged)", fontsize=9)
     fig.tight_layout()
     save_png(fig, path)
     plt.close(fig)
@@ -208,20 +211,25 @@ def main(argv=None):
                     help="parallel runs of --threads torch threads each (default: one per core on a CPU, 1 on a GPU)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dataset", default=None)
+    ap.add_argument("--params", nargs="+", default=list(PARAMETERIZATIONS), choices=PARAMETERIZATIONS,
+                    help="parameterizations to sweep")
     add_machine_options(ap)
+    add_variant_options(ap, "lr_sweep")
     args = ap.parse_args(argv)
     say = lambda m: print(m, flush=True)  # noqa: E731
-    out = Path(args.out)
+    out, stem = Path(args.out), "lr_sweep" + (f"_{args.tag}" if args.tag else "")
     try:
         device, dtype = train.resolve_machine(args.device, args.dtype, say)
         jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1) if device == "cpu" else 1
         res = lr_sweep(args.widths, args.lrs, args.steps, args.n_layer, args.batch, args.seq_len,
-                       args.eval_windows, dataset=args.dataset, jobs=jobs, threads=args.threads,
-                       out_json=out / "lr_sweep.json", device=device, dtype=dtype, log=say)
+                       args.eval_windows, parameterizations=args.params, dataset=args.dataset, jobs=jobs,
+                       threads=args.threads,
+                       out_json=out / f"{stem}.json", device=device, dtype=dtype, log=say,
+                       overrides=model_overrides(args.set))
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         ap.exit(2, f"{ap.prog}: error: {e}\n")
     say(format_sweep_table(res))
-    report_written(say, out / "lr_sweep.json", out / "lr_sweep.png", plot_sweep(res, out / "lr_sweep.png"))
+    report_written(say, out / f"{stem}.json", out / f"{stem}.png", plot_sweep(res, out / f"{stem}.png"))
     return res
 
 
