@@ -270,6 +270,8 @@ def test_bos_is_written_and_read_back(tmp_path):
     tc = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert tc["add_bos_token"] is True and tc["bos_token"] == "<s>"
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() != (tmp_path / "bos.json").read_bytes()
+    again, _ = export.tokenizer_files(data.get_tokenizer(str(tmp_path / "hf" / "tokenizer.json")), 256)
+    assert again["tokenizer.json"] == (tmp_path / "hf" / "tokenizer.json").read_bytes()  # adds BOS already: kept
     back = export.hf_dir_tokenizer(tmp_path / "hf")
     assert back.identity == tok.identity and back.encode(TEXT + "<s>") == tok.encode(TEXT + "<s>")
     export.main(["--import", str(tmp_path / "hf"), str(tmp_path / "back")])

@@ -192,11 +192,11 @@ def tokenizer_files(tok: data.Tokenizer, max_len: int) -> tuple[dict, dict]:
     """({file name: bytes}, {"bos_token_id", "eos_token_id"}) for the export folder.
 
     Training documents open with BOS (data.py), and so does Hugging Face tokenization of the export:
-    tokenizer_config.json has add_bos_token (read by transformers 4, llama.cpp's converter, lm-eval) and
-    the tokenizer.json a BOS post-processor (`with_bos`, read by transformers 5, vLLM), so `tok(text)` is
-    [BOS] + data.Tokenizer.encode(text), the context tools.sample gives a prompt. Otherwise tokenizer.json is
-    the training tokenizer's, unchanged (byte for byte for a tokenizer without BOS); the chat template is
-    DeepSeek-V3's. A tiktoken encoding has no tokenizer.json: its .tiktoken file is copied when it is a
+    tokenizer_config.json has add_bos_token (read by llama.cpp's converter and older transformers) and the
+    tokenizer.json a BOS post-processor (`with_bos`, unless it has one already; read by transformers and
+    so vLLM), so `tok(text)` is [BOS] + data.Tokenizer.encode(text), the context tools.sample gives a
+    prompt. Otherwise tokenizer.json is the training tokenizer's, unchanged (byte for byte for a tokenizer
+    without BOS); the chat template is DeepSeek-V3's. A tiktoken encoding has no tokenizer.json: its .tiktoken file is copied when it is a
     file, and HF tokenizer files must then be supplied by the user."""
     blob = data.tokenizer_json(tok)
     ids = {"eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id}
@@ -207,7 +207,7 @@ def tokenizer_files(tok: data.Tokenizer, max_len: int) -> tuple[dict, dict]:
     hf = HFTokenizer.from_str(blob.decode("utf-8"))
     eos = hf.id_to_token(tok.eos_id)
     bos = hf.id_to_token(tok.bos_id) if tok.bos_id is not None else None
-    if bos:
+    if bos and hf.encode("a").ids[:1] != [tok.bos_id]:  # a Llama 3 tokenizer.json adds BOS by itself
         blob = with_bos(blob, bos)
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bos is not None, "add_eos_token": False,
            "bos_token": bos, "eos_token": eos, "pad_token": eos, "unk_token": None,
