@@ -13,10 +13,14 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
 2. Preparation (`prepare`, `python data.py prepare ...`): .txt files (one file = one document), .jsonl
    files (one line = one document: a "text" field or chat "messages"), Parquet files (one row = one
    document, the column chosen by --text-column), .gz/.zst-compressed ones and directories are read as
-   streams and tokenized in worker processes, and the documents of each source concatenated with one EOS
-   after each:
+   streams and tokenized in worker processes, and the documents of each source concatenated, each opened
+   by BOS and closed by EOS, as DeepSeek-V3's preprocessing did (`add_bos_token` plus an appended EOD):
 
-       stream = doc_1 EOS doc_2 EOS ... doc_n EOS          (uint32, one stream per source and split)
+       stream = BOS doc_1 EOS BOS doc_2 EOS ... BOS doc_n EOS      (uint32, one stream per source and split)
+
+   A tokenizer without a BOS token (tiktoken encodings, a tokenizer.json with none of `_BOS_NAMES`) gets
+   no stand-in: its documents are separated by EOS alone (doc_1 EOS doc_2 EOS ...), and a context that
+   starts a document starts with EOS (`Tokenizer.doc_start`).
 
    A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
    stable when files are added. Streams are cut into uint32 shards (np.memmap-readable) listed in
@@ -71,7 +75,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-FORMAT = "xmodel25-tokens/1"
+FORMAT = "xmodel25-tokens/2"  # /2: documents open with BOS; /1 (EOS only) is refused
 TOKEN_DTYPE = np.uint32
 DEFAULT_TOKENIZER = "deepseek-v3"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
@@ -128,6 +132,7 @@ class Tokenizer:
     spec: str
     encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
     _decode: Callable[[list[int]], str] = field(repr=False)
+    bos_id: int | None = None  # None: the tokenizer has no BOS token
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -136,12 +141,20 @@ class Tokenizer:
         return self._decode([int(i) for i in ids])
 
     @property
+    def doc_start(self) -> list[int]:
+        """The context a document's first token follows in the prepared stream: [BOS]; for a tokenizer
+        without BOS, [EOS] (the previous document's end). A prompt that starts a document starts with it."""
+        return [self.bos_id if self.bos_id is not None else self.eos_id]
+
+    @property
     def identity(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "n_vocab": self.n_vocab, "eos_id": self.eos_id}
+        return {"name": self.name, "sha256": self.sha256, "n_vocab": self.n_vocab, "eos_id": self.eos_id,
+                "bos_id": self.bos_id}
 
 
 _TOKENIZER_CACHE: dict[tuple, Tokenizer] = {}
 _EOS_NAMES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+_BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>")
 
 
 def get_tokenizer(spec: str | Tokenizer = DEFAULT_TOKENIZER) -> Tokenizer:
@@ -195,9 +208,10 @@ def _hf_tokenizer(name: str, blob: bytes, spec: str) -> Tokenizer:
     eos_id = next((tok.token_to_id(c) for c in _EOS_NAMES if tok.token_to_id(c) is not None), None)
     if eos_id is None:
         raise ValueError(f"tokenizer {name!r} has no recognizable end-of-document token (tried {_EOS_NAMES})")
+    bos_id = next((tok.token_to_id(c) for c in _BOS_NAMES if tok.token_to_id(c) is not None), None)
     return Tokenizer(name, hashlib.sha256(blob).hexdigest(), int(eos_id), tok.get_vocab_size(with_added_tokens=True),
                      spec, lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
-                     lambda ids: tok.decode(ids, skip_special_tokens=False))
+                     lambda ids: tok.decode(ids, skip_special_tokens=False), bos_id)
 
 
 def _tiktoken(name: str, spec: str, blob: bytes | None = None) -> Tokenizer:
@@ -253,11 +267,14 @@ USER, ASSISTANT, EOS_TEXT = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of�
 
 
 def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
-    """DeepSeek-V3's chat template, without BOS (documents here are separated by EOS only).
+    """DeepSeek-V3's chat template after its opening BOS:
 
-        {system prompts joined by "\\n\\n"}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>...
+        BOS {system prompts joined by "\\n\\n"}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>
 
-    With add_generation_prompt the text ends in "<｜Assistant｜>" so a model continues as the assistant.
+    The text starts after BOS because BOS is a token, not text: the one every document opens with, put
+    there when the document is tokenized (preparation, `Tokenizer.doc_start` for prompts); the exported
+    template writes it as `{{ bos_token }}`. With add_generation_prompt the text ends in "<｜Assistant｜>"
+    so a model continues as the assistant.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("chat 'messages' must be a non-empty list of {'role', 'content'} objects")
@@ -275,7 +292,7 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False
     return "\n\n".join(system) + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
 
 
-# -------- Preparation: documents -> EOS-separated uint32 shards, tokenized in worker processes -----
+# -------- Preparation: documents -> BOS doc EOS uint32 shards, tokenized in worker processes -------
 
 
 def _need(module: str, path, package: str):
@@ -395,12 +412,14 @@ class _Task:
 
 
 def _tokenize_task(args) -> tuple:
-    """(source, nbytes, {split: (n_docs, tokens)}, max_id): documents in order, EOS after each."""
+    """(source, nbytes, {split: (n_docs, tokens)}, max_id): documents in order, each BOS doc EOS."""
     task, spec, heldout_frac = args
     tok = get_tokenizer(spec)
     ids = tok.encode_batch([text for _, text in task.docs]) if task.docs else []
     parts = {"train": [], "heldout": []}
     for (key, _), seq in zip(task.docs, ids):
+        if tok.bos_id is not None and (not seq or seq[0] != tok.bos_id):
+            seq = [tok.bos_id] + seq
         if not seq or seq[-1] != tok.eos_id:  # a rendered chat already ends in EOS
             seq = seq + [tok.eos_id]
         parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(seq)
@@ -477,6 +496,11 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}): the dataset is damaged; prepare it again") from None
+    if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("xmodel25-tokens/") \
+            and manifest["format"] != FORMAT:
+        raise ValueError(f"{str(dataset_dir)!r} was prepared in format {manifest['format']!r}, before documents "
+                         f"opened with BOS; this version reads {FORMAT!r}: prepare it again "
+                         f"(python data.py prepare --out {dataset_dir} --source ...)")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not a manifest of format {FORMAT!r}")
     return manifest
@@ -921,7 +945,8 @@ def describe(dataset_dir: str | os.PathLike) -> str:
     m = read_manifest(dataset_dir)
     t = m["tokenizer"]
     lines = [f"{dataset_dir}", f"  tokenizer {t['name']}  sha256 {t['sha256'][:16]}  n_vocab {t['n_vocab']}  "
-             f"eos {t['eos_id']}", f"  {m['tokens']:,} tokens in {m['documents']:,} documents; held out "
+             f"eos {t['eos_id']}  bos {t['bos_id']}",
+             f"  {m['tokens']:,} tokens in {m['documents']:,} documents; held out "
              f"{m['heldout']['frac']:.2%} of documents by hash",
              f"  {'source':<20}{'docs':>10}{'train tok':>14}{'heldout tok':>14}{'shards':>8}"]
     for name, s in m["sources"].items():

@@ -1253,8 +1253,8 @@ def finish(cfg, raw, tok, device, summary, t_start, tokens, master, say) -> None
     plot = plot_runs({os.path.basename(os.path.normpath(out)): out}, os.path.join(out, "loss.png"))
     if summary["step"] == total_steps(cfg.phases) and cfg.sample_tokens > 0:
         g = torch.Generator(device=device).manual_seed(cfg.seed)
-        ids = raw.generate(torch.tensor([tok.encode("def ")], device=device), cfg.sample_tokens, temperature=0.8,
-                           top_k=50, generator=g)
+        ids = raw.generate(torch.tensor([tok.doc_start + tok.encode("def ")], device=device), cfg.sample_tokens,
+                           temperature=0.8, top_k=50, generator=g)
         summary["sample"] = tok.decode(ids[0].tolist())
         say(f"sample:\n{summary['sample']}")
         with data.atomic_write(os.path.join(out, "sample.txt")) as f:

@@ -71,6 +71,7 @@ def test_deepseek_tokenizer_identity(tok):
     ref = HF.from_str(raw.decode())
     assert tok.name == "deepseek-v3" and tok.sha256 == hashlib.sha256(raw).hexdigest()
     assert tok.n_vocab == 128815 and tok.eos_id == ref.token_to_id("<｜end▁of▁sentence｜>") == 1
+    assert tok.bos_id == ref.token_to_id("<｜begin▁of▁sentence｜>") == 0 and tok.doc_start == [0]
     text = "Hello, wörld! 数据 ✓\n\tdef f(): return 1"
     assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids
     assert tok.decode(tok.encode(text)) == text
@@ -92,6 +93,7 @@ def test_render_chat_template(tok):
 def test_tiktoken_file_and_missing(tmp_path, monkeypatch):
     t = data.get_tokenizer(str(tiny_tiktoken(tmp_path / "tiny.tiktoken")))
     assert t.n_vocab == 261 and t.eos_id == 260 and t.name == "tiny"
+    assert t.bos_id is None and t.doc_start == [260]  # no BOS: a document starts after the previous EOS
     assert t.sha256 == hashlib.sha256((tmp_path / "tiny.tiktoken").read_bytes()).hexdigest()
     assert t.encode("abc the") == [257, 32, 259] and t.decode(t.encode("xabcz ✓")) == "xabcz ✓"
     with pytest.raises(FileNotFoundError, match="missing.tiktoken"):
@@ -114,20 +116,22 @@ def test_tiktoken_file_and_missing(tmp_path, monkeypatch):
 def test_round_trip_text_shards_windows(corpus, tok):
     sources, out = corpus
     m = data.read_manifest(out)
-    assert m["tokenizer"]["sha256"] == tok.sha256 and m["tokenizer"]["eos_id"] == 1
+    assert m["tokenizer"]["sha256"] == tok.sha256 and m["tokenizer"]["eos_id"] == 1 and m["tokenizer"]["bos_id"] == 0
     expected = {"a": DOCS_A, "b": DOCS_B, "sft": [data.render_chat(c) for c in CHATS]}
     for name, docs in expected.items():
         got = []
         for split in ("train", "heldout"):
             s = stream(out, name, split)
             assert s[-1] == tok.eos_id
-            texts = [tok.decode(p) for p in np.split(s, np.nonzero(s == tok.eos_id)[0] + 1)[:-1]]
+            pieces = np.split(s, np.nonzero(s == tok.eos_id)[0] + 1)[:-1]
+            assert all(p[0] == tok.bos_id and (p == tok.bos_id).sum() == 1 for p in pieces)  # BOS opens each
+            texts = [tok.decode(p[1:]) for p in pieces]
             # chats end in their own EOS (kept by decode); plain documents got one appended
             got += [t.removesuffix("<｜end▁of▁sentence｜>") if name != "sft" else t for t in texts]
         assert sorted(got) == sorted(docs), name
         info = m["sources"][name]
         assert info["documents"] == len(docs)
-        assert info["tokens"] == sum(len(tok.encode(d)) + (name != "sft") for d in docs)
+        assert info["tokens"] == sum(1 + len(tok.encode(d)) + (name != "sft") for d in docs)
         assert len(info["splits"]["train"]["shards"]) >= 2  # shard_tokens=300 forces several shards
     # documents in file order within each split, and every window is a slice of its stream
     mix = data.Mixture(out, {"a": 0.5, "b": 0.3, "sft": 0.2}, seed=3, vocab_size=129280, tokenizer=tok)
@@ -146,7 +150,7 @@ def test_round_trip_text_shards_windows(corpus, tok):
 def test_heldout_split_is_by_document_hash(corpus, tok):
     _, out = corpus
     s = stream(out, "a", "heldout")
-    held = {tok.decode(p).removesuffix("<｜end▁of▁sentence｜>") for p in np.split(s, np.nonzero(s == 1)[0] + 1)[:-1]}
+    held = {tok.decode(p[1:]).removesuffix("<｜end▁of▁sentence｜>") for p in np.split(s, np.nonzero(s == 1)[0] + 1)[:-1]}
     want = {d for k, d in enumerate(DOCS_A)
             if data._is_heldout(f"{'sub/' if k % 2 else ''}doc{k:03d}.txt", 0.2)}
     assert held == want and 0 < len(held) < len(DOCS_A)
@@ -180,7 +184,7 @@ def test_reuse_and_rebuild(tmp_path):
     data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
     m = data.read_manifest(out)
     assert m["fingerprint"] != fp and not shard.exists()  # rebuilt; old shards removed
-    assert m["tokens"] == 2 + len(data.get_tokenizer().encode("one two three " * 50)) + \
+    assert m["tokens"] == 4 + len(data.get_tokenizer().encode("one two three " * 50)) + \
         len(data.get_tokenizer().encode("four five six seven " * 50))
     fp2 = m["fingerprint"]
     tiny = str(tiny_tiktoken(tmp_path / "tiny.tiktoken"))
@@ -255,7 +259,7 @@ def test_jsonl_chunks_split_at_line_starts(tmp_path, monkeypatch):
     out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1,
                        progress=False)
     tok = data.get_tokenizer()
-    want = np.concatenate([tok.encode(json.loads(l)["text"]) + [1] for l in lines])
+    want = np.concatenate([[0] + tok.encode(json.loads(l)["text"]) + [1] for l in lines])
     assert np.array_equal(stream(out, "s", "train"), want)
 
 
@@ -270,8 +274,8 @@ def reference(docs_by_key: list[tuple[str, str]], frac: float, tok) -> dict:
     out = {"train": [], "heldout": []}
     for key, text in docs_by_key:
         h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
-        ids = tok.encode(text)
-        out["heldout" if h < frac else "train"] += ids if ids and ids[-1] == tok.eos_id else ids + [tok.eos_id]
+        ids = [tok.bos_id] + tok.encode(text)
+        out["heldout" if h < frac else "train"] += ids if ids[-1] == tok.eos_id else ids + [tok.eos_id]
     return {split: np.asarray(ids, np.uint32) for split, ids in out.items()}
 
 
@@ -345,9 +349,10 @@ def test_text_column_flag_and_missing_column(tmp_path, tok, capsys):
     data.main(["prepare", "--out", str(tmp_path / "ds"), "--source", f"c={tmp_path / 'code.parquet'}",
                "--source", f"c={tmp_path / 'code.jsonl'}", "--source", f"t={tmp_path / 'code.parquet'}",
                "--text-column", "c=content", "--text-column", "lang", "--heldout-frac", "0", "--workers", "1"])
-    want = np.concatenate([tok.encode(d) + [tok.eos_id] for d in DOCS_B[:8]])
+    want = np.concatenate([[tok.bos_id] + tok.encode(d) + [tok.eos_id] for d in DOCS_B[:8]])
     assert np.array_equal(stream(tmp_path / "ds", "c", "train"), want)
-    assert np.array_equal(stream(tmp_path / "ds", "t", "train"), np.tile(tok.encode("py") + [tok.eos_id], 5))
+    assert np.array_equal(stream(tmp_path / "ds", "t", "train"),
+                          np.tile([tok.bos_id] + tok.encode("py") + [tok.eos_id], 5))
     fp = data.read_manifest(tmp_path / "ds")["fingerprint"]  # the column is part of the inputs
     data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", heldout_frac=0.0, text_column="content",
                  workers=1, progress=False)
@@ -544,3 +549,58 @@ def test_default_corpus(tmp_path, monkeypatch, tok):
     mix = data.Mixture(out, {"code": 0.5, "prose": 0.5}, vocab_size=129280, tokenizer=tok)
     x, y = mix.batch(0, 0, 0, 1, 2, 64)
     assert x.shape == (2, 64) and mix.eval_batches(4, 2, 64, source="code")[1][0].shape == (2, 64)
+
+
+# ------------------------------------------------------------------------------------ BOS and the format
+
+def test_bos_opens_every_document(tmp_path, tok):
+    """Against a plain reference written out by hand: BOS doc EOS per document (one BOS, also where the text
+    spells it or is empty); a tokenizer without BOS (tiktoken) separates documents by EOS alone."""
+    texts = ["plain text", "", "<｜begin▁of▁sentence｜>spelled out", "tail"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) +
+                                      json.dumps({"messages": CHATS[0]}) + "\n")
+    out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
+    want = ([0] + tok.encode("plain text") + [1] + [0, 1] + [0] + tok.encode("spelled out") + [1] +
+            [0] + tok.encode("tail") + [1] + [0] + tok.encode(data.render_chat(CHATS[0])))
+    assert stream(out, "s", "train").tolist() == want and want[-1] == 1
+    tiny = data.get_tokenizer(str(tiny_tiktoken(tmp_path / "tiny.tiktoken")))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the abc", "ab")))
+    out = data.prepare({"s": str(tmp_path / "t.jsonl")}, tmp_path / "dt", tokenizer=str(tmp_path / "tiny.tiktoken"),
+                       heldout_frac=0.0, workers=1, progress=False)
+    assert stream(out, "s", "train").tolist() == tiny.encode("the abc") + [260] + tiny.encode("ab") + [260]
+    assert data.read_manifest(out)["tokenizer"]["bos_id"] is None
+
+
+def stale(dataset_dir) -> None:
+    """Make a dataset look prepared before BOS: format 1, as the manifests of that version read."""
+    m = data.read_manifest(dataset_dir)
+    (Path(dataset_dir) / "manifest.json").write_text(json.dumps(dict(m, format="xmodel25-tokens/1")))
+
+
+def test_dataset_of_the_format_before_bos_is_refused_then_rebuilt(tmp_path, capsys):
+    (tmp_path / "x.txt").write_text("hello world " * 30)
+    out = data.prepare({"s": str(tmp_path / "x.txt")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
+    stale(out)
+    for read in (lambda: data.Mixture(out, {"s": 1.0}), lambda: data.read_manifest(out)):
+        with pytest.raises(ValueError, match=f"'{out}' was prepared in format 'xmodel25-tokens/1', before documents "
+                                             f"opened with BOS.*prepare it again"):
+            read()
+    with pytest.raises(SystemExit):
+        data.main(["info", out])
+    assert "prepare it again" in capsys.readouterr().err
+    assert data.prepare({"s": str(tmp_path / "x.txt")}, tmp_path / "ds", heldout_frac=0.0, workers=1,
+                        progress=False) == out  # the same inputs: rebuilt, not reused and not refused
+    assert data.read_manifest(out)["format"] == data.FORMAT and stream(out, "s", "train")[0] == 0
+
+
+def test_stale_default_corpus_is_rebuilt(tmp_path, monkeypatch, tok):
+    docs = {"code": [(f"m{k}.py", f"x = {k}\n" * 20) for k in range(30)],
+            "prose": [(f"topic:{k}", f"Topic {k} explains things. " * 20) for k in range(30)]}
+    monkeypatch.setattr(data, "default_corpus_documents", lambda: docs)
+    monkeypatch.setenv("XMODEL_CACHE", str(tmp_path / "cache"))
+    out = data.default_corpus(progress=False)
+    stale(out)
+    assert data.default_corpus(progress=False) == out
+    assert data.read_manifest(out)["format"] == data.FORMAT
+    x, _ = data.Mixture(out, {"code": 1.0}, tokenizer=tok).batch(0, 0, 0, 1, 2, 8)
+    assert x.shape == (2, 8)

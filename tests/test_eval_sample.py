@@ -1,7 +1,8 @@
 """Tests for tools/eval.py (windows, confidence interval, determinism) and tools/sample.py (greedy = generate,
 streaming).
 
-Tiny model (2 layers, hidden 32, vocab 300) with a byte-level BPE tokenizer trained here; all CPU, fp32 (passed
+Tiny model (2 layers, hidden 32, vocab 300) with a byte-level BPE tokenizer trained here (EOS <|endoftext|> = 0,
+BOS <s> = 290, so documents and prompts open with BOS as with DeepSeek-V3's); all CPU, fp32 (passed
 explicitly: the tools' "auto" dtype is bf16 on CPUs with native bf16, and the references here are fp32).
 """
 import io
@@ -40,8 +41,10 @@ def run(tmp_path_factory):
     tk.decoder = decoders.ByteLevel()
     tk.train_from_iterator([CORPUS] * 20, trainers.BpeTrainer(
         vocab_size=290, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.add_special_tokens(["<s>"])
     tk.save(str(tmp / "tokenizer.json"))
     tok = data.get_tokenizer(str(tmp / "tokenizer.json"))
+    assert (tok.eos_id, tok.bos_id) == (0, 290)
     torch.manual_seed(0)
     model = mup.build_model(CFG).eval()
     state = {"model": model.state_dict(), "model_config": asdict(CFG), "tokenizer": tok.identity,
@@ -69,6 +72,10 @@ def test_windows_start_after_eos_and_are_deterministic():
     assert all(0 <= s <= len(toks) - T - 1 for s in starts.tolist())
     with pytest.raises(ValueError, match="fewer than one window"):
         ev.window_starts(toks[:5], eos, T, 1, 0)
+    bos = 51  # with BOS, documents start at their BOS (as prepared data has them), not after an EOS
+    toks[[0, 30, 100, 150, 192]] = bos
+    starts, aligned = ev.window_starts(toks, eos, T, 6, seed=1, bos_id=bos)
+    assert aligned == 4 and set(starts[:4].tolist()) == {0, 30, 100, 150}
 
 
 def test_confidence_interval_known_case():
@@ -107,11 +114,12 @@ def test_eval_equals_plain_cross_entropy_and_is_deterministic(run, tmp_path):
     r = ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=5, **FP32)
     assert r == ev.evaluate(path, text=str(text), seq_len=16, windows=7, batch=3, seed=5, **FP32)
     assert r["aligned"] == 7 and len(r["per_window"]) == 7
-    toks = np.asarray(tok.encode(text.read_text()))
+    toks = np.asarray(([tok.bos_id] + tok.encode(CORPUS) + [tok.eos_id]) * 12)  # laid out as prepared documents
+    assert np.array_equal(ev.text_tokens(str(text), tok), toks)
     ref = []
     with torch.no_grad():
         for s in r["starts"]:
-            assert s == 0 or toks[s - 1] == tok.eos_id
+            assert toks[s] == tok.bos_id
             w = torch.from_numpy(toks[s:s + 17])[None]
             ref.append(torch.nn.functional.cross_entropy(model(w[:, :-1])[0], w[0, 1:]).item())
     assert r["per_window"] == pytest.approx(ref, abs=1e-5)
@@ -169,7 +177,8 @@ def test_greedy_stream_equals_generate(run):
     path, model, tok, _ = run
     loaded, tok2, _ = export.load_any(path)
     ids = sample.prompt_ids(tok2, "the quick", chat=False)
-    assert ids[0] == tok.eos_id and ids[1:] == tok.encode("the quick")
+    assert ids == [tok.bos_id] + tok.encode("the quick") and tok2.bos_id == tok.bos_id == 290
+    assert sample.prompt_ids(tok2, "the quick", chat=False, bos=False) == tok.encode("the quick")
     out = io.StringIO()
     new = sample.stream(loaded, tok2, ids, 30, temperature=0, out=out)
     ref = model.generate(torch.tensor([ids]), 30, temperature=0, eos_id=tok.eos_id)[0, len(ids):].tolist()
@@ -202,12 +211,19 @@ def test_stream_decoder_holds_back_partial_characters(run):
 def test_chat_prompt_and_cli(run, capsys):
     path, model, tok, _ = run
     ids = sample.prompt_ids(tok, "hi", chat=True)
+    assert ids[0] == tok.bos_id
     assert tok.decode(ids[1:]) == data.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     sample.main([path, "--prompt", "the", "--max_tokens", "12", "--temperature", "0", "--device", "cpu",
                  "--dtype", "float32"])
     printed = capsys.readouterr().out
     ref = sample.stream(model, tok, sample.prompt_ids(tok, "the", False), 12, temperature=0)
     assert printed == "the" + tok.decode(ref) + "\n"
+    sample.main([path, "--prompt", "the", "--max_tokens", "12", "--temperature", "0", "--no_bos", "--device", "cpu",
+                 "--dtype", "float32"])
+    ref = sample.stream(model, tok, tok.encode("the"), 12, temperature=0)
+    assert capsys.readouterr().out == "the" + tok.decode(ref) + "\n"
+    with pytest.raises(ValueError, match="--no_bos"):
+        sample.prompt_ids(tok, "", chat=False, bos=False)
     with pytest.raises(ValueError, match="max_seq_len"):
         sample.stream(model, tok, [1, 2], 1000, temperature=0)
     with pytest.raises(ValueError, match="temperature"):
@@ -270,7 +286,7 @@ def test_chat_loop_keeps_the_conversation_in_the_cache(run):
     assert p.returncode == 0, p.stderr
     ctx, replies, lengths = [], [], []
     for k, turn in enumerate(turns):
-        ctx += sample.prompt_ids(tok, turn, chat=True, eos_prefix=k == 0)
+        ctx += sample.prompt_ids(tok, turn, chat=True, bos=k == 0)
         reply, stopped = greedy_reply(model, tok, ctx, 9)
         replies.append(reply)
         lengths.append(len(ctx) + len(reply) - (not stopped))  # the last token drawn is not run yet

@@ -19,7 +19,7 @@ import data
 import mup
 import train
 from model import ModelConfig
-from tools import export
+from tools import export, sample
 
 # the optional extras (requirements-extra.txt, installed in CI): only the tests that use them are skipped
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -137,18 +137,31 @@ def readme_block(heading: str, lang: str) -> str:
 
 @needs_transformers
 def test_readme_transformers_usage_equals_tools_sample(tmp_path, capsys):
-    from tools import sample
-    run, _ = make_run(tmp_path)
+    """The issue's check, with the README's code: `tok(prompt)` (the tokenizer's defaults: BOS first) + greedy
+    `generate` on the export continues exactly as `python -m tools.sample --temperature 0` (context: BOS)."""
+    cfg = ModelConfig(vocab_size=129280, n_layer=2, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1, max_seq_len=256,
+                      tie_embeddings=False)  # untied: an untrained tied model just repeats its last token
+    run, _ = make_run(tmp_path, cfg, tokenizer="deepseek-v3")
     export.export(run, str(tmp_path / "hf"))
     code = readme_block("**transformers**", "python")
     assert code.count('"hf/xmodel25"') == 2 and 'reply = ' in code
     scope = {}
     exec(code.replace('"hf/xmodel25"', repr(str(tmp_path / "hf"))), scope)  # as a user would run it
+    assert scope["ids"][0, 0].item() == 0  # BOS, added by the tokenizer's default
+    new = scope["out"][0, scope["ids"].shape[1]:].tolist()
+    new = new[:new.index(1)] if 1 in new else new  # sample.py stops at EOS and does not print it
+    assert len(new) > 50
+    # the text compared as tools.sample prints it: the README's reply skips special tokens, which an untrained
+    # model does emit (DeepSeek-V3's placeholders)
+    tok = data.get_tokenizer("deepseek-v3")
     capsys.readouterr()
-    sample.main([str(tmp_path / "hf"), "--prompt", "def fib(n):", "--temperature", "0", "--max_tokens", "100",
-                 "--device", "cpu", "--dtype", "float32"])
-    printed = capsys.readouterr().out
-    assert len(scope["reply"]) > 20 and printed == "def fib(n):" + scope["reply"] + "\n"
+    args = ["--prompt", "def fib(n):", "--temperature", "0", "--max_tokens", "100", "--device", "cpu",
+            "--dtype", "float32"]
+    for model in (str(tmp_path / "hf"), run):
+        sample.main([model, *args])
+        assert capsys.readouterr().out == "def fib(n):" + tok.decode(new) + "\n"
+    sample.main([run, *args, "--no_bos"])  # BOS matters: without it the continuation differs
+    assert capsys.readouterr().out != "def fib(n):" + tok.decode(new) + "\n"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
@@ -184,6 +197,20 @@ def test_export_tensors_map_to_gguf_llama_names(tmp_path):
         assert np.array_equal(back[mapped[name]].reshape(t.shape), t.numpy()), name
 
 
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
+                    reason="gguf is not installed (requirements-extra.txt)")
+@needs_safetensors
+def test_llama_cpp_converter_adds_bos(tmp_path):
+    """llama.cpp's converter reads the tokenizer files through gguf.SpecialVocab: it must find BOS, to be added."""
+    import gguf
+    tok = bos_tokenizer(tmp_path)
+    run, _ = make_run(tmp_path, tokenizer=str(tmp_path / "bos.json"))
+    export.export(run, str(tmp_path / "hf"))
+    sv = gguf.SpecialVocab(tmp_path / "hf", load_merges=False, n_vocab=TINY.vocab_size)
+    assert sv.add_special_token["bos"] is True and sv.add_special_token.get("eos") is not True
+    assert sv.special_token_ids["bos"] == tok.bos_id and sv.special_token_ids["eos"] == tok.eos_id
+
+
 def test_folding_rules():
     m = export.multipliers(TINY)  # hidden 64 -> m = 1/4; head_dim 16
     assert m == {"embed_tokens": 12.0, "q_proj": 0.25, "o_proj": 1.4 / 3 ** 0.5, "down_proj": 1.4 / 3 ** 0.5,
@@ -200,20 +227,66 @@ def test_deepseek_tokenizer_round_trip_and_chat_template(tmp_path):
     ds = data.get_tokenizer("deepseek-v3")
     conf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert conf["bos_token_id"] == 0 and conf["eos_token_id"] == ds.eos_id == 1 and conf["vocab_size"] == 129280
+    tc = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tc["add_bos_token"] is True and tc["bos_token"] == "<｜begin▁of▁sentence｜>"
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    assert export.hf_dir_tokenizer(tmp_path / "hf").identity == ds.identity  # byte-identical tokenizer.json
+    # the exported tokenizer.json (BOS post-processor added) is read back as the training tokenizer
+    assert export.hf_dir_tokenizer(tmp_path / "hf") is ds and ds.identity["bos_id"] == 0
     for text in ["Hello, world!", "  def f(x):\n\treturn x ** 2  # 平方\n", "数学 1234567 ÷ 7 ≈ 176366.7",
                  "a<｜end▁of▁sentence｜>b"]:
-        ids = hf_tok(text).input_ids  # what lm-evaluation-harness and vLLM do
-        assert ids == ds.encode(text)
-        assert hf_tok.decode(ids) == ds.decode(ids) == text
+        ids = hf_tok(text).input_ids  # what lm-evaluation-harness and vLLM do: BOS, as training documents open
+        assert ids == [0] + ds.encode(text) == sample.prompt_ids(ds, text, chat=False)
+        assert hf_tok.decode(ids[1:]) == ds.decode(ids[1:]) == text
     for msgs in ([{"role": "user", "content": "2+2?"}],
                  [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."},
                   {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                   {"role": "user", "content": "bye"}]):
         for gen in (False, True):
             assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == \
-                data.render_chat(msgs, add_generation_prompt=gen)
+                "<｜begin▁of▁sentence｜>" + data.render_chat(msgs, add_generation_prompt=gen)
+    chat_ids = hf_tok.apply_chat_template(msgs[-1:], add_generation_prompt=True)  # tokenized: BOS once
+    chat_ids = chat_ids["input_ids"] if isinstance(chat_ids, dict) or hasattr(chat_ids, "keys") else chat_ids
+    assert chat_ids == sample.prompt_ids(ds, "bye", chat=True) and chat_ids[0] == 0 and chat_ids[1] != 0
+
+
+def bos_tokenizer(tmp_path) -> data.Tokenizer:
+    """The tiny tokenizer with a BOS token <s> added (bos.json)."""
+    from tokenizers import Tokenizer
+    tk = Tokenizer.from_file(tiny_tokenizer(tmp_path / "tokenizer.json"))
+    tk.add_special_tokens(["<s>"])
+    tk.save(str(tmp_path / "bos.json"))
+    tok = data.get_tokenizer(str(tmp_path / "bos.json"))
+    assert tok.bos_id == tk.token_to_id("<s>") < TINY.vocab_size and tok.doc_start == [tok.bos_id]
+    return tok
+
+
+@needs_safetensors
+def test_bos_is_written_and_read_back(tmp_path):
+    """A tokenizer with BOS exports add_bos_token and a BOS post-processor, and reads back as itself (export
+    folder, import, load); a checkpoint from before BOS (no bos_id recorded) exports and samples without it."""
+    tok = bos_tokenizer(tmp_path)
+    run, _ = make_run(tmp_path, tokenizer=str(tmp_path / "bos.json"))
+    export.export(run, str(tmp_path / "hf"))
+    tc = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tc["add_bos_token"] is True and tc["bos_token"] == "<s>"
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() != (tmp_path / "bos.json").read_bytes()
+    again, _ = export.tokenizer_files(data.get_tokenizer(str(tmp_path / "hf" / "tokenizer.json")), 256)
+    assert again["tokenizer.json"] == (tmp_path / "hf" / "tokenizer.json").read_bytes()  # adds BOS already: kept
+    back = export.hf_dir_tokenizer(tmp_path / "hf")
+    assert back.identity == tok.identity and back.encode(TEXT + "<s>") == tok.encode(TEXT + "<s>")
+    export.main(["--import", str(tmp_path / "hf"), str(tmp_path / "back")])
+    assert train.load_checkpoint(str(tmp_path / "back"))["tokenizer"] == tok.identity
+    assert export.load_any(str(tmp_path / "hf"))[1].bos_id == export.load_any(str(tmp_path / "back"))[1].bos_id \
+        == tok.bos_id
+    ckpt = train.load_checkpoint(run)
+    del ckpt["tokenizer"]["bos_id"]  # as checkpoints trained on EOS-only data record it
+    train.save_checkpoint(str(tmp_path / "old"), 7, ckpt, keep=1)
+    old = export.checkpoint_tokenizer(ckpt)
+    assert old.bos_id is None and old.doc_start == [tok.eos_id]
+    export.export(str(tmp_path / "old"), str(tmp_path / "hf_old"))
+    assert json.loads((tmp_path / "hf_old" / "tokenizer_config.json").read_text())["add_bos_token"] is False
+    assert (tmp_path / "hf_old" / "tokenizer.json").read_bytes() == (tmp_path / "bos.json").read_bytes()
+    assert export.hf_dir_tokenizer(tmp_path / "hf_old").bos_id is None  # add_bos_token false, read back
 
 
 @needs_safetensors

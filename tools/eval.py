@@ -4,16 +4,18 @@
                                                              [--device auto] [--dtype auto] [--json]
     python -m tools.eval CHECKPOINT|HF_DIR --data DATASET_DIR [--source NAME] ...
 
-The text is tokenized into one stream (or a prepared dataset's held-out split is read: documents there
-are already separated by EOS), and `windows` windows of seq_len + 1 tokens are scored, `batch` at a time:
-input w[:-1], targets w[1:], the mean next-token cross-entropy of each window is one sample.
+The text is tokenized into one stream laid out as the prepared data is: its end-of-text tokens, if any,
+separate documents, and each document opens with BOS (or a prepared dataset's held-out split is read,
+where they already do). `windows` windows of seq_len + 1 tokens are scored, `batch` at a time: input
+w[:-1], targets w[1:], the mean next-token cross-entropy of each window is one sample.
 
 Window placement. A window should start where a document starts, as the model saw documents begin during
-training (right after an end-of-text token), so the first tokens are not scored mid-sentence without
-context. The candidate starts are 0 (the text's first token) and p + 1 for every EOS at p, kept if a
-whole window fits. If there are at least `windows` of them, `windows` distinct ones are drawn at random;
-otherwise all are used and the rest are uniform random offsets. A numpy Generator seeded with --seed
-does all drawing, so the result is a function of (text, tokenizer, model, arguments) alone.
+training, so the first tokens are not scored mid-sentence without context. The candidate starts are the
+positions of BOS (for a tokenizer without BOS: 0 and p + 1 for every EOS at p, where its documents
+begin), kept if a whole window fits. If there are at least `windows` of them, `windows` distinct ones
+are drawn at random; otherwise all are used and the rest are uniform random offsets. A numpy Generator
+seeded with --seed does all drawing, so the result is a function of (text, tokenizer, model, arguments)
+alone.
 
 Statistics over the n windows (all of equal length, so their mean is the token mean):
 
@@ -45,7 +47,8 @@ from tools import export, positive_int
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
-def window_starts(tokens: np.ndarray, eos_id: int, seq_len: int, n: int, seed: int) -> tuple[np.ndarray, int]:
+def window_starts(tokens: np.ndarray, eos_id: int, seq_len: int, n: int, seed: int,
+                  bos_id: int | None = None) -> tuple[np.ndarray, int]:
     """(n start offsets of (seq_len + 1)-token windows, how many of them start a document)."""
     N = len(tokens)
     length = seq_len + 1
@@ -55,7 +58,10 @@ def window_starts(tokens: np.ndarray, eos_id: int, seq_len: int, n: int, seed: i
     if n <= 0:
         raise ValueError(f"--windows must be positive, got {n}")
     rng = np.random.default_rng(seed)
-    doc = np.concatenate(([0], np.flatnonzero(np.asarray(tokens) == eos_id) + 1))
+    if bos_id is not None:
+        doc = np.flatnonzero(np.asarray(tokens) == bos_id)
+    else:
+        doc = np.concatenate(([0], np.flatnonzero(np.asarray(tokens) == eos_id) + 1))
     doc = np.unique(doc[doc + length <= N])
     if len(doc) >= n:
         return rng.choice(doc, size=n, replace=False).astype(np.int64), n
@@ -80,7 +86,11 @@ def text_tokens(path: str, tok: data.Tokenizer) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--text file {path!r} does not exist")
-    return np.asarray(tok.encode(p.read_text(encoding="utf-8")), dtype=np.int64)
+    ids = np.asarray(tok.encode(p.read_text(encoding="utf-8")), dtype=np.int64)
+    if tok.bos_id is not None:  # BOS at the text's start and after each of its EOS, as in prepared data
+        after = np.flatnonzero(ids == tok.eos_id) + 1
+        ids = np.insert(ids, np.concatenate(([0], after[after < len(ids)])), tok.bos_id)
+    return ids
 
 
 def dataset_tokens(dataset_dir: str, tok: data.Tokenizer, source: str | None = None) -> np.ndarray:
@@ -149,7 +159,7 @@ def evaluate(path: str, text: str | None = None, dataset: str | None = None, sou
     max_len = model.config.max_position_embeddings if backend == "transformers" else model.config.max_seq_len
     if seq_len > max_len:
         raise ValueError(f"--seq_len {seq_len} exceeds the model's maximum sequence length {max_len}")
-    starts, aligned = window_starts(tokens, tok.eos_id, seq_len, windows, seed)
+    starts, aligned = window_starts(tokens, tok.eos_id, seq_len, windows, seed, tok.bos_id)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     losses = window_losses(model, tokens, starts, seq_len, batch, device, dt)
     return {**confidence(losses), "windows": windows, "aligned": aligned, "seq_len": seq_len, "batch": batch,
@@ -182,7 +192,7 @@ def main(argv=None) -> None:
     if a.json:
         print(json.dumps(r, allow_nan=False))
     else:
-        print(f"{r['model']}: {r['windows']} windows x {r['seq_len']} tokens ({r['aligned']} start after EOS), "
+        print(f"{r['model']}: {r['windows']} windows x {r['seq_len']} tokens ({r['aligned']} start a document), "
               f"seed {r['seed']}, {r['tokens']:,} tokens in the text")
         def ci(key, fmt):
             return "n/a (one window)" if r[key] is None else f"[{r[key][0]:{fmt}}, {r[key][1]:{fmt}}]"

@@ -49,13 +49,14 @@ This is the one place of the Llama <-> Xmodel weight mapping: tools.eval and too
 and Hugging Face folders through `load_any`.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -158,10 +159,12 @@ def unfold_tied(emb: torch.Tensor, ce: float, head: torch.Tensor, cl: float) -> 
 # ----------------------------------------------------------------------------------------------------
 # tokenizer files
 
-def chat_template() -> str:
-    """A Jinja chat template that renders exactly as data.render_chat (system prompts joined by a blank
-    line, then <｜User｜>u and <｜Assistant｜>a<｜end▁of▁sentence｜> turns, no BOS)."""
-    return ("{%- set sys = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | list -%}"
+def chat_template(bos: bool = True) -> str:
+    """A Jinja chat template that renders as DeepSeek-V3's: {{ bos_token }} (when bos), then exactly
+    data.render_chat (system prompts joined by a blank line, then <｜User｜>u and
+    <｜Assistant｜>a<｜end▁of▁sentence｜> turns)."""
+    return ("{{- bos_token -}}" * bos +
+            "{%- set sys = messages | selectattr('role', 'equalto', 'system') | map(attribute='content') | list -%}"
             "{{- sys | join('\\n\\n') -}}"
             "{%- for m in messages -%}"
             "{%- if m['role'] == 'user' -%}{{- '" + data.USER + "' + m['content'] -}}"
@@ -172,29 +175,45 @@ def chat_template() -> str:
             "{%- if add_generation_prompt -%}{{- '" + data.ASSISTANT + "' -}}{%- endif -%}")
 
 
+def with_bos(blob: bytes, bos: str) -> bytes:
+    """A tokenizer.json whose post-processor prepends `bos` (after the one it has), the way Llama 3's does:
+    transformers >= 5 ignores add_bos_token where a tokenizer.json exists and asks this instead. Only
+    tokenization with special tokens changes (data.Tokenizer.encode adds none): the ids of a text do not."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    hf, j = HFTokenizer.from_str(blob.decode("utf-8")), json.loads(blob)
+    bos_pp = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                           special_tokens=[(bos, hf.token_to_id(bos))])
+    hf.post_processor = processors.Sequence([hf.post_processor, bos_pp]) if hf.post_processor else bos_pp
+    j["post_processor"] = json.loads(hf.to_str())["post_processor"]  # the other fields exactly as they were
+    return json.dumps(j, ensure_ascii=False).encode()
+
+
 def tokenizer_files(tok: data.Tokenizer, max_len: int) -> tuple[dict, dict]:
     """({file name: bytes}, {"bos_token_id", "eos_token_id"}) for the export folder.
 
-    A tokenizer.json is written unchanged (same sha256 as the training tokenizer); tokenizer_config.json
-    asks for no BOS (training documents are separated by EOS only, so HF tokenization matches
-    data.Tokenizer.encode) and carries the chat template. A tiktoken encoding has no tokenizer.json: its
-    .tiktoken file is copied when it is a file, and HF tokenizer files must then be supplied by the user."""
+    Training documents open with BOS (data.py), and so does Hugging Face tokenization of the export:
+    tokenizer_config.json has add_bos_token (read by llama.cpp's converter and older transformers) and the
+    tokenizer.json a BOS post-processor (`with_bos`, unless it has one already; read by transformers and
+    so vLLM), so `tok(text)` is [BOS] + data.Tokenizer.encode(text), the context tools.sample gives a
+    prompt. Otherwise tokenizer.json is the training tokenizer's, unchanged (byte for byte for a tokenizer
+    without BOS); the chat template is DeepSeek-V3's. A tiktoken encoding has no tokenizer.json: its .tiktoken file is copied when it is a
+    file, and HF tokenizer files must then be supplied by the user."""
     blob = data.tokenizer_json(tok)
-    ids = {"eos_token_id": tok.eos_id, "bos_token_id": None}
+    ids = {"eos_token_id": tok.eos_id, "bos_token_id": tok.bos_id}
     if blob is None:
         p = Path(tok.spec)
         return ({p.name: p.read_bytes()} if p.is_file() else {}), ids
     from tokenizers import Tokenizer as HFTokenizer
     hf = HFTokenizer.from_str(blob.decode("utf-8"))
     eos = hf.id_to_token(tok.eos_id)
-    bos = next((t for t in ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>")
-                if hf.token_to_id(t) is not None), None)
-    ids["bos_token_id"] = hf.token_to_id(bos) if bos else None
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+    bos = hf.id_to_token(tok.bos_id) if tok.bos_id is not None else None
+    if bos and hf.encode("a").ids[:1] != [tok.bos_id]:  # a Llama 3 tokenizer.json adds BOS by itself
+        blob = with_bos(blob, bos)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bos is not None, "add_eos_token": False,
            "bos_token": bos, "eos_token": eos, "pad_token": eos, "unk_token": None,
            "clean_up_tokenization_spaces": False, "model_max_length": max_len}
     if hf.token_to_id(data.USER) is not None and hf.token_to_id(data.ASSISTANT) is not None:
-        cfg["chat_template"] = chat_template()
+        cfg["chat_template"] = chat_template(bos is not None)
     special = {"bos_token": bos, "eos_token": eos, "pad_token": eos}
     return {"tokenizer.json": blob, "tokenizer_config.json": _json(cfg),
             "special_tokens_map.json": _json({k: v for k, v in special.items() if v is not None})}, ids
@@ -222,6 +241,8 @@ def checkpoint_tokenizer(ckpt: dict, override: str | None = None) -> data.Tokeni
     if ident.get("sha256") and ident["sha256"] != tok.sha256:
         raise ValueError(f"tokenizer {spec!r} (sha256 {tok.sha256[:12]}) is not the one the checkpoint was trained "
                          f"with ({ident.get('name')}, sha256 {ident['sha256'][:12]})")
+    if ident and ident.get("bos_id") != tok.bos_id:  # no bos_id recorded: trained before documents had BOS
+        tok = replace(tok, bos_id=ident.get("bos_id"))
     return tok
 
 
@@ -335,6 +356,8 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", tokenizer: str
     conf["xmodel_mup"] = {"format": EXPORT_FORMAT, "model_config": asdict(cfg), "multipliers": multipliers(cfg),
                           "step": int(ckpt.get("step", 0)), "tokens": int(ckpt.get("tokens", 0)),
                           "tokenizer": ckpt.get("tokenizer") or tok.identity, "train_config": ckpt.get("config")}
+    if "tokenizer.json" in files:  # how hf_dir_tokenizer recognizes the training tokenizer in it
+        conf["xmodel_mup"]["tokenizer_json_sha256"] = hashlib.sha256(files["tokenizer.json"]).hexdigest()
     gen = {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"],
            "pad_token_id": ids["eos_token_id"]}
     files.update({"config.json": _json(conf), "generation_config.json": _json(gen),
@@ -456,15 +479,39 @@ def import_hf(path: str, overrides: dict | None = None) -> tuple[ModelConfig, di
     return cfg, sd, info
 
 
+def _json_file(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return obj if isinstance(obj, dict) else {}
+
+
 def hf_dir_tokenizer(path, override: str | None = None) -> data.Tokenizer:
-    """The tokenizer of a Hugging Face folder (its tokenizer.json; the bundled DeepSeek-V3 tokenizer when the
-    file is byte-identical to it, so datasets prepared with it match)."""
-    f = Path(override) if override else Path(path) / "tokenizer.json"
+    """The tokenizer of a Hugging Face folder: its tokenizer.json (or `override`), with BOS as its
+    tokenizer_config.json says (add_bos_token and bos_token; the token names decide where it says
+    nothing). The tokenizer.json this exporter wrote (sha256 recorded in config.json) is read back as
+    the training tokenizer, whose identity config.json records; the bundled DeepSeek-V3 tokenizer when
+    it is that, so datasets prepared with it match."""
+    d = Path(path)
+    f = Path(override) if override else d / "tokenizer.json"
     if not f.is_file():
         raise FileNotFoundError(f"no tokenizer: {str(f)!r} does not exist (pass --tokenizer PATH)")
     tok = data.get_tokenizer(str(f))
+    meta = _json_file(d / "config.json").get("xmodel_mup") or {}
+    trained = meta.get("tokenizer") or {}
+    if trained.get("sha256") and meta.get("tokenizer_json_sha256") == tok.sha256:
+        tok = replace(tok, name=trained.get("name", tok.name), sha256=trained["sha256"])
     ds = data.get_tokenizer(data.DEFAULT_TOKENIZER)
-    return ds if ds.sha256 == tok.sha256 else tok
+    tok = ds if ds.sha256 == tok.sha256 else tok
+    cfg = _json_file(d / "tokenizer_config.json")
+    if "add_bos_token" in cfg:
+        name = cfg.get("bos_token")
+        name = name.get("content") if isinstance(name, dict) else name
+        ids = tok.encode(name) if cfg["add_bos_token"] and isinstance(name, str) else []
+        if (ids[0] if len(ids) == 1 else None) != tok.bos_id:
+            tok = replace(tok, bos_id=ids[0] if len(ids) == 1 else None)
+    return tok
 
 
 def build(cfg: ModelConfig, sd: dict, device="cpu") -> Xmodel:

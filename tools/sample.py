@@ -1,7 +1,7 @@
 """Sample text from a checkpoint or a Hugging Face export, streaming tokens as they are produced.
 
     python -m tools.sample CHECKPOINT|HF_DIR [--prompt TEXT] [--max_tokens 200] [--temperature 0.8] [--top_k 50]
-                           [--top_p 0.9] [--repetition_penalty 1.1] [--seed 0] [--chat] [--no_eos_prefix]
+                           [--top_p 0.9] [--repetition_penalty 1.1] [--seed 0] [--chat] [--no_bos]
                            [--device auto] [--dtype auto]
 
 Generation is `Xmodel.generate_stream`: the prompt is run once, then one token at a time against the
@@ -12,10 +12,12 @@ reproducible. Generation stops at the tokenizer's EOS or after --max_tokens. --d
 as train.py does (train.resolve_machine; the choice is printed on stderr, stdout carries the text only);
 bfloat16 runs the model under autocast.
 
-Context. Training documents are separated by EOS only (no BOS), so a document's first token is always
-predicted right after an EOS; the prompt is therefore prefixed with EOS (--no_eos_prefix turns it off).
-With --chat the prompt becomes one user turn in the DeepSeek-V3 template the SFT data was rendered with
-(data.render_chat, generation prompt "<｜Assistant｜>"), and only the reply is printed. --chat without
+Context. Every training document opens with BOS, so the context starts with BOS as a document does
+(`Tokenizer.doc_start`: EOS for a tokenizer without BOS, whose documents follow the previous one's EOS);
+--no_bos leaves it out. This is what a Hugging Face export's tokenizer adds by default (add_bos_token),
+so `tok(prompt)` + greedy `generate` there continues as --temperature 0 here. With --chat the prompt
+becomes one user turn in the DeepSeek-V3 template the SFT data was rendered with (BOS, then
+data.render_chat, generation prompt "<｜Assistant｜>"), and only the reply is printed. --chat without
 --prompt is a conversation: each line read from stdin is a user turn, each reply is printed on stdout,
 and the conversation stays in the KV cache, so a turn runs only its own tokens (plus the previous reply's
 closing EOS), never the conversation again; stderr reports the cache's length. "/reset" starts over.
@@ -63,11 +65,12 @@ class StreamDecoder:
         return text[k:]
 
 
-def prompt_ids(tok: data.Tokenizer, prompt: str, chat: bool, eos_prefix: bool = True) -> list[int]:
+def prompt_ids(tok: data.Tokenizer, prompt: str, chat: bool, bos: bool = True) -> list[int]:
+    """The context for a prompt: a document's start (BOS) unless bos=False, then the prompt or its chat turn."""
     text = data.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
-    ids = ([tok.eos_id] if eos_prefix else []) + tok.encode(text)
+    ids = (tok.doc_start if bos else []) + tok.encode(text)
     if not ids:
-        raise ValueError("empty prompt and --no_eos_prefix: nothing to condition on")
+        raise ValueError("empty prompt and --no_bos: nothing to condition on")
     return ids
 
 
@@ -106,7 +109,7 @@ def stream(model, tok: data.Tokenizer, ids: list[int], max_tokens: int, temperat
     return new
 
 
-def chat(model, tok: data.Tokenizer, max_tokens: int, inp, out, err, eos_prefix: bool = True, **sampling) -> None:
+def chat(model, tok: data.Tokenizer, max_tokens: int, inp, out, err, bos: bool = True, **sampling) -> None:
     """The conversation loop of --chat without --prompt (see the module docstring)."""
     limit, ids, caches = model.config.max_seq_len, [], [{} for _ in model.blocks]
     for line in inp:
@@ -115,11 +118,11 @@ def chat(model, tok: data.Tokenizer, max_tokens: int, inp, out, err, eos_prefix:
             ids, caches = [], [{} for _ in model.blocks]
         if text.strip() in ("", "/reset"):
             continue
-        turn = prompt_ids(tok, text, chat=True, eos_prefix=eos_prefix and not ids)
+        turn = prompt_ids(tok, text, chat=True, bos=bos and not ids)  # BOS once, as the template does
         if len(ids) + len(turn) >= limit:
             print(f"(the conversation fills the model's {limit} tokens of context: starting a new one)", file=err)
             ids, caches = [], [{} for _ in model.blocks]
-            turn = prompt_ids(tok, text, chat=True, eos_prefix=eos_prefix)
+            turn = prompt_ids(tok, text, chat=True, bos=bos)
         ids += turn
         new = stream(model, tok, ids, min(max_tokens, limit - len(ids)), out=out, caches=caches, **sampling)
         out.write("\n")
@@ -143,7 +146,8 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT checkpoints); "
                     "without --prompt: a conversation on stdin")
-    ap.add_argument("--no_eos_prefix", action="store_true", help="do not start the context with EOS")
+    ap.add_argument("--no_bos", action="store_true", help="do not start the context as a document starts "
+                    "(BOS; EOS for a tokenizer without BOS)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
     ap.add_argument("--device", default="auto", choices=train.DEVICES)
     ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
@@ -156,9 +160,9 @@ def main(argv=None) -> None:
         if a.chat and a.prompt is None:
             if sys.stdin.isatty():
                 print("chat: one line per turn; /reset starts over; Ctrl-D ends", file=sys.stderr)
-            return chat(model, tok, a.max_tokens, sys.stdin, sys.stdout, sys.stderr, not a.no_eos_prefix, **sampling)
+            return chat(model, tok, a.max_tokens, sys.stdin, sys.stdout, sys.stderr, not a.no_bos, **sampling)
         prompt = a.prompt or ""
-        ids = prompt_ids(tok, prompt, a.chat, not a.no_eos_prefix)
+        ids = prompt_ids(tok, prompt, a.chat, not a.no_bos)
         if not a.chat:
             sys.stdout.write(prompt)
         stream(model, tok, ids, a.max_tokens, out=sys.stdout, **sampling)
