@@ -1140,7 +1140,7 @@ def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture
           step, tokens, unlogged, sinks) -> dict:
     master, phases, stop, start = rank == 0, cfg.phases, _stop(cfg), step
     print_plan(cfg, raw, world, step, say)
-    if not data_plot_ok():
+    if not can_plot():
         say("note: matplotlib is not installed: no loss.png will be drawn (pip install matplotlib)")
 
     summary = {"step": step, "losses": [], "evals": [], "out_dir": cfg.out_dir, "checkpoint": None}
@@ -1237,7 +1237,7 @@ def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture
     return summary
 
 
-def data_plot_ok() -> bool:
+def can_plot() -> bool:
     try:
         import matplotlib  # noqa: F401
         return True

@@ -20,6 +20,7 @@ import data
 import mup
 import train
 from model import ModelConfig
+import tools
 from tools import coord_check, lr_sweep, proxy, search
 
 WIDTHS = (64, 128, 256)
@@ -51,18 +52,18 @@ def test_coord_check_mup_pure_variant_is_flat_too():
     torch.set_num_threads(1)
     res = coord_check.coord_check(widths=WIDTHS, steps=3, n_layer=2, lr=0.005, vocab_size=256, batch=4, seq_len=32,
                                   seeds=2, head_dim=32, parameterizations=("mup",),
-                                  overrides=proxy.model_overrides(["init_out=mup", "norm_lr=embedding"]))
+                                  overrides=tools.model_overrides(["init_out=mup", "norm_lr=embedding"]))
     ok, slopes = coord_check.coord_check_ok(res, "mup")
     assert ok, slopes
     assert res["config"]["model_overrides"] == {"init_out": "mup", "norm_lr": "embedding"}
 
 
 def test_model_overrides_are_parsed_and_checked():
-    assert proxy.model_overrides(["muon_fused=false", "init_std=0.05"]) == {"muon_fused": False, "init_std": 0.05}
-    assert proxy.model_overrides([]) == {}
+    assert tools.model_overrides(["muon_fused=false", "init_std=0.05"]) == {"muon_fused": False, "init_std": 0.05}
+    assert tools.model_overrides([]) == {}
     for bad, msg in ((["nope=1"], "ModelConfig field"), (["init_out"], "KEY=VALUE"), (["init_out=x"], "init_out")):
         with pytest.raises(ValueError, match=msg):
-            proxy.model_overrides(bad)
+            tools.model_overrides(bad)
 
 
 def test_coord_scales_match_plain_forward():

@@ -2,6 +2,8 @@
 Tools import the idea modules' public names; no idea module imports a tool."""
 
 import argparse
+import sys
+from dataclasses import fields
 
 
 def positive_int(text: str) -> int:
@@ -24,3 +26,29 @@ def nonnegative_float(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
     return value
+
+
+def model_overrides(items, flag: str = "--set") -> dict:
+    """["KEY=VALUE", ...] -> {KEY: value} for ModelConfig fields, values parsed as train.py parses them;
+    a bad key or value fails here, naming the flag, not at the first model."""
+    import train
+    from model import ModelConfig
+    known = {f.name for f in fields(ModelConfig)}
+    out = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        if not eq or key not in known:
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE with KEY a ModelConfig field")
+        out[key] = train.parse_value(raw)
+    ModelConfig(**out)
+    return out
+
+
+def run(main) -> None:
+    """A tool's entry point: bad input (a value, a missing or damaged file) ends in one line on stderr and
+    exit status 1, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

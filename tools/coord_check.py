@@ -27,7 +27,8 @@ import mup
 import train
 from model import ModelConfig, Xmodel
 from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, autocast, make_optimizer,
-                         markov_tokens, model_overrides, proxy_config, pyplot, report_written, save_png, write_json)
+                         markov_tokens, proxy_config, pyplot, report_written, save_png, write_json)
+from tools import model_overrides
 
 COORD_TYPES = ("embedding", "attention", "mlp", "block", "logits")
 HIDDEN_TYPES = ("embedding", "attention", "mlp", "block")  # the logits are the output, not a hidden layer

@@ -62,6 +62,7 @@ from pathlib import Path
 import torch
 
 import data
+import tools
 import train
 from model import ModelConfig, Xmodel
 
@@ -565,17 +566,6 @@ def load_any(path: str, tokenizer: str | None = None, device="cpu") -> tuple[Xmo
     return model, tok, info
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    known = {f.name: f.type for f in fields(ModelConfig)}
-    out = {}
-    for item in items or []:
-        key, eq, raw = item.partition("=")
-        if not eq or key not in known:
-            raise ValueError(f"--mup {item!r}: expected KEY=VALUE with KEY a ModelConfig field")
-        out[key] = train.parse_value(raw)
-    return out
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.export",
                                  description="Export a checkpoint as a stock LlamaForCausalLM folder, or import one.")
@@ -591,7 +581,7 @@ def main(argv=None) -> None:
                     help="import: ModelConfig fields for a folder without xmodel_mup (e.g. use_mup=false)")
     args = ap.parse_args(argv)
     if args.do_import:
-        path = import_to_checkpoint(args.src, args.out, _parse_overrides(args.mup))
+        path = import_to_checkpoint(args.src, args.out, tools.model_overrides(args.mup, "--mup"))
         print(f"imported {args.src} -> {path} (weights only: training from it starts fresh optimizer state)")
     else:
         conf = export(args.src, args.out, args.dtype, args.tokenizer, args.overwrite, args.max_position_embeddings)
@@ -600,8 +590,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tools.run(main)

@@ -20,8 +20,9 @@ import torch
 import data
 import train
 from model import ModelConfig
-from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, equal_mixture, model_overrides,
+from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, equal_mixture,
                          proxy_config, proxy_dataset, pyplot, report_written, save_png, train_proxy, write_json)
+from tools import model_overrides
 
 
 def lr_grid(lo: int = -12, hi: int = -4) -> list[float]:

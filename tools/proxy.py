@@ -11,7 +11,6 @@ import json
 import math
 import sys
 from contextlib import nullcontext
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -38,19 +37,6 @@ def add_variant_options(ap, stem: str) -> None:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="ModelConfig fields for every model, e.g. init_out=mup norm_lr=embedding (μP-pure)")
     ap.add_argument("--tag", default="", help=f"suffix of the output names: OUT/{stem}_TAG.json and .png")
-
-
-def model_overrides(items) -> dict:
-    """["KEY=VALUE", ...] -> {KEY: value} for ModelConfig fields, values parsed as train.py parses them."""
-    known = {f.name for f in fields(ModelConfig)}
-    out = {}
-    for item in items or []:
-        key, eq, raw = item.partition("=")
-        if not eq or key not in known:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a ModelConfig field")
-        out[key] = train.parse_value(raw)
-    ModelConfig(**out)  # a bad value fails now, not at the first model
-    return out
 
 
 def autocast(device: str, dtype: str):

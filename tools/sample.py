@@ -34,6 +34,7 @@ import torch
 
 import data
 import train
+import tools
 from tools import export, nonnegative_float, positive_int
 
 REPLACEMENT = "\ufffd"
@@ -170,8 +171,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tools.run(main)
