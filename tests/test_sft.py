@@ -178,7 +178,7 @@ def test_batched_greedy_equals_one_at_a_time(small):
     torch.manual_seed(0)
     model = mup.build_model(ModelConfig(vocab_size=300, n_layer=2, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1,
                                         max_seq_len=512)).double().eval()
-    rows = ev.sft_task_rows(6)
+    rows = ev.sft_task_rows(3)
     prompts = [sample.prompt_ids(tok, r["question"], True) for r in rows]
     assert len({len(p) for p in prompts}) < len(prompts)  # some prompts do share a batch
     got = ev.greedy_replies(model, tok, prompts, 10)
@@ -203,7 +203,8 @@ def test_probe_command_on_a_checkpoint(small, capsys):
     assert r["correct"] == sum(p["correct"] for p in r["per_problem"])
     assert all(p["correct"] == (p["reply"].strip() == p["answer"]) for p in r["per_problem"])
     assert r["ci"] == ev.wilson(r["correct"], 12)
-    ev.main([str(tmp / "run"), "--task", "sft", "--per_family", "1", "--max_tokens", "2", "--device", "cpu"])
+    ev.main([str(tmp / "run"), "--task", "sft", "--per_family", "1", "--max_tokens", "2", "--device", "cpu",
+             "--dtype", "float32"])
     assert "overall" in capsys.readouterr().out
 
 
@@ -236,21 +237,21 @@ def test_muon_sft_end_to_end(small, tmp_path):
                        sample_tokens=0, eval_windows=2, mixtures={
                            "stable": {"code": 0.5, "prose": 0.5}, "decay": {"sft": 0.6, "code": 0.2, "prose": 0.2}})
     out, runs = tmp_path / "docs", tmp_path / "runs"
-    args = ["--config", cfg, "--seeds", "0", "1", "--out", str(out), "--runs", str(runs), "--per_family", "2",
-            "--heldout_windows", "2", "--device", "cpu", "--dtype", "float32"]
+    args = ["--config", cfg, "--seeds", "3", "--out", str(out), "--runs", str(runs), "--per_family", "1",
+            "--max_tokens", "2", "--heldout_windows", "2", "--device", "cpu", "--dtype", "float32"]
     muon_sft.main(args)
     r = json.loads((out / "muon_vs_adamw_sft.json").read_text())
     assert (out / "muon_vs_adamw_sft.png").stat().st_size > 0
-    assert r["seeds"] == [0, 1] and r["switch_step"] == 4 and r["steps"] == 7
+    assert r["seeds"] == [3] and r["switch_step"] == 4 and r["steps"] == 7
     for name in ("adamw", "muon"):
         for key in ("accuracy", "heldout_loss", "heldout_loss_prose", "heldout_loss_code"):
-            assert len(r[name][key]) == 2
+            assert len(r[name][key]) == 1
         assert r[name]["heldout_loss"] == [(a + b) / 2 for a, b in zip(r[name]["heldout_loss_prose"],
                                                                        r[name]["heldout_loss_code"])]
-        assert all(a * 8 == int(a * 8) for a in r[name]["accuracy"])  # k of 4 families x 2 problems
+        assert all(a * 4 == int(a * 4) for a in r[name]["accuracy"])  # k of 4 families x 1 problem
     assert r["difference"]["muon_minus_adamw"]["accuracy"] == [m - a for a, m in zip(r["adamw"]["accuracy"],
                                                                                         r["muon"]["accuracy"])]
-    for seed in (0, 1):
+    for seed in (3,):
         s = runs / f"s{seed}"
         # both branches continue the same step-4 state: same metrics up to the switch, then their own optimizer
         rows = {b: train.read_metrics(str(s / b / "metrics.jsonl")) for b in ("stable", "adamw", "muon")}
@@ -263,10 +264,9 @@ def test_muon_sft_end_to_end(small, tmp_path):
         assert any(x.get("event") == "optimizer_switch" for x in rows["muon"])
         assert not any(x.get("event") == "optimizer_switch" for x in rows["adamw"])
     # a second call reuses every finished run and measures the same numbers
-    mtime = (runs / "s0" / "muon" / "ckpt_00000007.pt").stat().st_mtime_ns
-    again = muon_sft.experiment(cfg, [0], str(tmp_path / "again"), str(runs), [], 2, 2, "cpu", "float32")
-    assert (runs / "s0" / "muon" / "ckpt_00000007.pt").stat().st_mtime_ns == mtime
-    assert again["muon"]["accuracy"] == r["muon"]["accuracy"][:1]
-    assert again["muon"]["heldout_loss"] == r["muon"]["heldout_loss"][:1]
+    mtime = (runs / "s3" / "muon" / "ckpt_00000007.pt").stat().st_mtime_ns
+    again = muon_sft.experiment(cfg, [3], str(tmp_path / "again"), str(runs), [], 1, 2, 2, "cpu", "float32")
+    assert (runs / "s3" / "muon" / "ckpt_00000007.pt").stat().st_mtime_ns == mtime
+    assert again["muon"]["accuracy"] == r["muon"]["accuracy"] and again["muon"]["heldout_loss"] == r["muon"]["heldout_loss"]
     with pytest.raises(ValueError, match="no phase runs Muon"):
         muon_sft.switch_step([dict(phases[0])])

@@ -1,7 +1,8 @@
 """The paper's Muon claim in miniature: the AdamW -> Muon switch at the decay, measured downstream.
 
     python -m tools.muon_sft [--config configs/proxy20m.py] [--seeds 0 1 2] [--out docs] [--runs out/muon_sft]
-                             [--per_family 250] [--heldout_windows 64] [--device auto] [--dtype auto]
+                             [--per_family 250] [--max_tokens 24] [--heldout_windows 64] [--device auto]
+                             [--dtype auto]
                              [--key=value ...]     any train.py override, e.g. --phase.stable1.steps=50
 
 Xmodel-2.5 replaces AdamW by Muon for the hidden matrices at the start of the decay phase and reports +4.58
@@ -111,7 +112,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def experiment(config: str, seeds: list[int], out: str, runs: str, overrides: list[str], per_family: int = 250,
-               heldout_windows: int = 64, device: str = "auto", dtype: str = "auto") -> dict:
+               max_tokens: int = 24, heldout_windows: int = 64, device: str = "auto", dtype: str = "auto") -> dict:
     t0 = time.perf_counter()
     device, dtype = train.resolve_machine(device, dtype)
     base = [config, *overrides, f"--device={device}", f"--dtype={dtype}"]
@@ -120,7 +121,7 @@ def experiment(config: str, seeds: list[int], out: str, runs: str, overrides: li
     stop, seq_len = train.total_steps(phases), phases[-1]["seq_len"]
     result = {"command": "python -m tools.muon_sft " + " ".join(sys.argv[1:]), "config": config,
               "overrides": overrides, "seeds": seeds, "switch_step": split, "steps": stop,
-              "probe": {"per_family": per_family, "test_seed": probe.SFT_TEST_SEED},
+              "probe": {"per_family": per_family, "max_tokens": max_tokens, "test_seed": probe.SFT_TEST_SEED},
               "heldout": {"windows_per_domain": heldout_windows, "seq_len": seq_len}, "device": device, "dtype": dtype}
     for name in BRANCHES:
         result[name] = {"accuracy": [], "accuracy_ci": [], "heldout_loss": [], "heldout_loss_prose": [],
@@ -133,7 +134,8 @@ def experiment(config: str, seeds: list[int], out: str, runs: str, overrides: li
             run = os.path.join(runs, f"s{seed}", name)
             branch_from(stable, run)
             run_to(argv + [f"--phase.{p['name']}.optimizer={name}" for p in phases[k:]], run, stop)
-            acc = probe.sft_accuracy(run, per_family, device=device, dtype=dtype)
+            t = time.perf_counter()
+            acc = probe.sft_accuracy(run, per_family, max_tokens, device=device, dtype=dtype)
             loss = heldout(run, argv, heldout_windows, seq_len, seed, device, dtype)
             r = result[name]
             r["accuracy"].append(acc["accuracy"])
@@ -145,7 +147,8 @@ def experiment(config: str, seeds: list[int], out: str, runs: str, overrides: li
             r["heldout_loss_code"].append(loss["code"])
             r["runs"].append(run)
             print(f"muon_sft: seed {seed} {name}: accuracy {acc['accuracy']:.1%} [{acc['ci'][0]:.1%}, "
-                  f"{acc['ci'][1]:.1%}], held-out loss {loss['mean']:.4f}", flush=True)
+                  f"{acc['ci'][1]:.1%}], held-out loss {loss['mean']:.4f} (measured in {time.perf_counter() - t:.0f} s)",
+                  flush=True)
     diff = {m: [b - a for a, b in zip(result["adamw"][m], result["muon"][m])] for m in ("accuracy", "heldout_loss")}
     result["difference"] = {"muon_minus_adamw": diff,
                             **{f"mean_{m}": sum(v) / len(v) for m, v in diff.items()}}
@@ -169,6 +172,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="docs", help="where the JSON and the plot go")
     ap.add_argument("--runs", default="out/muon_sft", help="where the run directories go")
     ap.add_argument("--per_family", type=int, default=probe.SFT_PER_FAMILY, help="SFT test problems per family")
+    ap.add_argument("--max_tokens", type=int, default=24, help="longest SFT reply")
     ap.add_argument("--heldout_windows", type=int, default=64, help="held-out windows per domain")
     ap.add_argument("--device", default="auto", choices=train.DEVICES)
     ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
@@ -176,7 +180,8 @@ def main(argv=None) -> None:
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:
         ap.error(f"unrecognized arguments {bad}: train.py overrides are --key=value")
-    experiment(a.config, a.seeds, a.out, a.runs, overrides, a.per_family, a.heldout_windows, a.device, a.dtype)
+    experiment(a.config, a.seeds, a.out, a.runs, overrides, a.per_family, a.max_tokens, a.heldout_windows, a.device,
+               a.dtype)
 
 
 if __name__ == "__main__":
