@@ -439,6 +439,8 @@ def test_default_corpus(tmp_path, monkeypatch, tok):
                           for s in m["sources"]["sft"]["splits"][split]["shards"]])
     chats = [data.render_chat(data.sft_chat(p)) for p in data.sft_problems("train", 20)]
     assert sorted(tok.decode(d) for d in np.split(sft, np.flatnonzero(sft == tok.eos_id)[:-1] + 1)) == sorted(chats)
+    from tools import proxy  # the μP tools train on the pretraining text: code and prose, not the SFT problems
+    assert proxy.equal_mixture(out).weights == {"code": 0.5, "prose": 0.5, "sft": 0.0}
     assert data.default_corpus(progress=False) == out and data.read_manifest(out)["created"] == m["created"]
     mix = data.Mixture(out, {"code": 0.5, "prose": 0.5}, vocab_size=129280, tokenizer=tok)
     x, y = mix.batch(0, 0, 0, 1, 2, 64)

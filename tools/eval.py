@@ -3,7 +3,7 @@
     python -m tools.eval CHECKPOINT|HF_DIR --text FILE       [--seq_len 3776] [--windows 100] [--batch 5] [--seed 0]
                                                              [--device auto] [--dtype auto] [--json]
     python -m tools.eval CHECKPOINT|HF_DIR --data DATASET_DIR [--source NAME] ...
-    python -m tools.eval CHECKPOINT|HF_DIR --task sft [--per_family 250] [--max_tokens 24] ...
+    python -m tools.eval CHECKPOINT|HF_DIR --task sft [--per_family 250] [--max_tokens 16] ...
 
 The text is tokenized into one stream (or a prepared dataset's held-out split is read: documents there
 are already separated by EOS), and `windows` windows of seq_len + 1 tokens are scored, `batch` at a time:
@@ -215,7 +215,7 @@ def greedy_replies(model, tok: data.Tokenizer, prompts: list[list[int]], max_tok
     return replies
 
 
-def sft_accuracy(path: str, per_family: int = SFT_PER_FAMILY, max_tokens: int = 24, device: str = "auto",
+def sft_accuracy(path: str, per_family: int = SFT_PER_FAMILY, max_tokens: int = 16, device: str = "auto",
                  dtype: str = "auto", tokenizer: str | None = None) -> dict:
     """Exact-match accuracy of greedy replies on the SFT test set, per family, per level and overall."""
     if per_family <= 0 or max_tokens <= 0:
@@ -249,7 +249,7 @@ def main(argv=None) -> None:
     src.add_argument("--data", help="a prepared dataset directory (its held-out split)")
     src.add_argument("--task", choices=["sft"], help="sft: exact-match accuracy on the SFT test problems")
     ap.add_argument("--per_family", type=int, default=SFT_PER_FAMILY, help="with --task sft: problems per family")
-    ap.add_argument("--max_tokens", type=int, default=24, help="with --task sft: longest reply")
+    ap.add_argument("--max_tokens", type=int, default=16, help="with --task sft: longest reply (answers: <= 9)")
     ap.add_argument("--source", default=None, help="with --data: one source only")
     ap.add_argument("--seq_len", type=int, default=3776)
     ap.add_argument("--windows", type=int, default=100)
