@@ -122,7 +122,10 @@ def experiment(config: str, seeds: list[int], out: str, runs: str, overrides: li
     phases = train.load_config(base)["train"].phases
     k, split = switch_step(phases)
     stop, seq_len = train.total_steps(phases), phases[-1]["seq_len"]
-    result = {"command": "python -m tools.muon_sft " + " ".join(sys.argv[1:]), "config": config,
+    command = (f"python -m tools.muon_sft --config {config} --seeds {' '.join(map(str, seeds))} --out {out} --runs "
+               f"{runs} --per_family {per_family} --max_tokens {max_tokens} --heldout_windows {heldout_windows} "
+               f"--device {device} --dtype {dtype} {' '.join(overrides)}").strip()
+    result = {"command": command, "config": config,
               "overrides": overrides, "seeds": seeds, "switch_step": split, "steps": stop,
               "probe": {"per_family": per_family, "max_tokens": max_tokens, "test_seed": probe.SFT_TEST_SEED},
               "heldout": {"windows_per_domain": heldout_windows, "seq_len": seq_len}, "device": device, "dtype": dtype}
