@@ -43,7 +43,11 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
 
 Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
 carries: the standard library's .py files as domain "code" and its English documentation (pydoc topics
-and docstrings) as domain "prose", sorted, so the corpus is the same for the same Python version.
+and docstrings) as domain "prose", sorted, so the corpus is the same for the same Python version. Its
+third source, "sft", stands in for the decay mix's SFT data: chat problems generated in code
+(`sft_problems`: arithmetic, word problems, tracing Python, list questions; four levels of difficulty)
+whose answer is one exact string. A question hashing below SFT_TEST_FRAC is a test question and is never
+trained on: the test set of `python -m tools.eval --task sft` is disjoint from the corpus by construction.
 """
 
 from __future__ import annotations
@@ -56,11 +60,13 @@ import gzip
 import hashlib
 import importlib
 import importlib.resources
+import inspect
 import io
 import json
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import sys
 import sysconfig
@@ -859,7 +865,7 @@ class Mixture:
 
 # -------- The embedded default corpus --------------------------------------------------------------
 
-DEFAULT_CORPUS_VERSION = 1
+DEFAULT_CORPUS_VERSION = 2  # 2: the SFT source
 DEFAULT_CORPUS_HELDOUT = 0.02
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
@@ -915,7 +921,8 @@ def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
 
 def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | Tokenizer = DEFAULT_TOKENIZER,
                    workers: int | None = 1, progress: bool = True) -> str:
-    """Prepare (once, then reuse) the stdlib corpus: domains "code" and "prose", 2% held out by document.
+    """Prepare (once, then reuse) the default corpus: the stdlib's domains "code" and "prose" and the
+    generated chat problems "sft" (the training side of `sft_problems`), 2% held out by document.
 
     workers=1 by default: the documents are already in memory and the tokenizer's batch encoder uses
     every core by itself, so worker processes would only add their start-up time.
@@ -924,17 +931,99 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
     root, files = _stdlib_files()
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in tok.name)
-    out = base / f"default-py{sys.version_info.major}{sys.version_info.minor}-{slug}-{tok.sha256[:8]}"
+    out = base / (f"default-py{sys.version_info.major}{sys.version_info.minor}-{slug}-{tok.sha256[:8]}"
+                  f"-v{DEFAULT_CORPUS_VERSION}")
     listing = [(f.relative_to(root).as_posix(), f.stat().st_size) for f in files]
     ident = {"corpus": "python-stdlib", "version": DEFAULT_CORPUS_VERSION, "python": sys.version.split()[0],
              "files": _fingerprint(listing)}
-    inputs = {"code": ident, "prose": ident}
+    # the SFT source is known by its generator's code, so editing the generator rebuilds the corpus
+    sft = {"corpus": "sft", "problems": SFT_TRAIN_PROBLEMS, "generator": _fingerprint(
+        [inspect.getsource(f) for f in (sft_problem, sft_problems, sft_chat)] + [_NAMES, _ITEMS, SFT_TEST_FRAC])}
+    inputs = {"code": ident, "prose": ident, "sft": sft}
     if _reusable(out, _dataset_fingerprint(tok, inputs, DEFAULT_CORPUS_HELDOUT, DEFAULT_SHARD_TOKENS)):
-        return str(out)  # without reading the stdlib at all
+        return str(out)  # without reading the stdlib or generating a problem
+    docs = default_corpus_documents()
+    docs["sft"] = [(f"sft:{i}", render_chat(sft_chat(p)))
+                   for i, p in enumerate(sft_problems("train", SFT_TRAIN_PROBLEMS))]
     tasks = [_Task(source, sum(len(t.encode()) for _, t in items[k:k + 64]), docs=items[k:k + 64])
-             for source, items in default_corpus_documents().items() for k in range(0, len(items), 64)]
+             for source, items in docs.items() for k in range(0, len(items), 64)]
     return _build(tasks, out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers, DEFAULT_SHARD_TOKENS, progress, {},
                   extra={"default_corpus": ident})
+
+
+# -------- The embedded SFT source: chat problems with one checkable answer ---------------------------
+
+SFT_FAMILIES = ("arith", "word", "code", "list")
+SFT_LEVELS = 4              # difficulty 0 (one step on small numbers) .. 3
+SFT_TEST_FRAC = 0.2         # a question is a test question iff it hashes below this: train and test never meet
+SFT_TRAIN_PROBLEMS = 5000   # per family, in the default corpus (0.54M tokens; the proxy's decay reads 0.28M)
+_NAMES, _ITEMS = ("Ada", "Ben", "Cleo", "Dan", "Eve", "Finn"), ("apples", "books", "coins", "marbles", "stamps")
+
+
+def sft_problem(family: str, level: int, r: random.Random) -> tuple[str, str]:
+    """(question, answer) of a family at a difficulty level; each level adds a digit, a step or an item."""
+    if family == "arith":  # level + 1 digits: carries and borrows
+        a, b, op = r.randrange(10 ** (level + 1)), r.randrange(10 ** (level + 1)), r.choice("+-")
+        a, b = (a, b) if op == "+" or a >= b else (b, a)
+        return f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b)
+    if family == "word":  # level + 1 changes to a count
+        name, item, n = r.choice(_NAMES), r.choice(_ITEMS), r.randrange(1, 10)
+        text = [f"{name} has {n} {item}."]
+        for _ in range(level + 1):
+            k = r.randrange(1, 10)
+            gives = k <= n and r.random() < 0.5
+            text.append(f"{name} gives away {k}." if gives else f"{name} gets {k} more.")
+            n += -k if gives else k
+        return " ".join(text) + f" How many {item} does {name} have now?", str(n)
+    if family == "code":  # level + 1 updates of x, some of them in a loop
+        x = r.randrange(10)
+        lines = [f"x = {x}"]
+        for _ in range(level + 1):
+            kind, c = r.randrange(4), r.randrange(1, 10)
+            if kind == 3:
+                k = r.randrange(2, 4)
+                lines.append(f"for i in range({k}):\n    x = x + {c}")
+                x += k * c
+            else:
+                c = c if kind < 2 else 2 + c % 2
+                lines.append(f"x = x {'+-*'[kind]} {c}")
+                x = x + c if kind == 0 else x - c if kind == 1 else x * c
+        return "What does this Python code print?\n" + "\n".join(lines) + "\nprint(x)", str(x)
+    if family == "list":  # level + 2 digits to sort, take the largest of, or count a digit in
+        xs, task = [r.randrange(10) for _ in range(level + 2)], r.randrange(3)
+        s = " ".join(map(str, xs))
+        if task == 0:
+            return f"Sort from smallest to largest: {s}", " ".join(map(str, sorted(xs)))
+        if task == 1:
+            return f"What is the largest number in: {s}?", str(max(xs))
+        d = r.randrange(10)
+        return f"How many times does {d} appear in: {s}?", str(xs.count(d))
+    raise ValueError(f"unknown SFT family {family!r}; expected one of {SFT_FAMILIES}")
+
+
+def sft_problems(split: str, per_family: int, seed: int = 0) -> list[dict]:
+    """per_family problems of each family from the "train" or "test" side of the problem space, levels
+    uniform, a pure function of (split, per_family, seed). Test problems are distinct; training problems may
+    repeat (the easy levels are small spaces)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"SFT split must be 'train' or 'test', got {split!r}")
+    out = []
+    for family in SFT_FAMILIES:
+        r, seen, n = random.Random(f"sft:{seed}:{family}"), set(), 0
+        while n < per_family:
+            level = r.randrange(SFT_LEVELS)
+            q, a = sft_problem(family, level, r)
+            if _is_heldout("sft:" + q, SFT_TEST_FRAC) == (split == "test") and q not in seen:
+                if split == "test":
+                    seen.add(q)
+                out.append({"family": family, "level": level, "question": q, "answer": a})
+                n += 1
+    return out
+
+
+def sft_chat(problem: Mapping) -> list[dict]:
+    """A problem as chat messages: the question from the user, the bare answer from the assistant."""
+    return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": problem["answer"]}]
 
 
 # -------- Command line: python data.py prepare|info ------------------------------------------------

@@ -49,11 +49,13 @@ eval_interval = 100
 eval_windows = 40
 ckpt_interval = 100
 
-# --- data: the embedded default corpus (Python's standard library: "code" and "prose") ---
+# --- data: the embedded default corpus (Python's standard library: "code" and "prose"; generated chat
+# problems: "sft") ---
 data = None
 mixtures = {
     "stable": {"prose": 0.5, "code": 0.5},
-    "decay": {"prose": 0.67, "code": 0.33},   # the recipe's decay mix shifts weight to curated text
+    # the recipe's decay and long-context mix: 66.87% SFT data, the rest pretraining text (prose:code 2:1)
+    "decay": {"sft": 0.6687, "prose": 0.2209, "code": 0.1104},
 }
 eval_mix = "stable"
 

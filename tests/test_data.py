@@ -539,12 +539,20 @@ def test_default_corpus(tmp_path, monkeypatch, tok):
     assert any(k == "pydoc-topic:for" for k, _ in docs["prose"]) and len(docs["prose"]) > 500
     # the full corpus takes ~10 CPU-seconds to tokenize; the pipeline is the same on every 25th document
     monkeypatch.setattr(data, "default_corpus_documents", lambda: {k: v[::25] for k, v in docs.items()})
+    monkeypatch.setattr(data, "SFT_TRAIN_PROBLEMS", 20)
     monkeypatch.setenv("XMODEL_CACHE", str(tmp_path / "cache"))
     out = data.default_corpus(progress=False)
     assert Path(out).parent == tmp_path / "cache" and "default-py3" in Path(out).name
     m = data.read_manifest(out)
-    assert set(m["sources"]) == {"code", "prose"} and m["tokenizer"]["sha256"] == tok.sha256
+    assert set(m["sources"]) == {"code", "prose", "sft"} and m["tokenizer"]["sha256"] == tok.sha256
     assert m["sources"]["code"]["documents"] == len(docs["code"][::25])
+    assert m["sources"]["sft"]["documents"] == 20 * len(data.SFT_FAMILIES)
+    sft = np.concatenate([np.fromfile(Path(out) / s["file"], dtype=np.uint32) for split in ("train", "heldout")
+                          for s in m["sources"]["sft"]["splits"][split]["shards"]])
+    chats = [data.render_chat(data.sft_chat(p)) for p in data.sft_problems("train", 20)]
+    assert sorted(tok.decode(d) for d in np.split(sft, np.flatnonzero(sft == tok.eos_id)[:-1] + 1)) == sorted(chats)
+    from tools import proxy  # the μP tools train on the pretraining text: code and prose, not the SFT problems
+    assert proxy.equal_mixture(out).weights == {"code": 0.5, "prose": 0.5, "sft": 0.0}
     assert data.default_corpus(progress=False) == out and data.read_manifest(out)["created"] == m["created"]
     mix = data.Mixture(out, {"code": 0.5, "prose": 0.5}, vocab_size=129280, tokenizer=tok)
     x, y = mix.batch(0, 0, 0, 1, 2, 64)

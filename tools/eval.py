@@ -3,6 +3,7 @@
     python -m tools.eval CHECKPOINT|HF_DIR --text FILE       [--seq_len 3776] [--windows 100] [--batch 5] [--seed 0]
                                                              [--device auto] [--dtype auto] [--json]
     python -m tools.eval CHECKPOINT|HF_DIR --data DATASET_DIR [--source NAME] ...
+    python -m tools.eval CHECKPOINT|HF_DIR --task sft [--per_family 250] [--max_tokens 16] ...
 
 The text is tokenized into one stream laid out as the prepared data is: its end-of-text tokens, if any,
 separate documents, and each document opens with BOS (or a prepared dataset's held-out split is read,
@@ -29,6 +30,18 @@ A Hugging Face folder (an export of this project, or any Llama) is read through 
 the same model code; --backend transformers runs it through transformers' LlamaForCausalLM instead, as a
 check of the exported folder in the stack people use. --device/--dtype "auto" pick as train.py does
 (train.resolve_machine: CUDA, else MPS, else CPU; bf16 where native), the choice printed on stderr.
+
+Downstream probe (--task sft). The fixed test side of the embedded SFT source (data.sft_problems("test",
+per_family, seed=SFT_TEST_SEED): never trained on, 4 families x 250 problems by default). Each question is
+asked as one user turn after an EOS (tools.sample.prompt_ids, the context training documents start in) and
+answered greedily until the end of the assistant turn (EOS) or max_tokens; the reply is correct iff it
+equals the answer after stripping whitespace. Accuracy per family, per level and overall, with the Wilson
+95% interval for k correct of n:
+
+    center = (p + z^2/2n) / (1 + z^2/n),  half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n),  p = k/n
+
+Questions whose prompts have the same length run as one batch (no padding: each row computes what it would
+alone). The same problems are the lm-evaluation-harness task docs/lm_eval/xmodel_sft (sft_task_rows).
 """
 import argparse
 import json
@@ -43,8 +56,11 @@ import data
 import train
 from model import chunked_cross_entropy
 from tools import export, positive_int
+from tools.sample import prompt_ids
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+SFT_TEST_SEED = 1         # the probe's test problems: data.sft_problems("test", per_family, seed=1)
+SFT_PER_FAMILY = 250
 
 
 def window_starts(tokens: np.ndarray, eos_id: int, seq_len: int, n: int, seed: int,
@@ -169,13 +185,83 @@ def evaluate(path: str, text: str | None = None, dataset: str | None = None, sou
             "starts": starts.tolist()}
 
 
+def wilson(k: int, n: int, z: float = Z95) -> list[float]:
+    """The Wilson score interval of a binomial proportion k/n (stays inside [0, 1], sane at k = 0 or n)."""
+    p, d = k / n, 1 + z * z / n
+    center, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def sft_task_rows(per_family: int = SFT_PER_FAMILY) -> list[dict]:
+    """The probe's test problems with the prompt text the harness sends (EOS, user turn, assistant opening)."""
+    return [{**p, "prompt": data.EOS_TEXT + data.render_chat([{"role": "user", "content": p["question"]}], True)}
+            for p in data.sft_problems("test", per_family, seed=SFT_TEST_SEED)]
+
+
+def write_sft_task_data(path: str = "docs/lm_eval/xmodel_sft/test.jsonl") -> None:
+    """The lm-evaluation-harness task's data file: sft_task_rows(), one JSON object a line."""
+    with data.atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_task_rows())
+
+
+@torch.no_grad()
+def greedy_replies(model, tok: data.Tokenizer, prompts: list[list[int]], max_tokens: int, device="cpu",
+                   dtype: torch.dtype = torch.float32, batch: int = 64) -> list[str]:
+    """Greedy continuation of each prompt up to the end of its turn (EOS, or a new user turn), decoded."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups = [[i for i in order if len(prompts[i]) == n] for n in sorted({len(p) for p in prompts})]
+    replies = [""] * len(prompts)
+    autocast = torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    for rows in (g[k:k + batch] for g in groups for k in range(0, len(g), batch)):
+        x = torch.tensor([prompts[i] for i in rows], device=device)
+        new, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
+        with autocast:
+            for t in model.generate_stream(x, max_tokens, temperature=0):
+                new.append(t)
+                done |= t == tok.eos_id
+                if bool(done.all()):
+                    break
+        for i, ids in zip(rows, torch.stack(new, 1).tolist()):
+            ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+            replies[i] = tok.decode(ids).split(data.USER)[0]
+    return replies
+
+
+def sft_accuracy(path: str, per_family: int = SFT_PER_FAMILY, max_tokens: int = 16, device: str = "auto",
+                 dtype: str = "auto", tokenizer: str | None = None) -> dict:
+    """Exact-match accuracy of greedy replies on the SFT test set, per family, per level and overall."""
+    if per_family <= 0 or max_tokens <= 0:
+        raise ValueError(f"--per_family and --max_tokens must be positive, got {per_family}, {max_tokens}")
+    device, dtype = train.resolve_machine(device, dtype, say=lambda msg: print(msg, file=sys.stderr))
+    model, tok, _ = export.load_any(path, tokenizer, device)
+    rows = sft_task_rows(per_family)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    replies = greedy_replies(model, tok, [prompt_ids(tok, r["question"], True) for r in rows], max_tokens,
+                             device, dt)
+    ok = [reply.strip() == r["answer"].strip() for r, reply in zip(rows, replies)]
+
+    def summary(keep) -> dict:
+        hits = [o for r, o in zip(rows, ok) if keep(r)]
+        return {"accuracy": sum(hits) / len(hits), "ci": wilson(sum(hits), len(hits)), "correct": sum(hits),
+                "n": len(hits)}
+
+    return {"task": "sft", "model": str(path), **summary(lambda r: True), "device": device, "dtype": dtype,
+            "families": {f: summary(lambda r, f=f: r["family"] == f) for f in data.SFT_FAMILIES},
+            "levels": {str(v): summary(lambda r, v=v: r["level"] == v) for v in sorted({r["level"] for r in rows})},
+            "per_problem": [{"question": r["question"], "answer": r["answer"], "reply": y, "correct": o}
+                            for r, y, o in zip(rows, replies, ok)]}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.eval",
-                                 description="Held-out loss / perplexity over random windows, with a 95% CI.")
+                                 description="Held-out loss / perplexity over random windows, or SFT accuracy, with a 95% CI.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a UTF-8 text file (e.g. WikiText-2's wiki.test.raw)")
     src.add_argument("--data", help="a prepared dataset directory (its held-out split)")
+    src.add_argument("--task", choices=["sft"], help="sft: exact-match accuracy on the SFT test problems")
+    ap.add_argument("--per_family", type=positive_int, default=SFT_PER_FAMILY, help="with --task sft: problems per family")
+    ap.add_argument("--max_tokens", type=positive_int, default=16, help="with --task sft: longest reply (answers: <= 9)")
     ap.add_argument("--source", default=None, help="with --data: one source only")
     ap.add_argument("--seq_len", type=positive_int, default=3776)
     ap.add_argument("--windows", type=positive_int, default=100)
@@ -187,6 +273,16 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
     ap.add_argument("--json", action="store_true", help="print one strict JSON object (null, never NaN)")
     a = ap.parse_args(argv)
+    if a.task:
+        r = sft_accuracy(a.model, a.per_family, a.max_tokens, a.device, a.dtype, a.tokenizer)
+        if a.json:
+            return print(json.dumps(r))
+        print(f"{r['model']}: {r['n']} SFT test problems, greedy, exact match")
+        for name, g in [*r["families"].items(), *((f"level {v}", g) for v, g in r["levels"].items()),
+                        ("overall", r)]:
+            print(f"  {name:<10}{g['correct']:>5}/{g['n']:<5}{g['accuracy']:7.1%}  95% CI "
+                  f"[{g['ci'][0]:.1%}, {g['ci'][1]:.1%}]")
+        return
     r = evaluate(a.model, a.text, a.data, a.source, a.seq_len, a.windows, a.batch, a.seed, a.device, a.dtype,
                  a.backend, a.tokenizer)
     if a.json:

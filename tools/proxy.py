@@ -122,8 +122,10 @@ def proxy_dataset(dataset: str | None = None, cache_dir=None) -> str:
 
 
 def equal_mixture(dataset: str, seed: int = 0) -> data.Mixture:
-    """All sources of a prepared dataset, equally weighted (the embedded corpus: code/prose 50/50)."""
-    sources = list(data.read_manifest(dataset)["sources"])
+    """All sources of a prepared dataset, equally weighted (the embedded corpus: code/prose 50/50; its "sft"
+    source belongs to the decay mix, not to the pretraining text these tools train on)."""
+    m = data.read_manifest(dataset)
+    sources = [s for s in m["sources"] if not ("default_corpus" in m and s == "sft")]
     return data.Mixture(dataset, {s: 1.0 / len(sources) for s in sources}, seed=seed)
 
 
