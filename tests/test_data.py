@@ -549,7 +549,7 @@ def test_default_corpus(tmp_path, monkeypatch, tok):
     assert m["sources"]["sft"]["documents"] == 20 * len(data.SFT_FAMILIES)
     sft = np.concatenate([np.fromfile(Path(out) / s["file"], dtype=np.uint32) for split in ("train", "heldout")
                           for s in m["sources"]["sft"]["splits"][split]["shards"]])
-    chats = [data.render_chat(data.sft_chat(p)) for p in data.sft_problems("train", 20)]
+    chats = [tok.decode(tok.doc_start) + data.render_chat(data.sft_chat(p)) for p in data.sft_problems("train", 20)]
     assert sorted(tok.decode(d) for d in np.split(sft, np.flatnonzero(sft == tok.eos_id)[:-1] + 1)) == sorted(chats)
     from tools import proxy  # the μP tools train on the pretraining text: code and prose, not the SFT problems
     assert proxy.equal_mixture(out).weights == {"code": 0.5, "prose": 0.5, "sft": 0.0}

@@ -218,7 +218,7 @@ def test_lm_eval_task_data_is_the_probe_test_set(tok):
     yaml = (TASK_DIR / "xmodel_sft.yaml").read_text()
     assert "task: xmodel_sft" in yaml and "test.jsonl" in yaml and "doc_to_target: answer" in yaml
     for r in rows[::97]:  # the harness's context is exactly the probe's prompt
-        assert tok.encode(r["prompt"]) == sample.prompt_ids(tok, r["question"], True)
+        assert tok.doc_start + tok.encode(r["prompt"]) == sample.prompt_ids(tok, r["question"], True)
 
 
 # ---------------------------------------------------------------------------------------------------

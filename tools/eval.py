@@ -193,8 +193,9 @@ def wilson(k: int, n: int, z: float = Z95) -> list[float]:
 
 
 def sft_task_rows(per_family: int = SFT_PER_FAMILY) -> list[dict]:
-    """The probe's test problems with the prompt text the harness sends (EOS, user turn, assistant opening)."""
-    return [{**p, "prompt": data.EOS_TEXT + data.render_chat([{"role": "user", "content": p["question"]}], True)}
+    """The probe's test problems with the prompt text the harness sends (the user turn and the assistant's
+    opening; the harness's tokenizer adds BOS in front, as the probe's prompt_ids does)."""
+    return [{**p, "prompt": data.render_chat([{"role": "user", "content": p["question"]}], True)}
             for p in data.sft_problems("test", per_family, seed=SFT_TEST_SEED)]
 
 
