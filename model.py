@@ -346,12 +346,12 @@ def _loss_and_grad_fused(logits, y, valid, scale: float, inv_n):
     return ((lse - tgt) * valid).sum()
 
 
-def _chunk_loss(logits, y, valid, scale: float, z, coef=None):
+def _chunk_loss(logits, y, valid, scale: float, z=None, coef=None):
     """sum_i valid_i * (lse_i - z_{i,y_i}) for z = scale * logits, lse = logsumexp(z), every step in place
-    over the fp32 scratch z (same shape as logits), so no other [rows, vocab] tensor is allocated.
-    With coef (= valid * scale / n_valid, per row), `logits` is also overwritten with its gradient
-    dlogits * scale = (softmax(z) - onehot(y)) * coef."""
-    z = z.copy_(logits).mul_(scale)
+    over the fp32 scratch z (same shape as logits; None: fp32 logits are their own scratch), so no other
+    [rows, vocab] tensor is allocated. With coef (= valid * scale / n_valid, per row), `logits` is also
+    overwritten with its gradient dlogits * scale = (softmax(z) - onehot(y)) * coef."""
+    z = logits.mul_(scale) if z is None else z.copy_(logits).mul_(scale)
     zmax = z.amax(dim=-1, keepdim=True)
     tgt = z.gather(1, y[:, None]).squeeze(1)
     sumexp = z.sub_(zmax).exp_().sum(dim=-1, keepdim=True)
@@ -359,7 +359,8 @@ def _chunk_loss(logits, y, valid, scale: float, z, coef=None):
     if coef is not None:
         z.mul_(coef[:, None] / sumexp)  # softmax * coef
         z[torch.arange(len(y), device=z.device), y] -= coef
-        logits.copy_(z)
+        if z is not logits:
+            logits.copy_(z)
     return ((lse - tgt) * valid).sum()
 
 
@@ -406,9 +407,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             dw_chunk = None if h.dtype == torch.float32 else torch.empty(w.shape, dtype=h.dtype, device=w.device)
             coef = valid * (inv_n * scale)
         # the eager softmax's fp32 scratch covers _EAGER_ROWS rows of a chunk at a time: the GEMMs keep the
-        # chunk's efficiency, the scratch stays small
-        z_buf = None if compiled and need_grad else torch.empty(min(chunk, N, _EAGER_ROWS), V, dtype=torch.float32,
-                                                                device=h.device)
+        # chunk's efficiency, the scratch stays small; fp32 logits need none (the softmax runs in place)
+        z_buf = None if compiled and need_grad or h.dtype == torch.float32 else \
+            torch.empty(min(chunk, N, _EAGER_ROWS), V, dtype=torch.float32, device=h.device)
         for i in range(0, N, chunk):
             hc, yc, vc = h[i:i + chunk], y[i:i + chunk], valid[i:i + chunk]
             logits = torch.mm(hc, wc.t(), out=logits_buf[:len(hc)])
@@ -417,8 +418,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             else:
                 for j in range(0, len(hc), _EAGER_ROWS):
                     r = slice(j, j + _EAGER_ROWS)
-                    loss += _chunk_loss(logits[r], yc[r], vc[r], scale, z_buf[:len(yc[r])],
-                                        coef[i:i + chunk][r] if need_grad else None)
+                    z = None if z_buf is None else z_buf[:len(yc[r])]
+                    loss += _chunk_loss(logits[r], yc[r], vc[r], scale, z, coef[i:i + chunk][r] if need_grad else None)
             if not need_grad:
                 continue
             g = logits  # now dlogits * s
