@@ -155,6 +155,40 @@ def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at):
     assert [r["step"] for r in rows(tmp_path / "b")] == [r["step"] for r in rows(full_dir / "a")]
 
 
+def _schedule(shape, start, end, i, steps):
+    """The phase's LR factor written out from the definitions, independently of train.lr_factor."""
+    r = (i + 1) / steps
+    return {"constant": start, "linear": start + (end - start) * r, "exp": end + (2 * 0.5 ** r - 1) * (start - end)}[shape]
+
+
+def test_applied_lr_of_every_group_at_every_step(tmp_path, tiny_data, monkeypatch):
+    """The LR each optimizer's param_groups hold when it steps, across warmup, the phase boundaries, the
+    AdamW->Muon switch and a resume, against the schedule times each group's μP peak (m = 32/16 = 2)."""
+    applied, real = [], train.Optimizers.step
+
+    def recording(self):
+        applied.append({g["name"]: (type(opt).__name__, g["lr"]) for opt in self.all() for g in opt.param_groups})
+        real(self)
+    monkeypatch.setattr(train.Optimizers, "step", recording)
+    cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out"), lr=0.05, emb_lr=0.02)
+    train.train([cfg, "--max_steps=6"])  # stops inside "decay", after the switch
+    train.train([cfg, "--resume"])
+    peak = {"hidden": 0.05 / 2, "embedding": 0.02, "norm": 0.05 / 2}  # norm_lr="hidden"
+    expected = []
+    for p in train.load_config([cfg])["train"].phases:
+        for i in range(p["steps"]):
+            f = _schedule(*p["lr"], i, p["steps"])
+            hidden_opt = "Muon" if p["optimizer"] == "muon" else "AdamW"
+            expected.append({"hidden": (hidden_opt, peak["hidden"] * f), "embedding": ("AdamW", peak["embedding"] * f),
+                             "norm": ("AdamW", peak["norm"] * f)})
+    assert len(applied) == len(expected) == 10
+    for step, (got, want) in enumerate(zip(applied, expected)):
+        assert got.keys() == want.keys(), step
+        for name in want:
+            assert got[name][0] == want[name][0], (step, name)
+            assert got[name][1] == pytest.approx(want[name][1], rel=1e-12, abs=0), (step, name)
+
+
 def test_switch_keeps_adamw_state_of_embedding_and_norms(tmp_path, tiny_data):
     conf = train.load_config([write_config(tmp_path / "c.py", tiny_data)])
     m = model_mod.Xmodel(conf["model"])
