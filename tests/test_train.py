@@ -72,9 +72,35 @@ def test_batch_split():
 def test_dry_run_xmodel25(capsys):
     plan = train.train(["configs/xmodel25.py", "--dry_run", "--device=cpu"])
     out = capsys.readouterr().out
-    assert plan["params"] == pytest.approx(1.35e9, rel=0.01)
-    assert plan["tokens"] == pytest.approx(1.518e12, rel=1e-3) and plan["steps"] == 560_000
-    assert plan["flops"] == pytest.approx(1.518e12 * 9.7e9, rel=0.05) and plan["gpu_hours"] > 0
+    conf = load("xmodel25")
+    c, m = conf["train"], conf["model"]
+    # by hand from the config: the blocks' matmul weights (q, k, v, o with grouped K/V; gate, up, down),
+    # the tied embedding (the output projection), the RMSNorm weights (two per block, one final)
+    h, L, hd, V = m.hidden, m.n_layer, m.hidden // m.n_head, m.vocab_size
+    per_block = 2 * h * h + 2 * h * m.n_kv_head * hd + 3 * h * m.ffn_hidden
+    n_hidden, n = L * per_block, V * h + L * (per_block + 2 * h) + h
+    assert plan["params"] == n == 1_350_059_520
+    # training FLOPs per token: 6 per matmul weight (blocks + output layer) + causal attention 6 L T n_head hd
+    fpt = lambda T: 6 * (n_hidden + V * h) + 6 * L * T * m.n_head * hd  # noqa: E731
+    assert plan["tokens"] == sum(p["steps"] * p["batch"] * p["seq_len"] for p in c.phases) and plan["steps"] == 560_000
+    flops = sum(p["steps"] * p["batch"] * p["seq_len"] * fpt(p["seq_len"]) for p in c.phases)
+    assert plan["flops"] == pytest.approx(flops, rel=1e-12)
+    assert plan["gpu_hours"] == pytest.approx(flops / (989e12 * 0.4) / 3600, rel=1e-12)
+    assert (c.gpus, c.gpu_peak_tflops, c.mfu) == (16, 989.0, 0.4)
+    # memory per GPU (memory_estimate_gb's docstring): 8 B/param weights + grads; AdamW 8 B/param, Muon 4 B
+    # per hidden weight, / world under ZeRO-1; activations 34 x tokens x hidden per layer (checkpointing:
+    # 4 B x tokens x hidden per layer + one block's); the loss: a chunk of fp32 logits twice + fp32 grad of x
+    rows = {line.split()[0]: line.split() for line in out.splitlines()}
+    for p in c.phases:
+        share = p["batch"] // c.gpus
+        mb = max(d for d in range(1, p.get("micro_batch", c.micro_batch) + 1) if share % d == 0)
+        tokens = mb * p["seq_len"]
+        opt = 8 * (n - n_hidden) + (4 if p["optimizer"] == "muon" else 8) * n_hidden
+        loss = 2 * 4 * m.loss_chunk * V + 2 * tokens * h * 4
+        gb = (8 * n + opt + 34 * tokens * h * L + loss) / 1e9
+        lean = (8 * n + opt / c.gpus + 4 * tokens * h * L + 34 * tokens * h + loss) / 1e9
+        assert rows[p["name"]][-2:] == [f"{gb:.1f}", f"{lean:.1f}"], p["name"]
+        assert train.memory_estimate_gb(m, n, n_hidden, p, mb, c.gpus, False, False) == pytest.approx(gb, rel=1e-12)
     for name in ("warmup", "stable1", "stable2", "decay", "long16k", "GPU-hours", "1.52T", "hidden 0.001667"):
         assert name in out
 
