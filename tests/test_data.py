@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -151,9 +152,30 @@ def test_heldout_split_is_by_document_hash(corpus, tok):
     _, out = corpus
     s = stream(out, "a", "heldout")
     held = {tok.decode(p[1:]).removesuffix("<｜end▁of▁sentence｜>") for p in np.split(s, np.nonzero(s == 1)[0] + 1)[:-1]}
-    want = {d for k, d in enumerate(DOCS_A)
-            if data._is_heldout(f"{'sub/' if k % 2 else ''}doc{k:03d}.txt", 0.2)}
+    want = {d for k, d in enumerate(DOCS_A) if heldout_rule(f"{'sub/' if k % 2 else ''}doc{k:03d}.txt", 0.2)}
     assert held == want and 0 < len(held) < len(DOCS_A)
+
+
+def heldout_rule(key: str, frac: float) -> bool:
+    """The documented rule, written independently: blake2b-64(document key) / 2^64 < frac."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64 < frac
+
+
+def test_heldout_share_is_binomial_and_membership_follows_the_rule(tmp_path, tok):
+    n, frac = 4000, 0.1
+    lines = [(json.dumps({"text": f"note {k}"}) + "\n").encode() for k in range(n)]
+    offsets = np.cumsum([0] + [len(line) for line in lines])[:-1].tolist()
+    (tmp_path / "d.jsonl").write_bytes(b"".join(lines))
+    out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=frac, workers=1, progress=False)
+    splits = data.read_manifest(out)["sources"]["s"]["splits"]
+    held = splits["heldout"]["documents"]
+    assert held + splits["train"]["documents"] == n
+    assert abs(held - n * frac) < 4 * math.sqrt(n * frac * (1 - frac))  # 4 standard deviations: +-76 of 400
+    keys = [f"d.jsonl@{o}" for o in offsets]
+    assert held == sum(heldout_rule(k, frac) for k in keys)
+    want = reference(list(zip(keys, [f"note {k}" for k in range(n)])), frac, tok)
+    for split in ("train", "heldout"):
+        assert np.array_equal(stream(out, "s", split), want[split]), split
 
 
 def test_parallel_workers_give_identical_shards(tmp_path, corpus, monkeypatch):
@@ -405,6 +427,31 @@ def test_resume_position(corpus):
         used.batch(step, 0, 0, 1, 4, 20)
     again = used.batch(9, 1, 0, 1, 4, 20)
     assert torch.equal(fresh[0], again[0]) and torch.equal(fresh[1], again[1])
+
+
+def test_counter_hash_known_answers():
+    M, golden = 2**64, 0x9E3779B97F4A7C15
+
+    def mix(x):  # splitmix64's finalizer on Python ints, mod 2^64
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 % M
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB % M
+        return x ^ (x >> 31)
+
+    # the published splitmix64 stream of seed 0 (state += golden, output mix(state)) anchors the reference
+    assert [mix(k * golden % M) for k in (1, 2, 3)] == [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+
+    def H(*parts):  # H(p_1..p_k) = mix(... mix(golden ^ (p_1 + golden)) ^ (p_2 + golden) ...), p as uint64
+        h = golden
+        for p in parts:
+            h = mix(h ^ ((p % M + golden) % M))
+        return h
+
+    cases = [(0,), (1,), (0, 1, 0, 0), (3, 2, 7, 5), (12345, 3, 1, 999_999), (-1, 2), (2**63 - 1, 1, 2**40, 7)]
+    for parts in cases:
+        got = data.counter_hash(*parts)
+        assert got.dtype == np.uint64 and int(got) == H(*parts), parts
+    idx = np.arange(-5, 300)  # broadcasting: one hash per index
+    assert [int(v) for v in data.counter_hash(11, 1, 4, idx)] == [H(11, 1, 4, int(i)) for i in idx]
 
 
 def test_mixture_frequencies_within_2_percent(corpus):
