@@ -1,11 +1,14 @@
 """The trainer: curriculum arithmetic, dry run, a tiny real run, exact resume, config errors, NaN stop."""
+import hashlib
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import model as model_mod
 import train
 from conftest import write_config
@@ -213,6 +216,45 @@ def test_applied_lr_of_every_group_at_every_step(tmp_path, tiny_data, monkeypatc
         for name in want:
             assert got[name][0] == want[name][0], (step, name)
             assert got[name][1] == pytest.approx(want[name][1], rel=1e-12, abs=0), (step, name)
+
+
+def test_phase_mixtures_clipping_and_pruning_reach_the_run(tmp_path, tiny_data, monkeypatch):
+    """In one tiny run: each phase's mixture weights are those the batches are drawn with, and over many steps
+    its draws follow them within a binomial bound; a huge gradient is clipped to grad_clip before the
+    optimizers step (the log keeps the norm before clipping); keep_checkpoints=2 leaves exactly the last two."""
+    drawn, norms, real_batch, real_step, real_fwd = {}, [], data.Mixture.batch, train.Optimizers.step, model_mod.Xmodel.forward
+
+    def batch(self, step, *a, **k):
+        drawn.setdefault(step, self)
+        return real_batch(self, step, *a, **k)
+
+    def step(self):
+        grads = [p.grad.double() for g in self.groups for p in g["params"]]
+        norms.append(math.sqrt(sum(float(v.pow(2).sum()) for v in grads)))
+        real_step(self)
+    monkeypatch.setattr(data.Mixture, "batch", batch)
+    monkeypatch.setattr(train.Optimizers, "step", step)
+    monkeypatch.setattr(model_mod.Xmodel, "forward",
+                        lambda self, idx, targets=None: real_fwd(self, idx, targets) * (1e4 if self.training else 1))
+    cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out"), ckpt_interval=1, keep_checkpoints=2)
+    train.train([cfg])
+    phases = train.load_config([cfg])["train"].phases
+    mixes = {"stable": {"code": 0.5, "prose": 0.5}, "decay": {"code": 0.3, "prose": 0.7}}
+    assert sorted(drawn) == list(range(10))
+    for s, mix in drawn.items():
+        assert mix.weights == mixes[phases[train.phase_at(phases, s)[0]]["mix"]], s
+    n = 200 * 100  # the decay phase's draws over 200 steps of 100 sequences
+    src = np.concatenate([drawn[9].sources_for(s, 0, 100) for s in range(200)])
+    for k, name in enumerate(drawn[9].names):
+        assert abs(np.mean(src == k) - mixes["decay"][name]) < 4 * math.sqrt(0.3 * 0.7 / n), name  # +-0.013
+    assert len(norms) == 10 and all(v == pytest.approx(1.0, rel=1e-5) for v in norms)  # grad_clip = 1.0
+    logged = [r["grad_norm"] for r in map(json.loads, open(tmp_path / "out" / "metrics.jsonl")) if "loss" in r]
+    assert len(logged) == 10 and min(logged) > 100
+    out = tmp_path / "out"
+    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_")) == [
+        "ckpt_00000009.pt", "ckpt_00000009.pt.sha256", "ckpt_00000010.pt", "ckpt_00000010.pt.sha256"]
+    for f in ("ckpt_00000009.pt", "ckpt_00000010.pt"):
+        assert open(out / (f + ".sha256")).read().strip() == hashlib.sha256((out / f).read_bytes()).hexdigest()
 
 
 def test_switch_keeps_adamw_state_of_embedding_and_norms(tmp_path, tiny_data):
