@@ -187,7 +187,9 @@ def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at):
 def _schedule(shape, start, end, i, steps):
     """The phase's LR factor written out from the definitions, independently of train.lr_factor."""
     r = (i + 1) / steps
-    return {"constant": start, "linear": start + (end - start) * r, "exp": end + (2 * 0.5 ** r - 1) * (start - end)}[shape]
+    if shape == "constant":
+        return start
+    return start + (end - start) * r if shape == "linear" else end + (2 * 0.5 ** r - 1) * (start - end)
 
 
 def test_applied_lr_of_every_group_at_every_step(tmp_path, tiny_data, monkeypatch):
@@ -222,7 +224,8 @@ def test_phase_mixtures_clipping_and_pruning_reach_the_run(tmp_path, tiny_data, 
     """In one tiny run: each phase's mixture weights are those the batches are drawn with, and over many steps
     its draws follow them within a binomial bound; a huge gradient is clipped to grad_clip before the
     optimizers step (the log keeps the norm before clipping); keep_checkpoints=2 leaves exactly the last two."""
-    drawn, norms, real_batch, real_step, real_fwd = {}, [], data.Mixture.batch, train.Optimizers.step, model_mod.Xmodel.forward
+    drawn, norms = {}, []
+    real_batch, real_step, real_fwd = data.Mixture.batch, train.Optimizers.step, model_mod.Xmodel.forward
 
     def batch(self, step, *a, **k):
         drawn.setdefault(step, self)
