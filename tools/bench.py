@@ -345,7 +345,8 @@ def main(argv=None):
     mode = "bench"
     if argv and argv[0] in ("scaling", "muon", "fp8"):
         mode, argv = argv[0], argv[1:]
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench",
+                                description=__doc__.split("\n")[0])
     p.add_argument("config")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--seq_len", type=int, default=None, help="default 512 (fp8: 3712)")

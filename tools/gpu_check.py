@@ -406,7 +406,8 @@ def write(report: dict, out: str) -> None:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_check",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for gpu_check.json and gpu_check.md")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
