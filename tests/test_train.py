@@ -1,8 +1,12 @@
 """The trainer: curriculum arithmetic, dry run, a tiny real run, exact resume, config errors, NaN stop."""
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -330,10 +334,6 @@ def test_raw_text_sources_are_prepared_from_the_config(tmp_path, tiny_data):
 # ---------------------------------------------------------------- the machine: both bf16 paths on any CPU
 # These machines change between CPUs with native bf16 (AMX, AVX512-BF16) and AVX2-only ones where bf16 is
 # emulated: each path is forced here, so both are tested whichever CPU runs the suite.
-import dataclasses  # noqa: E402  (here, not at the top: this section is appended on its own)
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -404,3 +404,41 @@ def test_help_has_a_meaning_for_every_field():
     assert sorted(rows) == sorted(keys)
     empty = [k for k in keys if not rows[k].strip()]
     assert not empty, f"fields without a comment (their --help line is empty): {empty}"
+
+
+# ---------------------------------------------------------------- resume across configs, FP8 and bf16 runs
+
+SHORT = ["--phase.warmup.steps=1", "--phase.stable.steps=1", "--phase.decay.steps=1", "--phase.long.steps=1",
+         "--eval_windows=2", "--sample_tokens=0"]
+
+
+def test_resume_refuses_another_model_but_not_another_execution(tmp_path, tiny_data):
+    cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out"))
+    train.train([cfg, *SHORT, "--max_steps=2"])
+    with pytest.raises(ValueError, match=r"checkpoint was written for another model config \(fields \['n_layer'\]\)"):
+        train.train([cfg, *SHORT, "--resume", "--n_layer=3"])
+    # how the model is computed may change on resume: the chunk of the loss is not the model
+    assert train.train([cfg, *SHORT, "--resume", "--loss_chunk=32"])["step"] == 4
+
+
+def test_fp8_run_resumes_exactly(tmp_path, tiny_data):
+    """FP8 (emulated on the CPU) inside the trainer: the amax histories and scales are checkpointed, so a
+    stopped and resumed FP8 run equals the uninterrupted one bit for bit."""
+    full = train.train([write_config(tmp_path / "a.py", tiny_data, out_dir=str(tmp_path / "a")), *SHORT, "--fp8=True"])
+    cfg = write_config(tmp_path / "b.py", tiny_data, out_dir=str(tmp_path / "b"))
+    first = train.train([cfg, *SHORT, "--fp8=True", "--max_steps=2"])
+    rest = train.train([cfg, *SHORT, "--fp8=True", "--resume"])
+    assert first["losses"] + rest["losses"] == full["losses"]
+    a, b = train.load_checkpoint(str(tmp_path / "a")), train.load_checkpoint(str(tmp_path / "b"))
+    scales = [k for k in a["model"] if k.endswith((".scale", ".amax_history"))]
+    assert scales and any((a["model"][k] != 1).any() for k in scales if k.endswith(".scale"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_bf16_autocast_run_keeps_fp32_masters(tmp_path, tiny_data):
+    s = train.train([write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out")), *SHORT,
+                     "--dtype=bfloat16"])
+    assert s["step"] == 4 and all(math.isfinite(l) for l in s["losses"])
+    ck = train.load_checkpoint(str(tmp_path / "out"))
+    assert {v.dtype for k, v in ck["model"].items() if not k.endswith("amax_history")} == {torch.float32}
+    assert ck["config"]["dtype"] == "bfloat16"
