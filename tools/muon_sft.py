@@ -59,7 +59,8 @@ def run_to(argv: list[str], out_dir: str, step: int) -> None:
     if os.path.exists(os.path.join(out_dir, f"ckpt_{step:08d}.pt")):
         print(f"muon_sft: reusing {out_dir} (step {step} reached)", flush=True)
         return
-    train.train(argv + [f"--out_dir={out_dir}", "--resume=True", "--keep_checkpoints=1"])
+    if train.train(argv + [f"--out_dir={out_dir}", "--resume=True", "--keep_checkpoints=1"]).get("preempted"):
+        sys.exit(f"muon_sft: preempted in {out_dir}; run the same command again to continue")
 
 
 def branch_from(stable_dir: str, out_dir: str) -> None:
