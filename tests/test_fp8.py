@@ -149,9 +149,8 @@ def test_kernel_tiny_and_large_scales(interpret, sa, sb):
 
 
 def test_kernel_works_when_triton_was_imported_first():
-    code = textwrap.dedent(f"""
-        import os, sys, torch, triton, triton.language  # Triton first, without the interpreter
-        sys.path.insert(0, {str(ROOT)!r})
+    code = textwrap.dedent("""
+        import os, torch, triton, triton.language  # Triton first, without the interpreter
         import fp8
         os.environ["TRITON_INTERPRET"] = "1"
         a = fp8.quantize(torch.randn(20, 40), torch.tensor(1.0), fp8.E4M3)
@@ -160,7 +159,8 @@ def test_kernel_works_when_triton_was_imported_first():
         assert torch.allclose(c, a.float() @ a.float().t(), rtol=1e-5, atol=1e-4)
         print("ok")
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
@@ -478,7 +478,6 @@ def test_fp8_linear_state_dict_keys():
 
 WORKER = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
-    sys.path.insert(0, sys.argv[1])
     import fp8
     rank, path = int(sys.argv[2]), sys.argv[3]
     dist.init_process_group("gloo", init_method="file://" + sys.argv[4], rank=rank, world_size=2)
@@ -503,6 +502,7 @@ def test_distributed_amax_max_reduction(tmp_path):
     script.write_text(WORKER)
     init = tmp_path / "rendezvous"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(ROOT)  # the worker imports fp8 from the repository root
     procs = [subprocess.Popen([sys.executable, str(script), str(ROOT), str(r), str(tmp_path / f"r{r}.pt"), str(init)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
     try:

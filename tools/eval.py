@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 import data
+import tools
 import train
 from model import chunked_cross_entropy
 from tools import export, positive_int
@@ -299,8 +300,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tools.run(main)

@@ -37,6 +37,7 @@ import time
 import torch
 
 import data
+import tools
 import train
 from tools import eval as probe
 from tools import export
@@ -192,8 +193,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    tools.run(main)
