@@ -332,36 +332,32 @@ class Xmodel(nn.Module):
         return 6.0 * matmul + 6.0 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
 
 
-def _loss_and_grad_fused(logits, y, valid, scale: float, inv_n):
+def _loss_and_grad_fused(logits, y, valid, scale: float):
     """One chunk of the loss and its gradient as whole-tensor expressions, for torch.compile (the
-    compiled path of `_ChunkedCrossEntropy`): the same numbers as `_chunk_loss` with `coef` given.
-    Inductor turns it into two passes over the chunk (one reduction, one fused exp/subtract/scale/store);
+    compiled path of `_ChunkedCrossEntropy`): the same numbers as `_chunk_loss` with grad=True.
+    Inductor turns it into two passes over the chunk (one reduction, one fused exp/subtract/store);
     run eagerly every line would be its own fp32 [chunk, vocab] temporary, hence `_chunk_loss`."""
-    z = logits.float() * scale
-    lse = torch.logsumexp(z, dim=-1)
-    tgt = z.gather(1, y[:, None]).squeeze(1)
-    onehot = torch.arange(z.shape[1], device=z.device) == y[:, None]
-    coef = valid * (inv_n * scale)
-    logits.copy_((torch.exp(z - lse[:, None]) - onehot.float()) * coef[:, None])
-    return ((lse - tgt) * valid).sum()
+    logp = torch.log_softmax(logits.float() * scale, dim=-1)
+    onehot = torch.arange(logp.shape[1], device=logp.device) == y[:, None]
+    logits.copy_(torch.exp(logp) - onehot.float())
+    return -(logp.gather(1, y[:, None]).squeeze(1) * valid).sum()
 
 
-def _chunk_loss(logits, y, valid, scale: float, z=None, coef=None):
-    """sum_i valid_i * (lse_i - z_{i,y_i}) for z = scale * logits, lse = logsumexp(z), every step in place
-    over the fp32 scratch z (same shape as logits; None: fp32 logits are their own scratch), so no other
-    [rows, vocab] tensor is allocated. With coef (= valid * scale / n_valid, per row), `logits` is also
-    overwritten with its gradient dlogits * scale = (softmax(z) - onehot(y)) * coef."""
-    z = logits.mul_(scale) if z is None else z.copy_(logits).mul_(scale)
-    zmax = z.amax(dim=-1, keepdim=True)
-    tgt = z.gather(1, y[:, None]).squeeze(1)
-    sumexp = z.sub_(zmax).exp_().sum(dim=-1, keepdim=True)
-    lse = (zmax + sumexp.log()).squeeze(1)
-    if coef is not None:
-        z.mul_(coef[:, None] / sumexp)  # softmax * coef
-        z[torch.arange(len(y), device=z.device), y] -= coef
+def _chunk_loss(logits, y, valid, scale: float, z=None, grad: bool = False):
+    """sum_i valid_i * -log softmax(scale * logits)_{i, y_i}, in place over the fp32 scratch z (same shape
+    as logits; None: fp32 logits already scaled by the caller are their own scratch), so no other
+    [rows, vocab] tensor is allocated. aten's log_softmax works one row (129,280 floats, which fit in L2)
+    at a time, so the rows cross memory about twice, not once per max/subtract/exp/sum pass.
+    With grad, `logits` is overwritten with dlogits up to a per-row factor: softmax - onehot(y)."""
+    z = logits if z is None else torch.mul(logits, scale, out=z)
+    torch.ops.aten._log_softmax.out(z, -1, False, out=z)  # row-wise kernel: in place is safe
+    nll = -z.gather(1, y[:, None]).squeeze(1)
+    if grad:
+        z.exp_()
+        z[torch.arange(len(y), device=z.device), y] -= 1
         if z is not logits:
             logits.copy_(z)
-    return ((lse - tgt) * valid).sum()
+    return (nll * valid).sum()
 
 
 _EAGER_ROWS = 256  # rows per eager softmax pass: the fp32 scratch is a quarter of a 1024-row chunk
@@ -388,7 +384,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     autocast) while W stays the fp32 master, so dW is accumulated and returned in fp32 with no bf16
     round trip; the chunk's logits, and then its gradient, live in one buffer reused by every chunk (a
     fresh [chunk, vocab] tensor per chunk costs the kernel's page faults, about as much as the softmax);
-    every GEMM writes into preallocated memory (`out=`)."""
+    every GEMM writes into preallocated memory (`out=`). Each pass over a [chunk, vocab] tensor costs
+    about as much as a GEMM here, so there are few: the softmax is aten's row-wise log_softmax in place,
+    and the per-row factors (the logit multiplier in fp32, valid / n_valid always) ride on the [chunk, D]
+    operands of the GEMMs rather than on the logits."""
 
     @staticmethod
     def forward(ctx, h, w, targets, scale, chunk, grad_enabled, compiled):
@@ -410,24 +409,28 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # chunk's efficiency, the scratch stays small; fp32 logits need none (the softmax runs in place)
         z_buf = None if compiled and need_grad or h.dtype == torch.float32 else \
             torch.empty(min(chunk, N, _EAGER_ROWS), V, dtype=torch.float32, device=h.device)
+        # fp32: the logit multiplier rides on the [chunk, D] operand instead of a pass over [chunk, V]
+        fp32, rest = h.dtype == torch.float32, 1.0 if h.dtype == torch.float32 else scale
         for i in range(0, N, chunk):
             hc, yc, vc = h[i:i + chunk], y[i:i + chunk], valid[i:i + chunk]
-            logits = torch.mm(hc, wc.t(), out=logits_buf[:len(hc)])
+            logits = torch.mm(hc * scale if fp32 else hc, wc.t(), out=logits_buf[:len(hc)])
             if compiled and need_grad:
-                loss += _compiled_loss_and_grad()(logits, yc, vc, scale, inv_n)
+                loss += _compiled_loss_and_grad()(logits, yc, vc, rest)
             else:
                 for j in range(0, len(hc), _EAGER_ROWS):
                     r = slice(j, j + _EAGER_ROWS)
                     z = None if z_buf is None else z_buf[:len(yc[r])]
-                    loss += _chunk_loss(logits[r], yc[r], vc[r], scale, z, coef[i:i + chunk][r] if need_grad else None)
+                    loss += _chunk_loss(logits[r], yc[r], vc[r], rest, z, need_grad)
             if not need_grad:
                 continue
-            g = logits  # now dlogits * s
-            torch.mm(g, wc, out=dh[i:i + chunk])
+            # g = softmax - onehot; its row factor coef = valid * s / n_valid is applied to the [chunk, D]
+            # sides of the two GEMMs (dh rows after, h rows before), again sparing a pass over [chunk, V]
+            g, c = logits, coef[i:i + chunk, None]
+            torch.mm(g, wc, out=dh[i:i + chunk]).mul_(c)
             if dw_chunk is None:
-                dw.addmm_(g.t(), hc)
+                dw.addmm_(g.t(), hc * c)
             else:  # bf16 GEMM into scratch, then one mixed-dtype add into the fp32 accumulator
-                dw.add_(torch.mm(g.t(), hc, out=dw_chunk))
+                dw.add_(torch.mm(g.t(), (hc * c).to(hc.dtype), out=dw_chunk))
         if need_grad:
             ctx.save_for_backward(dh, dw.to(w.dtype))
         return loss * inv_n
