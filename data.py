@@ -10,21 +10,16 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
    with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
    (`render_chat`).
 
-2. Preparation (`prepare`, `python data.py prepare ...`): .txt files (a file is a document), .jsonl
-   (a line is one: a "text" field or chat "messages"), Parquet (a row is one, column --text-column),
-   .gz/.zst-compressed ones and directories are streamed, tokenized in worker processes, and each
-   source's documents concatenated, each opened by BOS and closed by EOS, as DeepSeek-V3's preprocessing
-   did (`add_bos_token` plus an appended EOD):
+2. Preparation (`prepare`, `python data.py prepare ...`; the formats it reads: README, "Data"): the
+   documents of each source are concatenated, each opened by BOS and closed by EOS, as DeepSeek-V3's
+   preprocessing did (`add_bos_token` plus an appended EOD; a tokenizer without BOS: EOS alone):
 
        stream = BOS doc_1 EOS BOS doc_2 EOS ... BOS doc_n EOS      (uint32, one stream per source and split)
 
-   A tokenizer without a BOS token (tiktoken, a tokenizer.json with none of `_BOS_NAMES`) gets no
-   stand-in: documents are separated by EOS alone, and a context that starts a document starts with EOS
-   (`Tokenizer.doc_start`). A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by
-   document, deterministic, stable when files are added. Shards are written to a temporary directory
-   renamed into place; manifest.json (tokenizer identity, counts, a fingerprint of the inputs), the only
-   thing a reader trusts, is replaced last. Unchanged inputs reuse the result; a change of inputs,
-   tokenizer or options rebuilds.
+   A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
+   stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
+   (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
+   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
 
 3. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
    y = w[1:]) from a source chosen by weight. Every draw is a pure function of (seed, step, index i)
@@ -40,12 +35,11 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
    only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
 
 Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
-carries: the standard library's .py files as domain "code" and its English documentation (pydoc topics
-and docstrings) as domain "prose", sorted, so the corpus is the same for the same Python version. Its
-third source, "sft", stands in for the decay mix's SFT data: chat problems generated in code
-(`sft_problems`: arithmetic, word problems, tracing Python, list questions; four levels of difficulty)
-whose answer is one exact string. A question hashing below SFT_TEST_FRAC is a test question and is never
-trained on: the test set of `python -m tools.eval --task sft` is disjoint from the corpus by construction.
+carries, sorted, so the same for the same Python version: the standard library's .py files ("code"), its
+documentation ("prose": pydoc topics and docstrings), and "sft", standing in for the decay mix's SFT data:
+chat problems generated in code (`sft_problems`) whose answer is one exact string. A question hashing below
+SFT_TEST_FRAC is a test question and never trained on: `python -m tools.eval --task sft` tests on problems
+disjoint from the corpus by construction.
 """
 
 from __future__ import annotations
@@ -53,6 +47,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import collections
 import contextlib
 import gzip
 import hashlib
@@ -60,6 +55,7 @@ import importlib
 import importlib.resources
 import inspect
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -380,31 +376,21 @@ def _is_heldout(key: str, frac: float) -> bool:
     return h / 2.0**64 < frac
 
 
-@dataclass
-class _Task:
-    """One unit of input: a file (read lazily, in batches of documents) or in-memory [(key, text)]."""
+_Batch = collections.namedtuple("_Batch", "source nbytes docs")  # docs: [(key, text)] from nbytes of input
 
-    source: str
-    nbytes: int
-    path: str | None = None
-    column: str = "text"
-    docs: list | None = None
 
-    def batches(self, keyroot: str | None) -> Iterable["_Task"]:
-        """Tasks of in-memory documents, about BATCH_BYTES of text each. A document key names its file
-        relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
-        if self.docs is not None:
-            yield self
-            return
-        key = os.path.relpath(self.path, keyroot).removesuffix(".gz").removesuffix(".zst")
-        docs, chars, done = [], 0, 0
-        for doc_key, text, pos in _documents(self.path, key, self.column):
-            docs.append((doc_key, text))
-            chars += len(text)
-            if chars >= BATCH_BYTES:
-                yield _Task(self.source, pos - done, docs=docs)
-                docs, chars, done = [], 0, pos
-        yield _Task(self.source, self.nbytes - done, docs=docs)
+def _file_batches(source: str, path: Path, keyroot: str, column: str) -> Iterable[_Batch]:
+    """A file's documents, read lazily, in batches of about BATCH_BYTES of text. A document key names its
+    file relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
+    key = os.path.relpath(path, keyroot).removesuffix(".gz").removesuffix(".zst")
+    docs, chars, done = [], 0, 0
+    for doc_key, text, pos in _documents(str(path), key, column):
+        docs.append((doc_key, text))
+        chars += len(text)
+        if chars >= BATCH_BYTES:
+            yield _Batch(source, pos - done, docs)
+            docs, chars, done = [], 0, pos
+    yield _Batch(source, path.stat().st_size - done, docs)
 
 
 def _tokenize_task(args) -> tuple:
@@ -525,9 +511,10 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         return False
 
 
-def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: float, workers: int | None,
-           shard_tokens: int, progress: bool, keyroots: dict[str, str], extra: dict | None = None) -> str:
-    """Tokenize `tasks` into out_dir unless a manifest with the same fingerprint is already there."""
+def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: dict, heldout_frac: float,
+           workers: int | None, shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
+    """Tokenize `batches` (`total` input bytes) into out_dir unless a manifest with the same fingerprint is
+    already there."""
     import fcntl
 
     tok = get_tokenizer(tokenizer)
@@ -549,7 +536,7 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
         tmp, final = out / f".tmp-{fp[:12]}-{os.getpid()}", out / f"shards-{fp[:12]}"
         tmp.mkdir()
         try:
-            sources = _tokenize_into(tasks, tmp, tok, heldout_frac, workers, shard_tokens, progress, keyroots)
+            sources = _tokenize_into(batches, total, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
@@ -573,15 +560,14 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
     return str(out)
 
 
-def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shard_tokens, progress, keyroots):
-    """Tokenize tasks in order (in a spawn pool when worth it) into shards; per-source statistics."""
-    names = list(dict.fromkeys(t.source for t in tasks))
+def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens, progress):
+    """Tokenize batches in order (in a spawn pool when worth it) into shards; per-source statistics."""
     writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
     stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
-    total, done, t0 = sum(t.nbytes for t in tasks), 0, time.time()
+    done, t0 = 0, time.time()
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     # read lazily (files are never whole in memory); a pool's feeder thread reads ahead of its workers
-    args = ((b, tok.spec, heldout_frac) for t in tasks for b in t.batches(keyroots.get(t.source)))
+    args = ((b, tok.spec, heldout_frac) for b in batches)
     with contextlib.ExitStack() as stack:
         if workers > 1 and total >= POOL_MIN_BYTES:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
@@ -624,7 +610,7 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
     """
     if not sources:
         raise ValueError("prepare: no sources given")
-    tasks, inputs, keyroots = [], {}, {}
+    batches, inputs = [], {}
     for name in sources:
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
@@ -633,14 +619,15 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
         inputs[name] = [{"path": str(f), "bytes": f.stat().st_size}
                         | ({"sha256": _sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
                         | ({"text_column": column} if column != "text" else {}) for f in files]
-        keyroots[name] = os.path.commonpath([str(f.parent) for f in files])
+        root = os.path.commonpath([str(f.parent) for f in files])
         for f in files:  # a missing dependency or column is an error now, not hours into the run
             if f.name.endswith(".parquet"):
                 _parquet_column(str(f), column)
             elif f.name.endswith(".zst"):
                 _need("zstandard", f, "zstandard")
-            tasks.append(_Task(name, f.stat().st_size, path=str(f), column=column))
-    return _build(tasks, out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress, keyroots)
+            batches.append(_file_batches(name, f, root, column))
+    return _build(itertools.chain.from_iterable(batches), sum(f["bytes"] for i in inputs.values() for f in i),
+                  out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
 
 
 # -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
@@ -898,10 +885,10 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
     docs = default_corpus_documents()
     docs["sft"] = [(f"sft:{i}", render_chat(sft_chat(p)))
                    for i, p in enumerate(sft_problems("train", SFT_TRAIN_PROBLEMS))]
-    tasks = [_Task(source, sum(len(t.encode()) for _, t in items[k:k + 64]), docs=items[k:k + 64])
-             for source, items in docs.items() for k in range(0, len(items), 64)]
-    return _build(tasks, out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers, DEFAULT_SHARD_TOKENS, progress, {},
-                  extra={"default_corpus": ident})
+    batches = [_Batch(source, sum(len(t.encode()) for _, t in items[k:k + 64]), items[k:k + 64])
+               for source, items in docs.items() for k in range(0, len(items), 64)]
+    return _build(batches, sum(b.nbytes for b in batches), out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers,
+                  DEFAULT_SHARD_TOKENS, progress, extra={"default_corpus": ident})
 
 
 # -------- The embedded SFT source: chat problems with one checkable answer ---------------------------
