@@ -136,7 +136,10 @@ def update_delayed_scale(history, scale, new_amax, fp8_max, margin=0):
     A zero or non-finite amax changes nothing (history and scale are kept), and so does a scale
     that would not be finite (amax so small that fp8_max / amax overflows fp32)."""
     pushed = torch.cat([new_amax.reshape(1).to(history.dtype), history[:-1]])
-    new_scale = fp8_max / pushed.max() / 2.0 ** margin
+    # a true fp32 division, as Transformer Engine's: `fp8_max / tensor` is torch's reciprocal(tensor) * fp8_max,
+    # two roundings, 1 ulp off fp8_max / amax for some amaxes
+    window_max = pushed.max()
+    new_scale = torch.full_like(window_max, fp8_max) / window_max / 2.0 ** margin
     ok = torch.isfinite(new_amax) & (new_amax > 0) & torch.isfinite(new_scale)
     history.copy_(torch.where(ok, pushed, history))
     scale.copy_(torch.where(ok, new_scale, scale))

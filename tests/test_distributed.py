@@ -1,4 +1,5 @@
-"""Data-parallel training under torch.distributed: 2 CPU processes (gloo) against 1, resume, ZeRO-1, FP8, failures.
+"""Data-parallel training under torch.distributed: 2 CPU processes (gloo) against 1, resume (also with another
+world size), ZeRO-1, FP8, failures.
 
 One spawned pair of ranks runs every 2-rank scenario in a row (one process group, started once: spawning
 is the expensive part) and saves, per rank, the losses, the final weights and what the optimizers hold;
@@ -36,6 +37,16 @@ WORLD = 2
 SHORT = ["--phase.warmup.steps=1", "--phase.stable.steps=2", "--phase.decay.steps=2", "--phase.long.steps=1",
          "--micro_batch=1", "--eval_windows=2", "--sample_tokens=2"]
 N_STEPS = 6
+# The world-size change: every phase's global batch is 2 sequences, so a 2-rank step is 1 micro-batch per rank
+# and a 1-rank step 2 micro-batches. Then 1 rank and 2 ranks compute bit for bit the same numbers: the 1-rank
+# gradient is g0/2 + g1/2 (each micro-batch's backward of loss/2, the halving exact), the 2-rank one DDP's
+# g0/2 + g1/2 (each rank's bucket divided by the world size, then summed by the all-reduce): one rounding of
+# the same two addends (IEEE addition commutes), and the logged loss likewise. So a run may change its world
+# size at a checkpoint and must still equal the uninterrupted run exactly.
+WS = ["--phase.warmup.steps=1", "--phase.stable.steps=2", "--phase.decay.steps=2", "--phase.long.steps=1",
+      *(f"--phase.{p}.batch=2" for p in ("warmup", "stable", "decay", "long")), "--micro_batch=1",
+      "--zero1=True", "--eval_windows=2", "--sample_tokens=0"]
+WS_STOP = 4  # inside "decay": Muon has momentum (sharded across 2 ranks) and AdamW its moments
 U32 = 2.0 ** -24  # unit roundoff of float32 (round to nearest)
 U64 = 2.0 ** -53
 
@@ -142,7 +153,7 @@ def runs(tmp_path_factory, tiny_data):
     the run directories."""
     d = tmp_path_factory.mktemp("dist")
     cfg = write_config(d / "c.py", tiny_data)
-    out = {name: str(d / name) for name in ("single", "ddp", "res", "zero", "zres", "fp8", "fp8l")}
+    out = {name: str(d / name) for name in ("single", "ddp", "res", "zero", "zres", "fp8", "fp8l", "w1", "w21", "w12")}
     jobs = [
         ("ddp", [cfg, *SHORT, f"--out_dir={out['ddp']}"]),
         ("stop", [cfg, *SHORT, f"--out_dir={out['res']}", "--max_steps=2"]),      # resume crosses the switch
@@ -152,19 +163,23 @@ def runs(tmp_path_factory, tiny_data):
         ("zresume", [cfg, *SHORT, f"--out_dir={out['zres']}", "--zero1=True", "--resume"]),
         ("fp8", [cfg, *SHORT, f"--out_dir={out['fp8']}", "--fp8=True", "--max_steps=2"]),
         ("fp8_local_amax", [cfg, *SHORT, f"--out_dir={out['fp8l']}", "--fp8=True", "--max_steps=2"]),
+        ("w2stop", [cfg, *WS, f"--out_dir={out['w21']}", f"--max_steps={WS_STOP}"]),  # then 1 rank resumes it
+        ("w2resume", [cfg, *WS, f"--out_dir={out['w12']}", "--resume"]),             # 1 rank's checkpoint
     ]
-    t0 = time.perf_counter()
-    mp.spawn(_worker, args=(str(d / "rendezvous"), jobs, str(d)), nprocs=WORLD, join=True)
-    t_dist = time.perf_counter() - t0
-    per_rank = [torch.load(d / f"rank{r}.pt") for r in range(WORLD)]
-    res = {name: [per_rank[r][name] for r in range(WORLD)] for name, _ in jobs}
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same kernels, so the same per-micro-batch gradients
     seen = _capture()
     try:
+        res = {"w1stop": _result(train.train([cfg, *WS, f"--out_dir={out['w12']}", f"--max_steps={WS_STOP}"]), seen)}
+        t0 = time.perf_counter()
+        mp.spawn(_worker, args=(str(d / "rendezvous"), jobs, str(d)), nprocs=WORLD, join=True)
+        t_dist = time.perf_counter() - t0
+        per_rank = [torch.load(d / f"rank{r}.pt") for r in range(WORLD)]
+        res.update({name: [per_rank[r][name] for r in range(WORLD)] for name, _ in jobs})
         res["single"] = _result(train.train([cfg, *SHORT, f"--out_dir={out['single']}"]), seen, grad=True)
         res["micro"] = micro_gradients(cfg)
+        res["w1"] = _result(train.train([cfg, *WS, f"--out_dir={out['w1']}"]), seen)
+        res["w1resume"] = _result(train.train([cfg, *WS, f"--out_dir={out['w21']}", "--resume"]), seen)
     finally:
         seen["undo"]()
         torch.set_num_threads(threads)
@@ -256,6 +271,42 @@ def test_two_rank_resume_across_the_switch_is_exact(runs):
         assert stop["losses"] + resume["losses"] == full["losses"], r  # bit for bit
         assert_models_equal(resume["model"], full["model"])
     assert [os.path.basename(p) for p in train.list_checkpoints(out["res"])] == ["ckpt_00000002.pt", "ckpt_00000006.pt"]
+
+
+# ---------------------------------------------------------------- resume with another world size
+
+def test_resume_with_another_world_size_equals_the_uninterrupted_run(runs):
+    """2 ranks (ZeRO-1: AdamW and Muon state sharded) checkpoint at step 4, inside the Muon phase, and 1 rank
+    continues; and the other way round. Both equal the uninterrupted 1-rank run bit for bit (WS above says why
+    1 and 2 ranks compute the same numbers): the logged losses and gradient norms of every step, the final
+    weights, and the optimizer state each run ends with (so the consolidated checkpoint was re-sharded, or
+    un-sharded, without losing a matrix's momentum or an AdamW moment)."""
+    res, out = runs
+
+    def rows(run):
+        return [(r["step"], r["loss"], r["grad_norm"], r["lr"], r["tokens"], r["optimizer"])
+                for r in map(json.loads, open(os.path.join(out[run], "metrics.jsonl"))) if "loss" in r]
+    full = rows("w1")
+    assert [r[0] for r in full] == list(range(1, N_STEPS + 1)) and full[-1][-1] == "muon"
+    assert rows("w21") == full  # steps 1-4 on 2 ranks, 5-6 on 1 rank
+    assert rows("w12") == full  # steps 1-4 on 1 rank, 5-6 on 2 ranks
+    assert res["w1stop"]["losses"] + res["w1resume"]["losses"] == res["w1"]["losses"]  # 1-rank parts: their own
+    final = {k: train.load_checkpoint(out[k]) for k in ("w1", "w21", "w12")}
+    for k in ("w21", "w12"):
+        assert final[k]["step"] == N_STEPS and final[k]["tokens"] == final["w1"]["tokens"], k
+        assert_models_equal(final[k]["model"], final["w1"]["model"])
+        for opt in ("rest", "hidden"):
+            a, b = final[k]["optim"][opt], final["w1"]["optim"][opt]
+            assert sorted(a["state"]) == sorted(b["state"]), (k, opt)
+            for i in a["state"]:
+                assert a["state"][i].keys() == b["state"][i].keys(), (k, opt, i)
+                for name in a["state"][i]:
+                    assert torch.equal(a["state"][i][name], b["state"][i][name]), (k, opt, i, name)
+    # after the change each run held the state its world size calls for: 2 ranks a share each, 1 rank all
+    held = [res["w2resume"][r]["hidden_states"] for r in range(WORLD)]
+    assert all(res["w2resume"][r]["muon_sharded"] for r in range(WORLD))
+    assert sum(held) == res["w1resume"]["hidden_states"] == 2 * 7 and all(0 < h < 2 * 7 for h in held), held
+    assert res["w1resume"]["muon_sharded"] is False
 
 
 # ---------------------------------------------------------------- ZeRO-1: AdamW and Muon state sharded

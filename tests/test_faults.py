@@ -31,14 +31,9 @@ SHORT = ["--phase.warmup.steps=1", "--phase.stable.steps=2", "--phase.decay.step
 SWITCH_STEP = 3  # the first step of "decay", where AdamW hands the hidden matrices to Muon
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as in the SIGTERM test's subprocess (OMP_NUM_THREADS=1), so that the runs compared
-    bit for bit sum in the same order; on a shared 2-core CI machine it is also several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one intra-op thread (conftest.py), as in the SIGTERM test's subprocess (OMP_NUM_THREADS=1), so that the runs
+# compared bit for bit sum in the same order
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +68,15 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path, cfg, monk
 # ---------------------------------------------------------------- 2. a later phase's bad settings, refused before step 1
 
 @pytest.fixture(scope="module")
-def short_source(tmp_path_factory):
-    """A source "tiny" of a few hundred tokens: (its dataset dir, train tokens, held-out tokens)."""
+def short_source(tmp_path_factory, tiny_data):
+    """A source "tiny" of a few hundred tokens (tiny_data's tokenizer): (its dataset dir, train tokens, held-out
+    tokens)."""
     root = tmp_path_factory.mktemp("tiny_source")
     (root / "docs").mkdir()
     for i in range(16):
         (root / "docs" / f"{i:02d}.txt").write_text(f"Document {i}: " + " ".join(f"word{i * j}" for j in range(12)))
-    d = data.prepare({"tiny": str(root / "docs")}, root / "ds", heldout_frac=0.25, workers=1, progress=False)
+    d = data.prepare({"tiny": str(root / "docs")}, root / "ds", data.read_manifest(tiny_data)["tokenizer"]["spec"],
+                     heldout_frac=0.25, workers=1, progress=False)
     m = data.Mixture({"tiny": d}, {"tiny": 1.0})
     n_train, n_heldout = m.split_tokens("tiny", "train"), m.split_tokens("tiny", "heldout")
     assert 33 <= n_heldout + 1 < n_train  # the cases below need: decay's 32 fits, train longer than held-out

@@ -261,7 +261,10 @@ def test_fp8_linear_matches_high_precision_within_fp8_bounds():
     dy = torch.randn(T, n_out) * 1e-3
     layer = calibrated_layer(x, dy, n_in, n_out)
     s = layer.scale.clone()
-    assert torch.equal(s, torch.stack([448 / fp8.amax(x), 448 / fp8.amax(layer.weight), 57344 / fp8.amax(dy)]))
+    # fp8_max / amax as one correctly rounded fp32 division (a Python number over a tensor would be torch's
+    # reciprocal(amax) * fp8_max: two roundings)
+    amaxes = torch.stack([fp8.amax(x), fp8.amax(layer.weight), fp8.amax(dy)])
+    assert torch.equal(s, torch.tensor([448.0, 448.0, 57344.0]) / amaxes)
     y, dx, dw = linear_grads(layer, x, dy)
     W = layer.weight.detach()
 

@@ -9,6 +9,8 @@ import pytest
 import train
 from conftest import write_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: a tiny model trains faster on one thread
+
 
 def rows(out):
     return train.read_metrics(os.path.join(out, "metrics.jsonl"))

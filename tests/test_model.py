@@ -26,14 +26,7 @@ from model import ModelConfig, Xmodel, apply_rope, chunked_cross_entropy, rope_t
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: intra-op threads only add OpenMP barriers, which cost seconds per test on a
-    busy 2-core machine. Restored afterwards for the other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors, one intra-op thread
 
 
 def load_config(name: str) -> dict:
