@@ -53,7 +53,7 @@ import torch.distributed as dist
 import data
 import mup
 from model import ModelConfig
-from muon import Muon
+from muon import Optimizers
 
 
 @dataclass
@@ -400,90 +400,6 @@ def batch_split(phase: dict, micro_batch: int, world: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# optimizers: AdamW for everything, or Muon for the hidden matrices and AdamW for the rest
-
-class Optimizers:
-    """The μP parameter groups on two optimizers: AdamW for the embedding and norm weights, always, and
-    for the hidden matrices either AdamW or (from the switch on) Muon.
-
-    Keeping the hidden matrices on their own optimizer makes the switch a replacement of that one
-    optimizer: `use("muon")` gives them a fresh Muon (momentum starts at zero) and the embedding/norm
-    AdamW, its moments and its step counts are not touched. AdamW updates each parameter independently,
-    so two AdamW instances compute exactly what one over all groups would. With `zero1` under
-    torch.distributed each AdamW shards its state across ranks (ZeroRedundancyOptimizer) and Muon keeps
-    each matrix's momentum on the one rank that orthogonalizes it (Muon(shard_state=True)); checkpoints
-    hold the full, unsharded state (gathered on rank 0), which every rank loads and shards again."""
-
-    def __init__(self, model, cfg: TrainConfig, kind: str = "adamw"):
-        self.cfg, self.groups = cfg, mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
-        hidden = [g for g in self.groups if g["name"] == "hidden"]
-        self.rest = self._adamw([g for g in self.groups if g["name"] != "hidden"])
-        self.hidden_groups, self.kind, self.hidden = hidden, None, None
-        self.use(kind)
-
-    def _sharded(self) -> bool:
-        return self.cfg.zero1 and dist.is_initialized() and dist.get_world_size() > 1
-
-    def _adamw(self, groups):
-        # fused: one kernel for all parameters (CPU and CUDA); the foreach path is several times slower on a CPU
-        kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps, fused=True)
-        groups = [dict(g) for g in groups]
-        if self._sharded():
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-            return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **kw)
-        return torch.optim.AdamW(groups, **kw)
-
-    def use(self, kind: str) -> None:
-        """Put the hidden matrices on `kind` ("adamw" or "muon") with fresh optimizer state."""
-        if kind == self.kind:
-            return
-        if kind == "muon":
-            c = self.cfg
-            self.hidden = Muon([dict(g) for g in self.hidden_groups], lr=self.hidden_groups[0]["lr"],
-                               momentum=c.muon_momentum, nesterov=True, ns_steps=c.muon_ns_steps,
-                               weight_decay=c.weight_decay, rms_scale=c.muon_rms_scale, shard_state=self._sharded())
-        else:
-            self.hidden = self._adamw(self.hidden_groups)
-        self.kind = kind
-
-    def all(self):
-        return [self.rest, self.hidden]
-
-    def set_lr(self, factor: float) -> None:
-        for opt in self.all():
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-
-    def step(self) -> None:
-        for opt in self.all():
-            opt.step()
-
-    def zero_grad(self) -> None:
-        for opt in self.all():
-            opt.zero_grad(set_to_none=True)
-
-    @staticmethod
-    def _state(opt):
-        if hasattr(opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
-            opt.consolidate_state_dict(0)
-            return opt.state_dict() if dist.get_rank() == 0 else None
-        if isinstance(opt, Muon):  # with shard_state the same: the momentum shares gathered on rank 0
-            return opt.full_state_dict(to=0)
-        return opt.state_dict()
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "rest": self._state(self.rest), "hidden": self._state(self.hidden)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.use(sd["kind"])
-        for opt, s in ((self.rest, sd["rest"]), (self.hidden, sd["hidden"])):
-            peak = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
-            opt.load_state_dict(s)
-            for g, (base_lr, wd) in zip(opt.param_groups, peak):  # the config's rates win over the file's
-                g["base_lr"], g["weight_decay"] = base_lr, wd
-
-
-# ----------------------------------------------------------------------------------------------------
 # checkpoints: atomic, checksummed, loadable without executing code; one run per out_dir
 
 CKPT_FORMAT = "xmodel25-checkpoint-v1"
@@ -686,23 +602,6 @@ def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # the plan (--dry_run) and what it costs
 
-def memory_estimate_gb(mcfg: ModelConfig, n_params: int, n_hidden: int, phase: dict, micro_batch: int,
-                       world: int, zero1: bool, act_ckpt: bool) -> float:
-    """Per-GPU memory of a phase, in GB: fp32 master weights and gradients (8 B/param), optimizer state
-    (AdamW 8 B/param, Muon 4 B per hidden weight; ZeRO-1 divides it by the world size), and activations
-    under bf16 autocast with SDPA (about 34 bytes x tokens x hidden per layer, Korthikanti et al. 2022,
-    without the s^2 term flash attention removes; with checkpointing only each block's fp32 input plus one
-    block's activations), plus the chunked loss (one chunk of fp32 logits, twice)."""
-    muon = phase["optimizer"] == "muon"
-    opt = 8 * (n_params - n_hidden) + (4 if muon else 8) * n_hidden
-    opt /= world if zero1 else 1
-    tokens = micro_batch * phase["seq_len"]
-    per_layer = 34 * tokens * mcfg.hidden
-    act = (4 * tokens * mcfg.hidden * mcfg.n_layer + per_layer) if act_ckpt else per_layer * mcfg.n_layer
-    loss = 2 * 4 * mcfg.loss_chunk * mcfg.vocab_size + 2 * tokens * mcfg.hidden * 4
-    return (8 * n_params + opt + act + loss) / 1e9
-
-
 def _si(n: float) -> str:
     for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= v:
@@ -714,7 +613,6 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
     world = cfg.gpus or world
     model = mup.build_model(mcfg, device="meta")
     n = model.num_params()
-    n_hidden = sum(p.numel() for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2)
     print(f"model: {n:,} parameters ({n - model.tok_emb.weight.numel():,} without the embedding), "
           f"width multiplier m = {mcfg.width_mult:g}, μP {'on' if mcfg.use_mup else 'off'}")
     groups = mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
@@ -727,8 +625,9 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
         tok = p["steps"] * p["batch"] * p["seq_len"]
         tokens_total += tok
         flops_total += tok * model.flops_per_token(p["seq_len"])
-        mem = memory_estimate_gb(mcfg, n, n_hidden, p, mb, world, False, mcfg.act_ckpt)
-        mem_lean = memory_estimate_gb(mcfg, n, n_hidden, p, mb, world, True, True)
+        muon = p["optimizer"] == "muon"
+        mem = model.memory_estimate_gb(mb, p["seq_len"], muon, world, False, mcfg.act_ckpt)
+        mem_lean = model.memory_estimate_gb(mb, p["seq_len"], muon, world, True, True)
         lrs = f"{lr_factor(p, 0):.4g}..{lr_factor(p, p['steps'] - 1):.4g}"
         print(f"{p['name']:<10} {p['steps']:>8,} {p['batch']:>5} x {p['seq_len']:<6} {mb:>5} x {acc:>3} x {world:<4} "
               f"{_si(tok):>10} {lrs:>25} {p['mix']:>7} {p['optimizer']:>6} {mem:>7.1f} {mem_lean:>10.1f}")
@@ -1120,7 +1019,7 @@ def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    opts = Optimizers(raw, cfg, cfg.phases[0]["optimizer"])
+    opts = Optimizers(mup.param_groups(raw, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     step, tokens, unlogged = restore(cfg, mcfg, raw, opts, tok, device, say)
     sinks = None
