@@ -323,13 +323,32 @@ class Xmodel(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embedding else n - self.tok_emb.weight.numel()
 
+    def num_hidden_params(self) -> int:
+        """The blocks' weight matrices: μP's "hidden" group, the matrices Muon takes over at the switch."""
+        return sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2)
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per weight of every matmul (blocks and output layer; the embedding
         lookup is free) plus causal attention, 6 * n_layer * seq_len * n_head * head_dim (half of PaLM's
         12 L T d since only the lower triangle is computed)."""
         cfg = self.config
-        matmul = sum(p.numel() for p in self.blocks.parameters() if p.dim() == 2) + cfg.vocab_size * cfg.hidden
-        return 6.0 * matmul + 6.0 * cfg.n_layer * seq_len * cfg.n_head * cfg.head_dim
+        return 6.0 * (self.num_hidden_params() + cfg.vocab_size * cfg.hidden) + 6.0 * cfg.n_layer * seq_len * \
+            cfg.n_head * cfg.head_dim
+
+    def memory_estimate_gb(self, micro_batch: int, seq_len: int, muon: bool = False, world: int = 1,
+                           zero1: bool = False, act_ckpt: bool = False) -> float:
+        """Per-GPU training memory, in GB: fp32 master weights and gradients (8 B/param), optimizer state
+        (AdamW 8 B/param, Muon 4 B per hidden weight; ZeRO-1 divides it by the world size), and activations
+        under bf16 autocast with SDPA (about 34 bytes x tokens x hidden per layer, Korthikanti et al. 2022,
+        without the s^2 term flash attention removes; with checkpointing only each block's fp32 input plus one
+        block's activations), plus the chunked loss (one chunk of fp32 logits, twice)."""
+        cfg, n, n_hidden = self.config, self.num_params(), self.num_hidden_params()
+        opt = (8 * (n - n_hidden) + (4 if muon else 8) * n_hidden) / (world if zero1 else 1)
+        tokens = micro_batch * seq_len
+        per_layer = 34 * tokens * cfg.hidden
+        act = (4 * tokens * cfg.hidden * cfg.n_layer + per_layer) if act_ckpt else per_layer * cfg.n_layer
+        loss = 2 * 4 * cfg.loss_chunk * cfg.vocab_size + 2 * tokens * cfg.hidden * 4
+        return (8 * n + opt + act + loss) / 1e9
 
 
 def _loss_and_grad_fused(logits, y, valid, scale: float):

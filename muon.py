@@ -54,8 +54,8 @@ Xmodel-2.5 trains the warmup and stable phases with AdamW and, at the first step
 moves only the 2-D hidden matrices (attention q/k/v/o, MLP gate/up/down) to Muon with a fresh
 (zero) momentum; embeddings and norm weights stay on AdamW. Because of the RMS match above, nothing
 else changes (LR schedule, clipping, weight decay, data mix). The paper reports +4.58 points on its
-13-task average against an AdamW-only decay. This module is only the optimizer; train.py does the
-switch.
+13-task average against an AdamW-only decay. `Optimizers` (at the end) is the pair that makes the
+switch a replacement of one optimizer; train.py decides when (each phase's "optimizer").
 
 Distributed
 -----------
@@ -377,3 +377,84 @@ def _check_hyperparameters(group, group_index):
         raise ValueError(f"{where}: weight_decay must be >= 0, got {group['weight_decay']}")
     if group["rms_scale"] is not None and not group["rms_scale"] > 0:
         raise ValueError(f"{where}: rms_scale must be > 0 (or None for plain Muon scaling), got {group['rms_scale']}")
+
+
+class Optimizers:
+    """The μP parameter groups (mup.param_groups: "hidden" and the rest) on two optimizers: AdamW for the
+    embedding and norm weights, always, and for the hidden matrices either AdamW or (from the switch on) Muon.
+
+    Keeping the hidden matrices on their own optimizer makes the switch a replacement of that one
+    optimizer: `use("muon")` gives them a fresh Muon (momentum starts at zero) and the embedding/norm
+    AdamW, its moments and its step counts are not touched. AdamW updates each parameter independently,
+    so two AdamW instances compute exactly what one over all groups would. With `cfg.zero1` under
+    torch.distributed each AdamW shards its state across ranks (ZeroRedundancyOptimizer) and Muon keeps
+    each matrix's momentum on the one rank that orthogonalizes it (Muon(shard_state=True)); checkpoints
+    hold the full, unsharded state (gathered on rank 0), which every rank loads and shards again.
+    `cfg`: the hyperparameters, named as in train.TrainConfig (beta1, beta2, adam_eps, weight_decay,
+    muon_momentum, muon_ns_steps, muon_rms_scale, zero1)."""
+
+    def __init__(self, groups: list[dict], cfg, kind: str = "adamw"):
+        self.cfg, self.groups = cfg, groups
+        self.hidden_groups = [g for g in groups if g["name"] == "hidden"]
+        self.rest = self._adamw([g for g in groups if g["name"] != "hidden"])
+        self.kind, self.hidden = None, None
+        self.use(kind)
+
+    def _sharded(self) -> bool:
+        return self.cfg.zero1 and _world()[0] > 1
+
+    def _adamw(self, groups):
+        # fused: one kernel for all parameters (CPU and CUDA); the foreach path is several times slower on a CPU
+        kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps, fused=True)
+        groups = [dict(g) for g in groups]
+        if self._sharded():
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **kw)
+        return torch.optim.AdamW(groups, **kw)
+
+    def use(self, kind: str) -> None:
+        """Put the hidden matrices on `kind` ("adamw" or "muon") with fresh optimizer state."""
+        if kind == self.kind:
+            return
+        c = self.cfg
+        self.hidden = Muon([dict(g) for g in self.hidden_groups], lr=self.hidden_groups[0]["lr"],
+                           momentum=c.muon_momentum, nesterov=True, ns_steps=c.muon_ns_steps,
+                           weight_decay=c.weight_decay, rms_scale=c.muon_rms_scale, shard_state=self._sharded()) \
+            if kind == "muon" else self._adamw(self.hidden_groups)
+        self.kind = kind
+
+    def all(self):
+        return [self.rest, self.hidden]
+
+    def set_lr(self, factor: float) -> None:
+        for opt in self.all():
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * factor
+
+    def step(self) -> None:
+        for opt in self.all():
+            opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.all():
+            opt.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def _state(opt):
+        if hasattr(opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
+            opt.consolidate_state_dict(0)
+            return opt.state_dict() if dist.get_rank() == 0 else None
+        if isinstance(opt, Muon):  # with shard_state the same: the momentum shares gathered on rank 0
+            return opt.full_state_dict(to=0)
+        return opt.state_dict()
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "rest": self._state(self.rest), "hidden": self._state(self.hidden)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.use(sd["kind"])
+        for opt, s in ((self.rest, sd["rest"]), (self.hidden, sd["hidden"])):
+            peak = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
+            opt.load_state_dict(s)
+            for g, (base_lr, wd) in zip(opt.param_groups, peak):  # the config's rates win over the file's
+                g["base_lr"], g["weight_decay"] = base_lr, wd

@@ -16,7 +16,7 @@ The curriculum is data: `phases` in the config, each a number of steps with an L
 Why WSD: a constant LR for most of the run keeps the model "unfinished" but cheap to continue (more data
 can be appended at any time), and a short decay at the end collects most of the loss improvement; the
 decay is where the data mix moves to high-quality SFT data and, in Xmodel-2.5, where AdamW hands the
-hidden matrices to Muon (`Optimizers.use`).
+hidden matrices to Muon (`muon.Optimizers.use`).
 
 Each step: the global batch is split into micro-batches x gradient accumulation x data-parallel ranks
 (recomputed whenever a phase changes the batch or the sequence length); the learning rate of every μP
@@ -46,6 +46,7 @@ import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import timedelta
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -53,7 +54,7 @@ import torch.distributed as dist
 import data
 import mup
 from model import ModelConfig
-from muon import Muon
+from muon import Optimizers
 
 
 @dataclass
@@ -289,10 +290,9 @@ _RANGES = [
 
 def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
     """Everything that can be checked without the data: choices, the range of every number, every phase."""
-    if cfg.device not in DEVICES:
-        raise ValueError(f"config key 'device': one of {DEVICES}, got {cfg.device!r}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"config key 'dtype': one of {DTYPES}, got {cfg.dtype!r}")
+    for key, choices in (("device", DEVICES), ("dtype", DTYPES)):
+        if getattr(cfg, key) not in choices:
+            raise ValueError(f"config key {key!r}: one of {choices}, got {getattr(cfg, key)!r}")
     for keys, ok, what in _RANGES:
         for k in keys:
             v = getattr(cfg, k)
@@ -400,102 +400,10 @@ def batch_split(phase: dict, micro_batch: int, world: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# optimizers: AdamW for everything, or Muon for the hidden matrices and AdamW for the rest
-
-class Optimizers:
-    """The μP parameter groups on two optimizers: AdamW for the embedding and norm weights, always, and
-    for the hidden matrices either AdamW or (from the switch on) Muon.
-
-    Keeping the hidden matrices on their own optimizer makes the switch a replacement of that one
-    optimizer: `use("muon")` gives them a fresh Muon (momentum starts at zero) and the embedding/norm
-    AdamW, its moments and its step counts are not touched. AdamW updates each parameter independently,
-    so two AdamW instances compute exactly what one over all groups would. With `zero1` under
-    torch.distributed each AdamW shards its state across ranks (ZeroRedundancyOptimizer) and Muon keeps
-    each matrix's momentum on the one rank that orthogonalizes it (Muon(shard_state=True)); checkpoints
-    hold the full, unsharded state (gathered on rank 0), which every rank loads and shards again."""
-
-    def __init__(self, model, cfg: TrainConfig, kind: str = "adamw"):
-        self.cfg, self.groups = cfg, mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
-        hidden = [g for g in self.groups if g["name"] == "hidden"]
-        self.rest = self._adamw([g for g in self.groups if g["name"] != "hidden"])
-        self.hidden_groups, self.kind, self.hidden = hidden, None, None
-        self.use(kind)
-
-    def _sharded(self) -> bool:
-        return self.cfg.zero1 and dist.is_initialized() and dist.get_world_size() > 1
-
-    def _adamw(self, groups):
-        # fused: one kernel for all parameters (CPU and CUDA); the foreach path is several times slower on a CPU
-        kw = dict(betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.adam_eps, fused=True)
-        groups = [dict(g) for g in groups]
-        if self._sharded():
-            from torch.distributed.optim import ZeroRedundancyOptimizer
-            return ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **kw)
-        return torch.optim.AdamW(groups, **kw)
-
-    def use(self, kind: str) -> None:
-        """Put the hidden matrices on `kind` ("adamw" or "muon") with fresh optimizer state."""
-        if kind == self.kind:
-            return
-        if kind == "muon":
-            c = self.cfg
-            self.hidden = Muon([dict(g) for g in self.hidden_groups], lr=self.hidden_groups[0]["lr"],
-                               momentum=c.muon_momentum, nesterov=True, ns_steps=c.muon_ns_steps,
-                               weight_decay=c.weight_decay, rms_scale=c.muon_rms_scale, shard_state=self._sharded())
-        else:
-            self.hidden = self._adamw(self.hidden_groups)
-        self.kind = kind
-
-    def all(self):
-        return [self.rest, self.hidden]
-
-    def set_lr(self, factor: float) -> None:
-        for opt in self.all():
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * factor
-
-    def step(self) -> None:
-        for opt in self.all():
-            opt.step()
-
-    def zero_grad(self) -> None:
-        for opt in self.all():
-            opt.zero_grad(set_to_none=True)
-
-    @staticmethod
-    def _state(opt):
-        if hasattr(opt, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
-            opt.consolidate_state_dict(0)
-            return opt.state_dict() if dist.get_rank() == 0 else None
-        if isinstance(opt, Muon):  # with shard_state the same: the momentum shares gathered on rank 0
-            return opt.full_state_dict(to=0)
-        return opt.state_dict()
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "rest": self._state(self.rest), "hidden": self._state(self.hidden)}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.use(sd["kind"])
-        for opt, s in ((self.rest, sd["rest"]), (self.hidden, sd["hidden"])):
-            peak = [(g["base_lr"], g["weight_decay"]) for g in opt.param_groups]
-            opt.load_state_dict(s)
-            for g, (base_lr, wd) in zip(opt.param_groups, peak):  # the config's rates win over the file's
-                g["base_lr"], g["weight_decay"] = base_lr, wd
-
-
-# ----------------------------------------------------------------------------------------------------
 # checkpoints: atomic, checksummed, loadable without executing code; one run per out_dir
 
 CKPT_FORMAT = "xmodel25-checkpoint-v1"
 _CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Hashing:
@@ -549,8 +457,9 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if os.path.exists(path + ".sha256"):
-        want = open(path + ".sha256").read().strip()
-        if _sha256(path) != want:
+        with open(path, "rb") as f:
+            ok = hashlib.file_digest(f, "sha256").hexdigest() == open(path + ".sha256").read().strip()
+        if not ok:
             earlier = [p for p in list_checkpoints(os.path.dirname(path) or ".") if p < path]
             hint = (f"the previous checkpoint is {earlier[-1]}: move the corrupt one aside to resume from it"
                     if earlier else "there is no earlier checkpoint in that directory")
@@ -562,10 +471,6 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ValueError(f"{path}: not an Xmodel-2.5 checkpoint of this project (format {CKPT_FORMAT})")
     return ckpt
-
-
-def model_config_from(ckpt: dict) -> ModelConfig:
-    return ModelConfig(**ckpt["model_config"])
 
 
 class RunLock:
@@ -686,23 +591,6 @@ def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # the plan (--dry_run) and what it costs
 
-def memory_estimate_gb(mcfg: ModelConfig, n_params: int, n_hidden: int, phase: dict, micro_batch: int,
-                       world: int, zero1: bool, act_ckpt: bool) -> float:
-    """Per-GPU memory of a phase, in GB: fp32 master weights and gradients (8 B/param), optimizer state
-    (AdamW 8 B/param, Muon 4 B per hidden weight; ZeRO-1 divides it by the world size), and activations
-    under bf16 autocast with SDPA (about 34 bytes x tokens x hidden per layer, Korthikanti et al. 2022,
-    without the s^2 term flash attention removes; with checkpointing only each block's fp32 input plus one
-    block's activations), plus the chunked loss (one chunk of fp32 logits, twice)."""
-    muon = phase["optimizer"] == "muon"
-    opt = 8 * (n_params - n_hidden) + (4 if muon else 8) * n_hidden
-    opt /= world if zero1 else 1
-    tokens = micro_batch * phase["seq_len"]
-    per_layer = 34 * tokens * mcfg.hidden
-    act = (4 * tokens * mcfg.hidden * mcfg.n_layer + per_layer) if act_ckpt else per_layer * mcfg.n_layer
-    loss = 2 * 4 * mcfg.loss_chunk * mcfg.vocab_size + 2 * tokens * mcfg.hidden * 4
-    return (8 * n_params + opt + act + loss) / 1e9
-
-
 def _si(n: float) -> str:
     for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= v:
@@ -714,8 +602,7 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
     world = cfg.gpus or world
     model = mup.build_model(mcfg, device="meta")
     n = model.num_params()
-    n_hidden = sum(p.numel() for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2)
-    print(f"model: {n:,} parameters ({n - model.tok_emb.weight.numel():,} without the embedding), "
+    print(f"model: {n:,} parameters ({model.num_params(embedding=False):,} without the embedding), "
           f"width multiplier m = {mcfg.width_mult:g}, μP {'on' if mcfg.use_mup else 'off'}")
     groups = mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
     print("peak LRs: " + ", ".join(f"{g['name']} {g['lr']:.4g} (wd {g['weight_decay']:g})" for g in groups))
@@ -727,8 +614,9 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
         tok = p["steps"] * p["batch"] * p["seq_len"]
         tokens_total += tok
         flops_total += tok * model.flops_per_token(p["seq_len"])
-        mem = memory_estimate_gb(mcfg, n, n_hidden, p, mb, world, False, mcfg.act_ckpt)
-        mem_lean = memory_estimate_gb(mcfg, n, n_hidden, p, mb, world, True, True)
+        muon = p["optimizer"] == "muon"
+        mem = model.memory_estimate_gb(mb, p["seq_len"], muon, world, False, mcfg.act_ckpt)
+        mem_lean = model.memory_estimate_gb(mb, p["seq_len"], muon, world, True, True)
         lrs = f"{lr_factor(p, 0):.4g}..{lr_factor(p, p['steps'] - 1):.4g}"
         print(f"{p['name']:<10} {p['steps']:>8,} {p['batch']:>5} x {p['seq_len']:<6} {mb:>5} x {acc:>3} x {world:<4} "
               f"{_si(tok):>10} {lrs:>25} {p['mix']:>7} {p['optimizer']:>6} {mem:>7.1f} {mem_lean:>10.1f}")
@@ -767,10 +655,16 @@ def heldout_loss(model, batches, device="cpu", autocast=None, rank: int = 0, wor
     return (total[0] / total[1]).item()
 
 
-def evaluate(model, mixture, cfg: TrainConfig, seq_len: int, rank: int, world: int, device, autocast) -> float:
-    """Held-out loss of the run: cfg.eval_windows fixed windows of the eval mix at this phase's length."""
-    batches = mixture.eval_batches(cfg.eval_windows, cfg.eval_batch, seq_len, seed=cfg.seed)
-    return heldout_loss(model, batches, device, autocast, rank, world)
+def evaluate(r, step: int, tokens: int, phase: dict) -> None:
+    """The run's held-out loss at `step`: cfg.eval_windows fixed windows of the eval mix at the phase's length."""
+    c = r.cfg
+    batches = r.mixture.with_weights(c.mixtures[c.eval_mix]).eval_batches(c.eval_windows, c.eval_batch,
+                                                                           phase["seq_len"], seed=c.seed)
+    ev = heldout_loss(r.raw, batches, r.device, r.autocast, r.rank, r.world)
+    r.summary["evals"].append((step, ev))
+    r.say(f"step {step}: held-out loss {ev:.4f}")
+    if r.sinks:
+        r.sinks.log({"step": step, "phase": phase["name"], "eval_loss": ev, "tokens": tokens})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -802,8 +696,7 @@ def start_metrics(out_dir: str, resumed_step: int | None, redo_row: bool = False
                          f"or choose another out_dir")
     rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
     keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r
-            and not redo_row] \
-        if rows else []
+            and not redo_row]
     with data.atomic_write(path) as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
 
@@ -953,7 +846,7 @@ def write_config(cfg: TrainConfig, mcfg: ModelConfig, machine: dict, say) -> Non
 
 def print_plan(cfg: TrainConfig, raw, world: int, start: int, say) -> None:
     n = raw.num_params()
-    say(f"model: {n / 1e6:.1f}M parameters ({(n - raw.tok_emb.weight.numel()) / 1e6:.1f}M without the embedding), "
+    say(f"model: {n / 1e6:.1f}M parameters ({raw.num_params(embedding=False) / 1e6:.1f}M without the embedding), "
         f"{raw.config.n_layer} x {raw.config.hidden}, width multiplier m = {raw.config.width_mult:g}")
     stop, step = _stop(cfg), 0
     for p in cfg.phases:
@@ -1006,19 +899,19 @@ class Meter:
         self.say(f"step {step}: {tps:,.0f} tok/s over the first steps; the whole run: about "
                  f"{(time.perf_counter() - t_start) / 60 + eta:.1f} min (ETA {eta:.1f} min)")
 
-    def row(self, step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg, closes=True) -> dict:
+    def row(self, r, step, tokens, phase, lr, grad_norm, stop, closes=True) -> dict:
         """The row of `step`; `closes`: a full interval ends here (a row cut short by a stop or a preemption
         keeps its sum, which the checkpoint carries into the resumed run)."""
         tps, eta = self._rate(tokens, step, stop)
         local = self.loss / self.n
-        row = {"step": step, "phase": phase["name"], "loss": all_reduce_mean(local, world).item(),
-               "lr": opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
+        row = {"step": step, "phase": phase["name"], "loss": all_reduce_mean(local, r.world).item(),
+               "lr": r.opts.groups[0]["base_lr"] * lr, "lr_factor": lr, "grad_norm": grad_norm.item(),
                "tokens": tokens, "tokens_per_s": tps, "seq_len": phase["seq_len"],
-               "global_batch": phase["batch"], "optimizer": opts.kind}
+               "global_batch": phase["batch"], "optimizer": r.opts.kind}
         line = (f"step {step}/{total_steps(self.phases)} {phase['name']} loss {row['loss']:.4f} lr {row['lr']:.3g} "
                 f"gnorm {row['grad_norm']:.3f} {tps:,.0f} tok/s ETA {eta:.1f} min")
-        if device.type == "cuda":
-            row["mfu"] = raw.flops_per_token(phase["seq_len"]) * tps / world / (cfg.gpu_peak_tflops * 1e12)
+        if r.device.type == "cuda":
+            row["mfu"] = r.raw.flops_per_token(phase["seq_len"]) * tps / r.world / (r.cfg.gpu_peak_tflops * 1e12)
             line += f" MFU {row['mfu']:.1%}"
         self.say(line)
         if closes:
@@ -1047,40 +940,100 @@ class _Preemption:
             signal.signal(sig, h)
 
 
-def enter_phase(cfg, phase, step, i, opts, mixture, world, sinks, say):
-    """A phase boundary: the micro-batch / accumulation split, the data mix, and possibly the optimizer switch
-    of the hidden matrices (logged as an event row). Returns (micro-batch, accumulation steps, mixture)."""
-    mb, accum = batch_split(phase, cfg.micro_batch, world)
-    say(f"phase {phase['name']}: steps {step}..{step + phase['steps'] - i - 1}, batch {phase['batch']} x "
-        f"{phase['seq_len']} = {mb} x {accum} accumulation x {world} ranks, mix {phase['mix']}, "
-        f"optimizer {phase['optimizer']}")
-    if phase["optimizer"] != opts.kind:
-        say(f"step {step}: optimizer switch {opts.kind} -> {phase['optimizer']} for the hidden matrices")
-        if sinks:
-            sinks.log({"step": step, "event": "optimizer_switch", "from": opts.kind, "to": phase["optimizer"],
-                       "phase": phase["name"]})
-        opts.use(phase["optimizer"])
-    return mb, accum, mixture.with_weights(cfg.mixtures[phase["mix"]])
+def start_run(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int, device, say) -> SimpleNamespace:
+    """Everything the loop needs, as one namespace: the data (checked against the whole curriculum before
+    anything trains), the model, the optimizers, the state to continue from, metrics.jsonl and config.json."""
+    torch.manual_seed(cfg.seed)
+    tok, mixture = build_data(cfg, mcfg, rank, world)
+    check_run(cfg, mixture, world)
+    raw = mup.build_model(mcfg, device)
+    if cfg.compile:
+        raw.compile_for_training()
+    model = raw
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+    opts = Optimizers(mup.param_groups(raw, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
+    step, tokens, unlogged = restore(cfg, mcfg, raw, opts, tok, device, say)
+    sinks = None
+    if rank == 0:
+        start_metrics(cfg.out_dir, step if cfg.resume and step else None, unlogged["steps"] > 0 and step < _stop(cfg))
+        write_config(cfg, mcfg, machine_info(device, world), say)
+        sinks = Sinks(cfg)
+    return SimpleNamespace(
+        cfg=cfg, mcfg=mcfg, rank=rank, world=world, device=device, say=say, tok=tok, mixture=mixture, raw=raw,
+        model=model, opts=opts, sinks=sinks, step=step, tokens=tokens, unlogged=unlogged,
+        autocast=torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"),
+        summary={"step": step, "losses": [], "evals": [], "out_dir": cfg.out_dir, "checkpoint": None})
 
 
-def train_step(model, params, opts, mixture, phase, step, mb, accum, rank, world, device, autocast, grad_clip):
+def enter_phase(r, phase, step, i) -> tuple[int, int]:
+    """A phase boundary: the micro-batch / accumulation split, the data mix (r.mixture), and possibly the
+    optimizer switch of the hidden matrices (logged as an event row). Returns (micro-batch, accumulation)."""
+    mb, accum = batch_split(phase, r.cfg.micro_batch, r.world)
+    r.say(f"phase {phase['name']}: steps {step}..{step + phase['steps'] - i - 1}, batch {phase['batch']} x "
+          f"{phase['seq_len']} = {mb} x {accum} accumulation x {r.world} ranks, mix {phase['mix']}, "
+          f"optimizer {phase['optimizer']}")
+    if phase["optimizer"] != r.opts.kind:
+        r.say(f"step {step}: optimizer switch {r.opts.kind} -> {phase['optimizer']} for the hidden matrices")
+        if r.sinks:
+            r.sinks.log({"step": step, "event": "optimizer_switch", "from": r.opts.kind, "to": phase["optimizer"],
+                         "phase": phase["name"]})
+        r.opts.use(phase["optimizer"])
+    r.mixture = r.mixture.with_weights(r.cfg.mixtures[phase["mix"]])
+    return mb, accum
+
+
+def train_step(r, params, phase, step, mb, accum):
     """One optimizer step over the phase's global batch: `accum` micro-batches of `mb` sequences on each rank.
     Returns this rank's loss and the global gradient norm, as device tensors (no sync)."""
-    loss_step = torch.zeros((), device=device)
+    loss_step = torch.zeros((), device=r.device)
     for micro in range(accum):
-        x, y = mixture.batch(step, micro, rank, world, mb, phase["seq_len"])
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = r.mixture.batch(step, micro, r.rank, r.world, mb, phase["seq_len"])
+        x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
         # DDP all-reduces the gradients only in the last micro-step's backward (a fresh context each use)
-        sync = model.no_sync if world > 1 and micro < accum - 1 else nullcontext
-        with sync(), autocast:
-            loss = model(x, y) / accum
+        sync = r.model.no_sync if r.world > 1 and micro < accum - 1 else nullcontext
+        with sync(), r.autocast:
+            loss = r.model(x, y) / accum
         with sync():
             loss.backward()
         loss_step += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opts.step()
-    opts.zero_grad()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, r.cfg.grad_clip)
+    r.opts.step()
+    r.opts.zero_grad()
     return loss_step, grad_norm
+
+
+def check_finite(first_bad: torch.Tensor, out_dir: str) -> None:
+    bad = int(first_bad.item())
+    if bad >= 0:
+        raise FloatingPointError(f"non-finite loss or gradient norm at step {bad + 1}: stopping; "
+                                 f"the last good checkpoint in {out_dir} is kept as it was")
+
+
+def write_checkpoint(r, step: int, tokens: int, meter: Meter, first_bad: torch.Tensor) -> None:
+    """Rank 0 writes the checkpoint of `step`, only if no step so far was non-finite and the weights are
+    finite; every rank learns whether it was written (an error on rank 0 stops all of them)."""
+    check_finite(first_bad, r.cfg.out_dir)
+    if not all(bool(torch.isfinite(p).all()) for p in r.raw.parameters()):
+        raise FloatingPointError(f"non-finite weights after step {step}: no checkpoint written; the last "
+                                 f"good checkpoint in {r.cfg.out_dir} is kept as it was")
+    state = {"model": r.raw.state_dict(), "optim": r.opts.state_dict(), "tokens": tokens,
+             "model_config": asdict(r.mcfg), "config": asdict(r.cfg), "tokenizer": r.tok.identity,
+             "log": {"loss_sum": all_reduce_mean(meter.loss, r.world).cpu(), "steps": meter.n},
+             "rng": {"cpu": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state(r.device) if r.device.type == "cuda" else None}}
+    error = None
+    if r.rank == 0:
+        try:
+            r.summary["checkpoint"] = save_checkpoint(r.cfg.out_dir, step, state, r.cfg.keep_checkpoints)
+            r.say(f"step {step}: checkpoint {r.summary['checkpoint']}")
+        except OSError as e:
+            error = str(e)
+    if r.world > 1:
+        checkpoint_handoff(r.rank, step, error, r.cfg.ckpt_timeout_s)
+    if error:
+        raise OSError(error)
 
 
 def train(argv: list[str]) -> dict:
@@ -1099,142 +1052,78 @@ def train(argv: list[str]) -> dict:
     cfg.device, cfg.dtype = resolve_machine(cfg.device, cfg.dtype, say)
     rank, world, device = setup_distributed(cfg)
     lock = RunLock(cfg.out_dir) if master else None
-    preemption = _Preemption()
+    preemption, r = _Preemption(), None
     try:
-        return _run(cfg, mcfg, rank, world, device, say, t_start, preemption)
+        r = start_run(cfg, mcfg, rank, world, device, say)
+        return train_loop(r, preemption, t_start)
     finally:
+        if r and r.sinks:
+            r.sinks.close()
         preemption.restore()
         if lock:
             lock.release()
 
 
-def _run(cfg, mcfg, rank, world, device, say, t_start, preemption) -> dict:
-    master = rank == 0
-    torch.manual_seed(cfg.seed)
-    tok, mixture = build_data(cfg, mcfg, rank, world)
-    check_run(cfg, mixture, world)  # the whole curriculum against the data, before anything trains
-    raw = mup.build_model(mcfg, device)
-    if cfg.compile:
-        raw.compile_for_training()
-    model = raw
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
-    opts = Optimizers(raw, cfg, cfg.phases[0]["optimizer"])
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
-    step, tokens, unlogged = restore(cfg, mcfg, raw, opts, tok, device, say)
-    sinks = None
-    if master:
-        start_metrics(cfg.out_dir, step if cfg.resume and step else None, unlogged["steps"] > 0 and step < _stop(cfg))
-        write_config(cfg, mcfg, machine_info(device, world), say)
-        sinks = Sinks(cfg)
-    try:
-        return _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture, raw, model, opts,
-                     autocast, step, tokens, unlogged, sinks)
-    finally:
-        if sinks:
-            sinks.close()
-
-
-def _loop(cfg, mcfg, rank, world, device, say, t_start, preemption, tok, mixture, raw, model, opts, autocast,
-          step, tokens, unlogged, sinks) -> dict:
-    master, phases, stop, start = rank == 0, cfg.phases, _stop(cfg), step
-    print_plan(cfg, raw, world, step, say)
+def train_loop(r, preemption: _Preemption, t_start: float) -> dict:
+    cfg, phases, stop, step, tokens = r.cfg, r.cfg.phases, _stop(r.cfg), r.step, r.tokens
+    start = step
+    print_plan(cfg, r.raw, r.world, step, r.say)
     if not can_plot():
-        say("note: matplotlib is not installed: no loss.png will be drawn (pip install matplotlib)")
-
-    summary = {"step": step, "losses": [], "evals": [], "out_dir": cfg.out_dir, "checkpoint": None}
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first step with a non-finite loss/grad
-
-    def check_finite():
-        bad = int(first_bad.item())
-        if bad >= 0:
-            raise FloatingPointError(f"non-finite loss or gradient norm at step {bad + 1}: stopping; "
-                                     f"the last good checkpoint in {cfg.out_dir} is kept as it was")
-
-    def checkpoint():
-        check_finite()
-        if not all(bool(torch.isfinite(p).all()) for p in raw.parameters()):
-            raise FloatingPointError(f"non-finite weights after step {step}: no checkpoint written; the last "
-                                     f"good checkpoint in {cfg.out_dir} is kept as it was")
-        state = {"model": raw.state_dict(), "optim": opts.state_dict(), "tokens": tokens,
-                 "model_config": asdict(mcfg), "config": asdict(cfg), "tokenizer": tok.identity,
-                 "log": {"loss_sum": all_reduce_mean(meter.loss, world).cpu(), "steps": meter.n},
-                 "rng": {"cpu": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        error = None
-        if master:
-            try:
-                summary["checkpoint"] = save_checkpoint(cfg.out_dir, step, state, cfg.keep_checkpoints)
-                say(f"step {step}: checkpoint {summary['checkpoint']}")
-            except OSError as e:
-                error = str(e)
-        if world > 1:
-            checkpoint_handoff(rank, step, error, cfg.ckpt_timeout_s)
-        if error:
-            raise OSError(error)
-
-    def evaluate_now(phase):
-        ev = evaluate(raw, mixture_eval(mixture, cfg), cfg, phase["seq_len"], rank, world, device, autocast)
-        summary["evals"].append((step, ev))
-        say(f"step {step}: held-out loss {ev:.4f}")
-        if sinks:
-            sinks.log({"step": step, "phase": phase["name"], "eval_loss": ev, "tokens": tokens})
-
+        r.say("note: matplotlib is not installed: no loss.png will be drawn (pip install matplotlib)")
+    first_bad = torch.full((), -1, dtype=torch.long, device=r.device)  # first step with a non-finite loss/grad
     due = lambda interval: interval and step % interval == 0  # noqa: E731
     if step and step < stop and due(cfg.eval_interval):  # the evaluation of the resumed step is redone
-        evaluate_now(phases[phase_at(phases, step - 1)[0]])
-    params = list(raw.parameters())
+        evaluate(r, step, tokens, phases[phase_at(phases, step - 1)[0]])
+    params = list(r.raw.parameters())
     cur_phase, mb, accum, preempted = None, 0, 0, False
-    meter = Meter(tokens, phases, device, say, unlogged)
+    meter = Meter(tokens, phases, r.device, r.say, r.unlogged)
     while step < stop:
-        if world > 1:
-            note_progress(rank, step)
+        if r.world > 1:
+            note_progress(r.rank, step)
         pi, i = phase_at(phases, step)
         phase = phases[pi]
         if pi != cur_phase:
             cur_phase = pi
-            mb, accum, mixture = enter_phase(cfg, phase, step, i, opts, mixture, world, sinks, say)
+            mb, accum = enter_phase(r, phase, step, i)
         lr = lr_factor(phase, i)
-        opts.set_lr(lr)
-        loss_step, grad_norm = train_step(model, params, opts, mixture, phase, step, mb, accum, rank, world,
-                                          device, autocast, cfg.grad_clip)
+        r.opts.set_lr(lr)
+        loss_step, grad_norm = train_step(r, params, phase, step, mb, accum)
         finite = torch.isfinite(loss_step) & torch.isfinite(grad_norm)
         first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
         step += 1
         tokens += phase["batch"] * phase["seq_len"]
         meter.add(loss_step)
-        preempted = any_rank(preemption.flag, world, device)
+        preempted = any_rank(preemption.flag, r.world, r.device)
         last = step == stop
         if due(cfg.log_interval) or last or preempted:
-            check_finite()
-            row = meter.row(step, tokens, phase, lr, opts, grad_norm, stop, raw, world, device, cfg,
-                            closes=bool(due(cfg.log_interval)))
-            summary["losses"].append(row.pop("local_loss"))
-            if sinks:
-                sinks.log(row)
+            check_finite(first_bad, cfg.out_dir)
+            row = meter.row(r, step, tokens, phase, lr, grad_norm, stop, closes=bool(due(cfg.log_interval)))
+            r.summary["losses"].append(row.pop("local_loss"))
+            if r.sinks:
+                r.sinks.log(row)
         elif step - start == 2:  # a first estimate of the whole run's time, long before the first log row
             meter.estimate(step, tokens, stop, t_start)
         if due(cfg.ckpt_interval) or last or preempted:  # before the evaluation: an evaluation never costs weights
-            checkpoint()
+            write_checkpoint(r, step, tokens, meter, first_bad)
         if preempted:
             break
         if due(cfg.eval_interval) or last:
-            evaluate_now(phase)
+            evaluate(r, step, tokens, phase)
         if due(cfg.ckpt_interval) or due(cfg.eval_interval) or last:
             meter.pause()  # checkpoints and evaluations are not training time
-    summary["step"] = step
+    r.summary["step"] = step
     if preempted:
-        say(f"preempted: stopped after step {step} with a checkpoint; continue with: "
-            f"python train.py {' '.join(sys.argv[1:]) or '...'} --resume")
-        summary["preempted"] = True
-        return summary
+        r.say(f"preempted: stopped after step {step} with a checkpoint; continue with: "
+              f"python train.py {' '.join(sys.argv[1:]) or '...'} --resume")
+        r.summary["preempted"] = True
+        return r.summary
     if step == stop and start == stop and stop:  # resumed a finished run: its final evaluation again
-        evaluate_now(phases[phase_at(phases, step - 1)[0]])
-    if world > 1:  # leave together: no rank tears the group down under another's last collective; before
+        evaluate(r, step, tokens, phases[phase_at(phases, step - 1)[0]])
+    if r.world > 1:  # leave together: no rank tears the group down under another's last collective; before
         dist.barrier()  # finish, so no rank waits (under dist_timeout_s) while rank 0 draws and samples
-    finish(cfg, raw, tok, device, summary, t_start, tokens, master, say)
-    return summary
+    if r.rank == 0:
+        finish(r, t_start, tokens)
+    return r.summary
 
 
 def can_plot() -> bool:
@@ -1245,11 +1134,9 @@ def can_plot() -> bool:
         return False
 
 
-def finish(cfg, raw, tok, device, summary, t_start, tokens, master, say) -> None:
+def finish(r, t_start: float, tokens: int) -> None:
     """The run's last lines: the loss curve, a sample, the numbers, where everything is, what to run next."""
-    if not master:
-        return
-    out = cfg.out_dir
+    cfg, raw, tok, device, summary, say, out = r.cfg, r.raw, r.tok, r.device, r.summary, r.say, r.cfg.out_dir
     plot = plot_runs({os.path.basename(os.path.normpath(out)): out}, os.path.join(out, "loss.png"))
     if summary["step"] == total_steps(cfg.phases) and cfg.sample_tokens > 0:
         g = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -1346,10 +1233,6 @@ def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def mixture_eval(mixture, cfg: TrainConfig):
-    return mixture.with_weights(cfg.mixtures[cfg.eval_mix])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import muon
 import train
 from conftest import write_config
 
@@ -336,8 +337,8 @@ def test_zero1_checkpoint_is_consolidated_and_resume_is_exact(runs):
     assert len(rest) == 6 and all("exp_avg_sq" in s for s in rest.values())
     # the consolidated file is an ordinary (unsharded) Muon state dict: a 1-process Muon loads all of it
     sd = ck["optim"]["hidden"]
-    m = train.Muon([{"params": [torch.nn.Parameter(torch.zeros(hidden[i]["momentum_buffer"].shape)) for i in g["params"]]}
-                    for g in sd["param_groups"]])
+    m = muon.Muon([{"params": [torch.nn.Parameter(torch.zeros(hidden[i]["momentum_buffer"].shape)) for i in g["params"]]}
+                   for g in sd["param_groups"]])
     m.load_state_dict(sd)
     params = [q for g in m.param_groups for q in g["params"]]
     assert all(torch.equal(m.state[q]["momentum_buffer"], hidden[i]["momentum_buffer"]) for i, q in enumerate(params))

@@ -14,6 +14,8 @@ import torch
 
 import data
 import model as model_mod
+import muon
+import mup
 import train
 from conftest import write_config
 
@@ -96,10 +98,12 @@ def test_dry_run_xmodel25(capsys):
     assert plan["flops"] == pytest.approx(flops, rel=1e-12)
     assert plan["gpu_hours"] == pytest.approx(flops / (989e12 * 0.4) / 3600, rel=1e-12)
     assert (c.gpus, c.gpu_peak_tflops, c.mfu) == (16, 989.0, 0.4)
-    # memory per GPU (memory_estimate_gb's docstring): 8 B/param weights + grads; AdamW 8 B/param, Muon 4 B
+    # memory per GPU (Xmodel.memory_estimate_gb's docstring): 8 B/param weights + grads; AdamW 8 B/param, Muon 4 B
     # per hidden weight, / world under ZeRO-1; activations 34 x tokens x hidden per layer (checkpointing:
     # 4 B x tokens x hidden per layer + one block's); the loss: a chunk of fp32 logits twice + fp32 grad of x
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
+    with torch.device("meta"):
+        meta = model_mod.Xmodel(m)
     for p in c.phases:
         share = p["batch"] // c.gpus
         mb = max(d for d in range(1, p.get("micro_batch", c.micro_batch) + 1) if share % d == 0)
@@ -109,7 +113,7 @@ def test_dry_run_xmodel25(capsys):
         gb = (8 * n + opt + 34 * tokens * h * L + loss) / 1e9
         lean = (8 * n + opt / c.gpus + 4 * tokens * h * L + 34 * tokens * h + loss) / 1e9
         assert rows[p["name"]][-2:] == [f"{gb:.1f}", f"{lean:.1f}"], p["name"]
-        assert train.memory_estimate_gb(m, n, n_hidden, p, mb, c.gpus, False, False) == pytest.approx(gb, rel=1e-12)
+        assert meta.memory_estimate_gb(mb, p["seq_len"], p["optimizer"] == "muon", c.gpus) == pytest.approx(gb, rel=1e-12)
     for name in ("warmup", "stable1", "stable2", "decay", "long16k", "GPU-hours", "1.52T", "hidden 0.001667"):
         assert name in out
 
@@ -269,7 +273,8 @@ def test_phase_mixtures_clipping_and_pruning_reach_the_run(tmp_path, tiny_data, 
 def test_switch_keeps_adamw_state_of_embedding_and_norms(tmp_path, tiny_data):
     conf = train.load_config([write_config(tmp_path / "c.py", tiny_data)])
     m = model_mod.Xmodel(conf["model"])
-    opts = train.Optimizers(m, conf["train"])
+    c = conf["train"]
+    opts = muon.Optimizers(mup.param_groups(m, c.lr, c.emb_lr, c.weight_decay), c)
     m(torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))).backward()
     opts.step()
     rest, before = opts.rest, {p: s for p, s in opts.rest.state.items()}
@@ -277,7 +282,7 @@ def test_switch_keeps_adamw_state_of_embedding_and_norms(tmp_path, tiny_data):
     assert {id(p) for p in opts.hidden.state} == hidden and not hidden & {id(p) for p in before}
     opts.use("muon")
     assert opts.rest is rest and all(opts.rest.state[p] is before[p] for p in before) and len(before) == 6  # embedding + 2 x 2 block norms + final norm
-    assert isinstance(opts.hidden, train.Muon) and not opts.hidden.state
+    assert isinstance(opts.hidden, muon.Muon) and not opts.hidden.state
     assert {id(p) for g in opts.hidden.param_groups for p in g["params"]} == hidden
     assert opts.hidden.param_groups[0]["lr"] == opts.groups[0]["lr"] == 0.05 / 2  # μP: base lr / m
     opts.use("adamw")

@@ -72,11 +72,12 @@ def peak_mem_mb(device: torch.device) -> float:
 
 
 def build_ours(mcfg: ModelConfig, tcfg, args, device):
-    """Our model with exactly the trainer's optimizers (train.Optimizers: μP groups, fused AdamW, Muon)."""
+    """Our model with exactly the trainer's optimizers (muon.Optimizers on the μP groups: fused AdamW, Muon)."""
     model = mup.build_model(mcfg, device)
     if args.compile:
         model.compile_for_training()
-    return model, train.Optimizers(model, tcfg, args.optimizer).all(), lambda x, y: model(x, y)
+    groups = mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay)
+    return model, muon.Optimizers(groups, tcfg, args.optimizer).all(), lambda x, y: model(x, y)
 
 
 def build_peer(mcfg: ModelConfig, args, device):

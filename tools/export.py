@@ -253,7 +253,7 @@ def checked_state_dict(ckpt: dict, where: str) -> tuple[ModelConfig, dict]:
         if key not in ckpt:
             raise ValueError(f"{where}: checkpoint has no {key!r} entry")
     try:
-        cfg = train.model_config_from(ckpt)
+        cfg = ModelConfig(**ckpt["model_config"])
     except TypeError as e:
         raise ValueError(f"{where}: model_config does not fit this ModelConfig ({e})") from None
     sd = ckpt["model"]

@@ -12,7 +12,7 @@ that reruns it; a failure in one is recorded and the next one runs:
             against the fp32-summation bound (ratio <= 1 passes)
     gemm    TFLOP/s at the 1.3B layer shapes (M = 4 x 3712, K/N from 1536/2560/3840/7680; forward, dgrad,
             wgrad): the Triton FP8 kernel, torch._scaled_mm, bf16 torch.mm
-    train   xmodel25's width with as many layers as fit (train.memory_estimate_gb vs the free memory),
+    train   xmodel25's width with as many layers as fit (Xmodel.memory_estimate_gb vs the free memory),
             micro-batch 4 x 3712, compiled, bf16 vs FP8 (both kernels): tokens/s, MFU vs the device's bf16
             peak, peak memory, and the losses of the same steps on the same synthetic batches, finite and
             equal within FP8 tolerance
@@ -160,18 +160,15 @@ def gemm(device, args, rec):
 # train: bf16 vs FP8 (both kernels), compiled, at xmodel25's width
 
 def fit_layers(mcfg, run, device) -> int:
-    """The most layers (<= the config's) whose training memory (train.memory_estimate_gb) fits 90% of the GPU."""
+    """The most layers (<= the config's) whose training memory (Xmodel.memory_estimate_gb) fits 90% of the GPU."""
     import dataclasses
-    import train
     from model import Xmodel
     free = torch.cuda.mem_get_info(device)[0] / 1e9 * 0.9
-    phase = dict(optimizer="adamw", seq_len=run["seq_len"])
     for n in range(mcfg.n_layer, 0, -1):
         cfg = dataclasses.replace(mcfg, n_layer=n)
         with torch.device("meta"):
             m = Xmodel(cfg)
-        n_hidden = sum(p.numel() for p in m.blocks.parameters() if p.dim() == 2)
-        if train.memory_estimate_gb(cfg, m.num_params(), n_hidden, phase, run["micro_batch"], 1, False, False) < free:
+        if m.memory_estimate_gb(run["micro_batch"], run["seq_len"]) < free:
             return n
     return 1
 
@@ -179,6 +176,7 @@ def fit_layers(mcfg, run, device) -> int:
 def train_section(device, args, rec):
     import dataclasses
     import fp8
+    import muon
     import mup
     import train
     from tools.bench import device_peak
@@ -202,7 +200,7 @@ def train_section(device, args, rec):
             model = mup.build_model(cfg, device)
             if compile_:
                 model.compile_for_training()
-            opts = train.Optimizers(model, tcfg, "adamw")
+            opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             losses, times = [], []
