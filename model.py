@@ -363,20 +363,24 @@ def _loss_and_grad_fused(logits, y, valid, scale: float):
 
 
 def _chunk_loss(logits, y, valid, scale: float, z=None, grad: bool = False):
-    """sum_i valid_i * -log softmax(scale * logits)_{i, y_i}, in place over the fp32 scratch z (same shape
-    as logits; None: fp32 logits already scaled by the caller are their own scratch), so no other
-    [rows, vocab] tensor is allocated. aten's log_softmax works one row (129,280 floats, which fit in L2)
-    at a time, so the rows cross memory about twice, not once per max/subtract/exp/sum pass.
-    With grad, `logits` is overwritten with dlogits up to a per-row factor: softmax - onehot(y)."""
-    z = logits if z is None else torch.mul(logits, scale, out=z)
-    torch.ops.aten._log_softmax.out(z, -1, False, out=z)  # row-wise kernel: in place is safe
-    nll = -z.gather(1, y[:, None]).squeeze(1)
+    """sum_i valid_i * (lse_i - z_{i,y_i}) for z = scale * logits, lse = logsumexp(z), in place over the
+    fp32 scratch z (same shape as logits; None: fp32 logits already scaled by the caller are their own
+    scratch), so no other [rows, vocab] tensor is allocated. aten's softmax works one row (129,280 floats,
+    which fit in L2) at a time, so the rows cross memory about twice rather than once per max, subtract,
+    exp, sum and divide. With grad, `logits` is overwritten with dlogits up to a per-row factor:
+    softmax(z) - onehot(y)."""
+    z = logits if z is None else z.copy_(logits).mul_(scale)
+    tgt = z.gather(1, y[:, None]).squeeze(1)
+    zmax = z.amax(dim=-1)
+    torch.ops.aten._softmax.out(z, -1, False, out=z)  # row-wise kernel: in place is safe
+    # at a row's maximum softmax is 1 / sum(exp(z - zmax)), so lse = zmax - log(max softmax); unlike
+    # -log(softmax at the target) it cannot underflow (the maximum is at least 1/vocab)
+    lse = zmax - z.amax(dim=-1).log()
     if grad:
-        z.exp_()
         z[torch.arange(len(y), device=z.device), y] -= 1
         if z is not logits:
             logits.copy_(z)
-    return (nll * valid).sum()
+    return ((lse - tgt) * valid).sum()
 
 
 _EAGER_ROWS = 256  # rows per eager softmax pass: the fp32 scratch is a quarter of a 1024-row chunk
@@ -404,7 +408,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     round trip; the chunk's logits, and then its gradient, live in one buffer reused by every chunk (a
     fresh [chunk, vocab] tensor per chunk costs the kernel's page faults, about as much as the softmax);
     every GEMM writes into preallocated memory (`out=`). Each pass over a [chunk, vocab] tensor costs
-    about as much as a GEMM here, so there are few: the softmax is aten's row-wise log_softmax in place,
+    about a tenth of a GEMM here, so there are few: the softmax is aten's row-wise kernel in place,
     and the per-row factors (the logit multiplier in fp32, valid / n_valid always) ride on the [chunk, D]
     operands of the GEMMs rather than on the logits."""
 
