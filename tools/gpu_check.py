@@ -9,7 +9,8 @@ that reruns it; a failure in one is recorded and the next one runs:
 
     kernel  fp8.fp8_matmul (the Triton FP8 GEMM, compiled) and fp8.torch_fp8_matmul (torch._scaled_mm) vs a
             float64 reference, e4m3 x e4m3 and e5m2 x e4m3, b K-major and row-major; the error is reported
-            against the fp32-summation bound (ratio <= 1 passes)
+            against the fp32-summation bound (ratio <= 1 passes); and the eager chunked loss (aten's softmax in
+            place) in fp32 and bf16 against float64 cross-entropy, loss and gradients
     gemm    TFLOP/s at the 1.3B layer shapes (M = 4 x 3712, K/N from 1536/2560/3840/7680; forward, dgrad,
             wgrad): the Triton FP8 kernel, torch._scaled_mm, bf16 torch.mm
     train   xmodel25's width with as many layers as fit (Xmodel.memory_estimate_gb vs the free memory),
@@ -123,9 +124,26 @@ def kernel(device, args, rec):
                 except Exception as e:  # e.g. _scaled_mm without a CPU kernel, or a layout cuBLASLt refuses
                     row.update(status="unavailable" if name == "torch" else "failed", error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
+    # the eager chunked loss (evaluation, and training without compile) runs aten's softmax in place over its
+    # logits (model._chunk_loss): check the device's softmax kernel allows that, loss and gradients vs float64
+    from model import chunked_cross_entropy
+    h = torch.randn(300, 64, generator=g).to(device)
+    w = (torch.randn(5000, 64, generator=g) * 0.3).to(device)
+    y = torch.randint(0, 5000, (300,), generator=g).to(device)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(0.5 * h64 @ w64.T, y)
+    ref.backward()
+    for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):  # bf16: its GEMM inputs round to 8 bits
+        hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = chunked_cross_entropy(hx.to(dt), wx, y, 0.5, 128)
+        loss.backward()
+        errs = [float((loss.double() - ref).abs() / ref.abs())] + [
+            float((a.grad.double() - b.grad).norm() / b.grad.norm()) for a, b in ((hx, h64), (wx, w64))]
+        rows.append(dict(kernel="chunked_ce", dtype=str(dt)[6:], rel_err_loss_dh_dw=errs,
+                         status="ok" if max(errs) <= tol else "failed"))
     bad = [r for r in rows if r["status"] == "failed"]
     if bad:
-        raise AssertionError(f"{len(bad)} kernel checks outside the fp32 bound: {bad}")
+        raise AssertionError(f"{len(bad)} kernel checks outside their bound: {bad}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,7 +391,8 @@ def markdown(report: dict) -> str:
 def summary(r: dict) -> str:
     s = r["section"]
     if s == "kernel":
-        return "; ".join(f"{x['kernel']} {x['a']}x{x['b']} {x['layout']}: {x['status']}"
+        return "; ".join(f"{x['kernel']} " + (f"{x['dtype']}" if "dtype" in x else f"{x['a']}x{x['b']} {x['layout']}")
+                         + f": {x['status']}"
                          + (f" ({x['error_over_bound']:.2g} of bound)" if "error_over_bound" in x else "")
                          for x in r.get("results", []))
     if s == "gemm":
