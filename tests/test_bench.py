@@ -52,6 +52,10 @@ def test_bench_peer_same_shape_and_consistent_ratios(tmp_path):
     assert r["speedup"] == pytest.approx(ours["tokens_per_s"] / peer["tokens_per_s"])
     assert r["mem_ratio"] == pytest.approx(ours["peak_mem_mb"] / peer["peak_mem_mb"])
     assert ours["peak_mem_mb"] > 0 and peer["peak_mem_mb"] > 0 and ours["tokens"] == peer["tokens"] == 64
+    # the cap: the output layer's 3 GEMMs over one step's 2 x 16 tokens, vocab 512, hidden 32, timed apart
+    assert r["bound"]["bound_gflop"] == pytest.approx(3 * 2 * 32 * 512 * 32 / 1e9)
+    assert r["bound"]["bound_ms"] > 0
+    assert r["speedup_cap"] == pytest.approx(peer["step_ms"] / r["bound"]["bound_ms"])
 
 
 def test_bench_bad_config(tmp_path):

@@ -23,7 +23,9 @@ and reports:
 --peer runs Hugging Face transformers' LlamaForCausalLM of the same shape (tied embeddings, SDPA
 attention, bf16 autocast, torch.optim.AdamW as it comes) with the same timing loop, each model in its own
 subprocess, alternating ours/peer --repeats times (the machine may be shared: alternation puts both
-under the same load), and prints both with the ratios. With --json the last printed line is one JSON
+under the same load), and prints both with the ratios, and a cap: the output layer's three GEMMs and one
+exp per logit timed alone (work both steps must do), so peer step / that time is the most any exact
+implementation could gain over the peer at this shape, dtype and thread count. With --json the last printed line is one JSON
 object (tokens_per_s, peak_mem_mb, step_ms, flops_per_token, ...). `tokens` counts the tokens the timed
 steps actually fed the model and `timed_s` is their total wall time.
 """
@@ -201,6 +203,35 @@ def common_argv(args) -> list[str]:
     return argv
 
 
+def output_layer_bound(args, vocab: int, hidden: int, tokens: int) -> dict:
+    """The part of a training step that no exact implementation can skip, timed alone: the output layer's
+    three GEMMs, logits = h W^T, dh = G W, dW = G^T h ([tokens, hidden] x [hidden, vocab] each), and one exp
+    per logit (the softmax), in the bench's device, dtype and threads, at the better of two chunk sizes.
+    Our step and the peer's both contain this work, so peer step / bound caps the speed-up over the peer
+    that any implementation could reach (the blocks and attention cost more on top: a cap, not a forecast)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    h = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(vocab, hidden, device=device, dtype=dtype) * 0.02  # logits ~0.2: exp stays finite
+    dh, dw = torch.empty_like(h), torch.zeros_like(w)
+    best = float("inf")
+    for rows in (256, 1024):
+        buf = torch.empty(min(rows, tokens), vocab, device=device, dtype=dtype)
+        for rep in range(3):  # the first is a warm-up
+            sync()
+            t0 = time.perf_counter()
+            for i in range(0, tokens, rows):
+                hc = h[i:i + rows]
+                g = torch.mm(hc, w.t(), out=buf[:len(hc)]).exp_()
+                torch.mm(g, w, out=dh[i:i + rows])
+                dw.addmm_(g.t(), hc)
+            sync()
+            best = min(best, time.perf_counter() - t0) if rep else best
+    return dict(bound_ms=best * 1e3, bound_gflop=3 * 2 * tokens * vocab * hidden / 1e9)
+
+
 def compare_with_peer(args) -> dict:
     ours, peer = [], []
     for rep in range(args.repeats):  # alternate, so both see the same background load
@@ -220,8 +251,15 @@ def compare_with_peer(args) -> dict:
     speed, mem = o["tokens_per_s"] / p["tokens_per_s"], o["peak_mem_mb"] / p["peak_mem_mb"]
     print(f"  speed x{speed:.2f} best/best, x{statistics.median(pairs):.2f} median of the alternating pairs "
           f"({', '.join(f'{r:.2f}' for r in pairs)});  peak memory x{mem:.3f} of the peer's")
+    mcfg = train.load_config([args.config])["model"]
+    bound = output_layer_bound(args, mcfg.vocab_size, mcfg.hidden, o["batch_size"] * o["seq_len"])
+    cap = p["step_ms"] / bound["bound_ms"]
+    print(f"  bound: the output layer's 3 GEMMs ({bound['bound_gflop']:.0f} GFLOP) and one exp per logit take "
+          f"{bound['bound_ms']:.0f} ms alone, in any exact implementation: no step can beat the peer's by more "
+          f"than x{cap:.2f}; on top of it ours spends {o['step_ms'] - bound['bound_ms']:.0f} ms, "
+          f"the peer {p['step_ms'] - bound['bound_ms']:.0f} ms")
     return dict(ours=o, peer=p, speedup=speed, median_pair_speedup=statistics.median(pairs), mem_ratio=mem,
-                pair_speedups=pairs,
+                pair_speedups=pairs, bound=bound, speedup_cap=cap,
                 tokens_per_s=o["tokens_per_s"], peak_mem_mb=o["peak_mem_mb"], step_ms=o["step_ms"],
                 flops_per_token=o["flops_per_token"])
 
