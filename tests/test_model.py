@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import mup  # noqa: E402
+import model as model_mod  # noqa: E402
 from model import ModelConfig, Xmodel, apply_rope, chunked_cross_entropy, rope_tables  # noqa: E402
 
 MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -627,6 +628,25 @@ def test_too_long_input_raises():
     model = tiny_model(max_seq_len=16)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_compiled_model_compiles_the_loss_chunk_except_fp32_on_cpu(monkeypatch):
+    """compile_for_training compiles the loss chunk where it is the faster path (bf16 autocast here; CUDA),
+    not for fp32 on a CPU, where aten's row-wise softmax is faster."""
+    seen = []
+    real = model_mod.chunked_cross_entropy
+
+    def spy(*args, compiled=False):
+        seen.append(compiled)
+        return real(*args)  # eagerly: the compiled chunk's numbers are the next test's
+    monkeypatch.setattr(model_mod, "chunked_cross_entropy", spy)
+    m = tiny_model()
+    m.compiled = True  # what compile_for_training sets, without compiling the blocks
+    x = torch.randint(0, m.config.vocab_size, (1, 8))
+    m(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(x, x)
+    assert seen == [False, True]
 
 
 def test_compiled_loss_chunk_equals_eager():

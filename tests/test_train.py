@@ -518,9 +518,10 @@ def test_fp8_history_advances_per_micro_batch_and_rolls_over_at_128(tmp_path, ti
 
 
 def test_compiled_training_equals_eager(tmp_path, tiny_data):
-    """compile=True (Inductor, C++ codegen: CI has gcc) trains the same model as eager: each block and the
-    loss's per-chunk softmax/gradient compiled, 3 AdamW steps of the smallest model (1 block). Not bitwise:
-    Inductor fuses RMSNorm, SiLU, RoPE and the softmax into loops of its own summation order, so each loss
+    """compile=True (Inductor, C++ codegen: CI has gcc) trains the same model as eager: each block compiled
+    (the loss chunk stays eager in fp32 on a CPU; its compiled form is checked against the eager one in
+    test_model), 3 AdamW steps of the smallest model (1 block). Not bitwise:
+    Inductor fuses RMSNorm, SiLU and RoPE into loops of its own summation order, so each loss
     moves by a few fp32 ulps (2^-23 relative each). The bound, 2^-13 relative (1024 ulps), is a budget of
     roundings, not a measurement: a real difference under compile (a dropped multiplier, mask or RoPE, a
     wrong loss scale or gradient) moves the loss by 1e-3 or more within these 3 steps."""
@@ -531,7 +532,7 @@ def test_compiled_training_equals_eager(tmp_path, tiny_data):
     counters = torch._dynamo.utils.counters
     counters.clear()
     compiled = train.train([cfg, f"--out_dir={tmp_path / 'compiled'}", "--compile=True"])["losses"]
-    assert counters["stats"]["unique_graphs"] >= 2, dict(counters["stats"])  # the block and the loss chunk
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])  # the block
     assert len(eager) == len(compiled) == 3 and abs(eager[2] - eager[0]) > 1e-2  # the steps did train
     for step, (e, c) in enumerate(zip(eager, compiled)):
         assert abs(c - e) <= 2.0 ** -13 * abs(e), (step, e, c)
