@@ -25,9 +25,9 @@ attention, bf16 autocast, torch.optim.AdamW as it comes) with the same timing lo
 subprocess, alternating ours/peer --repeats times (the machine may be shared: alternation puts both
 under the same load), and prints both with the ratios, and a cap: the output layer's three GEMMs and one
 exp per logit timed alone (work both steps must do), so peer step / that time is the most any exact
-implementation could gain over the peer at this shape, dtype and thread count. With --json the last printed line is one JSON
-object (tokens_per_s, peak_mem_mb, step_ms, flops_per_token, ...). `tokens` counts the tokens the timed
-steps actually fed the model and `timed_s` is their total wall time.
+implementation could gain over the peer at this shape, dtype and thread count. With --json the last
+printed line is one JSON object (tokens_per_s, peak_mem_mb, step_ms, flops_per_token, ...). `tokens`
+counts the tokens the timed steps actually fed the model and `timed_s` is their total wall time.
 """
 import argparse
 import dataclasses
@@ -65,6 +65,12 @@ def device_peak(device: torch.device, kind: str = "bf16") -> float | None:
         if key in name:
             return peaks[kind]
     return None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work before reading a clock (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def peak_mem_mb(device: torch.device) -> float:
@@ -121,7 +127,6 @@ def run(args) -> dict:
     data = torch.randint(0, mcfg.vocab_size, (B, T + 1), device=device)
     x, y = data[:, :-1], data[:, 1:]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seen = [0]  # tokens that reached the model
 
     def step():
@@ -129,16 +134,16 @@ def run(args) -> dict:
         seen[0] += x.numel()
         with autocast:
             loss = loss_fn(x, y)
-        sync()
+        synchronize(device)
         t1 = time.perf_counter()
         loss.backward()
-        sync()
+        synchronize(device)
         t2 = time.perf_counter()
         for opt in opts:
             opt.step()
         for opt in opts:
             opt.zero_grad(set_to_none=True)
-        sync()
+        synchronize(device)
         t3 = time.perf_counter()
         return t1 - t0, t2 - t1, t3 - t2, loss
 
@@ -163,7 +168,8 @@ def run(args) -> dict:
     return dict(model="hf_llama" if args.run_peer else "xmodel", config=os.path.basename(args.config),
                 device=device.type, dtype=args.dtype, batch_size=B, seq_len=T, hidden=mcfg.hidden,
                 compile=bool(args.compile), optimizer="adamw" if args.run_peer else args.optimizer,
-                threads=torch.get_num_threads(), steps=args.steps, tokens=seen[0], timed_s=timed_s, tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_ms=fwd * 1e3,
+                threads=torch.get_num_threads(), steps=args.steps, tokens=seen[0], timed_s=timed_s,
+                tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_ms=fwd * 1e3,
                 bwd_ms=bwd * 1e3, opt_ms=optim * 1e3, warmup_s=warm_s, peak_mem_mb=peak_mem_mb(device),
                 flops_per_token=flops_tok, mfu=(flops_tok * tok_s / peak) if peak else None,
                 mfu_fp8_peak=(flops_tok * tok_s / peak8) if peak8 else None, fp8=mcfg.fp8, loss=loss,
@@ -212,23 +218,24 @@ def output_layer_bound(args, vocab: int, hidden: int, tokens: int) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     h = torch.randn(tokens, hidden, device=device, dtype=dtype)
     w = torch.randn(vocab, hidden, device=device, dtype=dtype) * 0.02  # logits ~0.2: exp stays finite
     dh, dw = torch.empty_like(h), torch.zeros_like(w)
     best = float("inf")
     for rows in (256, 1024):
         buf = torch.empty(min(rows, tokens), vocab, device=device, dtype=dtype)
-        for rep in range(3):  # the first is a warm-up
-            sync()
+        times = []
+        for _ in range(3):
+            synchronize(device)
             t0 = time.perf_counter()
             for i in range(0, tokens, rows):
                 hc = h[i:i + rows]
                 g = torch.mm(hc, w.t(), out=buf[:len(hc)]).exp_()
                 torch.mm(g, w, out=dh[i:i + rows])
                 dw.addmm_(g.t(), hc)
-            sync()
-            best = min(best, time.perf_counter() - t0) if rep else best
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+        best = min(best, *times[1:])  # the first is a warm-up
     return dict(bound_ms=best * 1e3, bound_gflop=3 * 2 * tokens * vocab * hidden / 1e9)
 
 
@@ -327,12 +334,11 @@ def muon_cost(args) -> dict:
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()  # warm-up (state allocation)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             opt.step()
-        sync()
+        synchronize(device)
         return (time.perf_counter() - t0) / args.steps
 
     t_muon = time_steps(lambda ps: muon.Muon(ps, lr=1e-3, weight_decay=0.1))
