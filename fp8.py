@@ -63,6 +63,17 @@ The GEMM (fp8_matmul)
     from a transposed layout. On the CPU the same scaling logic runs with an emulated GEMM
     (dequantize to fp32, matmul): the same numbers up to fp32 accumulation order.
 
+Accumulation (Transformer Engine's "split accumulator")
+    Hopper's fp8 wgmma does not add its products into a true fp32 accumulator: it keeps fewer mantissa
+    bits (DeepSeek-V3 measured ~14 on H800; relative errors near 2% for K = 4096). Triton calls that
+    "imprecise accumulation" and does it for the whole K loop by default on sm_90, cuBLASLt when asked for
+    fast accumulation. The remedy is to add each block of BLOCK_K (64-128) products into a separate fp32
+    accumulator (Triton's max_num_imprecise_acc = BLOCK_K, DeepSeek-V3's "promotion" every 128 products,
+    cuBLASLt's default): a few fp32 adds per tile. Transformer Engine, whose recipe the paper uses, keeps
+    fast accumulation for the forward (K = the layer's input width, 1536-3840 here) and splits it for the
+    two backward GEMMs (dgrad; wgrad, whose K is every token of the micro-batch, 14,848 and more), and so
+    does FP8Linear (fast_accum=True for y only). Ada GPUs and the CPU accumulate in fp32 either way.
+
 Two GEMM kernels (FP8Linear(gemm=...), the model's `fp8_backend`), same quantization and delayed scaling:
 "triton" = fp8_matmul above; "torch" = torch._scaled_mm (cuBLASLt on CUDA; torch also has a CPU
 implementation), which takes dequantization scales, 1/s_a and 1/s_b, and needs K-major operands on CUDA.
@@ -154,8 +165,9 @@ def _interpreting():
 
 # Hopper (H100) configurations for fp8 (the tensor-core K step of fp8 wgmma is 32, so BLOCK_K >= 32;
 # 128x128 or 128x256 tiles with BLOCK_K 128 keep the 4th-gen tensor cores busy, 3-4 pipeline stages
-# hide the global-memory latency, 8 warps = 2 warpgroups).
-_H100_CONFIGS = [
+# hide the global-memory latency, 8 warps = 2 warpgroups). The autotuner skips those whose accumulator
+# would spill (accumulator_fits): with the split accumulator the largest tile is 128x128 on 8 warps.
+H100_CONFIGS = [
     # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
     (128, 256, 128, 8, 8, 3),
     (256, 128, 128, 8, 8, 3),
@@ -165,20 +177,31 @@ _H100_CONFIGS = [
     (128, 64, 128, 8, 4, 4),
     (64, 64, 128, 8, 4, 5),
 ]
+
+
+def accumulator_fits(block_m, block_n, num_warps, fast_accum):
+    """Whether a tile's fp32 accumulator stays in registers: BLOCK_M x BLOCK_N / (32 num_warps) values per
+    thread, twice that with the split accumulator; past 128 of a thread's 255 registers ptxas spills
+    (seen compiling for sm_90a: 128x256 and 8 warps spills with the split accumulator, not without)."""
+    return block_m * block_n // (32 * num_warps) * (1 if fast_accum else 2) <= 128
+
+
 # The interpreter runs one program at a time in numpy: one tiny tile, no autotuning sweep.
 _INTERPRET_CONFIG = (16, 16, 32, 2, 1, 1)
 
 _KERNELS = {}  # interpret? -> launchable kernel
 
 
-def _build_kernel(interpret):
+def build_kernel(interpret):
+    """The autotuned Triton FP8 GEMM (its .fn is the kernel itself): H100_CONFIGS for the GPU, one tiny
+    tile for the interpreter. Whether Triton interprets it is decided by TRITON_INTERPRET at this call."""
     import triton
     import triton.language as tl
 
     def fp8_matmul_kernel(a_ptr, b_ptr, c_ptr, scale_a_ptr, scale_b_ptr, M, N, K,
                           stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr, OUT_BF16: tl.constexpr):
+                          GROUP_M: tl.constexpr, OUT_BF16: tl.constexpr, FAST_ACCUM: tl.constexpr):
         # Only builtins here (no tl.cdiv / tl.zeros): those are @triton.jit helpers bound when Triton
         # is imported, so if Triton was imported before TRITON_INTERPRET=1 was set (another test
         # file, torch._inductor) the interpreter could not call them; builtins work either way.
@@ -206,7 +229,9 @@ def _build_kernel(interpret):
             # masked lanes load 0, which adds nothing to the dot product
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
             b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.float32)
+            # Hopper: FAST_ACCUM keeps the whole K loop in the tensor cores' own accumulator; else every
+            # BLOCK_K products are added into a true fp32 one (the split accumulator, docstring)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=None if FAST_ACCUM else BLOCK_K, out_dtype=tl.float32)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
@@ -226,9 +251,14 @@ def _build_kernel(interpret):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
                              num_warps=warps, num_stages=stages)
 
-    configs = [config(*_INTERPRET_CONFIG)] if interpret else [config(*c) for c in _H100_CONFIGS]
+    def prune(configs, named_args, **kwargs):
+        return [c for c in configs if accumulator_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                       kwargs["FAST_ACCUM"])]
+
+    configs = [config(*_INTERPRET_CONFIG)] if interpret else [config(*c) for c in H100_CONFIGS]
     # the K-contiguity of the operands (stride_ak, stride_bk) changes which tile is fastest
-    return triton.autotune(configs=configs, key=["M", "N", "K", "stride_ak", "stride_bk"])(triton.jit(fp8_matmul_kernel))
+    return triton.autotune(configs=configs, key=["M", "N", "K", "stride_ak", "stride_bk", "FAST_ACCUM"],
+                           prune_configs_by={"early_config_prune": prune})(triton.jit(fp8_matmul_kernel))
 
 
 def _check_cuda_capability(device):
@@ -258,8 +288,9 @@ def _check_operands(who, a, b, scale_a, scale_b, out_dtype):
         raise ValueError(f"{who}: out_dtype must be torch.bfloat16 or torch.float32, got {out_dtype}")
 
 
-def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
-    """C = (a @ b) / (scale_a * scale_b) with the Triton kernel, accumulated in fp32.
+def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accum=False):
+    """C = (a @ b) / (scale_a * scale_b) with the Triton kernel, accumulated in fp32 (on Hopper, with
+    fast_accum, in the tensor cores' own accumulator: see "Accumulation" in the module docstring).
 
     a [M, K] and b [K, N] are float8_e4m3fn or float8_e5m2 tensors (any pair), with any strides
     (transposed views are fine; on Hopper K-contiguous operands are fastest, see the docstring);
@@ -273,7 +304,7 @@ def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
         raise RuntimeError(f"fp8_matmul: tensors on {a.device}; the Triton kernel needs CUDA, "
                            "or TRITON_INTERPRET=1 to run on the CPU")
     if interpret not in _KERNELS:
-        _KERNELS[interpret] = _build_kernel(interpret)
+        _KERNELS[interpret] = build_kernel(interpret)
     kernel = _KERNELS[interpret]
 
     M, K = a.shape
@@ -284,11 +315,11 @@ def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
     grid = lambda meta: (math.ceil(M / meta["BLOCK_M"]) * math.ceil(N / meta["BLOCK_N"]),)
     kernel[grid](a, b, c, scale_a.reshape(()), scale_b.reshape(()), M, N, K,
                  a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                 OUT_BF16=out_dtype == torch.bfloat16)
+                 OUT_BF16=out_dtype == torch.bfloat16, FAST_ACCUM=bool(fast_accum))
     return c
 
 
-def torch_fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
+def torch_fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accum=False):
     """The same product as fp8_matmul with torch._scaled_mm (cuBLASLt on CUDA, torch's own kernel on the
     CPU). _scaled_mm multiplies by dequantization scales, so it gets 1/scale_a and 1/scale_b. On CUDA it
     needs a row-major and b column-major (K-major, as FP8Linear feeds them), sizes that are multiples
@@ -298,7 +329,7 @@ def torch_fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
         _check_cuda_capability(a.device)
     one = torch.ones((), dtype=torch.float32, device=a.device)
     return torch._scaled_mm(a, b, scale_a=one / scale_a.reshape(()), scale_b=one / scale_b.reshape(()),
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=bool(fast_accum))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,14 +369,15 @@ def _k_major(t, dim):
     return t.contiguous() if dim == 1 else t.t().contiguous().t()
 
 
-def scaled_gemm(a, b, scale_a, scale_b, out_dtype, gemm="triton"):
+def scaled_gemm(a, b, scale_a, scale_b, out_dtype, gemm="triton", fast_accum=False):
     """(a @ b) / (scale_a * scale_b) with the kernel `gemm` where it runs for a's device (else emulated),
-    returned in out_dtype. Kernel operands are made K-major first (Hopper's fp8 wgmma and cuBLASLt)."""
+    returned in out_dtype. Kernel operands are made K-major first (Hopper's fp8 wgmma and cuBLASLt).
+    fast_accum: the forward's choice (module docstring, "Accumulation"); the emulation is exact either way."""
     gemm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float32) else torch.float32
     backend = resolve_backend(a.device, gemm)
     if backend != "emulate":
         kernel = fp8_matmul if backend == "triton" else torch_fp8_matmul
-        c = kernel(_k_major(a, 1), _k_major(b, 0), scale_a, scale_b, gemm_dtype)
+        c = kernel(_k_major(a, 1), _k_major(b, 0), scale_a, scale_b, gemm_dtype, fast_accum)
     else:
         c = emulated_matmul(a, b, scale_a, scale_b, gemm_dtype)
     return c.to(out_dtype)
@@ -368,7 +400,7 @@ class _FP8LinearFunction(torch.autograd.Function):
             amaxes = _all_reduce_max(torch.stack([amax(x), amax(weight)]))
             for role in (INPUT, WEIGHT):
                 update_delayed_scale(history[role], scale[role], amaxes[role], FP8_MAX[E4M3], margin)
-        y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype, gemm)
+        y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype, gemm, fast_accum=True)
         ctx.save_for_backward(x_q, w_q, scale_x, scale_w)
         # the state buffers are mutated in place every step, so they are kept out of save_for_backward
         ctx.state = (history, scale, update, margin, gemm)

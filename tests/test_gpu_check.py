@@ -17,19 +17,35 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert r["status"] == "ok", (r["section"], r.get("error"))
         assert r["versions"]["torch"] and r["device"] == "cpu" and f"--sections {r['section']}" in r["command"]
         assert f"| {r['section']} | ok |" in md
-    kernel, gemm, train, ns, dist = saved["sections"]
+    sm90, kernel, gemm, train, ns, dist = saved["sections"]
+    # the Triton kernel compiled for Hopper from this CPU: every config the autotuner would try, per GEMM
+    import fp8
+    tried = [(r["gemm"], r["config"]) for r in sm90["results"]]
+    assert tried == [(g, list(c)) for g, *_, fast in gpu_check.SM90_GEMMS for c in fp8.H100_CONFIGS
+                     if fp8.accumulator_fits(c[0], c[1], c[4], fast)]
+    assert len(sm90["pruned"]) == 6 and ["wgrad", 128, 256, 128, 8, 8, 3] in sm90["pruned"]  # split acc: spills
+    for r in sm90["results"]:
+        fmt = "e4m3.e4m3" if r["gemm"] == "fwd" else "e5m2.e4m3"
+        assert r["wgmma"] and all(w.endswith(f".f32.{fmt}") for w in r["wgmma"]), r
+        assert r["stage_buffers"] >= 2 and r["shared"] <= gpu_check.SM90_SHARED_LIMIT  # pipelined, fits
+        assert 0 < r["reg"] <= 255 and r["local"] == r["stack"] == 0
+        # the split accumulator: one fp32 add per accumulator value held by a thread, none with fast accumulation
+        bm, bn, _, _, warps, _ = r["config"]
+        assert (r["fp32_adds"] == 0) if r["fast_accum"] else (r["fp32_adds"] >= bm * bn // (32 * warps)), r
     # 2 format pairs x 2 layouts x 2 kernels, each inside the fp32-summation bound (torch 2.13 has a CPU _scaled_mm)
     fp8_rows = [x for x in kernel["results"] if x["kernel"] != "chunked_ce"]
-    assert len(fp8_rows) == 8
-    assert {(x["kernel"], x["a"], x["b"], x["layout"]) for x in fp8_rows} == {
-        (k, a, "float8_e4m3fn", lay) for k in ("triton", "torch") for a in ("float8_e4m3fn", "float8_e5m2")
-        for lay in ("k_major", "row_major")}
-    assert all(0 <= x["error_over_bound"] <= 1 for x in fp8_rows)
+    assert len(fp8_rows) == 12
+    assert {(x["kernel"], x["a"], x["b"], x["layout"], x["fast_accum"]) for x in fp8_rows} == {
+        (k, a, "float8_e4m3fn", lay, fast) for k in ("triton", "torch") for a in ("float8_e4m3fn", "float8_e5m2")
+        for lay, fast in (("k_major", False), ("k_major", True), ("row_major", False))}
+    assert all(0 <= x["error_over_bound"] <= 1 for x in fp8_rows)  # fp32 accumulation on a CPU, fast or not
     # the eager chunked loss on the device vs float64 cross-entropy, in fp32 and bf16
     ce = {x["dtype"]: x["rel_err_loss_dh_dw"] for x in kernel["results"] if x["kernel"] == "chunked_ce"}
     assert set(ce) == {"float32", "bfloat16"} and max(ce["float32"]) < 1e-4 and max(ce["bfloat16"]) < 3e-2
     assert len(gemm["results"]) == 4 * 3 and all(
         x[k] > 0 for x in gemm["results"] for k in ("bf16_mm_tflops", "triton_fp8_tflops", "torch_scaled_mm_tflops"))
+    assert [(x["gemm"], x["fast_accum"], "triton_fp8_fast_tflops" in x) for x in gemm["results"][:3]] == [
+        ("fwd", True, False), ("dgrad", False, True), ("wgrad", False, True)]
     assert gemm["results"][0]["M"] == 32 and gemm["results"][0]["K"] == 32  # the tiny config's qkv forward
     runs = train["runs"]
     assert set(runs) == {"bf16", "fp8_triton", "fp8_torch"}
@@ -65,3 +81,31 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_rest_run(tmp_path,
     assert gemm["status"] == "timeout" and "time box" in gemm["error"]
     assert ns["status"] == "ok" and ns["matrices"] == 14
     assert "boom" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_budget_cuts_the_last_sections_short_and_skips_what_it_cannot_start(tmp_path, monkeypatch):
+    """--budget_s (a lent GPU's 600 s command limit): a section gets at most what is left; once under 5 s
+    is left the rest are skipped, recorded, and the report is still written."""
+    monkeypatch.setitem(gpu_check.RUNNERS, "kernel", lambda device, args, rec: time.sleep(30))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    t0 = time.perf_counter()
+    gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--sections", "kernel,ns", "--budget_s", "6"])
+    assert time.perf_counter() - t0 < 20
+    kernel, ns = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert kernel["status"] == "timeout" and kernel["time_box_s"] == 6
+    assert ns["status"] == "skipped" and "--budget_s" in ns["error"]
+    assert "| ns | skipped |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_sm90_section_fails_on_a_spilling_tile(tmp_path, monkeypatch):
+    """The sm_90 check reads spills from the compiled kernel: a 128x256 tile on 8 warps compiles clean with
+    fast accumulation and spills with the split accumulator, so forcing the autotuner to keep it fails."""
+    import fp8
+    monkeypatch.setattr(fp8, "H100_CONFIGS", [(128, 256, 128, 8, 8, 3)])
+    monkeypatch.setattr(fp8, "accumulator_fits", lambda *a: True)
+    report = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--sections", "sm90"])
+    (sec,) = report["sections"]
+    assert sec["status"] == "failed" and "register spills" in sec["error"]
+    fwd, dgrad, wgrad = sec["results"]
+    assert fwd["status"] == "ok" and fwd["stack"] == 0
+    assert dgrad["problems"] == wgrad["problems"] == ["register spills"] and dgrad["stack"] > 0

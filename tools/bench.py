@@ -351,37 +351,56 @@ def muon_cost(args) -> dict:
                 muon_step_ms=1e3 * t_muon, adamw_step_ms=1e3 * t_adamw, matrices=len(shapes), device=device.type)
 
 
+def fp8_gemm_rows(mcfg: ModelConfig, tokens: int, device: torch.device, ms_of) -> list[dict]:
+    """TFLOP/s of the three GEMMs of each block linear (forward, dgrad, wgrad) at the config's layer shapes with
+    `tokens` rows, as FP8Linear runs them (K-major operands, its output dtypes, fast accumulation for the
+    forward only: fp8.py, "Accumulation"): bf16 torch.mm, the Triton FP8 kernel, torch._scaled_mm, and for
+    the backward GEMMs the Triton kernel with fast accumulation (what the split accumulator costs).
+    ms_of(fn) times one call in milliseconds; a kernel that raises is recorded as its error."""
+    import fp8
+    one = torch.ones((), device=device)
+    rows = []
+    for name, n_in, n_out in layer_shapes(mcfg):
+        for kind, m, k, n, out, fast in (("fwd", tokens, n_in, n_out, torch.bfloat16, True),
+                                         ("dgrad", tokens, n_out, n_in, torch.bfloat16, False),
+                                         ("wgrad", n_out, tokens, n_in, torch.float32, False)):
+            a16 = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            b16 = torch.randn(n, k, device=device, dtype=torch.bfloat16).t()  # K-major, as FP8Linear feeds them
+            a8, b8 = a16.to(fp8.E4M3 if kind == "fwd" else fp8.E5M2), b16.to(fp8.E4M3)
+            row = dict(layer=name, gemm=kind, M=m, K=k, N=n, fast_accum=fast)
+            runs = [("bf16_mm", lambda: torch.mm(a16, b16)),
+                    ("triton_fp8", lambda: fp8.fp8_matmul(a8, b8, one, one, out, fast)),
+                    ("torch_scaled_mm", lambda: fp8.torch_fp8_matmul(a8, b8, one, one, out, fast))]
+            if not fast:
+                runs.append(("triton_fp8_fast", lambda: fp8.fp8_matmul(a8, b8, one, one, out, True)))
+            for label, fn in runs:
+                try:
+                    row[label + "_tflops"] = 2.0 * m * k * n / ms_of(fn) / 1e9
+                except Exception as e:
+                    row[label + "_error"] = f"{type(e).__name__}: {e}"[:200]
+            rows.append(row)
+    return rows
+
+
 def fp8_gemms(args) -> list[dict]:
-    """FP8 (fp8.fp8_matmul, K-major operands; and torch._scaled_mm) vs bf16 (torch.mm) TFLOP/s for the
-    three GEMMs of each block linear (forward, dgrad, wgrad) at the config's layer shapes, with
-    batch_size x seq_len rows (default: micro_batch x 3712). Needs a CUDA GPU with capability >= 8.9."""
+    """fp8_gemm_rows on the GPU with batch_size x seq_len rows (default: micro_batch x 3712), printed as a
+    table. Needs a CUDA GPU with capability >= 8.9."""
     if args.device != "cuda":
         raise ValueError(f"fp8 GEMM benchmark: needs a CUDA GPU with compute capability >= 8.9 (H100/Ada); "
                          f"device is {args.device}")
-    import fp8
     import triton.testing
     conf = train.load_config([args.config])
     mcfg, tcfg = conf["model"], conf["train"]
     tokens = (args.batch_size or tcfg.micro_batch) * args.seq_len
     device = torch.device("cuda")
-    one = torch.ones((), device=device)
-    rows = []
     print(f"{torch.cuda.get_device_name(device)}, tokens={tokens}")
-    print(f"{'layer':<14}{'gemm':<7}{'M x K x N':>20}{'bf16':>8}{'triton':>8}{'torch':>8}  TFLOP/s")
-    for name, n_in, n_out in layer_shapes(mcfg):
-        for gemm, M, K, N in (("fwd", tokens, n_in, n_out), ("dgrad", tokens, n_out, n_in),
-                              ("wgrad", n_out, tokens, n_in)):
-            a16 = torch.randn(M, K, device=device, dtype=torch.bfloat16)
-            b16 = torch.randn(N, K, device=device, dtype=torch.bfloat16).t()  # K-major, as FP8Linear feeds it
-            a8, b8 = a16.to(fp8.E5M2 if gemm != "fwd" else fp8.E4M3), b16.to(fp8.E4M3)
-            flops = 2.0 * M * K * N
-            ms = {"bf16": triton.testing.do_bench(lambda: a16 @ b16),
-                  "triton": triton.testing.do_bench(lambda: fp8.fp8_matmul(a8, b8, one, one)),
-                  "torch": triton.testing.do_bench(lambda: fp8.torch_fp8_matmul(a8, b8, one, one))}
-            row = dict(layer=name, gemm=gemm, M=M, K=K, N=N, **{f"{k}_tflops": flops / t / 1e9 for k, t in ms.items()})
-            rows.append(row)
-            print(f"{name:<14}{gemm:<7}{f'{M}x{K}x{N}':>20}{row['bf16_tflops']:>8.0f}{row['triton_tflops']:>8.0f}"
-                  f"{row['torch_tflops']:>8.0f}")
+    cols = ("bf16_mm", "triton_fp8", "torch_scaled_mm", "triton_fp8_fast")
+    print(f"{'layer':<14}{'gemm':<7}{'M x K x N':>20}" + "".join(f"{c:>17}" for c in cols) + "  TFLOP/s")
+    rows = fp8_gemm_rows(mcfg, tokens, device, triton.testing.do_bench)
+    for r in rows:
+        shape = f"{r['M']}x{r['K']}x{r['N']}"
+        print(f"{r['layer']:<14}{r['gemm']:<7}{shape:>20}"
+              + "".join(f"{r[c + '_tflops']:>17.0f}" if c + "_tflops" in r else f"{'-':>17}" for c in cols))
     return rows
 
 

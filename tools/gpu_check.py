@@ -1,18 +1,23 @@
 """Ready for the GPU: one script that checks, on a lent GPU, what the CPU cannot (issue 19).
 
-    python -m tools.gpu_check --out DIR [--sections kernel,gemm,train,ns,dist] [--device auto] [--dtype auto]
+    python -m tools.gpu_check --out DIR [--sections sm90,kernel,gemm,train,ns,dist] [--device auto] [--dtype auto]
                               [--layers N] [--steps 4]
 
 writes DIR/gpu_check.json and DIR/gpu_check.md (rewritten after every section, so a run cut short still
 leaves what it measured). The sections, each time-boxed, each recording device, versions and the command
 that reruns it; a failure in one is recorded and the next one runs:
 
+    sm90    the Triton FP8 kernel compiled ahead of time for Hopper (sm_90a), on any machine, GPU or not:
+            every autotune config for the forward, dgrad and wgrad GEMMs, read from the PTX and the cubin:
+            fp8 wgmma of the right formats, a pipelined K loop, the split accumulator's fp32 adds, no spills
     kernel  fp8.fp8_matmul (the Triton FP8 GEMM, compiled) and fp8.torch_fp8_matmul (torch._scaled_mm) vs a
-            float64 reference, e4m3 x e4m3 and e5m2 x e4m3, b K-major and row-major; the error is reported
-            against the fp32-summation bound (ratio <= 1 passes); and the eager chunked loss (aten's softmax in
+            float64 reference, e4m3 x e4m3 and e5m2 x e4m3, b K-major and row-major, with and without fast
+            accumulation, K up to 14,848; the error is reported against the fp32-summation bound (ratio <= 1
+            passes; with fast accumulation <= FAST_ACCUM_SLACK); and the eager chunked loss (aten's softmax in
             place) in fp32 and bf16 against float64 cross-entropy, loss and gradients
     gemm    TFLOP/s at the 1.3B layer shapes (M = 4 x 3712, K/N from 1536/2560/3840/7680; forward, dgrad,
-            wgrad): the Triton FP8 kernel, torch._scaled_mm, bf16 torch.mm
+            wgrad, with FP8Linear's accumulation): the Triton FP8 kernel, torch._scaled_mm, bf16 torch.mm, and
+            for the backward GEMMs the Triton kernel with fast accumulation (the split accumulator's cost)
     train   xmodel25's width with as many layers as fit (Xmodel.memory_estimate_gb vs the free memory),
             micro-batch 4 x 3712, compiled, bf16 vs FP8 (both kernels): tokens/s, MFU vs the device's bf16
             peak, peak memory, and the losses of the same steps on the same synthetic batches, finite and
@@ -23,12 +28,14 @@ that reruns it; a failure in one is recorded and the next one runs:
             amax all-reduce (MAX) of fp8.FP8Linear's statistics
 
 Without CUDA the same sequence runs at tiny shapes on the CPU, so tests/test_gpu_check.py proves the script
-in CI: the kernel under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors), torch._scaled_mm where the
-CPU build has it (else recorded as unavailable), FP8 emulated in training, no compile, gloo instead of nccl.
+in CI: sm90 exactly as on the GPU, the kernel under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors),
+torch._scaled_mm where the CPU build has it (else recorded as unavailable), FP8 emulated in training, no
+compile, gloo instead of nccl.
 Synthetic token batches only: no tokenizer, no data, no package index needed.
 """
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -41,8 +48,11 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("kernel", "gemm", "train", "ns", "dist")
-TIME_BOX = {"kernel": 60, "gemm": 90, "train": 240, "ns": 45, "dist": 90}  # seconds, on one H100: < 8 min
+SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist")
+TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 120, "train": 240, "ns": 30, "dist": 60}  # s; expected ~5 min on an H100
+# fast accumulation on Hopper: errors up to 2^10 x the fp32 bound, as if its accumulator kept ~14 of fp32's
+# 24 mantissa bits (DeepSeek-V3's measurement); exactly the fp32 bound wherever accumulation is fp32
+FAST_ACCUM_SLACK = 2.0 ** 10
 FP8_LOSS_RTOL = 0.02  # FP8 vs bf16 loss over a few steps from the same init (the paper: no visible change)
 
 
@@ -98,29 +108,116 @@ def shapes_config(device):
 
 
 # ----------------------------------------------------------------------------------------------------
+# sm90: the Triton kernel compiled ahead of time for Hopper, on any machine (no GPU needed)
+
+# FP8Linear's three GEMMs as the kernel sees them in training: operand formats, output dtype, fast accumulation
+SM90_GEMMS = (("fwd", "fp8e4nv", "fp8e4nv", "bf16", True), ("dgrad", "fp8e5", "fp8e4nv", "bf16", False),
+              ("wgrad", "fp8e5", "fp8e4nv", "fp32", False))
+SM90_SHARED_LIMIT = 232448  # bytes of shared memory one H100 block may use (227 KB)
+
+
+def sm90(device, args, rec):
+    """Compile fp8.fp8_matmul's kernel for sm_90a with every autotune config, specialised as the JIT does
+    for the training shapes (16-byte aligned pointers, sizes and strides divisible by 16, K-major unit
+    strides), and read what Hopper will run: fp8 wgmma instructions of the right formats, a software
+    pipeline (one shared-memory buffer per stage), the split accumulator's fp32 adds where asked, and from
+    the cubin the registers and spills (LOCAL bytes). A failure here costs no GPU time."""
+    import re
+    import tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import fp8
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # a compiled kernel, not an interpreted one
+    try:
+        fn = fp8.build_kernel(interpret=False).fn
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    names = fn.arg_names
+    try:
+        import triton.knobs
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    except Exception:  # older Triton, or no bundled tool: registers and spills are not read
+        cuobjdump = None
+    rows = rec.setdefault("results", [])
+    for role, ta, tb, tc, fast in SM90_GEMMS:
+        for bm, bn, bk, gm, warps, stages in fp8.H100_CONFIGS:
+            if not fp8.accumulator_fits(bm, bn, warps, fast):  # the autotuner never tries it (it would spill)
+                rec.setdefault("pruned", []).append([role, bm, bn, bk, gm, warps, stages])
+                continue
+            const = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, OUT_BF16=tc == "bf16", FAST_ACCUM=fast,
+                         stride_ak=1, stride_bk=1, stride_cn=1)
+            sig = dict(a_ptr="*" + ta, b_ptr="*" + tb, c_ptr="*" + tc, scale_a_ptr="*fp32", scale_b_ptr="*fp32")
+            sig.update({n: "constexpr" if n in const else "i32" for n in names if n not in sig})
+            row = dict(gemm=role, a=ta, b=tb, out=tc, fast_accum=fast, config=[bm, bn, bk, gm, warps, stages])
+            try:
+                src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                                attrs={(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+                                       if t != "constexpr"})
+                ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                    options=dict(num_warps=warps, num_stages=stages))
+                ptx = ck.asm["ptx"]
+                wgmma = re.findall(r"wgmma\.mma_async\S*", ptx)
+                tile_bytes = bm * bk + bk * bn  # one stage of a and b, 1 byte each
+                row.update(wgmma=sorted(set(wgmma)), n_wgmma=len(wgmma), shared=ck.metadata.shared,
+                           stage_buffers=ck.metadata.shared // tile_bytes,
+                           fp32_adds=len(re.findall(r"\badd(?:\.rn)?\.f32", ptx)))
+                if cuobjdump:
+                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                        f.write(ck.asm["cubin"])
+                        f.flush()
+                        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                               text=True, timeout=60).stdout
+                    got = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", usage))
+                    row.update({k.lower(): int(v) for k, v in got.items()})
+                fmt = {"fp8e4nv": "e4m3", "fp8e5": "e5m2"}
+                problems = [why for bad, why in (
+                    (not any(f".{fmt[ta]}.{fmt[tb]}" in w for w in wgmma), "no fp8 wgmma of these formats"),
+                    (row["stage_buffers"] < 2, "not pipelined (one shared-memory stage)"),
+                    (row["shared"] > SM90_SHARED_LIMIT, "shared memory over the H100's 227 KB"),
+                    (not fast and row["fp32_adds"] == 0, "no split-accumulator adds"),
+                    (row.get("local", 0) or row.get("stack", 0), "register spills")) if bad]
+                row.update(status="failed" if problems else "ok", **({"problems": problems} if problems else {}))
+            except Exception as e:
+                row.update(status="failed", error=f"{type(e).__name__}: {e}"[:300])
+            rows.append(row)
+    rec["cuobjdump"] = cuobjdump
+    bad = [r for r in rows if r["status"] != "ok"]
+    if bad:
+        raise AssertionError(f"{len(bad)} of {len(rows)} sm_90 compilations not as expected: {bad[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # kernel: both FP8 GEMMs against float64
 
 def kernel(device, args, rec):
     import fp8
-    M, K, N = (1024, 1536, 2560) if device.type == "cuda" else (48, 64, 32)
+    # on CUDA a forward-like shape and a wgrad-like one (K = the micro-batch's 14,848 tokens); the row-major b
+    # (which FP8Linear never passes) only at the first, to keep the autotuning that each new case costs short
+    shapes = [(1024, 1536, 2560), (1536, 14848, 1536)] if device.type == "cuda" else [(48, 64, 32)]
     g = torch.Generator().manual_seed(0)
     sa, sb = 3.5, 0.0625
     rows = rec.setdefault("results", [])
-    for fa, fb in ((fp8.E4M3, fp8.E4M3), (fp8.E5M2, fp8.E4M3)):
+    for (M, K, N), (fa, fb) in itertools.product(shapes, ((fp8.E4M3, fp8.E4M3), (fp8.E5M2, fp8.E4M3))):
         a = fp8.quantize(torch.randn(M, K, generator=g) / sa, torch.tensor(sa), fa).to(device)
         b_km = fp8.quantize(torch.randn(N, K, generator=g) / sb, torch.tensor(sb), fb).to(device).t()  # K-major
-        for layout, b in (("k_major", b_km), ("row_major", b_km.contiguous())):
+        layouts = [("k_major", b_km, (False, True))]
+        if (M, K, N) == shapes[0]:
+            layouts.append(("row_major", b_km.contiguous(), (False,)))
+        for layout, b, accumulations in layouts:
             a64, b64 = a.float().double(), b.float().double()  # fp8 -> fp32 is exact
             ref = (a64 @ b64) / sa / sb
             # two fp32 summation orders of K exact products, plus the scale operations (tests/test_fp8.py)
             bound = (2 * K + 8) * 2.0 ** -24 * (a64.abs() @ b64.abs()) / sa / sb
-            for name, fn in (("triton", fp8.fp8_matmul), ("torch", fp8.torch_fp8_matmul)):
-                row = dict(kernel=name, a=str(fa)[6:], b=str(fb)[6:], layout=layout, shape=[M, K, N])
+            for (name, fn), fast in itertools.product((("triton", fp8.fp8_matmul), ("torch", fp8.torch_fp8_matmul)),
+                                                      accumulations):
+                row = dict(kernel=name, a=str(fa)[6:], b=str(fb)[6:], layout=layout, shape=[M, K, N], fast_accum=fast)
                 try:
-                    c = fn(a, b, torch.tensor(sa, device=device), torch.tensor(sb, device=device), torch.float32)
+                    c = fn(a, b, torch.tensor(sa, device=device), torch.tensor(sb, device=device), torch.float32, fast)
                     ratio = float(((c.double() - ref).abs() / bound).max())
-                    row.update(status="ok" if ratio <= 1 else "failed", error_over_bound=ratio,
-                               max_abs_error=float((c.double() - ref).abs().max()))
+                    row.update(status="ok" if ratio <= (FAST_ACCUM_SLACK if fast else 1) else "failed",
+                               error_over_bound=ratio, max_abs_error=float((c.double() - ref).abs().max()))
                 except Exception as e:  # e.g. _scaled_mm without a CPU kernel, or a layout cuBLASLt refuses
                     row.update(status="unavailable" if name == "torch" else "failed", error=f"{type(e).__name__}: {e}"[:300])
                 rows.append(row)
@@ -137,7 +234,7 @@ def kernel(device, args, rec):
         hx, wx = h.clone().requires_grad_(), w.clone().requires_grad_()
         loss = chunked_cross_entropy(hx.to(dt), wx, y, 0.5, 128)
         loss.backward()
-        errs = [float((loss.double() - ref).abs() / ref.abs())] + [
+        errs = [float((loss.detach().double() - ref.detach()).abs() / ref.detach().abs())] + [
             float((a.grad.double() - b.grad).norm() / b.grad.norm()) for a, b in ((hx, h64), (wx, w64))]
         rows.append(dict(kernel="chunked_ce", dtype=str(dt)[6:], rel_err_loss_dh_dw=errs,
                          status="ok" if max(errs) <= tol else "failed"))
@@ -150,28 +247,9 @@ def kernel(device, args, rec):
 # gemm: TFLOP/s at the layer shapes
 
 def gemm(device, args, rec):
-    import fp8
-    from tools.bench import layer_shapes
+    from tools.bench import fp8_gemm_rows
     mcfg, run = shapes_config(device)
-    M = run["micro_batch"] * run["seq_len"]
-    one = torch.ones((), device=device)
-    gemm_dtype = torch.bfloat16
-    rows = rec.setdefault("results", [])
-    for name, n_in, n_out in layer_shapes(mcfg):
-        for kind, m, k, n in (("fwd", M, n_in, n_out), ("dgrad", M, n_out, n_in), ("wgrad", n_out, M, n_in)):
-            a16 = torch.randn(m, k, device=device, dtype=gemm_dtype)
-            b16 = torch.randn(n, k, device=device, dtype=gemm_dtype).t()  # K-major, as FP8Linear feeds them
-            a8, b8 = a16.to(fp8.E4M3 if kind == "fwd" else fp8.E5M2), b16.to(fp8.E4M3)
-            flops = 2.0 * m * k * n
-            row = dict(layer=name, gemm=kind, M=m, K=k, N=n)
-            for label, fn in (("bf16_mm", lambda: torch.mm(a16, b16)),
-                              ("triton_fp8", lambda: fp8.fp8_matmul(a8, b8, one, one)),
-                              ("torch_scaled_mm", lambda: fp8.torch_fp8_matmul(a8, b8, one, one))):
-                try:
-                    row[label + "_tflops"] = flops / bench_ms(fn, device) / 1e9
-                except Exception as e:
-                    row[label + "_error"] = f"{type(e).__name__}: {e}"[:200]
-            rows.append(row)
+    rec["results"] = fp8_gemm_rows(mcfg, run["micro_batch"] * run["seq_len"], device, lambda fn: bench_ms(fn, device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,7 +413,7 @@ def dist_section(device, args, rec):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
            "tools.gpu_check", "--dist_worker", "--out", os.path.abspath(args.out), "--device", device.type]
     rec["worker_command"] = " ".join(cmd)
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIME_BOX["dist"] * args.time_scale)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=rec["time_box_s"])
     if p.returncode != 0 or not os.path.exists(path):
         raise RuntimeError(f"torchrun exited {p.returncode}: {p.stderr[-1500:]}")
     with open(path) as f:
@@ -346,15 +424,18 @@ def dist_section(device, args, rec):
         raise AssertionError("the amax all-reduce (MAX, one rank) did not return the local amaxes")
 
 
-RUNNERS = {"kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "dist": dist_section}
+RUNNERS = {"sm90": sm90, "kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "dist": dist_section}
 
 
 # ----------------------------------------------------------------------------------------------------
 
-def run_section(name, device, args) -> dict:
+def run_section(name, device, args, seconds_left=math.inf) -> dict:
     rec = dict(section=name, status="running", device=str(device), versions=versions(device),
                command=f"python -m tools.gpu_check --out {args.out} --sections {name} --device {device.type}",
-               time_box_s=TIME_BOX[name] * args.time_scale)
+               time_box_s=round(min(TIME_BOX[name] * args.time_scale, seconds_left), 1))
+    if seconds_left < 5:
+        rec.update(status="skipped", seconds=0, error=f"--budget_s left {seconds_left:.0f} s for section {name}")
+        return rec
 
     def on_alarm(signum, frame):
         raise SectionTimeout(f"section {name} exceeded its time box of {rec['time_box_s']} s")
@@ -390,8 +471,14 @@ def markdown(report: dict) -> str:
 
 def summary(r: dict) -> str:
     s = r["section"]
+    if s == "sm90":
+        res = r.get("results", [])
+        return (f"{sum(x['status'] == 'ok' for x in res)} of {len(res)} compilations ok; most registers "
+                + ", ".join(f"{g} {max(x.get('reg', 0) for x in res if x['gemm'] == g)}"
+                            for g in dict.fromkeys(x["gemm"] for x in res)))
     if s == "kernel":
-        return "; ".join(f"{x['kernel']} " + (f"{x['dtype']}" if "dtype" in x else f"{x['a']}x{x['b']} {x['layout']}")
+        return "; ".join(f"{x['kernel']} " + (f"{x['dtype']}" if "dtype" in x else f"{x['a']}x{x['b']} {x['layout']}"
+                                              + " K=" + str(x["shape"][1]) + (" fast" if x["fast_accum"] else ""))
                          + f": {x['status']}"
                          + (f" ({x['error_over_bound']:.2g} of bound)" if "error_over_bound" in x else "")
                          for x in r.get("results", []))
@@ -434,6 +521,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="train section: timed steps after two warm-up steps "
                    "(default 4 on CUDA, 1 on the CPU)")
     p.add_argument("--time_scale", type=float, default=1.0, help="multiplies every section's time box")
+    p.add_argument("--budget_s", type=float, default=540, help="seconds for the whole check: a section gets "
+                   "at most what is left, and one that would get under 5 s is skipped (a lent GPU's command "
+                   "limit is 600 s; the report is written before it)")
     p.add_argument("--dist_worker", action="store_true", help=argparse.SUPPRESS)  # internal: under torchrun
     args = p.parse_args(argv)
     if args.dist_worker:
@@ -453,9 +543,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     report = dict(device=str(device), versions=versions(device), command="python -m tools.gpu_check " + " ".join(argv),
                   sections=[])
+    deadline = time.perf_counter() + args.budget_s
     for name in sections:
         print(f"[gpu_check] {name} ...", flush=True)
-        rec = run_section(name, device, args)
+        rec = run_section(name, device, args, deadline - time.perf_counter())
         report["sections"].append(rec)
         write(report, args.out)
         print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s  {summary(rec)[:300]}"
