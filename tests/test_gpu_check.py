@@ -109,3 +109,22 @@ def test_sm90_section_fails_on_a_spilling_tile(tmp_path, monkeypatch):
     fwd, dgrad, wgrad = sec["results"]
     assert fwd["status"] == "ok" and fwd["stack"] == 0
     assert dgrad["problems"] == wgrad["problems"] == ["register spills"] and dgrad["stack"] > 0
+
+
+def test_a_run_that_fails_to_compile_is_measured_eagerly(tmp_path, monkeypatch):
+    """A compiler problem on the GPU must not cost the kernel's numbers: the run is repeated without compile,
+    the compile error kept beside it."""
+    from model import Xmodel
+
+    def broken(self):
+        raise RuntimeError("inductor says no")
+
+    monkeypatch.setattr(Xmodel, "compile_for_training", broken)
+    report = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--sections", "train",
+                             "--compile", "on"])
+    (train,) = report["sections"]
+    assert train["status"] == "ok" and train["compiled"] is True
+    for run in train["runs"].values():
+        assert run["status"] == "ok" and run["compiled"] is False and "inductor says no" in run["compile_error"]
+        assert run["tokens_per_s"] > 0
+    assert "bf16 ok (eager)" in (tmp_path / "gpu_check.md").read_text()
