@@ -56,6 +56,9 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     assert runs["fp8_triton"]["losses"] != runs["bf16"]["losses"]  # FP8 really quantized
     assert 0 < runs["fp8_triton"]["max_loss_rel_diff_vs_bf16"] <= gpu_check.FP8_LOSS_RTOL
     assert ns["matrices"] == 2 * 7 and len(ns["results"]) == 4  # q/o 32x32, k/v 16x32, gate/up 80x32, down 32x80
+    # gpu_check.md: every measured case in a table per section, beside the one-line summaries
+    assert "| fp8_triton | ok | False | emulate |" in md and md.count("| qkv | dgrad | 32x64x32 |") == 1
+    assert md.count("| triton | float8_e5m2 x float8_e4m3fn | k_major | 48x64x32 | fast | ok |") == 1
     assert dist["backend"] == "gloo" and dist["world"] == 1 and dist["ddp_max_grad_diff"] == 0.0
     assert dist["amax_all_reduce"] == dist["amax_local"] and dist["amax_local"][0] > 0
 

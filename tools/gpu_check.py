@@ -471,39 +471,74 @@ def markdown(report: dict) -> str:
     for r in report["sections"]:
         if r.get("error"):
             lines += [f"**{r['section']}**: {r['error']}", ""]
+        head, rows = details(r)
+        if rows:
+            lines += [f"## {r['section']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows] + [""]
     return "\n".join(lines)
 
 
+def _ratio_of(rows, kernel, fast):
+    got = [x["error_over_bound"] for x in rows if x.get("kernel") == kernel and x.get("fast_accum") == fast
+           and "error_over_bound" in x]
+    return f"{max(got):.2g}" if got else "-"
+
+
 def summary(r: dict) -> str:
-    s = r["section"]
+    """One line per section for the table at the top of gpu_check.md (details() has the rest)."""
+    s, res = r["section"], r.get("results", [])
     if s == "sm90":
-        res = r.get("results", [])
         return (f"{sum(x['status'] == 'ok' for x in res)} of {len(res)} compilations ok; most registers "
                 + ", ".join(f"{g} {max(x.get('reg', 0) for x in res if x['gemm'] == g)}"
                             for g in dict.fromkeys(x["gemm"] for x in res)))
     if s == "kernel":
-        return "; ".join(f"{x['kernel']} " + (f"{x['dtype']}" if "dtype" in x else f"{x['a']}x{x['b']} {x['layout']}"
-                                              + " K=" + str(x["shape"][1]) + (" fast" if x["fast_accum"] else ""))
-                         + f": {x['status']}"
-                         + (f" ({x['error_over_bound']:.2g} of bound)" if "error_over_bound" in x else "")
-                         for x in r.get("results", []))
+        return (f"{sum(x['status'] == 'ok' for x in res)} of {len(res)} ok; worst error / fp32 bound: triton "
+                f"{_ratio_of(res, 'triton', False)} (fast {_ratio_of(res, 'triton', True)}), torch "
+                f"{_ratio_of(res, 'torch', False)} (fast {_ratio_of(res, 'torch', True)})")
     if s == "gemm":
-        return "; ".join(f"{x['layer']} {x['gemm']}: " + ", ".join(f"{k[:-7]} {v:.0f}" for k, v in x.items()
-                                                                   if k.endswith("_tflops")) + " TFLOP/s"
-                         for x in r.get("results", []))
+        def mean_speedup(col):
+            got = [x[col] / x["bf16_mm_tflops"] for x in res if col in x and x.get("bf16_mm_tflops")]
+            return f"x{math.exp(sum(map(math.log, got)) / len(got)):.3g}" if got else "-"
+        return (f"FP8 vs bf16 torch.mm, geometric mean of {len(res)} GEMMs: triton {mean_speedup('triton_fp8_tflops')}"
+                f", torch._scaled_mm {mean_speedup('torch_scaled_mm_tflops')}")
     if s == "train":
         return f"{r.get('n_layer')} layers x {r.get('hidden')}, {r.get('micro_batch')} x {r.get('seq_len')}: " + "; ".join(
             f"{k} {v.get('status')}" + (" (eager)" if v.get("compiled") is False and r.get("compiled") else "")
             + (f" {v['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in v else "")
             + (f" MFU {100 * v['mfu']:.1f}%" if v.get("mfu") else "")
-            + (f" {v['peak_mem_gb']:.1f} GB" if v.get("peak_mem_gb") else "")
-            + (f" loss diff {v['max_loss_rel_diff_vs_bf16']:.2g}" if "max_loss_rel_diff_vs_bf16" in v else "")
             for k, v in r.get("runs", {}).items())
     if s == "ns":
         return f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices"
     if s == "dist":
         return f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax MAX {r.get('amax_all_reduce')}"
     return ""
+
+
+def details(r: dict) -> tuple[list, list]:
+    """(header, rows) of a section's table in gpu_check.md: every measured case, not only the summary."""
+    s, res = r["section"], r.get("results", [])
+    num = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-"  # noqa: E731
+    if s == "kernel":
+        return (["kernel", "operands", "layout", "M x K x N", "accumulation", "status", "error / fp32 bound"],
+                [[x["kernel"], x.get("dtype") or f"{x['a']} x {x['b']}", x.get("layout", "-"),
+                  "x".join(map(str, x.get("shape", []))) or "-",
+                  {True: "fast", False: "split"}.get(x.get("fast_accum"), "-"), x["status"],
+                  num(x.get("error_over_bound"), ".3g") if "error_over_bound" in x else
+                  x.get("error", "/".join(f"{e:.2g}" for e in x.get("rel_err_loss_dh_dw", [])))] for x in res])
+    if s == "gemm":
+        cols = ("bf16_mm", "triton_fp8", "torch_scaled_mm", "triton_fp8_fast")
+        return (["layer", "gemm", "M x K x N", *(c + " TFLOP/s" for c in cols)],
+                [[x["layer"], x["gemm"], f"{x['M']}x{x['K']}x{x['N']}",
+                  *(num(x.get(c + "_tflops"), ".4g") if c + "_tflops" in x else x.get(c + "_error", "-")
+                    for c in cols)] for x in res])
+    if s == "train":
+        return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "MFU %", "peak GB", "vs bf16",
+                 "loss diff"],
+                [[k, v.get("status"), v.get("compiled"), v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
+                  num(v.get("step_ms"), ".1f"), num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
+                  num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f"),
+                  num(v.get("max_loss_rel_diff_vs_bf16"), ".2g")] for k, v in r.get("runs", {}).items()])
+    return [], []
 
 
 def write(report: dict, out: str) -> None:
