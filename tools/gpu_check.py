@@ -333,10 +333,13 @@ def train_section(device, args, rec):
                 raise
             except Exception as e:
                 r.update(status="failed", **{"compile_error" if compiled else "error": f"{type(e).__name__}: {e}"[:500]})
-            finally:
+            finally:  # free this run's model for the next: Dynamo's caches keep compiled modules alive
+                if compiled:
+                    torch._dynamo.reset()
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                    r["left_allocated_gb"] = torch.cuda.memory_allocated(device) / 1e9
     base = runs["bf16"].get("losses")
     for label in ("fp8_triton", "fp8_torch"):
         got = runs[label].get("losses")
