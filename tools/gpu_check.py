@@ -76,11 +76,6 @@ def versions(device: torch.device) -> dict:
     return v
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def bench_ms(fn, device, reps=None) -> float:
     """Median milliseconds of fn(): triton.testing.do_bench on CUDA, a plain timer on the CPU."""
     if device.type == "cuda":
@@ -275,7 +270,7 @@ def train_section(device, args, rec):
     import muon
     import mup
     import train
-    from tools.bench import device_peak
+    from tools.bench import device_peak, synchronize
     mcfg, run = shapes_config(device)
     tcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["train"]
     n_layer = args.layers or (fit_layers(mcfg, run, device) if device.type == "cuda" else mcfg.n_layer)
@@ -297,14 +292,14 @@ def train_section(device, args, rec):
             torch.cuda.reset_peak_memory_stats(device)
         losses, times = [], []
         for batch in batches:
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             with autocast:
                 loss = model(batch[:, :-1], batch[:, 1:])
             loss.backward()
             opts.step()
             opts.zero_grad()
-            sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
         step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
