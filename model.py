@@ -84,8 +84,6 @@ class ModelConfig:
             raise ValueError(f"model config: n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
         if self.fp8_backend not in ("triton", "torch"):
             raise ValueError(f"model config: fp8_backend must be 'triton' or 'torch', got {self.fp8_backend!r}")
-        if self.fp8 and self.act_ckpt:  # a recomputed forward would advance the FP8 amax history twice
-            raise ValueError("model config: act_ckpt=True is not supported together with fp8=True")
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim = hidden/n_head = {self.head_dim} must be even for RoPE "
                              f"(hidden={self.hidden}, n_head={self.n_head})")
@@ -224,6 +222,11 @@ class Xmodel(nn.Module):
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.compiled = False  # set by compile_for_training
+        self._fp8_layers = []
+        if cfg.fp8:
+            from fp8 import FP8Linear
+            self._fp8_layers = [m for m in self.modules() if isinstance(m, FP8Linear)]
+        self._fp8_recorded = False  # a training forward recorded FP8 amaxes that update_fp8_scales has not taken
 
     @property
     def output_weight(self):
@@ -235,6 +238,9 @@ class Xmodel(nn.Module):
         T = idx.shape[1]
         if start_pos + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={cfg.max_seq_len}")
+        if self._fp8_recorded:  # a loop that never calls update_fp8_scales still gets its scales updated
+            self.update_fp8_scales()
+        self._fp8_recorded = bool(self._fp8_layers) and self.training and torch.is_grad_enabled()
         cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_base, idx.device, start_pos)
         x = self.tok_emb(idx) * cfg.embed_mult
         for i, block in enumerate(self.blocks):
@@ -261,6 +267,17 @@ class Xmodel(nn.Module):
         compiled = self.compiled and not (h.dtype == torch.float32 and h.device.type == "cpu")
         return chunked_cross_entropy(h.flatten(0, 1), self.output_weight, targets.flatten(), self.config.logit_mult,
                                      self.config.loss_chunk, compiled=compiled)
+
+    def update_fp8_scales(self):
+        """The FP8 delayed-scaling step (fp8.update_scales) of every FP8 layer, after the backward of each
+        training micro-batch: the amaxes its forward and backward recorded, all-reduced with MAX across ranks
+        in one collective, become the histories and scales of the next micro-batch. train.py calls it after
+        every backward; a model whose last training forward was not followed by it runs it at its next forward
+        (so a bare loop is still correct, but its checkpoints and evaluations would miss the last micro-batch)."""
+        if self._fp8_layers:
+            from fp8 import update_scales
+            update_scales(self._fp8_layers)
+        self._fp8_recorded = False
 
     def compile_for_training(self):
         """torch.compile each block (in place: parameter names are unchanged) and, but for fp32 on a CPU, the

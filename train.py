@@ -952,7 +952,10 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int, device
     model = raw
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
+        # no buffer broadcast before every forward: the buffers (FP8 histories and scales) are equal on every
+        # rank by construction (the MAX all-reduce), and DDP's constructor already broadcast the initial ones
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
     opts = Optimizers(mup.param_groups(raw, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
     step, tokens, unlogged = restore(cfg, mcfg, raw, opts, tok, device, say)
     sinks = None
@@ -997,6 +1000,7 @@ def train_step(r, params, phase, step, mb, accum):
             loss = r.model(x, y) / accum
         with sync():
             loss.backward()
+        r.raw.update_fp8_scales()  # FP8: this micro-batch's amaxes, one all-reduce for every layer
         loss_step += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, r.cfg.grad_clip)
     r.opts.step()

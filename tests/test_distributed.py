@@ -114,10 +114,14 @@ def _worker(rank, init_file, jobs, out_dir):
     try:
         for name, argv in jobs:
             real_max = fp8._all_reduce_max
+            reductions = []
             if name == "fp8_local_amax":  # the control: without the MAX all-reduce the scales must drift apart
                 fp8._all_reduce_max = lambda t: t
+            else:
+                fp8._all_reduce_max = lambda t: reductions.append(t.shape) or real_max(t)
             try:
                 results[name] = _result(train.train(argv), seen, grad=name == "ddp")
+                results[name]["amax_reductions"] = reductions
             finally:
                 fp8._all_reduce_max = real_max
     finally:
@@ -162,7 +166,7 @@ def runs(tmp_path_factory, tiny_data):
         ("zero", [cfg, *SHORT, f"--out_dir={out['zero']}", "--zero1=True"]),
         ("zstop", [cfg, *SHORT, f"--out_dir={out['zres']}", "--zero1=True", "--max_steps=4"]),  # inside Muon
         ("zresume", [cfg, *SHORT, f"--out_dir={out['zres']}", "--zero1=True", "--resume"]),
-        ("fp8", [cfg, *SHORT, f"--out_dir={out['fp8']}", "--fp8=True", "--max_steps=2"]),
+        ("fp8", [cfg, *SHORT, f"--out_dir={out['fp8']}", "--fp8=True"]),  # to the end: rank 0 samples alone
         ("fp8_local_amax", [cfg, *SHORT, f"--out_dir={out['fp8l']}", "--fp8=True", "--max_steps=2"]),
         ("w2stop", [cfg, *WS, f"--out_dir={out['w21']}", f"--max_steps={WS_STOP}"]),  # then 1 rank resumes it
         ("w2resume", [cfg, *WS, f"--out_dir={out['w12']}", "--resume"]),             # 1 rank's checkpoint
@@ -347,7 +351,16 @@ def test_zero1_checkpoint_is_consolidated_and_resume_is_exact(runs):
 # ---------------------------------------------------------------- FP8: amax reduced with MAX across ranks
 
 def test_fp8_scales_are_identical_across_ranks(runs):
-    res, _ = runs
+    """The whole curriculum with FP8 on 2 ranks, to the end (where rank 0 alone draws a sample: it must not
+    enter a collective), with one amax all-reduce per micro-batch for all 14 FP8 layers."""
+    res, out = runs
+    conf = train.load_config([os.path.join(os.path.dirname(out["fp8"]), "c.py"), *SHORT])
+    micro_batches = sum(p["steps"] * train.batch_split(p, conf["train"].micro_batch, WORLD)[1]
+                        for p in conf["train"].phases)
+    for r in range(WORLD):
+        assert len(res["fp8"][r]["losses"]) == N_STEPS
+        assert res["fp8"][r]["amax_reductions"] == [(2 * 7, 3)] * micro_batches, r
+    assert os.path.exists(os.path.join(out["fp8"], "sample.txt"))
     keys = [k for k in res["fp8"][0]["model"] if k.endswith((".scale", ".amax_history"))]
     assert len(keys) == 2 * 2 * 7  # 7 FP8 linear layers per block, 2 blocks, scale + history each
     for k in keys:

@@ -242,9 +242,11 @@ def test_quantize_rounds_to_nearest_within_bound():
 # FP8Linear
 
 def linear_grads(layer, x, dy):
+    """One training step of `layer` on (x, dy): forward, backward, then the delayed-scaling update."""
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     y.backward(dy)
+    fp8.update_scales([layer])
     return y, x.grad, layer.weight.grad
 
 
@@ -408,6 +410,55 @@ def test_margin_divides_scale_by_power_of_two():
     assert scale.item() == 448.0 / 3.5 / 4 and history.tolist() == [3.5, 0, 0, 0]
 
 
+def test_a_step_records_amaxes_and_update_scales_applies_them():
+    """Forward and backward only record (pending_amax); the histories and scales move at update_scales, which
+    then clears the record. A forward without autograd (sampling) records nothing, even in training mode."""
+    torch.manual_seed(4)
+    layer = fp8.FP8Linear(8, 4)
+    x, dy = torch.randn(5, 8, requires_grad=True), torch.randn(5, 4)
+    with torch.no_grad():
+        layer(x * 100)
+    assert not layer.pending_amax.any()
+    layer(x).backward(dy)
+    assert layer.pending_amax.tolist() == [fp8.amax(x).item(), fp8.amax(layer.weight).item(), fp8.amax(dy).item()]
+    assert layer.scale.tolist() == [1.0, 1.0, 1.0] and not layer.amax_history.any()
+    recorded = layer.pending_amax.clone()
+    fp8.update_scales([layer])
+    assert torch.equal(layer.amax_history[:, 0], recorded) and not layer.pending_amax.any()
+    assert torch.equal(layer.scale, torch.tensor([448.0, 448.0, 57344.0]) / recorded)
+    state = (layer.amax_history.clone(), layer.scale.clone())
+    fp8.update_scales([layer])  # nothing recorded: nothing changes
+    assert torch.equal(layer.amax_history, state[0]) and torch.equal(layer.scale, state[1])
+
+
+def test_update_scales_is_one_all_reduce_and_equals_the_per_layer_update(monkeypatch):
+    """Layers of two history lengths and two margins, amaxes with a zero and an inf among them: one batched
+    update_scales equals update_delayed_scale applied layer by layer and role by role, bit for bit, and all
+    the amaxes travel in one collective."""
+    g = torch.Generator().manual_seed(5)
+    layers = [fp8.FP8Linear(4, 4, history_len=h, margin=m) for h, m in ((4, 0), (4, 1), (6, 0), (4, 0), (6, 1))]
+    for m in layers:
+        m.amax_history.copy_(torch.rand(m.amax_history.shape, generator=g) * 10)
+        m.scale.copy_(torch.rand(3, generator=g) * 100)
+        m.pending_amax.copy_(torch.rand(3, generator=g) * 20)
+    layers[1].pending_amax[0], layers[2].pending_amax[2] = 0.0, float("inf")
+    expected = []
+    for m in layers:
+        history, scale = m.amax_history.clone(), m.scale.clone()
+        for role, fmt in enumerate(fp8.ROLE_FORMAT):
+            fp8.update_delayed_scale(history[role], scale[role], m.pending_amax[role], fp8.FP8_MAX[fmt], m.margin)
+        expected.append((history, scale))
+    calls = []
+    real = fp8._all_reduce_max
+    monkeypatch.setattr(fp8, "_all_reduce_max", lambda t: calls.append(t.shape) or real(t))
+    fp8.update_scales(layers)
+    assert calls == [(5, 3)]
+    for m, (history, scale) in zip(layers, expected):
+        assert torch.equal(m.amax_history, history) and torch.equal(m.scale, scale)
+        assert not m.pending_amax.any()
+    assert layers[1].amax_history[0, 0] != 0 and layers[2].amax_history[2, 0] != float("inf")  # skipped
+
+
 def test_eval_mode_uses_but_does_not_update_scales():
     layer = fp8.FP8Linear(8, 4)
     linear_grads(layer, torch.randn(5, 8), torch.randn(5, 4))
@@ -497,6 +548,7 @@ WORKER = textwrap.dedent("""
         dy = torch.randn(5, 4, generator=g) * (1 + 5 * (1 - rank))
         y = layer(x.requires_grad_(True))
         y.backward(dy)
+        fp8.update_scales([layer])
         local.append((fp8.amax(x).item(), fp8.amax(dy).item()))
     torch.save({"history": layer.amax_history, "scale": layer.scale, "local": local}, path)
     dist.barrier()

@@ -60,7 +60,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     assert "| fp8_triton | ok | False | emulate |" in md and md.count("| qkv | dgrad | 32x64x32 |") == 1
     assert md.count("| triton | float8_e5m2 x float8_e4m3fn | k_major | 48x64x32 | fast | ok |") == 1
     assert dist["backend"] == "gloo" and dist["world"] == 1 and dist["ddp_max_grad_diff"] == 0.0
-    assert dist["amax_all_reduce"] == dist["amax_local"] and dist["amax_local"][0] > 0
+    assert dist["amax_all_reduce_equal"] is True and dist["amax_layers"] == 2 * 7 and dist["amax_local"][0] > 0
 
 
 def test_a_failing_or_overrunning_section_is_recorded_and_the_rest_run(tmp_path, monkeypatch):

@@ -529,6 +529,41 @@ def test_act_ckpt_same_loss_and_grads_and_recomputes():
     assert c0 == 2 and c1 == 4  # with checkpointing each block's forward runs again in backward
 
 
+def test_fp8_act_ckpt_and_a_bare_loop_equal_the_trainers_steps():
+    """FP8 training steps as train.py runs them (update_fp8_scales after each backward) against the same steps
+    with activation checkpointing (each block's forward re-run in backward: it must quantize with the scales
+    its first forward used and record the same amaxes), and against a bare loop that never calls
+    update_fp8_scales (the next forward applies what is pending): the losses, gradients and FP8 state of every
+    step bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 97, (2, 13), generator=g) for _ in range(3)]
+
+    def run(act_ckpt, call_update):
+        model = tiny_model(fp8=True, act_ckpt=act_ckpt)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        out = []
+        for b in batches:
+            loss = model(b[:, :-1], b[:, 1:])
+            loss.backward()
+            if call_update:
+                model.update_fp8_scales()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad()
+            out.append((loss.detach(), grads))
+        model.update_fp8_scales()  # the bare loop's last micro-batch
+        return out, {k: v for k, v in model.state_dict().items() if k.endswith((".scale", ".amax_history"))}
+
+    ref, ref_state = run(False, True)
+    assert all((v != 1).any() for k, v in ref_state.items() if k.endswith(".scale"))  # the scales did move
+    for act_ckpt, call_update in ((True, True), (False, False)):
+        got, state = run(act_ckpt, call_update)
+        for (l0, g0), (l1, g1) in zip(ref, got):
+            assert torch.equal(l0, l1), (act_ckpt, call_update)
+            assert all(torch.equal(g0[n], g1[n]) for n in g0), (act_ckpt, call_update)
+        assert all(torch.equal(ref_state[k], state[k]) for k in ref_state), (act_ckpt, call_update)
+
+
 def test_flops_per_token():
     cfg = model_config("xmodel25", fp8=False)
     model = mup.build_model(cfg, device="meta")

@@ -124,6 +124,7 @@ def run(args) -> dict:
     mcfg = dataclasses.replace(mcfg, max_seq_len=max(mcfg.max_seq_len, T))
     model, opts, loss_fn = (build_peer(mcfg, args, device) if args.run_peer else build_ours(mcfg, tcfg, args, device))
     model.train()
+    after_backward = getattr(model, "update_fp8_scales", lambda: None)  # ours: FP8 delayed scaling, as train.py
     data = torch.randint(0, mcfg.vocab_size, (B, T + 1), device=device)
     x, y = data[:, :-1], data[:, 1:]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
@@ -137,6 +138,7 @@ def run(args) -> dict:
         synchronize(device)
         t1 = time.perf_counter()
         loss.backward()
+        after_backward()
         synchronize(device)
         t2 = time.perf_counter()
         for opt in opts:
