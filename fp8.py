@@ -91,6 +91,7 @@ always the chosen kernel, which for "triton" on CPU tensors needs the Triton int
 shapes (CUDA), and `python -m tools.gpu_check` checks kernel, GEMMs and FP8 training on a GPU.
 """
 
+import itertools
 import math
 import os
 
@@ -167,23 +168,24 @@ def update_scales(layers):
     """The delayed-scaling step of every FP8Linear in `layers`, after a micro-batch's backward: the amaxes they
     recorded are all-reduced with MAX across ranks in ONE collective, pushed into their histories, their
     scales recomputed (update_delayed_scale), and the records cleared. A layer that recorded nothing (no
-    training forward since the last call) keeps its state. Layers are grouped by history length and margin
-    so that each group is one batched update."""
+    training forward since the last call) keeps its state. Consecutive layers of the same history length,
+    margin and device (a model's are all alike) make one batched update."""
     layers = list(layers)
     if not layers:
         return
     pending = [m.pending_amax for m in layers]
     amaxes = _all_reduce_max(torch.stack(pending))
-    groups = {}
-    for i, m in enumerate(layers):
-        groups.setdefault((m.amax_history.shape[-1], m.margin, m.amax_history.device), []).append(i)
-    for (_, margin, device), idx in groups.items():
-        history = torch.stack([layers[i].amax_history for i in idx])   # [n, 3, H]
-        scale = torch.stack([layers[i].scale for i in idx])            # [n, 3]
+    start = 0
+    for (_, margin, device), run in itertools.groupby(
+            layers, key=lambda m: (m.amax_history.shape, m.margin, m.amax_history.device)):
+        run = list(run)
+        histories, scales = [m.amax_history for m in run], [m.scale for m in run]
+        history, scale = torch.stack(histories), torch.stack(scales)  # [n, 3, H], [n, 3]
         fp8_max = torch.tensor([FP8_MAX[f] for f in ROLE_FORMAT], device=device)
-        update_delayed_scale(history, scale, amaxes[idx].to(device), fp8_max, margin)
-        torch._foreach_copy_([layers[i].amax_history for i in idx], list(history))
-        torch._foreach_copy_([layers[i].scale for i in idx], list(scale))
+        update_delayed_scale(history, scale, amaxes[start:start + len(run)].to(device), fp8_max, margin)
+        torch._foreach_copy_(histories, history.unbind(0))
+        torch._foreach_copy_(scales, scale.unbind(0))
+        start += len(run)
     torch._foreach_zero_(pending)
 
 
