@@ -168,21 +168,21 @@ def update_scales(layers):
     """The delayed-scaling step of every FP8Linear in `layers`, after a micro-batch's backward: the amaxes they
     recorded are all-reduced with MAX across ranks in ONE collective, pushed into their histories, their
     scales recomputed (update_delayed_scale), and the records cleared. A layer that recorded nothing (no
-    training forward since the last call) keeps its state. Consecutive layers of the same history length,
-    margin and device (a model's are all alike) make one batched update."""
+    training forward since the last call) keeps its state. Consecutive layers of the same history length and
+    margin (a model's are all alike) make one batched update; no step of it waits for the device."""
     layers = list(layers)
     if not layers:
         return
     pending = [m.pending_amax for m in layers]
     amaxes = _all_reduce_max(torch.stack(pending))
     start = 0
-    for (_, margin, device), run in itertools.groupby(
-            layers, key=lambda m: (m.amax_history.shape, m.margin, m.amax_history.device)):
+    for (_, margin), run in itertools.groupby(layers, key=lambda m: (m.amax_history.shape, m.margin)):
         run = list(run)
         histories, scales = [m.amax_history for m in run], [m.scale for m in run]
         history, scale = torch.stack(histories), torch.stack(scales)  # [n, 3, H], [n, 3]
-        fp8_max = torch.tensor([FP8_MAX[f] for f in ROLE_FORMAT], device=device)
-        update_delayed_scale(history, scale, amaxes[start:start + len(run)].to(device), fp8_max, margin)
+        fp8_max = torch.full_like(scale, FP8_MAX[E4M3])  # filled on the device: a host->GPU copy would sync
+        fp8_max[:, GRAD_OUTPUT] = FP8_MAX[E5M2]
+        update_delayed_scale(history, scale, amaxes[start:start + len(run)], fp8_max, margin)
         torch._foreach_copy_(histories, history.unbind(0))
         torch._foreach_copy_(scales, scale.unbind(0))
         start += len(run)

@@ -4,6 +4,9 @@ import json
 import math
 import time
 
+import pytest
+import torch
+
 from tools import gpu_check
 
 
@@ -54,6 +57,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert len(v["losses"]) == train["steps"] + 2 and all(math.isfinite(x) for x in v["losses"])
         assert abs(v["losses"][0] - math.log(512)) < 0.5  # synthetic tokens from 512: ~uniform at init
     assert runs["fp8_triton"]["losses"] != runs["bf16"]["losses"]  # FP8 really quantized
+    assert all(v["host_syncs_per_step"] is None for v in runs.values())  # counted on CUDA only
     assert 0 < runs["fp8_triton"]["max_loss_rel_diff_vs_bf16"] <= gpu_check.FP8_LOSS_RTOL
     assert ns["matrices"] == 2 * 7 and len(ns["results"]) == 4  # q/o 32x32, k/v 16x32, gate/up 80x32, down 32x80
     # gpu_check.md: every measured case in a table per section, beside the one-line summaries
@@ -131,3 +135,28 @@ def test_a_run_that_fails_to_compile_is_measured_eagerly(tmp_path, monkeypatch):
         assert run["status"] == "ok" and run["compiled"] is False and "inductor says no" in run["compile_error"]
         assert run["tokens_per_s"] > 0
     assert "bf16 ok (eager)" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_host_syncs_lists_where_a_step_waited_for_the_gpu(monkeypatch):
+    """On CUDA the train section counts the host syncs of one training step with torch.cuda's sync debug mode:
+    here the mode switch is recorded and the warnings it would raise are raised by hand, each at its own line."""
+    import warnings
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        warnings.warn("called a synchronizing CUDA operation")  # as the debug mode words it
+        warnings.warn("some other warning")
+        warnings.warn("called a synchronizing CUDA operation")
+
+    sites = gpu_check.host_syncs(torch.device("cuda"), step)
+    line = step.__code__.co_firstlineno
+    assert sites == [f"tests/test_gpu_check.py:{line + 1}", f"tests/test_gpu_check.py:{line + 3}"]
+    assert modes == ["warn", 0]
+
+    def broken():
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        gpu_check.host_syncs(torch.device("cuda"), broken)
+    assert modes[-1] == 0  # the debug mode is switched off whatever the step does
+    assert gpu_check.host_syncs(torch.device("cpu"), lambda: None) is None

@@ -44,6 +44,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -290,25 +291,31 @@ def train_section(device, args, rec):
         opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        losses, times = [], []
-        for batch in batches:
-            synchronize(device)
-            t0 = time.perf_counter()
+        def step(batch):
             with autocast:
                 loss = model(batch[:, :-1], batch[:, 1:])
             loss.backward()
             model.update_fp8_scales()
             opts.step()
             opts.zero_grad()
+            return loss
+
+        losses, times = [], []
+        for batch in batches:
+            synchronize(device)
+            t0 = time.perf_counter()
+            loss = step(batch)
             synchronize(device)
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
+        syncs = host_syncs(device, lambda: step(batches[-1]))  # one more step, after the timed ones
         step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
         tok_s = B * T / step_s
         flops = model.flops_per_token(T) * tok_s
         return dict(gemm=fp8.resolve_backend(device, cfg.fp8_backend) if cfg.fp8 else None, losses=losses,
                     tokens_per_s=tok_s, step_ms=step_s * 1e3, warmup_s=sum(times[:2]), tflops=flops / 1e12,
                     mfu=flops / peak if peak else None, params=model.num_params(),
+                    host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
 
     runs = rec.setdefault("runs", {})
@@ -349,6 +356,24 @@ def train_section(device, args, rec):
     failed = [k for k, v in runs.items() if v.get("status") != "ok"]
     if failed:
         raise AssertionError(f"train runs not ok: {failed}")
+
+
+def host_syncs(device, fn):
+    """Run fn() and return where it made the host wait for the GPU (torch.cuda's sync debug mode flags .item(),
+    device-to-host copies, nonzero, ...: each one stalls the CPU that should be queueing the next kernels), as
+    "file:line" per occurrence; None on a CPU, where there is nothing to wait for."""
+    if device.type != "cuda":
+        fn()
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    where = lambda f: f.split("site-packages/")[-1] if "site-packages/" in f else os.path.relpath(f, ROOT)  # noqa: E731
+    return [f"{where(w.filename)}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -537,11 +562,12 @@ def details(r: dict) -> tuple[list, list]:
                     for c in cols)] for x in res])
     if s == "train":
         return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "MFU %", "peak GB", "vs bf16",
-                 "loss diff"],
+                 "loss diff", "host syncs"],
                 [[k, v.get("status"), v.get("compiled"), v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
                   num(v.get("step_ms"), ".1f"), num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
                   num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f"),
-                  num(v.get("max_loss_rel_diff_vs_bf16"), ".2g")] for k, v in r.get("runs", {}).items()])
+                  num(v.get("max_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("host_syncs_per_step"), "d")]
+                 for k, v in r.get("runs", {}).items()])
     return [], []
 
 
