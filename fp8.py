@@ -158,7 +158,8 @@ def update_delayed_scale(history, scale, new_amax, fp8_max, margin=0):
     # a true fp32 division, as Transformer Engine's: `fp8_max / tensor` is torch's reciprocal(tensor) * fp8_max,
     # two roundings, 1 ulp off fp8_max / amax for some amaxes
     window_max = pushed.amax(-1)
-    new_scale = torch.as_tensor(fp8_max, dtype=window_max.dtype, device=window_max.device) / window_max / 2.0 ** margin
+    fp8_max = fp8_max if torch.is_tensor(fp8_max) else torch.full_like(window_max, fp8_max)  # not a host copy
+    new_scale = fp8_max / window_max / 2.0 ** margin
     ok = torch.isfinite(new_amax) & (new_amax > 0) & torch.isfinite(new_scale)
     history.copy_(torch.where(ok.unsqueeze(-1), pushed, history))
     scale.copy_(torch.where(ok, new_scale, scale))
@@ -459,8 +460,9 @@ class FP8Linear(nn.Module):
     weight [out_features, in_features] is the master weight (its own dtype, fp32 usually);
     amax_history [3, history_len] and scale [3] (fp32 buffers, rows INPUT, WEIGHT, GRAD_OUTPUT) are
     the delayed-scaling state; pending_amax [3] holds what a training forward and backward recorded until
-    update_scales takes it (not saved: it is empty between micro-batches). x may be [..., in_features]; the output has the autocast dtype when
-    autocast is on, else x's dtype. gemm: "triton" or "torch", the kernel (module docstring)."""
+    update_scales takes it (not saved: it is empty between micro-batches). x may be [..., in_features]; the
+    output has the autocast dtype when autocast is on, else x's dtype. gemm: "triton" or "torch", the kernel
+    (module docstring)."""
 
     def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, history_len=128, margin=0,
                  gemm="triton"):
