@@ -238,9 +238,10 @@ class Xmodel(nn.Module):
         T = idx.shape[1]
         if start_pos + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={cfg.max_seq_len}")
-        if self._fp8_recorded:  # a loop that never calls update_fp8_scales still gets its scales updated
-            self.update_fp8_scales()
-        self._fp8_recorded = bool(self._fp8_layers) and self.training and torch.is_grad_enabled()
+        if bool(self._fp8_layers) and self.training and torch.is_grad_enabled():  # this forward records amaxes
+            if self._fp8_recorded:  # a loop that never calls update_fp8_scales still gets its scales updated
+                self.update_fp8_scales()
+            self._fp8_recorded = True
         cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_base, idx.device, start_pos)
         x = self.tok_emb(idx) * cfg.embed_mult
         for i, block in enumerate(self.blocks):
@@ -272,8 +273,9 @@ class Xmodel(nn.Module):
         """The FP8 delayed-scaling step (fp8.update_scales) of every FP8 layer, after the backward of each
         training micro-batch: the amaxes its forward and backward recorded, all-reduced with MAX across ranks
         in one collective, become the histories and scales of the next micro-batch. train.py calls it after
-        every backward; a model whose last training forward was not followed by it runs it at its next forward
-        (so a bare loop is still correct, but its checkpoints and evaluations would miss the last micro-batch)."""
+        every backward; a model whose last training forward was not followed by it runs it at its next training
+        forward (so a bare loop is still correct, but its checkpoints and evaluations miss the last micro-batch).
+        Only training forwards do: sampling on one rank never enters a collective."""
         if self._fp8_layers:
             from fp8 import update_scales
             update_scales(self._fp8_layers)

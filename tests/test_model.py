@@ -510,6 +510,26 @@ def test_block_compiles_fullgraph_and_equals_eager():
         assert torch.allclose(g1[n], p.grad, rtol=1e-5, atol=1e-6), n
 
 
+def test_fp8_sampling_never_reduces_amaxes(monkeypatch):
+    """Rank 0 samples alone at the end of a run: neither a sample nor an evaluation may enter the amax
+    all-reduce, not even when a training micro-batch's amaxes are still pending (a loop that skipped
+    update_fp8_scales); the next training forward applies them."""
+    import fp8
+    model = tiny_model(fp8=True)
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    recorded = model.blocks[0].attn.wq.pending_amax.clone()
+    calls = []
+    monkeypatch.setattr(fp8, "_all_reduce_max", lambda t: calls.append(t) or t)
+    model.generate(idx[:, :3], 2)  # training mode, no autograd
+    model.eval()
+    model(idx[:, :-1], idx[:, 1:])
+    assert calls == [] and torch.equal(model.blocks[0].attn.wq.pending_amax, recorded)
+    model.train()
+    model(idx[:, :-1], idx[:, 1:])
+    assert len(calls) == 1 and model.blocks[0].attn.wq.amax_history[:, 0].tolist() == recorded.tolist()
+
+
 def test_fp8_block_compiles_fullgraph_and_records_like_eager():
     """An FP8 block under Dynamo with fullgraph=True (the amax records are in-place writes into buffers inside
     an autograd.Function, forward and backward): outputs, gradients, recorded amaxes and the scales after
