@@ -274,7 +274,8 @@ class Xmodel(nn.Module):
         training micro-batch: the amaxes its forward and backward recorded, all-reduced with MAX across ranks
         in one collective, become the histories and scales of the next micro-batch. train.py calls it after
         every backward; a model whose last training forward was not followed by it runs it at its next training
-        forward (so a bare loop is still correct, but its checkpoints and evaluations miss the last micro-batch).
+        forward (so a bare loop is still correct, but its checkpoints and evaluations miss the last micro-batch;
+        under DDP, whose forward first broadcasts rank 0's buffers, they would reduce rank 0's amaxes only).
         Only training forwards do: sampling on one rank never enters a collective."""
         if self._fp8_layers:
             from fp8 import update_scales

@@ -952,10 +952,9 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, rank: int, world: int, device
     model = raw
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        # no buffer broadcast before every forward: the buffers (FP8 histories and scales) are equal on every
-        # rank by construction (the MAX all-reduce), and DDP's constructor already broadcast the initial ones
+        # gradients as views of DDP's all-reduce buckets: no second copy of every gradient (5.2 GB per GPU at 1.3B)
         model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        gradient_as_bucket_view=True)
     opts = Optimizers(mup.param_groups(raw, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
     step, tokens, unlogged = restore(cfg, mcfg, raw, opts, tok, device, say)
     sinks = None
