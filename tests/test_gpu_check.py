@@ -58,6 +58,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert abs(v["losses"][0] - math.log(512)) < 0.5  # synthetic tokens from 512: ~uniform at init
     assert runs["fp8_triton"]["losses"] != runs["bf16"]["losses"]  # FP8 really quantized
     assert all(v["host_syncs_per_step"] is None for v in runs.values())  # counted on CUDA only
+    assert runs["bf16"]["update_fp8_scales_ms"] is None and runs["fp8_torch"]["update_fp8_scales_ms"] > 0
     assert 0 < runs["fp8_triton"]["max_loss_rel_diff_vs_bf16"] <= gpu_check.FP8_LOSS_RTOL
     assert ns["matrices"] == 2 * 7 and len(ns["results"]) == 4  # q/o 32x32, k/v 16x32, gate/up 80x32, down 32x80
     # gpu_check.md: every measured case in a table per section, beside the one-line summaries

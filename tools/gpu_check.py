@@ -309,6 +309,12 @@ def train_section(device, args, rec):
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
         syncs = host_syncs(device, lambda: step(batches[-1]))  # one more step, after the timed ones
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(10):  # FP8: the delayed-scaling step every micro-batch pays (one batched update)
+            model.update_fp8_scales()
+        synchronize(device)
+        update_ms = (time.perf_counter() - t0) * 100 if cfg.fp8 else None
         step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
         tok_s = B * T / step_s
         flops = model.flops_per_token(T) * tok_s
@@ -316,6 +322,7 @@ def train_section(device, args, rec):
                     tokens_per_s=tok_s, step_ms=step_s * 1e3, warmup_s=sum(times[:2]), tflops=flops / 1e12,
                     mfu=flops / peak if peak else None, params=model.num_params(),
                     host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
+                    update_fp8_scales_ms=update_ms,
                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
 
     runs = rec.setdefault("runs", {})
