@@ -291,6 +291,7 @@ def train_section(device, args, rec):
         opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+
         def step(batch):
             with autocast:
                 loss = model(batch[:, :-1], batch[:, 1:])
