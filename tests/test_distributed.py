@@ -124,9 +124,11 @@ def _worker(rank, init_file, jobs, out_dir):
                 results[name]["amax_reductions"] = reductions
             finally:
                 fp8._all_reduce_max = real_max
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    train.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 
 
 def micro_gradients(cfg_path):

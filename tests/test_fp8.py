@@ -552,7 +552,8 @@ WORKER = textwrap.dedent("""
         local.append((fp8.amax(x).item(), fp8.amax(dy).item()))
     torch.save({"history": layer.amax_history, "scale": layer.scale, "local": local}, path)
     dist.barrier()
-    dist.destroy_process_group()
+    import train
+    train.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 """)
 
 

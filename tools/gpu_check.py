@@ -413,6 +413,7 @@ def dist_worker(args):
     import torch.distributed as dist
     import fp8
     import mup
+    import train
     from torch.nn.parallel import DistributedDataParallel
     cuda = torch.cuda.is_available() and args.device != "cpu"
     rank = int(os.environ["RANK"])
@@ -442,10 +443,10 @@ def dist_worker(args):
     ref.update_fp8_scales()
     out["amax_local"] = ref.blocks[0].attn.wq.amax_history[:, 0].tolist()
     dist.barrier()
-    dist.destroy_process_group()
     if rank == 0:
         with open(os.path.join(args.out, "dist_worker.json"), "w") as f:
             json.dump(out, f)
+    train.exit_distributed()
 
 
 def dist_section(device, args, rec):
