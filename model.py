@@ -238,7 +238,7 @@ class Xmodel(nn.Module):
         T = idx.shape[1]
         if start_pos + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={cfg.max_seq_len}")
-        if bool(self._fp8_layers) and self.training and torch.is_grad_enabled():  # this forward records amaxes
+        if self._fp8_layers and self.training and torch.is_grad_enabled():  # this forward records amaxes
             if self._fp8_recorded:  # a loop that never calls update_fp8_scales still gets its scales updated
                 self.update_fp8_scales()
             self._fp8_recorded = True
