@@ -28,7 +28,8 @@ Delayed scaling (Transformer Engine's DelayedScaling, algorithm "max", margin 0)
     last `history_len` (128) amaxes, and
         scale_{t+1} = fp8_max / max(amax_history) / 2^margin.
     The amax observed at step t is pushed into the history and sets the scale of step t+1; step t
-    itself is quantized with the scale computed at step t-1 (the first step uses scale 1.0). A zero
+    itself is quantized with the scale computed at step t-1 (the first step, with an empty history, scales
+    just in time by its own amax: step_scale says why, and where this departs from Transformer Engine). A zero
     or non-finite amax (an all-zero batch, an overflowed gradient) is not pushed and leaves the
     scale unchanged. The history and the scales are registered buffers: they live in the state_dict
     and a resumed run continues bit-exactly.
@@ -163,6 +164,20 @@ def update_delayed_scale(history, scale, new_amax, fp8_max, margin=0):
     ok = torch.isfinite(new_amax) & (new_amax > 0) & torch.isfinite(new_scale)
     history.copy_(torch.where(ok.unsqueeze(-1), pushed, history))
     scale.copy_(torch.where(ok, new_scale, scale))
+
+
+def step_scale(scale, history, amax_now, fp8_max, margin=0):
+    """The scale a tensor is quantized with in this micro-batch: the delayed one, `scale`, once its `history`
+    [H] holds an amax; before that (the first micro-batch of a fresh run) fp8_max / amax_now / 2^margin,
+    computed just in time from the tensor itself (amax_now, 0-d, which a training step records anyway).
+
+    Why not Transformer Engine's initial scale 1.0: the first micro-batch's output gradients are tiny
+    (~1e-6 at 1.3B with a mean loss over 14,848 tokens), below E5M2's smallest subnormal 2^-16 ~ 1.5e-5, so
+    with scale 1.0 they flush to zero and every FP8 layer gets a zero weight gradient: the first step is lost
+    (seen on an H200, docs/gpu_check.md). On several ranks each quantizes this one micro-batch with its own
+    amax; the all-reduced histories agree from the next on."""
+    jit = torch.full_like(amax_now, fp8_max) / amax_now.clamp_min(1e-30) / 2.0 ** margin  # 0 amax: finite
+    return torch.where(history[0] > 0, scale, jit)
 
 
 def update_scales(layers):
@@ -337,20 +352,33 @@ def fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accum=Fals
     elif not interpret:
         raise RuntimeError(f"fp8_matmul: tensors on {a.device}; the Triton kernel needs CUDA, "
                            "or TRITON_INTERPRET=1 to run on the CPU")
+    return _triton_fp8_mm(a, b, scale_a.reshape(()), scale_b.reshape(()), out_dtype, bool(fast_accum))
+
+
+# A custom op, so that torch.compile calls the kernel as one opaque function instead of tracing into Triton's
+# autotuner (which Dynamo of torch 2.11 fails on: "ListVariable ... is already tracked for mutation", seen on
+# an H200); register_fake gives the compiler the output's shape and dtype.
+@torch.library.custom_op("xmodel::fp8_matmul", mutates_args=())
+def _triton_fp8_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                   out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+    interpret = _interpreting()
     if interpret not in _KERNELS:
         _KERNELS[interpret] = build_kernel(interpret)
-    kernel = _KERNELS[interpret]
-
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), device=a.device, dtype=out_dtype)
     if M == 0 or N == 0:
         return c
     grid = lambda meta: (math.ceil(M / meta["BLOCK_M"]) * math.ceil(N / meta["BLOCK_N"]),)
-    kernel[grid](a, b, c, scale_a.reshape(()), scale_b.reshape(()), M, N, K,
-                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-                 OUT_BF16=out_dtype == torch.bfloat16, FAST_ACCUM=bool(fast_accum))
+    _KERNELS[interpret][grid](a, b, c, scale_a, scale_b, M, N, K,
+                              a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+                              OUT_BF16=out_dtype == torch.bfloat16, FAST_ACCUM=fast_accum)
     return c
+
+
+@_triton_fp8_mm.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, fast_accum):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
 def torch_fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accum=False):
@@ -393,7 +421,13 @@ def resolve_backend(device, gemm="triton"):
 def emulated_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16):
     """The CPU stand-in for fp8_matmul: (a.float() @ b.float()) / scale_a / scale_b, then cast.
     fp8 x fp8 products are exact in fp32, so it differs from the kernel only in summation order."""
-    return (a.float() @ b.float() / scale_a / scale_b).to(out_dtype)
+    return _cast(a.float() @ b.float() / scale_a / scale_b, out_dtype)
+
+
+def _cast(c, dtype):
+    # not c.to(dtype) when the dtypes agree: Dynamo of torch 2.11 turns an autograd.Function whose output is
+    # such a no-op .to() into one whose backward sees dY = 0 (every compiled FP8 gradient 0, seen on an H200)
+    return c if c.dtype == dtype else c.to(dtype)
 
 
 def _k_major(t, dim):
@@ -409,12 +443,14 @@ def scaled_gemm(a, b, scale_a, scale_b, out_dtype, gemm="triton", fast_accum=Fal
     fast_accum: the forward's choice (module docstring, "Accumulation"); the emulation is exact either way."""
     gemm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float32) else torch.float32
     backend = resolve_backend(a.device, gemm)
+    if backend == "torch" and (a.shape[1] % 16 or b.shape[1] % 16):
+        backend = "triton"  # cuBLASLt's FP8 GEMM needs K and N in multiples of 16 (e.g. wgrad over 4 x 1001 tokens)
     if backend != "emulate":
         kernel = fp8_matmul if backend == "triton" else torch_fp8_matmul
         c = kernel(_k_major(a, 1), _k_major(b, 0), scale_a, scale_b, gemm_dtype, fast_accum)
     else:
         c = emulated_matmul(a, b, scale_a, scale_b, gemm_dtype)
-    return c.to(out_dtype)
+    return _cast(c, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,34 +460,38 @@ class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with x, W in E4M3; backward dX = dY W, dW = dY^T x with dY in E5M2."""
 
     @staticmethod
-    def forward(ctx, x, weight, pending, scale, out_dtype, record, gemm):
-        # this step's scales, set by the steps before; copied, since update_scales overwrites them in place
-        scale_x, scale_w = scale[INPUT].clone(), scale[WEIGHT].clone()
+    def forward(ctx, x, weight, pending, scale, history, margin, out_dtype, record, gemm):
+        # this step's scales, set by the steps before (step_scale); new tensors, since update_scales
+        # overwrites `scale` in place
+        amax_x, amax_w = amax(x), amax(weight)
+        scale_x = step_scale(scale[INPUT], history[INPUT], amax_x, FP8_MAX[E4M3], margin)
+        scale_w = step_scale(scale[WEIGHT], history[WEIGHT], amax_w, FP8_MAX[E4M3], margin)
         x_q = quantize(x, scale_x, E4M3)
         w_q = quantize(weight, scale_w, E4M3)
         if record:
-            pending[INPUT:GRAD_OUTPUT].copy_(torch.stack([amax(x), amax(weight)]))
+            pending[INPUT:GRAD_OUTPUT].copy_(torch.stack([amax_x, amax_w]))
         y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype, gemm, fast_accum=True)
         ctx.save_for_backward(x_q, w_q, scale_x, scale_w)
-        ctx.state = (pending, scale, record, gemm)  # mutated in place: kept out of save_for_backward
+        ctx.state = (pending, scale, history, margin, record, gemm)  # mutated in place: kept out of save_for_backward
         ctx.dtypes = (x.dtype, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_q, w_q, scale_x, scale_w = ctx.saved_tensors
-        pending, scale, record, gemm = ctx.state
+        pending, scale, history, margin, record, gemm = ctx.state
         x_dtype, w_dtype = ctx.dtypes
-        scale_dy = scale[GRAD_OUTPUT].clone()
+        amax_dy = amax(dy)
+        scale_dy = step_scale(scale[GRAD_OUTPUT], history[GRAD_OUTPUT], amax_dy, FP8_MAX[E5M2], margin)
         dy_q = quantize(dy, scale_dy, E5M2)
         if record:
-            pending[GRAD_OUTPUT].copy_(amax(dy))
+            pending[GRAD_OUTPUT].copy_(amax_dy)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = scaled_gemm(dy_q, w_q, scale_dy, scale_w, x_dtype, gemm)          # [T, out] @ [out, in]
         if ctx.needs_input_grad[1]:
             dw = scaled_gemm(dy_q.t(), x_q, scale_dy, scale_x, w_dtype, gemm)      # [out, T] @ [T, in]
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 class FP8Linear(nn.Module):
@@ -503,7 +543,8 @@ class FP8Linear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         with torch.autocast(device_type, enabled=False):  # our GEMMs choose their own precisions
             record = self.training and torch.is_grad_enabled()
-            y = _FP8LinearFunction.apply(x2d, self.weight, self.pending_amax, self.scale, out_dtype, record, self.gemm)
+            y = _FP8LinearFunction.apply(x2d, self.weight, self.pending_amax, self.scale, self.amax_history,
+                                          self.margin, out_dtype, record, self.gemm)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):

@@ -59,7 +59,7 @@ class ModelConfig:
     init_out: str = "depth"       # attn-out/MLP-down std: "depth" (init_std/sqrt(2 n_layer), original) | "mup" (/sqrt(m))
     # execution
     fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
-    fp8_backend: str = "triton"   # the FP8 GEMM: "triton" (fp8.py's kernel) or "torch" (torch._scaled_mm, cuBLASLt)
+    fp8_backend: str = "torch"    # FP8 GEMM: "torch" (torch._scaled_mm, cuBLASLt; faster: README "GPU check") or "triton" (fp8.py)
     act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)
     loss_chunk: int = 1024        # tokens per chunk of the chunked cross-entropy (fp32 on a CPU: at most 256)
 

@@ -299,9 +299,9 @@ def test_fp8_linear_matches_high_precision_within_fp8_bounds():
 def test_fp8_linear_kernel_backend_equals_emulated(interpret, backend, monkeypatch, gemm):
     """Both GEMM backends run the same delayed scaling: same state, results within summation order."""
     torch.manual_seed(1)
-    x = torch.randn(3, 7, 29)
-    dy = torch.randn(3, 7, 45) * 1e-2
-    layer = fp8.FP8Linear(29, 45)
+    x = torch.randn(3, 16, 32)  # K and N of all three GEMMs multiples of 16, as cuBLASLt's FP8 GEMM needs
+    dy = torch.randn(3, 16, 48) * 1e-2
+    layer = fp8.FP8Linear(32, 48)
     linear_grads(layer, x, dy)  # calibrate the scales
     layouts = []
     kernel_name = {"triton": "fp8_matmul", "torch": "torch_fp8_matmul"}[gemm]
@@ -315,7 +315,7 @@ def test_fp8_linear_kernel_backend_equals_emulated(interpret, backend, monkeypat
     results = {}
     for name in ("emulate", "kernel"):
         backend(name)
-        twin = fp8.FP8Linear(29, 45, gemm=gemm)
+        twin = fp8.FP8Linear(32, 48, gemm=gemm)
         twin.load_state_dict(layer.state_dict())
         results[name] = (linear_grads(twin, x, dy), twin.state_dict())
     (y_e, dx_e, dw_e), sd_e = results["emulate"]
@@ -323,9 +323,9 @@ def test_fp8_linear_kernel_backend_equals_emulated(interpret, backend, monkeypat
     for k in sd_e:
         assert torch.equal(sd_e[k], sd_t[k]), k
     s = layer.scale
-    xq = fp8.quantize(x.reshape(-1, 29), s[INPUT], E4M3)
+    xq = fp8.quantize(x.reshape(-1, 32), s[INPUT], E4M3)
     wq = fp8.quantize(layer.weight.detach(), s[WEIGHT], E4M3)
-    dyq = fp8.quantize(dy.reshape(-1, 45), s[GRAD_OUTPUT], E5M2)
+    dyq = fp8.quantize(dy.reshape(-1, 48), s[GRAD_OUTPUT], E5M2)
     ops = 8 if gemm == "torch" else 4
     for got, ref, b in ((y_t, y_e, reorder_bound(xq, wq.t(), s[INPUT], s[WEIGHT], ops)),
                         (dx_t, dx_e, reorder_bound(dyq, wq, s[GRAD_OUTPUT], s[WEIGHT], ops)),
@@ -337,6 +337,19 @@ def test_fp8_linear_kernel_backend_equals_emulated(interpret, backend, monkeypat
     # forward with fast accumulation, both backward GEMMs with the split accumulator (Transformer Engine's)
     assert layouts == [(1, 1, True), (1, 1, False), (1, 1, False)]
 
+
+
+def test_torch_gemm_falls_back_to_triton_off_cublas_shapes(interpret, backend, monkeypatch):
+    """cuBLASLt's FP8 GEMM needs K and N in multiples of 16: a wgrad over 3 x 7 tokens (K = 21) goes to the
+    Triton kernel instead, the K = 32 GEMMs stay with torch._scaled_mm."""
+    backend("kernel")
+    calls = []
+    for name in ("fp8_matmul", "torch_fp8_matmul"):
+        real = getattr(fp8, name)
+        monkeypatch.setattr(fp8, name, lambda a, b, *args, _n=name, _r=real: calls.append((_n, a.shape[1])) or _r(a, b, *args))
+    layer = fp8.FP8Linear(32, 48, gemm="torch")
+    linear_grads(layer, torch.randn(3, 7, 32), torch.randn(3, 7, 48))
+    assert calls == [("torch_fp8_matmul", 32), ("torch_fp8_matmul", 48), ("fp8_matmul", 21)]
 
 def test_delayed_scaling_sequence_matches_hand_computed(backend):
     backend("emulate")
@@ -354,11 +367,12 @@ def test_delayed_scaling_sequence_matches_hand_computed(backend):
     dy_amax = [2 ** -10, 2 ** -8, 0.0, float("inf"), 2 ** -12, 2 ** -9, 2 ** -12]
     # hand-computed: history newest first (length 3), scale = fp8_max / max(history); zero/inf skipped
     x_hist = [[2, 0, 0], [8, 2, 0], [.5, 8, 2], [4, .5, 8], [1, 4, .5], [1, 4, .5], [.25, 1, 4]]
-    x_scale_used = [1.0, 224.0, 56.0, 56.0, 56.0, 112.0, 112.0]   # the scale of step t = after step t-1
+    # the scale of step t = after step t-1; step 0, with empty histories, scales by its own amax (step_scale)
+    x_scale_used = [224.0, 224.0, 56.0, 56.0, 56.0, 112.0, 112.0]
     dy_hist = [[2 ** -10, 0, 0], [2 ** -8, 2 ** -10, 0], [2 ** -8, 2 ** -10, 0], [2 ** -8, 2 ** -10, 0],
                [2 ** -12, 2 ** -8, 2 ** -10], [2 ** -9, 2 ** -12, 2 ** -8], [2 ** -12, 2 ** -9, 2 ** -12]]
-    dy_scale_used = [1.0, 57344 * 2.0 ** 10] + [57344 * 2.0 ** 8] * 5
-    w_scale_used = [1.0] + [896.0] * 6
+    dy_scale_used = [57344 * 2.0 ** 10, 57344 * 2.0 ** 10] + [57344 * 2.0 ** 8] * 5
+    w_scale_used = [896.0] * 7
     for t in range(7):
         x = base_x * x_amax[t]
         dy = base_dy * dy_amax[t] if dy_amax[t] != float("inf") else base_dy.masked_fill(base_dy == 1.0, float("inf"))
@@ -378,6 +392,30 @@ def test_delayed_scaling_sequence_matches_hand_computed(backend):
         assert layer.scale.tolist() == [next_x, 896.0, next_dy], t
         layer.weight.grad = None
 
+
+
+def test_first_micro_batch_is_scaled_just_in_time(backend):
+    """With empty histories a layer quantizes by the tensors' own amaxes: output gradients of ~1e-6 (a 1.3B
+    model's first micro-batch) would flush to zero in E5M2 with the initial scale 1.0 and give a zero weight
+    gradient; scaled just in time, dW is dY^T x to FP8 precision. Once a history holds an amax, the delayed
+    scale is used again."""
+    backend("emulate")
+    torch.manual_seed(5)
+    layer = fp8.FP8Linear(16, 8)
+    x, dy = torch.randn(32, 16), torch.randn(32, 8) * 1e-6
+    assert (fp8.quantize(dy, torch.tensor(1.0), E5M2).float() == 0).all()  # what scale 1.0 would do
+    y, dx, dw = linear_grads(layer, x, dy)
+    w = layer.weight.detach()
+    for got, ref in ((y, x @ w.t()), (dx, dy @ w), (dw, dy.t() @ x)):
+        assert ((got - ref).norm() / ref.norm()).item() < 0.15
+    # the scales it used are the ones update_scales sets from its amaxes: the next step sees no jump
+    amaxes = torch.stack([fp8.amax(x), fp8.amax(w), fp8.amax(dy)])
+    s = layer.scale.clone()
+    assert torch.equal(s, torch.tensor([448.0, 448.0, 57344.0]) / amaxes)
+    # from now on the delayed scale: a 4x larger input saturates instead of being rescaled
+    y2, _, _ = linear_grads(layer, x * 4, dy)
+    xq, wq = fp8.quantize(x * 4, s[INPUT], E4M3), fp8.quantize(w, s[WEIGHT], E4M3)
+    assert torch.equal(y2, fp8.emulated_matmul(xq, wq.t(), s[INPUT], s[WEIGHT], torch.float32))
 
 def test_zero_and_nonfinite_amax_keep_previous_scale(backend):
     backend("emulate")

@@ -54,7 +54,11 @@ TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 120, "train": 240, "ns": 30, "dist
 # fast accumulation on Hopper: errors up to 2^10 x the fp32 bound, as if its accumulator kept ~14 of fp32's
 # 24 mantissa bits (DeepSeek-V3's measurement); exactly the fp32 bound wherever accumulation is fp32
 FAST_ACCUM_SLACK = 2.0 ** 10
-FP8_LOSS_RTOL = 0.02  # FP8 vs bf16 loss over a few steps from the same init (the paper: no visible change)
+# FP8 vs bf16 from the same init: the mean loss over a few steps (the paper: no visible change). The mean, not
+# each step: at the peak LR on random tokens single steps swing (bf16 itself: 12.1 -> 12.8 -> 12.1), and two runs
+# a few 1e-3 apart early drift to a few 1e-2 apart by step 6 (seen on an H200); a broken FP8 backward (all
+# gradients 0, seen there too) moves the mean by ~20%.
+FP8_LOSS_RTOL = 0.02
 
 
 class SectionTimeout(Exception):
@@ -310,6 +314,7 @@ def train_section(device, args, rec):
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
         syncs = host_syncs(device, lambda: step(batches[-1]))  # one more step, after the timed ones
+        where = profile_step(device, lambda: step(batches[-1]))  # and one under the profiler
         synchronize(device)
         t0 = time.perf_counter()
         for _ in range(10):  # FP8: the delayed-scaling step every micro-batch pays (one batched update)
@@ -323,7 +328,7 @@ def train_section(device, args, rec):
                     tokens_per_s=tok_s, step_ms=step_s * 1e3, warmup_s=sum(times[:2]), tflops=flops / 1e12,
                     mfu=flops / peak if peak else None, params=model.num_params(),
                     host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
-                    update_fp8_scales_ms=update_ms,
+                    update_fp8_scales_ms=update_ms, profile=where,
                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
 
     runs = rec.setdefault("runs", {})
@@ -355,15 +360,49 @@ def train_section(device, args, rec):
     for label in ("fp8_triton", "fp8_torch"):
         got = runs[label].get("losses")
         if base and got:
-            diff = max(abs(a - b) / abs(b) for a, b in zip(got, base))
-            runs[label].update(max_loss_rel_diff_vs_bf16=diff, speedup_vs_bf16=runs[label]["tokens_per_s"] /
-                               runs["bf16"]["tokens_per_s"])  # read with both runs' "compiled"
-            if diff > FP8_LOSS_RTOL:
+            diff = abs(sum(got) - sum(base)) / abs(sum(base))
+            runs[label].update(mean_loss_rel_diff_vs_bf16=diff,
+                               max_loss_rel_diff_vs_bf16=max(abs(a - b) / abs(b) for a, b in zip(got, base)),
+                               speedup_vs_bf16=runs[label]["tokens_per_s"] / runs["bf16"]["tokens_per_s"])
+            if diff > FP8_LOSS_RTOL:  # the speedup is read with both runs' "compiled"
                 runs[label]["status"] = "failed"
-                runs[label]["error"] = f"loss differs from bf16 by {diff:.3g} > {FP8_LOSS_RTOL}"
+                runs[label]["error"] = f"mean loss differs from bf16 by {diff:.3g} > {FP8_LOSS_RTOL}"
     failed = [k for k, v in runs.items() if v.get("status") != "ok"]
     if failed:
         raise AssertionError(f"train runs not ok: {failed}")
+
+
+KERNEL_CLASSES = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "fp8_matmul", "cublas", "aten::mm", "aten::addmm",
+                             "aten::bmm", "_scaled_mm")),
+                  ("attention", ("flash", "fmha", "attention")))
+
+
+def profile_step(device, fn, top=12):
+    """Run fn() under torch.profiler: where its time went, as ms per kernel class (KERNEL_CLASSES by name, the
+    rest "other": norms, quantization, elementwise, loss, optimizer) and the `top` kernels by time. On CUDA
+    the GPU kernels' own durations; on a CPU the ops' self times."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    from tools.bench import synchronize
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        synchronize(device)
+    per_name = {}
+    for e in prof.events():
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        n, t = per_name.get(e.name, (0, 0.0))
+        per_name[e.name] = (n + 1, t + us / 1e3)
+    classes = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for name, (_, ms) in per_name.items():
+        low = name.lower()
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+        classes[cls] += ms
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return dict(clock="gpu kernels" if cuda else "cpu self", total_ms=sum(classes.values()), ms=classes,
+                top=[[name[:100], n, ms] for name, (n, ms) in ranked])
 
 
 def host_syncs(device, fn):
@@ -548,7 +587,7 @@ def summary(r: dict) -> str:
     if s == "ns":
         return f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices"
     if s == "dist":
-        return f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax MAX {r.get('amax_all_reduce')}"
+        return f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal {r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)"
     return ""
 
 
@@ -571,11 +610,13 @@ def details(r: dict) -> tuple[list, list]:
                     for c in cols)] for x in res])
     if s == "train":
         return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "MFU %", "peak GB", "vs bf16",
-                 "loss diff", "host syncs"],
+                 "mean loss diff", "host syncs", "GEMM / attention / other ms"],
                 [[k, v.get("status"), v.get("compiled"), v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
                   num(v.get("step_ms"), ".1f"), num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
                   num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f"),
-                  num(v.get("max_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("host_syncs_per_step"), "d")]
+                  num(v.get("mean_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("host_syncs_per_step"), "d"),
+                  " / ".join(num(v["profile"]["ms"][c], ".1f") for c in ("gemm", "attention", "other"))
+                  if v.get("profile") else "-"]
                  for k, v in r.get("runs", {}).items()])
     return [], []
 
