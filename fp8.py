@@ -81,8 +81,9 @@ Accumulation (Transformer Engine's "split accumulator")
     does FP8Linear (fast_accum=True for y only). Ada GPUs and the CPU accumulate in fp32 either way.
 
 Two GEMM kernels (FP8Linear(gemm=...), the model's `fp8_backend`), same quantization and delayed scaling:
-"triton" = fp8_matmul above; "torch" = torch._scaled_mm (cuBLASLt on CUDA; torch also has a CPU
-implementation), which takes dequantization scales, 1/s_a and 1/s_b, and needs K-major operands on CUDA.
+"torch" = torch._scaled_mm (cuBLASLt on CUDA, the faster on an H200; torch also has a CPU kernel), which
+takes dequantization scales 1/s_a, 1/s_b, K-major operands and K, N in multiples of 16 (a GEMM that has not
+goes to Triton); "triton" = fp8_matmul above, a torch custom op that torch.compile calls whole.
 Where they run (module-level BACKEND): "auto" = the chosen kernel on CUDA with capability >= 8.9, a
 RuntimeError on older CUDA GPUs, emulation on the CPU; "emulate" = always the emulated GEMM; "kernel" =
 always the chosen kernel, which for "triton" on CPU tensors needs the Triton interpreter
@@ -167,15 +168,11 @@ def update_delayed_scale(history, scale, new_amax, fp8_max, margin=0):
 
 
 def step_scale(scale, history, amax_now, fp8_max, margin=0):
-    """The scale a tensor is quantized with in this micro-batch: the delayed one, `scale`, once its `history`
-    [H] holds an amax; before that (the first micro-batch of a fresh run) fp8_max / amax_now / 2^margin,
-    computed just in time from the tensor itself (amax_now, 0-d, which a training step records anyway).
-
-    Why not Transformer Engine's initial scale 1.0: the first micro-batch's output gradients are tiny
-    (~1e-6 at 1.3B with a mean loss over 14,848 tokens), below E5M2's smallest subnormal 2^-16 ~ 1.5e-5, so
-    with scale 1.0 they flush to zero and every FP8 layer gets a zero weight gradient: the first step is lost
-    (seen on an H200, docs/gpu_check.md). On several ranks each quantizes this one micro-batch with its own
-    amax; the all-reduced histories agree from the next on."""
+    """This micro-batch's scale for a tensor: the delayed `scale` once its `history` [H] holds an amax; before
+    that (a fresh run's first micro-batch) fp8_max / amax_now / 2^margin, from the tensor's own amax. Not
+    Transformer Engine's initial 1.0: at 1.3B the first output gradients (~1e-6) lie below E5M2's smallest
+    subnormal (2^-16), so every FP8 weight gradient of the first step would be 0 (seen on an H200). Ranks
+    each use their own amax for this one micro-batch; the all-reduced histories agree from then on."""
     jit = torch.full_like(amax_now, fp8_max) / amax_now.clamp_min(1e-30) / 2.0 ** margin  # 0 amax: finite
     return torch.where(history[0] > 0, scale, jit)
 

@@ -398,7 +398,9 @@ def profile_step(device, fn, top=12):
     classes = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for name, (_, ms) in per_name.items():
         low = name.lower()
-        cls = next((c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
+        # Inductor's fused kernels (triton_poi_fused__scaled_mm_...) name the ops they were fused next to: "other"
+        cls = "other" if low.startswith("triton_") else next(
+            (c for c, keys in KERNEL_CLASSES if any(k in low for k in keys)), "other")
         classes[cls] += ms
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][1])[:top]
     return dict(clock="gpu kernels" if cuda else "cpu self", total_ms=sum(classes.values()), ms=classes,
