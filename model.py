@@ -59,7 +59,7 @@ class ModelConfig:
     init_out: str = "depth"       # attn-out/MLP-down std: "depth" (init_std/sqrt(2 n_layer), original) | "mup" (/sqrt(m))
     # execution
     fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
-    fp8_backend: str = "torch"    # FP8 GEMM: "torch" (torch._scaled_mm, cuBLASLt; faster: README "GPU check") or "triton" (fp8.py)
+    fp8_backend: str = "torch"    # FP8 GEMM: "torch" (torch._scaled_mm, cuBLASLt; the faster) | "triton" (fp8.py)
     act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)
     loss_chunk: int = 1024        # tokens per chunk of the chunked cross-entropy (fp32 on a CPU: at most 256)
 
@@ -374,15 +374,18 @@ class Xmodel(nn.Module):
         return (8 * n + opt + act + loss) / 1e9
 
 
-def _loss_and_grad_fused(logits, y, valid, scale: float):
+def _loss_and_grad_fused(logits, y, valid, scale: float, tgt):
     """One chunk of the loss and its gradient as whole-tensor expressions, for torch.compile (the
     compiled path of `_ChunkedCrossEntropy`): the same numbers as `_chunk_loss` with grad=True.
     Inductor turns it into two passes over the chunk (one reduction, one fused exp/subtract/store);
-    run eagerly every line would be its own fp32 [chunk, vocab] temporary, hence `_chunk_loss`."""
-    logp = torch.log_softmax(logits.float() * scale, dim=-1)
-    onehot = torch.arange(logp.shape[1], device=logp.device) == y[:, None]
-    logits.copy_(torch.exp(logp) - onehot.float())
-    return -(logp.gather(1, y[:, None]).squeeze(1) * valid).sum()
+    run eagerly every line would be its own fp32 [chunk, vocab] temporary, hence `_chunk_loss`.
+    tgt, the target logits (scaled, fp32), comes from the caller: read here, after the in-place write,
+    torch 2.11's CPU Inductor read them from the overwritten logits (a wrong loss, right gradients)."""
+    z = logits.float() * scale
+    lse = torch.logsumexp(z, dim=-1)
+    onehot = torch.arange(z.shape[1], device=z.device) == y[:, None]
+    logits.copy_(torch.exp(z - lse[:, None]) - onehot.float())
+    return ((lse - tgt) * valid).sum()
 
 
 def _chunk_loss(logits, y, valid, scale: float, z=None, grad: bool = False):
@@ -466,7 +469,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             hc, yc, vc = h[i:i + chunk], y[i:i + chunk], valid[i:i + chunk]
             logits = torch.mm(hc * scale if fp32 else hc, wc.t(), out=logits_buf[:len(hc)])
             if compiled and need_grad:
-                loss += _compiled_loss_and_grad()(logits, yc, vc, rest)
+                tgt = logits.gather(1, yc[:, None]).squeeze(1).float() * rest
+                loss += _compiled_loss_and_grad()(logits, yc, vc, rest, tgt)
             else:
                 for j in range(0, len(hc), _EAGER_ROWS):
                     r = slice(j, j + _EAGER_ROWS)

@@ -346,7 +346,8 @@ def test_torch_gemm_falls_back_to_triton_off_cublas_shapes(interpret, backend, m
     calls = []
     for name in ("fp8_matmul", "torch_fp8_matmul"):
         real = getattr(fp8, name)
-        monkeypatch.setattr(fp8, name, lambda a, b, *args, _n=name, _r=real: calls.append((_n, a.shape[1])) or _r(a, b, *args))
+        monkeypatch.setattr(fp8, name, lambda a, b, *args, _n=name, _r=real:
+                            calls.append((_n, a.shape[1])) or _r(a, b, *args))
     layer = fp8.FP8Linear(32, 48, gemm="torch")
     linear_grads(layer, torch.randn(3, 7, 32), torch.randn(3, 7, 48))
     assert calls == [("torch_fp8_matmul", 32), ("torch_fp8_matmul", 48), ("fp8_matmul", 21)]

@@ -589,7 +589,8 @@ def summary(r: dict) -> str:
     if s == "ns":
         return f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices"
     if s == "dist":
-        return f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal {r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)"
+        return (f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal "
+                f"{r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)")
     return ""
 
 
