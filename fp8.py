@@ -168,8 +168,8 @@ def update_delayed_scale(history, scale, new_amax, fp8_max, margin=0):
 
 
 def step_scale(scale, history, amax_now, fp8_max, margin=0):
-    """This micro-batch's scale for a tensor: the delayed `scale` once its `history` [H] holds an amax; before
-    that (a fresh run's first micro-batch) fp8_max / amax_now / 2^margin, from the tensor's own amax. Not
+    """A training micro-batch's scale for a tensor: the delayed `scale` once its `history` [H] holds an amax;
+    before that (a fresh run's first micro-batch) fp8_max / amax_now / 2^margin, from the tensor's own amax. Not
     Transformer Engine's initial 1.0: at 1.3B the first output gradients (~1e-6) lie below E5M2's smallest
     subnormal (2^-16), so every FP8 weight gradient of the first step would be 0 (seen on an H200). Ranks
     each use their own amax for this one micro-batch; the all-reduced histories agree from then on."""
@@ -459,14 +459,17 @@ class _FP8LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, pending, scale, history, margin, out_dtype, record, gemm):
         # this step's scales, set by the steps before (step_scale); new tensors, since update_scales
-        # overwrites `scale` in place
-        amax_x, amax_w = amax(x), amax(weight)
-        scale_x = step_scale(scale[INPUT], history[INPUT], amax_x, FP8_MAX[E4M3], margin)
-        scale_w = step_scale(scale[WEIGHT], history[WEIGHT], amax_w, FP8_MAX[E4M3], margin)
+        # overwrites `scale` in place. Without a record (sampling, eval) the delayed scales alone: no amax
+        # passes, which would read every weight once more per generated token
+        if record:
+            amax_x, amax_w = amax(x), amax(weight)
+            pending[INPUT:GRAD_OUTPUT].copy_(torch.stack([amax_x, amax_w]))
+            scale_x = step_scale(scale[INPUT], history[INPUT], amax_x, FP8_MAX[E4M3], margin)
+            scale_w = step_scale(scale[WEIGHT], history[WEIGHT], amax_w, FP8_MAX[E4M3], margin)
+        else:
+            scale_x, scale_w = scale[INPUT].clone(), scale[WEIGHT].clone()
         x_q = quantize(x, scale_x, E4M3)
         w_q = quantize(weight, scale_w, E4M3)
-        if record:
-            pending[INPUT:GRAD_OUTPUT].copy_(torch.stack([amax_x, amax_w]))
         y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype, gemm, fast_accum=True)
         ctx.save_for_backward(x_q, w_q, scale_x, scale_w)
         ctx.state = (pending, scale, history, margin, record, gemm)  # mutated in place: kept out of save_for_backward

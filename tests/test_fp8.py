@@ -230,7 +230,9 @@ def test_quantize_saturates_instead_of_overflowing():
 
 
 def test_quantize_rounds_to_nearest_within_bound():
-    x = torch.randn(4000) * 3
+    # seeded, and within the range the scales cover (|x| <= 12): a 4-sigma sample beyond it saturates, which
+    # its own test covers (unseeded, whether one of 4000 samples crossed 12 hung on the tests run before it)
+    x = (torch.randn(4000, generator=torch.Generator().manual_seed(0)) * 3).clamp(-12, 12)
     for dtype, s in ((E4M3, 448 / 12.0), (E5M2, 57344 / 12.0)):
         q = fp8.quantize(x, torch.tensor(s), dtype)
         err = (fp8.dequantize(q, torch.tensor(s)).double() - x.double()).abs()
