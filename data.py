@@ -630,6 +630,24 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
                   out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
 
 
+def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
+                  tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, progress: bool = True) -> dict[str, str]:
+    """{source: dataset directory} for a run's `data` config: a directory holding a manifest.json is used as
+    it is; raw text (files or directories) is prepared into cache_dir/prepared/SOURCE (once: unchanged inputs
+    are reused; the directory's lock lets one process build while others wait, then reuse). Every path that
+    does not exist is named at once, each with the command that prepares it."""
+    missing = [(s, p) for s, p in spec.items() if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"data: {len(missing)} of {len(spec)} sources not found (docs/DATA.md: where each comes from):\n"
+            + "\n".join(f"  {s}: {p} does not exist; prepare it with: python data.py prepare --source {s}=RAW_PATH "
+                        f"--out {p}" for s, p in missing))
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return {s: str(p) if (Path(p) / "manifest.json").is_file()
+            else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
+            for s, p in spec.items()}
+
+
 # -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)

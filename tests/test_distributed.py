@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import muon
+import runtime
 import train
 from conftest import write_config
 
@@ -105,7 +106,7 @@ def _result(summary, seen, grad=False) -> dict:
 def _worker(rank, init_file, jobs, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    # the ranks meet in a file (no port to race for); train.setup_distributed keeps a group it finds
+    # the ranks meet in a file (no port to race for); runtime.setup_distributed keeps a group it finds
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=300))
     seen = _capture()
@@ -128,7 +129,7 @@ def _worker(rank, init_file, jobs, out_dir):
         dist.destroy_process_group()
         raise
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    train.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
+    runtime.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 
 
 def micro_gradients(cfg_path):
@@ -139,7 +140,7 @@ def micro_gradients(cfg_path):
     cfg, mcfg = conf["train"], conf["model"]
     phase = cfg.phases[0]
     torch.manual_seed(cfg.seed)
-    _, mixture = train.build_data(cfg, mcfg, 0, 1)
+    _, mixture = train.build_data(cfg, mcfg, 0)
     model = mup.build_model(mcfg)
     mixture = mixture.with_weights(cfg.mixtures[phase["mix"]])
     mb, n = train.batch_split(phase, cfg.micro_batch, 1)
@@ -277,7 +278,7 @@ def test_two_rank_resume_across_the_switch_is_exact(runs):
         assert len(stop["losses"]) == 2 and stop["hidden_type"] == "AdamW" and resume["hidden_type"] == "Muon"
         assert stop["losses"] + resume["losses"] == full["losses"], r  # bit for bit
         assert_models_equal(resume["model"], full["model"])
-    assert [os.path.basename(p) for p in train.list_checkpoints(out["res"])] == ["ckpt_00000002.pt", "ckpt_00000006.pt"]
+    assert [os.path.basename(p) for p in runtime.list_checkpoints(out["res"])] == ["ckpt_00000002.pt", "ckpt_00000006.pt"]
 
 
 # ---------------------------------------------------------------- resume with another world size
@@ -298,7 +299,7 @@ def test_resume_with_another_world_size_equals_the_uninterrupted_run(runs):
     assert rows("w21") == full  # steps 1-4 on 2 ranks, 5-6 on 1 rank
     assert rows("w12") == full  # steps 1-4 on 1 rank, 5-6 on 2 ranks
     assert res["w1stop"]["losses"] + res["w1resume"]["losses"] == res["w1"]["losses"]  # 1-rank parts: their own
-    final = {k: train.load_checkpoint(out[k]) for k in ("w1", "w21", "w12")}
+    final = {k: runtime.load_checkpoint(out[k]) for k in ("w1", "w21", "w12")}
     for k in ("w21", "w12"):
         assert final[k]["step"] == N_STEPS and final[k]["tokens"] == final["w1"]["tokens"], k
         assert_models_equal(final[k]["model"], final["w1"]["model"])
@@ -415,7 +416,7 @@ def test_torchrun_smoke_only_rank0_writes(tmp_path, tiny_data):
     assert stdout.count("step 3/6") == 1 and "2 ranks" in stdout
     files = os.listdir(out)
     assert {"ckpt_00000003.pt", "config.json", "metrics.jsonl"} <= set(files) and not any(".tmp" in f for f in files)
-    assert [os.path.basename(c) for c in train.list_checkpoints(str(out))] == ["ckpt_00000003.pt"]
+    assert [os.path.basename(c) for c in runtime.list_checkpoints(str(out))] == ["ckpt_00000003.pt"]
 
 
 FAILING_RANK = textwrap.dedent("""

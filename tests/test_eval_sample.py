@@ -20,7 +20,7 @@ import torch
 
 import data
 import mup
-import train
+import runtime
 from model import ModelConfig
 from tools import eval as ev
 from tools import export, sample
@@ -52,7 +52,7 @@ def run(tmp_path_factory):
     model = mup.build_model(CFG).eval()
     state = {"model": model.state_dict(), "model_config": asdict(CFG), "tokenizer": tok.identity,
              "config": {"tokenizer": str(tmp / "tokenizer.json")}, "tokens": 0, "optim": None, "rng": None}
-    train.save_checkpoint(str(tmp / "run"), 3, state, keep=1)
+    runtime.save_checkpoint(str(tmp / "run"), 3, state, keep=1)
     return str(tmp / "run"), model, tok, tmp
 
 

@@ -17,7 +17,7 @@ import torch
 
 import data
 import mup
-import train
+import runtime
 from model import ModelConfig
 from tools import export, sample
 
@@ -57,7 +57,7 @@ def make_run(tmp_path, cfg=TINY, tokenizer=None, seed=0, name="run"):
     state = {"model": model.state_dict(), "model_config": asdict(cfg), "config": {"tokenizer": tokenizer},
              "tokenizer": tok.identity, "tokens": 1234, "optim": None, "rng": None}
     run = tmp_path / name
-    train.save_checkpoint(str(run), 7, state, keep=1)
+    runtime.save_checkpoint(str(run), 7, state, keep=1)
     return str(run), model.eval()
 
 
@@ -115,11 +115,11 @@ def test_export_is_readable_by_others_and_promises_the_trained_context(tmp_path)
         dict.fromkeys(["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                        "tokenizer_config.json", "special_tokens_map.json"], 0o644)
     assert conf["max_position_embeddings"] == TINY.max_seq_len  # no curriculum recorded: max_seq_len
-    ckpt = train.load_checkpoint(run)
+    ckpt = runtime.load_checkpoint(run)
     ckpt["config"]["phases"] = [{"name": "a", "steps": 5, "seq_len": 64}, {"name": "b", "steps": 2, "seq_len": 128},
                                 {"name": "long", "steps": 3, "seq_len": 200}]
     for step, want in ((0, 64), (5, 64), (6, 128), (7, 128), (8, 200), (10, 200)):
-        train.save_checkpoint(str(tmp_path / "run2"), step, ckpt, keep=1)
+        runtime.save_checkpoint(str(tmp_path / "run2"), step, ckpt, keep=1)
         conf = export.export(str(tmp_path / "run2"), str(tmp_path / "hf2"), overwrite=True)
         tcfg = json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())
         assert conf["max_position_embeddings"] == tcfg["model_max_length"] == want, step
@@ -275,12 +275,12 @@ def test_bos_is_written_and_read_back(tmp_path):
     back = export.hf_dir_tokenizer(tmp_path / "hf")
     assert back.identity == tok.identity and back.encode(TEXT + "<s>") == tok.encode(TEXT + "<s>")
     export.main(["--import", str(tmp_path / "hf"), str(tmp_path / "back")])
-    assert train.load_checkpoint(str(tmp_path / "back"))["tokenizer"] == tok.identity
+    assert runtime.load_checkpoint(str(tmp_path / "back"))["tokenizer"] == tok.identity
     assert export.load_any(str(tmp_path / "hf"))[1].bos_id == export.load_any(str(tmp_path / "back"))[1].bos_id \
         == tok.bos_id
-    ckpt = train.load_checkpoint(run)
+    ckpt = runtime.load_checkpoint(run)
     del ckpt["tokenizer"]["bos_id"]  # as checkpoints trained on EOS-only data record it
-    train.save_checkpoint(str(tmp_path / "old"), 7, ckpt, keep=1)
+    runtime.save_checkpoint(str(tmp_path / "old"), 7, ckpt, keep=1)
     old = export.checkpoint_tokenizer(ckpt)
     assert old.bos_id is None and old.doc_start == [tok.eos_id]
     export.export(str(tmp_path / "old"), str(tmp_path / "hf_old"))
@@ -297,7 +297,7 @@ def test_export_import_export_is_lossless(tmp_path, dtype, tied):
     run, model = make_run(tmp_path, cfg)
     export.export(run, str(tmp_path / "hf1"), dtype=dtype)
     export.main(["--import", str(tmp_path / "hf1"), str(tmp_path / "back")])
-    ckpt = train.load_checkpoint(str(tmp_path / "back"))
+    ckpt = runtime.load_checkpoint(str(tmp_path / "back"))
     assert ckpt["model_config"] == asdict(cfg) and ckpt["step"] == 7 and ckpt["tokens"] == 1234
     assert ckpt["optim"] is None and ckpt["tokenizer"] == data.get_tokenizer(str(tmp_path / "tokenizer.json")).identity
     export.main([str(tmp_path / "back"), str(tmp_path / "hf2"), "--dtype", dtype])
@@ -381,10 +381,10 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         export.import_hf(str(tmp_path))
     # a checkpoint whose weights do not fit its own config
-    ckpt = train.load_checkpoint(run)
+    ckpt = runtime.load_checkpoint(run)
     ckpt["model_config"]["hidden"] = 128
     bad = tmp_path / "bad"
-    train.save_checkpoint(str(bad), 1, ckpt, keep=1)
+    runtime.save_checkpoint(str(bad), 1, ckpt, keep=1)
     with pytest.raises(ValueError, match="do not match its model config.*tok_emb"):
         export.export(str(bad), str(tmp_path / "hf3"))
     # a missing tokenizer

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import data
+import runtime
 import train
 from conftest import write_config
 
@@ -46,7 +47,7 @@ def run(cfg, out, *extra) -> dict:
 
 
 def ckpt_names(out) -> list[str]:
-    return [os.path.basename(p) for p in train.list_checkpoints(str(out))]
+    return [os.path.basename(p) for p in runtime.list_checkpoints(str(out))]
 
 
 def loss_rows(out) -> list[tuple]:
@@ -62,7 +63,7 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path, cfg, monk
     with pytest.raises(RuntimeError, match="the evaluation died"):
         run(cfg, tmp_path / "out", "--max_steps=1")
     assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
-    assert train.load_checkpoint(str(tmp_path / "out"))["step"] == 1
+    assert runtime.load_checkpoint(str(tmp_path / "out"))["step"] == 1
 
 
 # ---------------------------------------------------------------- 2. a later phase's bad settings, refused before step 1
@@ -115,13 +116,13 @@ def test_later_phase_refused_before_step_1(tmp_path, tiny_data, short_source, ca
         argv, match = ["--phase.decay.lr=('exp', 1.0, -0.0625)"], r"phases\[2\] \(decay\): lr must be"
     with pytest.raises(ValueError, match=match):
         train.train([c, f"--out_dir={out}", *argv])
-    assert not train.list_checkpoints(str(out)) and not os.path.exists(out / "metrics.jsonl")  # nothing trained
+    assert not runtime.list_checkpoints(str(out)) and not os.path.exists(out / "metrics.jsonl")  # nothing trained
 
 
 def test_global_batch_not_divisible_by_the_world_size(tmp_path, tiny_data):
     conf = train.load_config([write_config(tmp_path / "c.py", tiny_data), "--phase.warmup.batch=6",
                               "--phase.stable.batch=6", "--phase.decay.batch=6"])
-    _, mixture = train.build_data(conf["train"], conf["model"], 0, 1)
+    _, mixture = train.build_data(conf["train"], conf["model"], 0)
     train.check_run(conf["train"], mixture, world=2)  # 6, 6, 6 and 2 split over 2 ranks
     with pytest.raises(ValueError, match=r"phases\[3\] \(long\): global batch 2 is not divisible by the world size 3"):
         train.check_run(conf["train"], mixture, world=3)
@@ -166,7 +167,7 @@ def test_non_finite_weights_never_enter_a_checkpoint(tmp_path, cfg, monkeypatch)
     with pytest.raises(FloatingPointError, match="non-finite weights after step 2: no checkpoint written"):
         run(cfg, tmp_path / "out", "--max_steps=2", "--ckpt_interval=1")
     assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
-    ck = train.load_checkpoint(str(tmp_path / "out"))  # sha256 verified: untouched
+    ck = runtime.load_checkpoint(str(tmp_path / "out"))  # sha256 verified: untouched
     assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
@@ -183,10 +184,10 @@ def one_step(tmp_path_factory, cfg):
 def test_another_tokenizer_identity_is_refused_unless_allowed(tmp_path, cfg, one_step, capsys):
     out = tmp_path / "out"
     shutil.copytree(one_step, out)
-    ck = train.load_checkpoint(str(out))
+    ck = runtime.load_checkpoint(str(out))
     assert ck["tokenizer"]["n_vocab"] > 0
     ck["tokenizer"] = dict(ck["tokenizer"], name="other-tokenizer", sha256="0" * 64)  # same vocabulary size
-    train.save_checkpoint(str(out), 1, {k: v for k, v in ck.items() if k not in ("format", "step")}, keep=3)
+    runtime.save_checkpoint(str(out), 1, {k: v for k, v in ck.items() if k not in ("format", "step")}, keep=3)
     ckpt = str(out / "ckpt_00000001.pt")
     for how in (["--resume", f"--out_dir={out}"], [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'b'}"]):
         with pytest.raises(ValueError, match=rf"{re.escape(ckpt)}: trained with tokenizer other-tokenizer .*"
@@ -204,7 +205,7 @@ def test_another_tokenizer_identity_is_refused_unless_allowed(tmp_path, cfg, one
 
 def test_second_run_into_one_out_dir_is_refused_and_a_dead_holder_does_not_block(tmp_path, cfg):
     out = tmp_path / "out"
-    held = train.RunLock(str(out))  # the first run (its own open file: flock excludes it like another process)
+    held = runtime.RunLock(str(out))  # the first run (its own open file: flock excludes it like another process)
     try:
         with pytest.raises(ValueError, match=rf"out_dir .* is in use by another run \(PID {os.getpid()} on "):
             run(cfg, out, "--max_steps=1")
@@ -213,12 +214,12 @@ def test_second_run_into_one_out_dir_is_refused_and_a_dead_holder_does_not_block
     pid = os.fork()
     if pid == 0:  # a run that takes the lock and dies without releasing it
         try:
-            train.RunLock(str(out))
+            runtime.RunLock(str(out))
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
     assert open(out / ".lock").read().startswith(f"PID {pid} ")  # the stale lock file of the dead process
-    lock = train.RunLock(str(out))
+    lock = runtime.RunLock(str(out))
     assert open(out / ".lock").read().startswith(f"PID {os.getpid()} ")
     lock.release()
 
@@ -281,8 +282,8 @@ def test_torn_last_metrics_line_is_dropped_a_bad_middle_line_is_an_error(tmp_pat
 
 def test_flipped_bytes_in_a_checkpoint_are_refused_naming_the_previous_one(tmp_path):
     state = {"model": {"w": torch.full((4096,), 1.5)}}
-    first = train.save_checkpoint(str(tmp_path), 1, state, keep=3)
-    second = train.save_checkpoint(str(tmp_path), 2, state, keep=3)
+    first = runtime.save_checkpoint(str(tmp_path), 1, state, keep=3)
+    second = runtime.save_checkpoint(str(tmp_path), 2, state, keep=3)
     raw = bytearray(open(second, "rb").read())
     at = raw.find(struct.pack("<f", 1.5) * 1024)  # inside the tensor's data
     assert at > 0
@@ -291,8 +292,8 @@ def test_flipped_bytes_in_a_checkpoint_are_refused_naming_the_previous_one(tmp_p
     for path in (second, str(tmp_path)):  # the file, or the run directory's latest
         with pytest.raises(ValueError, match=rf"{re.escape(second)}: corrupt checkpoint .*"
                                              rf"the previous checkpoint is {re.escape(first)}"):
-            train.load_checkpoint(path)
-    assert torch.equal(train.load_checkpoint(first)["model"]["w"], state["model"]["w"])
+            runtime.load_checkpoint(path)
+    assert torch.equal(runtime.load_checkpoint(first)["model"]["w"], state["model"]["w"])
 
 
 def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
@@ -332,7 +333,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch):
     assert "\n" not in msg and f"could not write {out / 'ckpt_00000002.pt'} (No space left on device;" in msg
     assert re.search(r"\d+\.\d\d GiB free on its file system", msg), msg
     assert not [n for n in os.listdir(out) if ".tmp" in n or n.startswith("ckpt_00000002")]
-    assert ckpt_names(out) == ["ckpt_00000001.pt"] and train.load_checkpoint(str(out))["step"] == 1
+    assert ckpt_names(out) == ["ckpt_00000001.pt"] and runtime.load_checkpoint(str(out))["step"] == 1
 
 
 # ---------------------------------------------------------------- 11. rank 0 writes the checkpoint under its own timeout
@@ -348,16 +349,16 @@ def _slow_save_worker(rank, port, argv, slow_s):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if rank == 0:  # slow storage: the write outlasts the collective timeout
-        real = train.save_checkpoint
-        train.save_checkpoint = lambda *a, **k: (time.sleep(slow_s), real(*a, **k))[1]
-    train.plot_runs = lambda *a, **k: None  # rank 0's drawing is not under test (the other rank waits for it)
+        real = runtime.save_checkpoint
+        runtime.save_checkpoint = lambda *a, **k: (time.sleep(slow_s), real(*a, **k))[1]
+    runtime.plot_runs = lambda *a, **k: None  # rank 0's drawing is not under test (the other rank waits for it)
     try:
         assert train.train(argv)["step"] == 1
     except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
-    train.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
+    runtime.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 
 
 def test_slow_checkpoint_write_outlasts_the_collective_timeout(tmp_path, cfg):
@@ -399,7 +400,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(tmp_
     assert 2 <= stopped <= 6 and ckpt_names(out) == [f"ckpt_{stopped:08d}.pt"]
     assert run(cfg, out, "--log_interval=2", "--resume")["step"] == 6
     assert loss_rows(out) == loss_rows(uninterrupted)
-    a, b = train.load_checkpoint(str(uninterrupted)), train.load_checkpoint(str(out))
+    a, b = runtime.load_checkpoint(str(uninterrupted)), runtime.load_checkpoint(str(out))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 

@@ -593,8 +593,8 @@ WORKER = textwrap.dedent("""
         local.append((fp8.amax(x).item(), fp8.amax(dy).item()))
     torch.save({"history": layer.amax_history, "scale": layer.scale, "local": local}, path)
     dist.barrier()
-    import train
-    train.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
+    import runtime
+    runtime.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 """)
 
 

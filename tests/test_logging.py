@@ -6,6 +6,7 @@ import types
 
 import pytest
 
+import runtime
 import train
 from conftest import write_config
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: a tiny model 
 
 
 def rows(out):
-    return train.read_metrics(os.path.join(out, "metrics.jsonl"))
+    return runtime.read_metrics(os.path.join(out, "metrics.jsonl"))
 
 
 def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path, tiny_data):
@@ -58,7 +59,7 @@ def test_a_missing_logging_package_is_an_error_before_step_1(tmp_path, tiny_data
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="config key 'log_to': wandb needs the wandb package"):
         train.train([write_config(tmp_path / "c.py", tiny_data, out_dir=str(out), log_to=["wandb"])])
-    assert not [r for r in rows(str(out)) if "loss" in r] and not train.list_checkpoints(str(out))
+    assert not [r for r in rows(str(out)) if "loss" in r] and not runtime.list_checkpoints(str(out))
     with pytest.raises(ValueError, match="config key 'log_to'"):
         train.load_config([write_config(tmp_path / "d.py", tiny_data, log_to=["csv"])])
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import muon  # noqa: E402
-import train  # noqa: E402
+import runtime  # noqa: E402
 from muon import Muon, newton_schulz_flops, shard_by_shape, update_scale, zeropower_via_newtonschulz5  # noqa: E402
 
 BAND = (0.66, 1.23)
@@ -478,7 +478,7 @@ def _dist_worker(rank, world_size, init_file, out_dir):
     torch.save({"params": [p.detach() for p in params],
                 "bufs": [opt.state[p]["momentum_buffer"] for p in params],
                 "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
-    train.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
+    runtime.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 
 
 def test_distributed_equals_single_process_and_shards_work(tmp_path):
@@ -546,7 +546,7 @@ def _stacked_worker(rank, world_size, init_file, out_dir):
     torch.save({"plain": [p.detach() for p in plain], "sharded": [p.detach() for p in sharded],
                 "resumed": [p.detach() for p in resumed], "owned": owned, "owned_after_load": owned_after_load,
                 "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
-    train.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
+    runtime.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 
 
 def test_distributed_with_stacks_equals_single_process(tmp_path):

@@ -17,7 +17,7 @@ import torch
 
 import data
 import mup
-import train
+import runtime
 from model import ModelConfig
 from tools import eval as ev
 from tools import muon_sft, sample
@@ -194,7 +194,7 @@ def test_probe_command_on_a_checkpoint(small, capsys):
     model = mup.build_model(cfg)
     state = {"model": model.state_dict(), "model_config": asdict(cfg), "tokenizer": tok.identity,
              "config": {"tokenizer": tok_path}, "tokens": 0, "optim": None, "rng": None}
-    train.save_checkpoint(str(tmp / "run"), 1, state, keep=1)
+    runtime.save_checkpoint(str(tmp / "run"), 1, state, keep=1)
     ev.main([str(tmp / "run"), "--task", "sft", "--per_family", "3", "--max_tokens", "4", "--json",
              "--device", "cpu", "--dtype", "float32"])
     r = json.loads(capsys.readouterr().out)
@@ -254,12 +254,12 @@ def test_muon_sft_end_to_end(small, tmp_path):
     for seed in (3,):
         s = runs / f"s{seed}"
         # both branches continue the same step-4 state: same metrics up to the switch, then their own optimizer
-        rows = {b: train.read_metrics(str(s / b / "metrics.jsonl")) for b in ("stable", "adamw", "muon")}
+        rows = {b: runtime.read_metrics(str(s / b / "metrics.jsonl")) for b in ("stable", "adamw", "muon")}
         before = [x for x in rows["stable"] if x.get("step", 0) <= 4 and "loss" in x]
         assert [x for x in rows["adamw"] if x.get("step", 0) <= 4 and "loss" in x] == before
         assert [x for x in rows["muon"] if x.get("step", 0) <= 4 and "loss" in x] == before
         for b in ("adamw", "muon"):
-            ck = train.load_checkpoint(str(s / b))
+            ck = runtime.load_checkpoint(str(s / b))
             assert ck["step"] == 7 and ck["optim"]["kind"] == b
         assert any(x.get("event") == "optimizer_switch" for x in rows["muon"])
         assert not any(x.get("event") == "optimizer_switch" for x in rows["adamw"])

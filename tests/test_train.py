@@ -16,6 +16,7 @@ import data
 import model as model_mod
 import muon
 import mup
+import runtime
 import train
 from conftest import write_config
 
@@ -81,7 +82,8 @@ def test_batch_split():
 
 
 def test_dry_run_xmodel25(capsys):
-    plan = train.train(["configs/xmodel25.py", "--dry_run", "--device=cpu"])
+    conf = load("xmodel25", "--dry_run")
+    plan = train.dry_run(conf["train"], conf["model"], 1)
     out = capsys.readouterr().out
     conf = load("xmodel25")
     c, m = conf["train"], conf["model"]
@@ -143,9 +145,12 @@ def test_config_overrides_and_missing_file():
     conf = load("proxy20m", "--lr=0.02", "--compile=True", "--phase.decay.optimizer=adamw", "--n_layer=4")
     assert conf["train"].lr == 0.02 and conf["train"].compile is True and conf["model"].n_layer == 4
     assert [p["optimizer"] for p in conf["train"].phases if p["name"] == "decay"] == ["adamw"]
-    assert {p["optimizer"] for p in load("xmodel25", "--hidden_optimizer=adamw")["train"].phases} == {"adamw"}
-    with pytest.raises(ValueError, match="hidden_optimizer"):
-        load("proxy20m", "--hidden_optimizer=sgd")
+    assert {p["optimizer"] for p in load("xmodel25", "--phase.*.optimizer=adamw")["train"].phases} == {"adamw"}
+    with pytest.raises(ValueError, match=r"phases\[0\] \(warmup\): optimizer must be one of"):
+        load("proxy20m", "--phase.*.optimizer=sgd")
+    for bad in ("--phase.nope.steps=3", "--phase.decay.nope=3", "--model.n_layer=3"):
+        with pytest.raises(ValueError, match=r"the form is --phase.NAME.KEY=value"):
+            load("proxy20m", bad)
     with pytest.raises(ValueError, match="config file not found"):
         train.load_config(["configs/nope.py"])
 
@@ -188,7 +193,7 @@ def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at):
         train.train([cfg_b])  # a fresh start never writes over another run
     rest = train.train([cfg_b, "--resume"])
     assert first["losses"] + rest["losses"] == full["losses"]  # bit for bit
-    a, b = train.load_checkpoint(str(full_dir / "a")), train.load_checkpoint(str(tmp_path / "b"))
+    a, b = runtime.load_checkpoint(str(full_dir / "a")), runtime.load_checkpoint(str(tmp_path / "b"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     rows = lambda d: [r for r in map(json.loads, open(d / "metrics.jsonl")) if "loss" in r]  # noqa: E731
     assert [r["step"] for r in rows(tmp_path / "b")] == [r["step"] for r in rows(full_dir / "a")]
@@ -300,28 +305,28 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data, monkeypat
     monkeypatch.setattr(model_mod.Xmodel, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="at step 3"):
         train.train([cfg])
-    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path / "out"))] == ["ckpt_00000002.pt"]
-    ck = train.load_checkpoint(str(tmp_path / "out"))
+    assert [os.path.basename(p) for p in runtime.list_checkpoints(str(tmp_path / "out"))] == ["ckpt_00000002.pt"]
+    ck = runtime.load_checkpoint(str(tmp_path / "out"))
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
 def test_checkpoint_loading_rejects_bad_files(tmp_path):
-    good = train.save_checkpoint(str(tmp_path), 1, {"model": {"w": torch.ones(3)}}, keep=2)
-    assert train.load_checkpoint(good)["model"]["w"].sum() == 3
+    good = runtime.save_checkpoint(str(tmp_path), 1, {"model": {"w": torch.ones(3)}}, keep=2)
+    assert runtime.load_checkpoint(good)["model"]["w"].sum() == 3
     raw = open(good, "rb").read()
     (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match="trunc.pt: not a readable checkpoint"):
-        train.load_checkpoint(str(tmp_path / "trunc.pt"))
+        runtime.load_checkpoint(str(tmp_path / "trunc.pt"))
     torch.save({"w": torch.ones(1)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not an Xmodel-2.5 checkpoint"):
-        train.load_checkpoint(str(tmp_path / "foreign.pt"))
+        runtime.load_checkpoint(str(tmp_path / "foreign.pt"))
     torch.save(torch.nn.Linear(2, 2), tmp_path / "code.pt")  # a pickled module: refused by weights_only
     with pytest.raises(ValueError, match="code.pt: not a readable checkpoint"):
-        train.load_checkpoint(str(tmp_path / "code.pt"))
+        runtime.load_checkpoint(str(tmp_path / "code.pt"))
     for s in (2, 3, 4):
-        train.save_checkpoint(str(tmp_path), s, {}, keep=2)
+        runtime.save_checkpoint(str(tmp_path), s, {}, keep=2)
     (tmp_path / "ckpt_00000009.pt.tmp").write_bytes(b"partial")  # a crash mid-write is never "latest"
-    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+    assert [os.path.basename(p) for p in runtime.list_checkpoints(str(tmp_path))] == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
 
 
 def test_raw_text_sources_are_prepared_from_the_config(tmp_path, tiny_data):
@@ -346,35 +351,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("native", [False, True])
 def test_dtype_auto_follows_native_bf16(monkeypatch, native):
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
-    dtype, why = train.resolve_dtype("auto", "cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    dtype, why = runtime.resolve_dtype("auto", "cpu")
     if native:
         assert dtype == "bfloat16" and why.startswith("dtype auto -> bfloat16: this CPU (")
         assert why.endswith("has native bf16 kernels")
     else:
         assert dtype == "float32" and why.startswith("dtype auto -> float32: this CPU (")
         assert "has no native bf16 kernels" in why and "8x slower" in why
-    assert train.resolve_dtype("float32", "cpu") == ("float32", "dtype float32 (as configured)")
+    assert runtime.resolve_dtype("float32", "cpu") == ("float32", "dtype float32 (as configured)")
 
 
 def test_explicit_bf16_is_kept_with_a_warning_where_emulated(monkeypatch):
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    dtype, why = train.resolve_dtype("bfloat16", "cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    dtype, why = runtime.resolve_dtype("bfloat16", "cpu")
     assert dtype == "bfloat16" and why.startswith("warning: dtype bfloat16 as configured")
     assert "no native bf16 kernels" in why and "--dtype=float32" in why
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    assert train.resolve_dtype("bfloat16", "cpu") == ("bfloat16", "dtype bfloat16 (as configured)")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_dtype("bfloat16", "cpu") == ("bfloat16", "dtype bfloat16 (as configured)")
     said = []
-    assert train.resolve_machine("cpu", "auto", said.append) == ("cpu", "bfloat16")
-    assert said == ["device cpu (as configured)", train.resolve_dtype("auto", "cpu")[1]]
+    assert runtime.resolve_machine("cpu", "auto", said.append) == ("cpu", "bfloat16")
+    assert said == ["device cpu (as configured)", runtime.resolve_dtype("auto", "cpu")[1]]
 
 
 def test_device_cuda_without_cuda_names_the_key(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a GPU machine
     with pytest.raises(ValueError, match="config key 'device': cuda requested but torch.cuda.is_available"):
-        train.resolve_device("cuda")
+        runtime.resolve_device("cuda")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    device, why = train.resolve_device("auto")
+    device, why = runtime.resolve_device("auto")
     assert device == "cpu" and why.startswith("device auto -> cpu (no CUDA or MPS device")
 
 
@@ -436,7 +441,7 @@ def test_fp8_run_resumes_exactly(tmp_path, tiny_data):
     first = train.train([cfg, *SHORT, "--fp8=True", "--max_steps=2"])
     rest = train.train([cfg, *SHORT, "--fp8=True", "--resume"])
     assert first["losses"] + rest["losses"] == full["losses"]
-    a, b = train.load_checkpoint(str(tmp_path / "a")), train.load_checkpoint(str(tmp_path / "b"))
+    a, b = runtime.load_checkpoint(str(tmp_path / "a")), runtime.load_checkpoint(str(tmp_path / "b"))
     scales = [k for k in a["model"] if k.endswith((".scale", ".amax_history"))]
     assert scales and any((a["model"][k] != 1).any() for k in scales if k.endswith(".scale"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -446,7 +451,7 @@ def test_bf16_autocast_run_keeps_fp32_masters(tmp_path, tiny_data):
     s = train.train([write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out")), *SHORT,
                      "--dtype=bfloat16"])
     assert s["step"] == 4 and all(math.isfinite(l) for l in s["losses"])
-    ck = train.load_checkpoint(str(tmp_path / "out"))
+    ck = runtime.load_checkpoint(str(tmp_path / "out"))
     assert {v.dtype for k, v in ck["model"].items() if not k.endswith("amax_history")} == {torch.float32}
     assert ck["config"]["dtype"] == "bfloat16"
 
@@ -499,7 +504,7 @@ def test_fp8_history_advances_per_micro_batch_and_rolls_over_at_128(tmp_path, ti
     fp8_max = (448.0, 448.0, 57344.0)  # E4M3 for input and weight, E5M2 for grad_output
     evicted = 0
     for step in range(1, len(micro) + 1):
-        sd = train.load_checkpoint(str(tmp_path / "out" / f"ckpt_{step:08d}.pt"))["model"]
+        sd = runtime.load_checkpoint(str(tmp_path / "out" / f"ckpt_{step:08d}.pt"))["model"]
         n = sum(micro[:step])
         for name, rec in seen.items():
             hist, scale = sd[f"{name}.amax_history"], sd[f"{name}.scale"]

@@ -31,7 +31,7 @@ def nonnegative_float(text: str) -> float:
 def model_overrides(items, flag: str = "--set") -> dict:
     """["KEY=VALUE", ...] -> {KEY: value} for ModelConfig fields, values parsed as train.py parses them;
     a bad key or value fails here, naming the flag, not at the first model."""
-    import train
+    import runtime
     from model import ModelConfig
     known = {f.name for f in fields(ModelConfig)}
     out = {}
@@ -39,7 +39,7 @@ def model_overrides(items, flag: str = "--set") -> dict:
         key, eq, raw = item.partition("=")
         if not eq or key not in known:
             raise ValueError(f"{flag} {item!r}: expected KEY=VALUE with KEY a ModelConfig field")
-        out[key] = train.parse_value(raw)
+        out[key] = runtime.parse_value(raw)
     ModelConfig(**out)
     return out
 

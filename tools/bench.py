@@ -18,7 +18,7 @@ and reports:
     python -m tools.bench muon configs/xmodel25.py     # Newton-Schulz FLOPs vs the step's; Muon vs AdamW step time
     python -m tools.bench fp8 configs/xmodel25.py      # FP8 vs bf16 GEMM TFLOP/s at the config's layer shapes (CUDA)
 
---device and --dtype default to auto (train.resolve_machine: CUDA, else MPS, else CPU; bf16 where native).
+--device and --dtype default to auto (runtime.resolve_machine: CUDA, else MPS, else CPU; bf16 where native).
 
 --peer runs Hugging Face transformers' LlamaForCausalLM of the same shape (tied embeddings, SDPA
 attention, bf16 autocast, torch.optim.AdamW as it comes) with the same timing loop, each model in its own
@@ -41,8 +41,9 @@ import time
 
 import torch
 
-import mup
 import muon
+import mup
+import runtime
 import train
 from model import Block, ModelConfig, Xmodel
 
@@ -437,7 +438,7 @@ def main(argv=None):
     for k in ("steps", "seq_len", "repeats"):
         if getattr(args, k) <= 0:
             raise ValueError(f"--{k} must be positive, got {getattr(args, k)}")
-    args.device, args.dtype = train.resolve_machine(args.device, args.dtype)  # subprocesses get the result
+    args.device, args.dtype = runtime.resolve_machine(args.device, args.dtype)  # subprocesses get the result
     if mode == "muon":
         result = muon_cost(args)
     elif mode == "fp8":

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import mup
-import train
+import runtime
 from model import ModelConfig, Xmodel
 from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, autocast, make_optimizer,
                          markov_tokens, proxy_config, pyplot, report_written, save_png, write_json)
@@ -180,7 +180,7 @@ def main(argv=None):
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        device, dtype = train.resolve_machine(args.device, args.dtype, say)
+        device, dtype = runtime.resolve_machine(args.device, args.dtype, say)
         res = coord_check(args.widths, args.steps, args.n_layer, args.lr, args.vocab, seeds=args.seeds,
                           head_dim=args.head_dim, device=device, dtype=dtype, log=say,
                           overrides=model_overrides(args.set))

@@ -25,11 +25,11 @@ Statistics over the n windows (all of equal length, so their mean is the token m
 
 The interval covers the window-sampling noise only (windows may overlap, so it is slightly optimistic).
 The per-window losses are what the interval needs, so they are computed here (from the hidden states, with
-model.chunked_cross_entropy) rather than with train.heldout_loss, which returns only the token mean.
+model.chunked_cross_entropy) rather than with runtime.heldout_loss, which returns only the token mean.
 A Hugging Face folder (an export of this project, or any Llama) is read through tools.export.load_any into
 the same model code; --backend transformers runs it through transformers' LlamaForCausalLM instead, as a
 check of the exported folder in the stack people use. --device/--dtype "auto" pick as train.py does
-(train.resolve_machine: CUDA, else MPS, else CPU; bf16 where native), the choice printed on stderr.
+(runtime.resolve_machine: CUDA, else MPS, else CPU; bf16 where native), the choice printed on stderr.
 
 Downstream probe (--task sft). The fixed test side of the embedded SFT source (data.sft_problems("test",
 per_family, seed=SFT_TEST_SEED): never trained on, 4 families x 250 problems by default). Each question is
@@ -53,8 +53,8 @@ import numpy as np
 import torch
 
 import data
+import runtime
 import tools
-import train
 from model import chunked_cross_entropy
 from tools import export, positive_int
 from tools.sample import prompt_ids
@@ -165,7 +165,7 @@ def evaluate(path: str, text: str | None = None, dataset: str | None = None, sou
         raise ValueError("give exactly one of --text FILE or --data DATASET_DIR")
     if backend not in ("xmodel", "transformers"):
         raise ValueError(f"--backend must be xmodel or transformers, got {backend!r}")
-    device, dtype = train.resolve_machine(device, dtype, say=lambda msg: print(msg, file=sys.stderr))
+    device, dtype = runtime.resolve_machine(device, dtype, say=lambda msg: print(msg, file=sys.stderr))
     model, tok, info = export.load_any(path, tokenizer, device)
     if backend == "transformers":
         if info["kind"] != "hf":
@@ -202,7 +202,7 @@ def sft_task_rows(per_family: int = SFT_PER_FAMILY) -> list[dict]:
 
 def write_sft_task_data(path: str = "docs/lm_eval/xmodel_sft/test.jsonl") -> None:
     """The lm-evaluation-harness task's data file: sft_task_rows(), one JSON object a line."""
-    with data.atomic_write(path) as f:
+    with runtime.atomic_write(path) as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in sft_task_rows())
 
 
@@ -234,7 +234,7 @@ def sft_accuracy(path: str, per_family: int = SFT_PER_FAMILY, max_tokens: int = 
     """Exact-match accuracy of greedy replies on the SFT test set, per family, per level and overall."""
     if per_family <= 0 or max_tokens <= 0:
         raise ValueError(f"--per_family and --max_tokens must be positive, got {per_family}, {max_tokens}")
-    device, dtype = train.resolve_machine(device, dtype, say=lambda msg: print(msg, file=sys.stderr))
+    device, dtype = runtime.resolve_machine(device, dtype, say=lambda msg: print(msg, file=sys.stderr))
     model, tok, _ = export.load_any(path, tokenizer, device)
     rows = sft_task_rows(per_family)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -269,8 +269,8 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=positive_int, default=100)
     ap.add_argument("--batch", type=positive_int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", choices=train.DEVICES)
-    ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
+    ap.add_argument("--device", default="auto", choices=runtime.DEVICES)
+    ap.add_argument("--dtype", default="auto", choices=runtime.DTYPES)
     ap.add_argument("--backend", default="xmodel", choices=["xmodel", "transformers"])
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
     ap.add_argument("--json", action="store_true", help="print one strict JSON object (null, never NaN)")

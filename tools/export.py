@@ -62,8 +62,8 @@ from pathlib import Path
 import torch
 
 import data
+import runtime
 import tools
-import train
 from model import ModelConfig, Xmodel
 
 EXPORT_FORMAT = "xmodel25-hf-export-v1"
@@ -340,7 +340,7 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", tokenizer: str
     Returns the config.json written."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    ckpt = train.load_checkpoint(checkpoint)
+    ckpt = runtime.load_checkpoint(checkpoint)
     cfg, sd = checked_state_dict(ckpt, checkpoint)
     tok = checkpoint_tokenizer(ckpt, tokenizer)
     if tok.n_vocab > cfg.vocab_size:
@@ -529,7 +529,7 @@ def build(cfg: ModelConfig, sd: dict, device="cpu") -> Xmodel:
 
 def import_to_checkpoint(hf_dir: str, out_dir: str, overrides: dict | None = None) -> str:
     """Write HF_DIR as a train.py checkpoint (weights only) in out_dir; returns its path."""
-    if train.list_checkpoints(out_dir):
+    if runtime.list_checkpoints(out_dir):
         raise ValueError(f"{out_dir!r} already holds checkpoints; import into an empty directory")
     cfg, sd, info = import_hf(hf_dir, overrides)
     if info["inexact"]:
@@ -539,7 +539,7 @@ def import_to_checkpoint(hf_dir: str, out_dir: str, overrides: dict | None = Non
     state = {"model": model.state_dict(), "model_config": asdict(cfg), "config": info["train_config"] or {},
              "tokenizer": info["tokenizer"], "tokens": info["tokens"], "optim": None, "rng": None,
              "imported_from": str(Path(hf_dir).resolve())}
-    return train.save_checkpoint(out_dir, info["step"], state, keep=1)
+    return runtime.save_checkpoint(out_dir, info["step"], state, keep=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -550,7 +550,7 @@ def load_any(path: str, tokenizer: str | None = None, device="cpu") -> tuple[Xmo
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path!r} does not exist")
-    if p.is_dir() and (p / "config.json").is_file() and not train.list_checkpoints(str(p)):
+    if p.is_dir() and (p / "config.json").is_file() and not runtime.list_checkpoints(str(p)):
         cfg, sd, info = import_hf(str(p))
         tok = hf_dir_tokenizer(p, tokenizer)
         if info["tokenizer"] and info["tokenizer"].get("sha256") not in (None, tok.sha256):
@@ -558,7 +558,7 @@ def load_any(path: str, tokenizer: str | None = None, device="cpu") -> tuple[Xmo
                              f"({info['tokenizer'].get('name')})")
         info["kind"] = "hf"
     else:
-        ckpt = train.load_checkpoint(str(p))
+        ckpt = runtime.load_checkpoint(str(p))
         cfg, sd = checked_state_dict(ckpt, str(p))
         tok = checkpoint_tokenizer(ckpt, tokenizer)
         info = {"step": ckpt.get("step", 0), "tokens": ckpt.get("tokens", 0), "kind": "checkpoint"}

@@ -454,7 +454,7 @@ def dist_worker(args):
     import torch.distributed as dist
     import fp8
     import mup
-    import train
+    import runtime
     from torch.nn.parallel import DistributedDataParallel
     cuda = torch.cuda.is_available() and args.device != "cpu"
     rank = int(os.environ["RANK"])
@@ -487,7 +487,7 @@ def dist_worker(args):
     if rank == 0:
         with open(os.path.join(args.out, "dist_worker.json"), "w") as f:
             json.dump(out, f)
-    train.exit_distributed()
+    runtime.exit_distributed()
 
 
 def dist_section(device, args, rec):
@@ -625,7 +625,7 @@ def details(r: dict) -> tuple[list, list]:
 
 
 def write(report: dict, out: str) -> None:
-    from data import atomic_write
+    from runtime import atomic_write
     with atomic_write(os.path.join(out, "gpu_check.json")) as f:
         json.dump(report, f, indent=1, default=str)
     with atomic_write(os.path.join(out, "gpu_check.md")) as f:
@@ -659,8 +659,8 @@ def main(argv=None):
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
-    import train
-    dev, args.dtype = train.resolve_machine(args.device, args.dtype)
+    import runtime
+    dev, args.dtype = runtime.resolve_machine(args.device, args.dtype)
     if dev not in ("cuda", "cpu"):
         raise ValueError(f"gpu_check runs on cuda or cpu, got {dev}")
     device = torch.device(dev)

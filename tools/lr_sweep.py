@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import data
-import train
+import runtime
 from model import ModelConfig
 from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, equal_mixture,
                          proxy_config, proxy_dataset, pyplot, report_written, save_png, train_proxy, write_json)
@@ -220,7 +220,7 @@ def main(argv=None):
     say = lambda m: print(m, flush=True)  # noqa: E731
     out, stem = Path(args.out), "lr_sweep" + (f"_{args.tag}" if args.tag else "")
     try:
-        device, dtype = train.resolve_machine(args.device, args.dtype, say)
+        device, dtype = runtime.resolve_machine(args.device, args.dtype, say)
         jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1) if device == "cpu" else 1
         res = lr_sweep(args.widths, args.lrs, args.steps, args.n_layer, args.batch, args.seq_len,
                        args.eval_windows, parameterizations=args.params, dataset=args.dataset, jobs=jobs,

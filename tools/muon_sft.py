@@ -15,7 +15,7 @@ points on its 13-task average against a decay on AdamW (RECIPE.md, Optimizers). 
      order, LR schedule and batch; only the optimizer of the hidden matrices differs;
   3. both final checkpoints measured the same way: exact-match accuracy of greedy answers on the SFT test
      problems (tools.eval.sft_accuracy, with its Wilson interval), and held-out loss on the pretraining text,
-     the mean of the "prose" and "code" domains' losses (train.heldout_loss, the same windows for both).
+     the mean of the "prose" and "code" domains' losses (runtime.heldout_loss, the same windows for both).
 
 Writes OUT/muon_vs_adamw_sft.json ({"seeds": [...], "adamw": {"accuracy": [...], "heldout_loss": [...], ...},
 "muon": {...}, "difference": {...}}) and OUT/muon_vs_adamw_sft.png. A run that already reached its last step
@@ -37,6 +37,7 @@ import time
 import torch
 
 import data
+import runtime
 import tools
 import train
 from tools import eval as probe
@@ -60,7 +61,7 @@ def run_to(argv: list[str], out_dir: str, step: int) -> None:
     if os.path.exists(os.path.join(out_dir, f"ckpt_{step:08d}.pt")):
         print(f"muon_sft: reusing {out_dir} (step {step} reached)", flush=True)
         return
-    if train.train(argv + [f"--out_dir={out_dir}", "--resume=True", "--keep_checkpoints=1"]).get("preempted"):
+    if train.train(argv + [f"--out_dir={out_dir}", "--resume=True", "--keep_checkpoints=1"])["preempted"]:
         sys.exit(f"muon_sft: preempted in {out_dir}; run the same command again to continue")
 
 
@@ -68,7 +69,7 @@ def branch_from(stable_dir: str, out_dir: str) -> None:
     """A new run directory holding the stable run's last checkpoint, its checksum and its metrics."""
     if os.path.isdir(out_dir):
         return  # a branch started earlier: --resume continues it
-    ckpt = train.list_checkpoints(stable_dir)[-1]
+    ckpt = runtime.list_checkpoints(stable_dir)[-1]
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -81,13 +82,13 @@ def branch_from(stable_dir: str, out_dir: str) -> None:
 def heldout(run_dir: str, argv: list[str], windows: int, seq_len: int, seed: int, device: str, dtype: str) -> dict:
     """Held-out loss of the run's last checkpoint on each pretraining domain, and their mean."""
     conf = train.load_config(argv)
-    _, mixture = train.build_data(conf["train"], conf["model"], 0, 1)
+    _, mixture = train.build_data(conf["train"], conf["model"], 0)
     model, _, _ = export.load_any(run_dir, None, device)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     out = {}
     for domain in ("prose", "code"):
         batches = mixture.eval_batches(windows, conf["train"].eval_batch, seq_len, seed=seed, source=domain)
-        out[domain] = train.heldout_loss(model, batches, device, autocast)
+        out[domain] = runtime.heldout_loss(model, batches, device, autocast)
     out["mean"] = (out["prose"] + out["code"]) / 2
     return out
 
@@ -119,7 +120,7 @@ def plot(result: dict, path: str) -> None:
 def experiment(config: str, seeds: list[int], out: str, runs: str, overrides: list[str], per_family: int = 250,
                max_tokens: int = 16, heldout_windows: int = 64, device: str = "auto", dtype: str = "auto") -> dict:
     t0 = time.perf_counter()
-    device, dtype = train.resolve_machine(device, dtype)
+    device, dtype = runtime.resolve_machine(device, dtype)
     base = [config, *overrides, f"--device={device}", f"--dtype={dtype}"]
     phases = train.load_config(base)["train"].phases
     k, split = switch_step(phases)
@@ -162,7 +163,7 @@ def experiment(config: str, seeds: list[int], out: str, runs: str, overrides: li
                             **{f"mean_{m}": sum(v) / len(v) for m, v in diff.items()}}
     result["wall_s"] = time.perf_counter() - t0
     os.makedirs(out, exist_ok=True)
-    with data.atomic_write(os.path.join(out, "muon_vs_adamw_sft.json")) as f:
+    with runtime.atomic_write(os.path.join(out, "muon_vs_adamw_sft.json")) as f:
         json.dump(result, f, indent=1)
     plot(result, os.path.join(out, "muon_vs_adamw_sft.png"))
     print(f"muon_sft: Muon - AdamW: accuracy {100 * result['difference']['mean_accuracy']:+.2f} points, held-out "
@@ -182,8 +183,8 @@ def main(argv=None) -> None:
     ap.add_argument("--per_family", type=int, default=probe.SFT_PER_FAMILY, help="SFT test problems per family")
     ap.add_argument("--max_tokens", type=int, default=16, help="longest SFT reply (answers: <= 9 tokens)")
     ap.add_argument("--heldout_windows", type=int, default=64, help="held-out windows per domain")
-    ap.add_argument("--device", default="auto", choices=train.DEVICES)
-    ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
+    ap.add_argument("--device", default="auto", choices=runtime.DEVICES)
+    ap.add_argument("--dtype", default="auto", choices=runtime.DTYPES)
     a, overrides = ap.parse_known_args(argv)
     bad = [o for o in overrides if not (o.startswith("--") and "=" in o)]
     if bad:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-import train
+import runtime
 
 
 def main(argv=None) -> None:
@@ -29,7 +29,7 @@ def main(argv=None) -> None:
             ap.error(f"{path}: no metrics.jsonl (not a run directory)")
         runs[label] = path
     try:
-        done = train.plot_runs(runs, args.out, args.title, args.from_tokens)
+        done = runtime.plot_runs(runs, args.out, args.title, args.from_tokens)
     except ValueError as e:
         ap.exit(1, f"python -m tools.plot: error: {e}\n")
     if not done:

@@ -17,7 +17,7 @@ import torch
 
 import data
 import mup
-import train
+import runtime
 from model import ModelConfig, Xmodel
 
 PARAMETERIZATIONS = ("mup", "sp")
@@ -26,9 +26,9 @@ SPECIAL_EOS = "<|endoftext|>"
 
 
 def add_machine_options(ap, dtype_help: str = "") -> None:
-    """--device/--dtype, resolved by train.resolve_machine (auto: CUDA, else MPS, else CPU; bf16 where native)."""
-    ap.add_argument("--device", default="auto", choices=train.DEVICES, help="auto: CUDA, else MPS, else CPU")
-    ap.add_argument("--dtype", default="auto", choices=train.DTYPES,
+    """--device/--dtype, resolved by runtime.resolve_machine (auto: CUDA, else MPS, else CPU; bf16 where native)."""
+    ap.add_argument("--device", default="auto", choices=runtime.DEVICES, help="auto: CUDA, else MPS, else CPU")
+    ap.add_argument("--dtype", default="auto", choices=runtime.DTYPES,
                     help="auto: bfloat16 autocast where the device runs it natively, else float32" + dtype_help)
 
 
@@ -109,7 +109,7 @@ def small_bpe(vocab_size: int = BPE_VOCAB, cache_dir=None, texts=None) -> str:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL_EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    with data.atomic_write(path) as f:
+    with runtime.atomic_write(path) as f:
         f.write(tok.to_str())
     return str(path)
 
@@ -163,7 +163,7 @@ def train_proxy(cfg: ModelConfig, lr: float, emb_lr: float, mix, steps: int, bat
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    loss = train.heldout_loss(model, eval_batches, device, autocast(device, dtype))
+    loss = runtime.heldout_loss(model, eval_batches, device, autocast(device, dtype))
     return dict(loss=loss if math.isfinite(loss) else float("inf"), train=losses, diverged=not math.isfinite(loss))
 
 
@@ -171,7 +171,7 @@ def train_proxy(cfg: ModelConfig, lr: float, emb_lr: float, mix, steps: int, bat
 # output: JSON always, plots when matplotlib is installed
 
 def write_json(path, obj) -> None:
-    with data.atomic_write(path) as f:
+    with runtime.atomic_write(path) as f:
         f.write(json.dumps(obj, indent=1))
 
 
@@ -189,7 +189,7 @@ def pyplot():
 def save_png(fig, path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=72)
-    with data.atomic_write(path, "wb") as f:
+    with runtime.atomic_write(path, "wb") as f:
         f.write(buf.getvalue())
 
 

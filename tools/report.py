@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-import train
+import runtime
 
 
 def main(argv=None) -> None:
@@ -17,7 +17,7 @@ def main(argv=None) -> None:
     for need in ("config.json", "metrics.jsonl"):
         if not os.path.isfile(os.path.join(args.run, need)):
             ap.exit(1, f"python -m tools.report: error: {args.run}: no {need} (not a run directory)\n")
-    print(train.write_report(args.run))
+    print(runtime.write_report(args.run))
 
 
 if __name__ == "__main__":

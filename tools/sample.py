@@ -9,7 +9,7 @@ per-layer K/V cache. Each token is drawn by `Xmodel.sample_next`: the repetition
 default) first, then temperature 0 is greedy (argmax); otherwise logits / T, optionally cut to the top k
 and to the top-p nucleus, are sampled with a torch.Generator seeded by --seed, so a run is
 reproducible. Generation stops at the tokenizer's EOS or after --max_tokens. --device/--dtype "auto" pick
-as train.py does (train.resolve_machine; the choice is printed on stderr, stdout carries the text only);
+as train.py does (runtime.resolve_machine; the choice is printed on stderr, stdout carries the text only);
 bfloat16 runs the model under autocast.
 
 Context. Every training document opens with BOS, so the context starts with BOS as a document does
@@ -33,7 +33,7 @@ import sys
 import torch
 
 import data
-import train
+import runtime
 import tools
 from tools import export, nonnegative_float, positive_int
 
@@ -150,10 +150,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no_bos", action="store_true", help="do not start the context as a document starts "
                     "(BOS; EOS for a tokenizer without BOS)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the model's")
-    ap.add_argument("--device", default="auto", choices=train.DEVICES)
-    ap.add_argument("--dtype", default="auto", choices=train.DTYPES)
+    ap.add_argument("--device", default="auto", choices=runtime.DEVICES)
+    ap.add_argument("--dtype", default="auto", choices=runtime.DTYPES)
     a = ap.parse_args(argv)
-    device, dtype = train.resolve_machine(a.device, a.dtype, say=lambda msg: print(msg, file=sys.stderr))
+    device, dtype = runtime.resolve_machine(a.device, a.dtype, say=lambda msg: print(msg, file=sys.stderr))
     model, tok, _ = export.load_any(a.model, a.tokenizer, device)
     sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     repetition_penalty=a.repetition_penalty, seed=a.seed, device=device)

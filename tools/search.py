@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import data
+import runtime
 import train
 from tools.proxy import add_machine_options, equal_mixture, proxy_dataset, train_proxy
 
@@ -159,7 +160,7 @@ def search(base_config="configs/proxy20m.py", trials: int = 20, study_path="out/
     best_vals = {k: float(f"{v:.6g}") for k, v in best.params.items()}
     note = (f"study {Path(study_path).name}, trial {best.number} of {len(done)}, held-out loss {best.value:.4f} "
             f"after {steps} steps at hidden {proxy.hidden} x {proxy.n_layer} layers, vocab {n_vocab}")
-    with data.atomic_write(out_path) as f:
+    with runtime.atomic_write(out_path) as f:
         f.write(format_best_config(Path(base_config).read_text(), str(base_config), best_vals, note))
     return dict(best=best_vals, loss=best.value, trials=len(done), out=str(out_path), trial=best.number)
 
@@ -191,7 +192,7 @@ def main(argv=None):
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        device, dtype = train.resolve_machine(args.device, args.dtype, say)
+        device, dtype = runtime.resolve_machine(args.device, args.dtype, say)
         res = search(args.base, args.trials, args.study, args.out, parse_space(args.space), args.steps, args.batch,
                      args.seq_len, args.eval_windows, args.width, args.n_layer, args.dataset, args.study_name,
                      args.seed, device, dtype, log=say)

@@ -1,0 +1,741 @@
+"""The run's plumbing: the machine, config files, checkpoints, the process group, metrics and the report.
+
+None of this is the Xmodel-2.5 recipe (train.py, data.py, model.py, mup.py, muon.py, fp8.py are): a reader of
+the recipe can skip this file. It imports no project module; train.py and the tools use it.
+
+What a long run on shared machines needs, one section each:
+- the machine: CUDA, else Apple MPS, else the CPU; bf16 autocast only where the hardware runs it natively;
+- the config: a Python file of assignments, then `--key=value` overrides, checked against dataclasses,
+  and `--help` generated from the dataclasses' own comments;
+- files: `atomic_write` (a reader sees the old file or the new one, never half of one), checkpoints with a
+  sha256 beside them (verified on load), keep-K, and one run per out_dir (`RunLock`);
+- the process group (torchrun's environment): set-up, a clean exit, and a failed collective explained
+  (which rank fell behind), a checkpoint written by rank 0 handed to the others through the store;
+- metrics: metrics.jsonl exact across resumes, TensorBoard / W&B sinks, throughput, preemption signals;
+- the report: report.md and the loss plot (matplotlib, optional).
+"""
+import ast
+import contextlib
+import fcntl
+import hashlib
+import inspect
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+import typing
+from dataclasses import fields
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------------
+# the machine: which device, which precision
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN has bf16 kernels for this CPU (AVX512-BF16 or AMX). Elsewhere (AVX2-only CPUs) a
+    bf16 GEMM is emulated and runs about 8x slower than fp32, so bf16 autocast would slow training down."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(device: str = "auto") -> tuple[str, str]:
+    """'auto' -> CUDA, else Apple MPS, else CPU (nanochat's order). Returns (device, the reason, for the log).
+    MPS is chosen but never tested here (no Apple machine in CI): it runs the plain eager path."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda", f"device auto -> cuda ({torch.cuda.get_device_name()})"
+        if _mps_available():
+            return "mps", "device auto -> mps (Apple GPU; an untested path)"
+        return "cpu", f"device auto -> cpu (no CUDA or MPS device; {torch.backends.cpu.get_cpu_capability()})"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("config key 'device': cuda requested but torch.cuda.is_available() is False "
+                         "(device=auto picks what this machine has)")
+    if device == "mps" and not _mps_available():
+        raise ValueError("config key 'device': mps requested but torch.backends.mps.is_available() is False")
+    return device, f"device {device} (as configured)"
+
+
+def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """'auto' -> bfloat16 where the hardware runs it natively (CUDA with bf16 support, CPUs with AVX512-BF16
+    or AMX), else float32. An explicit bfloat16 is kept, with a warning where it is emulated."""
+    if device == "cuda":
+        native, why = torch.cuda.is_bf16_supported(), "this GPU"
+    elif device == "cpu":
+        native, why = cpu_has_native_bf16(), f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    else:
+        native, why = False, f"{device} (bf16 autocast not relied on)"
+    if dtype == "auto":
+        if native:
+            return "bfloat16", f"dtype auto -> bfloat16: {why} has native bf16 kernels"
+        return "float32", (f"dtype auto -> float32: {why} has no native bf16 kernels; bf16 would be about 8x "
+                           f"slower" if device == "cpu" else f"dtype auto -> float32: {why}")
+    if dtype == "bfloat16" and not native:
+        return dtype, (f"warning: dtype bfloat16 as configured, but {why} has no native bf16 kernels: expect it "
+                       f"to run several times slower than --dtype=float32")
+    return dtype, f"dtype {dtype} (as configured)"
+
+
+def resolve_machine(device: str = "auto", dtype: str = "auto", say=print) -> tuple[str, str]:
+    """Both choices, printed with their reasons: what train.py and every tool call first."""
+    device, why_device = resolve_device(device)
+    dtype, why_dtype = resolve_dtype(dtype, device)
+    say(why_device)
+    say(why_dtype)
+    return device, dtype
+
+
+def autocast(device, dtype) -> torch.autocast:
+    """The mixed-precision context of a forward: bf16 autocast when dtype is bfloat16 (a name or a torch
+    dtype), a disabled one otherwise; master weights stay fp32 either way. Each use is a fresh context."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=dtype in ("bfloat16", torch.bfloat16))
+
+
+def machine_info(device, world: int) -> dict:
+    """What the run ran on, for config.json and the report."""
+    info = {"device": str(device), "world_size": world, "torch": torch.__version__, "host": socket.gethostname()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = torch.backends.cpu.get_cpu_capability()
+        info["cpu_native_bf16"] = cpu_has_native_bf16()
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration: a Python file of assignments, then --key=value overrides, typed by dataclasses
+
+def parse_value(s: str):
+    """A command-line value: a Python literal, true/false, or else the string itself."""
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError):
+        return {"true": True, "false": False}.get(s.lower(), s)
+
+
+def read_config(argv: list[str]) -> tuple[dict, list]:
+    """[CONFIG.py] [--key=value ...] -> ({key: value}, [(dotted.key, value), ...]): the file's public
+    assignments overridden by the flags in order; a flag whose key holds a dot (--phase.decay.lr=...) is
+    returned apart, for the caller to apply to its nested config."""
+    values, dotted = {}, []
+    args = list(argv)
+    if args and not args[0].startswith("--"):
+        path = args.pop(0)
+        if not os.path.isfile(path):
+            raise ValueError(f"config file not found: {path}")
+        scope: dict = {}
+        try:
+            exec(compile(open(path).read(), path, "exec"), scope)
+        except Exception as e:
+            raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
+        values.update({k: v for k, v in scope.items() if not k.startswith("_")
+                       and not isinstance(v, type(os)) and not callable(v)})
+    for a in args:
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r} (options are --key=value; see --help)")
+        key, eq, raw = a[2:].partition("=")
+        value = parse_value(raw) if eq else True
+        if "." in key:
+            dotted.append((key, value))
+        else:
+            values[key] = value
+    return values, dotted
+
+
+def build_config(cls, values: dict):
+    """An instance of the dataclass `cls` from the entries of `values` that are its fields, each checked
+    against the field's type (an int where a float is expected is converted; True is not an int)."""
+    types = typing.get_type_hints(cls)
+    return cls(**{k: _check_type(k, v, types[k]) for k, v in values.items() if k in types})
+
+
+def _check_type(key, value, tp):
+    if typing.get_origin(tp) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, typing.get_origin(tp) or tp):
+        raise ValueError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def config_help(usage: str, sections: list) -> str:
+    """--help: `usage`, then for each (dataclass, title) every field with its default and the comment beside
+    it in the source (the dataclasses are the one source of truth)."""
+    lines = [usage]
+    for cls, title in sections:
+        notes = dict(re.findall(r"^\s+(\w+):[^\n#]*#\s*(.+)$", inspect.getsource(cls), re.M))
+        lines += ["", title + ":"]
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            shown = repr(default) if len(repr(default)) <= 24 else "(see the config)"
+            lines.append(f"  --{f.name}={shown}".ljust(44) + notes.get(f.name, ""))
+    return "\n".join(lines)
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ----------------------------------------------------------------------------------------------------
+# files: atomic writes, checksums, checkpoints, one run per out_dir
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w"):
+    """`with atomic_write(path) as f: ...` writes a temporary file beside `path`, fsyncs it and renames it
+    over `path`: a reader sees the old file or the new one. On any error (a full disk included) `path` is
+    untouched and an OSError names it and the free space left. The project's one atomic-write helper."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions: other users and serving containers may read
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+            raise OSError(e.errno, f"could not write {path} ({e.strerror or e}; "
+                                   f"{free / 2**30:.2f} GiB free on its file system)") from e
+        raise
+
+
+def sha256_file(path) -> str:
+    """The sha256 of a file's bytes, read in blocks (memory stays flat for multi-GB files)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+class HashingWriter:
+    """A write-only file that hashes what passes through it: one pass over the bytes both writes and
+    checksums them (torch.save writes its zip sequentially; shards are appended)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, b):
+        self.sha.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+CKPT_FORMAT = "xmodel25-checkpoint-v1"
+_CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+def save_checkpoint(out_dir: str, step: int, state: dict, keep: int) -> str:
+    """Write out_dir/ckpt_<step>.pt atomically (a crash or a full disk leaves the earlier checkpoints as they
+    were and no partial file under a checkpoint's name) with the sha256 of its bytes in ckpt_<step>.pt.sha256
+    (written just before the rename, so a listed checkpoint has its checksum), then prune all but the
+    newest `keep`."""
+    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
+    with atomic_write(path, "wb") as f:
+        out = HashingWriter(f)
+        torch.save(dict(state, format=CKPT_FORMAT, step=step), out)
+        with atomic_write(path + ".sha256") as g:
+            g.write(out.sha.hexdigest() + "\n")
+    for old in list_checkpoints(out_dir)[:-keep]:
+        for p in (old, old + ".sha256"):
+            if os.path.exists(p):
+                os.remove(p)
+    return path
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints in out_dir, oldest first (a partial file left by a crash is never listed)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if _CKPT_RE.match(n)]
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint file, or a run directory's latest (weights_only: tensors and plain data, never code).
+    The file's sha256 must match the one written with it: flipped bytes are refused, naming the previous
+    good checkpoint."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
+        path = found[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.exists(path + ".sha256") and sha256_file(path) != open(path + ".sha256").read().strip():
+        earlier = [p for p in list_checkpoints(os.path.dirname(path) or ".") if p < path]
+        hint = (f"the previous checkpoint is {earlier[-1]}: move the corrupt one aside to resume from it"
+                if earlier else "there is no earlier checkpoint in that directory")
+        raise ValueError(f"{path}: corrupt checkpoint (sha256 differs from {path}.sha256); {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, disallowed global, ...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not an Xmodel-2.5 checkpoint of this project (format {CKPT_FORMAT})")
+    return ckpt
+
+
+class RunLock:
+    """One run per out_dir: an exclusive flock on out_dir/.lock, held for the run's life. The kernel drops
+    it when the process dies however it dies, so a stale lock never blocks a resume; the file holds the
+    holder's PID and host for the message a second run gets."""
+
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, ".lock")
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.seek(0)
+            holder = self.f.read().strip() or "unknown"
+            self.f.close()
+            raise ValueError(f"out_dir {out_dir!r} is in use by another run ({holder}); wait for it or choose "
+                             f"another out_dir") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        self.f.flush()
+        for name in os.listdir(out_dir):  # partial files of a run that died mid-write (never listed, just space)
+            if ".tmp-" in name:
+                os.remove(os.path.join(out_dir, name))
+
+    def release(self) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the process group (torchrun provides RANK / WORLD_SIZE / LOCAL_RANK)
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed or timed out because a rank died or hung; the message names the ranks behind."""
+
+
+def setup_distributed(device: str, timeout_s: int) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); joins the process group when torchrun started several ranks.
+    The timeout bounds how long a collective waits for a dead or hung rank before failing the job."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return rank, world, torch.device(f"cuda:{local}" if device == "cuda" else device)
+
+
+def exit_distributed(code: int = 0) -> None:
+    """The last act of a process of a multi-process run whose work is done (results written, files closed):
+    destroy the process group and exit without Python's finalization. A gloo worker thread may still drop the
+    last reference to a tensor of the last collectives (a barrier holds its prior work); if that happens
+    while the interpreter finalizes, the thread cannot take the GIL and the process aborts with SIGABRT
+    ("terminate called without an active exception") although everything succeeded (seen in about 1 of 10
+    runs of a 2-rank Muon test; pytorch/pytorch#179291 describes the mechanism)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+_PROGRESS_KEY = "xmodel25/step/{}"
+
+
+def note_progress(rank: int, step: int) -> None:
+    """Record in the rendezvous key-value store (torchrun's, which outlives the workers) the step this
+    rank is starting, so that after a failed collective the survivors can name the rank that fell behind."""
+    dist.distributed_c10d._get_default_store().set(_PROGRESS_KEY.format(rank), str(step))
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """gloo raises RuntimeError (DistBackendError) on a dead peer or a timeout; nccl raises DistError."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        w in text for w in ("Connection closed by peer", "Connection reset", "Broken pipe", "Timed out", "timed out"))
+
+
+def collective_failure(error: BaseException, timeout_s: int) -> CollectiveFailure:
+    """The error for a collective that failed (a peer's connection closed) or timed out: this rank, the
+    timeout, the last step each rank started and which rank(s) fell behind (died or hung)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    steps = {}
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        for r in range(world):
+            if store.check([_PROGRESS_KEY.format(r)]):
+                steps[r] = int(store.get(_PROGRESS_KEY.format(r)))
+    except Exception:  # the store lived in a rank that is gone: report without it
+        pass
+    behind = sorted(r for r in range(world) if r not in steps or steps[r] < max(steps.values(), default=0))
+    blame = (f"rank(s) {behind} fell behind (died or hung)" if behind else
+             "every rank reached the same step; one of them died or hung inside it")
+    detail = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return CollectiveFailure(
+        f"rank {rank}: a collective failed or timed out (dist_timeout_s={timeout_s}) waiting for the other "
+        f"ranks; last step started per rank: {steps}; {blame}. ({type(error).__name__}: {detail})")
+
+
+def checkpoint_handoff(rank: int, step: int, error: str | None, timeout_s: int) -> None:
+    """After rank 0 writes (or fails to write) the checkpoint of `step`, every rank learns the outcome through
+    the rendezvous store, waiting up to `timeout_s` (ckpt_timeout_s): a barrier would fail the whole job when
+    a 1.3B checkpoint on slow storage takes longer than the collective timeout."""
+    store, key = dist.distributed_c10d._get_default_store(), f"xmodel25/ckpt/{step}"
+    if rank == 0:
+        store.set(key, error or "ok")
+    else:
+        store.wait([key], timedelta(seconds=timeout_s))
+        outcome = store.get(key).decode()
+        if outcome != "ok":
+            raise OSError(f"rank 0 could not write the checkpoint of step {step}: {outcome}")
+
+
+def launch_command(script: str, argv: list[str]) -> str:
+    """The command that started this process, for a resume hint: `python SCRIPT ARGV`, or under torchrun its
+    node and process counts (a multi-node job also needs its rendezvous flags, which torchrun does not pass on)."""
+    args = " ".join([script, *argv])
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return f"python {args}"
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+    rdzv = "" if nodes == "1" else " --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT"
+    return f"torchrun --nnodes={nodes} --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}{rdzv} {args}"
+
+
+def any_rank(flag: bool, world: int, device) -> bool:
+    """True on every rank if it is True on any (e.g. a preemption signal that reached one rank first)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of `t` over the ranks (a new tensor; `t` itself when there is one rank)."""
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
+def run_main(main, argv: list[str]) -> None:
+    """A command's entry point under torchrun or alone: bad input, a missing or damaged file, a non-finite
+    loss or a full disk ends in one line on stderr naming the rank, and exit status 1; a broken process group
+    exits at once (tearing it down could wait on the dead rank again); a finished rank of a multi-process
+    job leaves through exit_distributed."""
+    try:
+        main(argv)
+    except CollectiveFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        where = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+        print(f"error: {where}{e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        exit_distributed()
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def heldout_loss(model, batches, device="cpu", autocast=None, rank: int = 0, world: int = 1) -> float:
+    """Token-weighted mean next-token loss over (x, y) batches, the one held-out evaluator of the project
+    (the trainer, the evaluation tool and the μP tools). Under torch.distributed each rank takes every
+    world-th batch and the sums are all-reduced, so the value does not depend on the number of ranks."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, (x, y) in enumerate(batches):
+        if i % world != rank:
+            continue
+        x, y = x.to(device), y.to(device)
+        with autocast or contextlib.nullcontext():
+            loss = model(x, y)
+        total += torch.stack([loss.double() * y.numel(), torch.tensor(y.numel(), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    if total[1] == 0:
+        raise ValueError("held-out evaluation got no tokens (no batches)")
+    return (total[0] / total[1]).item()
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# metrics.jsonl: one row per logged step, evaluation and event; exact across resumes
+
+def read_metrics(path: str) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (a crash or a full disk mid-append) is dropped with a
+    warning naming the file; a bad line elsewhere is an error naming the file and the line."""
+    lines = open(path).read().splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not JSON (the file is damaged)") from None
+            print(f"warning: {path}: dropped a torn last line ({line[:60]!r})", file=sys.stderr)
+    return rows
+
+
+def start_metrics(out_dir: str, resumed_step: int | None, redo_row: bool = False) -> None:
+    """A fresh run refuses an out_dir holding another run's checkpoints (nothing is overwritten). A resumed
+    run keeps the rows up to its checkpoint's step, minus the events and evaluations of that step itself,
+    which it redoes, and minus that step's loss row if it closed a log interval early (`redo_row`: the
+    resumed run continues that interval): the file ends as an uninterrupted run's would."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if resumed_step is None and list_checkpoints(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} holds checkpoints of an earlier run: continue it with --resume, "
+                         f"or choose another out_dir")
+    rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
+    keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r
+            and not redo_row]
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+
+
+LOG_SINKS = ("jsonl", "tensorboard", "wandb")
+
+
+class Sinks:
+    """Where rank 0's rows go: metrics.jsonl always (the record the resume logic and the report read), and
+    as asked by `log_to`, TensorBoard event files in out_dir/tensorboard and Weights & Biases (run id = the
+    out_dir's name, so a resumed run continues its W&B run). Both are optional packages: a missing one is an
+    error before step 1, never a silent gap in a long run's curves."""
+
+    def __init__(self, out_dir: str, log_to: list, wandb_project: str = "", config: dict | None = None):
+        self.path, self.tb, self.wandb = os.path.join(out_dir, "metrics.jsonl"), None, None
+        if "tensorboard" in log_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("config key 'log_to': tensorboard needs the tensorboard package "
+                                 "(pip install tensorboard)") from None
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        if "wandb" in log_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("config key 'log_to': wandb needs the wandb package (pip install wandb; "
+                                 "WANDB_MODE=offline runs without a network)") from None
+            name = os.path.basename(os.path.normpath(out_dir))
+            self.wandb = wandb.init(project=wandb_project, name=name, id=re.sub(r"[^\w-]", "-", name),
+                                    dir=out_dir, resume="allow", config=config)
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = row["step"]
+        if "event" in row:  # e.g. the optimizer switch: a marker in both dashboards
+            scalars = {f"event/{row['event']}": 1.0}
+            if self.tb:
+                self.tb.add_text("events", json.dumps(row), step)
+        elif "eval_loss" in row:
+            scalars = {"eval/loss": row["eval_loss"]}
+        else:
+            scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and is_number(v)}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Meter:
+    """The logged loss and the throughput of one log interval. The loss is summed on the device (no sync per
+    step) and read only when a row is written; a resume continues the interval its checkpoint cut short
+    (the checkpoint holds the sum and the count). Checkpoints and evaluations are not training time: the
+    loop pauses the clock after them."""
+
+    def __init__(self, tokens: int, loss_sum: torch.Tensor, steps: int, device):
+        self.loss, self.n = loss_sum.to(device=device, dtype=torch.float32).clone(), steps
+        self.pause(tokens)
+
+    def pause(self, tokens: int | None = None) -> None:
+        self.t = time.perf_counter()
+        self.tokens = self.tokens if tokens is None else tokens
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.n += 1
+
+    def mean_loss(self) -> torch.Tensor:
+        """This rank's mean loss over the steps of the interval so far (a device tensor)."""
+        return self.loss / self.n
+
+    def tokens_per_s(self, tokens: int) -> float:
+        return (tokens - self.tokens) / max(time.perf_counter() - self.t, 1e-9)
+
+    def close_interval(self, tokens: int) -> None:
+        self.loss.zero_()
+        self.n = 0
+        self.pause(tokens)
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (how SLURM and Kubernetes announce preemption) set a flag; the loop finishes its
+    step, checkpoints and exits 0. `restore` puts the previous handlers back."""
+
+    def __init__(self):
+        self.flag, self.old = False, {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.old[sig] = signal.signal(sig, self._set)
+            except ValueError:  # not the main thread (e.g. a test harness): no signal handling
+                pass
+
+    def _set(self, *_):
+        self.flag = True
+
+    def restore(self):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the report: report.md and the loss plot
+
+def write_report(out_dir: str, wall_s: float | None = None) -> str:
+    """out_dir/report.md from what the run left (config.json, metrics.jsonl, loss.png, sample.txt, and a
+    downstream probe's probe.json if one was run): the config in brief, the machine, plan vs actual, one row per
+    phase, the final held-out loss. Written at the end of every run; `python -m tools.report RUN` redoes it."""
+    conf = json.load(open(os.path.join(out_dir, "config.json")))
+    t, m, machine = conf["train"], conf["model"], conf.get("machine", {})
+    rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    planned = sum(p["steps"] * p["batch"] * p["seq_len"] for p in t["phases"])
+    train_s = sum((b["tokens"] - a["tokens"]) / b["tokens_per_s"] for a, b in zip([{"tokens": 0}] + steps, steps)
+                  if b["tokens_per_s"] > 0)
+    done = steps[-1]["tokens"] if steps else 0
+    lines = [f"# Run report: {out_dir}", "",
+             f"- model: {m['n_layer']} layers x {m['hidden']} (FFN {m['ffn_hidden']}, {m['n_head']} heads / "
+             f"{m['n_kv_head']} KV), vocab {m['vocab_size']:,}, μP {'on' if m['use_mup'] else 'off'}, "
+             f"fp8 {m['fp8']}",
+             f"- machine: {machine.get('gpu') or machine.get('cpu', '?')} ({machine.get('device', t['device'])}, "
+             f"{machine.get('world_size', 1)} rank(s)), dtype {t['dtype']}, torch {machine.get('torch', '?')}",
+             f"- optimizer: AdamW (lr {t['lr']}, emb_lr {t['emb_lr']}), hidden matrices per phase; Muon momentum "
+             f"{t['muon_momentum']}, seed {t['seed']}",
+             f"- plan vs actual: {done:,} of {planned:,} tokens ({done / max(planned, 1):.0%}), "
+             f"{steps[-1]['step'] if steps else 0} of {sum(p['steps'] for p in t['phases'])} steps; training time "
+             f"{train_s / 60:.1f} min at {done / max(train_s, 1e-9):,.0f} tokens/s"
+             + (f"; wall time of the last session {wall_s / 60:.1f} min" if wall_s else ""),
+             "", "| phase | steps | batch x seq | optimizer | last loss | tokens/s | MFU |", "|---|---|---|---|---|---|---|"]
+    for p in t["phases"]:
+        mine = [r for r in steps if r["phase"] == p["name"]]
+        if mine:
+            mfu = f"{sum(r['mfu'] for r in mine) / len(mine):.1%}" if "mfu" in mine[-1] else "-"
+            lines.append(f"| {p['name']} | {p['steps']} | {p['batch']} x {p['seq_len']} | {mine[-1]['optimizer']} | "
+                         f"{mine[-1]['loss']:.4f} | {sum(r['tokens_per_s'] for r in mine) / len(mine):,.0f} | {mfu} |")
+    lines += ["", f"Final held-out loss: {evals[-1]['eval_loss']:.4f} (step {evals[-1]['step']})" if evals
+              else "No held-out evaluation yet."]
+    for name, title in {"probe.json": "Downstream probe", "sample.txt": "Sample"}.items():
+        if os.path.exists(os.path.join(out_dir, name)):
+            lines += ["", f"## {title}", "", "```", open(os.path.join(out_dir, name)).read().strip(), "```"]
+    if os.path.exists(os.path.join(out_dir, "loss.png")):
+        lines += ["", "![loss](loss.png)"]
+    path = os.path.join(out_dir, "report.md")
+    with atomic_write(path) as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def write_config(out_dir: str, conf: dict, device, world: int, say, verbose: bool = False) -> None:
+    """out_dir/config.json: the effective config and the machine it ran on (the report reads it)."""
+    path = os.path.join(out_dir, "config.json")
+    with atomic_write(path) as f:
+        json.dump(dict(conf, machine=machine_info(device, world)), f, indent=1, default=str)
+    if verbose:
+        say(json.dumps(conf, indent=1, default=str))
+    say(f"config: {path}")
+
+
+def wrap_up(out_dir: str, summary: dict, tokens: int, wall_s: float, say) -> None:
+    """The end of a run: the loss plot, report.md, and the closing lines: the numbers, where everything
+    is, what to run next."""
+    plot = plot_runs({os.path.basename(os.path.normpath(out_dir)): out_dir}, os.path.join(out_dir, "loss.png"))
+    ckpt = summary["checkpoint"] or (list_checkpoints(out_dir) or ["(none)"])[-1]
+    report = write_report(out_dir, wall_s)
+    if summary["evals"]:
+        say(f"final held-out loss {summary['evals'][-1][1]:.4f}")
+    out = out_dir
+    say(f"done: {summary['step']} steps in {wall_s / 60:.1f} min, {tokens:,} tokens trained in total\n"
+        f"  checkpoint  {ckpt}\n  metrics     {os.path.join(out, 'metrics.jsonl')}\n"
+        f"  loss curve  {plot or 'not drawn: matplotlib is not installed (pip install matplotlib)'}\n"
+        f"  config      {os.path.join(out, 'config.json')}\n  report      {report}\n"
+        f"next:\n  python -m tools.sample {out} --prompt 'def '\n  python -m tools.export {out} {out}/hf\n"
+        f"  python -m tools.eval {out}\n  python -m tools.plot compare.png A={out} B=OTHER_RUN")
+
+
+def can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) -> str | None:
+    """Training loss (and held-out loss, as markers) against tokens for {label: out_dir}, saved as a PNG
+    next to the metrics it comes from. matplotlib is optional: without it nothing is drawn."""
+    if not can_plot():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, out_dir in runs.items():
+        rows = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+        rows = [r for r in rows if r.get("tokens", from_tokens) >= from_tokens]  # zoom: e.g. an ablation's decay
+        train_rows = [r for r in rows if "loss" in r]
+        line, = ax.plot([r["tokens"] for r in train_rows], [r["loss"] for r in train_rows], label=label, lw=1)
+        ev = [r for r in rows if "eval_loss" in r]
+        ax.plot([r["tokens"] for r in ev], [r["eval_loss"] for r in ev], "o", color=line.get_color(), ms=4)
+        for r in rows:
+            if r.get("event") == "optimizer_switch":  # a dotted line where AdamW hands over to Muon
+                x = max([t["tokens"] for t in train_rows if t["step"] <= r["step"]], default=0)
+                ax.axvline(x, color=line.get_color(), ls=":", lw=0.8)
+    ax.set(xlabel="tokens", ylabel="loss (lines: training, dots: held-out)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
