@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import mup
 import runtime
 from model import ModelConfig, Xmodel
-from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, autocast, make_optimizer,
+from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, make_optimizer,
                          markov_tokens, proxy_config, pyplot, report_written, save_png, write_json)
 from tools import model_overrides
 
@@ -98,7 +98,7 @@ def coord_check(widths=(64, 128, 256, 512, 1024), steps: int = 4, n_layer: int =
                 opt = make_optimizer(model, lr, lr)
                 for step in range(steps + 1):
                     w = tokens[s][step * batch:(step + 1) * batch]
-                    with autocast(device, dtype):
+                    with runtime.autocast(device, dtype):
                         loss, sc = coord_scales(model, w[:, :-1], w[:, 1:])
                     for t in COORD_TYPES:
                         acc[t][step, wi] += sc[t] / seeds

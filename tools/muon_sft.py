@@ -34,7 +34,6 @@ import shutil
 import sys
 import time
 
-import torch
 
 import data
 import runtime
@@ -84,11 +83,10 @@ def heldout(run_dir: str, argv: list[str], windows: int, seq_len: int, seed: int
     conf = train.load_config(argv)
     _, mixture = train.build_data(conf["train"], conf["model"], 0)
     model, _, _ = export.load_any(run_dir, None, device)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     out = {}
     for domain in ("prose", "code"):
         batches = mixture.eval_batches(windows, conf["train"].eval_batch, seq_len, seed=seed, source=domain)
-        out[domain] = runtime.heldout_loss(model, batches, device, autocast)
+        out[domain] = runtime.heldout_loss(model, batches, device, runtime.autocast(device, dtype))
     out["mean"] = (out["prose"] + out["code"]) / 2
     return out
 

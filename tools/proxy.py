@@ -10,7 +10,6 @@ import io
 import json
 import math
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -37,13 +36,6 @@ def add_variant_options(ap, stem: str) -> None:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="ModelConfig fields for every model, e.g. init_out=mup norm_lr=embedding (μP-pure)")
     ap.add_argument("--tag", default="", help=f"suffix of the output names: OUT/{stem}_TAG.json and .png")
-
-
-def autocast(device: str, dtype: str):
-    """bf16 autocast on `device` when dtype is bfloat16; master weights and optimizer state stay fp32."""
-    if dtype == "bfloat16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def proxy_config(width: int, n_layer: int, vocab_size: int, use_mup: bool = True, head_dim: int = 64,
@@ -155,7 +147,7 @@ def train_proxy(cfg: ModelConfig, lr: float, emb_lr: float, mix, steps: int, bat
     losses = []
     for step in range(steps):
         x, y = mix.batch(step, 0, 0, 1, batch, seq_len)
-        with autocast(device, dtype):
+        with runtime.autocast(device, dtype):
             loss = model(x.to(device), y.to(device))
         if not torch.isfinite(loss):
             return dict(loss=float("inf"), train=losses, diverged=True)
@@ -163,7 +155,7 @@ def train_proxy(cfg: ModelConfig, lr: float, emb_lr: float, mix, steps: int, bat
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    loss = runtime.heldout_loss(model, eval_batches, device, autocast(device, dtype))
+    loss = runtime.heldout_loss(model, eval_batches, device, runtime.autocast(device, dtype))
     return dict(loss=loss if math.isfinite(loss) else float("inf"), train=losses, diverged=not math.isfinite(loss))
 
 

@@ -157,7 +157,7 @@ def main(argv=None) -> None:
     model, tok, _ = export.load_any(a.model, a.tokenizer, device)
     sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     repetition_penalty=a.repetition_penalty, seed=a.seed, device=device)
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with runtime.autocast(device, dtype):
         if a.chat and a.prompt is None:
             if sys.stdin.isatty():
                 print("chat: one line per turn; /reset starts over; Ctrl-D ends", file=sys.stderr)
