@@ -134,9 +134,11 @@ def read_results_file(path) -> dict[str, Found]:
         if doc and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in doc.values()):
             return {k: Found({"recorded": v}, None, None, str(path), date, flat=True) for k, v in doc.items()}
         raise ValueError(f"{path}: no \"results\" object (not an lm-eval results file, nor a flat {{task: score}})")
-    entries = {**(doc.get("groups") or {}), **doc["results"]}  # older harnesses keep some groups apart
-    if not isinstance(doc["results"], dict) or not all(isinstance(m, dict) for m in entries.values()):
+    groups = doc.get("groups") or {}
+    if not isinstance(doc["results"], dict) or not isinstance(groups, dict) or not all(
+            isinstance(m, dict) for m in [*doc["results"].values(), *groups.values()]):
         raise ValueError(f"{path}: \"results\" must map task names to objects of metrics")
+    entries = {**groups, **doc["results"]}  # some harness versions keep a group in "groups" only
     return {name: Found(m, _shots(name, doc), _limited(name, doc), str(path), date) for name, m in entries.items()}
 
 
@@ -199,6 +201,9 @@ def score_task(task: SuiteTask, found: Found | None, metric: str, shots: int) ->
     row["stderr"] = 100.0 * stderr if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None
     if found.limited:
         return {**row, "problem": f"{found.file}: {task.name} {found.limited}"}
+    if found.shots == "mixed":
+        return {**row, "problem": f"{found.file}: {task.name}'s subtasks ran with different shots, "
+                                  f"the suite's is {shots}-shot"}
     if found.shots is not None and found.shots != shots:
         return {**row, "problem": f"{found.file}: {task.name} ran {found.shots}-shot, the suite's is {shots}-shot"
                                   f" (--shots {task.name}={found.shots} accepts it)"}
