@@ -78,6 +78,10 @@ def test_one_file_per_task_in_lm_eval_folders_and_reruns(tmp_path):
     assert r["problems"] == []
     assert r["average"] == pytest.approx((PAPER_SUM - 58.98 + 60.0) / 13)
     assert len(notes) == 1 and notes[0].startswith("gsm8k: in 2 files") and "2026-12-09" in notes[0]
+    write(tmp_path / "evals" / "hf__xmodel25" / "results_2026-12-09T00-00-00.json",
+          {**rerun, "lm_eval_version": "0.4.9.1"})
+    assert suite.collect([tmp_path / "evals"])[1][1] == (
+        "made with lm_eval 0.4.9.1; the task table targets 0.4.13 (docs/EVAL.md)")
 
 
 def test_a_missing_task_is_named_and_there_is_no_average(tmp_path, capsys):

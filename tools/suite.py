@@ -92,6 +92,7 @@ class Found:
     file: str
     date: float
     flat: bool = False     # the original's {task: score} file: the score is already picked
+    version: str | None = None  # the lm_eval that wrote the file
 
 
 def _leaves(name: str, subtasks: dict) -> list[str]:
@@ -139,7 +140,9 @@ def read_results_file(path) -> dict[str, Found]:
             isinstance(m, dict) for m in [*doc["results"].values(), *groups.values()]):
         raise ValueError(f"{path}: \"results\" must map task names to objects of metrics")
     entries = {**groups, **doc["results"]}  # some harness versions keep a group in "groups" only
-    return {name: Found(m, _shots(name, doc), _limited(name, doc), str(path), date) for name, m in entries.items()}
+    version = doc.get("lm_eval_version")
+    return {name: Found(m, _shots(name, doc), _limited(name, doc), str(path), date, version=version)
+            for name, m in entries.items()}
 
 
 def result_files(paths) -> list[Path]:
@@ -170,6 +173,9 @@ def collect(paths) -> tuple[dict[str, Found], list[str]]:
                 merged[name] = found
     notes = [f"{name}: in {len(files)} files, the newest kept ({merged[name].file})"
              for name, files in seen.items() if len(files) > 1 and name in BY_NAME]
+    other = sorted({f.version for name, f in merged.items() if name in BY_NAME and f.version} - {LM_EVAL_VERSION})
+    if other:  # task definitions and result keys can change between harness versions
+        notes.append(f"made with lm_eval {', '.join(other)}; the task table targets {LM_EVAL_VERSION} (docs/EVAL.md)")
     return merged, notes
 
 
