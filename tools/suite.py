@@ -18,6 +18,10 @@ lm-eval prints a task's metric keys sorted, so for GSM8K, which reports exact_ma
 first row is "flexible-extract" (before "strict-match"). TASKS below writes each choice as the full key
 of lm-eval's results file, "metric,filter", so nothing depends on the order of a printed table.
 
+`commands` prints those 13 lm_eval lines for an exported model, with the original's shots and batch sizes.
+The original passed no add_bos_token, so lm-eval's hf model encoded without BOS; that stays the default
+(the paper's protocol), and --bos adds BOS as every training document began.
+
 lm-eval's results file. `lm_eval ... --output_path DIR` writes DIR/<model>/results_<date>.json:
 
     {"results": {"arc_challenge": {"alias": "arc_challenge", "acc,none": 0.4480, "acc_stderr,none": 0.0145,
@@ -60,7 +64,7 @@ class SuiteTask:
     shots: int            # --num_fewshot, from the original's eval config
     metric: str           # lm-eval results key "metric,filter" the original's rule picks
     paper: float          # Xmodel-2.5's score in the paper, percent
-    batch: int            # the original's --batch_size (only the speed, and padding at the last ulp, depend on it)
+    batch: int            # the original's --batch_size (speed; padding changes only the last bits)
     group: bool = False   # an lm-eval group: scored by its aggregate over all subtasks' documents
     unsafe: bool = False  # runs model-written code: needs HF_ALLOW_CODE_EVAL=1 and --confirm_run_unsafe_code
 
