@@ -4,6 +4,7 @@
                                                              [--device auto] [--dtype auto] [--json]
     python -m tools.eval CHECKPOINT|HF_DIR --data DATASET_DIR [--source NAME] ...
     python -m tools.eval CHECKPOINT|HF_DIR --task sft [--per_family 250] [--max_tokens 16] ...
+    python -m tools.eval suite commands|score ...     the paper's 13 lm-eval tasks and their average (tools/suite.py)
 
 The text is tokenized into one stream laid out as the prepared data is: its end-of-text tokens, if any,
 separate documents, and each document opens with BOS (or a prepared dataset's held-out split is read,
@@ -255,6 +256,10 @@ def sft_accuracy(path: str, per_family: int = SFT_PER_FAMILY, max_tokens: int = 
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["suite"]:  # downstream scores from lm-eval's results files: no model to load here
+        from tools import suite
+        return suite.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m tools.eval",
                                  description="Held-out loss / perplexity over random windows, or SFT accuracy, with a 95% CI.")
     ap.add_argument("model", help="checkpoint (ckpt_*.pt or run directory) or Hugging Face folder")
