@@ -137,7 +137,7 @@ def readme_block(heading: str, lang: str) -> str:
 
 @needs_transformers
 def test_readme_transformers_usage_equals_tools_sample(tmp_path, capsys):
-    """The issue's check, with the README's code: `tok(prompt)` (the tokenizer's defaults: BOS first) + greedy
+    """The README's code, as written: `tok(prompt)` (the tokenizer's defaults: BOS first) + greedy
     `generate` on the export continues exactly as `python -m tools.sample --temperature 0` (context: BOS)."""
     cfg = ModelConfig(vocab_size=129280, n_layer=2, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1, max_seq_len=256,
                       tie_embeddings=False)  # untied: an untrained tied model just repeats its last token

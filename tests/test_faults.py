@@ -1,4 +1,4 @@
-"""No run lost to a late error (issue 14): every fault the trainer must survive or refuse early, one test each.
+"""No run lost to a late error: every fault the trainer must survive or refuse early, one test each.
 
 The runs use a 6-step curriculum (warmup 1, stable 2 on AdamW, decay 2 and long 1 on Muon: the switch is at
 step 3) of 2 x 16 (long: 1 x 32) on the tiny model of conftest.py; most scenarios stop after one or two steps.

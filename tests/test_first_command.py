@@ -1,4 +1,4 @@
-"""The first command keeps its promises (issue 21): `python train.py configs/proxy20m.py`, here with tiny
+"""The first command keeps its promises: `python train.py configs/proxy20m.py`, here with tiny
 overrides, prints the machine, the model and the plan first, and ends with the numbers, the paths of what it
 wrote (which exist) and the commands to run next; without matplotlib it says the plot was skipped."""
 import os

@@ -96,7 +96,7 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_rest_run(tmp_path,
 
 
 def test_the_budget_cuts_the_last_sections_short_and_skips_what_it_cannot_start(tmp_path, monkeypatch):
-    """--budget_s (a lent GPU's 600 s command limit): a section gets at most what is left; once under 5 s
+    """--budget_s (a GPU machine's 600 s per-command limit): a section gets at most what is left; once under 5 s
     is left the rest are skipped, recorded, and the report is still written."""
     monkeypatch.setitem(gpu_check.RUNNERS, "kernel", lambda device, args, rec: time.sleep(30))
     monkeypatch.setenv("TRITON_INTERPRET", "1")

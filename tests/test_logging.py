@@ -1,4 +1,4 @@
-"""Where the numbers go (issue 18): TensorBoard event files read back, Weights & Biases calls, the run report."""
+"""Where the numbers go: TensorBoard event files read back, Weights & Biases calls, the run report."""
 import json
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Ready for the GPU: one script that checks, on a lent GPU, what the CPU cannot (issue 19).
+"""Ready for the GPU: one script that checks, on a GPU machine, what the CPU cannot.
 
     python -m tools.gpu_check --out DIR [--sections sm90,kernel,gemm,train,ns,dist] [--device auto] [--dtype auto]
                               [--layers N] [--steps 4]
@@ -649,7 +649,7 @@ def main(argv=None):
                    "is measured again eagerly")
     p.add_argument("--time_scale", type=float, default=1.0, help="multiplies every section's time box")
     p.add_argument("--budget_s", type=float, default=540, help="seconds for the whole check: a section gets "
-                   "at most what is left, and one that would get under 5 s is skipped (a lent GPU's command "
+                   "at most what is left, and one that would get under 5 s is skipped (a shared GPU machine's command "
                    "limit is 600 s; the report is written before it)")
     p.add_argument("--dist_worker", action="store_true", help=argparse.SUPPRESS)  # internal: under torchrun
     args = p.parse_args(argv)
