@@ -1,0 +1,64 @@
+"""The pages a newcomer reads stay true: every relative link of README.md and docs/ resolves (file and
+heading), README's "start reading at FILE:N (NAME)" pointers land on NAME's definition, README stays a
+ten-minute page, and the project speaks of itself only."""
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
+
+
+def _prose(path: Path) -> str:
+    return re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces as '-', repeats numbered."""
+    out, seen = set(), {}
+    for m in re.finditer(r"^#{1,6}\s+(.*?)\s*$", _prose(path), re.M):
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    bad = []
+    for url in re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", _prose(page)):
+        if re.match(r"^[a-z]+:", url):
+            continue
+        path, _, frag = url.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            bad.append(f"{url}: no such file")
+        elif frag and (target.suffix != ".md" or frag not in _anchors(target)):
+            bad.append(f"{url}: no such heading")
+    assert not bad, f"{page.relative_to(ROOT)}: {bad}"
+
+
+def test_readme_points_at_the_definitions_it_names():
+    refs = re.findall(r"`(\w+\.py):(\d+)` \(`([\w.]+)`\)", (ROOT / "README.md").read_text())
+    assert len(refs) >= 10, "README's 'where each idea lives' table lost its FILE:N pointers"
+    wrong = []
+    for file, line, name in refs:
+        text = (ROOT / file).read_text().splitlines()[int(line) - 1]
+        if not re.match(rf"\s*(def|class) {re.escape(name.split('.')[-1])}\b", text):
+            wrong.append(f"{file}:{line} is {text.strip()!r}, not {name}")
+    assert not wrong, "update README's line numbers: " + "; ".join(wrong)
+
+
+def test_readme_is_a_ten_minute_page():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 30_000 and len(text.splitlines()) <= 350
+
+
+def test_the_project_speaks_of_itself_only():
+    files = PAGES + sorted(ROOT.glob("*.py")) + sorted((ROOT / "tools").glob("*.py")) + sorted((ROOT / "tests").glob("*.py"))
+    pattern = re.compile(r"earlier session|(?<!pytorch/pytorch)issue [0-9]+|\bstop [0-9]+", re.I)
+    hits = [f"{f.relative_to(ROOT)}: {m.group(0)!r}" for f in files if f.name != "test_docs.py"
+            for m in pattern.finditer(f.read_text(encoding="utf-8"))]
+    assert not hits, hits
