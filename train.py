@@ -183,7 +183,7 @@ class Run:
     opts: Optimizers                   # AdamW for everything, or Muon for the hidden matrices from the switch on
     sinks: runtime.Sinks | None        # metrics.jsonl (+ TensorBoard / W&B); rank 0 only
     say: typing.Callable               # print on rank 0, nothing elsewhere
-    summary: dict                      # what train() returns (see new_summary)
+    summary: dict                      # what run() returns: step, losses, evals, checkpoint, sample, preempted
 
 
 def enter_phase(r: Run, phase: dict, step: int, i: int) -> tuple[int, int]:
