@@ -83,7 +83,8 @@ TOKEN_DTYPE = np.uint32
 DEFAULT_TOKENIZER = "deepseek-v3"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
 DEFAULT_HELDOUT_FRAC = 0.01
-DIR_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet", ".jsonl.gz", ".jsonl.zst", ".txt.gz")  # a directory scan's
+TEXT_SUFFIXES, JSONL_SUFFIXES, COMPRESSED_SUFFIXES = (".txt", ".md"), (".jsonl", ".json"), (".gz", ".zst")
+READABLE = ".txt .md .json .jsonl (each also .gz/.zst) .parquet"
 BATCH_BYTES = 32 << 20  # documents go to the workers in batches of about this much text
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
 
@@ -449,76 +450,141 @@ def _need(module: str, path, package: str):
             from None
 
 
-def _record_text(obj, column: str, where: str) -> str:
-    """A .jsonl line's or a Parquet row's document: its `column` string, or its chat "messages" rendered."""
-    if isinstance(obj, dict) and isinstance(obj.get(column), str):
-        return obj[column]
+def read_as(path: str | os.PathLike) -> str | None:
+    """How a file is read, by its name: "parquet" (a row per document), "jsonl" (.jsonl or .json: a JSON
+    object per line, as Dolma ships its .json.gz files), "text" (.txt, .md: the file is one document); the
+    last two also compressed (.gz, .zst). None: a format data.py does not know (a directory scan skips it,
+    a file named on its own is read as text)."""
+    name = Path(path).name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    base = name.removesuffix(".gz").removesuffix(".zst")
+    return "jsonl" if base.endswith(JSONL_SUFFIXES) else "text" if base.endswith(TEXT_SUFFIXES) else None
+
+
+def _record_text(obj, key: str, where: str) -> str:
+    """A JSON line's or a Parquet row's document: its `key` string, or its chat "messages" rendered."""
+    if isinstance(obj, dict) and isinstance(obj.get(key), str):
+        return obj[key]
     if not isinstance(obj, dict) or obj.get("messages") is None:
-        raise ValueError(f"{where}: a record needs a string {column!r} field or a chat 'messages' list")
+        raise ValueError(f"{where}: a record needs a string {key!r} field or a chat 'messages' list "
+                         f"(choose the field with --text-key)")
     try:
         return render_chat(obj["messages"])
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _parquet_column(path: str, column: str) -> str:
-    """The column to read: `column`, else a chat "messages" column; an error names the file and column."""
+def _parquet_column(path: str, key: str) -> str:
+    """The column to read: `key`, else a chat "messages" column; an error names the file and column."""
     names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
-    if column not in names and "messages" not in names:
-        raise ValueError(f"{path}: no column {column!r} (it has {names}); choose one with --text-column")
-    return column if column in names else "messages"
+    if key not in names and "messages" not in names:
+        raise ValueError(f"{path}: no column {key!r} (it has {names}); choose one with --text-key")
+    return key if key in names else "messages"
 
 
-def _documents(path: str, key: str, column: str) -> Iterable[tuple[str, str, int]]:
-    """(document key, text, input bytes read so far) of one file, streamed: a .jsonl line (key@byte offset)
-    or a Parquet row (key@row) per document, else the whole file; .gz / .zst are decompressed on the fly."""
-    if path.endswith(".parquet"):
-        pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, column)
-        n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
-        rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
-        for row, value in enumerate(rows):  # a row group in memory at a time, at most
-            yield f"{key}@{row}", _record_text({col: value}, column, f"{path}: row {row}"), size * row // n
+def _documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
+    """(document key, text, input bytes read so far) of one file, streamed, as `read_as` says: a JSON line
+    (key@byte offset) or a Parquet row (key@row) per document, else the whole file."""
+    if read_as(path) == "parquet":
+        yield from _parquet_documents(path, key, text_key)
         return
+    with _decompressed(path) as (raw, f):
+        if read_as(path) == "jsonl":
+            yield from _jsonl_documents(path, key, text_key, raw, f)
+        else:
+            yield from _text_document(path, key, raw, f)
+
+
+def _parquet_documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
+    pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, text_key)
+    n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
+    rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
+    for row, value in enumerate(rows):  # a row group in memory at a time, at most
+        yield f"{key}@{row}", _record_text({col: value}, text_key, f"{path}: row {row}"), size * row // n
+
+
+@contextlib.contextmanager
+def _decompressed(path: str):
+    """(the file, its bytes decompressed on the fly for .gz / .zst); a damaged or truncated compressed file
+    is an error naming it."""
     with open(path, "rb") as raw:
-        f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-        if path.endswith(".zst"):
+        f, errors = raw, (EOFError, gzip.BadGzipFile)
+        if path.endswith(".gz"):
+            f = gzip.GzipFile(fileobj=raw)
+        elif path.endswith(".zst"):
             zstd = _need("zstandard", path, "zstandard")
-            f = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-        if not key.endswith(".jsonl"):
-            try:  # with universal newlines, like Path.read_text
-                text = f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-            if text:
-                yield key, text, raw.tell()
-            return
-        at = 0
-        for line in f:
-            where, at = f"{path}: line at byte {at}", at + len(line)
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{where}: invalid JSON ({e})") from None
-                yield f"{key}@{at - len(line)}", _record_text(obj, column, where), raw.tell()
+            f, errors = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), \
+                errors + (zstd.ZstdError,)
+        try:
+            yield raw, f
+        except errors as e:
+            raise ValueError(f"{path}: not a readable {Path(path).suffix} file ({e})") from None
 
 
-def _expand_source(name: str, paths) -> list[Path]:
-    """Files of one source: explicit files as given, directories scanned recursively (sorted)."""
+def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tuple[str, str, int]]:
+    at = 0  # the byte offset of the line in the decompressed stream: the document's key
+    for n, line in enumerate(f, 1):
+        where, at = f"{path}: line {n}", at + len(line)
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: not a JSON object ({e}); a {read_as(path)} file is read as JSON "
+                                 f"lines, one object per line") from None
+            yield f"{key}@{at - len(line)}", _record_text(obj, text_key, where), raw.tell()
+
+
+def _text_document(path: str, key: str, raw, f) -> Iterable[tuple[str, str, int]]:
+    """The whole file, one document, with universal newlines like Path.read_text (a text file is held in
+    memory whole: for multi-GB inputs use JSON lines, which stream)."""
+    data = f.read()
+    try:
+        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); data.py reads "
+                         f"{READABLE}") from None
+    if text:
+        yield key, text, raw.tell()
+
+
+def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
+    """Files of one source: explicit files as given, directories scanned recursively (sorted); a scan
+    reports on stderr what it skipped and why, one line per suffix."""
     files: list[Path] = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         p = Path(p).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DIR_SUFFIXES)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found, skipped = _scan(p)
+            if progress:
+                for why, n in sorted(skipped.items()):
+                    print(f"data: source {name!r}: {p}: skipped {n} {why}", file=sys.stderr)
             if not found:
-                raise ValueError(f"source {name!r}: directory {str(p)!r} has no {'/'.join(DIR_SUFFIXES)} files")
+                raise ValueError(f"source {name!r}: directory {str(p)!r} has no file data.py reads ({READABLE}); "
+                                 f"it holds {', '.join(f'{n} {why}' for why, n in sorted(skipped.items())) or 'none'}")
             files += found
         elif p.is_file():
             files.append(p)
         else:
             raise FileNotFoundError(f"source {name!r}: input {str(p)!r} does not exist")
     return [f.resolve() for f in files]
+
+
+def _scan(root: Path) -> tuple[list[Path], collections.Counter]:
+    """(the files under root that `read_as` knows, sorted; {why skipped: count} of the others)."""
+    found, skipped = [], collections.Counter()
+    for f in root.rglob("*"):
+        if not f.is_file():
+            continue
+        if any(part.startswith(".") for part in f.relative_to(root).parts):
+            skipped["hidden files (a name starting with '.')"] += 1
+        elif read_as(f) is None:
+            suffix = "".join(f.suffixes[-2:]) if f.suffix in COMPRESSED_SUFFIXES else f.suffix
+            skipped[f"{suffix or '(no suffix)'!r} files (not a format data.py reads)"] += 1
+        else:
+            found.append(f)
+    return sorted(found), skipped
 
 
 def _is_heldout(key: str, frac: float) -> bool:
@@ -529,12 +595,12 @@ def _is_heldout(key: str, frac: float) -> bool:
 _Batch = collections.namedtuple("_Batch", "source nbytes docs")  # docs: [(key, text)] from nbytes of input
 
 
-def _file_batches(source: str, path: Path, keyroot: str, column: str) -> Iterable[_Batch]:
+def _file_batches(source: str, path: Path, keyroot: str, text_key: str) -> Iterable[_Batch]:
     """A file's documents, read lazily, in batches of about BATCH_BYTES of text. A document key names its
     file relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
     key = os.path.relpath(path, keyroot).removesuffix(".gz").removesuffix(".zst")
     docs, chars, done = [], 0, 0
-    for doc_key, text, pos in _documents(str(path), key, column):
+    for doc_key, text, pos in _documents(str(path), key, text_key):
         docs.append((doc_key, text))
         chars += len(text)
         if chars >= BATCH_BYTES:
@@ -750,13 +816,14 @@ def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_fra
 def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,
             tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, heldout_frac: float = DEFAULT_HELDOUT_FRAC,
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, hash_contents: bool = False,
-            progress: bool = True, text_column: str | Mapping[str, str] = "text") -> str:
+            progress: bool = True, text_key: str | Mapping[str, str] = "text") -> str:
     """Tokenize {source: path | [paths]} into one dataset directory; return its path.
 
     Reuses out_dir when its manifest was built from the same inputs (path, size and mtime, or content
     sha256 with hash_contents=True), tokenizer, heldout_frac and shard_tokens; otherwise rebuilds.
-    text_column: the field holding a document in .jsonl lines and Parquet rows ("content" in code sets
-    such as The Stack), for all sources or as {source: column}; a chat "messages" field is used if absent.
+    text_key: the field holding a document in JSON lines and Parquet rows ("text" in Dolma, "content" in
+    Ultra-FineWeb's Parquet and in code sets such as The Stack), for all sources or as {source: key}; a
+    chat "messages" field is used if it is absent.
     """
     if not sources:
         raise ValueError("prepare: no sources given")
@@ -764,18 +831,18 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
     for name in sources:
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
-        column = text_column if isinstance(text_column, str) else text_column.get(name, "text")
-        files = _expand_source(name, sources[name])
-        inputs[name] = [{"path": str(f), "bytes": f.stat().st_size}
+        key = text_key if isinstance(text_key, str) else text_key.get(name, "text")
+        files = _expand_source(name, sources[name], progress)
+        inputs[name] = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
                         | ({"sha256": runtime.sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
-                        | ({"text_column": column} if column != "text" else {}) for f in files]
+                        | ({"text_key": key} if key != "text" else {}) for f in files]
         root = os.path.commonpath([str(f.parent) for f in files])
         for f in files:  # a missing dependency or column is an error now, not hours into the run
-            if f.name.endswith(".parquet"):
-                _parquet_column(str(f), column)
+            if read_as(f) == "parquet":
+                _parquet_column(str(f), key)
             elif f.name.endswith(".zst"):
                 _need("zstandard", f, "zstandard")
-            batches.append(_file_batches(name, f, root, column))
+            batches.append(_file_batches(name, f, root, key))
     return _build(itertools.chain.from_iterable(batches), sum(f["bytes"] for i in inputs.values() for f in i),
                   out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
 
@@ -982,9 +1049,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--hash-contents", action="store_true", help="detect changes by content hash, not mtime")
-    p.add_argument("--text-column", action="append", default=[], metavar="[NAME=]COLUMN",
-                   help="field of .jsonl/Parquet records holding the text (default 'text'; 'content' for code "
-                        "sets); repeatable as NAME=COLUMN per source")
+    p.add_argument("--text-key", "--text-column", action="append", default=[], metavar="[NAME=]KEY", dest="text_key",
+                   help="the field of JSON lines / the Parquet column holding the text (default 'text', as in "
+                        "Dolma; 'content' for Ultra-FineWeb's Parquet and code sets); repeatable as NAME=KEY per source")
     sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
     sub.add_parser("verify", help="check every shard's sha256 against the manifest").add_argument("dir")
     args = ap.parse_args(argv)
@@ -998,10 +1065,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "verify":
             return print(f"{args.dir}: {verify(args.dir)} shards match their sha256")
         if args.cmd == "prepare":
-            columns = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_column)
-            column = columns.pop("", "text")
+            keys = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_key)
+            key = keys.pop("", "text")
             args.dir = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                               args.hash_contents, text_column={s: columns.get(s, column) for s in sources})
+                               args.hash_contents, text_key={s: keys.get(s, key) for s in sources})
         print(describe(args.dir))
     except (ValueError, OSError) as e:
         ap.exit(1, f"data.py {args.cmd}: error: {e}\n")
