@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import codecs
 import collections
 import contextlib
 import gzip
@@ -535,18 +536,28 @@ def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tup
             yield f"{key}@{at - len(line)}", _record_text(obj, text_key, where), raw.tell()
 
 
-def _text_document(path: str, key: str, raw, f) -> Iterable[tuple[str, str, int]]:
+def _text_document(path: str, key: str, raw, f, limit: int = -1) -> Iterable[tuple[str, str, int]]:
     """The whole file, one document, with universal newlines like Path.read_text (a text file is held in
-    memory whole: for multi-GB inputs use JSON lines, which stream)."""
-    data = f.read()
+    memory whole: for multi-GB inputs use JSON lines, which stream); `limit`: only its first bytes."""
+    data = f.read(limit)
     try:
-        text = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=limit < 0)
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); data.py reads "
                          f"{READABLE}") from None
     if text:
-        yield key, text, raw.tell()
+        yield key, text.replace("\r\n", "\n").replace("\r", "\n"), raw.tell()
+
+
+def _probe(path: Path) -> None:
+    """Read a file's first document (a text file's first MiB) as preparing it would: raises what that would."""
+    with contextlib.ExitStack() as stack:
+        if read_as(path) in ("jsonl", "parquet"):
+            docs = stack.enter_context(contextlib.closing(iter(_documents(str(path), path.name, "text"))))
+        else:
+            docs = _text_document(str(path), path.name, *stack.enter_context(_decompressed(str(path))), limit=1 << 20)
+        next(docs, None)
 
 
 def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
@@ -851,18 +862,39 @@ def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None =
                   tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, progress: bool = True) -> dict[str, str]:
     """{source: dataset directory} for a run's `data` config: a directory holding a manifest.json is used as
     it is; raw text (files or directories) is prepared into cache_dir/prepared/SOURCE (once: unchanged inputs
-    are reused; the directory's lock lets one process build while others wait, then reuse). Every path that
-    does not exist is named at once, each with the command that prepares it."""
-    missing = [(s, p) for s, p in spec.items() if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(
-            f"data: {len(missing)} of {len(spec)} sources not found (docs/DATA.md: where each comes from):\n"
-            + "\n".join(f"  {s}: {p} does not exist; prepare it with: python data.py prepare --source {s}=RAW_PATH "
-                        f"--out {p}" for s, p in missing))
+    are reused; the directory's lock lets one process build while others wait, then reuse). Before anything
+    is prepared, every path that cannot be used is named at once, each with the command that prepares it."""
+    bad = {s: why for s, p in spec.items() if (why := _unusable(s, p))}
+    if bad:
+        missing = [s for s, why in bad.items() if why == "does not exist"]
+        fix = {s: f"python data.py prepare --source {s}=RAW_PATH --out {spec[s]}" if s in missing else
+               f"python data.py prepare --source {s}={spec[s]} [--text-key {s}=KEY] --out DIR, and data['{s}'] = DIR"
+               for s in bad}
+        raise (FileNotFoundError if len(missing) == len(bad) else ValueError)(
+            f"data: {len(bad)} of {len(spec)} sources cannot be used (docs/DATA.md: where each comes from):\n"
+            + "\n".join(f"  {s}: {spec[s]} {why}; prepare it with: {fix[s]}" for s, why in bad.items()))
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return {s: str(p) if (Path(p) / "manifest.json").is_file()
             else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
             for s, p in spec.items()}
+
+
+def _unusable(source: str, path) -> str | None:
+    """Why a `data` path is neither a prepared dataset nor raw text data.py reads; None if it is one."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return "does not exist"
+    if (p / "manifest.json").is_file():
+        try:
+            read_manifest(p)
+            return None
+        except ValueError as e:
+            return f"is a damaged dataset ({e})"
+    try:
+        _probe(_expand_source(source, p, progress=False)[0])
+        return None
+    except (ValueError, OSError, ImportError) as e:
+        return f"is neither a prepared dataset (no manifest.json) nor raw text data.py reads ({e})"
 
 
 # -------- The embedded default corpus --------------------------------------------------------------

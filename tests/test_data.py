@@ -729,3 +729,33 @@ def test_stale_default_corpus_is_rebuilt(tmp_path, monkeypatch, tok):
     assert data.read_manifest(out)["format"] == data.FORMAT
     x, _ = data.Mixture(out, {"code": 1.0}, tokenizer=tok).batch(0, 0, 0, 1, 2, 8)
     assert x.shape == (2, 8)
+
+
+def test_ready_sources_names_every_unusable_path_at_once(tmp_path, corpus):
+    """Before anything is prepared: a missing path, a directory of nothing readable, bytes that are not text,
+    a damaged dataset and JSON lines without the text field are named together, each with a command; good
+    entries (a dataset, raw text) are not the error."""
+    _, out = corpus
+    (tmp_path / "csvs").mkdir()
+    (tmp_path / "csvs" / "t.csv").write_text("a,b")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(128, 256)) * 10)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    (tmp_path / "code.jsonl").write_text(json.dumps({"content": "x = 1"}) + "\n")
+    (tmp_path / "ok.txt").write_text("fine text")
+    spec = {"good": out, "raw": str(tmp_path / "ok.txt"), "gone": str(tmp_path / "nope"), "csvs": str(tmp_path / "csvs"),
+            "blob": str(tmp_path / "blob.bin"), "broken": str(tmp_path / "broken"), "code": str(tmp_path / "code.jsonl")}
+    with pytest.raises(ValueError) as e:
+        data.ready_sources(spec, tmp_path / "cache", progress=False)
+    msg = str(e.value)
+    assert msg.startswith("data: 5 of 7 sources cannot be used") and "good:" not in msg and "raw:" not in msg
+    assert f"gone: {tmp_path / 'nope'} does not exist; prepare it with: python data.py prepare --source gone=RAW_PATH" in msg
+    assert "csvs: " in msg and "has no file data.py reads" in msg
+    assert "blob: " in msg and "blob.bin: line 1: not UTF-8 text" in msg
+    assert "broken: " in msg and "is a damaged dataset" in msg
+    assert "code: " in msg and "code.jsonl: line 1: a record needs a string 'text' field" in msg
+    assert f"--source code={tmp_path / 'code.jsonl'} [--text-key code=KEY] --out DIR" in msg
+    assert not (tmp_path / "cache").exists()  # nothing was prepared
+    with pytest.raises(FileNotFoundError, match="1 of 2 sources"):  # only missing paths: FileNotFoundError
+        data.ready_sources({"good": out, "gone": str(tmp_path / "nope")}, tmp_path / "cache", progress=False)
+    assert data.ready_sources({"good": out, "raw": spec["raw"]}, tmp_path / "cache", progress=False)["good"] == out
