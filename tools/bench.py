@@ -44,7 +44,7 @@ import torch
 import mup
 import muon
 import train
-from model import Block, ModelConfig, Xmodel
+from model import ModelConfig, Xmodel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -304,10 +304,13 @@ def layer_shapes(mcfg: ModelConfig) -> list[tuple[str, int, int]]:
 
 
 def hidden_matrix_shapes(mcfg: ModelConfig) -> list[tuple[int, int]]:
-    """[rows, cols] of every 2-D hidden matrix of the model (what Muon updates), all layers."""
+    """[rows, cols] of every matrix Muon orthogonalizes, all layers: the blocks' 2-D weights, the fused
+    [q; k; v] and [gate; up] each one matrix, or under muon_fused=False each of their parts alone."""
     with torch.device("meta"):
-        block = Block(dataclasses.replace(mcfg, fp8=False))
-    return [tuple(p.shape) for p in block.parameters() if p.dim() == 2] * mcfg.n_layer
+        model = Xmodel(dataclasses.replace(mcfg, fp8=False, n_layer=1))
+    split = {} if mcfg.muon_fused else {id(w): rows for w, rows in model.fused_weights()}
+    return [(rows, p.shape[1]) for p in model.blocks.parameters() if p.dim() == 2
+            for rows in split.get(id(p), [p.shape[0]])] * mcfg.n_layer
 
 
 def muon_cost(args) -> dict:

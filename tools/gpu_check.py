@@ -482,7 +482,7 @@ def dist_worker(args):
     out["amax_all_reduce_equal"] = bool(torch.equal(reduced, recorded * dist.get_world_size()))
     out["amax_layers"] = recorded.shape[0]
     ref.update_fp8_scales()
-    out["amax_local"] = ref.blocks[0].attn.wq.amax_history[:, 0].tolist()
+    out["amax_local"] = ref.blocks[0].attn.wqkv.amax_history[:, 0].tolist()
     dist.barrier()
     if rank == 0:
         with open(os.path.join(args.out, "dist_worker.json"), "w") as f:
