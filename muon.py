@@ -21,7 +21,10 @@ value that started above about 2e-3 (relative to ||M||_F) lies in the band [0.68
 further it settles into the oscillation band [0.68, 1.14]. "Roughly orthogonal" is good enough for an
 optimizer, and the iteration is only matrix products, so it runs in bf16 on tensor cores. The products
 are taken on the wide orientation (rows <= cols, transposing tall matrices) so X X^T is the small
-Gram matrix.
+Gram matrix. Each matrix is iterated on its own, but a model has few distinct shapes (4 at 1.3B), so Muon
+stacks the matrices of a shape into one batch and runs one chain of batched matrix products per shape
+(`Muon._newton_schulz`): 4 chains per step at 1.3B instead of 192 (or 336 with q, k, v, gate, up apart),
+fewer, larger kernels for the same arithmetic.
 
 Matching AdamW's update size (the Xmodel-2.5 recipe, after Moonlight / "Muon is Scalable for LLM
 Training")
@@ -89,6 +92,10 @@ import torch
 import torch.distributed as dist
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Muon iterates the matrices of a shape as one batch of at most this many elements (512 MB in bf16): the
+# iteration's temporaries are a few times its input, so this bounds the optimizer step's extra memory (at 1.3B
+# the 48 [gate; up] matrices of 7680 x 1536 take 3 chains, every other shape one)
+NS_BATCH_ELEMENTS = 2 ** 28
 
 
 def zeropower_via_newtonschulz5(G, steps=5, eps=1e-7):
@@ -286,22 +293,25 @@ class Muon(torch.optim.Optimizer):
         return one(*piece[0]) if len(piece) == 1 else torch.cat([one(*x) for x in piece])
 
     def _orthogonalized(self, items, owner_of=None):
-        """NewtonSchulz5 of each piece's update direction; under DDP each rank computes only its share."""
+        """NewtonSchulz5 of each piece's update direction, batched by shape; under DDP each rank computes only
+        its share."""
         world_size, rank = _world()
-        if world_size == 1:
-            return [zeropower_via_newtonschulz5(self._ns_input(u, g), g["ns_steps"]) for u, g in items]
         shapes = [_shape(u) for u, _ in items]
-        owners = [owner_of[u[0][0]] for u, _ in items]
         out = [None] * len(items)
+        if world_size == 1:
+            for idxs in _group_by_shape(shapes).values():
+                for i, o in zip(idxs, self._newton_schulz(items, idxs)):
+                    out[i] = o
+            return out
+        owners = [owner_of[u[0][0]] for u, _ in items]
         pending = []
         for shape, idxs in _group_by_shape(shapes).items():
             owned = [[i for i in idxs if owners[i] == r] for r in range(world_size)]
             slots = max(len(o) for o in owned)
             # Ranks with fewer units of this shape send zero padding so all_gather sizes match.
             local = torch.zeros((slots, *shape), dtype=torch.bfloat16, device=items[idxs[0]][0][0][0].device)
-            for s, i in enumerate(owned[rank]):
-                u, g = items[i]
-                local[s] = zeropower_via_newtonschulz5(self._ns_input(u, g), g["ns_steps"])
+            if owned[rank]:
+                local[:len(owned[rank])] = self._newton_schulz(items, owned[rank])
             gathered = [torch.empty_like(local) for _ in range(world_size)]
             pending.append((dist.all_gather(gathered, local, async_op=True), owned, gathered))
         for work, owned, gathered in pending:
@@ -309,6 +319,27 @@ class Muon(torch.optim.Optimizer):
             for r in range(world_size):
                 for s, i in enumerate(owned[r]):
                     out[i] = gathered[r][s]
+        return out
+
+    def _newton_schulz(self, items, idxs):
+        """NewtonSchulz5 of the pieces items[i], i in idxs, all of one shape: their update directions are copied
+        into one bf16 batch (the iteration's own first step is that cast) and iterated together, one chain of
+        batched matrix products instead of one chain per matrix (336 small chains per step at 1.3B with
+        muon_fused=False, 192 with it). Per group's ns_steps, at most NS_BATCH_ELEMENTS elements per chain.
+        Returns bf16 [len(idxs), rows, cols]."""
+        (piece, _), shape = items[idxs[0]], _shape(items[idxs[0]][0])
+        out = torch.empty((len(idxs), *shape), dtype=torch.bfloat16, device=piece[0][0].device)
+        per_chain = max(1, NS_BATCH_ELEMENTS // math.prod(shape))
+        by_steps = {}
+        for s, i in enumerate(idxs):
+            by_steps.setdefault(items[i][1]["ns_steps"], []).append(s)
+        for steps, slots in by_steps.items():
+            for c in range(0, len(slots), per_chain):
+                chunk = slots[c:c + per_chain]
+                X = torch.empty((len(chunk), *shape), dtype=torch.bfloat16, device=out.device)
+                for k, s in enumerate(chunk):
+                    X[k] = self._ns_input(*items[idxs[s]])
+                out[chunk] = zeropower_via_newtonschulz5(X, steps)
         return out
 
     def full_state_dict(self, to=0):

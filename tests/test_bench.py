@@ -85,7 +85,9 @@ def test_muon_cost_report(tmp_path, capsys):
     assert r["ns_flops"] == 2 * sum(muon.newton_schulz_flops(a, b) for a, b in per_layer)
     assert r["dense_flops"] == 6 * r["params"] * 4 * 32  # the decay phase: batch 4 x 32 tokens
     assert r["muon_step_ms"] > 0 and r["adamw_step_ms"] > 0
-    assert "Newton-Schulz" in capsys.readouterr().out
+    assert r["ns_per_matrix_ms"] > 0 and r["ns_batched_ms"] > 0 and r["ns_chains"] == 4  # 8 matrices, 4 shapes
+    out = capsys.readouterr().out
+    assert "Newton-Schulz" in out and "one batched chain per shape (4)" in out
 
 
 def test_fp8_gemm_bench_needs_cuda(tmp_path):

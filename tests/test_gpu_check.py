@@ -65,6 +65,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert prof["ms"]["gemm"] > 0 and prof["ms"]["attention"] >= 0 and prof["ms"]["other"] > 0
         assert prof["total_ms"] == pytest.approx(sum(prof["ms"].values())) and len(prof["top"]) == 12
     assert ns["matrices"] == 2 * 4 and len(ns["results"]) == 4  # [q;k;v] 64x32, o 32x32, [gate;up] 160x32, down 32x80
+    assert ns["batched_ms_per_step_one_device"] > 0 and all(x["count"] == 2 and x["batched_ms"] > 0 for x in ns["results"])
     # gpu_check.md: every measured case in a table per section, beside the one-line summaries
     assert "| fp8_triton | ok | False | emulate |" in md and md.count("| qkv | dgrad | 32x64x32 |") == 1
     assert md.count("| triton | float8_e5m2 x float8_e4m3fn | k_major | 48x64x32 | fast | ok |") == 1

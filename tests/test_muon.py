@@ -480,6 +480,45 @@ def test_optimizer_state_saved_with_separate_parts_loads_for_fused_weights(kind)
         muon.fuse_saved_parts({"state": {}, "param_groups": [{"params": [0, 1]}]}, [hidden])
 
 
+@pytest.mark.parametrize("max_elements", [muon.NS_BATCH_ELEMENTS, 2 * 32 * 48])
+def test_newton_schulz_runs_one_batched_chain_per_shape(monkeypatch, max_elements):
+    """Two steps over 8 matrices (one split into 32 + 16 + 32 rows; the second group iterates 3 times, not 5):
+    one batched chain per shape and ns_steps (or per NS_BATCH_ELEMENTS-sized chunk of them), and the weights
+    equal per-matrix chains (reference_ns, the unbatched iteration) to within a bf16 rounding of the update:
+    bit for bit on the CPU here (MKL's batched products compute each matrix as its own), a GPU's batched GEMM
+    may sum in another order."""
+    monkeypatch.setattr(muon, "NS_BATCH_ELEMENTS", max_elements)
+    shapes = [(32, 48)] * 4 + [(48, 32)] * 2 + [(80, 48), (24, 24)]
+    params = make_params(shapes, seed=3)
+    lr, mom, wd = 0.05, 0.9, 0.1
+    opt = Muon([{"params": params[:6]}, {"params": params[6:], "splits": [[0, [32, 16, 32]]], "ns_steps": 3}],
+               lr=lr, momentum=mom, weight_decay=wd)
+    calls = []
+    real = muon.zeropower_via_newtonschulz5
+    monkeypatch.setattr(muon, "zeropower_via_newtonschulz5", lambda G, steps=5: calls.append((*G.shape, steps))
+                        or real(G, steps))
+    ref, bufs = [p.detach().clone() for p in params], [torch.zeros(s) for s in shapes]
+    blocks = [[(0, s[0])] for s in shapes[:6]] + [[(0, 32), (32, 48), (48, 80)], [(0, 24)]]  # rows of each piece
+    for step in range(2):
+        gs = grads_for(shapes, step)
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+        for i, (g, steps) in enumerate(zip(gs, [5] * 6 + [3] * 2)):
+            bufs[i] = mom * bufs[i] + g
+            u = g + mom * bufs[i]
+            ref[i] = ref[i] * (1 - lr * wd)
+            for lo, hi in blocks[i]:
+                O = reference_ns(u[lo:hi], steps).float()
+                ref[i][lo:hi] -= O * (lr * 0.2 * math.sqrt(max(hi - lo, u.shape[1])))
+        for i, p in enumerate(params):
+            torch.testing.assert_close(p.detach(), ref[i], rtol=0, atol=lr * 0.2 * math.sqrt(80) * 2 ** -7)
+    # (batch, rows, cols, ns_steps) per step; a chain of at most 2 x 32 x 48 elements takes two (32, 48) matrices
+    first = {(2, 32, 48, 5): 2} if max_elements == 2 * 32 * 48 else {(4, 32, 48, 5): 1}
+    per_step = {**first, (2, 48, 32, 5): 1, (2, 32, 48, 3): 1, (1, 16, 48, 3): 1, (1, 24, 24, 3): 1}
+    assert Counter(calls) == Counter({k: 2 * n for k, n in per_step.items()})
+
+
 def test_stacks_are_validated():
     a, b, c = (torch.nn.Parameter(torch.zeros(r, cols)) for r, cols in ((4, 6), (2, 6), (4, 5)))
     with pytest.raises(ValueError, match="equal column counts"):
@@ -589,8 +628,9 @@ def test_distributed_equals_single_process_and_shards_work(tmp_path):
             assert torch.equal(res["params"][i], p.detach()), (r, i)
             assert torch.equal(res["bufs"][i], opt.state[p]["momentum_buffer"]), (r, i)
         mine = Counter(s for s, o in zip(DIST_SHAPES, owners) if o == r)
-        assert Counter(res["calls"]) == Counter({s: n * DIST_STEPS for s, n in mine.items()}), r
-    assert sum(len(res["calls"]) for res in results) == len(DIST_SHAPES) * DIST_STEPS  # no repeated work
+        # per step one batched chain for each shape the rank owns, over all its matrices of that shape
+        assert Counter(res["calls"]) == Counter({(n, *s): DIST_STEPS for s, n in mine.items()}), r
+    assert sum(c[0] for res in results for c in res["calls"]) == len(DIST_SHAPES) * DIST_STEPS  # no repeated work
 
 
 # Two groups with stacks, and an (80, 48) weight split into blocks of 32, 16, 32 rows: units (64, 48) x 2,
@@ -672,7 +712,8 @@ def test_distributed_with_stacks_equals_single_process(tmp_path):
             assert torch.equal(res["resumed"][i], params[i].detach()), (r, i)
         mine = [i for i, p in enumerate(flat) if owners[p] == r]
         assert res["owned"] == res["owned_after_load"] == mine, r
-        units.update(res["calls"])
+        for n, *shape in res["calls"]:  # a batched chain of n units
+            units[tuple(shape)] += n
     # 2 runs of DIST_STEPS steps and one resumed step: every unit once per step over both ranks
     assert units == Counter({s: n * (2 * DIST_STEPS + 1) for s, n in Counter(STACKED_UNITS).items()})
     assert all(len(res["calls"]) > 0 for res in results)

@@ -23,7 +23,8 @@ that reruns it; a failure in one is recorded and the next one runs:
             peak, peak memory, and the losses of the same steps on the same synthetic batches, finite and
             equal within FP8 tolerance
     ns      the Newton-Schulz step (muon.zeropower_via_newtonschulz5) at every 1.3B hidden-matrix shape:
-            ms, TFLOP/s, and the whole Muon orthogonalization per step on one device
+            ms, TFLOP/s, and the whole Muon orthogonalization per step on one device, one matrix at a time
+            and batched by shape (as Muon runs it)
     dist    torchrun with one process: a DDP step (nccl) against the same step without DDP, and the FP8
             amax all-reduce (MAX) of fp8.FP8Linear's statistics
     fixed   FP8 vs bf16 memorizing ONE fixed batch at the recipe's peak LR (no warmup), xmodel25's width,
@@ -446,14 +447,21 @@ def ns(device, args, rec):
     from tools.bench import hidden_matrix_shapes
     mcfg, _ = shapes_config(device)
     shapes = hidden_matrix_shapes(mcfg)
-    rows, total_ms = rec.setdefault("results", []), 0.0
+    rows, total_ms, batched_ms = rec.setdefault("results", []), 0.0, 0.0
     for shape in sorted(set(shapes)):
         G = torch.randn(*shape, device=device)
         ms = bench_ms(lambda: muon.zeropower_via_newtonschulz5(G), device)
         count = shapes.count(shape)
-        total_ms += ms * count
-        rows.append(dict(shape=list(shape), count=count, ms=ms, tflops=muon.newton_schulz_flops(*shape) / ms / 1e9))
-    rec.update(matrices=len(shapes), ms_per_step_one_device=total_ms,
+        # as Muon runs them: all matrices of the shape in batched chains of at most NS_BATCH_ELEMENTS elements
+        per_chain = max(1, muon.NS_BATCH_ELEMENTS // math.prod(shape))
+        Gs = torch.randn(count, *shape, device=device, dtype=torch.bfloat16)
+        b_ms = bench_ms(lambda: [muon.zeropower_via_newtonschulz5(Gs[i:i + per_chain])
+                                 for i in range(0, count, per_chain)], device)
+        total_ms, batched_ms = total_ms + ms * count, batched_ms + b_ms
+        flops = muon.newton_schulz_flops(*shape)
+        rows.append(dict(shape=list(shape), count=count, ms=ms, tflops=flops / ms / 1e9, batched_ms=b_ms,
+                         batched_tflops=count * flops / b_ms / 1e9))
+    rec.update(matrices=len(shapes), ms_per_step_one_device=total_ms, batched_ms_per_step_one_device=batched_ms,
                flops_per_step=sum(muon.newton_schulz_flops(*s) for s in shapes))
 
 
@@ -689,7 +697,8 @@ def summary(r: dict) -> str:
             + (f" MFU {100 * v['mfu']:.1f}%" if v.get("mfu") else "")
             for k, v in r.get("runs", {}).items())
     if s == "ns":
-        return f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices"
+        return (f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices one "
+                f"by one, {r.get('batched_ms_per_step_one_device', float('nan')):.1f} ms batched by shape")
     if s == "dist":
         return (f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal "
                 f"{r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)")
