@@ -165,7 +165,10 @@ def fused_parts(cfg: ModelConfig) -> dict[str, tuple[str, dict[str, int]]]:
     stacks the parts' rows: attn.wqkv = [wq; wk; wv] (the original's linear_qkv, 2560 x 1536 at 1.3B) and
     mlp.w_gate_up = [w_gate; w_up] (its linear_fc1, 7680 x 1536). One GEMM instead of three (or two) reads
     the input once and, under FP8, quantizes it once. The part names are the weights' names before fusing:
-    old checkpoints hold them (`fuse_state_dict`), and the Llama export writes them apart (`split_state_dict`)."""
+    old checkpoints hold them (`fuse_state_dict`), and the Llama export writes them apart (`split_state_dict`).
+    The original interleaves q, k, v rows per K/V group; plain stacking is a permutation of its rows, which
+    changes neither the function (the output is split to match) nor Muon's update (orthogonalization
+    commutes with row permutations)."""
     kv = cfg.n_kv_head * cfg.head_dim
     return {"attn": ("wqkv", {"wq": cfg.n_head * cfg.head_dim, "wk": kv, "wv": kv}),
             "mlp": ("w_gate_up", {"w_gate": cfg.ffn_hidden, "w_up": cfg.ffn_hidden})}

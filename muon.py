@@ -23,8 +23,8 @@ optimizer, and the iteration is only matrix products, so it runs in bf16 on tens
 are taken on the wide orientation (rows <= cols, transposing tall matrices) so X X^T is the small
 Gram matrix. Each matrix is iterated on its own, but a model has few distinct shapes (4 at 1.3B), so Muon
 stacks the matrices of a shape into one batch and runs one chain of batched matrix products per shape
-(`Muon._newton_schulz`): 4 chains per step at 1.3B instead of 192 (or 336 with q, k, v, gate, up apart),
-fewer, larger kernels for the same arithmetic.
+(`Muon._newton_schulz`; the largest shapes cut in two or three to bound the memory): 7 chains per step at
+1.3B instead of 192 (or 336 with q, k, v, gate, up apart), fewer, larger kernels for the same arithmetic.
 
 Matching AdamW's update size (the Xmodel-2.5 recipe, after Moonlight / "Muon is Scalable for LLM
 Training")
@@ -94,7 +94,7 @@ import torch.distributed as dist
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 # Muon iterates the matrices of a shape as one batch of at most this many elements (512 MB in bf16): the
 # iteration's temporaries are a few times its input, so this bounds the optimizer step's extra memory (at 1.3B
-# the 48 [gate; up] matrices of 7680 x 1536 take 3 chains, every other shape one)
+# the 48 [gate; up] matrices of 7680 x 1536 take 3 chains, the 48 MLP-down ones 2, [q; k; v] and o one each)
 NS_BATCH_ELEMENTS = 2 ** 28
 
 
