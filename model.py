@@ -6,6 +6,8 @@ followed by a pre-RMSNorm SwiGLU MLP (3840 wide), no biases anywhere, and a 129,
 that doubles as the output projection (tied embeddings). "Deep and thin" means many narrow layers; at
 this width the embedding alone is 15% of the parameters and the 129,280-way softmax is most of the
 cost of a small proxy, which is why the loss here is computed in chunks (see `chunked_cross_entropy`).
+As in the original (Megatron's linear_qkv and linear_fc1), q, k, v are one linear and gate, up another
+(`fused_parts`): fewer, larger GEMMs, and under FP8 one quantization of their shared input.
 
 What makes it μP (the maximal-update parameterization, Yang et al.) is a handful of multipliers in the
 forward pass, all read from `ModelConfig` and written out below where they act:
@@ -156,21 +158,83 @@ def apply_rope(x, cos, sin):
     return y.to(x.dtype)
 
 
-class Attention(nn.Module):
+def fused_parts(cfg: ModelConfig) -> dict[str, tuple[str, dict[str, int]]]:
+    """The linears each block stores fused, as the original does: {submodule: (fused linear, {part: rows})}.
+
+    q, k and v read the same normed input, and so do gate and up, so each group is one linear whose weight
+    stacks the parts' rows: attn.wqkv = [wq; wk; wv] (the original's linear_qkv, 2560 x 1536 at 1.3B) and
+    mlp.w_gate_up = [w_gate; w_up] (its linear_fc1, 7680 x 1536). One GEMM instead of three (or two) reads
+    the input once and, under FP8, quantizes it once. The part names are the weights' names before fusing:
+    old checkpoints hold them (`fuse_state_dict`), and the Llama export writes them apart (`split_state_dict`).
+    The original interleaves q, k, v rows per K/V group; plain stacking is a permutation of its rows, which
+    changes neither the function (the output is split to match) nor Muon's update (orthogonalization
+    commutes with row permutations)."""
+    kv = cfg.n_kv_head * cfg.head_dim
+    return {"attn": ("wqkv", {"wq": cfg.n_head * cfg.head_dim, "wk": kv, "wv": kv}),
+            "mlp": ("w_gate_up", {"w_gate": cfg.ffn_hidden, "w_up": cfg.ffn_hidden})}
+
+
+def _fuse_parts(sd: dict, prefix: str, fused: str, parts) -> None:
+    """In place: a state dict's separate part weights under `prefix` become the fused one. FP8 scaling state
+    merges exactly: each part recorded its amaxes at the same steps, and the fused tensor's amax is the
+    largest of its parts', so its history is their elementwise max and its scale (fp8_max / max(history))
+    their minimum. A state dict without (all) the parts is left as it is."""
+    keys = {name: prefix + name + ".weight" for name in parts}
+    if prefix + fused + ".weight" in sd or not all(k in sd for k in keys.values()):
+        return
+    sd[prefix + fused + ".weight"] = torch.cat([sd.pop(k) for k in keys.values()])
+    for buf, merge in (("amax_history", torch.amax), ("scale", torch.amin)):
+        bufs = [prefix + name + "." + buf for name in parts]
+        if all(k in sd for k in bufs):
+            sd[prefix + fused + "." + buf] = merge(torch.stack([sd.pop(k) for k in bufs]), 0)
+
+
+def fuse_state_dict(sd: dict, cfg: ModelConfig) -> dict:
+    """A state dict in this model's layout from one that may hold separate q/k/v and gate/up weights (written
+    before they were fused); a model's load_state_dict does the same by itself."""
+    sd = dict(sd)
+    for i in range(cfg.n_layer):
+        for sub, (fused, parts) in fused_parts(cfg).items():
+            _fuse_parts(sd, f"blocks.{i}.{sub}.", fused, parts)
+    return sd
+
+
+def split_state_dict(sd: dict, cfg: ModelConfig) -> dict:
+    """The fused weights of a state dict written apart again, under their part names (the fused layers' FP8
+    scaling state is kept as it is: it has no per-part equivalent)."""
+    sd = dict(sd)
+    for i in range(cfg.n_layer):
+        for sub, (fused, parts) in fused_parts(cfg).items():
+            key = f"blocks.{i}.{sub}.{fused}.weight"
+            if key in sd:
+                w = sd.pop(key)
+                sd.update({f"blocks.{i}.{sub}.{n}.weight": p for n, p in zip(parts, w.split(list(parts.values())))})
+    return sd
+
+
+class _Fused(nn.Module):
+    """A block submodule holding one fused linear (`fused_parts`): old checkpoints with the parts apart load."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _fuse_parts(state_dict, prefix, self.fused, self.parts)  # load_state_dict hands each module a copy
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class Attention(_Fused):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.scale = cfg.attn_scale
-        self.wq = _linear(cfg, cfg.hidden, cfg.n_head * cfg.head_dim)
-        self.wk = _linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
-        self.wv = _linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
+        self.fused, self.parts = fused_parts(cfg)["attn"]
+        self.wqkv = _linear(cfg, cfg.hidden, sum(self.parts.values()))
         self.wo = _linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden)
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(x).split(list(self.parts.values()), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal, mask = True, None
         if cache is not None:  # generation: append to this layer's K/V and attend to all of it
@@ -181,22 +245,23 @@ class Attention(nn.Module):
                 P = k.shape[2] - T
                 causal = False
                 mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-            cache["k"], cache["v"] = k, v
+            cache["k"], cache["v"] = k, v.contiguous()  # not a view that keeps the prompt's q and k alive
         # enable_gqa lets SDPA broadcast the shared K/V heads instead of materializing repeats
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
                                            enable_gqa=self.n_head != self.n_kv_head)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(_Fused):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w_gate = _linear(cfg, cfg.hidden, cfg.ffn_hidden)
-        self.w_up = _linear(cfg, cfg.hidden, cfg.ffn_hidden)
+        self.fused, self.parts = fused_parts(cfg)["mlp"]
+        self.w_gate_up = _linear(cfg, cfg.hidden, 2 * cfg.ffn_hidden)
         self.w_down = _linear(cfg, cfg.ffn_hidden, cfg.hidden)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -345,6 +410,12 @@ class Xmodel(nn.Module):
     def num_params(self, embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n if embedding else n - self.tok_emb.weight.numel()
+
+    def fused_weights(self) -> list[tuple[nn.Parameter, list[int]]]:
+        """Every block's fused weights ([q; k; v], [gate; up]: `fused_parts`) with their parts' row counts, in
+        parameter order: μP initialises each part as the matrix it stands for, and Muon may orthogonalize
+        the parts apart (mup.param_groups)."""
+        return [(getattr(m, m.fused).weight, list(m.parts.values())) for b in self.blocks for m in (b.attn, b.mlp)]
 
     def num_hidden_params(self) -> int:
         """The blocks' weight matrices: μP's "hidden" group, the matrices Muon takes over at the switch."""

@@ -33,13 +33,15 @@ Two rows follow the original (a Megatron fork) rather than μP's textbook, each 
   fidelity" has the measurement. With init_out="mup" the depth dependence comes from the residual
   multiplier alone.
 
-When the model is on Muon, `param_groups` also says which matrices are orthogonalized together: the
-original stores q, k, v as one fused weight and gate, up as another, and Muon orthogonalizes each fused
-weight as one matrix; `fused_stacks` names the same groups of this model's separate weights
-(muon_fused=True, the default) so that Muon sees the same matrices.
+The model stores q, k, v as one fused weight and gate, up as another, as the original does (model.py,
+`fused_parts`). μP's rules are per matrix, and fusing changes none of them: every part is initialised as
+the matrix it stands for (all five are hidden matrices of fan-in `hidden`, so one std), and all are in the
+hidden LR group. When the model is on Muon, `param_groups` also says what is orthogonalized as one matrix:
+each fused weight whole, as the original (muon_fused=True, the default), or each part alone
+(muon_fused=False: the group's "splits").
 
-This module holds those rules (`width_mult`, `init_stds`, `init_weights`, `build_model`, `fused_stacks`,
-`param_groups`) and nothing else. The tools that make them visible live in tools/: `python -m tools.coord_check` (every
+This module holds those rules (`width_mult`, `init_stds`, `init_weights`, `build_model`, `param_groups`)
+and nothing else. The tools that make them visible live in tools/: `python -m tools.coord_check` (every
 layer's activation scale stays flat in width under μP and grows under SP), `python -m tools.lr_sweep` (the
 best base LR does not move with width) and `python -m tools.search` (the proxy hyper-parameter search whose
 winners are copied to the 1.3B config).
@@ -72,9 +74,12 @@ def init_weights(model: Xmodel) -> None:
     if model.lm_head is not None:
         nn.init.normal_(model.lm_head.weight, 0.0, std["output"])
     branch_out = {id(b.attn.wo.weight) for b in model.blocks} | {id(b.mlp.w_down.weight) for b in model.blocks}
+    parts = {id(w): rows for w, rows in model.fused_weights()}
     for name, p in model.blocks.named_parameters():
         if p.dim() == 2:
-            nn.init.normal_(p, 0.0, std["branch_out" if id(p) in branch_out else "hidden"])
+            # a fused weight part by part: the same draws, in the same order, as when the parts were apart
+            for part in p.split(parts.get(id(p), [p.shape[0]])):
+                nn.init.normal_(part, 0.0, std["branch_out" if id(p) in branch_out else "hidden"])
         elif "norm" in name:
             nn.init.ones_(p)
     nn.init.ones_(model.norm.weight)
@@ -89,26 +94,18 @@ def build_model(cfg: ModelConfig, device="cpu") -> Xmodel:
     return model
 
 
-def fused_stacks(model: Xmodel) -> list[list[nn.Parameter]]:
-    """The weights the original fuses into one matrix, per block: [q; k; v] (its linear_qkv, 2560 x 1536
-    at 1.3B) and [gate; up] (its linear_fc1, 7680 x 1536), each stacked vertically (rows = outputs).
-    The original interleaves q, k, v per K/V group; a permutation of rows commutes with the
-    orthogonalization, so the plain stacking gives the same update."""
-    stacks = []
-    for b in model.blocks:
-        stacks += [[b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight], [b.mlp.w_gate.weight, b.mlp.w_up.weight]]
-    return stacks
-
-
 def param_groups(model: Xmodel, lr: float, emb_lr: float, weight_decay: float) -> list[dict]:
     """Optimizer parameter groups with μP learning rates, from base (width base_width) rates.
 
     Each group carries "name" (hidden / embedding / norm), its peak "lr", "base_lr" (the same value, kept
     for the schedule to scale) and "weight_decay". The "hidden" group is the 2-D block matrices: the ones
-    Muon may take over in the decay phase; its "stacks" (muon.Muon's key: lists of positions in the
-    group's params, each list orthogonalized as one vertically stacked matrix) are `fused_stacks` under
-    muon_fused, else empty. Positions rather than tensors, so an AdamW holding the same group saves only
-    a few integers with it. The "norm" group's LR is the hidden one (norm_lr="hidden") or emb_lr."""
+    Muon may take over in the decay phase. Its "parts" lists the fused weights as [position in the group's
+    params, [rows of each part]] (model.Xmodel.fused_weights): structure, which lets muon.Optimizers read
+    optimizer state saved when the parts were separate parameters. Its "splits" (muon.Muon's key: the same
+    lists, each part orthogonalized alone) are the parts under muon_fused=False, else empty: Muon then
+    orthogonalizes each fused weight whole. Positions rather than tensors, so an AdamW holding the same
+    group saves only a few integers with it. The "norm" group's LR is the hidden one (norm_lr="hidden") or
+    emb_lr."""
     cfg = model.config
     m = width_mult(cfg)
     hidden, embedding, norm = [], [], []
@@ -120,8 +117,9 @@ def param_groups(model: Xmodel, lr: float, emb_lr: float, weight_decay: float) -
         else:
             norm.append(p)
     position = {id(p): i for i, p in enumerate(hidden)}
-    stacks = [[position[id(p)] for p in s] for s in fused_stacks(model)] if cfg.muon_fused else []
-    groups = [dict(name="hidden", params=hidden, lr=lr / m, weight_decay=weight_decay, stacks=stacks),
+    parts = [[position[id(w)], rows] for w, rows in model.fused_weights()]
+    splits = [] if cfg.muon_fused else [[i, list(rows)] for i, rows in parts]
+    groups = [dict(name="hidden", params=hidden, lr=lr / m, weight_decay=weight_decay, parts=parts, splits=splits),
               dict(name="embedding", params=embedding, lr=emb_lr, weight_decay=weight_decay),
               dict(name="norm", params=norm, lr=lr / m if cfg.norm_lr == "hidden" else emb_lr, weight_decay=0.0)]
     for g in groups:

@@ -1,5 +1,6 @@
 """tools/bench.py end to end on a tiny config: what it counts and times, the peer comparison, the Muon and
 FP8 GEMM reports."""
+import dataclasses
 import json
 import math
 import subprocess
@@ -69,19 +70,24 @@ def test_layer_shapes_at_the_1p3b_config():
                                         ("mlp_gate_up", 1536, 7680), ("mlp_down", 3840, 1536)]
     proxy = train.load_config(["configs/proxy20m.py"])["model"]
     shapes = bench.hidden_matrix_shapes(proxy)
-    # configs/proxy20m.py: 172,288 per block = 2-D matrices + two 128-wide norm weights
-    assert len(shapes) == 8 * 7 and sum(r * c for r, c in shapes) == 8 * (172288 - 2 * 128)
+    # configs/proxy20m.py: 172,288 per block = 2-D matrices + two 128-wide norm weights; [q; k; v] and
+    # [gate; up] are one matrix each to Muon, or 3 and 2 under muon_fused=False
+    assert len(shapes) == 8 * 4 and sum(r * c for r, c in shapes) == 8 * (172288 - 2 * 128)
+    apart = bench.hidden_matrix_shapes(dataclasses.replace(proxy, muon_fused=False))
+    assert len(apart) == 8 * 7 and sum(r * c for r, c in apart) == 8 * (172288 - 2 * 128)
 
 
 def test_muon_cost_report(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.py", tmp_path)
     r = bench.main(["muon", cfg, "--steps", "1", "--device", "cpu", "--dtype", "float32"])
-    # the tiny config: 2 layers of q 32x32, k/v 16x32, o 32x32, gate/up 80x32, down 32x80
-    per_layer = [(32, 32), (16, 32), (16, 32), (32, 32), (80, 32), (80, 32), (32, 80)]
+    # the tiny config: 2 layers of [q; k; v] 64x32, o 32x32, [gate; up] 160x32, down 32x80
+    per_layer = [(64, 32), (32, 32), (160, 32), (32, 80)]
     assert r["ns_flops"] == 2 * sum(muon.newton_schulz_flops(a, b) for a, b in per_layer)
     assert r["dense_flops"] == 6 * r["params"] * 4 * 32  # the decay phase: batch 4 x 32 tokens
     assert r["muon_step_ms"] > 0 and r["adamw_step_ms"] > 0
-    assert "Newton-Schulz" in capsys.readouterr().out
+    assert r["ns_per_matrix_ms"] > 0 and r["ns_batched_ms"] > 0 and r["ns_chains"] == 4  # 8 matrices, 4 shapes
+    out = capsys.readouterr().out
+    assert "Newton-Schulz" in out and "one batched chain per shape (4)" in out
 
 
 def test_fp8_gemm_bench_needs_cuda(tmp_path):

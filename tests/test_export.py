@@ -18,7 +18,7 @@ import torch
 import data
 import mup
 import runtime
-from model import ModelConfig
+from model import ModelConfig, split_state_dict
 from tools import export, sample
 
 # the optional extras (requirements-extra.txt, installed in CI): only the tests that use them are skipped
@@ -98,8 +98,9 @@ def test_rope_base_and_multipliers_are_needed(tmp_path):
     conf_path.write_text(json.dumps(conf))
     assert (hf_logits(str(tmp_path / "hf"), x) - ours).abs().max() > 1e-2
     sd = export.export_tensors(TINY, model.state_dict(), torch.float32)
-    assert not torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], model.blocks[0].attn.wq.weight)
-    assert torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], model.blocks[0].attn.wk.weight)
+    parts = split_state_dict(model.state_dict(), TINY)  # our fused [q; k; v] apart
+    assert not torch.equal(sd["model.layers.0.self_attn.q_proj.weight"], parts["blocks.0.attn.wq.weight"])
+    assert torch.equal(sd["model.layers.0.self_attn.k_proj.weight"], parts["blocks.0.attn.wk.weight"])
 
 
 @needs_safetensors
@@ -309,7 +310,26 @@ def test_export_import_export_is_lossless(tmp_path, dtype, tied):
         orig = model.state_dict()
         for k, v in orig.items():
             assert ((ckpt["model"][k] - v).abs() <= 2.0 ** -23 * v.abs()).all(), k
-        assert torch.equal(ckpt["model"]["blocks.0.attn.wq.weight"], orig["blocks.0.attn.wq.weight"])  # x 1/4
+        q = lambda sd: split_state_dict(sd, cfg)["blocks.0.attn.wq.weight"]  # noqa: E731 (the rows of [q; k; v])
+        assert torch.equal(q(ckpt["model"]), q(orig))  # x 1/4
+
+
+@needs_safetensors
+def test_a_checkpoint_with_separate_q_k_v_exports_the_same(tmp_path):
+    """A checkpoint written before q/k/v and gate/up were fused (their weights apart) exports the same tensors
+    as the fused model's, and loads (load_any) into the same model."""
+    from safetensors.torch import load_file
+    run, model = make_run(tmp_path)
+    ckpt = runtime.load_checkpoint(run)
+    old = tmp_path / "old"
+    runtime.save_checkpoint(str(old), 7, {**ckpt, "model": split_state_dict(ckpt["model"], TINY)}, keep=1)
+    assert "blocks.0.attn.wq.weight" in runtime.load_checkpoint(str(old))["model"]
+    for src, dst in ((run, "new_hf"), (str(old), "old_hf")):
+        export.export(src, str(tmp_path / dst))
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("new_hf", "old_hf"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    loaded, _, _ = export.load_any(str(old))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_unfold_inverts_fold_exactly():

@@ -20,7 +20,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert r["status"] == "ok", (r["section"], r.get("error"))
         assert r["versions"]["torch"] and r["device"] == "cpu" and f"--sections {r['section']}" in r["command"]
         assert f"| {r['section']} | ok |" in md
-    sm90, kernel, gemm, train, ns, dist = saved["sections"]
+    sm90, kernel, gemm, train, ns, dist, fixed = saved["sections"]
     # the Triton kernel compiled for Hopper from this CPU: every config the autotuner would try, per GEMM
     import fp8
     tried = [(r["gemm"], r["config"]) for r in sm90["results"]]
@@ -64,12 +64,20 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         prof = v["profile"]
         assert prof["ms"]["gemm"] > 0 and prof["ms"]["attention"] >= 0 and prof["ms"]["other"] > 0
         assert prof["total_ms"] == pytest.approx(sum(prof["ms"].values())) and len(prof["top"]) == 12
-    assert ns["matrices"] == 2 * 7 and len(ns["results"]) == 4  # q/o 32x32, k/v 16x32, gate/up 80x32, down 32x80
+    assert ns["matrices"] == 2 * 4 and len(ns["results"]) == 4  # [q;k;v] 64x32, o 32x32, [gate;up] 160x32, down 32x80
+    assert ns["batched_ms_per_step_one_device"] > 0 and all(x["count"] == 2 and x["batched_ms"] > 0 for x in ns["results"])
     # gpu_check.md: every measured case in a table per section, beside the one-line summaries
     assert "| fp8_triton | ok | False | emulate |" in md and md.count("| qkv | dgrad | 32x64x32 |") == 1
     assert md.count("| triton | float8_e5m2 x float8_e4m3fn | k_major | 48x64x32 | fast | ok |") == 1
     assert dist["backend"] == "gloo" and dist["world"] == 1 and dist["ddp_max_grad_diff"] == 0.0
-    assert dist["amax_all_reduce_equal"] is True and dist["amax_layers"] == 2 * 7 and dist["amax_local"][0] > 0
+    assert dist["amax_all_reduce_equal"] is True and dist["amax_layers"] == 2 * 4 and dist["amax_local"][0] > 0
+    # one fixed batch per micro-batch size, bf16 and FP8 from the same init, every step's loss recorded
+    assert [x["micro_batch"] for x in fixed["results"]] == list(gpu_check.FIXED_MICRO_BATCHES) == [4, 8]
+    for x in fixed["results"]:
+        assert set(x["losses"]) == {"bf16", "fp8"} and all(len(v) == fixed["steps"] == 20 for v in x["losses"].values())
+        assert x["losses"]["bf16"] != x["losses"]["fp8"] and 0 < x["max_rel_diff"] <= gpu_check.FIXED_BATCH_RTOL
+        assert all(v < gpu_check.FIXED_BATCH_DROP for v in x["final_over_first"].values())
+    assert md.count("| 4 | ok |") == 1 and "micro-batch 8 ok" in md
 
 
 def test_a_failing_or_overrunning_section_is_recorded_and_the_rest_run(tmp_path, monkeypatch):
@@ -91,7 +99,7 @@ def test_a_failing_or_overrunning_section_is_recorded_and_the_rest_run(tmp_path,
     kernel, gemm, ns = saved["sections"]
     assert kernel["status"] == "failed" and "boom" in kernel["error"] and kernel["partial"] == 1
     assert gemm["status"] == "timeout" and "time box" in gemm["error"]
-    assert ns["status"] == "ok" and ns["matrices"] == 14
+    assert ns["status"] == "ok" and ns["matrices"] == 8
     assert "boom" in (tmp_path / "gpu_check.md").read_text()
 
 
@@ -132,13 +140,15 @@ def test_a_run_that_fails_to_compile_is_measured_eagerly(tmp_path, monkeypatch):
         raise RuntimeError("inductor says no")
 
     monkeypatch.setattr(Xmodel, "compile_for_training", broken)
-    report = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--sections", "train",
-                             "--compile", "on"])
-    (train,) = report["sections"]
+    report = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--sections",
+                             "train,fixed", "--compile", "on", "--fixed_steps", "3"])
+    train, fixed = report["sections"]
     assert train["status"] == "ok" and train["compiled"] is True
     for run in train["runs"].values():
         assert run["status"] == "ok" and run["compiled"] is False and "inductor says no" in run["compile_error"]
         assert run["tokens_per_s"] > 0
+    for x in fixed["results"]:  # measured eagerly too (3 steps: too few to judge, only the fallback is checked)
+        assert len(x["losses"]["fp8"]) == 3 and x["fp8_compiled"] is False and "inductor says no" in x["fp8_compile_error"]
     assert "bf16 ok (eager)" in (tmp_path / "gpu_check.md").read_text()
 
 

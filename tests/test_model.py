@@ -108,12 +108,19 @@ def ref_attention(q, k, v, scale):
     return s.softmax(-1) @ v
 
 
+def part_weights(module) -> dict:
+    """The separate matrices a fused linear stacks (wq, wk, wv or w_gate, w_up), by name, as float64."""
+    w = getattr(module, module.fused).weight.detach().double()
+    return dict(zip(module.parts, w.split(list(module.parts.values()))))
+
+
 def ref_attn_block(attn, x, base, scale):
     B, T, _ = x.shape
     H, Hkv, d = attn.n_head, attn.n_kv_head, attn.head_dim
-    q = (x @ attn.wq.weight.double().T).view(B, T, H, d).transpose(1, 2)
-    k = (x @ attn.wk.weight.double().T).view(B, T, Hkv, d).transpose(1, 2)
-    v = (x @ attn.wv.weight.double().T).view(B, T, Hkv, d).transpose(1, 2)
+    w = part_weights(attn)
+    q = (x @ w["wq"].T).view(B, T, H, d).transpose(1, 2)
+    k = (x @ w["wk"].T).view(B, T, Hkv, d).transpose(1, 2)
+    v = (x @ w["wv"].T).view(B, T, Hkv, d).transpose(1, 2)
     y = ref_attention(ref_rope(q, base), ref_rope(k, base), v, scale)
     return y.transpose(1, 2).reshape(B, T, H * d) @ attn.wo.weight.double().T
 
@@ -137,8 +144,8 @@ def ref_forward(model: Xmodel, idx, mult: dict):
         h = ref_rms(x, g(b.attn_norm.weight), cfg.norm_eps)
         x = x + ref_attn_block(b.attn, h, cfg.rope_base, mult["attn"]) * mult["residual"]
         h = ref_rms(x, g(b.mlp_norm.weight), cfg.norm_eps)
-        m = b.mlp
-        y = (F.silu(h @ g(m.w_gate.weight).T) * (h @ g(m.w_up.weight).T)) @ g(m.w_down.weight).T
+        m, w = b.mlp, part_weights(b.mlp)
+        y = (F.silu(h @ w["w_gate"].T) * (h @ w["w_up"].T)) @ g(m.w_down.weight).T
         x = x + y * mult["residual"]
     h = ref_rms(x, g(model.norm.weight), cfg.norm_eps)
     return (h @ g(model.output_weight).T) * mult["logit"]
@@ -211,7 +218,11 @@ def test_param_groups_resolved_lrs_for_xmodel25():
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     hidden = {id(p) for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
-    assert {id(p) for p in by["hidden"]["params"]} == hidden and len(hidden) == 48 * 7
+    assert {id(p) for p in by["hidden"]["params"]} == hidden and len(hidden) == 48 * 4  # [q;k;v], o, [gate;up], down
+    # the fused weights' parts, by position in the group: [q; k; v] 1536 + 512 + 512 rows, [gate; up] 2 x 3840
+    params = by["hidden"]["params"]
+    assert [(params[i].shape, rows) for i, rows in by["hidden"]["parts"]] == [
+        ((2560, 1536), [1536, 512, 512]), ((7680, 1536), [3840, 3840])] * 48
     assert [id(p) for p in by["embedding"]["params"]] == [id(model.tok_emb.weight)]
     assert all(p.dim() == 1 for p in by["norm"]["params"]) and len(by["norm"]["params"]) == 48 * 2 + 1
 
@@ -238,12 +249,14 @@ def test_init_stds(use_mup):
         assert emb.std().item() == pytest.approx(0.1, rel=rel(emb))  # n = 256k or 1M: within 0.7% or 0.35%
         assert abs(emb.mean().item()) < 5 * 0.1 / math.sqrt(emb.numel())
         n2d = 0
+        parts = {id(w): rows for w, rows in model.fused_weights()}
         for name, p in model.blocks.named_parameters():
             if p.dim() == 2:
-                n2d += 1
                 out = use_mup and name.endswith(("attn.wo.weight", "mlp.w_down.weight"))
                 want = 0.1 / math.sqrt(2 * cfg.n_layer) if out else want_hidden
-                assert p.std().item() == pytest.approx(want, rel=rel(p)), (hidden, name)
+                for part in p.split(parts.get(id(p), [len(p)])):  # each of q, k, v, gate, up on its own
+                    n2d += 1
+                    assert part.std().item() == pytest.approx(want, rel=rel(part)), (hidden, name)
             else:
                 assert torch.equal(p, torch.ones_like(p)), name
         assert n2d == 7
@@ -302,8 +315,9 @@ def test_gqa_shapes_and_no_repeated_kv(monkeypatch):
     cfg = tiny(n_head=8, n_kv_head=2, hidden=128)  # head dim 16, 4 queries per K/V head
     model = tiny_model(n_head=8, n_kv_head=2, hidden=128)
     a = model.blocks[0].attn
-    assert a.wq.weight.shape == (128, 128) and a.wo.weight.shape == (128, 128)
-    assert a.wk.weight.shape == a.wv.weight.shape == (2 * 16, 128)
+    w = part_weights(a)
+    assert a.wqkv.weight.shape == (128 + 2 * 2 * 16, 128) and a.wo.weight.shape == (128, 128)
+    assert w["wq"].shape == (128, 128) and w["wk"].shape == w["wv"].shape == (2 * 16, 128)
     seen = []
     sdpa = F.scaled_dot_product_attention
 
@@ -323,6 +337,105 @@ def test_gqa_shapes_and_no_repeated_kv(monkeypatch):
     with torch.no_grad():
         model.hidden_states(idx, 0, caches)
     assert caches[0]["k"].shape == caches[0]["v"].shape == (3, 2, 10, 16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused linears: [q; k; v] and [gate; up] against the separate layout they replaced
+
+class LegacyAttention(torch.nn.Module):
+    """Attention as it was before q, k, v were fused (three linears, the old code): the reference below."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim, self.scale = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.attn_scale
+        self.wq = model_mod._linear(cfg, cfg.hidden, cfg.n_head * cfg.head_dim)
+        self.wk = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
+        self.wv = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
+        self.wo = model_mod._linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LegacySwiGLU(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.w_gate = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden)
+        self.w_up = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden)
+        self.w_down = model_mod._linear(cfg, cfg.ffn_hidden, cfg.hidden)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+def legacy_model(cfg) -> Xmodel:
+    """An Xmodel with the separate q/k/v and gate/up linears of old checkpoints (torch's default init)."""
+    model = Xmodel(cfg)
+    for b in model.blocks:
+        b.attn, b.mlp = LegacyAttention(cfg), LegacySwiGLU(cfg)
+    if cfg.fp8:
+        from fp8 import FP8Linear
+        model._fp8_layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    return model
+
+
+def test_fused_linears_equal_the_separate_ones():
+    """The fused model against the old layout with the same weights: loss and every gradient (the fused
+    weights' gradients are the parts' stacked), forward and backward, to fp32 rounding; the weights go from
+    one layout to the other and back exactly."""
+    cfg = tiny()
+    fused, legacy = tiny_model(), legacy_model(cfg)
+    legacy.load_state_dict(model_mod.split_state_dict(fused.state_dict(), cfg))  # strict: every key, both ways
+    back = model_mod.fuse_state_dict(legacy.state_dict(), cfg)
+    sd = fused.state_dict()
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], v) for k, v in sd.items())
+    idx = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(5))
+    losses = [m(idx[:, :-1], idx[:, 1:]) for m in (fused, legacy)]
+    for loss in losses:
+        loss.backward()
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6)
+    grads = model_mod.split_state_dict({n: p.grad for n, p in fused.named_parameters()}, cfg)
+    legacy_grads = {n: p.grad for n, p in legacy.named_parameters()}
+    assert grads.keys() == legacy_grads.keys() and len(grads) == len(fused.state_dict()) + 3 * cfg.n_layer
+    for n, g in legacy_grads.items():
+        assert rel_err(grads[n], g) < 1e-5, n
+
+
+def test_old_checkpoint_with_separate_weights_loads():
+    """An FP8 model of the old layout after two training steps: its state dict loads strictly into the fused
+    model (q/k/v and gate/up concatenated; amax histories merged by max, scales by min, which is what the fused
+    layer would have recorded), the caller's dict is left as it was, and the loaded model computes the same
+    forward in fp32 as the old one would with the merged scales."""
+    from fp8 import FP8_MAX, E4M3, E5M2
+    torch.manual_seed(0)
+    cfg = tiny(fp8=True)
+    legacy = legacy_model(cfg)
+    idx = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(6))
+    for _ in range(2):
+        legacy(idx[:, :-1], idx[:, 1:]).backward()
+        legacy.update_fp8_scales()
+    sd = legacy.state_dict()
+    keys = set(sd)
+    fused = Xmodel(cfg)
+    fused.load_state_dict(sd)  # strict
+    assert set(sd) == keys  # not consumed
+    a, b = legacy.blocks[1].attn, fused.blocks[1].attn
+    assert torch.equal(b.wqkv.weight, torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]))
+    hist = torch.stack([a.wq.amax_history, a.wk.amax_history, a.wv.amax_history])
+    assert len({tuple(h[:, 0].tolist()) for h in hist}) == 3  # the parts did record different amaxes
+    assert torch.equal(b.wqkv.amax_history, hist.amax(0))
+    fmax = torch.tensor([FP8_MAX[E4M3], FP8_MAX[E4M3], FP8_MAX[E5M2]])
+    for m in (b.wqkv, fused.blocks[0].mlp.w_gate_up):
+        assert torch.equal(m.scale, fmax / m.amax_history.amax(1))  # the merged scale is the merged history's
+    assert torch.equal(fused.blocks[0].mlp.w_gate_up.weight,
+                       torch.cat([legacy.blocks[0].mlp.w_gate.weight, legacy.blocks[0].mlp.w_up.weight]))
+    assert model_mod.fuse_state_dict(sd, cfg).keys() == fused.state_dict().keys()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -518,16 +631,16 @@ def test_fp8_sampling_never_reduces_amaxes(monkeypatch):
     model = tiny_model(fp8=True)
     idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
     model(idx[:, :-1], idx[:, 1:]).backward()
-    recorded = model.blocks[0].attn.wq.pending_amax.clone()
+    recorded = model.blocks[0].attn.wqkv.pending_amax.clone()
     calls = []
     monkeypatch.setattr(fp8, "_all_reduce_max", lambda t: calls.append(t) or t)
     model.generate(idx[:, :3], 2)  # training mode, no autograd
     model.eval()
     model(idx[:, :-1], idx[:, 1:])
-    assert calls == [] and torch.equal(model.blocks[0].attn.wq.pending_amax, recorded)
+    assert calls == [] and torch.equal(model.blocks[0].attn.wqkv.pending_amax, recorded)
     model.train()
     model(idx[:, :-1], idx[:, 1:])
-    assert len(calls) == 1 and model.blocks[0].attn.wq.amax_history[:, 0].tolist() == recorded.tolist()
+    assert len(calls) == 1 and model.blocks[0].attn.wqkv.amax_history[:, 0].tolist() == recorded.tolist()
 
 
 @pytest.mark.parametrize("gemm", ["emulate", "triton"])
@@ -564,7 +677,7 @@ def test_fp8_block_compiles_fullgraph_and_records_like_eager(gemm, monkeypatch):
         runs.append(steps)
     for step, (eager, comp) in enumerate(zip(*runs)):
         assert all(torch.equal(a, b) for a, b in zip(eager, comp)), step
-    assert (runs[0][-1][3] != 1).all() and runs[0][0][2].shape == (7, 3)
+    assert (runs[0][-1][3] != 1).all() and runs[0][0][2].shape == (4, 3)
 
 
 def test_act_ckpt_same_loss_and_grads_and_recomputes():

@@ -388,6 +388,137 @@ def test_stacked_update_equals_bf16_reference_exactly():
             assert torch.equal(p.detach(), ref[i]), (step, i)
 
 
+def test_splits_equal_separate_parameters_and_no_splits_equal_stacks():
+    """A fused [q; k; v] weight against q, k, v as separate parameters, two steps, bit for bit (weights and
+    momentum): with splits, each row block is orthogonalized and scaled alone, as separate parameters are;
+    without, the fused weight is one matrix, as the three in one stack are (muon_fused False and True, before
+    and after the model stored them fused)."""
+    parts = make_params(STACK_SHAPES[:3])
+    for splits, stacks in (([[0, [48, 16, 16]]], []), ([], [[0, 1, 2]])):
+        sep = [torch.nn.Parameter(p.detach().clone()) for p in parts]
+        fused = torch.nn.Parameter(torch.cat([p.detach() for p in parts]))
+        opt_sep = Muon([{"params": sep, "stacks": stacks}], lr=0.05, momentum=0.9, weight_decay=0.1)
+        opt_fused = Muon([{"params": [fused], "splits": splits}], lr=0.05, momentum=0.9, weight_decay=0.1)
+        for step in range(2):
+            gs = stacked_grads(step)[:3]
+            for p, g in zip(sep, gs):
+                p.grad = g
+            fused.grad = torch.cat(gs)
+            opt_sep.step()
+            opt_fused.step()
+            assert torch.equal(fused.detach(), torch.cat([p.detach() for p in sep])), (splits, step)
+            assert torch.equal(opt_fused.state[fused]["momentum_buffer"],
+                               torch.cat([opt_sep.state[p]["momentum_buffer"] for p in sep]))
+    assert Muon.pieces([fused], {id(fused): [48, 16, 16]}) == [[(fused, 0, 48)], [(fused, 48, 64)], [(fused, 64, 80)]]
+
+
+def test_splits_are_validated():
+    a, b = (torch.nn.Parameter(torch.zeros(r, 6)) for r in (6, 2))
+    for splits, stacks, msg in (([[0, [4, 3]]], [], "add up to"), ([[0, [6, 0]]], [], "positive"),
+                                ([[2, [1, 1]]], [], "position 0..1"), ([[0, [3, 3]], [0, [6]]], [], "no other split"),
+                                ([[0, [3, 3]]], [[0, 1]], "in no stack")):
+        with pytest.raises(ValueError, match=msg):
+            Muon([{"params": [a, b], "splits": splits, "stacks": stacks}])
+    opt = Muon([{"params": [a, b], "splits": [[0, [3, 3]]]}])
+    sd = opt.state_dict()
+    Muon([{"params": [a, b]}]).load_state_dict(sd)  # the file's splits do not travel: structure is the model's
+    opt.load_state_dict({**sd, "param_groups": [{**sd["param_groups"][0], "splits": []}]})
+    assert opt.param_groups[0]["splits"] == [[0, [3, 3]]]
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_optimizer_state_saved_with_separate_parts_loads_for_fused_weights(kind):
+    """The hidden matrices' optimizer state of a checkpoint from before q/k/v and gate/up were fused (AdamW;
+    Muon with the original's stacks) loads into muon.Optimizers over the fused model: each fused weight's
+    state is its parts' stacked, and the next step equals the separate layout's, bit for bit."""
+    from types import SimpleNamespace
+    import mup
+    from model import ModelConfig
+    cfg = ModelConfig(vocab_size=64, n_layer=2, hidden=32, ffn_hidden=48, n_head=4, n_kv_head=2, max_seq_len=16)
+    tcfg = SimpleNamespace(beta1=0.9, beta2=0.95, adam_eps=1e-8, weight_decay=0.1, muon_momentum=0.95,
+                           muon_ns_steps=5, muon_rms_scale=0.2, zero1=False)
+    torch.manual_seed(0)
+    model = mup.build_model(cfg)
+    groups = mup.param_groups(model, 0.02, 0.01, 0.1)
+    hidden, parts = groups[0], dict((i, rows) for i, rows in groups[0]["parts"])
+    old, members, stacks = [], [], []  # the separate layout, in its parameter order; each fused weight's parts
+    for i, p in enumerate(hidden["params"]):
+        pieces = [torch.nn.Parameter(x.clone()) for x in p.detach().split(parts.get(i, [len(p)]))]
+        stacks += [list(range(len(old), len(old) + len(pieces)))] if len(pieces) > 1 else []
+        members.append(pieces)
+        old += pieces
+    assert len(old) == 7 * 2 and len(hidden["params"]) == 4 * 2
+    old_group = dict(params=old, lr=hidden["lr"], weight_decay=0.1)
+    old_opt = Muon([dict(old_group, stacks=stacks)], momentum=0.95) if kind == "muon" else \
+        torch.optim.AdamW([old_group], betas=(0.9, 0.95), eps=1e-8, fused=True)
+    opts = muon.Optimizers(groups, tcfg, kind)
+    for s in range(3):
+        gs = grads_for([p.shape for p in hidden["params"]], s)
+        for ms, g in zip(members, gs):
+            for q, x in zip(ms, g.split([len(q) for q in ms])):
+                q.grad = x
+        old_opt.step()
+        if s == 1:  # the checkpoint: written by the separate layout after two steps, read by the fused one
+            buf = io.BytesIO()  # through a file, as a checkpoint: the loaded state shares no tensor with old_opt's
+            torch.save({"kind": kind, "rest": opts.rest.state_dict(), "hidden": old_opt.state_dict()}, buf)
+            opts.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+            with torch.no_grad():
+                for p, ms in zip(hidden["params"], members):
+                    p.copy_(torch.cat([q.detach() for q in ms]))
+            for i, (p, ms) in enumerate(zip(hidden["params"], members)):
+                assert opts.hidden.state[p].keys() == old_opt.state[ms[0]].keys()
+                for key, value in opts.hidden.state[p].items():
+                    want = [old_opt.state[q][key] for q in ms]
+                    assert torch.equal(value, torch.cat(want) if value.dim() else want[0]), (i, key)
+        if s == 2:
+            for p, g in zip(hidden["params"], gs):
+                p.grad = g
+            opts.hidden.step()
+    for i, (p, ms) in enumerate(zip(hidden["params"], members)):
+        assert torch.equal(p.detach(), torch.cat([q.detach() for q in ms])), i
+    with pytest.raises(ValueError, match="does not fit"):
+        muon.fuse_saved_parts({"state": {}, "param_groups": [{"params": [0, 1]}]}, [hidden])
+
+
+@pytest.mark.parametrize("max_elements", [muon.NS_BATCH_ELEMENTS, 2 * 32 * 48])
+def test_newton_schulz_runs_one_batched_chain_per_shape(monkeypatch, max_elements):
+    """Two steps over 8 matrices (one split into 32 + 16 + 32 rows; the second group iterates 3 times, not 5):
+    one batched chain per shape and ns_steps (or per NS_BATCH_ELEMENTS-sized chunk of them), and the weights
+    equal per-matrix chains (reference_ns, the unbatched iteration) to within a bf16 rounding of the update:
+    bit for bit on the CPU here (MKL's batched products compute each matrix as its own), a GPU's batched GEMM
+    may sum in another order."""
+    monkeypatch.setattr(muon, "NS_BATCH_ELEMENTS", max_elements)
+    shapes = [(32, 48)] * 4 + [(48, 32)] * 2 + [(80, 48), (24, 24)]
+    params = make_params(shapes, seed=3)
+    lr, mom, wd = 0.05, 0.9, 0.1
+    opt = Muon([{"params": params[:6]}, {"params": params[6:], "splits": [[0, [32, 16, 32]]], "ns_steps": 3}],
+               lr=lr, momentum=mom, weight_decay=wd)
+    calls = []
+    real = muon.zeropower_via_newtonschulz5
+    monkeypatch.setattr(muon, "zeropower_via_newtonschulz5", lambda G, steps=5: calls.append((*G.shape, steps))
+                        or real(G, steps))
+    ref, bufs = [p.detach().clone() for p in params], [torch.zeros(s) for s in shapes]
+    blocks = [[(0, s[0])] for s in shapes[:6]] + [[(0, 32), (32, 48), (48, 80)], [(0, 24)]]  # rows of each piece
+    for step in range(2):
+        gs = grads_for(shapes, step)
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+        for i, (g, steps) in enumerate(zip(gs, [5] * 6 + [3] * 2)):
+            bufs[i] = mom * bufs[i] + g
+            u = g + mom * bufs[i]
+            ref[i] = ref[i] * (1 - lr * wd)
+            for lo, hi in blocks[i]:
+                O = reference_ns(u[lo:hi], steps).float()
+                ref[i][lo:hi] -= O * (lr * 0.2 * math.sqrt(max(hi - lo, u.shape[1])))
+        for i, p in enumerate(params):
+            torch.testing.assert_close(p.detach(), ref[i], rtol=0, atol=lr * 0.2 * math.sqrt(80) * 2 ** -7)
+    # (batch, rows, cols, ns_steps) per step; a chain of at most 2 x 32 x 48 elements takes two (32, 48) matrices
+    first = {(2, 32, 48, 5): 2} if max_elements == 2 * 32 * 48 else {(4, 32, 48, 5): 1}
+    per_step = {**first, (2, 48, 32, 5): 1, (2, 32, 48, 3): 1, (1, 16, 48, 3): 1, (1, 24, 24, 3): 1}
+    assert Counter(calls) == Counter({k: 2 * n for k, n in per_step.items()})
+
+
 def test_stacks_are_validated():
     a, b, c = (torch.nn.Parameter(torch.zeros(r, cols)) for r, cols in ((4, 6), (2, 6), (4, 5)))
     with pytest.raises(ValueError, match="equal column counts"):
@@ -497,19 +628,22 @@ def test_distributed_equals_single_process_and_shards_work(tmp_path):
             assert torch.equal(res["params"][i], p.detach()), (r, i)
             assert torch.equal(res["bufs"][i], opt.state[p]["momentum_buffer"]), (r, i)
         mine = Counter(s for s, o in zip(DIST_SHAPES, owners) if o == r)
-        assert Counter(res["calls"]) == Counter({s: n * DIST_STEPS for s, n in mine.items()}), r
-    assert sum(len(res["calls"]) for res in results) == len(DIST_SHAPES) * DIST_STEPS  # no repeated work
+        # per step one batched chain for each shape the rank owns, over all its matrices of that shape
+        assert Counter(res["calls"]) == Counter({(n, *s): DIST_STEPS for s, n in mine.items()}), r
+    assert sum(c[0] for res in results for c in res["calls"]) == len(DIST_SHAPES) * DIST_STEPS  # no repeated work
 
 
-# Two groups with stacks: units (64, 48) x 2, (48, 32) x 2, (32, 48), (24, 24); each is orthogonalized once.
-STACKED_SHAPES = [(32, 48), (16, 48), (16, 48), (48, 32), (32, 48), (24, 24), (32, 48), (32, 48), (48, 32)]
-STACKED_UNITS = [(64, 48), (48, 32), (32, 48), (24, 24), (64, 48), (48, 32)]
+# Two groups with stacks, and an (80, 48) weight split into blocks of 32, 16, 32 rows: units (64, 48) x 2,
+# (48, 32) x 2, (32, 48) x 3, (24, 24), (16, 48); each is orthogonalized once.
+STACKED_SHAPES = [(32, 48), (16, 48), (16, 48), (48, 32), (32, 48), (24, 24), (32, 48), (32, 48), (48, 32), (80, 48)]
+STACKED_UNITS = [(64, 48), (48, 32), (32, 48), (24, 24), (64, 48), (48, 32), (32, 48), (16, 48), (32, 48)]
 
 
 def run_stacked(steps, shard_state=False, params=None, load=None, first_step=0):
     params = params if params is not None else make_params(STACKED_SHAPES, seed=11)
     opt = Muon([{"params": params[:6], "stacks": [[0, 1, 2]]},
-                {"params": params[6:], "stacks": [[0, 1]], "lr": 0.01, "weight_decay": 0.0}],
+                {"params": params[6:], "stacks": [[0, 1]], "splits": [[3, [32, 16, 32]]], "lr": 0.01,
+                 "weight_decay": 0.0}],
                lr=0.02, momentum=0.95, weight_decay=0.1, shard_state=shard_state)
     if load is not None:
         opt.load_state_dict(load)
@@ -550,8 +684,8 @@ def _stacked_worker(rank, world_size, init_file, out_dir):
 
 
 def test_distributed_with_stacks_equals_single_process(tmp_path):
-    """2 gloo ranks, stacks in both groups: weights bit-identical to one process with and without sharded
-    state; a stack is one unit of work on one rank (each unit orthogonalized once in all, members
+    """2 gloo ranks, stacks in both groups and a split weight: weights bit-identical to one process with and
+    without sharded state; a stack is one unit of work on one rank (each unit orthogonalized once in all, members
     never alone); with shard_state a rank keeps exactly its units' momentum; full_state_dict gathers
     it all and a sharded resume from it continues bit-identically."""
     world = 2
@@ -578,7 +712,8 @@ def test_distributed_with_stacks_equals_single_process(tmp_path):
             assert torch.equal(res["resumed"][i], params[i].detach()), (r, i)
         mine = [i for i, p in enumerate(flat) if owners[p] == r]
         assert res["owned"] == res["owned_after_load"] == mine, r
-        units.update(res["calls"])
+        for n, *shape in res["calls"]:  # a batched chain of n units
+            units[tuple(shape)] += n
     # 2 runs of DIST_STEPS steps and one resumed step: every unit once per step over both ranks
     assert units == Counter({s: n * (2 * DIST_STEPS + 1) for s, n in Counter(STACKED_UNITS).items()})
     assert all(len(res["calls"]) > 0 for res in results)

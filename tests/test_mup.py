@@ -19,7 +19,7 @@ import torch
 import data
 import mup
 import train
-from model import ModelConfig
+from model import ModelConfig, split_state_dict
 import tools
 from tools import coord_check, lr_sweep, proxy, search
 
@@ -69,7 +69,8 @@ def test_model_overrides_are_parsed_and_checked():
 def _plain_forward(model, idx):
     """The decoder recomputed from its weights and the paper's formulas alone (none of model.py's modules,
     multipliers or RoPE code), in float64: {layer type: per-block activations} and the logits."""
-    cfg, W = model.config, {k: v.double() for k, v in model.state_dict().items()}
+    cfg = model.config
+    W = {k: v.double() for k, v in split_state_dict(model.state_dict(), cfg).items()}  # q, k, v, gate, up apart
     T, d, H, Hkv = idx.shape[1], cfg.hidden // cfg.n_head, cfg.n_head, cfg.n_kv_head
     m = cfg.hidden / cfg.base_width                       # width multiplier
     branch = cfg.residual_scale / cfg.n_layer ** 0.5      # residual branch multiplier 1.4 / sqrt(L)
@@ -307,10 +308,11 @@ def test_init_stds_per_init_out(use_mup, init_out):
     hidden = 0.1 / math.sqrt(2) if use_mup else 0.1
     out = 0.1 / math.sqrt(8) if use_mup and init_out == "depth" else hidden
     seen = set()
-    for name, p in model.blocks.named_parameters():
+    blocks = {k: v for k, v in model.named_parameters() if k.startswith("blocks.")}
+    for name, p in split_state_dict(blocks, cfg).items():  # q, k, v, gate, up apart
         if p.dim() != 2:
             continue
-        kind = name.split(".", 1)[1]
+        kind = name.split(".", 2)[2]
         want = out if kind in ("attn.wo.weight", "mlp.w_down.weight") else hidden
         n = p.numel()
         assert n >= 65536
@@ -320,23 +322,28 @@ def test_init_stds_per_init_out(use_mup, init_out):
     assert len(seen) == 7
 
 
-def test_hidden_group_stacks_are_the_originals_fused_weights():
-    """muon_fused: the hidden group's stacks are [q; k; v] and [gate; up] of every block, i.e. the original's
-    linear_qkv (2560 x 1536) and linear_fc1 (7680 x 1536) at 1.3B; muon_fused=False: none. Muon takes the
-    group as it is, and a stack's members share one owner rank."""
+def test_hidden_group_parts_are_the_fused_weights_and_splits_follow_muon_fused():
+    """The model's fused weights are the original's linear_qkv (2560 x 1536 at 1.3B) and linear_fc1
+    (7680 x 1536); the hidden group's "parts" name them with their parts' rows. muon_fused (default): no
+    splits, each is one Muon unit; muon_fused=False: every part is orthogonalized alone, and a fused weight's
+    blocks share one owner rank (its momentum is one tensor)."""
     from muon import Muon
     model = mup.build_model(ModelConfig(), device="meta")
     g = mup.param_groups(model, 0.01, 0.01, 0.1)[0]
-    assert g["name"] == "hidden" and len(g["stacks"]) == 2 * 48
-    for b, (qkv, fc1) in zip(model.blocks, zip(g["stacks"][0::2], g["stacks"][1::2])):
-        assert [g["params"][i] for i in qkv] == [b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight]
-        assert [g["params"][i] for i in fc1] == [b.mlp.w_gate.weight, b.mlp.w_up.weight]
-        assert (sum(g["params"][i].shape[0] for i in qkv), g["params"][qkv[0]].shape[1]) == (2560, 1536)
-        assert (sum(g["params"][i].shape[0] for i in fc1), g["params"][fc1[0]].shape[1]) == (7680, 1536)
+    assert g["name"] == "hidden" and len(g["params"]) == 4 * 48 and len(g["parts"]) == 2 * 48
+    for b, (qkv, fc1) in zip(model.blocks, zip(g["parts"][0::2], g["parts"][1::2])):
+        assert g["params"][qkv[0]] is b.attn.wqkv.weight and qkv[1] == [1536, 512, 512]
+        assert g["params"][fc1[0]] is b.mlp.w_gate_up.weight and fc1[1] == [3840, 3840]
+        assert b.attn.wqkv.weight.shape == (2560, 1536) and b.mlp.w_gate_up.weight.shape == (7680, 1536)
+    assert g["splits"] == []
     opt = Muon([dict(g)])
-    assert opt.param_groups[0]["stacks"] == g["stacks"]
-    owners = opt.owners(4)
-    assert all(len({owners[g["params"][i]] for i in s}) == 1 for s in g["stacks"])
-    assert sorted(len(u) for u in Muon.units(opt.param_groups[0])) == [1] * 96 + [2] * 48 + [3] * 48
+    assert sorted(len(u) for u in Muon.units(opt.param_groups[0])) == [1] * 192
     unfused = mup.build_model(ModelConfig(muon_fused=False), device="meta")
-    assert mup.param_groups(unfused, 0.01, 0.01, 0.1)[0]["stacks"] == []
+    g = mup.param_groups(unfused, 0.01, 0.01, 0.1)[0]
+    assert g["splits"] == g["parts"]
+    opt = Muon([dict(g)])
+    assert opt.param_groups[0]["splits"] == g["parts"]
+    split_of = {id(g["params"][i]): rows for i, rows in g["splits"]}
+    pieces = [pc for u in Muon.units(opt.param_groups[0]) for pc in Muon.pieces(u, split_of)]
+    assert len(pieces) == 7 * 48 and sorted({(hi - lo, p.shape[1]) for (p, lo, hi), in pieces}) == [
+        (512, 1536), (1536, 1536), (1536, 3840), (3840, 1536)]

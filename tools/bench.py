@@ -15,7 +15,8 @@ and reports:
                     [--device auto|cpu|cuda] [--steps 5] [--compile] [--optimizer adamw|muon] [--json] [--peer]
                     [--repeats 2]
     python -m tools.bench scaling configs/proxy20m.py  # tokens/s and peak memory vs sequence length and width
-    python -m tools.bench muon configs/xmodel25.py     # Newton-Schulz FLOPs vs the step's; Muon vs AdamW step time
+    python -m tools.bench muon configs/xmodel25.py     # Newton-Schulz FLOPs vs the step's; Muon vs AdamW step time;
+                                                       # Newton-Schulz per matrix vs batched per shape
     python -m tools.bench fp8 configs/xmodel25.py      # FP8 vs bf16 GEMM TFLOP/s at the config's layer shapes (CUDA)
 
 --device and --dtype default to auto (runtime.resolve_machine: CUDA, else MPS, else CPU; bf16 where native).
@@ -45,7 +46,7 @@ import muon
 import mup
 import runtime
 import train
-from model import Block, ModelConfig, Xmodel
+from model import ModelConfig, Xmodel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,30 +306,36 @@ def layer_shapes(mcfg: ModelConfig) -> list[tuple[str, int, int]]:
 
 
 def hidden_matrix_shapes(mcfg: ModelConfig) -> list[tuple[int, int]]:
-    """[rows, cols] of every 2-D hidden matrix of the model (what Muon updates), all layers."""
+    """[rows, cols] of every matrix Muon orthogonalizes, all layers: the blocks' 2-D weights, the fused
+    [q; k; v] and [gate; up] each one matrix, or under muon_fused=False each of their parts alone."""
     with torch.device("meta"):
-        block = Block(dataclasses.replace(mcfg, fp8=False))
-    return [tuple(p.shape) for p in block.parameters() if p.dim() == 2] * mcfg.n_layer
+        model = Xmodel(dataclasses.replace(mcfg, fp8=False, n_layer=1))
+    split = {} if mcfg.muon_fused else {id(w): rows for w, rows in model.fused_weights()}
+    return [(rows, p.shape[1]) for p in model.blocks.parameters() if p.dim() == 2
+            for rows in split.get(id(p), [p.shape[0]])] * mcfg.n_layer
 
 
 def muon_cost(args) -> dict:
     """Newton-Schulz FLOPs per optimizer step of the config's decay phase against its 6 N T (+ causal
-    attention), and the measured Muon vs fused-AdamW step time on the config's hidden matrices."""
+    attention), the measured Muon vs fused-AdamW step time on the config's hidden matrices, and Newton-Schulz
+    alone per matrix vs batched per shape (newton_schulz_times)."""
     conf = train.load_config([args.config])
     mcfg, tcfg = conf["model"], conf["train"]
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = hidden_matrix_shapes(mcfg)
     decay = next((p for p in tcfg.phases if p["optimizer"] == "muon"), tcfg.phases[-1])
     tokens, T = decay["batch"] * decay["seq_len"], decay["seq_len"]
     with torch.device("meta"):
         model = Xmodel(mcfg)
-    ns = sum(muon.newton_schulz_flops(r, c) for r, c in shapes)
+    ns_flops = sum(muon.newton_schulz_flops(r, c) for r, c in shapes)
     dense = 6 * model.num_params() * tokens
     with_attn = model.flops_per_token(T) * tokens
     print(f"{os.path.basename(args.config)} ({decay['name']}: {decay['batch']} x {T} tokens): Newton-Schulz "
-          f"{ns:.3e} FLOPs/step (all matrices, one device); 6NT {dense:.3e} -> {100 * ns / dense:.3f}%; model "
-          f"FLOPs with attention {with_attn:.3e} -> {100 * ns / with_attn:.3f}%. Over R data-parallel ranks each "
-          f"pays 1/R of it.")
+          f"{ns_flops:.3e} FLOPs/step (all matrices, one device); 6NT {dense:.3e} -> {100 * ns_flops / dense:.3f}%; "
+          f"model FLOPs with attention {with_attn:.3e} -> {100 * ns_flops / with_attn:.3f}%. Over R data-parallel "
+          f"ranks each pays 1/R of it.")
 
     def time_steps(make_opt):
         torch.manual_seed(0)
@@ -344,14 +351,49 @@ def muon_cost(args) -> dict:
         synchronize(device)
         return (time.perf_counter() - t0) / args.steps
 
+    ns = newton_schulz_times(shapes, device, args.steps)
     t_muon = time_steps(lambda ps: muon.Muon(ps, lr=1e-3, weight_decay=0.1))
     t_adamw = time_steps(lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                                                       fused=device.type in ("cpu", "cuda")))
     n = sum(r * c for r, c in shapes)
     print(f"hidden matrices ({len(shapes)}, {n / 1e6:.2f}M params, {device}, {torch.get_num_threads()} threads): "
           f"Muon step {1e3 * t_muon:.2f} ms, fused AdamW step {1e3 * t_adamw:.2f} ms")
-    return dict(ns_flops=ns, params=model.num_params(), dense_flops=dense, model_flops=with_attn, ns_share=ns / dense,
-                muon_step_ms=1e3 * t_muon, adamw_step_ms=1e3 * t_adamw, matrices=len(shapes), device=device.type)
+    print(f"Newton-Schulz alone: one chain per matrix ({len(shapes)}) {ns['ns_per_matrix_ms']:.2f} ms, one batched "
+          f"chain per shape ({ns['ns_chains']}) {ns['ns_batched_ms']:.2f} ms "
+          f"(x{ns['ns_per_matrix_ms'] / ns['ns_batched_ms']:.2f})")
+    return dict(ns_flops=ns_flops, params=model.num_params(), dense_flops=dense, model_flops=with_attn,
+                ns_share=ns_flops / dense, muon_step_ms=1e3 * t_muon, adamw_step_ms=1e3 * t_adamw, matrices=len(shapes),
+                device=device.type, **ns)
+
+
+def newton_schulz_times(shapes, device, steps) -> dict:
+    """Milliseconds of muon.zeropower_via_newtonschulz5 over matrices of `shapes`, the median of `steps` repeats after
+    one warm-up: one chain per matrix (as Muon ran before batching) against one batched chain per shape (Muon's
+    now: the matrices copied into one bf16 batch, the copy included)."""
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(r, c, generator=gen).to(device) for r, c in shapes]
+    by_shape = {}
+    for m in mats:
+        by_shape.setdefault(tuple(m.shape), []).append(m)
+
+    def per_matrix():
+        for m in mats:
+            muon.zeropower_via_newtonschulz5(m)
+
+    def batched():
+        for ms in by_shape.values():
+            muon.zeropower_via_newtonschulz5(torch.stack([m.bfloat16() for m in ms]))
+
+    times = {"ns_per_matrix_ms": [], "ns_batched_ms": []}
+    per_matrix(), batched()  # warm-up
+    for _ in range(steps):  # alternating, so that both see the same load on a shared machine
+        for name, fn in (("ns_per_matrix_ms", per_matrix), ("ns_batched_ms", batched)):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return dict({k: statistics.median(v) for k, v in times.items()}, ns_chains=len(by_shape))
 
 
 def fp8_gemm_rows(mcfg: ModelConfig, tokens: int, device: torch.device, ms_of) -> list[dict]:

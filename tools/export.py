@@ -20,7 +20,9 @@ them multiplies the output of a linear map, so it can be moved *into* that map's
                                                                          and the output projection now
                                                                          carry different multipliers)
 
-RMSNorm gains, k_proj, v_proj, gate_proj and up_proj are copied as they are. Folding is done in float64
+Our fused [q; k; v] and [gate; up] weights (model.fused_parts) are written apart, as Llama's q_proj, k_proj,
+v_proj and gate_proj, up_proj, and concatenated again on import. RMSNorm gains, k_proj, v_proj, gate_proj and
+up_proj are copied as they are. Folding is done in float64
 and rounded once to the export dtype. RoPE needs no permutation of q/k (our `apply_rope` pairs x[i]
 with x[i + d/2], Llama's `rotate_half`).
 
@@ -64,7 +66,7 @@ import torch
 import data
 import runtime
 import tools
-from model import ModelConfig, Xmodel
+from model import ModelConfig, Xmodel, fuse_state_dict, split_state_dict
 
 EXPORT_FORMAT = "xmodel25-hf-export-v1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,7 +87,8 @@ def multipliers(cfg: ModelConfig) -> dict:
 
 
 def name_map(cfg: ModelConfig) -> list[tuple[str, str, str]]:
-    """(our state_dict key, Llama key, multiplier name or "") for every exported tensor except lm_head."""
+    """(our state_dict key, Llama key, multiplier name or "") for every exported tensor except lm_head; the
+    keys of the fused weights' parts are those of `split_state_dict`."""
     rows = [("tok_emb.weight", "model.embed_tokens.weight", "embed_tokens")]
     for i in range(cfg.n_layer):
         o, h = f"blocks.{i}.", f"model.layers.{i}."
@@ -256,7 +259,7 @@ def checked_state_dict(ckpt: dict, where: str) -> tuple[ModelConfig, dict]:
         cfg = ModelConfig(**ckpt["model_config"])
     except TypeError as e:
         raise ValueError(f"{where}: model_config does not fit this ModelConfig ({e})") from None
-    sd = ckpt["model"]
+    sd = fuse_state_dict(ckpt["model"], cfg)  # a checkpoint from before q/k/v and gate/up were fused too
     with torch.device("meta"):
         expect = Xmodel(cfg).state_dict()
     missing = [k for k in expect if k not in sd]
@@ -299,7 +302,7 @@ def llama_config(cfg: ModelConfig, dtype: str, ids: dict, max_positions: int) ->
 
 def export_tensors(cfg: ModelConfig, sd: dict, dtype: torch.dtype) -> dict:
     """Our state dict -> Llama tensors with the multipliers folded in."""
-    mult = multipliers(cfg)
+    mult, sd = multipliers(cfg), split_state_dict(sd, cfg)
     out = {hf: fold(sd[ours].detach().cpu(), mult[m] if m else 1.0, dtype) for ours, hf, m in name_map(cfg)}
     head = sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
     out["lm_head.weight"] = fold(head.detach().cpu(), mult["lm_head"], dtype)
@@ -454,7 +457,7 @@ def import_hf(path: str, overrides: dict | None = None) -> tuple[ModelConfig, di
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"]  # a tied Llama stores one tensor
     rows = name_map(cfg) + [("lm_head.weight", "lm_head.weight", "lm_head")]
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Xmodel(cfg).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in split_state_dict(Xmodel(cfg).state_dict(), cfg).items()}
     shapes["lm_head.weight"] = shapes["tok_emb.weight"]
     missing = [h for _, h, _ in rows if h not in hf]
     extra = sorted(set(hf) - {h for _, h, _ in rows})
@@ -472,6 +475,7 @@ def import_hf(path: str, overrides: dict | None = None) -> tuple[ModelConfig, di
                                                     hf["lm_head.weight"], mult["lm_head"])
     else:
         sd["lm_head.weight"] = unfold(hf["lm_head.weight"], mult["lm_head"])
+    sd = fuse_state_dict(sd, cfg)
     meta = meta or {}
     info = {"step": meta.get("step", 0), "tokens": meta.get("tokens", 0), "tokenizer": meta.get("tokenizer"),
             "train_config": meta.get("train_config"), "inexact": inexact}

@@ -1,7 +1,7 @@
 """Ready for the GPU: one script that checks, on a GPU machine, what the CPU cannot.
 
-    python -m tools.gpu_check --out DIR [--sections sm90,kernel,gemm,train,ns,dist] [--device auto] [--dtype auto]
-                              [--layers N] [--steps 4]
+    python -m tools.gpu_check --out DIR [--sections sm90,kernel,gemm,train,ns,dist,fixed] [--device auto]
+                              [--dtype auto] [--layers N] [--steps 4] [--fixed_steps 20]
 
 writes DIR/gpu_check.json and DIR/gpu_check.md (rewritten after every section, so a run cut short still
 leaves what it measured). The sections, each time-boxed, each recording device, versions and the command
@@ -23,9 +23,14 @@ that reruns it; a failure in one is recorded and the next one runs:
             peak, peak memory, and the losses of the same steps on the same synthetic batches, finite and
             equal within FP8 tolerance
     ns      the Newton-Schulz step (muon.zeropower_via_newtonschulz5) at every 1.3B hidden-matrix shape:
-            ms, TFLOP/s, and the whole Muon orthogonalization per step on one device
+            ms, TFLOP/s, and the whole Muon orthogonalization per step on one device, one matrix at a time
+            and batched by shape (as Muon runs it)
     dist    torchrun with one process: a DDP step (nccl) against the same step without DDP, and the FP8
             amax all-reduce (MAX) of fp8.FP8Linear's statistics
+    fixed   FP8 vs bf16 memorizing ONE fixed batch at the recipe's peak LR (no warmup), xmodel25's width,
+            compiled, micro-batches 4 and 8 x 3712, --fixed_steps steps from the same init: the per-step losses
+            within FIXED_BATCH_RTOL of each other, both falling below FIXED_BATCH_DROP x the first, neither
+            climbing back (the scales' delayed-scaling lag under the fastest change training sees)
 
 Without CUDA the same sequence runs at tiny shapes on the CPU, so tests/test_gpu_check.py proves the script
 in CI: sm90 exactly as on the GPU, the kernel under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors),
@@ -49,8 +54,9 @@ import warnings
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist")
-TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 120, "train": 240, "ns": 30, "dist": 60}  # s; expected ~5 min on an H100
+SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist", "fixed")
+# s; expected ~5 min on an H100 without "fixed" (last, so that the --budget_s cut falls on it: run it on its own)
+TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 120, "train": 240, "ns": 30, "dist": 60, "fixed": 300}
 # fast accumulation on Hopper: errors up to 2^10 x the fp32 bound, as if its accumulator kept ~14 of fp32's
 # 24 mantissa bits (DeepSeek-V3's measurement); exactly the fp32 bound wherever accumulation is fp32
 FAST_ACCUM_SLACK = 2.0 ** 10
@@ -59,6 +65,14 @@ FAST_ACCUM_SLACK = 2.0 ** 10
 # a few 1e-3 apart early drift to a few 1e-2 apart by step 6 (seen on an H200); a broken FP8 backward (all
 # gradients 0, seen there too) moves the mean by ~20%.
 FP8_LOSS_RTOL = 0.02
+# The fixed-batch check (section "fixed"): on one batch the loss falls smoothly, so FP8 is held to bf16 at every
+# step. Measured on a CPU only (emulated GEMM; tests/test_fp8.py, test_fp8_follows_bf16_on_a_fixed_batch_at_the_
+# peak_lr): at most 0.0022 apart per step at width 96, 0.0012 at this section's tiny shape; the band is 0.02, as
+# FP8_LOSS_RTOL, for the H200's fast-accumulating forward. In 20 steps the tiny shape reaches 0.49-0.56 of its
+# first loss; 0.75 asks for a clear fall without guessing the 1.3B model's speed (its numbers are recorded).
+FIXED_BATCH_RTOL = 0.02
+FIXED_BATCH_DROP = 0.75
+FIXED_MICRO_BATCHES = (4, 8)
 
 
 class SectionTimeout(Exception):
@@ -433,14 +447,21 @@ def ns(device, args, rec):
     from tools.bench import hidden_matrix_shapes
     mcfg, _ = shapes_config(device)
     shapes = hidden_matrix_shapes(mcfg)
-    rows, total_ms = rec.setdefault("results", []), 0.0
+    rows, total_ms, batched_ms = rec.setdefault("results", []), 0.0, 0.0
     for shape in sorted(set(shapes)):
         G = torch.randn(*shape, device=device)
         ms = bench_ms(lambda: muon.zeropower_via_newtonschulz5(G), device)
         count = shapes.count(shape)
-        total_ms += ms * count
-        rows.append(dict(shape=list(shape), count=count, ms=ms, tflops=muon.newton_schulz_flops(*shape) / ms / 1e9))
-    rec.update(matrices=len(shapes), ms_per_step_one_device=total_ms,
+        # as Muon runs them: all matrices of the shape in batched chains of at most NS_BATCH_ELEMENTS elements
+        per_chain = max(1, muon.NS_BATCH_ELEMENTS // math.prod(shape))
+        Gs = torch.randn(count, *shape, device=device, dtype=torch.bfloat16)
+        b_ms = bench_ms(lambda: [muon.zeropower_via_newtonschulz5(Gs[i:i + per_chain])
+                                 for i in range(0, count, per_chain)], device)
+        total_ms, batched_ms = total_ms + ms * count, batched_ms + b_ms
+        flops = muon.newton_schulz_flops(*shape)
+        rows.append(dict(shape=list(shape), count=count, ms=ms, tflops=flops / ms / 1e9, batched_ms=b_ms,
+                         batched_tflops=count * flops / b_ms / 1e9))
+    rec.update(matrices=len(shapes), ms_per_step_one_device=total_ms, batched_ms_per_step_one_device=batched_ms,
                flops_per_step=sum(muon.newton_schulz_flops(*s) for s in shapes))
 
 
@@ -482,7 +503,7 @@ def dist_worker(args):
     out["amax_all_reduce_equal"] = bool(torch.equal(reduced, recorded * dist.get_world_size()))
     out["amax_layers"] = recorded.shape[0]
     ref.update_fp8_scales()
-    out["amax_local"] = ref.blocks[0].attn.wq.amax_history[:, 0].tolist()
+    out["amax_local"] = ref.blocks[0].attn.wqkv.amax_history[:, 0].tolist()
     dist.barrier()
     if rank == 0:
         with open(os.path.join(args.out, "dist_worker.json"), "w") as f:
@@ -508,7 +529,96 @@ def dist_section(device, args, rec):
         raise AssertionError("the amax all-reduce (MAX over every layer's amaxes) did not return the expected maxima")
 
 
-RUNNERS = {"sm90": sm90, "kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "dist": dist_section}
+# ----------------------------------------------------------------------------------------------------
+# fixed: FP8 vs bf16 on one fixed batch at the peak LR
+
+def fixed_batch_losses(cfg, tcfg, batch, device, autocast, steps, compiled) -> list[float]:
+    """The losses of `steps` training steps on `batch`, as the trainer takes them at the peak LR (μP groups, fused
+    AdamW, gradients clipped at grad_clip, update_fp8_scales after each backward), from seed 0's init."""
+    import muon
+    import mup
+    torch.manual_seed(0)
+    model = mup.build_model(cfg, device)
+    if compiled:
+        model.compile_for_training()
+    opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
+    losses = []
+    for _ in range(steps):
+        with autocast:
+            loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        model.update_fp8_scales()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opts.step()
+        opts.zero_grad()
+        losses.append(loss.detach())  # read at the end: no host sync per step
+    return [float(x) for x in losses]
+
+
+def fixed_section(device, args, rec):
+    """FP8 (the config's GEMM) against bf16 on one fixed batch of random tokens per micro-batch size, same init:
+    every step within FIXED_BATCH_RTOL, both below FIXED_BATCH_DROP x the first loss at the end, no step more
+    than 5% of the first loss above the one before. A run that fails to compile is repeated eagerly."""
+    import dataclasses
+    import train
+    mcfg, run = shapes_config(device)
+    tcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["train"]
+    T, cuda = run["seq_len"], device.type == "cuda"
+    big = dict(run, micro_batch=max(FIXED_MICRO_BATCHES))
+    n_layer = args.layers or (fit_layers(mcfg, big, device) if cuda else mcfg.n_layer)
+    compile_ = args.compile == "on" or (args.compile == "auto" and cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    rec.update(n_layer=n_layer, hidden=mcfg.hidden, seq_len=T, steps=args.fixed_steps, compiled=compile_,
+               dtype=args.dtype, lr=tcfg.lr, emb_lr=tcfg.emb_lr, rtol=FIXED_BATCH_RTOL, drop=FIXED_BATCH_DROP)
+    rows = rec.setdefault("results", [])
+    for B in FIXED_MICRO_BATCHES:
+        batch = torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(B)).to(device)
+        row = dict(micro_batch=B, losses={})
+        rows.append(row)
+        for label, over in (("bf16", dict(fp8=False)), ("fp8", dict(fp8=True))):
+            cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
+            for compiled in ((True, False) if compile_ else (False,)):
+                try:
+                    row["losses"][label] = fixed_batch_losses(cfg, tcfg, batch, device, autocast, args.fixed_steps,
+                                                              compiled)
+                    row[label + "_compiled"] = compiled
+                    break
+                except SectionTimeout:
+                    raise
+                except Exception as e:
+                    row[f"{label}_{'compile_' if compiled else ''}error"] = f"{type(e).__name__}: {e}"[:500]
+                finally:
+                    if compiled:
+                        torch._dynamo.reset()
+                    gc.collect()
+                    if cuda:
+                        torch.cuda.empty_cache()
+        row.update(judge_fixed(row["losses"]))
+    bad = [r["micro_batch"] for r in rows if r["status"] != "ok"]
+    if bad:
+        raise AssertionError(f"fixed batch: FP8 does not follow bf16 at micro-batch {bad}: "
+                             + "; ".join(r["problem"] for r in rows if r["status"] != "ok"))
+
+
+def judge_fixed(losses: dict) -> dict:
+    """Status and figures of one micro-batch size's bf16 and fp8 loss curves (fixed_section's criteria)."""
+    if set(losses) != {"bf16", "fp8"}:
+        return dict(status="failed", problem="a run did not finish")
+    ref, got = losses["bf16"], losses["fp8"]
+    out = dict(max_rel_diff=max(abs(b - a) / abs(a) for a, b in zip(ref, got)),
+               final_over_first={k: v[-1] / v[0] for k, v in losses.items()})
+    problems = [f"{k} loss not finite" for k, v in losses.items() if not all(map(math.isfinite, v))]
+    problems += [f"{k} {v[0]:.3f} -> {v[-1]:.3f} is not below {FIXED_BATCH_DROP} of the first"
+                 for k, v in losses.items() if not v[-1] < FIXED_BATCH_DROP * v[0]]
+    problems += [f"{k} climbs back at step {i + 1}" for k, v in losses.items() for i in range(len(v) - 1)
+                 if v[i + 1] > v[i] + 0.05 * v[0]][:2]
+    if not out["max_rel_diff"] <= FIXED_BATCH_RTOL:
+        problems.append(f"a step {out['max_rel_diff']:.3g} apart > {FIXED_BATCH_RTOL}")
+    return dict(out, status="failed" if problems else "ok", **({"problem": ", ".join(problems)} if problems else {}))
+
+
+RUNNERS = {"sm90": sm90, "kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "dist": dist_section,
+           "fixed": fixed_section}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -587,10 +697,15 @@ def summary(r: dict) -> str:
             + (f" MFU {100 * v['mfu']:.1f}%" if v.get("mfu") else "")
             for k, v in r.get("runs", {}).items())
     if s == "ns":
-        return f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices"
+        return (f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices one "
+                f"by one, {r.get('batched_ms_per_step_one_device', float('nan')):.1f} ms batched by shape")
     if s == "dist":
         return (f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal "
                 f"{r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)")
+    if s == "fixed":
+        return f"{r.get('n_layer')} layers x {r.get('hidden')}, {r.get('steps')} steps: " + "; ".join(
+            f"micro-batch {x['micro_batch']} {x['status']}" + (f", steps <= {x['max_rel_diff']:.2g} apart"
+                                                               if "max_rel_diff" in x else "") for x in res)
     return ""
 
 
@@ -621,6 +736,11 @@ def details(r: dict) -> tuple[list, list]:
                   " / ".join(num(v["profile"]["ms"][c], ".1f") for c in ("gemm", "attention", "other"))
                   if v.get("profile") else "-"]
                  for k, v in r.get("runs", {}).items()])
+    if s == "fixed":
+        return (["micro-batch", "status", "first loss", "bf16 last / first", "fp8 last / first", "max step diff"],
+                [[x["micro_batch"], x["status"], num(x["losses"].get("bf16", [None])[0], ".4g"),
+                  *(num(x.get("final_over_first", {}).get(k), ".3f") for k in ("bf16", "fp8")),
+                  num(x.get("max_rel_diff"), ".2g")] for x in res])
     return [], []
 
 
@@ -644,9 +764,10 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="train section: layers (default: as many as fit)")
     p.add_argument("--steps", type=int, default=None, help="train section: timed steps after two warm-up steps "
                    "(default 4 on CUDA, 1 on the CPU)")
+    p.add_argument("--fixed_steps", type=int, default=20, help="fixed section: steps on the fixed batch")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="train section: torch.compile the models (auto: on CUDA); a run that fails to compile "
-                   "is measured again eagerly")
+                   help="train and fixed sections: torch.compile the models (auto: on CUDA); a run that fails to "
+                   "compile is measured again eagerly")
     p.add_argument("--time_scale", type=float, default=1.0, help="multiplies every section's time box")
     p.add_argument("--budget_s", type=float, default=540, help="seconds for the whole check: a section gets "
                    "at most what is left, and one that would get under 5 s is skipped (a shared GPU machine's command "
