@@ -55,7 +55,7 @@ class ModelConfig:
     output_scale: float = 1.0     # logits multiplier, divided by m
     residual_scale: float = 1.4   # residual branch multiplier, divided by sqrt(n_layer)
     init_std: float = 0.1         # embedding std; hidden matrices get init_std / sqrt(m) under μP
-    # the original's choice (default) or the μP-pure one; README "Recipe fidelity" has the argument
+    # the original's choice (default) or the μP-pure one; docs/MUP.md "Recipe fidelity" argues it
     muon_fused: bool = True       # Muon orthogonalizes [q;k;v] and [gate;up] as one matrix each, as the original
     norm_lr: str = "hidden"       # norm weights' LR: "hidden" (lr/m, as the original) | "embedding" (emb_lr, μP)
     init_out: str = "depth"       # attn-out/MLP-down std: "depth" (init_std/sqrt(2 n_layer), original) | "mup" (/sqrt(m))

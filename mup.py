@@ -29,7 +29,7 @@ Two rows follow the original (a Megatron fork) rather than μP's textbook, each 
   μP wants init_std/sqrt(m) for every hidden matrix (init_out="mup"; 0.041 at 1.3B): a fixed std makes
   a branch's output at init grow like sqrt(width), so strictly it does not transfer. The two agree at
   m = 2 n_layer (width 24,576 for 48 layers); below that the depth init is the smaller one, and after a
-  few steps the update term, which μP does keep width-independent, may dominate it. README "Recipe
+  few steps the update term, which μP does keep width-independent, may dominate it. docs/MUP.md "Recipe
   fidelity" has the measurement. With init_out="mup" the depth dependence comes from the residual
   multiplier alone.
 

@@ -82,7 +82,7 @@ class TrainConfig:
     data_cache: str = ""               # where raw text and the default corpus are prepared ("" = data.py's default)
     mixtures: dict = field(default_factory=lambda: {"stable": {"prose": 0.5, "code": 0.5}})  # {name: {source: weight}}
     eval_mix: str = "stable"           # the mixture held-out loss is measured on
-    phases: list = field(default_factory=list)  # the curriculum: a list of phase dicts (see the README)
+    phases: list = field(default_factory=list)  # the curriculum: a list of phase dicts (docs/CONFIG.md)
     # logging, evaluation, checkpoints
     log_interval: int = 10             # steps per logged row (loss = mean over the steps in the interval)
     log_to: list = field(default_factory=lambda: ["jsonl"])  # jsonl (always) and any of tensorboard, wandb
