@@ -20,7 +20,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert r["status"] == "ok", (r["section"], r.get("error"))
         assert r["versions"]["torch"] and r["device"] == "cpu" and f"--sections {r['section']}" in r["command"]
         assert f"| {r['section']} | ok |" in md
-    sm90, kernel, gemm, train, ns, dist, fixed = saved["sections"]
+    sm90, kernel, gemm, train, ns, dist, fixed, trainer = saved["sections"]
     # the Triton kernel compiled for Hopper from this CPU: every config the autotuner would try, per GEMM
     import fp8
     tried = [(r["gemm"], r["config"]) for r in sm90["results"]]
@@ -78,6 +78,14 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert x["losses"]["bf16"] != x["losses"]["fp8"] and 0 < x["max_rel_diff"] <= gpu_check.FIXED_BATCH_RTOL
         assert all(v < gpu_check.FIXED_BATCH_DROP for v in x["final_over_first"].values())
     assert md.count("| 4 | ok |") == 1 and "micro-batch 8 ok" in md
+    # the real train.py under torchrun through every phase kind; stopped and resumed = uninterrupted, bit for bit
+    phases = gpu_check.TRAINER_PHASES["cpu"]
+    assert trainer["steps"] == sum(p[1] for p in phases) and trainer["resume_max_loss_diff"] == 0.0
+    assert [(x["phase"], x["steps"], x["seq_len"]) for x in trainer["results"]] == [(p[0], p[1], p[3]) for p in phases]
+    assert [x["optimizer"] for x in trainer["results"]] == ["adamw"] * 3 + ["muon"] * 4  # the switch at the decay
+    assert all(x["tokens_per_s"] > 0 and x["mfu"] is None for x in trainer["results"])  # MFU: on CUDA only
+    assert set(trainer["launches"]) == {"whole", "stopped", "resumed"} and trainer["checkpoint_read_s"] >= 0
+    assert "| long16k | 1 | 2 x 128 | muon |" in md
 
 
 def test_a_failing_or_overrunning_section_is_recorded_and_the_rest_run(tmp_path, monkeypatch):

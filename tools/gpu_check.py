@@ -31,12 +31,16 @@ that reruns it; a failure in one is recorded and the next one runs:
             compiled, micro-batches 4 and 8 x 3712, --fixed_steps steps from the same init: the per-step losses
             within FIXED_BATCH_RTOL of each other, both falling below FIXED_BATCH_DROP x the first, neither
             climbing back (the scales' delayed-scaling lag under the fastest change training sees)
+    trainer the real train.py under torchrun --standalone on the embedded corpus: xmodel25 (FP8, compiled)
+            through every phase kind in 18 steps (warmup, stable, the batch doubling, the decay with the switch to
+            Muon, 8k and 16k context), uninterrupted and stopped + resumed: per-phase tokens/s and MFU from the
+            runs' metrics, the resumed losses against the uninterrupted ones, launch and checkpoint-read seconds
 
 Without CUDA the same sequence runs at tiny shapes on the CPU, so tests/test_gpu_check.py proves the script
 in CI: sm90 exactly as on the GPU, the kernel under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors),
 torch._scaled_mm where the CPU build has it (else recorded as unavailable), FP8 emulated in training, no
 compile, gloo instead of nccl.
-Synthetic token batches only: no tokenizer, no data, no package index needed.
+Synthetic token batches everywhere but the trainer section (the embedded corpus, which needs no download).
 """
 import argparse
 import gc
@@ -54,9 +58,10 @@ import warnings
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist", "fixed")
-# s; expected ~5 min on an H100 without "fixed" (last, so that the --budget_s cut falls on it: run it on its own)
-TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 120, "train": 240, "ns": 30, "dist": 60, "fixed": 300}
+SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist", "fixed", "trainer")
+# s; expected ~5 min on an H100 without "fixed" and "trainer" (last, so that the --budget_s cut falls on them:
+# run each on its own)
+TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 120, "train": 240, "ns": 30, "dist": 60, "fixed": 300, "trainer": 480}
 # fast accumulation on Hopper: errors up to 2^10 x the fp32 bound, as if its accumulator kept ~14 of fp32's
 # 24 mantissa bits (DeepSeek-V3's measurement); exactly the fp32 bound wherever accumulation is fp32
 FAST_ACCUM_SLACK = 2.0 ** 10
@@ -617,8 +622,85 @@ def judge_fixed(losses: dict) -> dict:
     return dict(out, status="failed" if problems else "ok", **({"problem": ", ".join(problems)} if problems else {}))
 
 
+# ----------------------------------------------------------------------------------------------------
+# trainer: the real train.py under torchrun, every phase kind, stopped and resumed
+
+# (name, steps, global batch, seq_len, micro_batch): xmodel25's phases shortened to a few steps each; on the
+# CPU the same curriculum at tiny lengths. Every phase kind: warmup, stable (the batch doubles), the decay with
+# the switch to Muon, the long-context phases (8k, 16k).
+TRAINER_PHASES = {"cuda": [("warmup", 3, 8, 3712, 4), ("stable1", 3, 8, 3712, 4), ("stable2", 3, 16, 3712, 4),
+                           ("decay", 4, 16, 3712, 4), ("rewarm8k", 1, 4, 8192, 2), ("long8k", 2, 4, 8192, 2),
+                           ("long16k", 2, 2, 16384, 1)],
+                  "cpu": [("warmup", 2, 4, 32, 2), ("stable1", 2, 4, 32, 2), ("stable2", 2, 8, 32, 2),
+                          ("decay", 2, 8, 32, 2), ("rewarm8k", 1, 2, 64, 1), ("long8k", 1, 2, 64, 1),
+                          ("long16k", 1, 2, 128, 1)]}
+TRAINER_TINY = ["--n_layer=2", "--hidden=64", "--ffn_hidden=160", "--n_head=1", "--n_kv_head=1", "--base_width=32",
+                "--compile=False", "--dtype=float32", "--eval_windows=4", "--eval_batch=2"]
+
+
+def trainer_argv(device, out_dir: str) -> list[str]:
+    """`train.py configs/xmodel25.py` on the embedded corpus with the short curriculum, a row per step."""
+    argv = ["train.py", "configs/xmodel25.py", f"--out_dir={out_dir}", "--data=None", "--mixtures="
+            "{'stable': {'prose': 0.5, 'code': 0.5}, 'decay': {'sft': 0.6687, 'prose': 0.2209, 'code': 0.1104}}",
+            "--log_interval=1", "--eval_interval=0", "--ckpt_interval=0", "--keep_checkpoints=1",
+            "--sample_tokens=0", f"--device={device.type}"]
+    for name, steps, batch, seq_len, mb in TRAINER_PHASES[device.type]:
+        argv += [f"--phase.{name}.steps={steps}", f"--phase.{name}.batch={batch}",
+                 f"--phase.{name}.seq_len={seq_len}", f"--phase.{name}.micro_batch={mb}"]
+    return argv + (TRAINER_TINY if device.type == "cpu" else [])
+
+
+def trainer_section(device, args, rec):
+    """The real trainer, as users launch it (torchrun --standalone --nproc_per_node=1): xmodel25's model (a tiny
+    one on the CPU) through every phase kind, once uninterrupted and once stopped by max_steps and resumed.
+    Records per-phase tokens/s and MFU from the runs' own metrics, how far the resumed losses are from the
+    uninterrupted ones (0 on the CPU; on a GPU, non-deterministic kernels may move the last digits), the
+    wall time of each launch and the seconds to read the final checkpoint."""
+    import runtime
+    total = sum(p[1] for p in TRAINER_PHASES[device.type])
+    stop = sum(p[1] for p in TRAINER_PHASES[device.type][:4]) - 2  # two steps before the end of the decay
+    launches = {"whole": [], "stopped": [f"--max_steps={stop}"], "resumed": ["--resume"]}
+    runs = {}
+    for name, extra in launches.items():
+        out = os.path.join(os.path.abspath(args.out), "trainer", "whole" if name == "whole" else "split")
+        if name != "resumed" and os.path.isdir(out):
+            subprocess.run(["rm", "-rf", out], check=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+               *trainer_argv(device, out), *extra]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=rec["time_box_s"])
+        runs[name] = dict(command=" ".join(cmd[3:]), wall_s=round(time.perf_counter() - t0, 1), out=out)
+        if p.returncode != 0:
+            raise RuntimeError(f"{name} run exited {p.returncode}: {p.stderr[-1500:]}")
+    whole, split = (runtime.read_metrics(os.path.join(runs[k]["out"], "metrics.jsonl")) for k in ("whole", "resumed"))
+    loss = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}  # noqa: E731
+    a, b = loss(whole), loss(split)
+    if sorted(a) != list(range(1, total + 1)) or sorted(a) != sorted(b):
+        raise AssertionError(f"logged steps: uninterrupted {sorted(a)}, stopped and resumed {sorted(b)}")
+    rec.update(steps=total, stopped_at=stop, launches=runs,
+               resume_max_loss_diff=max(abs(a[s] - b[s]) for s in a), results=phase_rates(whole))
+    t0 = time.perf_counter()
+    runtime.load_checkpoint(runs["whole"]["out"])
+    rec["checkpoint_read_s"] = round(time.perf_counter() - t0, 2)
+    if device.type == "cpu" and rec["resume_max_loss_diff"] != 0.0:
+        raise AssertionError(f"resumed losses differ from the uninterrupted run's by {rec['resume_max_loss_diff']}")
+
+
+def phase_rates(rows: list) -> list:
+    """Per phase of a run's metrics rows: steps, tokens/s and MFU as medians over its steps after the first
+    (the first step of a phase pays for compiling its shapes)."""
+    out = []
+    for name in dict.fromkeys(r["phase"] for r in rows if "loss" in r):
+        mine = [r for r in rows if r.get("phase") == name and "loss" in r]
+        steady = mine[1:] or mine
+        med = lambda k: sorted(r[k] for r in steady)[len(steady) // 2] if k in steady[0] else None  # noqa: E731
+        out.append(dict(phase=name, steps=len(mine), seq_len=mine[0]["seq_len"], batch=mine[0]["global_batch"],
+                        optimizer=mine[0]["optimizer"], tokens_per_s=med("tokens_per_s"), mfu=med("mfu")))
+    return out
+
+
 RUNNERS = {"sm90": sm90, "kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "dist": dist_section,
-           "fixed": fixed_section}
+           "fixed": fixed_section, "trainer": trainer_section}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -702,6 +784,12 @@ def summary(r: dict) -> str:
     if s == "dist":
         return (f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal "
                 f"{r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)")
+    if s == "trainer":
+        return (f"{r.get('steps')} steps, stopped at {r.get('stopped_at')} and resumed: losses <= "
+                f"{r.get('resume_max_loss_diff', float('nan')):.2g} from the uninterrupted run's; checkpoint read "
+                f"{r.get('checkpoint_read_s')} s; " + ", ".join(
+                    f"{x['phase']} {x['tokens_per_s']:.0f} tok/s" + (f" MFU {100 * x['mfu']:.1f}%" if x["mfu"] else "")
+                    for x in res))
     if s == "fixed":
         return f"{r.get('n_layer')} layers x {r.get('hidden')}, {r.get('steps')} steps: " + "; ".join(
             f"micro-batch {x['micro_batch']} {x['status']}" + (f", steps <= {x['max_rel_diff']:.2g} apart"
@@ -741,6 +829,10 @@ def details(r: dict) -> tuple[list, list]:
                 [[x["micro_batch"], x["status"], num(x["losses"].get("bf16", [None])[0], ".4g"),
                   *(num(x.get("final_over_first", {}).get(k), ".3f") for k in ("bf16", "fp8")),
                   num(x.get("max_rel_diff"), ".2g")] for x in res])
+    if s == "trainer":
+        return (["phase", "steps", "batch x seq", "optimizer", "tokens/s", "MFU %"],
+                [[x["phase"], x["steps"], f"{x['batch']} x {x['seq_len']}", x["optimizer"],
+                  num(x["tokens_per_s"], ".0f"), num(100 * x["mfu"], ".1f") if x["mfu"] else "-"] for x in res])
     return [], []
 
 
