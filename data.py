@@ -33,7 +33,9 @@ then what feeds it:
    A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
    stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
    (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
-   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
+   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds. Workers
+   (one per core) each read and tokenize whole files of their own, in bounded memory; a big corpus is
+   prepared in parts on many machines (`--shard I/N`) joined by `combine` without copying a token.
 
 Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
 carries, sorted, so the same for the same Python version: the standard library's .py files ("code"), its
@@ -86,7 +88,7 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
 DEFAULT_HELDOUT_FRAC = 0.01
 TEXT_SUFFIXES, JSONL_SUFFIXES, COMPRESSED_SUFFIXES = (".txt", ".md"), (".jsonl", ".json"), (".gz", ".zst")
 READABLE = ".txt .md .json .jsonl (each also .gz/.zst) .parquet"
-BATCH_BYTES = 32 << 20  # documents go to the workers in batches of about this much text
+ENCODE_BYTES = 1 << 20  # text per encode_batch call: the tokenizer's ~50 bytes per character stay ~50 MB
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
 
 
@@ -603,41 +605,64 @@ def _is_heldout(key: str, frac: float) -> bool:
     return h / 2.0**64 < frac
 
 
-_Batch = collections.namedtuple("_Batch", "source nbytes docs")  # docs: [(key, text)] from nbytes of input
+# One unit of work for a worker: a file (path, the key its documents' keys start with, the field holding the
+# text) or documents already in memory (docs: [(key, text)]); nbytes: its input size, for progress.
+_Task = collections.namedtuple("_Task", "source path key text_key docs nbytes")
+SPLITS = ("train", "heldout")
 
 
-def _file_batches(source: str, path: Path, keyroot: str, text_key: str) -> Iterable[_Batch]:
-    """A file's documents, read lazily, in batches of about BATCH_BYTES of text. A document key names its
-    file relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
-    key = os.path.relpath(path, keyroot).removesuffix(".gz").removesuffix(".zst")
-    docs, chars, done = [], 0, 0
-    for doc_key, text, pos in _documents(str(path), key, text_key):
-        docs.append((doc_key, text))
-        chars += len(text)
-        if chars >= BATCH_BYTES:
-            yield _Batch(source, pos - done, docs)
-            docs, chars, done = [], 0, pos
-    yield _Batch(source, path.stat().st_size - done, docs)
+def _doc_key(path: Path, root: str) -> str:
+    """A file's part of its documents' keys: its path relative to the source's root, without .gz/.zst, so a
+    file and its compressed copy split alike, and a part of a sharded preparation keys as the whole does."""
+    return os.path.relpath(path, root).removesuffix(".gz").removesuffix(".zst")
 
 
 def _tokenize_task(args) -> tuple:
-    """(source, nbytes, {split: (n_docs, uint32 tokens)}, max_id): the documents in order, each BOS doc EOS."""
-    task, spec, heldout_frac = args
+    """Read and tokenize one task in a worker, ENCODE_BYTES of text at a time (memory stays bounded whatever
+    the file's size), into temporary token files, one per split: each document BOS doc EOS, in order.
+    Returns (source, nbytes, {split: (n_docs, n_tokens, path)}, max_id)."""
+    task, k, spec, heldout_frac, tmp = args
     tok = get_tokenizer(spec)
-    parts = {"train": [], "heldout": []}
-    for (key, _), seq in zip(task.docs, tok.encode_batch([text for _, text in task.docs]) if task.docs else []):
-        if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
-            seq = [tok.bos_id] + seq
-        if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
-            seq = seq + [tok.eos_id]
-        parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(np.asarray(seq, np.int64))
-    out = {split: np.concatenate(seqs or [np.zeros(0, np.int64)]) for split, seqs in parts.items()}
-    max_id = max((int(a.max()) for a in out.values() if a.size), default=-1)
-    return task.source, task.nbytes, {s: (len(parts[s]), a.astype(TOKEN_DTYPE)) for s, a in out.items()}, max_id
+    docs = task.docs if task.docs is not None else \
+        ((key, text) for key, text, _ in _documents(task.path, task.key, task.text_key))
+    paths = {split: Path(tmp) / f".task{k:06d}.{split}.bin" for split in SPLITS}
+    counts, max_id = {split: [0, 0] for split in SPLITS}, -1
+    with contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(open(p, "wb")) for split, p in paths.items()}
+        for chunk in _chunks(docs, ENCODE_BYTES):
+            parts = {split: [] for split in SPLITS}
+            for (key, _), seq in zip(chunk, tok.encode_batch([text for _, text in chunk])):
+                if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
+                    seq = [tok.bos_id] + seq
+                if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
+                    seq = seq + [tok.eos_id]
+                parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(seq)
+            for split, seqs in parts.items():
+                arr = np.fromiter(itertools.chain.from_iterable(seqs), np.int64)
+                files[split].write(arr.astype(TOKEN_DTYPE).tobytes())
+                max_id = max(max_id, int(arr.max()) if arr.size else -1)
+                counts[split][0] += len(seqs)
+                counts[split][1] += arr.size
+    return task.source, task.nbytes, {s: (*counts[s], str(paths[s])) for s in SPLITS}, max_id
 
 
-def _init_worker():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+def _chunks(docs: Iterable[tuple[str, str]], nbytes: int) -> Iterable[list[tuple[str, str]]]:
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc[1])
+        if size >= nbytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _init_worker(threads: int):
+    """A worker's tokenizer gets its share of the cores: one worker per file, each with cores // workers
+    threads (a single big file: one worker with all of them), never more threads than cores."""
+    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
 
 
 class _ShardWriter:
@@ -658,6 +683,13 @@ class _ShardWriter:
             part, tokens = np.split(tokens, [self.shard_tokens - self.shards[-1]["tokens"]])
             self._f.write(part.tobytes())
             self.shards[-1]["tokens"] += int(part.size)
+
+    def append_file(self, path: str) -> None:
+        """Append a worker's token file, a bounded piece at a time, then remove it."""
+        with open(path, "rb") as f:
+            while (piece := np.fromfile(f, TOKEN_DTYPE, count=1 << 24)).size:
+                self.write(piece)
+        os.unlink(path)
 
     def close(self) -> dict:
         """The split's manifest entry: document and token counts, and the shards with their sha256."""
@@ -738,10 +770,9 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         return False
 
 
-def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: dict, heldout_frac: float,
-           workers: int | None, shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
-    """Tokenize `batches` (`total` input bytes) into out_dir unless a manifest with the same fingerprint is
-    already there."""
+def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: float, workers: int | None,
+           shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
+    """Tokenize `tasks` into out_dir unless a manifest with the same fingerprint is already there."""
     import fcntl
 
     tok = get_tokenizer(tokenizer)
@@ -763,7 +794,7 @@ def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: di
         tmp, final = out / f".tmp-{fp[:12]}-{os.getpid()}", out / f"shards-{fp[:12]}"
         tmp.mkdir()
         try:
-            sources = _tokenize_into(batches, total, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
+            sources = _tokenize_into(tasks, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
@@ -787,17 +818,20 @@ def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: di
     return str(out)
 
 
-def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens, progress):
-    """Tokenize batches in order (in a spawn pool when worth it) into shards; per-source statistics."""
-    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
+def _tokenize_into(tasks: list[_Task], tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens,
+                   progress):
+    """Tokenize the tasks in order into shards, in a spawn pool when worth it (each worker reads its own
+    files: no single thread reads, decompresses or parses for all of them); per-source statistics."""
+    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in SPLITS}
     stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
-    done, t0 = 0, time.time()
-    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    # read lazily (files are never whole in memory); a pool's feeder thread reads ahead of its workers
-    args = ((b, tok.spec, heldout_frac) for b in batches)
+    total, done, t0 = sum(t.nbytes for t in tasks), 0, time.time()
+    cores = len(os.sched_getaffinity(0))
+    workers = max(1, min(workers or cores, len(tasks)))
+    args = ((t, k, tok.spec, heldout_frac, str(tmp)) for k, t in enumerate(tasks))
     with contextlib.ExitStack() as stack:
         if workers > 1 and total >= POOL_MIN_BYTES:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
+                workers, _init_worker, (max(1, cores // workers),)))
             results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
         else:
             results = map(_tokenize_task, args)
@@ -805,8 +839,8 @@ def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_fra
         for source, nbytes, parts, max_id in results:
             stats[source]["bytes"] += nbytes
             stats[source]["max_token_id"] = max(stats[source]["max_token_id"], max_id)
-            for split, (ndocs, arr) in parts.items():
-                writers[(source, split)].write(arr)
+            for split, (ndocs, _, path) in parts.items():
+                writers[(source, split)].append_file(path)
                 writers[(source, split)].documents += ndocs
             done += nbytes
             if progress and (time.time() - last > 10 or done == total):
@@ -827,35 +861,103 @@ def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_fra
 def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,
             tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, heldout_frac: float = DEFAULT_HELDOUT_FRAC,
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, hash_contents: bool = False,
-            progress: bool = True, text_key: str | Mapping[str, str] = "text") -> str:
+            progress: bool = True, text_key: str | Mapping[str, str] = "text",
+            shard: tuple[int, int] | None = None) -> str:
     """Tokenize {source: path | [paths]} into one dataset directory; return its path.
 
     Reuses out_dir when its manifest was built from the same inputs (path, size and mtime, or content
     sha256 with hash_contents=True), tokenizer, heldout_frac and shard_tokens; otherwise rebuilds.
     text_key: the field holding a document in JSON lines and Parquet rows ("text" in Dolma, "content" in
     Ultra-FineWeb's Parquet and in code sets such as The Stack), for all sources or as {source: key}; a
-    chat "messages" field is used if it is absent.
+    chat "messages" field is used if it is absent. workers: processes (default: the cores this process may
+    run on). shard=(i, n): only part i of n of each source's files (`part_files`), for `combine`.
     """
     if not sources:
         raise ValueError("prepare: no sources given")
-    batches, inputs = [], {}
+    tasks, inputs, parts = [], {}, {}
     for name in sources:
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
         key = text_key if isinstance(text_key, str) else text_key.get(name, "text")
         files = _expand_source(name, sources[name], progress)
-        inputs[name] = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
-                        | ({"sha256": runtime.sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
-                        | ({"text_key": key} if key != "text" else {}) for f in files]
-        root = os.path.commonpath([str(f.parent) for f in files])
+        root = os.path.commonpath([str(f.parent) for f in files])  # of all the files: a part keys as the whole
+        records = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
+                   | ({"text_key": key} if key != "text" else {}) for f in files]
+        if shard is not None:
+            parts[name] = _fingerprint(records)  # the whole's files: what combine checks the parts agree on
+            files, records = part_files(name, files, *shard), part_files(name, records, *shard)
+        inputs[name] = [r | ({"sha256": runtime.sha256_file(f)} if hash_contents else
+                             {"mtime_ns": f.stat().st_mtime_ns}) for f, r in zip(files, records)]
         for f in files:  # a missing dependency or column is an error now, not hours into the run
             if read_as(f) == "parquet":
                 _parquet_column(str(f), key)
             elif f.name.endswith(".zst"):
                 _need("zstandard", f, "zstandard")
-            batches.append(_file_batches(name, f, root, key))
-    return _build(itertools.chain.from_iterable(batches), sum(f["bytes"] for i in inputs.values() for f in i),
-                  out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
+            tasks.append(_Task(name, str(f), _doc_key(f, root), key, None, f.stat().st_size))
+    extra = {"part": {"index": shard[0], "of": shard[1], "sources": parts}} if shard is not None else None
+    return _build(tasks, out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress, extra)
+
+
+def part_files(source: str, files: list, index: int, parts: int) -> list:
+    """Part `index` of `parts` of a source's sorted files: a contiguous run, [F*index/parts, F*(index+1)/parts),
+    so the parts' streams, one after another, are the stream of one job over all the files."""
+    if not 0 <= index < parts:
+        raise ValueError(f"--shard {index}/{parts}: the part must be in [0, {parts})")
+    if len(files) < parts:
+        raise ValueError(f"source {source!r} has {len(files)} files, fewer than the {parts} parts of --shard: "
+                         f"use at most {len(files)} parts")
+    return files[len(files) * index // parts:len(files) * (index + 1) // parts]
+
+
+def combine(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> str:
+    """One dataset from the parts of a sharded preparation (`prepare --shard I/N`, one per machine), without
+    copying a token: out_dir's manifest lists the parts' shards by their path relative to out_dir, part 0's
+    first, so each source's stream is the one a single job would have written. The parts must be all N of
+    one preparation: same tokenizer, held-out fraction, shard size and whole file list."""
+    out = Path(out_dir).expanduser().resolve()
+    ms = sorted(((read_manifest(p), Path(p).expanduser().resolve()) for p in parts),
+                key=lambda mp: mp[0].get("part", {}).get("index", -1))
+    _check_parts(ms)
+    sources: dict[str, dict] = {}
+    for m, d in ms:
+        _check_shards(d, m)
+        for name, src in m["sources"].items():
+            dst = sources.setdefault(name, {"bytes": 0, "documents": 0, "tokens": 0, "max_token_id": -1, "inputs": [],
+                                            "splits": {sp: {"documents": 0, "tokens": 0, "shards": []} for sp in SPLITS}})
+            for k in ("bytes", "documents", "tokens"):
+                dst[k] += src[k]
+            dst["max_token_id"] = max(dst["max_token_id"], src["max_token_id"])
+            dst["inputs"] += src["inputs"]
+            for sp, info in src["splits"].items():
+                dst["splits"][sp]["documents"] += info["documents"]
+                dst["splits"][sp]["tokens"] += info["tokens"]
+                dst["splits"][sp]["shards"] += [dict(sh, file=os.path.relpath(d / sh["file"], out)) for sh in info["shards"]]
+    first = ms[0][0]
+    manifest = {k: first[k] for k in ("format", "tokenizer", "dtype", "heldout", "shard_tokens")} | {
+        "fingerprint": _fingerprint([m["fingerprint"] for m, _ in ms]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tokens": sum(s["tokens"] for s in sources.values()), "documents": sum(s["documents"] for s in sources.values()),
+        "sources": sources, "combined": [os.path.relpath(d, out) for _, d in ms]}
+    with runtime.atomic_write(out / "manifest.json") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    return str(out)
+
+
+def _check_parts(ms: list[tuple[dict, Path]]) -> None:
+    """The parts are parts 0..N-1 of one preparation, each once; an error names the one that is not."""
+    n = ms[0][0].get("part", {}).get("of")
+    for m, d in ms:
+        if "part" not in m:
+            raise ValueError(f"combine: {d} is not a part of a sharded preparation (prepare --shard I/N)")
+        for k, what in (("tokenizer", "tokenizer"), ("heldout", "held-out fraction"), ("shard_tokens", "shard size")):
+            if m[k] != ms[0][0][k]:
+                raise ValueError(f"combine: {d} has another {what} than {ms[0][1]}")
+        if m["part"]["of"] != n or m["part"]["sources"] != ms[0][0]["part"]["sources"]:
+            raise ValueError(f"combine: {d} is part {m['part']['index']}/{m['part']['of']} of another preparation "
+                             f"(other sources or files) than {ms[0][1]}")
+    have = [m["part"]["index"] for m, _ in ms]
+    if have != list(range(n)):
+        raise ValueError(f"combine: the parts of {n} are {list(range(n))}; given {have} (missing "
+                         f"{sorted(set(range(n)) - set(have))}, twice {sorted({i for i in have if have.count(i) > 1})})")
 
 
 def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
@@ -970,9 +1072,9 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
     docs = default_corpus_documents()
     docs["sft"] = [(f"sft:{i}", render_chat(sft_chat(p)))
                    for i, p in enumerate(sft_problems("train", SFT_TRAIN_PROBLEMS))]
-    batches = [_Batch(source, sum(len(t.encode()) for _, t in items[k:k + 64]), items[k:k + 64])
-               for source, items in docs.items() for k in range(0, len(items), 64)]
-    return _build(batches, sum(b.nbytes for b in batches), out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers,
+    tasks = [_Task(source, None, None, None, items, sum(len(t.encode()) for _, t in items))
+             for source, items in docs.items()]
+    return _build(tasks, out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers,
                   DEFAULT_SHARD_TOKENS, progress, extra={"default_corpus": ident})
 
 
@@ -1051,7 +1153,7 @@ def sft_chat(problem: Mapping) -> list[dict]:
     return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": problem["answer"]}]
 
 
-# -------- Command line: python data.py prepare|info|verify -----------------------------------------
+# -------- Command line: python data.py prepare|combine|info|verify ---------------------------------
 
 
 def describe(dataset_dir: str | os.PathLike) -> str:
@@ -1078,12 +1180,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="repeatable; the same NAME several times adds paths to that source")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--heldout-frac", type=float, default=DEFAULT_HELDOUT_FRAC)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes, each reading and tokenizing its own files (default: the cores available)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--hash-contents", action="store_true", help="detect changes by content hash, not mtime")
     p.add_argument("--text-key", "--text-column", action="append", default=[], metavar="[NAME=]KEY", dest="text_key",
                    help="the field of JSON lines / the Parquet column holding the text (default 'text', as in "
                         "Dolma; 'content' for Ultra-FineWeb's Parquet and code sets); repeatable as NAME=KEY per source")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="prepare only part I of N of each source's sorted files (contiguous); then: data.py combine")
+    c = sub.add_parser("combine", help="one dataset from the N parts of prepare --shard, without copying tokens")
+    c.add_argument("--out", required=True)
+    c.add_argument("parts", nargs="+")
     sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
     sub.add_parser("verify", help="check every shard's sha256 against the manifest").add_argument("dir")
     args = ap.parse_args(argv)
@@ -1100,10 +1208,22 @@ def main(argv: list[str] | None = None) -> None:
             keys = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_key)
             key = keys.pop("", "text")
             args.dir = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                               args.hash_contents, text_key={s: keys.get(s, key) for s in sources})
+                               args.hash_contents, text_key={s: keys.get(s, key) for s in sources},
+                               shard=_shard_arg(ap, args.shard))
+        if args.cmd == "combine":
+            args.dir = combine(args.parts, args.out)
         print(describe(args.dir))
     except (ValueError, OSError) as e:
         ap.exit(1, f"data.py {args.cmd}: error: {e}\n")
+
+
+def _shard_arg(ap, value: str | None) -> tuple[int, int] | None:
+    i, sep, n = (value or "").partition("/")
+    if value is None:
+        return None
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        ap.error(f"--shard {value!r}: expected I/N with 0 <= I < N, e.g. --shard 0/8")
+    return int(i), int(n)
 
 
 if __name__ == "__main__":

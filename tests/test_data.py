@@ -277,7 +277,7 @@ def test_bad_inputs_to_prepare(tmp_path):
 def test_jsonl_chunks_split_at_line_starts(tmp_path, monkeypatch):
     lines = [json.dumps({"text": f"line {k} " + "x" * (k % 13)}) + "\n" for k in range(200)]
     (tmp_path / "d.jsonl").write_text("".join(lines))
-    monkeypatch.setattr(data, "BATCH_BYTES", 97)  # many small batches
+    monkeypatch.setattr(data, "ENCODE_BYTES", 97)  # many small encode_batch calls
     out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1,
                        progress=False)
     tok = data.get_tokenizer()
@@ -325,10 +325,10 @@ def test_compressed_and_parquet_equal_plain_jsonl(tmp_path, tok, monkeypatch):
         pq.write_table(pa.table({"text": texts[:24]}), tmp_path / "pq" / "d.parquet", row_group_size=5)
         pq.write_table(pa.table({"messages": [r["messages"] for r in records[24:]]}), tmp_path / "pq" / "e.parquet")
         files["pq"] = ["pq/d.parquet", "pq/e.parquet"]
-    monkeypatch.setattr(data, "BATCH_BYTES", 400)  # several batches per file: read as a stream
+    monkeypatch.setattr(data, "ENCODE_BYTES", 400)  # several encode_batch calls per file: read as a stream
     batches = []
-    real = data._tokenize_task
-    monkeypatch.setattr(data, "_tokenize_task", lambda args: batches.append(args[0].docs) or real(args))
+    real = data._chunks
+    monkeypatch.setattr(data, "_chunks", lambda docs, n: (batches.append(c) or c for c in real(docs, n)))
     jsonl_keys = [f"d.jsonl@{o}" for o in offsets]
     for name, paths in files.items():
         batches.clear()
@@ -759,3 +759,52 @@ def test_ready_sources_names_every_unusable_path_at_once(tmp_path, corpus):
     with pytest.raises(FileNotFoundError, match="1 of 2 sources"):  # only missing paths: FileNotFoundError
         data.ready_sources({"good": out, "gone": str(tmp_path / "nope")}, tmp_path / "cache", progress=False)
     assert data.ready_sources({"good": out, "raw": spec["raw"]}, tmp_path / "cache", progress=False)["good"] == out
+
+
+def test_sharded_preparation_combines_to_the_single_job(tmp_path, tok, capsys):
+    """prepare --shard I/3 on three "machines", then combine: the same documents in the same order, the same
+    token counts per split, as one job over all the files; no token is copied (the manifest points into the
+    parts); a missing or repeated part is refused by name."""
+    import gzip
+    src = tmp_path / "raw"
+    (src / "b").mkdir(parents=True)
+    for k in range(7):  # files of several formats, in subdirectories: keys are relative to the whole's root
+        lines = "".join(json.dumps({"text": DOCS_A[(5 * k + j) % 40]}) + "\n" for j in range(5))
+        if k % 2:
+            (src / "b" / f"f{k}.json.gz").write_bytes(gzip.compress(lines.encode()))
+        else:
+            (src / f"f{k}.jsonl").write_text(lines)
+    (tmp_path / "code.txt").write_text(DOCS_B[0])
+    (tmp_path / "code2.txt").write_text(DOCS_B[1])
+    (tmp_path / "code3.txt").write_text(DOCS_B[2])
+    sources = {"web": str(src), "code": [str(tmp_path / f"code{s}.txt") for s in ("", "2", "3")]}
+    kw = dict(heldout_frac=0.3, workers=1, shard_tokens=256, progress=False)
+    whole = data.prepare(sources, tmp_path / "whole", **kw)
+    for i in range(3):
+        data.main(["prepare", "--out", str(tmp_path / f"part{i}"), "--source", f"web={src}", "--heldout-frac", "0.3",
+                   "--shard-tokens", "256", "--workers", "1", "--shard", f"{i}/3"]
+                  + [f"--source=code={p}" for p in sources["code"]])
+    data.main(["combine", "--out", str(tmp_path / "all"), *(str(tmp_path / f"part{i}") for i in (2, 0, 1))])
+    assert "web" in capsys.readouterr().out
+    mw, mc = data.read_manifest(whole), data.read_manifest(tmp_path / "all")
+    assert data.verify(tmp_path / "all") == sum(len(sp["shards"]) for s in mc["sources"].values()
+                                                 for sp in s["splits"].values())
+    for name in ("web", "code"):
+        for split in ("train", "heldout"):
+            assert np.array_equal(stream(whole, name, split), stream(tmp_path / "all", name, split)), (name, split)
+            a, b = mw["sources"][name]["splits"][split], mc["sources"][name]["splits"][split]
+            assert (a["documents"], a["tokens"]) == (b["documents"], b["tokens"])
+        assert mc["sources"][name]["inputs"] == [dict(i, mtime_ns=i["mtime_ns"]) for i in mw["sources"][name]["inputs"]]
+    assert all(sh["file"].startswith("../part") for s in mc["sources"].values() for sp in s["splits"].values()
+               for sh in sp["shards"])
+    assert not list((tmp_path / "all").glob("shards-*"))  # nothing copied
+    mix = data.Mixture(tmp_path / "all", {"web": 0.5, "code": 0.5})
+    assert mix.split_tokens("web", "train") == mw["sources"]["web"]["splits"]["train"]["tokens"]
+    with pytest.raises(ValueError, match=r"the parts of 3 are \[0, 1, 2\]; given \[0, 2\] \(missing \[1\]"):
+        data.combine([tmp_path / "part0", tmp_path / "part2"], tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"given \[0, 0, 1, 2\].*twice \[0\]"):
+        data.combine([tmp_path / f"part{i}" for i in (0, 0, 1, 2)], tmp_path / "bad")
+    with pytest.raises(ValueError, match="whole.*not a part of a sharded preparation"):
+        data.combine([whole, tmp_path / "part0"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="'code' has 3 files, fewer than the 4 parts"):
+        data.prepare(sources, tmp_path / "p", shard=(0, 4), **kw)
