@@ -428,6 +428,44 @@ def _dataset_of_each_source(datasets) -> dict[str, Path]:
     return wanted
 
 
+MAX_PASSES = 4  # a source drawn more often than this is named in the dry run: repeated data stops helping
+
+
+def passes(mixture: Mixture, stop: int | None = None) -> dict[str, dict]:
+    """What the curriculum draws from each source, steps [0, stop): {source: {"tokens": its train split,
+    "drawn": tokens of the windows drawn (T per window), "passes": draws / windows, summed over lengths}}."""
+    rows = {s: {"tokens": mixture.split_tokens(s, "train"), "drawn": 0, "passes": 0.0} for s in mixture.names}
+    for p in mixture.phases:
+        steps = p.steps if stop is None else max(0, min(p.steps or stop, stop - p.start))
+        for s, n in zip(mixture.names, apportion(p.weights, steps * p.batch)):
+            rows[s]["drawn"] += n * p.seq_len
+            rows[s]["passes"] += n / max(1, (rows[s]["tokens"] - 1) // p.seq_len) if n else 0.0
+    return rows
+
+
+def describe_passes(rows: Mapping[str, Mapping]) -> str:
+    """The dry run's data table, and a warning for each source repeated more than MAX_PASSES times."""
+    lines = ["data: per source, the training split and what the curriculum draws from it",
+             f"  {'source':<20}{'train tokens':>16}{'drawn tokens':>16}{'passes':>9}"]
+    for s, r in rows.items():
+        lines.append(f"  {s:<20}{r['tokens']:>16,}{r['drawn']:>16,}{r['passes']:>9.2f}")
+    lines += [f"warning: source {s!r} is drawn {r['passes']:.1f} times over (more than {MAX_PASSES}): repeated data "
+              f"adds little; give it more data or less weight" for s, r in rows.items() if r["passes"] > MAX_PASSES]
+    return "\n".join(lines)
+
+
+def prepared_sources(spec: Mapping[str, str] | None, cache_dir: str | os.PathLike | None = None,
+                     tokenizer: str | Tokenizer = DEFAULT_TOKENIZER) -> str | dict[str, str] | None:
+    """Where a run's `data` (None: the default corpus) is prepared already, as Mixture takes it, or None if
+    any source is not; prepares nothing (what `ready_sources` would prepare raw text into is looked at)."""
+    if spec is None:
+        return default_corpus(cache_dir, tokenizer, progress=False, build=False)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    found = {s: next((str(d) for d in (Path(p), cache / "prepared" / s) if (d / "manifest.json").is_file()), None)
+             for s, p in spec.items()}
+    return found if all(found.values()) else None
+
+
 # -------- Tokenizers -------------------------------------------------------------------------------
 
 
@@ -1204,11 +1242,11 @@ def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
 
 
 def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | Tokenizer = DEFAULT_TOKENIZER,
-                   workers: int | None = 1, progress: bool = True) -> str:
+                   workers: int | None = 1, progress: bool = True, build: bool = True) -> str | None:
     """Prepare (once, then reuse) the default corpus: the stdlib's domains "code" and "prose" and the
     generated chat problems "sft" (the training side of `sft_problems`), 2% held out by document.
     workers=1: the documents are already in memory and the tokenizer's batch encoder uses every core by
-    itself, so worker processes would only add their start-up time."""
+    itself, so worker processes would only add their start-up time. build=False: None unless prepared."""
     tok = get_tokenizer(tokenizer)
     root, files = _stdlib_files()
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -1223,6 +1261,8 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
     inputs = {"code": ident, "prose": ident, "sft": sft}
     if _reusable(out, _dataset_fingerprint(tok, inputs, DEFAULT_CORPUS_HELDOUT, DEFAULT_SHARD_TOKENS)):
         return str(out)  # without reading the stdlib or generating a problem
+    if not build:
+        return None
     docs = default_corpus_documents()
     docs["sft"] = [(f"sft:{i}", render_chat(sft_chat(p)))
                    for i, p in enumerate(sft_problems("train", SFT_TRAIN_PROBLEMS))]

@@ -380,9 +380,13 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int):
         sources = data.ready_sources(cfg.data, cfg.data_cache, tok, progress=rank == 0)
     mixture = data.Mixture(sources, cfg.mixtures[cfg.eval_mix], seed=cfg.seed, vocab_size=mcfg.vocab_size,
                            tokenizer=tok)
-    return tok, mixture.schedule([{"steps": p["steps"], "batch": p["batch"], "seq_len": p["seq_len"], "mix": p["mix"],
-                                   "weights": cfg.mixtures[p["mix"]], "name": f"phases[{i}] ({p['name']})"}
-                                  for i, p in enumerate(cfg.phases)])
+    return tok, mixture.schedule(data_schedule(cfg))
+
+
+def data_schedule(cfg: TrainConfig) -> list[dict]:
+    """The curriculum as the Mixture draws it: each phase's steps, global batch, seq_len and weights."""
+    return [{"steps": p["steps"], "batch": p["batch"], "seq_len": p["seq_len"], "mix": p["mix"],
+             "weights": cfg.mixtures[p["mix"]], "name": f"phases[{i}] ({p['name']})"} for i, p in enumerate(cfg.phases)]
 
 
 def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, device, say) -> tuple[int, int, dict]:
@@ -625,7 +629,22 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
           f"FLOPs/token at {cfg.phases[0]['seq_len']}, {flops:.3g} FLOPs; {gpu_hours:,.4g} GPU-hours at {cfg.mfu:.0%} "
           f"MFU of {cfg.gpu_peak_tflops:g} TFLOP/s; memory per GPU with {world} data-parallel GPUs (last column: "
           f"with activation checkpointing and ZeRO-1)")
+    print(data_table(cfg))
     return dict(params=model.num_params(), steps=stop_step(cfg), tokens=tokens, flops=flops, gpu_hours=gpu_hours)
+
+
+def data_table(cfg: TrainConfig) -> str:
+    """The dry run's data lines: per source, the tokens there are and the passes the curriculum makes over
+    them (data.passes), where the data is prepared on this machine; else one line saying so."""
+    found = data.prepared_sources(cfg.data, cfg.data_cache or None, cfg.tokenizer)
+    if found is None:
+        return ("data: the table of tokens per source (available, drawn, passes) needs the prepared data, which is "
+                "not on this machine (docs/DATA.md: how to prepare it)")
+    try:
+        mixture = data.Mixture(found, cfg.mixtures[cfg.eval_mix]).schedule(data_schedule(cfg))
+    except (ValueError, OSError) as e:
+        return f"data: {e}"
+    return data.describe_passes(data.passes(mixture, stop_step(cfg)))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -942,3 +942,23 @@ def test_sharded_preparation_combines_to_the_single_job(tmp_path, tok, capsys):
         data.combine([whole, tmp_path / "part0"], tmp_path / "bad")
     with pytest.raises(ValueError, match="'code' has 3 files, fewer than the 4 parts"):
         data.prepare(sources, tmp_path / "p", shard=(0, 4), **kw)
+
+
+def test_passes_table_names_a_source_repeated_too_often(tmp_path):
+    """data.passes: per source, its train tokens, the tokens the curriculum draws (windows x T, each phase's
+    apportioned count) and the passes (draws / windows at that length, summed); over MAX_PASSES: a warning."""
+    offsets = {"p": 0, "q": 1_000_000}
+    dsets = {n: arange_source(tmp_path, n, 600 + 400 * (n == "q"), offsets[n]) for n in offsets}
+    mix = data.Mixture(dsets, {"p": 0.5, "q": 0.5}).schedule([
+        {"steps": 30, "batch": 8, "seq_len": 16, "weights": {"p": 0.75, "q": 0.25}},
+        {"steps": 10, "batch": 4, "seq_len": 32}])
+    rows = data.passes(mix)
+    n = {s: mix.split_tokens(s, "train") for s in offsets}
+    assert rows["p"]["tokens"] == n["p"] and rows["p"]["drawn"] == 180 * 16 + 20 * 32
+    assert rows["q"]["drawn"] == 60 * 16 + 20 * 32
+    assert rows["p"]["passes"] == pytest.approx(180 / ((n["p"] - 1) // 16) + 20 / ((n["p"] - 1) // 32))
+    assert data.passes(mix, stop=30)["p"]["drawn"] == 180 * 16  # a run stopped early (max_steps)
+    text = data.describe_passes(rows)
+    assert f"  p{'':<19}{n['p']:>16,}{180 * 16 + 20 * 32:>16,}" in text
+    assert rows["p"]["passes"] > data.MAX_PASSES > rows["q"]["passes"]
+    assert "warning: source 'p' is drawn" in text and "source 'q' is drawn" not in text

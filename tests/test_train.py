@@ -394,6 +394,21 @@ def test_cli_dry_run_xmodel25_needs_no_cuda():
     p = _cli("configs/xmodel25.py", "--dry_run")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "total: 560,000 steps, 1.52T tokens" in p.stdout and "GPU-hours" in p.stdout, p.stdout[-3000:]
+    assert p.stdout.strip().endswith("needs the prepared data, which is not on this machine "
+                                     "(docs/DATA.md: how to prepare it)")  # no data here: one line
+
+
+def test_dry_run_shows_the_data_where_it_is_prepared(tmp_path, tiny_data, capsys):
+    """Per source: train tokens, tokens the curriculum draws, passes; a source drawn over 4 times is named."""
+    conf = train.load_config([write_config(tmp_path / "c.py", tiny_data), "--dry_run"])
+    train.dry_run(conf["train"], conf["model"], 1)
+    out = capsys.readouterr().out
+    m = data.read_manifest(tiny_data)
+    for s in ("code", "prose"):
+        assert f"  {s:<20}{m['sources'][s]['splits']['train']['tokens']:>16,}" in out
+    conf = train.load_config([write_config(tmp_path / "c.py", tiny_data), "--dry_run", "--phase.*.steps=3000"])
+    train.dry_run(conf["train"], conf["model"], 1)
+    assert "warning: source 'prose' is drawn" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
