@@ -289,8 +289,8 @@ class Mixture:
         for p in self.phases:
             if p.steps is None or step < p.start + p.steps:
                 return p
-        raise ValueError(f"step {step} is past the Mixture's curriculum ({self.phases[-1].start + self.phases[-1].steps} "
-                         f"steps)")
+        last = self.phases[-1]
+        raise ValueError(f"step {step} is past the Mixture's curriculum ({last.start + last.steps} steps)")
 
     def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
         """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
@@ -452,18 +452,6 @@ def describe_passes(rows: Mapping[str, Mapping]) -> str:
     lines += [f"warning: source {s!r} is drawn {r['passes']:.1f} times over (more than {MAX_PASSES}): repeated data "
               f"adds little; give it more data or less weight" for s, r in rows.items() if r["passes"] > MAX_PASSES]
     return "\n".join(lines)
-
-
-def prepared_sources(spec: Mapping[str, str] | None, cache_dir: str | os.PathLike | None = None,
-                     tokenizer: str | Tokenizer = DEFAULT_TOKENIZER) -> str | dict[str, str] | None:
-    """Where a run's `data` (None: the default corpus) is prepared already, as Mixture takes it, or None if
-    any source is not; prepares nothing (what `ready_sources` would prepare raw text into is looked at)."""
-    if spec is None:
-        return default_corpus(cache_dir, tokenizer, progress=False, build=False)
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    found = {s: next((str(d) for d in (Path(p), cache / "prepared" / s) if (d / "manifest.json").is_file()), None)
-             for s, p in spec.items()}
-    return found if all(found.values()) else None
 
 
 # -------- Tokenizers -------------------------------------------------------------------------------
@@ -1114,24 +1102,33 @@ def combine(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> s
     for m, d in ms:
         _check_shards(d, m)
         for name, src in m["sources"].items():
-            dst = sources.setdefault(name, {"bytes": 0, "documents": 0, "tokens": 0, "max_token_id": -1, "inputs": [],
-                                            "splits": {sp: {"documents": 0, "tokens": 0, "shards": []} for sp in SPLITS}})
-            for k in ("bytes", "documents", "tokens"):
-                dst[k] += src[k]
-            dst["max_token_id"] = max(dst["max_token_id"], src["max_token_id"])
-            dst["inputs"] += src["inputs"]
-            for sp, info in src["splits"].items():
-                dst["splits"][sp]["documents"] += info["documents"]
-                dst["splits"][sp]["tokens"] += info["tokens"]
-                dst["splits"][sp]["shards"] += [dict(sh, file=os.path.relpath(d / sh["file"], out)) for sh in info["shards"]]
+            _append_part(sources.setdefault(name, _empty_source()), src, os.path.relpath(d, out))
     first = ms[0][0]
     manifest = {k: first[k] for k in ("format", "tokenizer", "dtype", "heldout", "shard_tokens")} | {
         "fingerprint": _fingerprint([m["fingerprint"] for m, _ in ms]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "tokens": sum(s["tokens"] for s in sources.values()), "documents": sum(s["documents"] for s in sources.values()),
+        "tokens": sum(s["tokens"] for s in sources.values()),
+        "documents": sum(s["documents"] for s in sources.values()),
         "sources": sources, "combined": [os.path.relpath(d, out) for _, d in ms]}
     with runtime.atomic_write(out / "manifest.json") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
     return str(out)
+
+
+def _empty_source() -> dict:
+    return {"bytes": 0, "documents": 0, "tokens": 0, "max_token_id": -1, "inputs": [],
+            "splits": {split: {"documents": 0, "tokens": 0, "shards": []} for split in SPLITS}}
+
+
+def _append_part(dst: dict, src: dict, rel: str) -> None:
+    """Add a part's source to the combined one: counts summed, shards listed after the earlier parts'."""
+    for k in ("bytes", "documents", "tokens"):
+        dst[k] += src[k]
+    dst["max_token_id"] = max(dst["max_token_id"], src["max_token_id"])
+    dst["inputs"] += src["inputs"]
+    for split, info in src["splits"].items():
+        dst["splits"][split]["documents"] += info["documents"]
+        dst["splits"][split]["tokens"] += info["tokens"]
+        dst["splits"][split]["shards"] += [dict(sh, file=f"{rel}/{sh['file']}") for sh in info["shards"]]
 
 
 def _check_parts(ms: list[tuple[dict, Path]]) -> None:
@@ -1148,8 +1145,9 @@ def _check_parts(ms: list[tuple[dict, Path]]) -> None:
                              f"(other sources or files) than {ms[0][1]}")
     have = [m["part"]["index"] for m, _ in ms]
     if have != list(range(n)):
+        twice = sorted({i for i in have if have.count(i) > 1})
         raise ValueError(f"combine: the parts of {n} are {list(range(n))}; given {have} (missing "
-                         f"{sorted(set(range(n)) - set(have))}, twice {sorted({i for i in have if have.count(i) > 1})})")
+                         f"{sorted(set(range(n)) - set(have))}, twice {twice})")
 
 
 def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
@@ -1171,6 +1169,18 @@ def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None =
     return {s: str(p) if (Path(p) / "manifest.json").is_file()
             else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
             for s, p in spec.items()}
+
+
+def prepared_sources(spec: Mapping[str, str] | None, cache_dir: str | os.PathLike | None = None,
+                     tokenizer: str | Tokenizer = DEFAULT_TOKENIZER) -> str | dict[str, str] | None:
+    """Where a run's `data` (None: the default corpus) is prepared already, as Mixture takes it, or None if
+    any source is not; prepares nothing (what `ready_sources` would prepare raw text into is looked at)."""
+    if spec is None:
+        return default_corpus(cache_dir, tokenizer, progress=False, build=False)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    found = {s: next((str(d) for d in (Path(p), cache / "prepared" / s) if (d / "manifest.json").is_file()), None)
+             for s, p in spec.items()}
+    return found if all(found.values()) else None
 
 
 def _unusable(source: str, path) -> str | None:
@@ -1380,7 +1390,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hash-contents", action="store_true", help="detect changes by content hash, not mtime")
     p.add_argument("--text-key", "--text-column", action="append", default=[], metavar="[NAME=]KEY", dest="text_key",
                    help="the field of JSON lines / the Parquet column holding the text (default 'text', as in "
-                        "Dolma; 'content' for Ultra-FineWeb's Parquet and code sets); repeatable as NAME=KEY per source")
+                        "Dolma; 'content' for Ultra-FineWeb's Parquet and code sets); repeatable as NAME=KEY")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="prepare only part I of N of each source's sorted files (contiguous); then: data.py combine")
     c = sub.add_parser("combine", help="one dataset from the N parts of prepare --shard, without copying tokens")
