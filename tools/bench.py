@@ -18,6 +18,9 @@ and reports:
     python -m tools.bench muon configs/xmodel25.py     # Newton-Schulz FLOPs vs the step's; Muon vs AdamW step time;
                                                        # Newton-Schulz per matrix vs batched per shape
     python -m tools.bench fp8 configs/xmodel25.py      # FP8 vs bf16 GEMM TFLOP/s at the config's layer shapes (CUDA)
+    python -m tools.bench data PATH [--workers 1 2] [--text-key text] [--synthetic MB]
+                                                       # data.py prepare's MB/s and tokens/s per core vs the bare
+                                                       # tokenizer's encode_batch on the same text
 
 --device and --dtype default to auto (runtime.resolve_machine: CUDA, else MPS, else CPU; bf16 where native).
 
@@ -449,8 +452,89 @@ def fp8_gemms(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------
+# data preparation: is prepare as fast as its tokenizer?
+
+def cpu_seconds(who=resource.RUSAGE_SELF) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
+def synthetic_dolma(path: str, mb: float) -> str:
+    """A Dolma-style .json.gz of about `mb` MB of text ({"id", "text", "source", "metadata"} lines) from the
+    embedded corpus's documents, repeated: a measurable input on a machine without the real data."""
+    import gzip
+    import data
+    docs = [t for items in data.default_corpus_documents().values() for _, t in items]
+    with gzip.open(path, "wt", compresslevel=6) as f:
+        written, k = 0, 0
+        while written < mb * 1e6:
+            text = docs[k % len(docs)]
+            f.write(json.dumps({"id": str(k), "text": text, "source": "stdlib", "metadata": {}}) + "\n")
+            written, k = written + len(text.encode()), k + 1
+    return path
+
+
+def bare_tokenizer(path: str, text_key: str, tokenizer: str) -> dict:
+    """encode_batch alone (its own threads, as data.py's workers call it) on the input's documents, read first."""
+    import data
+    files = data._expand_source("bench", path, progress=False)
+    texts = [t for f in files for _, t, _ in data._documents(str(f), f.name, text_key)]
+    tok = data.get_tokenizer(tokenizer)
+    nbytes = sum(len(t.encode()) for t in texts)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    tokens = sum(len(ids) for k in range(0, len(texts), 256) for ids in tok.encode_batch(texts[k:k + 256]))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return dict(what="encode_batch", text_mb=nbytes / 1e6, tokens=tokens, wall_s=wall, cpu_s=cpu)
+
+
+def prepare_run(path: str, text_key: str, tokenizer: str, workers: int) -> dict:
+    """`python data.py prepare` on the input in a fresh process: wall time, and CPU time of it and its workers."""
+    import tempfile
+    import data
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, os.path.join(ROOT, "data.py"), "prepare", "--out", out, "--source", f"bench={path}",
+               "--text-key", text_key, "--tokenizer", tokenizer, "--workers", str(workers), "--heldout-frac", "0.01"]
+        t0, c0 = time.perf_counter(), cpu_seconds(resource.RUSAGE_CHILDREN)
+        subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+        wall, cpu = time.perf_counter() - t0, cpu_seconds(resource.RUSAGE_CHILDREN) - c0
+        m = data.read_manifest(out)
+    return dict(what=f"prepare --workers {workers}", text_mb=None, tokens=m["tokens"] - 2 * m["documents"],
+                input_mb=m["sources"]["bench"]["bytes"] / 1e6, wall_s=wall, cpu_s=cpu)
+
+
+def data_bench(argv: list[str]) -> list[dict]:
+    p = argparse.ArgumentParser(prog="python -m tools.bench data", description="data.py prepare vs its tokenizer")
+    p.add_argument("path", nargs="?", help="a file or directory data.py reads (default: --synthetic)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--text-key", default="text")
+    p.add_argument("--tokenizer", default="deepseek-v3")
+    p.add_argument("--synthetic", type=float, default=20.0, help="MB of Dolma-style .json.gz text without a path")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    import tempfile
+    import data
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.path or synthetic_dolma(os.path.join(tmp, "synthetic.json.gz"), args.synthetic)
+        rows = [bare_tokenizer(path, args.text_key, args.tokenizer)]
+        rows += [prepare_run(path, args.text_key, args.tokenizer, w) for w in args.workers]
+        on_disk = sum(f.stat().st_size for f in data._expand_source("bench", path, progress=False))
+    text_mb = rows[0]["text_mb"]
+    print(f"input {args.path or f'synthetic Dolma-style .json.gz'}: {on_disk / 1e6:.1f} MB on disk, {text_mb:.1f} MB "
+          f"of text, {rows[0]['tokens']:,} tokens; {len(os.sched_getaffinity(0))} cores")
+    print(f"  {'':<22}{'wall s':>8}{'CPU s':>8}{'text MB/s':>11}{'tokens/s':>12}{'tokens/CPU-s':>14}")
+    for r in rows:
+        print(f"  {r['what']:<22}{r['wall_s']:>8.2f}{r['cpu_s']:>8.2f}{text_mb / r['wall_s']:>11.2f}"
+              f"{r['tokens'] / r['wall_s']:>12,.0f}{r['tokens'] / r['cpu_s']:>14,.0f}")
+    if args.json:
+        print(json.dumps(rows))
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":
+        return data_bench(argv[1:])
     mode = "bench"
     if argv and argv[0] in ("scaling", "muon", "fp8"):
         mode, argv = argv[0], argv[1:]

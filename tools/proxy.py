@@ -144,7 +144,7 @@ def train_proxy(cfg: ModelConfig, lr: float, emb_lr: float, mix, steps: int, bat
     torch.manual_seed(seed)
     model = mup.build_model(cfg, device)
     opt = make_optimizer(model, lr, emb_lr, weight_decay)
-    losses = []
+    losses, mix = [], mix.schedule([{"steps": steps, "batch": batch, "seq_len": seq_len}])
     for step in range(steps):
         x, y = mix.batch(step, 0, 0, 1, batch, seq_len)
         with runtime.autocast(device, dtype):
