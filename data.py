@@ -153,8 +153,8 @@ def apportion(weights: tuple[float, ...], n: int) -> tuple[int, ...]:
     n seats by the weights. Seat c of source s has the threshold (c + 1/2) / w_s; the n lowest thresholds
     win (ties to the lower source index). So the counts sum to n exactly, never decrease as n grows (a step
     never takes a draw back, whatever its batch), and |C_s(n) - n w_s| <= (k w_s + 1) / 2 with k the sources
-    of positive weight. Exact rational arithmetic; O(k^2) work (the sequential greedy of Megatron's blended
-    dataset, "the source furthest behind its weight next", would need all n steps)."""
+    of positive weight. Exact rational arithmetic, O(k^2) work whatever n: Megatron's blended dataset, which
+    gives each sample in turn to the source furthest behind its weight, needs all n steps (an index file)."""
     live = [s for s, w in enumerate(weights) if w > 0]
     w = {s: fractions.Fraction(weights[s]) for s in live}
     total = sum(w.values())
