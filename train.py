@@ -661,6 +661,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
     lock = runtime.RunLock(cfg.out_dir) if master else None
     preemption, r, world = runtime.Preemption(), None, 1
     try:
+        runtime.raise_open_files_limit()  # a memory map (a file descriptor) per data shard
         tok, mixture = build_data(cfg, mcfg, int(os.environ.get("RANK", 0)))  # before joining the group
         rank, world, device = runtime.setup_distributed(cfg.device, cfg.dist_timeout_s)
         r, step, tokens, unlogged = start_run(cfg, mcfg, tok, mixture, rank, world, device, say)

@@ -433,3 +433,12 @@ def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and culprit in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+
+
+def test_open_files_limit_is_raised_to_the_hard_limit():
+    """A memory map per data shard: the trainer raises its soft limit of open files to the hard one first."""
+    code = ("import resource, runtime; s, h = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, h), h)); "
+            "print(runtime.raise_open_files_limit() == h, resource.getrlimit(resource.RLIMIT_NOFILE)[0] == h)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.split() == ["True", "True"], p.stderr
