@@ -569,9 +569,6 @@ def check_run(cfg: TrainConfig, mixture, world: int) -> None:
         if i in evaluated:
             needs += [(s, "heldout", cfg.eval_mix) for s, w in cfg.mixtures[cfg.eval_mix].items() if w > 0]
         for source, split, mix in needs:
-            if source not in mixture.names:
-                raise ValueError(f"{where}: mixture {mix!r} names source {source!r}, which the data does not "
-                                 f"have (sources: {mixture.names})")
             n = mixture.split_tokens(source, split)
             if n < p["seq_len"] + 1:
                 raise ValueError(f"{where}: seq_len {p['seq_len']} needs {p['seq_len'] + 1} tokens per window, but "
