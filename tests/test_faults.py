@@ -3,6 +3,7 @@
 The runs use a 6-step curriculum (warmup 1, stable 2 on AdamW, decay 2 and long 1 on Muon: the switch is at
 step 3) of 2 x 16 (long: 1 x 32) on the tiny model of conftest.py; most scenarios stop after one or two steps.
 """
+import contextlib
 import errno
 import json
 import os
@@ -62,7 +63,7 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path, cfg, monk
     monkeypatch.setattr(train, "evaluate", broken)
     with pytest.raises(RuntimeError, match="the evaluation died"):
         run(cfg, tmp_path / "out", "--max_steps=1")
-    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
+    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001"]
     assert runtime.load_checkpoint(str(tmp_path / "out"))["step"] == 1
 
 
@@ -166,7 +167,7 @@ def test_non_finite_weights_never_enter_a_checkpoint(tmp_path, cfg, monkeypatch)
     monkeypatch.setattr(train.Optimizers, "step", step)
     with pytest.raises(FloatingPointError, match="non-finite weights after step 2: no checkpoint written"):
         run(cfg, tmp_path / "out", "--max_steps=2", "--ckpt_interval=1")
-    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
+    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001"]
     ck = runtime.load_checkpoint(str(tmp_path / "out"))  # sha256 verified: untouched
     assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
@@ -187,6 +188,7 @@ def test_another_tokenizer_identity_is_refused_unless_allowed(tmp_path, cfg, one
     ck = runtime.load_checkpoint(str(out))
     assert ck["tokenizer"]["n_vocab"] > 0
     ck["tokenizer"] = dict(ck["tokenizer"], name="other-tokenizer", sha256="0" * 64)  # same vocabulary size
+    shutil.rmtree(out / "ckpt_00000001")  # in its place the single file of an older run (which still resumes)
     runtime.save_checkpoint(str(out), 1, {k: v for k, v in ck.items() if k not in ("format", "step")}, keep=3)
     ckpt = str(out / "ckpt_00000001.pt")
     for how in (["--resume", f"--out_dir={out}"], [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'b'}"]):
@@ -195,7 +197,7 @@ def test_another_tokenizer_identity_is_refused_unless_allowed(tmp_path, cfg, one
             train.train([cfg, *SHORT, "--max_steps=2", *how])
     capsys.readouterr()
     s = run(cfg, out, "--max_steps=2", "--resume", "--allow_tokenizer_change=True")
-    assert s["step"] == 2 and ckpt_names(out) == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    assert s["step"] == 2 and ckpt_names(out) == ["ckpt_00000001.pt", "ckpt_00000002"]
     out = capsys.readouterr().out
     assert re.search(r"warning: .*trained with tokenizer other-tokenizer .*; continuing \(--allow_tokenizer_change\)",
                      out), out[-2000:]
@@ -239,7 +241,7 @@ def resumed_at_switch(tmp_path_factory, cfg):
     of step 3 and before the next checkpoint (simulated: the row is appended); resumed."""
     out = tmp_path_factory.mktemp("resumed") / "out"
     run(cfg, out, "--log_interval=2", f"--max_steps={SWITCH_STEP}")
-    assert ckpt_names(out) == [f"ckpt_{SWITCH_STEP:08d}.pt"]
+    assert ckpt_names(out) == [f"ckpt_{SWITCH_STEP:08d}"]
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": SWITCH_STEP, "event": "optimizer_switch", "from": "adamw", "to": "muon",
                             "phase": "decay"}) + "\n")
@@ -315,28 +317,34 @@ def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
 # ---------------------------------------------------------------- 9. a full disk
 
 def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch):
+    """The second checkpoint's data file fills the disk halfway (inside torch.distributed.checkpoint's writer,
+    in the background): the run stops at the next wait for it (the end of the run) with one line."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".ckpt_00000007.pt.tmp-123").write_bytes(b"partial")  # left by a run that died mid-write
-    real, calls = torch.save, []
+    (out / ".ckpt_00000007.pt.tmp-123").write_bytes(b"partial")  # left by runs that died mid-write
+    (out / ".ckpt_00000008.tmp-dcp").mkdir()
+    (out / ".ckpt_00000008.tmp-dcp" / "__0_0.distcp").write_bytes(b"partial")
+    from torch.distributed.checkpoint import filesystem
+    real = filesystem.FileSystem.create_stream
 
-    def full(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:  # the second checkpoint: the disk fills up halfway
-            f.write(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", full)
+    @contextlib.contextmanager
+    def full(self, path, mode):
+        with real(self, path, mode) as f:
+            if "ckpt_00000002" in str(path) and "w" in mode:
+                f.write(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            yield f
+    monkeypatch.setattr(filesystem.FileSystem, "create_stream", full)
     with pytest.raises(OSError) as e:
         run(cfg, out, "--max_steps=2", "--ckpt_interval=1")
     msg = str(e.value)
-    assert "\n" not in msg and f"could not write {out / 'ckpt_00000002.pt'} (No space left on device;" in msg
+    assert "\n" not in msg and f"could not write {out / 'ckpt_00000002'} (rank 0: No space left on device;" in msg
     assert re.search(r"\d+\.\d\d GiB free on its file system", msg), msg
     assert not [n for n in os.listdir(out) if ".tmp" in n or n.startswith("ckpt_00000002")]
-    assert ckpt_names(out) == ["ckpt_00000001.pt"] and runtime.load_checkpoint(str(out))["step"] == 1
+    assert ckpt_names(out) == ["ckpt_00000001"] and runtime.load_checkpoint(str(out))["step"] == 1
 
 
-# ---------------------------------------------------------------- 11. rank 0 writes the checkpoint under its own timeout
+# ---------------------------------------------------------------- 11. a checkpoint's write waits under its own timeout
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -348,9 +356,9 @@ def _slow_save_worker(rank, port, argv, slow_s):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    if rank == 0:  # slow storage: the write outlasts the collective timeout
-        real = runtime.save_checkpoint
-        runtime.save_checkpoint = lambda *a, **k: (time.sleep(slow_s), real(*a, **k))[1]
+    if rank == 0:  # slow storage: rank 0's share of the write outlasts the collective timeout
+        real = runtime._write_shards
+        runtime._write_shards = lambda *a, **k: (time.sleep(slow_s), real(*a, **k))[1]
     runtime.plot_runs = lambda *a, **k: None  # rank 0's drawing is not under test (the other rank waits for it)
     try:
         assert train.train(argv)["step"] == 1
@@ -368,7 +376,7 @@ def test_slow_checkpoint_write_outlasts_the_collective_timeout(tmp_path, cfg):
     # fork: the workers start with everything imported (a fresh interpreter per rank costs seconds)
     mp.start_processes(_slow_save_worker, args=(_free_port(), argv, timeout_s + 2), nprocs=2, join=True,
                        start_method="fork")
-    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
+    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001"]
 
 
 # ---------------------------------------------------------------- preemption: SIGTERM
@@ -397,7 +405,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(tmp_
                   stdout)
     assert m, stdout[-3000:]
     stopped = int(m.group(1))
-    assert 2 <= stopped <= 6 and ckpt_names(out) == [f"ckpt_{stopped:08d}.pt"]
+    assert 2 <= stopped <= 6 and ckpt_names(out) == [f"ckpt_{stopped:08d}"]
     assert run(cfg, out, "--log_interval=2", "--resume")["step"] == 6
     assert loss_rows(out) == loss_rows(uninterrupted)
     a, b = runtime.load_checkpoint(str(uninterrupted)), runtime.load_checkpoint(str(out))
