@@ -20,6 +20,7 @@ What a long run on shared machines needs, one section each:
 """
 import ast
 import contextlib
+import copy
 import fcntl
 import functools
 import hashlib
@@ -616,10 +617,11 @@ class Checkpointer:
         tensor} is alike on every rank, `owned` this rank's alone. Returns the seconds training waited."""
         t0 = time.perf_counter()
         self.wait()
+        meta = copy.deepcopy(meta) if self.rank == 0 else None  # the caller goes on changing what it refers to
         owner = replicated_share({k: v.numel() * v.element_size() for k, v in replicated.items()}, self.world)
         staged = self._stage({**{k: v for k, v in replicated.items() if owner[k] == self.rank}, **owned})
         self.outcome = {"step": step, "t0": t0}
-        self.thread = threading.Thread(target=self._write, args=(step, staged, meta if self.rank == 0 else None),
+        self.thread = threading.Thread(target=self._write, args=(step, staged, meta),
                                        name=f"checkpoint {step}", daemon=True)
         self.thread.start()
         self.outcome["blocking_s"] = time.perf_counter() - t0

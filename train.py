@@ -261,6 +261,8 @@ def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runti
         step += 1
         tokens += phase["batch"] * phase["seq_len"]
         meter.add(loss)
+        if due(step, cfg.ckpt_interval) or step == stop:  # the checkpoint in flight, if its write is slower than
+            wait_checkpoint(r)                           # ckpt_interval steps; a signal meanwhile is seen now
         step_s, t_polled = time.perf_counter() - t_polled, time.perf_counter()  # the whole last iteration
         stopping = runtime.max_over_ranks(preemption.poll(step_s, r.ckpt.write_s), r.world, r.device)
         if due(step, cfg.log_interval) or step == stop or stopping:
@@ -348,9 +350,10 @@ def wait_checkpoint(r: Run) -> None:
 def stop_early(r: Run, step: int, tokens: int, meter: runtime.Meter, first_bad: torch.Tensor, why: int,
                preemption: runtime.Preemption) -> None:
     """A signal or the time limit, after step `step`: a checkpoint made safe before the exit. The one in flight
-    is completed; then this step's own is written and completed, except after a signal when the last write's
-    duration says it would end past preempt_grace_s (counted from the signal): then the last one is kept, at
-    most ckpt_interval steps back. The time limit always writes it: stop_margin_s was kept free for it."""
+    is completed; then this step's own is written and completed, unless (after a signal) the last write's
+    duration says it would end past preempt_grace_s from the signal: then the last one is kept, at most
+    ckpt_interval steps back. So the run exits within preempt_grace_s of the signal whenever the rest of
+    the step and the write in flight fit in it. The time limit always writes it: stop_margin_s is for it."""
     wait_checkpoint(r)
     late = (why == runtime.STOP_SIGNAL and r.ckpt.write_s is not None
             and preemption.since_signal() + r.ckpt.write_s > r.cfg.preempt_grace_s)
@@ -359,7 +362,9 @@ def stop_early(r: Run, step: int, tokens: int, meter: runtime.Meter, first_bad: 
     else:
         write_checkpoint(r, step, tokens, meter, first_bad)
         wait_checkpoint(r)
-    r.summary["preempted"] = "time limit" if why == runtime.STOP_TIME else "preempted"
+    r.summary["preempted"] = (f"time limit ({preemption.limit:g} s)" if why == runtime.STOP_TIME else
+                              f"preempted ({preemption.signal or 'a signal to another rank'}, "
+                              f"{preemption.since_signal():.1f} s ago)")
 
 
 def checkpoint_parts(model, opts: Optimizers, world: int) -> tuple[dict, dict, dict]:
@@ -765,9 +770,9 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         tokens = curriculum_tokens(cfg.phases, 0, step)
         if r.summary["preempted"]:
             kept = r.summary.get("kept")
-            done = (f"the checkpoint {kept} is kept: this step's would have ended past preempt_grace_s="
-                    f"{cfg.preempt_grace_s}" if kept else "with a checkpoint")
-            say(f"{r.summary['preempted']}: stopped after step {step} {done}; continue with: "
+            done = (f"; {kept} is kept (this step's own would have ended past preempt_grace_s="
+                    f"{cfg.preempt_grace_s})" if kept else " with a checkpoint")
+            say(f"{r.summary['preempted']}: stopped after step {step}{done}; continue with: "
                 f"{runtime.launch_command('train.py', sys.argv[1:])}")
             return r.summary
         if world > 1:  # leave together: no rank tears the group down under another's last collective; before

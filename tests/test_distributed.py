@@ -18,6 +18,7 @@ import datetime
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -428,6 +429,22 @@ def test_torchrun_smoke_only_rank0_writes(tmp_path, tiny_data):
     assert {"ckpt_00000003", "config.json", "metrics.jsonl"} <= set(files) and not any(".tmp" in f for f in files)
     assert [os.path.basename(c) for c in runtime.list_checkpoints(str(out))] == ["ckpt_00000003"]
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(json.load(open(out / "ckpt_00000003" / "manifest.json"))["files"])
+
+
+def test_a_time_limit_under_torchrun_stops_both_ranks_and_names_the_torchrun_command(tmp_path, tiny_data):
+    """torchrun (its console script) with a time limit no second step fits into: both ranks stop after step 1
+    with a checkpoint and exit 0, and the hint repeats torchrun's own command line, flags and all, plus --resume."""
+    cfg = write_config(tmp_path / "c.py", tiny_data)
+    out = tmp_path / "out"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = ["--standalone", "--nproc_per_node=2", "--signals_to_handle=SIGTERM,SIGINT,SIGUSR1",
+            os.path.join(ROOT, "train.py"), cfg, *SHORT, f"--out_dir={out}", "--time_limit=1"]
+    rc, stdout, stderr = _launch([sys.executable, torchrun, *args], _env())
+    assert rc == 0, stderr[-3000:]
+    again = shlex.join(["torchrun", *args, "--resume"])
+    hint = f"time limit (1 s): stopped after step 1 with a checkpoint; continue with: {again}"
+    assert hint in stdout.splitlines(), stdout[-3000:]
+    assert [os.path.basename(c) for c in runtime.list_checkpoints(str(out))] == ["ckpt_00000001"]
 
 
 FAILING_RANK = textwrap.dedent("""

@@ -14,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -379,37 +380,102 @@ def test_slow_checkpoint_write_outlasts_the_collective_timeout(tmp_path, cfg):
     assert ckpt_names(tmp_path / "out") == ["ckpt_00000001"]
 
 
-# ---------------------------------------------------------------- preemption: SIGTERM
+# ---------------------------------------------------------------- preemption: SIGTERM, a time limit
 
-def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(tmp_path, cfg, uninterrupted):
+SLOW_WRITE = textwrap.dedent("""
+    import os, runpy, sys, time
+    import runtime
+    real = runtime._write_shards
+    def slow(*a, **k):  # a slow file system: every rank's share takes XM_SLOW_S longer to write
+        time.sleep(float(os.environ["XM_SLOW_S"]))
+        return real(*a, **k)
+    runtime._write_shards = slow
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+@pytest.mark.parametrize("slow_s,grace_s,keeps_the_last", [(1.5, 10, False), (3.0, 4, True)])
+def test_sigterm_with_a_slow_file_system_exits_0_within_the_grace(tmp_path, cfg, uninterrupted, slow_s, grace_s,
+                                                                  keeps_the_last):
+    """A checkpoint every step, each write slowed to slow_s; SIGTERM right after step 2's row, while step 2's
+    checkpoint is being written. The run finishes step 3, completes the write in flight and then writes step
+    3's own if it ends within preempt_grace_s of the signal (1.5 + 1.5 s < 10 s), else keeps step 2's (3 + 3 s
+    > 4 s); either way it exits 0 within the grace, and the resumed run equals the uninterrupted one."""
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), cfg, *SHORT, f"--out_dir={out}",
-                          "--log_interval=2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    (tmp_path / "slow.py").write_text(SLOW_WRITE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, XM_SLOW_S=str(slow_s))
+    p = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), os.path.join(ROOT, "train.py"), cfg, *SHORT,
+                          f"--out_dir={out}", "--log_interval=2", "--ckpt_interval=1", f"--preempt_grace_s={grace_s}"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in p.stdout:
             lines.append(line)
-            if re.match(r"step \d+/6 ", line):  # the first step line
+            if line.startswith("step 2/6 "):
                 p.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
                 break
         rest, err = p.communicate(timeout=120)
+        exited = time.monotonic() - signalled
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
     stdout = "".join(lines) + rest
     assert p.returncode == 0, err[-3000:]
-    m = re.search(r"preempted: stopped after step (\d) with a checkpoint; continue with: python train.py .* --resume",
-                  stdout)
+    m = re.search(r"^preempted \(SIGTERM, ([\d.]+) s ago\): stopped after step (\d)(?: with a checkpoint|; (\S+) is kept "
+                  r"\(this step's own would have ended past preempt_grace_s=\d+\)); continue with: python train\.py .* "
+                  r"--resume$", stdout, re.M)
     assert m, stdout[-3000:]
-    stopped = int(m.group(1))
-    assert 2 <= stopped <= 6 and ckpt_names(out) == [f"ckpt_{stopped:08d}"]
+    safe_after, stopped, kept = float(m.group(1)), int(m.group(2)), m.group(3)
+    print(f"slow write {slow_s} s, grace {grace_s} s: checkpoint safe {safe_after:.1f} s after the signal, "
+          f"process gone after {exited:.1f} s")
+    assert stopped == 3 and safe_after <= grace_s and exited <= grace_s + 3  # + the interpreter's exit
+    last = runtime.list_checkpoints(str(out))[-1]
+    assert (kept == last and last.endswith("ckpt_00000002")) if keeps_the_last else (
+        kept is None and last.endswith("ckpt_00000003"))
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
     assert run(cfg, out, "--log_interval=2", "--resume")["step"] == 6
     assert loss_rows(out) == loss_rows(uninterrupted)
     a, b = runtime.load_checkpoint(str(uninterrupted)), runtime.load_checkpoint(str(out))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, cfg, uninterrupted, capsys):
+    """One second (in SLURM's form) with the default stop_margin_s of 60: no second step fits, so the run
+    stops after step 1 with its checkpoint, exit status 0; continued without a limit it equals the
+    uninterrupted run."""
+    out = tmp_path / "out"
+    s = run(cfg, out, "--log_interval=2", "--time_limit=00:00:01")
+    assert s["step"] == 1 and s["preempted"] == "time limit (1 s)" and ckpt_names(out) == ["ckpt_00000001"]
+    assert re.search(r"^time limit \(1 s\): stopped after step 1 with a checkpoint; continue with: python train\.py "
+                     r".*--resume$", capsys.readouterr().out, re.M)
+    assert run(cfg, out, "--log_interval=2", "--resume")["step"] == 6
+    assert loss_rows(out) == loss_rows(uninterrupted)
+
+
+def test_time_limit_keeps_room_for_a_step_and_the_final_checkpoint(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    p = runtime.Preemption(runtime.parse_duration("0:01:40"), margin_s=10)  # 100 s
+    try:
+        now[0] += 80
+        assert p.poll(step_s=5, ckpt_s=None) == 0                     # 20 s left: a 5 s step and 10 s margin fit
+        now[0] += 6
+        assert p.poll(step_s=5, ckpt_s=None) == runtime.STOP_TIME     # 14 s left
+        now[0] -= 16
+        assert p.poll(step_s=5, ckpt_s=30) == runtime.STOP_TIME       # 30 s left, but the last write took 30 s
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert p.poll(step_s=5, ckpt_s=None) == runtime.STOP_SIGNAL and p.signal == "SIGUSR1"
+    finally:
+        p.restore()
+    assert [runtime.parse_duration(v) for v in (90, 0, "", "1-02:03:04")] == [90.0, 0.0, 0.0, 93784.0]
+    for bad in ("1:2", "90s", -5):
+        with pytest.raises(ValueError, match="a duration"):
+            runtime.parse_duration(bad)
+    with pytest.raises(ValueError, match="config key 'time_limit': a duration is seconds or"):
+        train.validate(train.TrainConfig(time_limit="2h"))
 
 
 # ---------------------------------------------------------------- 10. the tools refuse nonsense in one line
