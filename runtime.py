@@ -803,15 +803,15 @@ def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None
         held.setdefault((v["checkpoint"], v["step"], v["tokens"]), []).append(r)
     if len(held) == 1:
         return
-    shared = f"every rank must see the same out_dir {out_dir!r}: a directory on a file system all nodes share"
+    cause = (f"out_dir {out_dir!r} is probably not shared: every rank must see the same one, a directory on a "
+             f"file system all nodes mount")
     none = [ranks for (path, *_), ranks in held.items() if path is None]
     if none:
-        found = {path: ranks for (path, *_), ranks in held.items() if path is not None}
-        raise ValueError(f"rank(s) {none[0]} found no checkpoint to resume from, while rank(s) " + "; ".join(
-            f"{ranks} found {path}" for path, ranks in found.items()) + f": {shared} (is it?)")
+        found = "; ".join(f"rank(s) {ranks} found {path}" for (path, *_), ranks in held.items() if path is not None)
+        raise ValueError(f"rank(s) {none[0]} found no checkpoint to resume from, while {found}: {cause}")
     raise ValueError("the ranks disagree on the checkpoint to resume from: " + "; ".join(
         f"rank(s) {ranks}: {path} (step {step}, {tokens:,} tokens)" for (path, step, tokens), ranks in held.items())
-        + f"; {shared}, written by one run at a time")
+        + f": {cause} (or another run wrote into it meanwhile)")
 
 
 def _agent_command() -> list[str] | None:

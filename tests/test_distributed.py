@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -384,6 +385,65 @@ def test_fp8_scales_are_identical_across_ranks(runs):
     # the control run without the all-reduce: the same check fails, so it does test the reduction
     local = res["fp8_local_amax"]
     assert any(not torch.equal(local[0]["model"][k], local[1]["model"][k]) for k in keys)
+
+
+# ---------------------------------------------------------------- every rank resumes from the same checkpoint
+
+def _view_worker(rank, init_file, argv, cases, results):
+    """One resume per case, rank 1 seeing out_dir through `case` (rank 0 sees it as it is); the error each
+    rank stops with, per case, into results/rank<R>.json."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    real, errors = runtime.list_checkpoints, {}
+    views = {"missing": lambda d: [], "older": lambda d: real(d)[:1], "same": real}
+    for case, out_dir in cases:
+        if rank == 1:
+            runtime.list_checkpoints = views[case]
+        try:
+            train.train([*argv, f"--out_dir={out_dir}", "--resume"])
+            errors[case] = None
+        except ValueError as e:
+            errors[case] = str(e)
+        runtime.list_checkpoints = real
+    with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
+        json.dump(errors, f)
+    runtime.exit_distributed()
+
+
+def test_ranks_that_see_different_checkpoints_stop_naming_the_ranks(tmp_path, tiny_data):
+    """A 1-rank run leaves checkpoints of steps 1 and 2; then 2 ranks resume it while rank 1 sees no checkpoint
+    (a node with its own out_dir), or only the older one, or (a copy) with a flipped byte in the file its share
+    of the verification holds. Every time both ranks stop before training, with the same error naming the
+    ranks and the likely cause; nothing was written into out_dir."""
+    cfg = write_config(tmp_path / "c.py", tiny_data)
+    argv = [cfg, *WS, "--ckpt_interval=1"]
+    out = tmp_path / "out"
+    train.train([*argv, f"--out_dir={out}", "--max_steps=2"])
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(out, corrupt)
+    files = sorted(json.load(open(corrupt / "ckpt_00000002" / "manifest.json"))["files"])
+    victim = corrupt / "ckpt_00000002" / files[1]  # the 2nd file: rank 1's to verify
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(raw)
+    before = sorted(os.listdir(out))
+    cases = [("missing", str(out)), ("older", str(out)), ("same", str(corrupt))]
+    mp.start_processes(_view_worker, args=(str(tmp_path / "rendezvous"), argv, cases, str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method="fork")
+    errors = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
+    assert errors[0] == errors[1]  # every rank stops, with the same words
+    first, second = (str(out / f"ckpt_{s:08d}") for s in (1, 2))
+    shared = f"out_dir {str(out)!r} is probably not shared: every rank must see the same one"
+    assert errors[0]["missing"].startswith(f"rank(s) [1] found no checkpoint to resume from, while rank(s) [0] "
+                                           f"found {second}: {shared}"), errors[0]["missing"]
+    assert errors[0]["older"].startswith(f"the ranks disagree on the checkpoint to resume from: rank(s) [0]: {second} "
+                                         f"(step 2, 128 tokens); rank(s) [1]: {first} (step 1, 64 tokens): {shared}")
+    assert errors[0]["same"] == (f"rank 1: {corrupt / 'ckpt_00000002'}: corrupt checkpoint ({files[1]}: sha256 "
+                                 f"differs from manifest.json); the previous checkpoint is {corrupt / 'ckpt_00000001'}: "
+                                 f"move the corrupt one aside to resume from it")
+    assert sorted(os.listdir(out)) == before
 
 
 # ---------------------------------------------------------------- real launches: torchrun, a dead rank, a hung rank
