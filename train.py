@@ -438,6 +438,8 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
                                       gradient_as_bucket_view=True)
     opts = Optimizers(mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
     step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, rank, world, device, say)
+    if world > 1 and 0 < step < stop_step(cfg):
+        settle_ddp_buckets(ddp, model, cfg.dtype, device)
     ckpt = runtime.Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, world, cfg.ckpt_timeout_s)
     sinks = None
     if rank == 0:
@@ -450,6 +452,24 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
                "sample": None, "preempted": False}
     run = Run(cfg, mcfg, rank, world, device, tok, mixture, model, ddp, opts, sinks, ckpt, say, summary)
     return run, step, tokens, unlogged
+
+
+def settle_ddp_buckets(ddp, model, dtype: str, device) -> None:
+    """A resumed run's buckets as the uninterrupted run's. DDP reduces its first iteration's gradients in one
+    bucket, then rebuilds its buckets in the order the gradients became ready. With more than two ranks the
+    ring all-reduce adds an element's addends in an order that depends on where the element lies in its
+    bucket, so the first step after a resume would round differently from the same step of the uninterrupted
+    run (which used the rebuilt buckets). One throwaway forward and backward on a dummy batch, its gradients
+    dropped and every buffer (FP8 amaxes and scales) put back, makes the rebuild happen here."""
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.zeros(1, 8, dtype=torch.long, device=device)
+    with runtime.autocast(device, dtype):
+        loss = ddp(x, x)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
 
 
 def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int):

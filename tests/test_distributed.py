@@ -567,3 +567,94 @@ def test_hung_rank_makes_rank0_exit_after_the_collective_timeout(tmp_path, tiny_
     assert "last step started per rank: {0: 2, 1: 2}" in err
     assert elapsed >= timeout_s  # a lower bound holds on any machine: it did wait for the timeout
     print(f"hung rank: rank 0 exited 1 after {elapsed:.1f} s (timeout {timeout_s} s)")
+
+
+# ---------------------------------------------------------------- two nodes, one lost, both relaunched with --resume
+
+SLOW_STEPS = textwrap.dedent("""
+    import os, runpy, sys, time
+    import data
+    real = data.Mixture.batch
+    def batch(self, step, micro, *a, **k):  # XM_STEP_S longer per step: time to kill a node mid-run
+        if micro == 0:
+            time.sleep(float(os.environ.get("XM_STEP_S", "0")))
+        return real(self, step, micro, *a, **k)
+    data.Mixture.batch = batch
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+# 10 steps of 4 sequences: each of the 4 ranks takes one per step; the AdamW -> Muon switch at step 6
+NODES = ["--phase.warmup.steps=2", "--phase.stable.steps=4", "--phase.decay.steps=3", "--phase.long.steps=1",
+         *(f"--phase.{p}.batch=4" for p in ("warmup", "stable", "decay", "long")), "--phase.long.seq_len=32",
+         "--micro_batch=1", "--ckpt_interval=2", "--eval_windows=4", "--sample_tokens=0"]
+
+
+def _start_node(tmp_path, name, store_port, run_id, argv, **env):
+    """One "node": torchrun for 2 local ranks of a 2-node job, meeting through the c10d rendezvous in the
+    store this test holds (bound to a port the OS chose: no port to race for). Output goes to NAME.log."""
+    log = open(tmp_path / f"{name}.log", "a")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{store_port}", f"--rdzv-id={run_id}", str(tmp_path / "slow.py"), *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _kill_node(p):
+    """A node lost: its torchrun agent and the ranks it started, SIGKILLed (the ranks are in sessions of
+    their own, so the agent's death alone would leave them running)."""
+    with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+        ranks = [int(pid) for pid in f.read().split()]
+    for pid in [p.pid, *ranks]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_two_nodes_one_killed_both_relaunched_with_resume_end_as_the_uninterrupted_run(tmp_path, tiny_data):
+    """2 nodes x 2 gloo ranks on localhost (two torchrun agents, c10d rendezvous), a checkpoint every 2 steps.
+    Once the checkpoint of step 4 is complete, one node is killed; the other node's ranks fail (a peer's
+    connection closed) and its torchrun exits. Both are relaunched with --resume: the run continues from the
+    latest complete checkpoint, across the AdamW -> Muon switch, and ends with the weights, the optimizer
+    state and the logged losses of an uninterrupted 4-rank run, bit for bit."""
+    cfg = write_config(tmp_path / "c.py", tiny_data)
+    (tmp_path / "slow.py").write_text(SLOW_STEPS)
+    argv = [os.path.join(ROOT, "train.py"), cfg, *NODES]
+    full, out = tmp_path / "full", tmp_path / "out"
+    rc, _, err = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                          *argv, f"--out_dir={full}"], _env())
+    assert rc == 0, err[-3000:]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    t0 = time.perf_counter()
+    nodes = [_start_node(tmp_path, n, store.port, "first", [*argv, f"--out_dir={out}", "--resume"], XM_STEP_S="0.5")
+             for n in ("a", "b")]
+    try:
+        deadline = time.monotonic() + 300  # a hang guard, no bound on the machine's speed
+        while not any(c.endswith("ckpt_00000004") for c in runtime.list_checkpoints(str(out))):
+            assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline, \
+                (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.05)
+        _kill_node(nodes[1])
+        assert nodes[0].wait(timeout=300) != 0  # the surviving node's job failed: a rank was lost
+        nodes[1].wait(timeout=60)
+        stopped = runtime.load_checkpoint(str(out))["step"]
+        assert 4 <= stopped < 10, stopped  # killed mid-run
+        nodes = [_start_node(tmp_path, n, store.port, "second", [*argv, f"--out_dir={out}", "--resume"])
+                 for n in ("a", "b")]
+        assert [p.wait(timeout=300) for p in nodes] == [0, 0], (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        for p in nodes:
+            _kill_group(p)
+    print(f"2 nodes x 2 ranks: killed after the checkpoint of step {stopped}, resumed and finished; "
+          f"{time.perf_counter() - t0:.0f} s")
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert f"resumed from {out / f'ckpt_{stopped:08d}'} at step {stopped}" in logs
+    a, b = runtime.load_checkpoint(str(full)), runtime.load_checkpoint(str(out))
+    assert a["step"] == b["step"] == 10 and a["optim"]["kind"] == b["optim"]["kind"] == "muon"
+    assert_models_equal(a["model"], b["model"])
+    for slot in ("rest", "hidden"):
+        sa, sb = a["optim"][slot]["state"], b["optim"][slot]["state"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), slot
+    rows = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(d / "metrics.jsonl"))  # noqa: E731
+                      if "loss" in r]
+    assert rows(out) == rows(full) and [r[0] for r in rows(full)] == list(range(1, 11))
