@@ -440,9 +440,10 @@ def test_ranks_that_see_different_checkpoints_stop_naming_the_ranks(tmp_path, ti
                                            f"found {second}: {shared}"), errors[0]["missing"]
     assert errors[0]["older"].startswith(f"the ranks disagree on the checkpoint to resume from: rank(s) [0]: {second} "
                                          f"(step 2, 128 tokens); rank(s) [1]: {first} (step 1, 64 tokens): {shared}")
+    previous = corrupt / "ckpt_00000001"
     assert errors[0]["same"] == (f"rank 1: {corrupt / 'ckpt_00000002'}: corrupt checkpoint ({files[1]}: sha256 "
-                                 f"differs from manifest.json); the previous checkpoint is {corrupt / 'ckpt_00000001'}: "
-                                 f"move the corrupt one aside to resume from it")
+                                 f"differs from manifest.json); the previous checkpoint is {previous}: move the "
+                                 f"corrupt one aside to resume from it")
     assert sorted(os.listdir(out)) == before
 
 
@@ -655,6 +656,7 @@ def test_two_nodes_one_killed_both_relaunched_with_resume_end_as_the_uninterrupt
     for slot in ("rest", "hidden"):
         sa, sb = a["optim"][slot]["state"], b["optim"][slot]["state"]
         assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), slot
-    rows = lambda d: [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(d / "metrics.jsonl"))  # noqa: E731
-                      if "loss" in r]
+    def rows(d):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(d / "metrics.jsonl"))
+                if "loss" in r]
     assert rows(out) == rows(full) and [r[0] for r in rows(full)] == list(range(1, 11))
