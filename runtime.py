@@ -668,8 +668,12 @@ class Checkpointer:
                 hashes["meta.pt"] = out.sha.hexdigest()
         except BaseException as e:  # DCP's CheckpointException is a BaseException
             error = _write_error(final, e)
-        error = self._complete(step, tmp, final, hashes, error)
-        self.outcome.update(path=final, error=error, total_s=time.perf_counter() - self.outcome["t0"])
+        try:
+            error = self._complete(step, tmp, final, hashes, error)
+        except BaseException as e:  # a rank is gone: the collectives themselves failed
+            error = f"could not complete {final}: the other ranks did not answer ({_first_failure(e)})"
+        finally:
+            self.outcome.update(path=final, error=error, total_s=time.perf_counter() - self.outcome["t0"])
 
     def _complete(self, step: int, tmp: str, final: str, hashes: dict, error: str | None) -> str | None:
         """Every rank's hashes and errors to rank 0, which publishes the checkpoint (or removes the partial one);
