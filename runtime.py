@@ -7,27 +7,37 @@ What a long run on shared machines needs, one section each:
 - the machine: CUDA, else Apple MPS, else the CPU; bf16 autocast only where the hardware runs it natively;
 - the config: a Python file of assignments, then `--key=value` overrides, checked against dataclasses,
   and `--help` generated from the dataclasses' own comments;
-- files: `atomic_write` (a reader sees the old file or the new one, never half of one), checkpoints with a
-  sha256 beside them (verified on load), keep-K, and one run per out_dir (`RunLock`);
-- the process group (torchrun's environment): set-up, a clean exit, and a failed collective explained
-  (which rank fell behind), a checkpoint written by rank 0 handed to the others through the store;
-- metrics: metrics.jsonl exact across resumes, TensorBoard / W&B sinks, throughput, preemption signals;
+- files: `atomic_write` (a reader sees the old file or the new one, never half of one), sha256 checksums,
+  and one run per out_dir (`RunLock`);
+- checkpoints: a directory per checkpoint that every rank writes its share of, in the background
+  (torch.distributed.checkpoint; `Checkpointer`), listed only once complete, a sha256 per file verified on
+  load (each rank its share), keep-K, resharded on load; single files (older runs, exports) load too;
+- the process group (torchrun's environment): set-up, a clean exit, a failed collective explained (which rank
+  fell behind), every rank checked to resume from the same checkpoint, the command that resumes;
+- metrics: metrics.jsonl exact across resumes, TensorBoard / W&B sinks, throughput;
+- stopping early: preemption signals and a wall-clock time limit;
 - the report: report.md and the loss plot (matplotlib, optional).
 """
 import ast
 import contextlib
+import copy
 import fcntl
+import functools
 import hashlib
 import inspect
 import json
 import os
+import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import typing
+import warnings
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -176,10 +186,14 @@ def build_config(cls, values: dict):
 
 
 def _check_type(key, value, tp):
-    if typing.get_origin(tp) is typing.Union:  # Optional[X]
-        if value is None:
+    if typing.get_origin(tp) is typing.Union:  # Optional[X], or one of several types (Union[int, str])
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        for option in options[:-1]:
+            with contextlib.suppress(ValueError):
+                return _check_type(key, value, option)
+        tp = options[-1]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, typing.get_origin(tp) or tp):
@@ -206,7 +220,7 @@ def is_number(x) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# files: atomic writes, checksums, checkpoints, one run per out_dir
+# files: atomic writes, checksums, one run per out_dir
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
@@ -243,7 +257,8 @@ def sha256_file(path) -> str:
 
 class HashingWriter:
     """A write-only file that hashes what passes through it: one pass over the bytes both writes and
-    checksums them (torch.save writes its zip sequentially; shards are appended)."""
+    checksums them (torch.save writes its zip sequentially; shards are appended; DCP appends tensors and asks
+    where it is: tell, fileno, close pass through to the file)."""
 
     def __init__(self, f):
         self.f, self.sha = f, hashlib.sha256()
@@ -255,59 +270,8 @@ class HashingWriter:
     def flush(self):
         self.f.flush()
 
-
-CKPT_FORMAT = "xmodel25-checkpoint-v1"
-_CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
-
-
-def save_checkpoint(out_dir: str, step: int, state: dict, keep: int) -> str:
-    """Write out_dir/ckpt_<step>.pt atomically (a crash or a full disk leaves the earlier checkpoints as they
-    were and no partial file under a checkpoint's name) with the sha256 of its bytes in ckpt_<step>.pt.sha256
-    (written just before the rename, so a listed checkpoint has its checksum), then prune all but the
-    newest `keep`."""
-    path = os.path.join(out_dir, f"ckpt_{step:08d}.pt")
-    with atomic_write(path, "wb") as f:
-        out = HashingWriter(f)
-        torch.save(dict(state, format=CKPT_FORMAT, step=step), out)
-        with atomic_write(path + ".sha256") as g:
-            g.write(out.sha.hexdigest() + "\n")
-    for old in list_checkpoints(out_dir)[:-keep]:
-        for p in (old, old + ".sha256"):
-            if os.path.exists(p):
-                os.remove(p)
-    return path
-
-
-def list_checkpoints(out_dir: str) -> list[str]:
-    """Complete checkpoints in out_dir, oldest first (a partial file left by a crash is never listed)."""
-    if not os.path.isdir(out_dir):
-        return []
-    return [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if _CKPT_RE.match(n)]
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint file, or a run directory's latest (weights_only: tensors and plain data, never code).
-    The file's sha256 must match the one written with it: flipped bytes are refused, naming the previous
-    good checkpoint."""
-    if os.path.isdir(path):
-        found = list_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}")
-        path = found[-1]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if os.path.exists(path + ".sha256") and sha256_file(path) != open(path + ".sha256").read().strip():
-        earlier = [p for p in list_checkpoints(os.path.dirname(path) or ".") if p < path]
-        hint = (f"the previous checkpoint is {earlier[-1]}: move the corrupt one aside to resume from it"
-                if earlier else "there is no earlier checkpoint in that directory")
-        raise ValueError(f"{path}: corrupt checkpoint (sha256 differs from {path}.sha256); {hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, foreign pickle, disallowed global, ...
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not an Xmodel-2.5 checkpoint of this project (format {CKPT_FORMAT})")
-    return ckpt
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 
 class RunLock:
@@ -331,13 +295,440 @@ class RunLock:
         self.f.truncate()
         self.f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
         self.f.flush()
-        for name in os.listdir(out_dir):  # partial files of a run that died mid-write (never listed, just space)
+        for name in os.listdir(out_dir):  # what a run that died mid-write left (never listed, just space)
+            path = os.path.join(out_dir, name)
             if ".tmp-" in name:
-                os.remove(os.path.join(out_dir, name))
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
     def release(self) -> None:
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints: a directory per checkpoint, every rank writing its share (torch.distributed.checkpoint)
+#
+# out_dir/ckpt_<step>/ holds
+#   __<rank>_0.distcp  a rank's share of the tensors (weights, optimizer state), DCP's files
+#   .metadata          DCP's index: which tensor lies where (a pickle, read through an allow-list)
+#   meta.pt            the rest, small: step, tokens, configs, tokenizer, RNG states, the optimizers' groups
+#   manifest.json      written last: the format, the step, the sha256 of every other file
+# It is written as out_dir/.ckpt_<step>.tmp-dcp and renamed by rank 0 once every rank's part is complete: a
+# listed checkpoint is whole. An older run's single file, ckpt_<step>.pt with its .sha256, still loads, and
+# `python -m tools.export --to_file CKPT OUT.pt` writes one.
+
+CKPT_FORMAT = "xmodel25-checkpoint-v1"   # the nested layout, as a single file's whole content and as read back
+CKPT_DIR_FORMAT = "xmodel25-dcp-v1"      # a checkpoint directory's manifest
+MANIFEST = "manifest.json"
+_CKPT_RE = re.compile(r"^ckpt_(\d{8})(\.pt)?$")
+
+
+def write_checkpoint_file(path: str, state: dict) -> str:
+    """A whole checkpoint (`state` in the nested layout read_checkpoint returns) as one file, written atomically
+    with the sha256 of its bytes in PATH.sha256 (renamed into place just before the file itself, so a listed
+    checkpoint has its checksum)."""
+    with atomic_write(path, "wb") as f:
+        out = HashingWriter(f)
+        torch.save(dict(state, format=CKPT_FORMAT), out)
+        with atomic_write(path + ".sha256") as g:
+            g.write(out.sha.hexdigest() + "\n")
+    return path
+
+
+def save_checkpoint(out_dir: str, step: int, state: dict, keep: int) -> str:
+    """out_dir/ckpt_<step>.pt as one file (write_checkpoint_file), then all but the newest `keep` checkpoints
+    removed. The trainer writes directories (Checkpointer); a single file is what an import writes."""
+    path = write_checkpoint_file(os.path.join(out_dir, f"ckpt_{step:08d}.pt"), dict(state, step=step))
+    prune_checkpoints(out_dir, keep)
+    return path
+
+
+def list_checkpoints(out_dir: str) -> list[str]:
+    """Complete checkpoints in out_dir, oldest first: directories holding their manifest (the last file
+    written) and single files. What a crash leaves half-written is never listed."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = []
+    for name in os.listdir(out_dir):
+        m, path = _CKPT_RE.match(name), os.path.join(out_dir, name)
+        if m and (m.group(2) or os.path.isfile(os.path.join(path, MANIFEST))):
+            found.append((int(m.group(1)), name, path))
+    return [path for *_, path in sorted(found)]
+
+
+def prune_checkpoints(out_dir: str, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints (a directory's manifest first: it is unlisted at once)."""
+    for old in list_checkpoints(out_dir)[:-keep]:
+        if os.path.isdir(old):
+            os.remove(os.path.join(old, MANIFEST))
+            shutil.rmtree(old)
+        else:
+            for p in (old, old + ".sha256"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(p)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint (directory or file) as given, or a run directory's latest."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint (ckpt_*) in {path}")
+        return found[-1]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _manifest(path: str) -> dict:
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a checkpoint directory ({MANIFEST}: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CKPT_DIR_FORMAT:
+        raise ValueError(f"{path}: not a checkpoint directory of this project (format {CKPT_DIR_FORMAT})")
+    return manifest
+
+
+def verify_checkpoint(path: str, rank: int = 0, world: int = 1) -> str | None:
+    """Check the sha256 of this rank's share of a checkpoint's files (every world-th, from `rank`; a single file
+    is one share): None if they match, else the error, naming the file and the previous good checkpoint."""
+    if os.path.isdir(path):
+        listed = sorted(_manifest(path)["files"].items())
+        files = [(os.path.join(path, name), digest, f"{name}: sha256 differs from {MANIFEST}")
+                 for name, digest in listed]
+    elif os.path.exists(path + ".sha256"):
+        files = [(path, open(path + ".sha256").read().strip(), f"sha256 differs from {path}.sha256")]
+    else:
+        files = []
+    for file, digest, why in files[rank::world]:
+        if not os.path.isfile(file):
+            why = f"{os.path.basename(file)} is missing"
+        elif sha256_file(file) == digest:
+            continue
+        return f"{path}: corrupt checkpoint ({why}); {_previous_hint(path)}"
+    return None
+
+
+def _previous_hint(path: str) -> str:
+    path = os.path.normpath(path)
+    found = [os.path.normpath(p) for p in list_checkpoints(os.path.dirname(path) or ".")]
+    earlier = found[:found.index(path)] if path in found else found
+    return (f"the previous checkpoint is {earlier[-1]}: move the corrupt one aside to resume from it" if earlier
+            else "there is no earlier checkpoint in that directory")
+
+
+def read_checkpoint(path: str, want=None) -> dict:
+    """A checkpoint's content in the nested layout ({"model": {name: tensor}, "optim": {"kind", "rest",
+    "hidden"}, "step", "tokens", "config", ...}), unverified (verify_checkpoint checks it). From a directory,
+    `want` picks the tensors to read: given the small part read first (meta.pt: step, configs, the optimizers'
+    groups), it returns a test of a tensor's flat key ("model/tok_emb.weight", "optim/rest/state/0/exp_avg"),
+    so that a rank reads only its own share of sharded optimizer state. All are read by default; a single
+    file is read whole. Nothing in either can execute code: tensors and plain data only."""
+    if not os.path.isdir(path):
+        return _read_file(path)
+    _manifest(path)
+    content = _read_file(os.path.join(path, "meta.pt"))
+    try:
+        tensors = _read_tensors(path, want(content) if want else None)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # a damaged index or data file
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if not type(e).__name__ == "CheckpointException":
+            raise
+        raise ValueError(f"{path}: not a readable checkpoint ({_first_failure(e)})") from None
+    for key, t in tensors.items():  # "optim/rest/state/3/exp_avg" -> content["optim"]["rest"]["state"][3]["exp_avg"]
+        *parents, leaf = [int(k) if k.isdigit() else k for k in key.split("/")]
+        node = content
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = t
+    return content
+
+
+def _read_file(path: str) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint file {path} does not exist") from None
+    except Exception as e:  # truncated zip, foreign pickle, disallowed global, ...
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not an Xmodel-2.5 checkpoint of this project (format {CKPT_FORMAT})")
+    return ckpt
+
+
+def _read_tensors(path: str, want) -> dict:
+    dcp, IndexReader, TensorsOnly = _dcp()
+    reader = IndexReader(path)
+    tensors = {}
+    for key, md in reader.read_metadata().state_dict_metadata.items():
+        if want is None or want(key):
+            if not isinstance(md, dcp.TensorStorageMetadata):
+                raise ValueError(f"{path}: entry {key!r} is not a tensor")
+            tensors[key] = torch.empty(md.size, dtype=md.properties.dtype)
+    if tensors:
+        _single_process_is_no_news()
+        dcp.load(tensors, storage_reader=reader, planner=TensorsOnly(), no_dist=True)
+    return tensors
+
+
+def _single_process_is_no_news() -> None:
+    # DCP warns on every save and load without a process group, even with no_dist=True, as asked here
+    warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized", UserWarning)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint (a directory, a single file, or a run directory's latest) verified whole and read whole, in
+    the nested layout: what the tools use. Flipped bytes are refused, naming the previous good checkpoint."""
+    path = resolve_checkpoint(path)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise ValueError(problem)
+    return read_checkpoint(path)
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """DCP's index (.metadata) is a pickle: only DCP's own metadata classes, torch.Size, dtypes and paths may be
+    named in it, so a crafted checkpoint cannot run code while it is read (its tensors are read with
+    torch.load(weights_only=True), and objects other than tensors are refused: _dcp's TensorsOnly)."""
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    METADATA = "torch.distributed.checkpoint.metadata"
+
+    def find_class(self, module, name):
+        found = (module, name) in self.ALLOWED or module == self.METADATA or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        obj = super().find_class(module, name) if found else None
+        if obj is None or module == self.METADATA and not (isinstance(obj, type) and obj.__module__ == module):
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a checkpoint index")
+        return obj
+
+
+@functools.cache
+def _dcp():
+    """torch.distributed.checkpoint (imported on first use: 0.7 s) and the reader and load planner that make
+    reading it safe: the index through _IndexUnpickler, and tensors only."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class IndexReader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(os.path.join(self.path, ".metadata"), "rb") as f:
+                metadata = _IndexUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class TensorsOnly(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # DCP would unpickle the object with weights_only=False
+            raise ValueError(f"checkpoint entry {read_item.dest_index.fqn!r} is a pickled object; only tensors "
+                             f"are read")
+
+    return dcp, IndexReader, TensorsOnly
+
+
+def replicated_share(sizes: dict, world: int) -> dict:
+    """{key: the rank that writes it} for entries every rank holds alike ({key: bytes}): the largest first, each
+    to the least-loaded rank. Every rank computes the same answer from the same entries, with no message."""
+    load, owner = [0] * world, {}
+    for key in sorted(sizes, key=lambda k: (-sizes[k], k)):
+        owner[key] = min(range(world), key=load.__getitem__)
+        load[owner[key]] += sizes[key]
+    return owner
+
+
+def _write_shards(tensors: dict, path: str, group) -> dict:
+    """This rank's tensors into the checkpoint directory `path` (one file per rank), with every other rank of
+    `group`: DCP's save, whose last act (rank 0 writing the index) all ranks wait for. Returns {file name:
+    sha256} of the files this rank wrote, hashed as they were written (no second pass over the bytes)."""
+    dcp = _dcp()[0]
+    _single_process_is_no_news()
+    writer = dcp.FileSystemWriter(path, single_file_per_rank=True, sync_files=True)
+    hashes = {}
+    writer.fs = _hashing_file_system(hashes)
+    dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=group is None)
+    return hashes
+
+
+def _hashing_file_system(hashes: dict):
+    """DCP's file system, with every file it writes hashed on the way (recorded in `hashes` by name, followed
+    through DCP's renames). Should DCP write by other means, rank 0 hashes what no rank reported (_publish)."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class HashingFileSystem(FileSystem):
+        @contextlib.contextmanager
+        def create_stream(self, path, mode):
+            with super().create_stream(path, mode) as f:
+                if "w" not in mode:
+                    yield f
+                    return
+                out = HashingWriter(f)
+                yield out
+            hashes[os.path.basename(path)] = out.sha.hexdigest()
+
+        def rename(self, path, new_path):
+            super().rename(path, new_path)
+            if os.path.basename(path) in hashes:
+                hashes[os.path.basename(new_path)] = hashes.pop(os.path.basename(path))
+
+    return HashingFileSystem()
+
+
+def _first_failure(error: BaseException) -> str:
+    """The first failure in one line: where DCP gathered one per rank (CheckpointException), with the rank."""
+    failures = getattr(error, "failures", None)  # {rank: (exception, traceback)}
+    where = ""
+    if failures:
+        rank, failure = sorted(failures.items())[0]
+        error, where = (failure[0] if isinstance(failure, tuple) else failure), f"rank {rank}: "
+    if isinstance(error, OSError) and error.strerror:
+        return where + error.strerror
+    return where + (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _write_error(path: str, error: BaseException) -> str:
+    """One line for a failed checkpoint write: the checkpoint, the first failure, the free space left."""
+    parent = os.path.dirname(path)
+    free = shutil.disk_usage(parent).free if os.path.isdir(parent) else 0
+    return f"could not write {path} ({_first_failure(error)}; {free / 2**30:.2f} GiB free on its file system)"
+
+
+class Checkpointer:
+    """The run's checkpoints, written by every rank at once, in the background (torch.distributed.checkpoint).
+
+    `save` is the part training waits for: it waits for the checkpoint still in flight (at most one is), copies
+    this rank's share of the tensors to CPU memory (training goes on changing the originals) and starts a thread
+    that writes them. A replicated tensor (the weights; optimizer state without ZeRO-1) is written by one rank
+    (replicated_share); a sharded one (ZeRO-1's optimizer state) by the rank that holds it, as it is: nothing is
+    gathered. The thread then hashes this rank's files; rank 0, once every rank's part is complete, writes
+    meta.pt's checksum and the manifest, renames .ckpt_<step>.tmp-dcp to ckpt_<step> and prunes to the newest
+    `keep`; every rank learns the outcome (`wait`). The thread's collectives run on a process group of their
+    own (gloo, timeout ckpt_timeout_s), so they never interleave with training's.
+
+    dcp.async_save is the same two halves (stage, then dcp.save in a thread), but it stages every tensor on
+    every rank and has no step after the write; this stages 1/world of the replicated state and completes the
+    checkpoint (checksums, manifest, rename) in the same thread."""
+
+    def __init__(self, out_dir: str, keep: int, rank: int = 0, world: int = 1, timeout_s: int = 3600):
+        self.out_dir, self.keep, self.rank, self.world = out_dir, keep, rank, world
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if world > 1 else None
+        self.thread, self.outcome = None, {}  # the write in flight; what it ended with
+        self.buffers = {}                     # the staging copies, reused by the next checkpoint
+        self.last = None                      # the last checkpoint this process completed
+        self.write_s = None                   # how long that one took, from save() to complete
+        self.timings = []                     # (step, seconds training waited, seconds to complete), per save
+
+    def save(self, step: int, meta: dict, replicated: dict, owned: dict) -> float:
+        """Start the checkpoint of `step`: `meta` is the small rest (rank 0's is written), `replicated` {flat key:
+        tensor} is alike on every rank, `owned` this rank's alone. Returns the seconds training waited."""
+        t0 = time.perf_counter()
+        self.wait()
+        meta = copy.deepcopy(meta) if self.rank == 0 else None  # the caller goes on changing what it refers to
+        owner = replicated_share({k: v.numel() * v.element_size() for k, v in replicated.items()}, self.world)
+        staged = self._stage({**{k: v for k, v in replicated.items() if owner[k] == self.rank}, **owned})
+        self.outcome = {"step": step, "t0": t0}
+        self.thread = threading.Thread(target=self._write, args=(step, staged, meta),
+                                       name=f"checkpoint {step}", daemon=True)
+        self.thread.start()
+        self.outcome["blocking_s"] = time.perf_counter() - t0
+        return self.outcome["blocking_s"]
+
+    def _stage(self, tensors: dict) -> dict:
+        """Copies of `tensors` in CPU memory, into the buffers of the previous checkpoint where the shapes are
+        the same (fresh pages cost as much as the copy; pinned ones make a GPU's copy fast and asynchronous)."""
+        old, self.buffers = self.buffers, {}
+        for key, t in tensors.items():
+            buf = old.get(key)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            self.buffers[key] = buf.copy_(t.detach(), non_blocking=True)
+        if any(t.device.type == "cuda" for t in tensors.values()):
+            torch.cuda.synchronize()
+        return dict(self.buffers)
+
+    def wait(self) -> str | None:
+        """Wait for the checkpoint in flight, if any. Returns the path of the last complete one; raises OSError
+        (on every rank) if the one in flight failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread, done = None, self.outcome
+            self.timings.append((done["step"], done["blocking_s"], done["total_s"]))
+            if done.get("error"):
+                raise OSError(done["error"])
+            self.last, self.write_s = done["path"], done["total_s"]
+        return self.last
+
+    def in_flight(self) -> bool:
+        return self.thread is not None
+
+    def _write(self, step: int, tensors: dict, meta: dict | None) -> None:
+        final = os.path.join(self.out_dir, f"ckpt_{step:08d}")
+        tmp = os.path.join(self.out_dir, f".ckpt_{step:08d}.tmp-dcp")
+        hashes, error = {}, None
+        try:
+            hashes = _write_shards(tensors, tmp, self.group)  # the first collective: a failure here is every rank's
+            if meta is not None:
+                with atomic_write(os.path.join(tmp, "meta.pt"), "wb") as f:
+                    out = HashingWriter(f)
+                    torch.save(dict(meta, format=CKPT_FORMAT, step=step), out)
+                hashes["meta.pt"] = out.sha.hexdigest()
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            error = _write_error(final, e)
+        try:
+            error = self._complete(step, tmp, final, hashes, error)
+        except BaseException as e:  # a rank is gone: the collectives themselves failed
+            error = f"could not complete {final}: the other ranks did not answer ({_first_failure(e)})"
+        finally:
+            self.outcome.update(path=final, error=error, total_s=time.perf_counter() - self.outcome["t0"])
+
+    def _complete(self, step: int, tmp: str, final: str, hashes: dict, error: str | None) -> str | None:
+        """Every rank's hashes and errors to rank 0, which publishes the checkpoint (or removes the partial one);
+        its outcome back to every rank. Returns the error, if any."""
+        parts = [(hashes, error)]
+        if self.group is not None:
+            parts = [None] * self.world if self.rank == 0 else None
+            dist.gather_object((hashes, error), parts, dst=0, group=self.group)
+        outcome = [None]
+        if self.rank == 0:
+            errors = [e for _, e in parts if e]
+            try:
+                if errors:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    outcome[0] = errors[0]
+                else:
+                    self._publish(step, tmp, final, {n: h for part, _ in parts for n, h in part.items()})
+            except OSError as e:
+                outcome[0] = _write_error(final, e)
+        if self.group is not None:
+            dist.broadcast_object_list(outcome, src=0, group=self.group)
+        return outcome[0]
+
+    def _publish(self, step: int, tmp: str, final: str, hashes: dict) -> None:
+        """Rank 0, every rank's part complete: the manifest (the sha256 of every file; rank 0 hashes what no
+        rank claimed: DCP's index, meta.pt) written last, then the rename that makes the checkpoint listed."""
+        for name in sorted(os.listdir(tmp)):
+            if name not in hashes:
+                hashes[name] = sha256_file(os.path.join(tmp, name))
+        with atomic_write(os.path.join(tmp, MANIFEST)) as f:
+            json.dump({"format": CKPT_DIR_FORMAT, "step": step, "world_size": self.world,
+                       "files": dict(sorted(hashes.items()))}, f, indent=1)
+        old = tmp + "-old"
+        if os.path.exists(final):  # the same step written again (a resumed run that stopped at once)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        fd = os.open(self.out_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself on disk
+        finally:
+            os.close(fd)
+        shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(self.out_dir, self.keep)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -411,38 +802,78 @@ def collective_failure(error: BaseException, timeout_s: int) -> CollectiveFailur
         f"ranks; last step started per rank: {steps}; {blame}. ({type(error).__name__}: {detail})")
 
 
-def checkpoint_handoff(rank: int, step: int, error: str | None, timeout_s: int) -> None:
-    """After rank 0 writes (or fails to write) the checkpoint of `step`, every rank learns the outcome through
-    the rendezvous store, waiting up to `timeout_s` (ckpt_timeout_s): a barrier would fail the whole job when
-    a 1.3B checkpoint on slow storage takes longer than the collective timeout."""
-    store, key = dist.distributed_c10d._get_default_store(), f"xmodel25/ckpt/{step}"
-    if rank == 0:
-        store.set(key, error or "ok")
-    else:
-        store.wait([key], timedelta(seconds=timeout_s))
-        outcome = store.get(key).decode()
-        if outcome != "ok":
-            raise OSError(f"rank 0 could not write the checkpoint of step {step}: {outcome}")
+def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None:
+    """After each rank found, verified (its share) and read the checkpoint to start from, one all_gather
+    compares what they hold: mine = {"checkpoint": path or None, "step", "tokens", "problem": an error or None}.
+    Raises ValueError on every rank, naming the ranks, if one found a damaged checkpoint, if some found none
+    while others did, or if they disagree (each node seeing its own out_dir is the usual cause)."""
+    views = [mine]
+    if world > 1:
+        views = [None] * world
+        dist.all_gather_object(views, mine)
+    problems = [(r, v["problem"]) for r, v in enumerate(views) if v["problem"]]
+    if problems:
+        raise ValueError(problems[0][1] if world == 1 else f"rank {problems[0][0]}: {problems[0][1]}")
+    held = {}
+    for r, v in enumerate(views):
+        held.setdefault((v["checkpoint"], v["step"], v["tokens"]), []).append(r)
+    if len(held) == 1:
+        return
+    cause = (f"out_dir {out_dir!r} is probably not shared: every rank must see the same one, a directory on a "
+             f"file system all nodes mount")
+    none = [ranks for (path, *_), ranks in held.items() if path is None]
+    if none:
+        found = "; ".join(f"rank(s) {ranks} found {path}" for (path, *_), ranks in held.items() if path is not None)
+        raise ValueError(f"rank(s) {none[0]} found no checkpoint to resume from, while {found}: {cause}")
+    raise ValueError("the ranks disagree on the checkpoint to resume from: " + "; ".join(
+        f"rank(s) {ranks}: {path} (step {step}, {tokens:,} tokens)" for (path, step, tokens), ranks in held.items())
+        + f": {cause} (or another run wrote into it meanwhile)")
+
+
+def _agent_command() -> list[str] | None:
+    """torchrun's own command line, as typed (Linux: the parent process's /proc entry), or None."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = [a.decode() for a in f.read().split(b"\0") if a]
+    except OSError:
+        return None
+    for i, a in enumerate(argv[:3]):
+        if os.path.basename(a) == "torchrun":
+            return ["torchrun", *argv[i + 1:]]
+        if a == "-m" and i + 1 < len(argv) and argv[i + 1] in ("torch.distributed.run", "torch.distributed.launch"):
+            return ["python", *argv[i:]]
+    return None
 
 
 def launch_command(script: str, argv: list[str]) -> str:
-    """The command that started this process, for a resume hint: `python SCRIPT ARGV`, or under torchrun its
-    node and process counts (a multi-node job also needs its rendezvous flags, which torchrun does not pass on)."""
-    args = " ".join([script, *argv])
+    """The command that started this run, for the resume hint, with --resume added unless it is there: under
+    torchrun the agent's own command line (every flag as typed: rendezvous, signals, shutdown timeout), else one
+    rebuilt from torchrun's environment (a multi-node job's rendezvous endpoint is not in it: HOST:PORT);
+    alone, `python SCRIPT ARGV`."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return f"python {args}"
-    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
-    rdzv = "" if nodes == "1" else " --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT"
-    return f"torchrun --nnodes={nodes} --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}{rdzv} {args}"
+        cmd = ["python", script, *argv]
+    else:
+        nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        rdzv = [] if nodes == "1" else ["--rdzv-backend=c10d", "--rdzv-endpoint=HOST:PORT"]
+        cmd = _agent_command() or ["torchrun", f"--nnodes={nodes}",
+                                   f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", *rdzv, script, *argv]
+    if not any(a == "--resume" or a.startswith("--resume=") for a in cmd):
+        cmd.append("--resume")
+    return shlex.join(cmd)
+
+
+def max_over_ranks(value: int, world: int, device) -> int:
+    """The largest of the ranks' values, on every rank (e.g. a stop reason that reached one rank first)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def any_rank(flag: bool, world: int, device) -> bool:
-    """True on every rank if it is True on any (e.g. a preemption signal that reached one rank first)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    """True on every rank if it is True on any."""
+    return bool(max_over_ranks(int(flag), world, device))
 
 
 def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -621,20 +1052,55 @@ class Meter:
         self.pause(tokens)
 
 
-class Preemption:
-    """SIGTERM / SIGUSR1 (how SLURM and Kubernetes announce preemption) set a flag; the loop finishes its
-    step, checkpoints and exits 0. `restore` puts the previous handlers back."""
+# ----------------------------------------------------------------------------------------------------
+# stopping early: a preemption signal, a wall-clock limit
 
-    def __init__(self):
-        self.flag, self.old = False, {}
+STOP_TIME, STOP_SIGNAL = 1, 2  # why a run stops early (the larger wins when ranks differ)
+
+
+def parse_duration(value) -> float:
+    """Seconds from a number of seconds or "[D-]HH:MM:SS" (SLURM's --time form); 0 or "" = no limit."""
+    if is_number(value):
+        if value < 0 or value != value:
+            raise ValueError(f"a duration must be >= 0 seconds, got {value!r}")
+        return float(value)
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)", str(value).strip())
+    if not (m or value == ""):
+        raise ValueError(f"a duration is seconds or [D-]HH:MM:SS, got {value!r}")
+    d, h, mi, s = (int(g or 0) for g in m.groups()) if m else (0, 0, 0, 0)
+    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+class Preemption:
+    """When to stop early, with a checkpoint, exit status 0. SIGTERM / SIGUSR1 (how SLURM, Kubernetes and
+    torchrun announce the end) set a flag, with the time it came; `time_limit_s` (this launch's wall-clock
+    budget) stops the run while another step and the final checkpoint still fit. `restore` puts the previous
+    signal handlers back."""
+
+    def __init__(self, time_limit_s: float = 0, margin_s: float = 0):
+        self.flag, self.signal, self.signalled_at, self.old = False, None, None, {}
+        self.limit, self.margin, self.t0 = time_limit_s, margin_s, time.monotonic()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 self.old[sig] = signal.signal(sig, self._set)
             except ValueError:  # not the main thread (e.g. a test harness): no signal handling
                 pass
 
-    def _set(self, *_):
+    def _set(self, signum, _frame):
+        if not self.flag:
+            self.signal, self.signalled_at = signal.Signals(signum).name, time.monotonic()
         self.flag = True
+
+    def poll(self, step_s: float, ckpt_s: float | None) -> int:
+        """STOP_SIGNAL after a signal; STOP_TIME when one more step (step_s) and then the final checkpoint (the
+        longer of margin_s and the last checkpoint's ckpt_s) would end past time_limit_s; else 0."""
+        if self.flag:
+            return STOP_SIGNAL
+        left = self.limit - (time.monotonic() - self.t0)
+        return STOP_TIME if self.limit and left < step_s + max(self.margin, ckpt_s or 0) else 0
+
+    def since_signal(self) -> float:
+        return time.monotonic() - self.signalled_at if self.signalled_at else 0.0
 
     def restore(self):
         for sig, h in self.old.items():

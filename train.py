@@ -37,7 +37,7 @@ import os
 import sys
 import time
 import typing
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -94,7 +94,10 @@ class TrainConfig:
     ckpt_interval: int = 0             # steps between checkpoints (0 = only at the end / at max_steps)
     keep_checkpoints: int = 3          # the newest K checkpoints are kept
     dist_timeout_s: int = 300          # a dead or hung rank fails the job after this long
-    ckpt_timeout_s: int = 3600         # how long the other ranks wait for rank 0 to write a checkpoint
+    ckpt_timeout_s: int = 3600         # how long a checkpoint's write may wait for the slowest rank
+    time_limit: typing.Union[int, str] = 0  # stop with a checkpoint before this wall time: s or "[D-]HH:MM:SS"
+    stop_margin_s: int = 60            # time_limit: kept free for the final checkpoint (or the last write time)
+    preempt_grace_s: int = 25          # SIGTERM/SIGUSR1: the step's checkpoint only if written by then (s)
     # dry-run cost model
     gpus: int = 0                      # the data-parallel size the dry run plans for (0 = the current one)
     gpu_peak_tflops: float = 989.0     # the GPU's dense bf16 peak (H100 SXM)
@@ -182,6 +185,7 @@ class Run:
     ddp: torch.nn.Module               # what forward/backward run through: DDP around `model` on several ranks
     opts: Optimizers                   # AdamW for everything, or Muon for the hidden matrices from the switch on
     sinks: runtime.Sinks | None        # metrics.jsonl (+ TensorBoard / W&B); rank 0 only
+    ckpt: runtime.Checkpointer         # checkpoints, every rank writing its share in the background
     say: typing.Callable               # print on rank 0, nothing elsewhere
     summary: dict                      # what run() returns: step, losses, evals, checkpoint, sample, preempted
 
@@ -239,6 +243,7 @@ def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runti
     params = list(r.model.parameters())
     cur_phase, mb, accum, t_start = None, 0, 0, time.perf_counter()
     meter = runtime.Meter(tokens, unlogged["loss_sum"], unlogged["steps"], r.device)
+    t_polled = t_start
     while step < stop:
         if r.world > 1:
             runtime.note_progress(r.rank, step)
@@ -255,8 +260,11 @@ def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runti
         step += 1
         tokens += phase["batch"] * phase["seq_len"]
         meter.add(loss)
-        preempted = runtime.any_rank(preemption.flag, r.world, r.device)
-        if due(step, cfg.log_interval) or step == stop or preempted:
+        if due(step, cfg.ckpt_interval) or step == stop:  # the checkpoint in flight, if its write is slower than
+            wait_checkpoint(r)                           # ckpt_interval steps; a signal meanwhile is seen now
+        step_s, t_polled = time.perf_counter() - t_polled, time.perf_counter()  # the whole last iteration
+        stopping = runtime.max_over_ranks(preemption.poll(step_s, r.ckpt.write_s), r.world, r.device)
+        if due(step, cfg.log_interval) or step == stop or stopping:
             check_finite(first_bad, cfg.out_dir)
             log_row(r, meter, step, tokens, phase, lr, grad_norm, closes=due(step, cfg.log_interval))
         elif step - start == 2:  # a first estimate of the whole run's time, long before the first log row
@@ -264,17 +272,18 @@ def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runti
             eta = curriculum_tokens(phases, step, stop) / tps / 60
             r.say(f"step {step}: {tps:,.0f} tok/s over the first steps; the whole run: about "
                   f"{(time.perf_counter() - t_start) / 60 + eta:.1f} min (ETA {eta:.1f} min)")
-        if due(step, cfg.ckpt_interval) or step == stop or preempted:  # before evaluating: never costs weights
-            write_checkpoint(r, step, tokens, meter, first_bad)
-        if preempted:
-            r.summary["preempted"] = True
+        if stopping:
+            stop_early(r, step, tokens, meter, first_bad, stopping, preemption)
             break
+        if due(step, cfg.ckpt_interval) or step == stop:  # before evaluating: never costs weights
+            write_checkpoint(r, step, tokens, meter, first_bad)
         if due(step, cfg.eval_interval) or step == stop:
             evaluate(r, step, tokens, phase)
         if due(step, cfg.ckpt_interval) or due(step, cfg.eval_interval) or step == stop:
             meter.pause()  # checkpoints and evaluations are not training time
     if step == stop and start == stop and stop:  # resumed a finished run: its final evaluation again
         evaluate(r, step, tokens, phases[phase_at(phases, step - 1)[0]])
+    wait_checkpoint(r)  # the last one (its write overlapped the final evaluation) complete before the end
     return step
 
 
@@ -311,28 +320,100 @@ def check_finite(first_bad: torch.Tensor, out_dir: str) -> None:
 
 
 def write_checkpoint(r: Run, step: int, tokens: int, meter: runtime.Meter, first_bad: torch.Tensor) -> None:
-    """Rank 0 writes the checkpoint of `step`, only if no step so far was non-finite and the weights are
-    finite; every rank learns whether it was written (an error on rank 0 stops all of them)."""
+    """Start the checkpoint of `step` (runtime.Checkpointer: every rank writes its share, in the background),
+    only if no step so far was non-finite and the weights are finite. Training waits only for the checkpoint
+    still in flight, if any (an error in writing it stops the run here, on every rank) and for the copy of its
+    own share to CPU memory."""
     check_finite(first_bad, r.cfg.out_dir)
     if not all(bool(torch.isfinite(p).all()) for p in r.model.parameters()):
         raise FloatingPointError(f"non-finite weights after step {step}: no checkpoint written; the last "
                                  f"good checkpoint in {r.cfg.out_dir} is kept as it was")
-    state = {"model": r.model.state_dict(), "optim": r.opts.state_dict(), "tokens": tokens,
-             "model_config": asdict(r.mcfg), "config": asdict(r.cfg), "tokenizer": r.tok.identity,
-             "log": {"loss_sum": runtime.all_reduce_mean(meter.loss, r.world).cpu(), "steps": meter.n},
-             "rng": {"cpu": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state(r.device) if r.device.type == "cuda" else None}}
-    error = None
-    if r.rank == 0:
-        try:
-            r.summary["checkpoint"] = runtime.save_checkpoint(r.cfg.out_dir, step, state, r.cfg.keep_checkpoints)
-            r.say(f"step {step}: checkpoint {r.summary['checkpoint']}")
-        except OSError as e:
-            error = str(e)
-    if r.world > 1:
-        runtime.checkpoint_handoff(r.rank, step, error, r.cfg.ckpt_timeout_s)
-    if error:
-        raise OSError(error)
+    wait_checkpoint(r)
+    optim, replicated, owned = checkpoint_parts(r.model, r.opts, r.world)
+    meta = {"optim": optim, "tokens": tokens, "model_config": asdict(r.mcfg), "config": asdict(r.cfg),
+            "tokenizer": r.tok.identity,
+            "log": {"loss_sum": runtime.all_reduce_mean(meter.loss, r.world).cpu(), "steps": meter.n},
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(r.device) if r.device.type == "cuda" else None}}
+    waited = r.ckpt.save(step, meta, replicated, owned)
+    r.say(f"step {step}: checkpoint started (training waited {waited:.2f} s; the rest is written in the background)")
+
+
+def wait_checkpoint(r: Run) -> None:
+    """Wait for the checkpoint in flight, if any: complete (and listed) when this returns."""
+    if r.ckpt.in_flight():
+        r.summary["checkpoint"] = r.ckpt.wait()
+        r.say(f"checkpoint {r.summary['checkpoint']} complete ({r.ckpt.write_s:.1f} s to write)")
+
+
+def stop_early(r: Run, step: int, tokens: int, meter: runtime.Meter, first_bad: torch.Tensor, why: int,
+               preemption: runtime.Preemption) -> None:
+    """A signal or the time limit, after step `step`: a checkpoint made safe before the exit. The one in flight
+    is completed; then this step's own is written and completed, unless (after a signal) the last write's
+    duration says it would end past preempt_grace_s from the signal: then the last one is kept, at most
+    ckpt_interval steps back. So the run exits within preempt_grace_s of the signal whenever the rest of
+    the step and the write in flight fit in it. The time limit always writes it: stop_margin_s is for it."""
+    wait_checkpoint(r)
+    late = (why == runtime.STOP_SIGNAL and r.ckpt.write_s is not None
+            and preemption.since_signal() + r.ckpt.write_s > r.cfg.preempt_grace_s)
+    if runtime.any_rank(late, r.world, r.device):
+        r.summary["kept"] = r.summary["checkpoint"]
+    else:
+        write_checkpoint(r, step, tokens, meter, first_bad)
+        wait_checkpoint(r)
+    r.summary["preempted"] = (f"time limit ({preemption.limit:g} s)" if why == runtime.STOP_TIME else
+                              f"preempted ({preemption.signal or 'a signal to another rank'}, "
+                              f"{preemption.since_signal():.1f} s ago)")
+
+
+def checkpoint_parts(model, opts: Optimizers, world: int) -> tuple[dict, dict, dict]:
+    """The model and the optimizers as runtime.Checkpointer takes them: ({"kind", "rest", "hidden"}: the
+    optimizers' param groups, {flat key: tensor} alike on every rank (the weights, unsharded optimizer state),
+    {flat key: tensor} of this rank alone (ZeRO-1's shards)). Keys: "model/NAME", "optim/SLOT/state/INDEX/NAME"."""
+    optim, replicated, owned = {"kind": opts.kind}, {}, {}
+    for slot, opt in (("rest", opts.rest), ("hidden", opts.hidden)):
+        state, optim[slot], sharded = optimizer_parts(opt, world)
+        (owned if sharded else replicated).update(
+            {f"optim/{slot}/state/{i}/{name}": v for i, s in state.items() for name, v in s.items()})
+    replicated.update({f"model/{k}": v for k, v in model.state_dict().items()})
+    return optim, replicated, owned
+
+
+def optimizer_parts(opt, world: int) -> tuple[dict, dict, bool]:
+    """An optimizer's checkpoint, with nothing gathered: (this rank's state {index: {name: tensor}}, the rest of
+    its state dict {"param_groups": ...}, whether the state is this rank's share only). Indices are torch's
+    state_dict numbering (the parameters of opt.param_groups in order), so the ranks' parts add up to the
+    unsharded optimizer's state_dict(). ZeRO-1's ZeroRedundancyOptimizer keeps its share in opt.optim (its
+    optimizer over this rank's partition), Muon(shard_state=True) its own in opt.state."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(params)}
+    zero = isinstance(opt, ZeroRedundancyOptimizer)
+    sharded = zero or (getattr(opt, "shard_state", False) and world > 1)
+    state = {index[id(p)]: dict(s) for p, s in (opt.optim if zero else opt).state.items()}
+    for i, s in state.items():
+        for name, v in s.items():
+            if not torch.is_tensor(v):
+                raise ValueError(f"optimizer state {name!r} of parameter {i} is a {type(v).__name__}, not a tensor: "
+                                 f"a checkpoint holds tensors")
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+              for g in opt.param_groups]
+    return state, {"param_groups": groups}, sharded
+
+
+def held_indices(opt, rank: int, world: int) -> set | None:
+    """The parameters (optimizer_parts' indices) whose state this rank keeps: ZeRO-1's partition, the matrices
+    Muon(shard_state) orthogonalizes here; None = all of them."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if isinstance(opt, ZeroRedundancyOptimizer):
+        mine = {id(p) for g in opt.optim.param_groups for p in g["params"]}
+    elif getattr(opt, "shard_state", False) and world > 1:
+        owners = opt.owners(world)
+        mine = {id(p) for p in params if owners[p] == rank}
+    else:
+        return None
+    return {i for i, p in enumerate(params) if id(p) in mine}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,7 +436,10 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       gradient_as_bucket_view=True)
     opts = Optimizers(mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
-    step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, device, say)
+    step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, rank, world, device, say)
+    if world > 1 and 0 < step < stop_step(cfg):
+        settle_ddp_buckets(ddp, model, cfg.dtype, device)
+    ckpt = runtime.Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, world, cfg.ckpt_timeout_s)
     sinks = None
     if rank == 0:
         runtime.start_metrics(cfg.out_dir, step if cfg.resume and step else None,
@@ -365,8 +449,26 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
         sinks = runtime.Sinks(cfg.out_dir, cfg.log_to, cfg.wandb_project, asdict(cfg))
     summary = {"step": step, "losses": [], "evals": [], "out_dir": cfg.out_dir, "checkpoint": None,
                "sample": None, "preempted": False}
-    run = Run(cfg, mcfg, rank, world, device, tok, mixture, model, ddp, opts, sinks, say, summary)
+    run = Run(cfg, mcfg, rank, world, device, tok, mixture, model, ddp, opts, sinks, ckpt, say, summary)
     return run, step, tokens, unlogged
+
+
+def settle_ddp_buckets(ddp, model, dtype: str, device) -> None:
+    """A resumed run's buckets as the uninterrupted run's. DDP reduces its first iteration's gradients in one
+    bucket, then rebuilds its buckets in the order the gradients became ready. With more than two ranks the
+    ring all-reduce adds an element's addends in an order that depends on where the element lies in its
+    bucket, so the first step after a resume would round differently from the same step of the uninterrupted
+    run (which used the rebuilt buckets). One throwaway forward and backward on a dummy batch, its gradients
+    dropped and every buffer (FP8 amaxes and scales) put back, makes the rebuild happen here."""
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.zeros(1, 8, dtype=torch.long, device=device)
+    with runtime.autocast(device, dtype):
+        loss = ddp(x, x)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
 
 
 def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int):
@@ -389,18 +491,24 @@ def data_schedule(cfg: TrainConfig) -> list[dict]:
              "weights": cfg.mixtures[p["mix"]], "name": f"phases[{i}] ({p['name']})"} for i, p in enumerate(cfg.phases)]
 
 
-def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, device, say) -> tuple[int, int, dict]:
-    """Continue from the latest checkpoint (--resume) or start from a checkpoint's weights (--init_from):
-    the model config and the tokenizer must be the run's. Returns (step, tokens, the unfinished log
-    interval: {"loss_sum", "steps"}) to start from."""
+def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, rank: int, world: int, device,
+            say) -> tuple[int, int, dict]:
+    """Continue from the latest checkpoint (--resume) or start from a checkpoint's weights (--init_from). Every
+    rank verifies its share of the checkpoint's files and reads what it needs (the weights, and of sharded
+    optimizer state its own share, whatever the world size that wrote it); then one collective compares what
+    the ranks found (runtime.agree_on_checkpoint). The model config and the tokenizer must be the run's.
+    Returns (step, tokens, the unfinished log interval: {"loss_sum", "steps"}) to start from."""
     fresh = {"loss_sum": torch.zeros(()), "steps": 0}
     found = runtime.list_checkpoints(cfg.out_dir) if cfg.resume else []
     if cfg.resume and not found:
         say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
     source = found[-1] if found else cfg.init_from
+    ckpt, problem = read_start(source, bool(found), opts, rank, world) if source else (None, None)
+    runtime.agree_on_checkpoint(rank, world, cfg.out_dir, {
+        "checkpoint": source if found else None, "problem": problem,
+        "step": ckpt["step"] if found and ckpt else 0, "tokens": ckpt["tokens"] if found and ckpt else 0})
     if not source:
         return 0, 0, fresh
-    ckpt = runtime.load_checkpoint(source)
     theirs = {**asdict(ModelConfig()), **ckpt["model_config"]}  # keys added since it was written: defaults
     diff = [k for k, v in asdict(mcfg).items() if theirs.get(k) != v and k not in EXECUTION_KEYS]
     if diff:
@@ -428,6 +536,32 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, d
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     say(f"resumed from {source} at step {ckpt['step']}")
     return ckpt["step"], ckpt["tokens"], ckpt.get("log") or fresh
+
+
+def read_start(source: str, resuming: bool, opts: Optimizers, rank: int, world: int) -> tuple[dict | None, str | None]:
+    """(what this rank needs of the checkpoint to start from, or None; the problem that stopped it, or None):
+    its share of the files verified, then the weights and, when resuming, the optimizer state this rank keeps
+    (the checkpoint's hidden-matrix optimizer put in place first: which matrices' state a rank keeps depends on
+    it). A problem is returned, not raised, so that every rank reaches the comparison of what they found."""
+    def want(meta):  # given the checkpoint's small part (meta.pt): which tensors to read
+        if not resuming or meta.get("optim") is None:
+            return lambda key: key.startswith("model/")
+        opts.use(meta["optim"]["kind"])
+        held = {"rest": held_indices(opts.rest, rank, world), "hidden": held_indices(opts.hidden, rank, world)}
+
+        def wanted(key: str) -> bool:  # "model/NAME" or "optim/SLOT/state/INDEX/NAME"
+            if not key.startswith("optim/"):
+                return True
+            _, slot, _, i, _ = key.split("/")
+            return held[slot] is None or int(i) in held[slot]
+        return wanted
+
+    try:
+        source = runtime.resolve_checkpoint(source)
+        problem = runtime.verify_checkpoint(source, rank, world)
+        return (None, problem) if problem else (runtime.read_checkpoint(source, want), None)
+    except (ValueError, OSError) as e:
+        return None, str(e)
 
 
 def evaluate(r: Run, step: int, tokens: int, phase: dict) -> None:
@@ -501,8 +635,8 @@ _RANGES = [
     (("mfu",), lambda v: 0 < v <= 1, "in (0, 1]"),
     (("micro_batch", "log_interval", "eval_windows", "eval_batch", "keep_checkpoints", "muon_ns_steps",
       "dist_timeout_s", "ckpt_timeout_s"), lambda v: v > 0, "a positive integer"),
-    (("max_steps", "eval_interval", "ckpt_interval", "sample_tokens", "gpus", "seed"), lambda v: v >= 0,
-     "an integer >= 0"),
+    (("max_steps", "eval_interval", "ckpt_interval", "sample_tokens", "gpus", "seed", "stop_margin_s",
+      "preempt_grace_s"), lambda v: v >= 0, "an integer >= 0"),
 ]
 
 
@@ -516,6 +650,10 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
             v = getattr(cfg, k)
             if not runtime.is_number(v) or (isinstance(v, float) and math.isnan(v)) or not ok(v):
                 raise ValueError(f"config key {k!r} must be {what}, got {v!r}")
+    try:
+        runtime.parse_duration(cfg.time_limit)
+    except ValueError as e:
+        raise ValueError(f"config key 'time_limit': {e}") from None
     if not (isinstance(cfg.log_to, list) and set(cfg.log_to) <= set(runtime.LOG_SINKS)):
         raise ValueError(f"config key 'log_to': a list of {runtime.LOG_SINKS}, got {cfg.log_to!r}")
     if cfg.eval_mix not in cfg.mixtures:
@@ -656,7 +794,8 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
     t_start = time.perf_counter()
     cfg.device, cfg.dtype = runtime.resolve_machine(cfg.device, cfg.dtype, say)
     lock = runtime.RunLock(cfg.out_dir) if master else None
-    preemption, r, world = runtime.Preemption(), None, 1
+    preemption = runtime.Preemption(runtime.parse_duration(cfg.time_limit), cfg.stop_margin_s)
+    r, world, broken = None, 1, False
     try:
         runtime.raise_open_files_limit()  # a memory map (a file descriptor) per data shard
         tok, mixture = build_data(cfg, mcfg, int(os.environ.get("RANK", 0)))  # before joining the group
@@ -668,8 +807,11 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         r.summary["step"] = step = train_loop(r, step, tokens, unlogged, preemption)
         tokens = curriculum_tokens(cfg.phases, 0, step)
         if r.summary["preempted"]:
-            say(f"preempted: stopped after step {step} with a checkpoint; continue with: "
-                f"{runtime.launch_command('train.py', sys.argv[1:])} --resume")
+            kept = r.summary.get("kept")
+            done = (f"; {kept} is kept (this step's own would have ended past preempt_grace_s="
+                    f"{cfg.preempt_grace_s})" if kept else " with a checkpoint")
+            say(f"{r.summary['preempted']}: stopped after step {step}{done}; continue with: "
+                f"{runtime.launch_command('train.py', sys.argv[1:])}")
             return r.summary
         if world > 1:  # leave together: no rank tears the group down under another's last collective; before
             dist.barrier()  # finish, so no rank waits (under dist_timeout_s) while rank 0 draws and samples
@@ -677,10 +819,14 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
             finish(r, t_start, tokens)
         return r.summary
     except RuntimeError as e:
-        if world > 1 and runtime.is_collective_failure(e) and not isinstance(e, runtime.CollectiveFailure):
+        broken = world > 1 and runtime.is_collective_failure(e)
+        if broken and not isinstance(e, runtime.CollectiveFailure):
             raise runtime.collective_failure(e, cfg.dist_timeout_s) from e
         raise
     finally:
+        if r and not broken:  # a checkpoint still in flight (an error stopped the run) completes before the exit
+            with suppress(OSError):
+                r.ckpt.wait()
         if r and r.sinks:
             r.sinks.close()
         preemption.restore()

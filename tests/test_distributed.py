@@ -18,6 +18,8 @@ import datetime
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,7 +280,7 @@ def test_two_rank_resume_across_the_switch_is_exact(runs):
         assert len(stop["losses"]) == 2 and stop["hidden_type"] == "AdamW" and resume["hidden_type"] == "Muon"
         assert stop["losses"] + resume["losses"] == full["losses"], r  # bit for bit
         assert_models_equal(resume["model"], full["model"])
-    assert [os.path.basename(p) for p in runtime.list_checkpoints(out["res"])] == ["ckpt_00000002.pt", "ckpt_00000006.pt"]
+    assert [os.path.basename(p) for p in runtime.list_checkpoints(out["res"])] == ["ckpt_00000002", "ckpt_00000006"]
 
 
 # ---------------------------------------------------------------- resume with another world size
@@ -331,12 +333,22 @@ def test_zero1_equals_unsharded_and_shards_the_state(runs):
     assert n_hidden == 2 * 4 and sum(held) == n_hidden and all(0 < h < n_hidden for h in held), held
 
 
-def test_zero1_checkpoint_is_consolidated_and_resume_is_exact(runs):
+def test_zero1_checkpoint_holds_each_ranks_shard_and_resume_is_exact(runs):
+    """Each rank wrote its own optimizer shard, nothing gathered: the momentum of the matrices a rank
+    orthogonalizes and the AdamW state of its ZeRO-1 partition lie in that rank's file; the weights (alike on
+    both) are split between the two files. Read whole, the checkpoint is the unsharded optimizer state."""
     res, out = runs
     for r in range(WORLD):
         assert res["zstop"][r]["losses"] + res["zresume"][r]["losses"] == res["zero"][r]["losses"], r
         assert_models_equal(res["zresume"][r]["model"], res["zero"][r]["model"])
-    ck = torch.load(os.path.join(out["zres"], "ckpt_00000004.pt"), weights_only=True)
+    path = os.path.join(out["zres"], "ckpt_00000004")
+    index = runtime._dcp()[1](path).read_metadata().storage_data  # DCP's index: where each tensor lies
+    where = {i.fqn: s.relative_path for i, s in index.items()}
+    for r in range(WORLD):
+        mine = [k for k, f in where.items() if f == f"__{r}_0.distcp"]
+        assert sum(k.startswith("optim/hidden/") for k in mine) == res["zstop"][r]["hidden_states"], r
+        assert any(k.startswith("model/") for k in mine) and any(k.startswith("optim/rest/") for k in mine), r
+    ck = runtime.load_checkpoint(path)
     assert ck["optim"]["kind"] == "muon"
     hidden = ck["optim"]["hidden"]["state"]  # every matrix's momentum, gathered from both ranks on rank 0
     assert sorted(hidden) == list(range(2 * 4)) and all(s["momentum_buffer"].dtype == torch.float32 for s in hidden.values())
@@ -373,6 +385,66 @@ def test_fp8_scales_are_identical_across_ranks(runs):
     # the control run without the all-reduce: the same check fails, so it does test the reduction
     local = res["fp8_local_amax"]
     assert any(not torch.equal(local[0]["model"][k], local[1]["model"][k]) for k in keys)
+
+
+# ---------------------------------------------------------------- every rank resumes from the same checkpoint
+
+def _view_worker(rank, init_file, argv, cases, results):
+    """One resume per case, rank 1 seeing out_dir through `case` (rank 0 sees it as it is); the error each
+    rank stops with, per case, into results/rank<R>.json."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    real, errors = runtime.list_checkpoints, {}
+    views = {"missing": lambda d: [], "older": lambda d: real(d)[:1], "same": real}
+    for case, out_dir in cases:
+        if rank == 1:
+            runtime.list_checkpoints = views[case]
+        try:
+            train.train([*argv, f"--out_dir={out_dir}", "--resume"])
+            errors[case] = None
+        except ValueError as e:
+            errors[case] = str(e)
+        runtime.list_checkpoints = real
+    with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
+        json.dump(errors, f)
+    runtime.exit_distributed()
+
+
+def test_ranks_that_see_different_checkpoints_stop_naming_the_ranks(tmp_path, tiny_data):
+    """A 1-rank run leaves checkpoints of steps 1 and 2; then 2 ranks resume it while rank 1 sees no checkpoint
+    (a node with its own out_dir), or only the older one, or (a copy) with a flipped byte in the file its share
+    of the verification holds. Every time both ranks stop before training, with the same error naming the
+    ranks and the likely cause; nothing was written into out_dir."""
+    cfg = write_config(tmp_path / "c.py", tiny_data)
+    argv = [cfg, *WS, "--ckpt_interval=1"]
+    out = tmp_path / "out"
+    train.train([*argv, f"--out_dir={out}", "--max_steps=2"])
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(out, corrupt)
+    files = sorted(json.load(open(corrupt / "ckpt_00000002" / "manifest.json"))["files"])
+    victim = corrupt / "ckpt_00000002" / files[1]  # the 2nd file: rank 1's to verify
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(raw)
+    before = sorted(os.listdir(out))
+    cases = [("missing", str(out)), ("older", str(out)), ("same", str(corrupt))]
+    mp.start_processes(_view_worker, args=(str(tmp_path / "rendezvous"), argv, cases, str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method="fork")
+    errors = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
+    assert errors[0] == errors[1]  # every rank stops, with the same words
+    first, second = (str(out / f"ckpt_{s:08d}") for s in (1, 2))
+    shared = f"out_dir {str(out)!r} is probably not shared: every rank must see the same one"
+    assert errors[0]["missing"].startswith(f"rank(s) [1] found no checkpoint to resume from, while rank(s) [0] "
+                                           f"found {second}: {shared}"), errors[0]["missing"]
+    assert errors[0]["older"].startswith(f"the ranks disagree on the checkpoint to resume from: rank(s) [0]: {second} "
+                                         f"(step 2, 128 tokens); rank(s) [1]: {first} (step 1, 64 tokens): {shared}")
+    previous = corrupt / "ckpt_00000001"
+    assert errors[0]["same"] == (f"rank 1: {corrupt / 'ckpt_00000002'}: corrupt checkpoint ({files[1]}: sha256 "
+                                 f"differs from manifest.json); the previous checkpoint is {previous}: move the "
+                                 f"corrupt one aside to resume from it")
+    assert sorted(os.listdir(out)) == before
 
 
 # ---------------------------------------------------------------- real launches: torchrun, a dead rank, a hung rank
@@ -415,8 +487,25 @@ def test_torchrun_smoke_only_rank0_writes(tmp_path, tiny_data):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # one writer: no row twice
     assert stdout.count("step 3/6") == 1 and "2 ranks" in stdout
     files = os.listdir(out)
-    assert {"ckpt_00000003.pt", "config.json", "metrics.jsonl"} <= set(files) and not any(".tmp" in f for f in files)
-    assert [os.path.basename(c) for c in runtime.list_checkpoints(str(out))] == ["ckpt_00000003.pt"]
+    assert {"ckpt_00000003", "config.json", "metrics.jsonl"} <= set(files) and not any(".tmp" in f for f in files)
+    assert [os.path.basename(c) for c in runtime.list_checkpoints(str(out))] == ["ckpt_00000003"]
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(json.load(open(out / "ckpt_00000003" / "manifest.json"))["files"])
+
+
+def test_a_time_limit_under_torchrun_stops_both_ranks_and_names_the_torchrun_command(tmp_path, tiny_data):
+    """torchrun (its console script) with a time limit no second step fits into: both ranks stop after step 1
+    with a checkpoint and exit 0, and the hint repeats torchrun's own command line, flags and all, plus --resume."""
+    cfg = write_config(tmp_path / "c.py", tiny_data)
+    out = tmp_path / "out"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    args = ["--standalone", "--nproc_per_node=2", "--signals_to_handle=SIGTERM,SIGINT,SIGUSR1",
+            os.path.join(ROOT, "train.py"), cfg, *SHORT, f"--out_dir={out}", "--time_limit=1"]
+    rc, stdout, stderr = _launch([sys.executable, torchrun, *args], _env())
+    assert rc == 0, stderr[-3000:]
+    again = shlex.join(["torchrun", *args, "--resume"])
+    hint = f"time limit (1 s): stopped after step 1 with a checkpoint; continue with: {again}"
+    assert hint in stdout.splitlines(), stdout[-3000:]
+    assert [os.path.basename(c) for c in runtime.list_checkpoints(str(out))] == ["ckpt_00000001"]
 
 
 FAILING_RANK = textwrap.dedent("""
@@ -479,3 +568,95 @@ def test_hung_rank_makes_rank0_exit_after_the_collective_timeout(tmp_path, tiny_
     assert "last step started per rank: {0: 2, 1: 2}" in err
     assert elapsed >= timeout_s  # a lower bound holds on any machine: it did wait for the timeout
     print(f"hung rank: rank 0 exited 1 after {elapsed:.1f} s (timeout {timeout_s} s)")
+
+
+# ---------------------------------------------------------------- two nodes, one lost, both relaunched with --resume
+
+SLOW_STEPS = textwrap.dedent("""
+    import os, runpy, sys, time
+    import data
+    real = data.Mixture.batch
+    def batch(self, step, micro, *a, **k):  # XM_STEP_S longer per step: time to kill a node mid-run
+        if micro == 0:
+            time.sleep(float(os.environ.get("XM_STEP_S", "0")))
+        return real(self, step, micro, *a, **k)
+    data.Mixture.batch = batch
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+# 10 steps of 4 sequences: each of the 4 ranks takes one per step; the AdamW -> Muon switch at step 6
+NODES = ["--phase.warmup.steps=2", "--phase.stable.steps=4", "--phase.decay.steps=3", "--phase.long.steps=1",
+         *(f"--phase.{p}.batch=4" for p in ("warmup", "stable", "decay", "long")), "--phase.long.seq_len=32",
+         "--micro_batch=1", "--ckpt_interval=2", "--eval_windows=4", "--sample_tokens=0"]
+
+
+def _start_node(tmp_path, name, store_port, run_id, argv, **env):
+    """One "node": torchrun for 2 local ranks of a 2-node job, meeting through the c10d rendezvous in the
+    store this test holds (bound to a port the OS chose: no port to race for). Output goes to NAME.log."""
+    log = open(tmp_path / f"{name}.log", "a")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{store_port}", f"--rdzv-id={run_id}", str(tmp_path / "slow.py"), *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(**env), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _kill_node(p):
+    """A node lost: its torchrun agent and the ranks it started, SIGKILLed (the ranks are in sessions of
+    their own, so the agent's death alone would leave them running)."""
+    with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+        ranks = [int(pid) for pid in f.read().split()]
+    for pid in [p.pid, *ranks]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_two_nodes_one_killed_both_relaunched_with_resume_end_as_the_uninterrupted_run(tmp_path, tiny_data):
+    """2 nodes x 2 gloo ranks on localhost (two torchrun agents, c10d rendezvous), a checkpoint every 2 steps.
+    Once the checkpoint of step 4 is complete, one node is killed; the other node's ranks fail (a peer's
+    connection closed) and its torchrun exits. Both are relaunched with --resume: the run continues from the
+    latest complete checkpoint, across the AdamW -> Muon switch, and ends with the weights, the optimizer
+    state and the logged losses of an uninterrupted 4-rank run, bit for bit."""
+    cfg = write_config(tmp_path / "c.py", tiny_data)
+    (tmp_path / "slow.py").write_text(SLOW_STEPS)
+    argv = [os.path.join(ROOT, "train.py"), cfg, *NODES]
+    full, out = tmp_path / "full", tmp_path / "out"
+    rc, _, err = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                          *argv, f"--out_dir={full}"], _env())
+    assert rc == 0, err[-3000:]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    t0 = time.perf_counter()
+    nodes = [_start_node(tmp_path, n, store.port, "first", [*argv, f"--out_dir={out}", "--resume"], XM_STEP_S="0.5")
+             for n in ("a", "b")]
+    try:
+        deadline = time.monotonic() + 300  # a hang guard, no bound on the machine's speed
+        while not any(c.endswith("ckpt_00000004") for c in runtime.list_checkpoints(str(out))):
+            assert all(p.poll() is None for p in nodes) and time.monotonic() < deadline, \
+                (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.05)
+        _kill_node(nodes[1])
+        assert nodes[0].wait(timeout=300) != 0  # the surviving node's job failed: a rank was lost
+        nodes[1].wait(timeout=60)
+        stopped = runtime.load_checkpoint(str(out))["step"]
+        assert 4 <= stopped < 10, stopped  # killed mid-run
+        nodes = [_start_node(tmp_path, n, store.port, "second", [*argv, f"--out_dir={out}", "--resume"])
+                 for n in ("a", "b")]
+        assert [p.wait(timeout=300) for p in nodes] == [0, 0], (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        for p in nodes:
+            _kill_group(p)
+    print(f"2 nodes x 2 ranks: killed after the checkpoint of step {stopped}, resumed and finished; "
+          f"{time.perf_counter() - t0:.0f} s")
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert f"resumed from {out / f'ckpt_{stopped:08d}'} at step {stopped}" in logs
+    a, b = runtime.load_checkpoint(str(full)), runtime.load_checkpoint(str(out))
+    assert a["step"] == b["step"] == 10 and a["optim"]["kind"] == b["optim"]["kind"] == "muon"
+    assert_models_equal(a["model"], b["model"])
+    for slot in ("rest", "hidden"):
+        sa, sb = a["optim"][slot]["state"], b["optim"][slot]["state"]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i]), slot
+    def rows(d):
+        return [(r["step"], r["loss"], r["grad_norm"]) for r in map(json.loads, open(d / "metrics.jsonl"))
+                if "loss" in r]
+    assert rows(out) == rows(full) and [r[0] for r in rows(full)] == list(range(1, 11))

@@ -3,6 +3,7 @@
 The runs use a 6-step curriculum (warmup 1, stable 2 on AdamW, decay 2 and long 1 on Muon: the switch is at
 step 3) of 2 x 16 (long: 1 x 32) on the tiny model of conftest.py; most scenarios stop after one or two steps.
 """
+import contextlib
 import errno
 import json
 import os
@@ -13,6 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -62,7 +64,7 @@ def test_failing_final_evaluation_keeps_the_final_checkpoint(tmp_path, cfg, monk
     monkeypatch.setattr(train, "evaluate", broken)
     with pytest.raises(RuntimeError, match="the evaluation died"):
         run(cfg, tmp_path / "out", "--max_steps=1")
-    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
+    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001"]
     assert runtime.load_checkpoint(str(tmp_path / "out"))["step"] == 1
 
 
@@ -166,7 +168,7 @@ def test_non_finite_weights_never_enter_a_checkpoint(tmp_path, cfg, monkeypatch)
     monkeypatch.setattr(train.Optimizers, "step", step)
     with pytest.raises(FloatingPointError, match="non-finite weights after step 2: no checkpoint written"):
         run(cfg, tmp_path / "out", "--max_steps=2", "--ckpt_interval=1")
-    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
+    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001"]
     ck = runtime.load_checkpoint(str(tmp_path / "out"))  # sha256 verified: untouched
     assert ck["step"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
@@ -187,6 +189,7 @@ def test_another_tokenizer_identity_is_refused_unless_allowed(tmp_path, cfg, one
     ck = runtime.load_checkpoint(str(out))
     assert ck["tokenizer"]["n_vocab"] > 0
     ck["tokenizer"] = dict(ck["tokenizer"], name="other-tokenizer", sha256="0" * 64)  # same vocabulary size
+    shutil.rmtree(out / "ckpt_00000001")  # in its place the single file of an older run (which still resumes)
     runtime.save_checkpoint(str(out), 1, {k: v for k, v in ck.items() if k not in ("format", "step")}, keep=3)
     ckpt = str(out / "ckpt_00000001.pt")
     for how in (["--resume", f"--out_dir={out}"], [f"--init_from={ckpt}", f"--out_dir={tmp_path / 'b'}"]):
@@ -195,7 +198,7 @@ def test_another_tokenizer_identity_is_refused_unless_allowed(tmp_path, cfg, one
             train.train([cfg, *SHORT, "--max_steps=2", *how])
     capsys.readouterr()
     s = run(cfg, out, "--max_steps=2", "--resume", "--allow_tokenizer_change=True")
-    assert s["step"] == 2 and ckpt_names(out) == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    assert s["step"] == 2 and ckpt_names(out) == ["ckpt_00000001.pt", "ckpt_00000002"]
     out = capsys.readouterr().out
     assert re.search(r"warning: .*trained with tokenizer other-tokenizer .*; continuing \(--allow_tokenizer_change\)",
                      out), out[-2000:]
@@ -239,7 +242,7 @@ def resumed_at_switch(tmp_path_factory, cfg):
     of step 3 and before the next checkpoint (simulated: the row is appended); resumed."""
     out = tmp_path_factory.mktemp("resumed") / "out"
     run(cfg, out, "--log_interval=2", f"--max_steps={SWITCH_STEP}")
-    assert ckpt_names(out) == [f"ckpt_{SWITCH_STEP:08d}.pt"]
+    assert ckpt_names(out) == [f"ckpt_{SWITCH_STEP:08d}"]
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": SWITCH_STEP, "event": "optimizer_switch", "from": "adamw", "to": "muon",
                             "phase": "decay"}) + "\n")
@@ -315,28 +318,34 @@ def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
 # ---------------------------------------------------------------- 9. a full disk
 
 def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch):
+    """The second checkpoint's data file fills the disk halfway (inside torch.distributed.checkpoint's writer,
+    in the background): the run stops at the next wait for it (the end of the run) with one line."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".ckpt_00000007.pt.tmp-123").write_bytes(b"partial")  # left by a run that died mid-write
-    real, calls = torch.save, []
+    (out / ".ckpt_00000007.pt.tmp-123").write_bytes(b"partial")  # left by runs that died mid-write
+    (out / ".ckpt_00000008.tmp-dcp").mkdir()
+    (out / ".ckpt_00000008.tmp-dcp" / "__0_0.distcp").write_bytes(b"partial")
+    from torch.distributed.checkpoint import filesystem
+    real = filesystem.FileSystem.create_stream
 
-    def full(obj, f, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:  # the second checkpoint: the disk fills up halfway
-            f.write(b"\0" * 4096)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(obj, f, *a, **k)
-    monkeypatch.setattr(torch, "save", full)
+    @contextlib.contextmanager
+    def full(self, path, mode):
+        with real(self, path, mode) as f:
+            if "ckpt_00000002" in str(path) and "w" in mode:
+                f.write(b"\0" * 4096)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            yield f
+    monkeypatch.setattr(filesystem.FileSystem, "create_stream", full)
     with pytest.raises(OSError) as e:
         run(cfg, out, "--max_steps=2", "--ckpt_interval=1")
     msg = str(e.value)
-    assert "\n" not in msg and f"could not write {out / 'ckpt_00000002.pt'} (No space left on device;" in msg
+    assert "\n" not in msg and f"could not write {out / 'ckpt_00000002'} (rank 0: No space left on device;" in msg
     assert re.search(r"\d+\.\d\d GiB free on its file system", msg), msg
     assert not [n for n in os.listdir(out) if ".tmp" in n or n.startswith("ckpt_00000002")]
-    assert ckpt_names(out) == ["ckpt_00000001.pt"] and runtime.load_checkpoint(str(out))["step"] == 1
+    assert ckpt_names(out) == ["ckpt_00000001"] and runtime.load_checkpoint(str(out))["step"] == 1
 
 
-# ---------------------------------------------------------------- 11. rank 0 writes the checkpoint under its own timeout
+# ---------------------------------------------------------------- 11. a checkpoint's write waits under its own timeout
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -348,9 +357,9 @@ def _slow_save_worker(rank, port, argv, slow_s):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    if rank == 0:  # slow storage: the write outlasts the collective timeout
-        real = runtime.save_checkpoint
-        runtime.save_checkpoint = lambda *a, **k: (time.sleep(slow_s), real(*a, **k))[1]
+    if rank == 0:  # slow storage: rank 0's share of the write outlasts the collective timeout
+        real = runtime._write_shards
+        runtime._write_shards = lambda *a, **k: (time.sleep(slow_s), real(*a, **k))[1]
     runtime.plot_runs = lambda *a, **k: None  # rank 0's drawing is not under test (the other rank waits for it)
     try:
         assert train.train(argv)["step"] == 1
@@ -368,40 +377,105 @@ def test_slow_checkpoint_write_outlasts_the_collective_timeout(tmp_path, cfg):
     # fork: the workers start with everything imported (a fresh interpreter per rank costs seconds)
     mp.start_processes(_slow_save_worker, args=(_free_port(), argv, timeout_s + 2), nprocs=2, join=True,
                        start_method="fork")
-    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001.pt"]
+    assert ckpt_names(tmp_path / "out") == ["ckpt_00000001"]
 
 
-# ---------------------------------------------------------------- preemption: SIGTERM
+# ---------------------------------------------------------------- preemption: SIGTERM, a time limit
 
-def test_sigterm_checkpoints_exits_0_and_resume_equals_an_uninterrupted_run(tmp_path, cfg, uninterrupted):
+SLOW_WRITE = textwrap.dedent("""
+    import os, runpy, sys, time
+    import runtime
+    real = runtime._write_shards
+    def slow(*a, **k):  # a slow file system: every rank's share takes XM_SLOW_S longer to write
+        time.sleep(float(os.environ["XM_SLOW_S"]))
+        return real(*a, **k)
+    runtime._write_shards = slow
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+@pytest.mark.parametrize("slow_s,grace_s,keeps_the_last", [(1.5, 10, False), (3.0, 4, True)])
+def test_sigterm_with_a_slow_file_system_exits_0_within_the_grace(tmp_path, cfg, uninterrupted, slow_s, grace_s,
+                                                                  keeps_the_last):
+    """A checkpoint every step, each write slowed to slow_s; SIGTERM right after step 2's row, while step 2's
+    checkpoint is being written. The run finishes step 3, completes the write in flight and then writes step
+    3's own if it ends within preempt_grace_s of the signal (1.5 + 1.5 s < 10 s), else keeps step 2's (3 + 3 s
+    > 4 s); either way it exits 0 within the grace, and the resumed run equals the uninterrupted one."""
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), cfg, *SHORT, f"--out_dir={out}",
-                          "--log_interval=2"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    (tmp_path / "slow.py").write_text(SLOW_WRITE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, XM_SLOW_S=str(slow_s))
+    p = subprocess.Popen([sys.executable, str(tmp_path / "slow.py"), os.path.join(ROOT, "train.py"), cfg, *SHORT,
+                          f"--out_dir={out}", "--log_interval=2", "--ckpt_interval=1", f"--preempt_grace_s={grace_s}"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in p.stdout:
             lines.append(line)
-            if re.match(r"step \d+/6 ", line):  # the first step line
+            if line.startswith("step 2/6 "):
                 p.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
                 break
         rest, err = p.communicate(timeout=120)
+        exited = time.monotonic() - signalled
     finally:
         if p.poll() is None:
             p.kill()
             p.communicate()
     stdout = "".join(lines) + rest
     assert p.returncode == 0, err[-3000:]
-    m = re.search(r"preempted: stopped after step (\d) with a checkpoint; continue with: python train.py .* --resume",
-                  stdout)
+    m = re.search(r"^preempted \(SIGTERM, ([\d.]+) s ago\): stopped after step (\d)(?: with a checkpoint|; (\S+) is kept "
+                  r"\(this step's own would have ended past preempt_grace_s=\d+\)); continue with: python train\.py .* "
+                  r"--resume$", stdout, re.M)
     assert m, stdout[-3000:]
-    stopped = int(m.group(1))
-    assert 2 <= stopped <= 6 and ckpt_names(out) == [f"ckpt_{stopped:08d}.pt"]
+    safe_after, stopped, kept = float(m.group(1)), int(m.group(2)), m.group(3)
+    print(f"slow write {slow_s} s, grace {grace_s} s: checkpoint safe {safe_after:.1f} s after the signal, "
+          f"process gone after {exited:.1f} s")
+    assert stopped == 3 and safe_after <= grace_s and exited <= grace_s + 3  # + the interpreter's exit
+    last = runtime.list_checkpoints(str(out))[-1]
+    assert (kept == last and last.endswith("ckpt_00000002")) if keeps_the_last else (
+        kept is None and last.endswith("ckpt_00000003"))
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
     assert run(cfg, out, "--log_interval=2", "--resume")["step"] == 6
     assert loss_rows(out) == loss_rows(uninterrupted)
     a, b = runtime.load_checkpoint(str(uninterrupted)), runtime.load_checkpoint(str(out))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, cfg, uninterrupted, capsys):
+    """One second (in SLURM's form) with the default stop_margin_s of 60: no second step fits, so the run
+    stops after step 1 with its checkpoint, exit status 0; continued without a limit it equals the
+    uninterrupted run."""
+    out = tmp_path / "out"
+    s = run(cfg, out, "--log_interval=2", "--time_limit=00:00:01")
+    assert s["step"] == 1 and s["preempted"] == "time limit (1 s)" and ckpt_names(out) == ["ckpt_00000001"]
+    assert re.search(r"^time limit \(1 s\): stopped after step 1 with a checkpoint; continue with: python train\.py "
+                     r".*--resume$", capsys.readouterr().out, re.M)
+    assert run(cfg, out, "--log_interval=2", "--resume")["step"] == 6
+    assert loss_rows(out) == loss_rows(uninterrupted)
+
+
+def test_time_limit_keeps_room_for_a_step_and_the_final_checkpoint(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    p = runtime.Preemption(runtime.parse_duration("0:01:40"), margin_s=10)  # 100 s
+    try:
+        now[0] += 80
+        assert p.poll(step_s=5, ckpt_s=None) == 0                     # 20 s left: a 5 s step and 10 s margin fit
+        now[0] += 6
+        assert p.poll(step_s=5, ckpt_s=None) == runtime.STOP_TIME     # 14 s left
+        now[0] -= 16
+        assert p.poll(step_s=5, ckpt_s=30) == runtime.STOP_TIME       # 30 s left, but the last write took 30 s
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert p.poll(step_s=5, ckpt_s=None) == runtime.STOP_SIGNAL and p.signal == "SIGUSR1"
+    finally:
+        p.restore()
+    assert [runtime.parse_duration(v) for v in (90, 0, "", "1-02:03:04")] == [90.0, 0.0, 0.0, 93784.0]
+    for bad in ("1:2", "90s", -5):
+        with pytest.raises(ValueError, match="a duration"):
+            runtime.parse_duration(bad)
+    with pytest.raises(ValueError, match="config key 'time_limit': a duration is seconds or"):
+        train.validate(train.TrainConfig(time_limit="2h"))
 
 
 # ---------------------------------------------------------------- 10. the tools refuse nonsense in one line

@@ -264,9 +264,9 @@ def test_muon_sft_end_to_end(small, tmp_path):
         assert any(x.get("event") == "optimizer_switch" for x in rows["muon"])
         assert not any(x.get("event") == "optimizer_switch" for x in rows["adamw"])
     # a second call reuses every finished run and measures the same numbers
-    mtime = (runs / "s3" / "muon" / "ckpt_00000007.pt").stat().st_mtime_ns
+    mtime = (runs / "s3" / "muon" / "ckpt_00000007" / "manifest.json").stat().st_mtime_ns
     again = muon_sft.experiment(cfg, [3], str(tmp_path / "again"), str(runs), [], 1, 2, 2, "cpu", "float32")
-    assert (runs / "s3" / "muon" / "ckpt_00000007.pt").stat().st_mtime_ns == mtime
+    assert (runs / "s3" / "muon" / "ckpt_00000007" / "manifest.json").stat().st_mtime_ns == mtime
     assert again["muon"]["accuracy"] == r["muon"]["accuracy"] and again["muon"]["heldout_loss"] == r["muon"]["heldout_loss"]
     with pytest.raises(ValueError, match="no phase runs Muon"):
         muon_sft.switch_step([dict(phases[0])])

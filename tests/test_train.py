@@ -188,7 +188,7 @@ def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at):
     full_dir, full = uninterrupted
     cfg_b = write_config(tmp_path / "b.py", tiny_data, out_dir=str(tmp_path / "b"))
     first = train.train([cfg_b, f"--max_steps={stop_at}"])
-    assert first["step"] == stop_at and os.path.exists(tmp_path / "b" / f"ckpt_{stop_at:08d}.pt")
+    assert first["step"] == stop_at and os.path.isdir(tmp_path / "b" / f"ckpt_{stop_at:08d}")
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
         train.train([cfg_b])  # a fresh start never writes over another run
     rest = train.train([cfg_b, "--resume"])
@@ -270,10 +270,12 @@ def test_phase_mixtures_clipping_and_pruning_reach_the_run(tmp_path, tiny_data, 
     logged = [r["grad_norm"] for r in map(json.loads, open(tmp_path / "out" / "metrics.jsonl")) if "loss" in r]
     assert len(logged) == 10 and min(logged) > 100
     out = tmp_path / "out"
-    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_")) == [
-        "ckpt_00000009.pt", "ckpt_00000009.pt.sha256", "ckpt_00000010.pt", "ckpt_00000010.pt.sha256"]
-    for f in ("ckpt_00000009.pt", "ckpt_00000010.pt"):
-        assert open(out / (f + ".sha256")).read().strip() == hashlib.sha256((out / f).read_bytes()).hexdigest()
+    assert sorted(f for f in os.listdir(out) if "ckpt_" in f) == ["ckpt_00000009", "ckpt_00000010"]
+    for d in ("ckpt_00000009", "ckpt_00000010"):  # the manifest names every other file, with its sha256
+        manifest = json.load(open(out / d / "manifest.json"))
+        assert manifest["step"] == int(d[5:]) and set(manifest["files"]) == set(os.listdir(out / d)) - {"manifest.json"}
+        for f, digest in manifest["files"].items():
+            assert hashlib.sha256((out / d / f).read_bytes()).hexdigest() == digest, (d, f)
 
 
 def test_switch_keeps_adamw_state_of_embedding_and_norms(tmp_path, tiny_data):
@@ -306,7 +308,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data, monkeypat
     monkeypatch.setattr(model_mod.Xmodel, "forward", poisoned)
     with pytest.raises(FloatingPointError, match="at step 3"):
         train.train([cfg])
-    assert [os.path.basename(p) for p in runtime.list_checkpoints(str(tmp_path / "out"))] == ["ckpt_00000002.pt"]
+    assert [os.path.basename(p) for p in runtime.list_checkpoints(str(tmp_path / "out"))] == ["ckpt_00000002"]
     ck = runtime.load_checkpoint(str(tmp_path / "out"))
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
 
@@ -520,7 +522,7 @@ def test_fp8_history_advances_per_micro_batch_and_rolls_over_at_128(tmp_path, ti
     fp8_max = (448.0, 448.0, 57344.0)  # E4M3 for input and weight, E5M2 for grad_output
     evicted = 0
     for step in range(1, len(micro) + 1):
-        sd = runtime.load_checkpoint(str(tmp_path / "out" / f"ckpt_{step:08d}.pt"))["model"]
+        sd = runtime.load_checkpoint(str(tmp_path / "out" / f"ckpt_{step:08d}"))["model"]
         n = sum(micro[:step])
         for name, rec in seen.items():
             hist, scale = sd[f"{name}.amax_history"], sd[f"{name}.scale"]

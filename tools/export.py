@@ -2,6 +2,7 @@
 
     python -m tools.export CHECKPOINT OUT_DIR [--dtype float32|bfloat16] [--overwrite] [--max_position_embeddings N]
     python -m tools.export --import HF_DIR OUT_CKPT_DIR [--mup key=value ...]
+    python -m tools.export --to_file CHECKPOINT OUT.pt          # the trainer's checkpoint directory as one file
 
 Why this works without custom code. The Xmodel-2.5 block is a Llama block (pre-RMSNorm, GQA, RoPE with
 the half-split pairing, SwiGLU, no biases); μP adds only constant multipliers (model.py). Every one of
@@ -570,6 +571,14 @@ def load_any(path: str, tokenizer: str | None = None, device="cpu") -> tuple[Xmo
     return model, tok, info
 
 
+def to_file(checkpoint: str, out: str, overwrite: bool = False) -> str:
+    """A checkpoint (a directory written by the ranks of a run, or a run directory's latest) as one file in the
+    single-file layout (weights, optimizer state, configs; with its sha256 beside it), for tools elsewhere."""
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"{out!r} exists (--overwrite replaces it)")
+    return runtime.write_checkpoint_file(out, runtime.load_checkpoint(checkpoint))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.export",
                                  description="Export a checkpoint as a stock LlamaForCausalLM folder, or import one.")
@@ -581,10 +590,15 @@ def main(argv=None) -> None:
     ap.add_argument("--max_position_embeddings", type=int, default=None,
                     help="the context the export promises (default: the longest the checkpoint was trained at)")
     ap.add_argument("--import", dest="do_import", action="store_true", help="Llama folder -> checkpoint")
+    ap.add_argument("--to_file", "--to-file", action="store_true",
+                    help="a checkpoint (the trainer's directory, or a run's latest) -> one .pt file with its .sha256")
     ap.add_argument("--mup", action="append", default=[], metavar="KEY=VALUE",
                     help="import: ModelConfig fields for a folder without xmodel_mup (e.g. use_mup=false)")
     args = ap.parse_args(argv)
-    if args.do_import:
+    if args.to_file:
+        path = to_file(args.src, args.out, args.overwrite)
+        print(f"wrote {args.src} -> {path} (one file; its sha256 in {path}.sha256)")
+    elif args.do_import:
         path = import_to_checkpoint(args.src, args.out, tools.model_overrides(args.mup, "--mup"))
         print(f"imported {args.src} -> {path} (weights only: training from it starts fresh optimizer state)")
     else:

@@ -57,7 +57,7 @@ def switch_step(phases: list) -> tuple[int, int]:
 
 def run_to(argv: list[str], out_dir: str, step: int) -> None:
     """Train argv into out_dir up to `step`, continuing what is there; nothing to do if it got there."""
-    if os.path.exists(os.path.join(out_dir, f"ckpt_{step:08d}.pt")):
+    if any(os.path.basename(p).startswith(f"ckpt_{step:08d}") for p in runtime.list_checkpoints(out_dir)):
         print(f"muon_sft: reusing {out_dir} (step {step} reached)", flush=True)
         return
     if train.train(argv + [f"--out_dir={out_dir}", "--resume=True", "--keep_checkpoints=1"])["preempted"]:
@@ -65,7 +65,8 @@ def run_to(argv: list[str], out_dir: str, step: int) -> None:
 
 
 def branch_from(stable_dir: str, out_dir: str) -> None:
-    """A new run directory holding the stable run's last checkpoint, its checksum and its metrics."""
+    """A new run directory holding the stable run's last checkpoint (its directory, or a file and its checksum)
+    and its metrics."""
     if os.path.isdir(out_dir):
         return  # a branch started earlier: --resume continues it
     ckpt = runtime.list_checkpoints(stable_dir)[-1]
@@ -73,7 +74,9 @@ def branch_from(stable_dir: str, out_dir: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for path in (ckpt, ckpt + ".sha256", os.path.join(stable_dir, "metrics.jsonl")):
-        if os.path.exists(path):
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(tmp, os.path.basename(path)))
+        elif os.path.exists(path):
             shutil.copy2(path, tmp)
     os.replace(tmp, out_dir)
 
