@@ -599,6 +599,83 @@ def _write_error(path: str, error: BaseException) -> str:
     return f"could not write {path} ({_first_failure(error)}; {free / 2**30:.2f} GiB free on its file system)"
 
 
+def checkpoint_parts(model, optimizers: dict, world: int) -> tuple[dict, dict, dict]:
+    """A model and its optimizers ({slot: torch optimizer}) as Checkpointer takes them: ({slot: the optimizer's
+    param groups}, {flat key: tensor} alike on every rank (the weights, unsharded optimizer state), {flat key:
+    tensor} of this rank alone (ZeRO-1's shards)). Keys: "model/NAME", "optim/SLOT/state/INDEX/NAME"."""
+    optim, replicated, owned = {}, {}, {}
+    for slot, opt in optimizers.items():
+        state, optim[slot], sharded = optimizer_parts(opt, world)
+        (owned if sharded else replicated).update(
+            {f"optim/{slot}/state/{i}/{name}": v for i, s in state.items() for name, v in s.items()})
+    replicated.update({f"model/{k}": v for k, v in model.state_dict().items()})
+    return optim, replicated, owned
+
+
+def optimizer_parts(opt, world: int) -> tuple[dict, dict, bool]:
+    """An optimizer's checkpoint, with nothing gathered: (this rank's state {index: {name: tensor}}, the rest of
+    its state dict {"param_groups": ...}, whether the state is this rank's share only). Indices are torch's
+    state_dict numbering (the parameters of opt.param_groups in order), so the ranks' parts add up to the
+    unsharded optimizer's state_dict(). ZeRO-1's ZeroRedundancyOptimizer keeps its share in opt.optim (its
+    optimizer over this rank's partition), Muon(shard_state=True) its own in opt.state."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    index = {id(p): i for i, p in enumerate(params)}
+    zero = isinstance(opt, ZeroRedundancyOptimizer)
+    sharded = zero or (getattr(opt, "shard_state", False) and world > 1)
+    state = {index[id(p)]: dict(s) for p, s in (opt.optim if zero else opt).state.items()}
+    for i, s in state.items():
+        for name, v in s.items():
+            if not torch.is_tensor(v):
+                raise ValueError(f"optimizer state {name!r} of parameter {i} is a {type(v).__name__}, not a tensor: "
+                                 f"a checkpoint holds tensors")
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+              for g in opt.param_groups]
+    return state, {"param_groups": groups}, sharded
+
+
+def held_indices(opt, rank: int, world: int) -> set | None:
+    """The parameters (optimizer_parts' indices) whose state this rank keeps: ZeRO-1's partition, the matrices
+    Muon(shard_state) orthogonalizes here; None = all of them."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if isinstance(opt, ZeroRedundancyOptimizer):
+        mine = {id(p) for g in opt.optim.param_groups for p in g["params"]}
+    elif getattr(opt, "shard_state", False) and world > 1:
+        owners = opt.owners(world)
+        mine = {id(p) for p in params if owners[p] == rank}
+    else:
+        return None
+    return {i for i, p in enumerate(params) if id(p) in mine}
+
+
+def read_start(source: str, rank: int, world: int, optimizers_for) -> tuple[dict | None, str | None]:
+    """(what this rank needs of the checkpoint to start from, or None; the problem that stopped it, or None): its
+    share of the files verified, then the weights and the optimizer state this rank keeps of the optimizers
+    `optimizers_for(meta)` returns ({slot: optimizer}, set up from the checkpoint's small part meta.pt: which
+    state a rank keeps may depend on it; None: the weights alone). A problem is returned, not raised, so that
+    every rank reaches the comparison of what they found (agree_on_checkpoint)."""
+    def want(meta):
+        optimizers = optimizers_for(meta)
+        if optimizers is None:
+            return lambda key: key.startswith("model/")
+        held = {slot: held_indices(opt, rank, world) for slot, opt in optimizers.items()}
+
+        def wanted(key: str) -> bool:  # "model/NAME" or "optim/SLOT/state/INDEX/NAME"
+            if not key.startswith("optim/"):
+                return True
+            _, slot, _, i, _ = key.split("/")
+            return held[slot] is None or int(i) in held[slot]
+        return wanted
+
+    try:
+        source = resolve_checkpoint(source)
+        problem = verify_checkpoint(source, rank, world)
+        return (None, problem) if problem else (read_checkpoint(source, want), None)
+    except (ValueError, OSError) as e:
+        return None, str(e)
+
+
 class Checkpointer:
     """The run's checkpoints, written by every rank at once, in the background (torch.distributed.checkpoint).
 
@@ -800,6 +877,24 @@ def collective_failure(error: BaseException, timeout_s: int) -> CollectiveFailur
     return CollectiveFailure(
         f"rank {rank}: a collective failed or timed out (dist_timeout_s={timeout_s}) waiting for the other "
         f"ranks; last step started per rank: {steps}; {blame}. ({type(error).__name__}: {detail})")
+
+
+def settle_ddp_buckets(ddp, model, dtype: str, device) -> None:
+    """A resumed run's buckets as the uninterrupted run's. DDP reduces its first iteration's gradients in one
+    bucket, then rebuilds its buckets in the order the gradients became ready. With more than two ranks the
+    ring all-reduce adds an element's addends in an order that depends on where the element lies in its
+    bucket, so the first step after a resume would round differently from the same step of the uninterrupted
+    run (which used the rebuilt buckets). One throwaway forward and backward on a dummy batch, its gradients
+    dropped and every buffer (FP8 amaxes and scales) put back, makes the rebuild happen here."""
+    buffers = [b.clone() for b in model.buffers()]
+    x = torch.zeros(1, 8, dtype=torch.long, device=device)
+    with autocast(device, dtype):
+        loss = ddp(x, x)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers):
+            b.copy_(saved)
 
 
 def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None:

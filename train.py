@@ -329,7 +329,9 @@ def write_checkpoint(r: Run, step: int, tokens: int, meter: runtime.Meter, first
         raise FloatingPointError(f"non-finite weights after step {step}: no checkpoint written; the last "
                                  f"good checkpoint in {r.cfg.out_dir} is kept as it was")
     wait_checkpoint(r)
-    optim, replicated, owned = checkpoint_parts(r.model, r.opts, r.world)
+    optim, replicated, owned = runtime.checkpoint_parts(r.model, {"rest": r.opts.rest, "hidden": r.opts.hidden},
+                                                         r.world)
+    optim["kind"] = r.opts.kind
     meta = {"optim": optim, "tokens": tokens, "model_config": asdict(r.mcfg), "config": asdict(r.cfg),
             "tokenizer": r.tok.identity,
             "log": {"loss_sum": runtime.all_reduce_mean(meter.loss, r.world).cpu(), "steps": meter.n},
@@ -364,56 +366,10 @@ def stop_early(r: Run, step: int, tokens: int, meter: runtime.Meter, first_bad: 
     r.summary["preempted"] = (f"time limit ({preemption.limit:g} s)" if why == runtime.STOP_TIME else
                               f"preempted ({preemption.signal or 'a signal to another rank'}, "
                               f"{preemption.since_signal():.1f} s ago)")
-
-
-def checkpoint_parts(model, opts: Optimizers, world: int) -> tuple[dict, dict, dict]:
-    """The model and the optimizers as runtime.Checkpointer takes them: ({"kind", "rest", "hidden"}: the
-    optimizers' param groups, {flat key: tensor} alike on every rank (the weights, unsharded optimizer state),
-    {flat key: tensor} of this rank alone (ZeRO-1's shards)). Keys: "model/NAME", "optim/SLOT/state/INDEX/NAME"."""
-    optim, replicated, owned = {"kind": opts.kind}, {}, {}
-    for slot, opt in (("rest", opts.rest), ("hidden", opts.hidden)):
-        state, optim[slot], sharded = optimizer_parts(opt, world)
-        (owned if sharded else replicated).update(
-            {f"optim/{slot}/state/{i}/{name}": v for i, s in state.items() for name, v in s.items()})
-    replicated.update({f"model/{k}": v for k, v in model.state_dict().items()})
-    return optim, replicated, owned
-
-
-def optimizer_parts(opt, world: int) -> tuple[dict, dict, bool]:
-    """An optimizer's checkpoint, with nothing gathered: (this rank's state {index: {name: tensor}}, the rest of
-    its state dict {"param_groups": ...}, whether the state is this rank's share only). Indices are torch's
-    state_dict numbering (the parameters of opt.param_groups in order), so the ranks' parts add up to the
-    unsharded optimizer's state_dict(). ZeRO-1's ZeroRedundancyOptimizer keeps its share in opt.optim (its
-    optimizer over this rank's partition), Muon(shard_state=True) its own in opt.state."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    params = [p for g in opt.param_groups for p in g["params"]]
-    index = {id(p): i for i, p in enumerate(params)}
-    zero = isinstance(opt, ZeroRedundancyOptimizer)
-    sharded = zero or (getattr(opt, "shard_state", False) and world > 1)
-    state = {index[id(p)]: dict(s) for p, s in (opt.optim if zero else opt).state.items()}
-    for i, s in state.items():
-        for name, v in s.items():
-            if not torch.is_tensor(v):
-                raise ValueError(f"optimizer state {name!r} of parameter {i} is a {type(v).__name__}, not a tensor: "
-                                 f"a checkpoint holds tensors")
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
-              for g in opt.param_groups]
-    return state, {"param_groups": groups}, sharded
-
-
-def held_indices(opt, rank: int, world: int) -> set | None:
-    """The parameters (optimizer_parts' indices) whose state this rank keeps: ZeRO-1's partition, the matrices
-    Muon(shard_state) orthogonalizes here; None = all of them."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-    params = [p for g in opt.param_groups for p in g["params"]]
-    if isinstance(opt, ZeroRedundancyOptimizer):
-        mine = {id(p) for g in opt.optim.param_groups for p in g["params"]}
-    elif getattr(opt, "shard_state", False) and world > 1:
-        owners = opt.owners(world)
-        mine = {id(p) for p in params if owners[p] == rank}
-    else:
-        return None
-    return {i for i, p in enumerate(params) if id(p) in mine}
+    kept = (f"; {r.summary['kept']} is kept (this step's own would have ended past preempt_grace_s="
+            f"{r.cfg.preempt_grace_s})" if r.summary.get("kept") else " with a checkpoint")
+    r.say(f"{r.summary['preempted']}: stopped after step {step}{kept}; continue with: "
+          f"{runtime.launch_command('train.py', sys.argv[1:])}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,7 +394,7 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
     opts = Optimizers(mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
     step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, rank, world, device, say)
     if world > 1 and 0 < step < stop_step(cfg):
-        settle_ddp_buckets(ddp, model, cfg.dtype, device)
+        runtime.settle_ddp_buckets(ddp, model, cfg.dtype, device)
     ckpt = runtime.Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, world, cfg.ckpt_timeout_s)
     sinks = None
     if rank == 0:
@@ -451,24 +407,6 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
                "sample": None, "preempted": False}
     run = Run(cfg, mcfg, rank, world, device, tok, mixture, model, ddp, opts, sinks, ckpt, say, summary)
     return run, step, tokens, unlogged
-
-
-def settle_ddp_buckets(ddp, model, dtype: str, device) -> None:
-    """A resumed run's buckets as the uninterrupted run's. DDP reduces its first iteration's gradients in one
-    bucket, then rebuilds its buckets in the order the gradients became ready. With more than two ranks the
-    ring all-reduce adds an element's addends in an order that depends on where the element lies in its
-    bucket, so the first step after a resume would round differently from the same step of the uninterrupted
-    run (which used the rebuilt buckets). One throwaway forward and backward on a dummy batch, its gradients
-    dropped and every buffer (FP8 amaxes and scales) put back, makes the rebuild happen here."""
-    buffers = [b.clone() for b in model.buffers()]
-    x = torch.zeros(1, 8, dtype=torch.long, device=device)
-    with runtime.autocast(device, dtype):
-        loss = ddp(x, x)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for b, saved in zip(model.buffers(), buffers):
-            b.copy_(saved)
 
 
 def build_data(cfg: TrainConfig, mcfg: ModelConfig, rank: int):
@@ -503,7 +441,13 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, r
     if cfg.resume and not found:
         say(f"resume: no checkpoint in {cfg.out_dir}, starting from step 0")
     source = found[-1] if found else cfg.init_from
-    ckpt, problem = read_start(source, bool(found), opts, rank, world) if source else (None, None)
+    def optimizers_for(meta):  # the checkpoint's hidden-matrix optimizer first: it decides what a rank keeps
+        if not found or meta.get("optim") is None:
+            return None
+        opts.use(meta["optim"]["kind"])
+        return {"rest": opts.rest, "hidden": opts.hidden}
+
+    ckpt, problem = runtime.read_start(source, rank, world, optimizers_for) if source else (None, None)
     runtime.agree_on_checkpoint(rank, world, cfg.out_dir, {
         "checkpoint": source if found else None, "problem": problem,
         "step": ckpt["step"] if found and ckpt else 0, "tokens": ckpt["tokens"] if found and ckpt else 0})
@@ -536,32 +480,6 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, r
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     say(f"resumed from {source} at step {ckpt['step']}")
     return ckpt["step"], ckpt["tokens"], ckpt.get("log") or fresh
-
-
-def read_start(source: str, resuming: bool, opts: Optimizers, rank: int, world: int) -> tuple[dict | None, str | None]:
-    """(what this rank needs of the checkpoint to start from, or None; the problem that stopped it, or None):
-    its share of the files verified, then the weights and, when resuming, the optimizer state this rank keeps
-    (the checkpoint's hidden-matrix optimizer put in place first: which matrices' state a rank keeps depends on
-    it). A problem is returned, not raised, so that every rank reaches the comparison of what they found."""
-    def want(meta):  # given the checkpoint's small part (meta.pt): which tensors to read
-        if not resuming or meta.get("optim") is None:
-            return lambda key: key.startswith("model/")
-        opts.use(meta["optim"]["kind"])
-        held = {"rest": held_indices(opts.rest, rank, world), "hidden": held_indices(opts.hidden, rank, world)}
-
-        def wanted(key: str) -> bool:  # "model/NAME" or "optim/SLOT/state/INDEX/NAME"
-            if not key.startswith("optim/"):
-                return True
-            _, slot, _, i, _ = key.split("/")
-            return held[slot] is None or int(i) in held[slot]
-        return wanted
-
-    try:
-        source = runtime.resolve_checkpoint(source)
-        problem = runtime.verify_checkpoint(source, rank, world)
-        return (None, problem) if problem else (runtime.read_checkpoint(source, want), None)
-    except (ValueError, OSError) as e:
-        return None, str(e)
 
 
 def evaluate(r: Run, step: int, tokens: int, phase: dict) -> None:
@@ -807,11 +725,6 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         r.summary["step"] = step = train_loop(r, step, tokens, unlogged, preemption)
         tokens = curriculum_tokens(cfg.phases, 0, step)
         if r.summary["preempted"]:
-            kept = r.summary.get("kept")
-            done = (f"; {kept} is kept (this step's own would have ended past preempt_grace_s="
-                    f"{cfg.preempt_grace_s})" if kept else " with a checkpoint")
-            say(f"{r.summary['preempted']}: stopped after step {step}{done}; continue with: "
-                f"{runtime.launch_command('train.py', sys.argv[1:])}")
             return r.summary
         if world > 1:  # leave together: no rank tears the group down under another's last collective; before
             dist.barrier()  # finish, so no rank waits (under dist_timeout_s) while rank 0 draws and samples

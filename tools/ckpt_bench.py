@@ -10,7 +10,7 @@ gradients), then each writes a checkpoint `--repeat` times in both ways:
 - single file: `Optimizers.state_dict()` (with --zero1, the shards gathered on rank 0), then rank 0's
   runtime.save_checkpoint (torch.save through a sha256, fsync, rename) while the other ranks wait at a
   barrier. Every rank is blocked from the start to the barrier: that is the whole write.
-- directory: train.checkpoint_parts, then Checkpointer.save (what training waits for: the copy of this
+- directory: runtime.checkpoint_parts, then Checkpointer.save (what training waits for: the copy of this
   rank's share to CPU memory) and Checkpointer.wait (the rest: DCP's write, checksums, rank 0's manifest and
   rename, in the background while training goes on).
 
@@ -71,7 +71,7 @@ def single_file(out_dir: str, step: int, model, opts, rank: int, world: int) -> 
 def directory(ck: runtime.Checkpointer, step: int, model, opts, world: int) -> tuple[float, float]:
     """(seconds training waited, seconds until complete) for a checkpoint directory of this rank's share."""
     t0 = time.perf_counter()
-    optim, replicated, owned = train.checkpoint_parts(model, opts, world)
+    optim, replicated, owned = runtime.checkpoint_parts(model, {"rest": opts.rest, "hidden": opts.hidden}, world)
     blocked = time.perf_counter() - t0 + ck.save(step, {"optim": optim, "tokens": 0}, replicated, owned)
     ck.wait()
     return blocked, time.perf_counter() - t0
