@@ -291,6 +291,8 @@ class Xmodel(nn.Module):
         if cfg.fp8:
             from fp8 import FP8Linear
             self._fp8_layers = [m for m in self.modules() if isinstance(m, FP8Linear)]
+            for m in self._fp8_layers:  # hidden_states refreshes their cached FP8 weights, for compiled blocks too
+                m.owner_refreshes_weight = True
         self._fp8_recorded = False  # a training forward recorded FP8 amaxes that update_fp8_scales has not taken
 
     @property
@@ -307,6 +309,8 @@ class Xmodel(nn.Module):
             if self._fp8_recorded:  # a loop that never calls update_fp8_scales still gets its scales updated
                 self.update_fp8_scales()
             self._fp8_recorded = True
+        for m in self._fp8_layers:  # the FP8 weights of this forward (fp8.FP8Linear.refresh_fp8_weight), made here:
+            m.refresh_fp8_weight(self.training and torch.is_grad_enabled())  # compiled blocks cannot see a change
         cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_base, idx.device, start_pos)
         x = self.tok_emb(idx) * cfg.embed_mult
         for i, block in enumerate(self.blocks):

@@ -464,8 +464,9 @@ def test_fp8_linear_fused_cast_equals_the_separate_ops(interpret, backend, monke
         assert copies == [False] * 12  # 2 operands x 3 GEMMs x 2 steps: all K-major as they come (separate ops too)
     for got, want in zip(*runs.values()):
         assert all(torch.equal(a, b) for a, b in zip(got, want))
-    # per step: x [48, 32] and W [48, 32] in forward, dY [48, 48] in backward, each with its transpose
-    assert casts == [((48, 32), True), ((48, 32), True), ((48, 48), True)] * 2
+    # W [48, 32] once (it does not change here: the weight cache), per step x [48, 32] in forward and dY [48, 48]
+    # in backward, each with its transpose
+    assert casts == [((48, 32), True)] + [((48, 32), True), ((48, 48), True)] * 2
 
 
 def test_torch_gemm_falls_back_to_triton_off_cublas_shapes(interpret, backend, monkeypatch):
@@ -697,6 +698,100 @@ def test_state_dict_round_trip_resumes_exactly():
 def test_fp8_linear_state_dict_keys():
     model = nn.Sequential(fp8.FP8Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
     assert set(model.state_dict()) == {"0.weight", "0.amax_history", "0.scale", "2.weight"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight cache: the weight quantized once per optimizer step
+
+def uncached_forward(layer, x):
+    """The layer's output with the weight quantized in the forward itself (no cache), as it was before."""
+    real = fp8.WEIGHT_CACHE
+    fp8.WEIGHT_CACHE = False
+    try:
+        return layer(x)
+    finally:
+        fp8.WEIGHT_CACHE = real
+
+
+def test_weight_cache_follows_every_change_of_the_weight(backend):
+    """Whatever changes the weight, the next forward uses the new one, as a forward without the cache does: an
+    optimizer step (fused AdamW, which leaves the version counter alone: the global step hook sees it), an
+    in-place edit, load_state_dict, .to(). A write through .data outside an optimizer step is not seen, by
+    design: forget_fp8_weight() drops the cache. The cache is neither state nor a buffer (DDP broadcasts
+    buffers every forward)."""
+    backend("emulate")
+    torch.manual_seed(8)
+    layer = fp8.FP8Linear(16, 8)
+    x = torch.randn(5, 16)
+    linear_grads(layer, x, torch.randn(5, 8))
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    version = layer.weight._version
+    opt.step()
+    assert layer.weight._version == version  # why a version counter alone would not do
+
+    def check(why):
+        y = layer(x)
+        assert torch.equal(y, uncached_forward(layer, x)), why
+
+    check("fused AdamW step")
+    with torch.no_grad():
+        layer.weight.mul_(-1.5)
+    check("in-place edit")
+    other = fp8.FP8Linear(16, 8)
+    layer.load_state_dict(other.state_dict())
+    check("load_state_dict")
+    layer.to(torch.float64)
+    check(".to(float64)")
+    before = layer(x)
+    layer.weight.data.mul_(2)
+    assert torch.equal(layer(x), before)  # not seen...
+    layer.forget_fp8_weight()
+    check("forget_fp8_weight")  # ...until the cache is dropped
+    assert set(layer.state_dict()) == {"weight", "amax_history", "scale"}
+    assert {n for n, _ in layer.named_buffers()} == {"amax_history", "scale", "pending_amax"}
+
+
+def test_weight_cache_on_the_kernels_recasts_only_when_the_scale_moves(interpret, backend, monkeypatch):
+    """The kernel path (fused cast, Triton GEMM): 2 optimizer steps of 3 micro-batches equal the uncached
+    layer's bit for bit (outputs, gradients, FP8 state), the weight is cast once per step, and between the
+    micro-batches of a step the copy is recast in the kernel only when the weight's scale moved: with the
+    scales as they are it is left alone (a copy overwritten here with zeros stays zeros), with another scale
+    it is made again."""
+    backend("kernel")
+    g = torch.Generator().manual_seed(9)
+    data = [(torch.randn(24, 32, generator=g), torch.randn(24, 16, generator=g)) for _ in range(6)]
+    casts, real = [], fp8._triton_cast
+    monkeypatch.setattr(fp8, "_triton_cast", lambda x, *a: casts.append(tuple(x.shape)) or real(x, *a))
+
+    def run(cache):
+        monkeypatch.setattr(fp8, "WEIGHT_CACHE", cache)
+        torch.manual_seed(0)
+        layer = fp8.FP8Linear(32, 16)
+        opt = torch.optim.SGD(layer.parameters(), lr=2.0)  # big steps: the weight's amax moves
+        out, w_scales = [], []
+        for step in range(2):
+            for x, dy in data[3 * step:3 * step + 3]:
+                w_scales.append(layer.scale[WEIGHT].item())  # the scale this micro-batch quantizes W with
+                out += list(linear_grads(layer, x, dy)[:2]) + [layer.scale.clone()]
+            out.append(layer.weight.grad.clone())
+            opt.step()
+            opt.zero_grad()
+        return out + [layer.amax_history.clone()], layer, w_scales
+
+    ref, _, w_scales = run(False)
+    assert w_scales[3] != w_scales[4]  # moved between two micro-batches of the second step
+    casts.clear()
+    got, layer, _ = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert casts.count((16, 32)) == 2 and casts.count((24, 32)) == 6  # W once per optimizer step, x each time
+    x = data[0][0]
+    layer.eval()
+    layer(x)
+    layer._w_q.zero_()
+    layer.scale.copy_(layer.scale.clone())  # a new version, the same scales: the kernel leaves the copy alone
+    assert not layer(x).any()
+    layer.scale[WEIGHT] *= 0.5
+    assert torch.equal(layer(x), uncached_forward(layer, x)) and layer(x).any()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -734,6 +734,51 @@ def test_fp8_act_ckpt_and_a_bare_loop_equal_the_trainers_steps():
         assert all(torch.equal(ref_state[k], state[k]) for k in ref_state), (act_ckpt, call_update)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fp8_weight_cache_equals_quantizing_every_micro_batch(compiled, monkeypatch):
+    """Weights quantized once per optimizer step (fp8.WEIGHT_CACHE) against once per micro-batch, as before:
+    3 steps of 2 micro-batches with fused AdamW (which changes the weights without bumping their version
+    counters) give the same losses, gradients, weights and FP8 state bit for bit, eager and with the blocks
+    compiled (aot_eager, fullgraph: one graph, no recompiles). The weight is cast once per step and layer, and
+    its delayed scale does move between the two micro-batches of a step (the copy is recast then)."""
+    import fp8
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 97, (2, 13), generator=g) for _ in range(6)]
+    casts, real_cast = [], fp8._cast_weight
+    monkeypatch.setattr(fp8, "_cast_weight", lambda w, *a: casts.append(w.shape) or real_cast(w, *a))
+
+    def run(cache, compile_blocks):
+        monkeypatch.setattr(fp8, "WEIGHT_CACHE", cache)
+        torch._dynamo.reset()
+        model = tiny_model(fp8=True)
+        if compile_blocks:
+            for b in model.blocks:
+                b.compile(backend="aot_eager", fullgraph=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        out, w_scales = [], []
+        for step in range(3):
+            for b in batches[2 * step:2 * step + 2]:
+                w_scales.append(model.blocks[0].mlp.w_down.scale[1].item())  # what this micro-batch uses
+                loss = model(b[:, :-1], b[:, 1:])
+                loss.backward()
+                model.update_fp8_scales()
+                out.append(loss.detach())
+            out += [p.grad.clone() for p in model.parameters()]
+            opt.step()
+            opt.zero_grad()
+        return out + [v.clone() for v in model.state_dict().values()], w_scales
+
+    ref, w_scales = run(False, False)
+    assert casts == [] and w_scales[2] != w_scales[3] and w_scales[4] != w_scales[5]  # moved within steps 1, 2
+    torch._dynamo.utils.counters.clear()
+    got, _ = run(True, compiled)
+    assert len(ref) == len(got) and all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert len(casts) == 3 * 4 * 2  # per step, each of the 4 FP8 linears of the 2 blocks
+    if compiled:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        assert not torch._dynamo.utils.counters["recompiles"]
+
+
 def test_flops_per_token():
     cfg = model_config("xmodel25", fp8=False)
     model = mup.build_model(cfg, device="meta")
