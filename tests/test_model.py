@@ -348,10 +348,10 @@ class LegacyAttention(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim, self.scale = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.attn_scale
-        self.wq = model_mod._linear(cfg, cfg.hidden, cfg.n_head * cfg.head_dim)
-        self.wk = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
-        self.wv = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
-        self.wo = model_mod._linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden)
+        self.wq = model_mod._linear(cfg, cfg.hidden, cfg.n_head * cfg.head_dim, "qkv")
+        self.wk = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim, "qkv")
+        self.wv = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim, "qkv")
+        self.wo = model_mod._linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden, "out")
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
@@ -366,9 +366,9 @@ class LegacyAttention(torch.nn.Module):
 class LegacySwiGLU(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.w_gate = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden)
-        self.w_up = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden)
-        self.w_down = model_mod._linear(cfg, cfg.ffn_hidden, cfg.hidden)
+        self.w_gate = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden, "gate_up")
+        self.w_up = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden, "gate_up")
+        self.w_down = model_mod._linear(cfg, cfg.ffn_hidden, cfg.hidden, "down")
 
     def forward(self, x):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
@@ -779,6 +779,45 @@ def test_fp8_weight_cache_equals_quantizing_every_micro_batch(compiled, monkeypa
         assert not torch._dynamo.utils.counters["recompiles"]
 
 
+def test_fp8_layers_keep_the_rest_bf16_and_leave_checkpoints_and_export_alone():
+    """fp8_layers = "qkv, gate_up,down" (the attention output projection in bf16): exactly those linears are
+    FP8Linear (and the ones update_fp8_scales steps); the weights keep their names and shapes (the FP8 state
+    is there for the FP8 ones only); two training steps later the state dict loads strictly into a fresh
+    model of its config and computes the same, and the export reads the checkpoint and writes the tensors a
+    bf16 model with the same weights gives. The default is all four."""
+    from fp8 import FP8Linear
+    from tools import export
+    assert ModelConfig().fp8_layer_names == ("qkv", "out", "gate_up", "down") == model_mod.FP8_LAYERS
+    cfg = tiny(fp8=True, fp8_layers="qkv, gate_up,down")
+    model = tiny_model(fp8=True, fp8_layers="qkv, gate_up,down")
+    fp8_names = sorted(n for n, m in model.named_modules() if isinstance(m, FP8Linear))
+    assert fp8_names == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn.wqkv", "mlp.w_down", "mlp.w_gate_up")]
+    assert type(model.blocks[1].attn.wo) is torch.nn.Linear and len(model._fp8_layers) == 6
+    sd = model.state_dict()
+    fp8_state = sorted(k for k in sd if k.endswith((".scale", ".amax_history")))
+    assert fp8_state == sorted(n + s for n in fp8_names for s in (".scale", ".amax_history"))
+    assert {k: v.shape for k, v in sd.items() if k not in fp8_state} == {
+        k: v.shape for k, v in tiny_model(fp8=False).state_dict().items()}
+    idx = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        model.update_fp8_scales()
+        opt.step()
+        opt.zero_grad()
+    assert all((model.state_dict()[k] != 1).any() for k in fp8_state if k.endswith(".scale"))
+    fresh = Xmodel(cfg)
+    fresh.load_state_dict(model.state_dict())  # strict
+    with torch.no_grad():
+        assert torch.equal(fresh(idx), model(idx))
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(cfg)}
+    got_cfg, got_sd = export.checked_state_dict(ckpt, "checkpoint")
+    weights = {k: v for k, v in got_sd.items() if k not in fp8_state}
+    ours = export.export_tensors(got_cfg, got_sd, torch.float32)
+    plain = export.export_tensors(dataclasses.replace(cfg, fp8=False), weights, torch.float32)
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in ours)
+
+
 def test_flops_per_token():
     cfg = model_config("xmodel25", fp8=False)
     model = mup.build_model(cfg, device="meta")
@@ -868,6 +907,10 @@ def test_generate_sampling_seeded_and_top_k():
     (dict(input_scale=-12.0), "input_scale"),
     (dict(hidden=64.0), "hidden"),
     (dict(fp8_backend="cublas"), "fp8_backend"),
+    (dict(fp8_layers="qkv,attn_out"), "fp8_layers"),
+    (dict(fp8_layers="down,qkv,down"), "fp8_layers"),
+    (dict(fp8=True, fp8_layers=" , "), "fp8_layers"),
+    (dict(fp8_layers=("qkv", "down")), "fp8_layers"),
 ])
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):
