@@ -440,8 +440,9 @@ def build_cast_kernel(interpret):
         pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         s = tl.load(scale_ptr)
         if STEP_SCALE:  # as step_scale: a true division (div_rn, as torch's), a nan amax kept by the clamp
-            a = tl.load(amax_in_ptr)
-            jit = tl.math.div_rn(tl.full((), FP8_MAX, tl.float32), tl.where(a != a, a, tl.maximum(a, 1e-30)))
+            w_amax = tl.load(amax_in_ptr)  # (a name of its own: the compiler types each name once, across an `if`)
+            jit = tl.math.div_rn(tl.full((), FP8_MAX, tl.float32),
+                                 tl.where(w_amax != w_amax, w_amax, tl.maximum(w_amax, 1e-30)))
             s = tl.where(tl.load(hist_ptr) > 0, s, jit * INV_MARGIN)
         run = True
         if SKIP == 1:
