@@ -460,7 +460,9 @@ def build_cast_kernel(interpret):
             x = x.to(tl.float32)
             if AMAX:  # over the bits of |x|: ordered as the values, and a nan above inf (torch's amax keeps a nan)
                 bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-                tile_max = tl.reduce(bits, None, tl.standard._elementwise_max)  # tl.max's own combine function
+                # tl.max's combine function, not tl.max: that is a jit helper bound when Triton is imported, which
+                # the interpreter cannot call if that was without TRITON_INTERPRET; this one it reduces with numpy
+                tile_max = tl.reduce(bits, None, tl.standard._elementwise_max)
                 tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, tile_max.to(tl.float32, bitcast=True))
             if CAST:
                 v = x * s
