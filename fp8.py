@@ -52,9 +52,13 @@ The FP8 linear layer (FP8Linear), y = x W^T, and its backward:
     forward   y  = x   @ W^T   q(x) E4M3  x  q(W) E4M3
     backward  dX = dY  @ W     q(dY) E5M2 x  q(W) E4M3
               dW = dY^T @ x    q(dY) E5M2 x  q(x) E4M3
-    Only the 1-byte quantized x and W are saved for backward (half the memory of bf16). The master
+    Only the 1-byte quantized x and W (their transposed copies where a kernel runs the GEMMs) are saved for
+    backward (half the memory of bf16). The master
     weight stays in its own (higher) precision; only its quantized copy enters the GEMMs, and
-    dW is returned in the weight's dtype.
+    dW is returned in the weight's dtype. That copy (and its transpose and amax) is made once per
+    optimizer step and reused by every micro-batch of the step ("The weight cache" below): the same
+    numbers as quantizing it in every forward, since its amax is still recorded every micro-batch and
+    the copy is cast again whenever the weight's delayed scale moves.
 
 The GEMM (fp8_matmul)
     A Triton kernel: tiles of a and b are loaded as fp8, tl.dot accumulates in fp32 on the tensor
@@ -64,10 +68,11 @@ The GEMM (fp8_matmul)
     operands from shared memory only in "K-major" layout: the reduction dimension K must be the
     contiguous one, i.e. a [M, K] row-major and b [K, N] column-major (b^T contiguous). The forward
     x @ W^T is K-major as stored; the two backward GEMMs are not (dY @ W reduces over W's rows,
-    dY^T @ x reduces over the token dimension of both), so on the GPU FP8Linear makes K-contiguous
-    copies of those fp8 operands first: 1-byte transposes, far cheaper than letting the GEMM run
-    from a transposed layout. On the CPU the same scaling logic runs with an emulated GEMM
-    (dequantize to fp32, matmul): the same numbers up to fp32 accumulation order.
+    dY^T @ x reduces over the token dimension of both), so they read transposed copies q(x)^T, q(W)^T
+    and q(dY)^T, which the fused cast writes in the same pass as q and the amax (cast_transpose, a
+    Triton kernel like Transformer Engine's cast+transpose: one read of the tensor instead of three).
+    On the CPU the same scaling logic runs with an emulated GEMM (dequantize to fp32, matmul): the
+    same numbers up to fp32 accumulation order.
 
 Accumulation (Transformer Engine's "split accumulator")
     Hopper's fp8 wgmma does not add its products into a true fp32 accumulator: it keeps fewer mantissa
@@ -108,6 +113,9 @@ FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
 BACKEND = "auto"  # "auto" | "kernel" | "emulate": where the GEMM runs (see the module docstring)
 BACKENDS = ("auto", "kernel", "emulate")
 GEMMS = ("triton", "torch")  # which kernel: the Triton one here, or torch._scaled_mm
+# Where a GEMM kernel runs, quantize with the fused cast kernel (cast_transpose); False: the separate torch ops
+# (amax, quantize, transposed copy), the same bytes, kept to measure one against the other (tools.gpu_check)
+FUSED_CAST = True
 
 # tensor roles: the rows of FP8Linear.amax_history and the entries of FP8Linear.scale
 INPUT, WEIGHT, GRAD_OUTPUT = 0, 1, 2
@@ -392,6 +400,199 @@ def torch_fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accu
 
 
 # ----------------------------------------------------------------------------------------------
+# The fused cast: one pass over a tensor writes its FP8 copy, its transposed FP8 copy and its amax
+#
+# Quantizing with separate ops reads a tensor for its amax, again for the cast, and reads the FP8 copy once
+# more for the K-major transpose a backward GEMM needs: three passes and three kernel launches where one
+# suffices (Transformer Engine's cast+transpose). The kernel below loads a tile of x once, reduces its
+# |max| into one partial per tile, casts it and stores the tile twice, at [m, n] and at [n, m]. The
+# delayed scale is known before the pass (the amax it records sets the NEXT scale), so nothing waits.
+#
+# Its rounding is done by hand so that the bytes are torch's on every backend: v = clamp(x * s) is rounded
+# to the fp8 grid in fp32 (the grid step of v's binade, 2^(max(e, e_min) - mantissa bits), by the 2^23
+# round-to-nearest-even trick) and the fp8 code is assembled from the rounded mantissa and exponent. (The
+# Triton 3.9 interpreter's own fp32 -> fp8 cast loses the carry into the exponent: 7.93 -> 4.0 in e4m3.)
+
+CAST_TILE = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps of the cast on the GPU: 4 KB of fp8 out per tile
+_INTERPRET_CAST_TILE = (16, 32, 1)  # small, so that the tests' odd shapes cover ragged tiles both ways
+_FORMAT_BITS = {E4M3: (-6, 3), E5M2: (-14, 2)}  # (smallest normal exponent, mantissa bits)
+# when a launch leaves the tensor alone (each program reads one or two scalars first): never; when the
+# history already holds an amax (the just-in-time amax of a fresh layer, step_scale); when the scale equals
+# the one the cached copy was made with (the weight cache: FP8Linear.refresh_fp8_weight)
+SKIP_NEVER, SKIP_IF_CALIBRATED, SKIP_IF_SAME_SCALE = 0, 1, 2
+
+_CAST_KERNELS = {}  # interpret? -> kernel
+
+
+def build_cast_kernel(interpret):
+    """The fused cast kernel (one program per tile of x [M, N]; see the section comment). The scale is
+    *scale_ptr, or with STEP_SCALE step_scale's (the delayed scale, or fp8_max / amax / 2^margin while the
+    history at hist_ptr is empty), which a SKIP_IF_SAME_SCALE launch also writes to scale_out_ptr."""
+    import triton
+    import triton.language as tl
+
+    def fp8_cast_transpose_kernel(x_ptr, q_ptr, t_ptr, amax_ptr, scale_ptr, hist_ptr, amax_in_ptr, ref_ptr,
+                                  scale_out_ptr, M, N, stride_xm, stride_xn, BLOCK_M: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, FP8_MAX: tl.constexpr, E_MIN: tl.constexpr,
+                                  MANT: tl.constexpr, INV_MARGIN: tl.constexpr, STEP_SCALE: tl.constexpr,
+                                  SKIP: tl.constexpr, CAST: tl.constexpr, TRANSPOSE: tl.constexpr,
+                                  AMAX: tl.constexpr):
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        s = tl.load(scale_ptr)
+        if STEP_SCALE:  # as step_scale: a true division (div_rn, as torch's), a nan amax kept by the clamp
+            w_amax = tl.load(amax_in_ptr)  # (a name of its own: the compiler types each name once, across an `if`)
+            jit = tl.math.div_rn(tl.full((), FP8_MAX, tl.float32),
+                                 tl.where(w_amax != w_amax, w_amax, tl.maximum(w_amax, 1e-30)))
+            s = tl.where(tl.load(hist_ptr) > 0, s, jit * INV_MARGIN)
+        run = True
+        if SKIP == 1:
+            run = tl.load(hist_ptr) == 0.0
+            if AMAX:  # a skipped tile leaves 0, which takes nothing from the max
+                tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, 0.0)
+        if SKIP == 2:
+            tl.store(scale_out_ptr, s, mask=(pid_m == 0) & (pid_n == 0))
+            run = s != tl.load(ref_ptr)
+        if run:
+            offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn, mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            if AMAX:  # over the bits of |x|: ordered as the values, and a nan above inf (torch's amax keeps a nan)
+                bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                # tl.max's combine function, not tl.max: that is a jit helper bound when Triton is imported, which
+                # the interpreter cannot call if that was without TRITON_INTERPRET; this one it reduces with numpy
+                tile_max = tl.reduce(bits, None, tl.standard._elementwise_max)
+                tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_n, tile_max.to(tl.float32, bitcast=True))
+            if CAST:
+                v = x * s
+                nan = v != v
+                a = tl.minimum(tl.where(nan, 0.0, tl.abs(v)), FP8_MAX)  # saturate (inf too)
+                e = tl.maximum((a.to(tl.int32, bitcast=True) >> 23) - 127, E_MIN)  # binade; subnormals share E_MIN's
+                step_inv = ((MANT + 127 - e) << 23).to(tl.float32, bitcast=True)  # 1 / grid step, a power of 2
+                r = (a * step_inv + 8388608.0) - 8388608.0  # round half to even to an integer (exact: r < 2^23)
+                code = r.to(tl.int32) + ((e - E_MIN) << MANT)  # a carry into the next binade is a carry here too
+                code = tl.where(nan, 0x7F, code) | ((v.to(tl.int32, bitcast=True) >> 24) & 0x80)  # nan; sign
+                code = code.to(tl.uint8)
+                tl.store(q_ptr + offs_m[:, None] * N + offs_n[None, :], code, mask=mask)
+                if TRANSPOSE:  # the same tile at [n, m]: the compiler stages it through shared memory
+                    tl.store(t_ptr + offs_n[None, :] * M + offs_m[:, None], code, mask=mask)
+
+    return triton.jit(fp8_cast_transpose_kernel)
+
+
+def _cast_tile():
+    return _INTERPRET_CAST_TILE if _interpreting() else CAST_TILE
+
+
+def _cast_grid(M, N):
+    bm, bn, _ = _cast_tile()
+    return (M + bm - 1) // bm, (N + bn - 1) // bn
+
+
+def _launch_cast(x, scale, skip_mode, q=None, t=None, amax_parts=None, history=None, amax_in=None, ref=None,
+                 scale_out=None, margin=0):
+    """Launch the fused cast kernel on x [M, N] with *scale: the cast into q (and t) where given, the per-tile
+    amaxes into amax_parts where given; history and amax_in (step_scale in the kernel), ref and scale_out as
+    the kernel's SKIP and STEP_SCALE modes read them. Pointers a mode does not read get `scale`."""
+    interpret = _interpreting()
+    if interpret not in _CAST_KERNELS:
+        _CAST_KERNELS[interpret] = build_cast_kernel(interpret)
+    M, N = x.shape
+    if M == 0 or N == 0:
+        return
+    bm, bn, warps = _cast_tile()
+    e_min, mant = _FORMAT_BITS[q.dtype if q is not None else E4M3]
+    fmt_max = FP8_MAX[q.dtype if q is not None else E4M3]
+    ptr = lambda t_, as_bytes=False: scale if t_ is None else (t_.view(torch.uint8) if as_bytes else t_)  # noqa: E731
+    _CAST_KERNELS[interpret][_cast_grid(M, N)](
+        x, ptr(q, True), ptr(t, True), ptr(amax_parts), scale, ptr(history), ptr(amax_in), ptr(ref), ptr(scale_out),
+        M, N, x.stride(0), x.stride(1), BLOCK_M=bm, BLOCK_N=bn, FP8_MAX=fmt_max, E_MIN=e_min, MANT=mant,
+        INV_MARGIN=2.0 ** -margin, STEP_SCALE=amax_in is not None, SKIP=skip_mode, CAST=q is not None,
+        TRANSPOSE=t is not None, AMAX=amax_parts is not None, num_warps=warps)
+
+
+def _amax_partials(x):
+    """The per-tile amaxes a launch fills (every tile writes its own: no fill kernel); one 0 for an empty x."""
+    gm, gn = _cast_grid(*x.shape)
+    if gm * gn == 0:
+        return torch.zeros(1, device=x.device, dtype=torch.float32)
+    return torch.empty(gm * gn, device=x.device, dtype=torch.float32)
+
+
+# Custom ops, as the GEMM: torch.compile calls each launch whole (register_fake gives it the shapes)
+@torch.library.custom_op("xmodel::fp8_cast_transpose", mutates_args=())
+def _triton_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, N = x.shape
+    q = torch.empty((M, N), device=x.device, dtype=dtype)
+    t = torch.empty((N, M) if transpose else (0, 0), device=x.device, dtype=dtype)
+    amax_parts = _amax_partials(x)
+    _launch_cast(x, scale, SKIP_NEVER, q=q, t=t if transpose else None, amax_parts=amax_parts)
+    return q, t, amax_parts
+
+
+@_triton_cast.register_fake
+def _(x, scale, dtype, transpose):
+    M, N = x.shape
+    gm, gn = _cast_grid(M, N)
+    return (x.new_empty((M, N), dtype=dtype), x.new_empty((N, M) if transpose else (0, 0), dtype=dtype),
+            x.new_empty((max(1, gm * gn),), dtype=torch.float32))
+
+
+@torch.library.custom_op("xmodel::fp8_amax_if_uncalibrated", mutates_args=())
+def _triton_jit_amax(x: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    amax_parts = _amax_partials(x)
+    _launch_cast(x, history, SKIP_IF_CALIBRATED, amax_parts=amax_parts, history=history)
+    return amax_parts
+
+
+@_triton_jit_amax.register_fake
+def _(x, history):
+    gm, gn = _cast_grid(*x.shape)
+    return x.new_empty((max(1, gm * gn),), dtype=torch.float32)
+
+
+def cast_transpose(x, scale, dtype, transpose=True, kernel=None):
+    """One pass over x [M, N] (bf16 or fp32): (q, t, amax) with q = quantize(x, scale, dtype) [M, N], its
+    transpose t = q^T [N, M] as a contiguous copy (transpose=True; else the view q.t()) and amax = amax(x).
+    kernel: the fused Triton kernel (CUDA, or the CPU under TRITON_INTERPRET=1) or the same ops in torch
+    (False); None = the kernel where it runs. The two give the same bytes and the same amax."""
+    if dtype not in FP8_MAX:
+        raise ValueError(f"cast_transpose: dtype must be {E4M3} or {E5M2}, got {dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"cast_transpose: x must be 2-D, got shape {tuple(x.shape)}")
+    if kernel is None:
+        kernel = x.device.type == "cuda" or _interpreting()
+    if not kernel:
+        q = quantize(x, scale, dtype)
+        return q, q.t().contiguous() if transpose else q.t(), amax(x)
+    q, t, amax_parts = _triton_cast(x, scale.reshape(()).float(), dtype, transpose)
+    return q, t if transpose else q.t(), amax_parts.amax()
+
+
+def scaled_cast(x, scale, history, dtype, margin, jit, transpose, kernel, want_amax=None):
+    """x [M, N] quantized for this micro-batch: (q, t, amax(x) or None, the scale used), t as in cast_transpose.
+    jit: the training scale, step_scale (a fresh history scales by x's own amax); else `scale` as it is, and
+    no amax unless want_amax (the separate ops would read x once more for it; the kernel has it for free).
+    With the kernel the just-in-time amax must be known before the cast, so a first pass computes it only
+    while the history is empty: once it holds an amax, that launch reads one number per tile and exits."""
+    fp8_max = FP8_MAX[dtype]
+    want_amax = jit if want_amax is None else want_amax
+    if not kernel:
+        a = amax(x) if jit or want_amax else None
+        s = step_scale(scale, history, a, fp8_max, margin) if jit else scale.clone()
+        q = quantize(x, s, dtype)
+        return q, q.t().contiguous() if transpose else q.t(), a, s
+    if jit:
+        s = step_scale(scale, history, _triton_jit_amax(x, history).amax(), fp8_max, margin)
+    else:
+        s = scale.clone()
+    q, t, amax_parts = _triton_cast(x, s, dtype, transpose)
+    return q, t if transpose else q.t(), amax_parts.amax() if want_amax else None, s
+
+
+# ----------------------------------------------------------------------------------------------
 # Backend choice and the GEMM used by FP8Linear
 
 def resolve_backend(device, gemm="triton"):
@@ -451,47 +652,125 @@ def scaled_gemm(a, b, scale_a, scale_b, out_dtype, gemm="triton", fast_accum=Fal
 
 
 # ----------------------------------------------------------------------------------------------
+# The weight cache: the weight quantized once per optimizer step, not once per micro-batch
+#
+# With gradient accumulation every micro-batch of a step multiplies by the same weight, so its FP8 copy, the
+# transposed copy dgrad reads and its amax are made once, when the weight changes, and reused (Transformer
+# Engine caches its FP8 weights across micro-batches too). Delayed scaling is kept exactly: a weight's amax is
+# still recorded every micro-batch (the same number while the weight is the same), and the weight's scale can
+# move between two micro-batches of a step (update_scales pushes the amax: a new maximum, or an old one leaving
+# the window), so each micro-batch recasts the copy whenever its scale differs from the one the copy was made
+# with. Which weights changed: an optimizer's step() (fused AdamW writes without bumping the parameters'
+# version counters, ZeRO-1 through .data) or an in-place change torch counts (load_state_dict, no_grad edits).
+
+# False: every forward quantizes its weight as before (kept to compare against: tests, tools.gpu_check)
+WEIGHT_CACHE = True
+_optimizer_steps = 0  # every torch.optim optimizer's completed steps (a global post-hook): part of the cache key
+_watching = None
+
+
+def _count_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizer_steps():
+    """Register _count_step once, as a post-hook of every optimizer's step (ZeroRedundancyOptimizer's too, which
+    broadcasts the weights a rank does not own inside its step)."""
+    global _watching
+    if _watching is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _watching = register_optimizer_step_post_hook(_count_step)
+
+
+@torch.library.custom_op("xmodel::fp8_recast_if_rescaled", mutates_args=("q", "t"))
+def _triton_recast(x: torch.Tensor, scale: torch.Tensor, history: torch.Tensor, amax: torch.Tensor,
+                   ref: torch.Tensor, q: torch.Tensor, t: torch.Tensor, margin: int, step: bool) -> torch.Tensor:
+    """The scale of this forward for x (step: step_scale(scale, history, amax), else scale), computed in the
+    kernel; q (and t, unless empty) are cast again from x with it, in place, only if it differs from ref."""
+    s = torch.empty((), device=x.device, dtype=torch.float32)
+    _launch_cast(x, scale, SKIP_IF_SAME_SCALE, q=q, t=t if t.numel() else None, history=history,
+                 amax_in=amax if step else None, ref=ref, scale_out=s, margin=margin)
+    return s
+
+
+def _cast_weight(w, scale, history, margin, record, k_major, fused):
+    """A new weight's (q, t or None, amax, scale). The fused cast runs with the delayed scale first, then the
+    recast with step_scale's (the kernel exits at once unless the history is empty and the weight is scaled
+    just in time by the amax the cast found): three launches, one pass over the weight."""
+    if not fused:
+        q, t, a, s = scaled_cast(w, scale, history, E4M3, margin, record, k_major, False, want_amax=True)
+        return q, t if k_major else None, a, s
+    q, t, amax_parts = _triton_cast(w, scale, E4M3, k_major)
+    a = amax_parts.amax()
+    s = _triton_recast(w, scale, history, a, scale, q, t, margin, record)
+    return q, t if k_major else None, a, s
+
+
+def _recast_weight(w, scale, history, margin, record, fused, q, t, a, s_before):
+    """The same weight with possibly another scale: (q, t, scale), recast only where the scale moved."""
+    if fused:
+        s = _triton_recast(w, scale, history, a, s_before, q, t if t is not None else q[:0], margin, record)
+        return q, t, s
+    s = step_scale(scale, history, a, FP8_MAX[E4M3], margin) if record else scale.clone()
+    if s.device.type == "cpu" and torch.equal(s, s_before):  # free to ask on a CPU; elsewhere it would sync
+        return q, t, s
+    q = quantize(w, s, E4M3)
+    return q, q.t().contiguous() if t is not None else None, s
+
+
+# ----------------------------------------------------------------------------------------------
 # The FP8 linear layer
 
 class _FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T with x, W in E4M3; backward dX = dY W, dW = dY^T x with dY in E5M2."""
+    """y = x W^T with x, W in E4M3; backward dX = dY W, dW = dY^T x with dY in E5M2. w_q, w_t, w_amax, w_scale:
+    the weight's FP8 copies, amax and scale from FP8Linear's cache, or None: quantize the weight here."""
 
     @staticmethod
-    def forward(ctx, x, weight, pending, scale, history, margin, out_dtype, record, gemm):
-        # this step's scales, set by the steps before (step_scale); new tensors, since update_scales
-        # overwrites `scale` in place. Without a record (sampling, eval) the delayed scales alone: no amax
-        # passes, which would read every weight once more per generated token
+    def forward(ctx, x, weight, w_q, w_t, w_amax, w_scale, pending, scale, history, margin, out_dtype, record, gemm):
+        k_major, fused = _cast_path(x.device, gemm)
+        dgrad, wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # this step's scales, set by the steps before (step_scale); new tensors, since update_scales overwrites
+        # `scale` in place. Without a record (sampling, eval) the delayed scales alone and no amaxes
+        x_q, x_t, amax_x, scale_x = scaled_cast(x, scale[INPUT], history[INPUT], E4M3, margin, record,
+                                                k_major and wgrad, fused)
+        if w_q is None:
+            w_q, w_t, w_amax, w_scale = scaled_cast(weight, scale[WEIGHT], history[WEIGHT], E4M3, margin, record,
+                                                    k_major and dgrad, fused)
+        elif w_t is None:
+            w_t = w_q.t()
         if record:
-            amax_x, amax_w = amax(x), amax(weight)
-            pending[INPUT:GRAD_OUTPUT].copy_(torch.stack([amax_x, amax_w]))
-            scale_x = step_scale(scale[INPUT], history[INPUT], amax_x, FP8_MAX[E4M3], margin)
-            scale_w = step_scale(scale[WEIGHT], history[WEIGHT], amax_w, FP8_MAX[E4M3], margin)
-        else:
-            scale_x, scale_w = scale[INPUT].clone(), scale[WEIGHT].clone()
-        x_q = quantize(x, scale_x, E4M3)
-        w_q = quantize(weight, scale_w, E4M3)
-        y = scaled_gemm(x_q, w_q.t(), scale_x, scale_w, out_dtype, gemm, fast_accum=True)
-        ctx.save_for_backward(x_q, w_q, scale_x, scale_w)
-        ctx.state = (pending, scale, history, margin, record, gemm)  # mutated in place: kept out of save_for_backward
+            pending[INPUT:GRAD_OUTPUT].copy_(torch.stack([amax_x, w_amax]))
+        y = scaled_gemm(x_q, w_q.t(), scale_x, w_scale, out_dtype, gemm, fast_accum=True)
+        ctx.save_for_backward(x_t, w_t, scale_x, w_scale)  # 1-byte copies only (x_t is x_q's transpose or view)
+        ctx.state = (pending, scale, history, margin, record, gemm, k_major, fused)  # mutated in place: not saved
         ctx.dtypes = (x.dtype, weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_q, w_q, scale_x, scale_w = ctx.saved_tensors
-        pending, scale, history, margin, record, gemm = ctx.state
+        x_t, w_t, scale_x, scale_w = ctx.saved_tensors
+        pending, scale, history, margin, record, gemm, k_major, fused = ctx.state
         x_dtype, w_dtype = ctx.dtypes
-        amax_dy = amax(dy)
-        scale_dy = step_scale(scale[GRAD_OUTPUT], history[GRAD_OUTPUT], amax_dy, FP8_MAX[E5M2], margin)
-        dy_q = quantize(dy, scale_dy, E5M2)
+        dgrad, wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy_q, dy_t, amax_dy, scale_dy = scaled_cast(dy, scale[GRAD_OUTPUT], history[GRAD_OUTPUT], E5M2, margin, True,
+                                                    k_major and wgrad, fused)
         if record:
             pending[GRAD_OUTPUT].copy_(amax_dy)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = scaled_gemm(dy_q, w_q, scale_dy, scale_w, x_dtype, gemm)          # [T, out] @ [out, in]
-        if ctx.needs_input_grad[1]:
-            dw = scaled_gemm(dy_q.t(), x_q, scale_dy, scale_x, w_dtype, gemm)      # [out, T] @ [T, in]
-        return dx, dw, None, None, None, None, None, None, None
+        if dgrad:
+            dx = scaled_gemm(dy_q, w_t.t(), scale_dy, scale_w, x_dtype, gemm)       # [T, out] @ [out, in]
+        if wgrad:
+            dw = scaled_gemm(dy_t, x_t.t(), scale_dy, scale_x, w_dtype, gemm)       # [out, T] @ [T, in]
+        return dx, dw, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _cast_path(device, gemm):
+    """(k_major, fused): whether the GEMMs run a kernel, which wants the backward GEMMs' operands K-major (x^T for
+    wgrad, W^T for dgrad, dY^T for wgrad: module docstring), and whether the fused cast writes them (else the
+    separate ops)."""
+    k_major = resolve_backend(device, gemm) != "emulate"
+    return k_major, k_major and FUSED_CAST and (torch.device(device).type == "cuda" or _interpreting())
 
 
 class FP8Linear(nn.Module):
@@ -502,7 +781,7 @@ class FP8Linear(nn.Module):
     the delayed-scaling state; pending_amax [3] holds what a training forward and backward recorded until
     update_scales takes it (not saved: it is empty between micro-batches). x may be [..., in_features]; the
     output has the autocast dtype when autocast is on, else x's dtype. gemm: "triton" or "torch", the kernel
-    (module docstring)."""
+    (module docstring). The weight's FP8 copies are cached between forwards (refresh_fp8_weight)."""
 
     def __init__(self, in_features, out_features, bias=False, device=None, dtype=None, history_len=128, margin=0,
                  gemm="triton"):
@@ -519,6 +798,11 @@ class FP8Linear(nn.Module):
         self.register_buffer("amax_history", torch.zeros(3, history_len, device=device, dtype=torch.float32))
         self.register_buffer("scale", torch.ones(3, device=device, dtype=torch.float32))
         self.register_buffer("pending_amax", torch.zeros(3, device=device, dtype=torch.float32), persistent=False)
+        # set by a model that calls refresh_fp8_weight before every forward (Xmodel): then compiled forwards,
+        # which cannot read version counters, use the cache too
+        self.owner_refreshes_weight = False
+        self.forget_fp8_weight()
+        _watch_optimizer_steps()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -530,7 +814,51 @@ class FP8Linear(nn.Module):
         super()._apply(fn, *args, **kwargs)
         for name, t in state.items():
             setattr(self, name, t.to(getattr(self, name).device))
+        self.forget_fp8_weight()
         return self
+
+    def forget_fp8_weight(self):
+        """Drop the weight's cached FP8 copies (the next forward makes them again). Plain attributes, not
+        buffers: neither saved nor broadcast by DDP, whose forward sends rank 0's buffers to every rank."""
+        self._w_key = self._w_state = None
+        self._w_q = self._w_t = self._w_amax = self._w_scale = None
+
+    @torch.compiler.disable
+    def refresh_fp8_weight(self, record):
+        """Bring the weight's cached FP8 copy (and its transpose where the GEMMs want it), amax and scale up to date
+        for a forward that records amaxes (training) or not, with delayed scaling exactly as without a cache.
+        The weight changed (the cache key: an optimizer step anywhere, see _watch_optimizer_steps; an in-place
+        change torch counts, as load_state_dict's; new storage): one pass over it, the fused cast. The same
+        weight: only its scale can have moved (update_scales ran, or record flipped), and the copy is recast
+        in place only if it did (in the kernel, which reads the scales and exits at once when they agree:
+        one launch per micro-batch, no host sync). Neither: nothing. An update through `.data` outside an
+        optimizer step is not seen: call forget_fp8_weight then."""
+        if not WEIGHT_CACHE:
+            return
+        w = self.weight.detach()
+        k_major, fused = _cast_path(w.device, self.gemm)
+        key = (_optimizer_steps, w._version, w.data_ptr(), w.device, w.dtype, w.shape, k_major, fused)
+        state = (self.scale._version, self.amax_history._version, record)
+        if key == self._w_key and state == self._w_state:
+            return
+        scale, history = self.scale[WEIGHT], self.amax_history[WEIGHT]
+        if key != self._w_key:
+            self._w_q, self._w_t, self._w_amax, self._w_scale = _cast_weight(w, scale, history, self.margin, record,
+                                                                             k_major, fused)
+        else:
+            self._w_q, self._w_t, self._w_scale = _recast_weight(w, scale, history, self.margin, record, fused,
+                                                                 self._w_q, self._w_t, self._w_amax, self._w_scale)
+        self._w_key, self._w_state = key, state
+
+    def _weight_operands(self, record):
+        """(w_q, w_t, w_amax, w_scale) for _FP8LinearFunction: the cache, or Nones (the forward quantizes the
+        weight itself) without a cache or when compiled outside a model that refreshes it."""
+        compiling = torch.compiler.is_compiling()
+        if not WEIGHT_CACHE or (compiling and not self.owner_refreshes_weight):
+            return None, None, None, None
+        if not compiling:
+            self.refresh_fp8_weight(record)
+        return self._w_q, self._w_t, self._w_amax, self._w_scale
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
@@ -543,8 +871,8 @@ class FP8Linear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         with torch.autocast(device_type, enabled=False):  # our GEMMs choose their own precisions
             record = self.training and torch.is_grad_enabled()
-            y = _FP8LinearFunction.apply(x2d, self.weight, self.pending_amax, self.scale, self.amax_history,
-                                          self.margin, out_dtype, record, self.gemm)
+            y = _FP8LinearFunction.apply(x2d, self.weight, *self._weight_operands(record), self.pending_amax,
+                                          self.scale, self.amax_history, self.margin, out_dtype, record, self.gemm)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):

@@ -36,6 +36,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+# The block linears fp8_layers can name: attn.wqkv ([q;k;v]), attn.wo (the attention output projection),
+# mlp.w_gate_up ([gate;up]), mlp.w_down. Which run in FP8 is a measured choice (docs/FP8.md, "Which layers
+# run in FP8")
+FP8_LAYERS = ("qkv", "out", "gate_up", "down")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 129280      # DeepSeek-V3 tokenizer's 128,815 tokens, padded
@@ -62,6 +68,7 @@ class ModelConfig:
     # execution
     fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
     fp8_backend: str = "torch"    # FP8 GEMM: "torch" (torch._scaled_mm, cuBLASLt; the faster) | "triton" (fp8.py)
+    fp8_layers: str = "qkv,out,gate_up,down"  # with fp8: the block linears in FP8 (the rest bf16), docs/FP8.md
     act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)
     loss_chunk: int = 1024        # tokens per chunk of the chunked cross-entropy (fp32 on a CPU: at most 256)
 
@@ -86,9 +93,27 @@ class ModelConfig:
             raise ValueError(f"model config: n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
         if self.fp8_backend not in ("triton", "torch"):
             raise ValueError(f"model config: fp8_backend must be 'triton' or 'torch', got {self.fp8_backend!r}")
+        self._check_fp8_layers()
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim = hidden/n_head = {self.head_dim} must be even for RoPE "
                              f"(hidden={self.hidden}, n_head={self.n_head})")
+
+    def _check_fp8_layers(self):
+        if not isinstance(self.fp8_layers, str):
+            raise ValueError(f"model config: fp8_layers must be a string such as 'qkv,gate_up,down', got "
+                             f"{self.fp8_layers!r}")
+        names = self.fp8_layer_names
+        unknown = [n for n in names if n not in FP8_LAYERS]
+        problem = (f"unknown names {unknown}" if unknown else "a layer named twice" if len(set(names)) < len(names)
+                   else "no layer, with fp8=True (set fp8=False for none)" if self.fp8 and not names else None)
+        if problem:
+            raise ValueError(f"model config: fp8_layers must be comma-separated names from {','.join(FP8_LAYERS)}; "
+                             f"{self.fp8_layers!r} has {problem}")
+
+    @property
+    def fp8_layer_names(self) -> tuple:
+        """The names in fp8_layers (FP8_LAYERS: which linear of each block each one is)."""
+        return tuple(n.strip() for n in self.fp8_layers.split(",") if n.strip())
 
     @property
     def head_dim(self) -> int:
@@ -118,8 +143,9 @@ class ModelConfig:
         return 1.0 / self.head_dim if self.use_mup else 1.0 / math.sqrt(self.head_dim)
 
 
-def _linear(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Module:
-    if cfg.fp8:
+def _linear(cfg: ModelConfig, n_in: int, n_out: int, name: str) -> nn.Module:
+    """The block linear `name` (FP8_LAYERS): FP8 when cfg.fp8 and fp8_layers names it, else a plain (bf16) one."""
+    if cfg.fp8 and name in cfg.fp8_layer_names:
         from fp8 import FP8Linear  # only FP8 runs pay for importing it (and Triton)
         return FP8Linear(n_in, n_out, gemm=cfg.fp8_backend)
     return nn.Linear(n_in, n_out, bias=False)
@@ -226,8 +252,8 @@ class Attention(_Fused):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.scale = cfg.attn_scale
         self.fused, self.parts = fused_parts(cfg)["attn"]
-        self.wqkv = _linear(cfg, cfg.hidden, sum(self.parts.values()))
-        self.wo = _linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden)
+        self.wqkv = _linear(cfg, cfg.hidden, sum(self.parts.values()), "qkv")
+        self.wo = _linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden, "out")
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
@@ -256,8 +282,8 @@ class SwiGLU(_Fused):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.fused, self.parts = fused_parts(cfg)["mlp"]
-        self.w_gate_up = _linear(cfg, cfg.hidden, 2 * cfg.ffn_hidden)
-        self.w_down = _linear(cfg, cfg.ffn_hidden, cfg.hidden)
+        self.w_gate_up = _linear(cfg, cfg.hidden, 2 * cfg.ffn_hidden, "gate_up")
+        self.w_down = _linear(cfg, cfg.ffn_hidden, cfg.hidden, "down")
 
     def forward(self, x):
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
@@ -291,6 +317,8 @@ class Xmodel(nn.Module):
         if cfg.fp8:
             from fp8 import FP8Linear
             self._fp8_layers = [m for m in self.modules() if isinstance(m, FP8Linear)]
+            for m in self._fp8_layers:  # hidden_states refreshes their cached FP8 weights, for compiled blocks too
+                m.owner_refreshes_weight = True
         self._fp8_recorded = False  # a training forward recorded FP8 amaxes that update_fp8_scales has not taken
 
     @property
@@ -307,6 +335,8 @@ class Xmodel(nn.Module):
             if self._fp8_recorded:  # a loop that never calls update_fp8_scales still gets its scales updated
                 self.update_fp8_scales()
             self._fp8_recorded = True
+        for m in self._fp8_layers:  # the FP8 weights of this forward (fp8.FP8Linear.refresh_fp8_weight), made here:
+            m.refresh_fp8_weight(self.training and torch.is_grad_enabled())  # compiled blocks cannot see a change
         cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_base, idx.device, start_pos)
         x = self.tok_emb(idx) * cfg.embed_mult
         for i, block in enumerate(self.blocks):

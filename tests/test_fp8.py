@@ -160,6 +160,10 @@ def test_kernel_works_when_triton_was_imported_first():
         one = torch.tensor(1.0)
         c = fp8.fp8_matmul(a, a.t(), one, one, torch.float32)
         assert torch.allclose(c, a.float() @ a.float().t(), rtol=1e-5, atol=1e-4)
+        x = torch.randn(20, 40)
+        q, t, m = fp8.cast_transpose(x, torch.tensor(30.0), fp8.E5M2)  # the fused cast kernel too
+        assert torch.equal(t.view(torch.uint8), fp8.quantize(x, torch.tensor(30.0), fp8.E5M2).view(torch.uint8).t())
+        assert torch.equal(m, x.abs().amax())
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -238,6 +242,103 @@ def test_quantize_rounds_to_nearest_within_bound():
         err = (fp8.dequantize(q, torch.tensor(s)).double() - x.double()).abs()
         assert (err <= quant_error(x, s, dtype)).all()
         assert err.max() > 0.5 * QUANT_U[dtype] * 2 ** -1  # not trivially exact
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused cast (cast_transpose): one pass for the FP8 copy, its transpose and the amax
+
+def as_bytes(q):
+    return q.view(torch.uint8)
+
+
+def separate_ops(x, scale, dtype):
+    """What cast_transpose replaces: three passes of plain torch ops."""
+    q = fp8.quantize(x, scale, dtype)
+    return q, q.t().contiguous(), fp8.amax(x)
+
+
+def every_rounding_case(dtype):
+    """Every finite fp8 value of `dtype`, the midpoints between neighbours (ties: round half to even), one fp32
+    ulp either side of each midpoint, both signs, +-0, beyond the maximum (saturation), +-inf, an fp32
+    subnormal: [n, 7] fp32, to be cast with scale 1."""
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = codes[torch.isfinite(codes) & (codes >= 0)].unique()  # sorted, 0 included
+    mid = (grid[1:] + grid[:-1]) / 2  # exact in fp32
+    vals = torch.cat([grid, mid, torch.nextafter(mid, torch.tensor(0.0)), torch.nextafter(mid, torch.tensor(1e9)),
+                      torch.tensor([FP8_MAX[dtype] * 1.01, FP8_MAX[dtype] * 4, 3e38, float("inf"), 1e-40])])
+    vals = torch.cat([vals, -vals, torch.tensor([-0.0])])
+    return torch.nn.functional.pad(vals, (0, -len(vals) % 7)).reshape(-1, 7)
+
+
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+def test_cast_transpose_rounds_every_value_like_torch(interpret, dtype):
+    """Every fp8 value, every tie between two, saturation and the specials: the kernel's bytes are torch's (its
+    hand-made rounding: the interpreter's own fp32 -> fp8 cast drops the carry into the exponent), and a nan
+    comes out as torch's nan with its sign, and as the amax."""
+    x = every_rounding_case(dtype)
+    q, t, a = fp8.cast_transpose(x, torch.tensor(1.0), dtype, kernel=True)
+    rq, rt, ra = separate_ops(x, torch.tensor(1.0), dtype)
+    assert torch.equal(as_bytes(q), as_bytes(rq)) and torch.equal(as_bytes(t), as_bytes(rt))
+    assert a.item() == ra.item() == float("inf")
+    assert (q.float().abs() == FP8_MAX[dtype]).sum() >= 8  # saturated, not inf/nan
+    x[3, 2], x[5, 4] = float("nan"), -float("nan")
+    q, t, a = fp8.cast_transpose(x, torch.tensor(1.0), dtype, kernel=True)
+    assert torch.equal(as_bytes(q), as_bytes(separate_ops(x, torch.tensor(1.0), dtype)[0]))
+    assert as_bytes(q)[3, 2] == 0x7F and as_bytes(q)[5, 4] == 0xFF and torch.isnan(a)
+
+
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [E4M3, E5M2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("shape", [(37, 45), (1, 70), (70, 1), (33, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_cast_transpose_kernel_equals_the_separate_ops(interpret, shape, dtype, src):
+    """Ragged tiles both ways, values over 11 octaves, a scale that saturates the largest: the kernel's FP8 copy
+    and transposed copy are the separate ops' bytes and its amax theirs; the torch fallback (kernel=False) too."""
+    g = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    x = (torch.randn(shape, generator=g) * torch.logspace(-8, 3, shape[0] * shape[1]).reshape(shape)).to(src)
+    scale = torch.tensor(FP8_MAX[dtype]) / fp8.amax(x) * 4  # the largest values land beyond the format's max
+    want = separate_ops(x, scale, dtype)
+    for kernel in (True, False):
+        q, t, a = fp8.cast_transpose(x, scale, dtype, kernel=kernel)
+        assert q.shape == shape and t.shape == shape[::-1] and t.is_contiguous() and q.dtype == t.dtype == dtype
+        assert torch.equal(as_bytes(q), as_bytes(want[0])) and torch.equal(as_bytes(t), as_bytes(want[1]))
+        assert torch.equal(a, want[2])
+    assert (q.float().abs() == FP8_MAX[dtype]).any() and (q.float() == 0).any()  # saturated and flushed
+    q, t, a = fp8.cast_transpose(x, scale, dtype, transpose=False, kernel=True)
+    assert torch.equal(as_bytes(q), as_bytes(want[0])) and t.data_ptr() == q.data_ptr() and t.shape == shape[::-1]
+
+
+def test_cast_transpose_reads_strided_inputs(interpret):
+    """A transposed view and a column slice (a gradient is not always contiguous) are read where they lie."""
+    base = torch.randn(40, 74, generator=torch.Generator().manual_seed(3))
+    for x in (base.t(), base[:, ::2], base[5:, 3:50]):
+        q, t, a = fp8.cast_transpose(x, torch.tensor(50.0), E5M2, kernel=True)
+        want = separate_ops(x, torch.tensor(50.0), E5M2)
+        assert torch.equal(as_bytes(q), as_bytes(want[0])) and torch.equal(as_bytes(t), as_bytes(want[1]))
+        assert torch.equal(a, want[2])
+    with pytest.raises(ValueError, match="2-D"):
+        fp8.cast_transpose(base[None], torch.tensor(1.0), E4M3)
+    with pytest.raises(ValueError, match="dtype"):
+        fp8.cast_transpose(base, torch.tensor(1.0), torch.bfloat16)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_scaled_cast_kernel_equals_the_separate_ops(interpret, calibrated):
+    """scaled_cast, the training quantization of a tensor: with an empty history the kernel path first finds the
+    amax (a pass that exits at once when the history holds one: it leaves zeros), then casts just in time; the
+    same scale, bytes and amax as the separate ops, calibrated or not, and without a record (jit=False)."""
+    x = torch.randn(37, 45, generator=torch.Generator().manual_seed(4)) * 3
+    history = torch.zeros(4)
+    if calibrated:
+        history[:2] = torch.tensor([2.0, 5.0])
+    scale = torch.tensor(448.0 / 5.0) if calibrated else torch.tensor(1.0)
+    parts = fp8._triton_jit_amax(x, history)
+    assert torch.equal(parts.amax(), torch.tensor(0.0) if calibrated else fp8.amax(x))
+    for jit in (True, False):
+        got = fp8.scaled_cast(x, scale, history, E4M3, 0, jit, True, kernel=True)
+        want = fp8.scaled_cast(x, scale, history, E4M3, 0, jit, True, kernel=False)
+        assert torch.equal(as_bytes(got[0]), as_bytes(want[0])) and torch.equal(as_bytes(got[1]), as_bytes(want[1]))
+        assert torch.equal(got[3], want[3]) and (got[2] is want[2] is None or torch.equal(got[2], want[2]))
+        assert torch.equal(got[3], scale if calibrated or not jit else torch.tensor(448.0) / fp8.amax(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,6 +440,33 @@ def test_fp8_linear_kernel_backend_equals_emulated(interpret, backend, monkeypat
     # forward with fast accumulation, both backward GEMMs with the split accumulator (Transformer Engine's)
     assert layouts == [(1, 1, True), (1, 1, False), (1, 1, False)]
 
+
+@pytest.mark.parametrize("gemm", fp8.GEMMS)
+def test_fp8_linear_fused_cast_equals_the_separate_ops(interpret, backend, monkeypatch, gemm):
+    """FP8Linear on a kernel backend quantizes x, W and dY with the fused cast, which also writes the K-major
+    copies the backward GEMMs read (x^T, W^T, dY^T): two steps (the first scaled just in time) give outputs,
+    gradients and FP8 state bit for bit those of the separate ops (FUSED_CAST=False: amax, quantize, transposed
+    copy), no GEMM operand needs a copy to become K-major in scaled_gemm, and every cast is one kernel launch."""
+    backend("kernel")
+    g = torch.Generator().manual_seed(6)
+    steps = [(torch.randn(3, 16, 32, generator=g) * 4, torch.randn(3, 16, 48, generator=g) * 1e-3) for _ in range(2)]
+    casts, real_cast, real_k_major = [], fp8._triton_cast, fp8._k_major
+    monkeypatch.setattr(fp8, "_triton_cast", lambda x, *a: casts.append((tuple(x.shape), a[-1])) or real_cast(x, *a))
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(fp8, "FUSED_CAST", fused)
+        copies = []
+        monkeypatch.setattr(fp8, "_k_major", lambda t, dim: copies.append(t.stride(dim) != 1) or real_k_major(t, dim))
+        torch.manual_seed(0)
+        layer = fp8.FP8Linear(32, 48, gemm=gemm)
+        runs[fused] = [linear_grads(layer, x, dy) + (layer.scale.clone(), layer.amax_history.clone())
+                       for x, dy in steps]
+        assert copies == [False] * 12  # 2 operands x 3 GEMMs x 2 steps: all K-major as they come (separate ops too)
+    for got, want in zip(*runs.values()):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # W [48, 32] once (it does not change here: the weight cache), per step x [48, 32] in forward and dY [48, 48]
+    # in backward, each with its transpose
+    assert casts == [((48, 32), True)] + [((48, 32), True), ((48, 48), True)] * 2
 
 
 def test_torch_gemm_falls_back_to_triton_off_cublas_shapes(interpret, backend, monkeypatch):
@@ -570,6 +698,100 @@ def test_state_dict_round_trip_resumes_exactly():
 def test_fp8_linear_state_dict_keys():
     model = nn.Sequential(fp8.FP8Linear(8, 16), nn.ReLU(), nn.Linear(16, 4, bias=False))
     assert set(model.state_dict()) == {"0.weight", "0.amax_history", "0.scale", "2.weight"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The weight cache: the weight quantized once per optimizer step
+
+def uncached_forward(layer, x):
+    """The layer's output with the weight quantized in the forward itself (no cache), as it was before."""
+    real = fp8.WEIGHT_CACHE
+    fp8.WEIGHT_CACHE = False
+    try:
+        return layer(x)
+    finally:
+        fp8.WEIGHT_CACHE = real
+
+
+def test_weight_cache_follows_every_change_of_the_weight(backend):
+    """Whatever changes the weight, the next forward uses the new one, as a forward without the cache does: an
+    optimizer step (fused AdamW, which leaves the version counter alone: the global step hook sees it), an
+    in-place edit, load_state_dict, .to(). A write through .data outside an optimizer step is not seen, by
+    design: forget_fp8_weight() drops the cache. The cache is neither state nor a buffer (DDP broadcasts
+    buffers every forward)."""
+    backend("emulate")
+    torch.manual_seed(8)
+    layer = fp8.FP8Linear(16, 8)
+    x = torch.randn(5, 16)
+    linear_grads(layer, x, torch.randn(5, 8))
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    version = layer.weight._version
+    opt.step()
+    assert layer.weight._version == version  # why a version counter alone would not do
+
+    def check(why):
+        y = layer(x)
+        assert torch.equal(y, uncached_forward(layer, x)), why
+
+    check("fused AdamW step")
+    with torch.no_grad():
+        layer.weight.mul_(-1.5)
+    check("in-place edit")
+    other = fp8.FP8Linear(16, 8)
+    layer.load_state_dict(other.state_dict())
+    check("load_state_dict")
+    layer.to(torch.float64)
+    check(".to(float64)")
+    before = layer(x)
+    layer.weight.data.mul_(2)
+    assert torch.equal(layer(x), before)  # not seen...
+    layer.forget_fp8_weight()
+    check("forget_fp8_weight")  # ...until the cache is dropped
+    assert set(layer.state_dict()) == {"weight", "amax_history", "scale"}
+    assert {n for n, _ in layer.named_buffers()} == {"amax_history", "scale", "pending_amax"}
+
+
+def test_weight_cache_on_the_kernels_recasts_only_when_the_scale_moves(interpret, backend, monkeypatch):
+    """The kernel path (fused cast, Triton GEMM): 2 optimizer steps of 3 micro-batches equal the uncached
+    layer's bit for bit (outputs, gradients, FP8 state), the weight is cast once per step, and between the
+    micro-batches of a step the copy is recast in the kernel only when the weight's scale moved: with the
+    scales as they are it is left alone (a copy overwritten here with zeros stays zeros), with another scale
+    it is made again."""
+    backend("kernel")
+    g = torch.Generator().manual_seed(9)
+    data = [(torch.randn(24, 32, generator=g), torch.randn(24, 16, generator=g)) for _ in range(6)]
+    casts, real = [], fp8._triton_cast
+    monkeypatch.setattr(fp8, "_triton_cast", lambda x, *a: casts.append(tuple(x.shape)) or real(x, *a))
+
+    def run(cache):
+        monkeypatch.setattr(fp8, "WEIGHT_CACHE", cache)
+        torch.manual_seed(0)
+        layer = fp8.FP8Linear(32, 16)
+        opt = torch.optim.SGD(layer.parameters(), lr=2.0)  # big steps: the weight's amax moves
+        out, w_scales = [], []
+        for step in range(2):
+            for x, dy in data[3 * step:3 * step + 3]:
+                w_scales.append(layer.scale[WEIGHT].item())  # the scale this micro-batch quantizes W with
+                out += list(linear_grads(layer, x, dy)[:2]) + [layer.scale.clone()]
+            out.append(layer.weight.grad.clone())
+            opt.step()
+            opt.zero_grad()
+        return out + [layer.amax_history.clone()], layer, w_scales
+
+    ref, _, w_scales = run(False)
+    assert w_scales[3] != w_scales[4]  # moved between two micro-batches of the second step
+    casts.clear()
+    got, layer, _ = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert casts.count((16, 32)) == 2 and casts.count((24, 32)) == 6  # W once per optimizer step, x each time
+    x = data[0][0]
+    layer.eval()
+    layer(x)
+    layer._w_q.zero_()
+    layer.scale.copy_(layer.scale.clone())  # a new version, the same scales: the kernel leaves the copy alone
+    assert not layer(x).any()
+    layer.scale[WEIGHT] *= 0.5
+    assert torch.equal(layer(x), uncached_forward(layer, x)) and layer(x).any()
 
 
 # ----------------------------------------------------------------------------------------------

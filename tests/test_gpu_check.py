@@ -9,6 +9,8 @@ import torch
 
 from tools import gpu_check
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny steps, where more threads only wait at barriers
+
 
 def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored afterwards for the other test modules
@@ -35,6 +37,14 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         # the split accumulator: one fp32 add per accumulator value held by a thread, none with fast accumulation
         bm, bn, _, _, warps, _ = r["config"]
         assert (r["fp32_adds"] == 0) if r["fast_accum"] else (r["fp32_adds"] >= bm * bn // (32 * warps)), r
+    # the fused cast kernel compiled for Hopper in each launch mode: no spills, its rounding kept, div.rn for the
+    # weight's scale, the transposed store through shared memory
+    assert [r["launch"] for r in sm90["cast"]] == [c[0] for c in gpu_check.SM90_CASTS]
+    for r in sm90["cast"]:
+        assert r["status"] == "ok" and r["local"] == r["stack"] == 0 and 0 < r["reg"] <= 255, r
+        assert (r["rounding_adds"] > 0) == (r["launch"] != "jit_amax") and (r["div_rn"] > 0) == (
+            r["launch"] == "weight_recast"), r
+        assert r["shared"] >= 64 * 64 or r["launch"] == "jit_amax", r
     # 2 format pairs x 2 layouts x 2 kernels, each inside the fp32-summation bound (torch 2.13 has a CPU _scaled_mm)
     fp8_rows = [x for x in kernel["results"] if x["kernel"] != "chunked_ce"]
     assert len(fp8_rows) == 12
@@ -50,8 +60,24 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     assert [(x["gemm"], x["fast_accum"], "triton_fp8_fast_tflops" in x) for x in gemm["results"][:3]] == [
         ("fwd", True, False), ("dgrad", False, True), ("wgrad", False, True)]
     assert gemm["results"][0]["M"] == 32 and gemm["results"][0]["K"] == 32  # the tiny config's qkv forward
+    # the fused cast against the separate ops (the kernel under the interpreter): every fp8 value and tie of both
+    # formats, then x, dY and W of each layer, the same bytes and amax, each timed both ways
+    assert len(gemm["cast"]) == 2 + 4 * 3 and all(x["bit_equal"] for x in gemm["cast"])
+    assert [x["tensor"] for x in gemm["cast"][2:5]] == ["x", "dy", "weight"] and gemm["cast"][3]["fp8"] == "float8_e5m2"
+    assert all(x["fused_ms"] > 0 and x["separate_ms"] > 0 and x["fused_gb_s"] > 0 for x in gemm["cast"][2:])
+    # each block linear forward + backward, FP8 (both GEMM kernels, the weight cache warm and cold) vs bf16
+    import model
+    assert [x["fp8_layers_name"] for x in gemm["layers"]] == list(model.FP8_LAYERS)
+    assert all(x[k] > 0 for x in gemm["layers"] for k in ("bf16_ms", "fp8_torch_ms", "fp8_torch_cold_ms",
+                                                          "fp8_triton_ms", "fp8_torch_vs_bf16"))
     runs = train["runs"]
-    assert set(runs) == {"bf16", "fp8_triton", "fp8_torch"}
+    assert set(runs) == set(gpu_check.TRAIN_RUNS) and train["micro_batches"] == 2
+    # the weight cache: each FP8 linear's weight cast once per optimizer step of 2 micro-batches (2 blocks x 4
+    # linears; 3 without the attention output projection), never without the cache; and the same losses
+    assert [runs[k]["weight_casts_per_step"] for k in ("fp8_torch", "fp8_torch_uncached", "fp8_torch_no_out")] == [
+        8, 0, 6]
+    assert runs["fp8_torch"]["losses"] == runs["fp8_torch_uncached"]["losses"]
+    assert runs["fp8_torch"]["max_loss_rel_diff_vs_uncached"] == 0 and runs["fp8_torch"]["speedup_vs_uncached"] > 0
     assert runs["fp8_triton"]["gemm"] == runs["fp8_torch"]["gemm"] == "emulate"  # FP8 training on a CPU
     for v in runs.values():
         assert len(v["losses"]) == train["steps"] + 2 and all(math.isfinite(x) for x in v["losses"])
@@ -68,6 +94,9 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     assert ns["batched_ms_per_step_one_device"] > 0 and all(x["count"] == 2 and x["batched_ms"] > 0 for x in ns["results"])
     # gpu_check.md: every measured case in a table per section, beside the one-line summaries
     assert "| fp8_triton | ok | False | emulate |" in md and md.count("| qkv | dgrad | 32x64x32 |") == 1
+    assert "## gemm: the fused cast vs the separate ops" in md and "| - | every value and tie | float8_e5m2 |" in md
+    assert "## gemm: each block linear, forward + backward" in md and "## sm90: the fused cast kernel" in md
+    assert "| weight_recast | fp32 | float8_e4m3fn | ok |" in md
     assert md.count("| triton | float8_e5m2 x float8_e4m3fn | k_major | 48x64x32 | fast | ok |") == 1
     assert dist["backend"] == "gloo" and dist["world"] == 1 and dist["ddp_max_grad_diff"] == 0.0
     assert dist["amax_all_reduce_equal"] is True and dist["amax_layers"] == 2 * 4 and dist["amax_local"][0] > 0
@@ -149,7 +178,7 @@ def test_a_run_that_fails_to_compile_is_measured_eagerly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Xmodel, "compile_for_training", broken)
     report = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--sections",
-                             "train,fixed", "--compile", "on", "--fixed_steps", "3"])
+                             "train,fixed", "--compile", "on", "--fixed_steps", "3", "--train_runs", "bf16,fp8_torch"])
     train, fixed = report["sections"]
     assert train["status"] == "ok" and train["compiled"] is True
     for run in train["runs"].values():

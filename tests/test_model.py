@@ -348,10 +348,10 @@ class LegacyAttention(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim, self.scale = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.attn_scale
-        self.wq = model_mod._linear(cfg, cfg.hidden, cfg.n_head * cfg.head_dim)
-        self.wk = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
-        self.wv = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim)
-        self.wo = model_mod._linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden)
+        self.wq = model_mod._linear(cfg, cfg.hidden, cfg.n_head * cfg.head_dim, "qkv")
+        self.wk = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim, "qkv")
+        self.wv = model_mod._linear(cfg, cfg.hidden, cfg.n_kv_head * cfg.head_dim, "qkv")
+        self.wo = model_mod._linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden, "out")
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
@@ -366,9 +366,9 @@ class LegacyAttention(torch.nn.Module):
 class LegacySwiGLU(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.w_gate = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden)
-        self.w_up = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden)
-        self.w_down = model_mod._linear(cfg, cfg.ffn_hidden, cfg.hidden)
+        self.w_gate = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden, "gate_up")
+        self.w_up = model_mod._linear(cfg, cfg.hidden, cfg.ffn_hidden, "gate_up")
+        self.w_down = model_mod._linear(cfg, cfg.ffn_hidden, cfg.hidden, "down")
 
     def forward(self, x):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
@@ -734,6 +734,90 @@ def test_fp8_act_ckpt_and_a_bare_loop_equal_the_trainers_steps():
         assert all(torch.equal(ref_state[k], state[k]) for k in ref_state), (act_ckpt, call_update)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fp8_weight_cache_equals_quantizing_every_micro_batch(compiled, monkeypatch):
+    """Weights quantized once per optimizer step (fp8.WEIGHT_CACHE) against once per micro-batch, as before:
+    3 steps of 2 micro-batches with fused AdamW (which changes the weights without bumping their version
+    counters) give the same losses, gradients, weights and FP8 state bit for bit, eager and with the blocks
+    compiled (aot_eager, fullgraph: one graph, no recompiles). The weight is cast once per step and layer, and
+    its delayed scale does move between the two micro-batches of a step (the copy is recast then)."""
+    import fp8
+    g = torch.Generator().manual_seed(7)
+    batches = [torch.randint(0, 97, (2, 13), generator=g) for _ in range(6)]
+    casts, real_cast = [], fp8._cast_weight
+    monkeypatch.setattr(fp8, "_cast_weight", lambda w, *a: casts.append(w.shape) or real_cast(w, *a))
+
+    def run(cache, compile_blocks):
+        monkeypatch.setattr(fp8, "WEIGHT_CACHE", cache)
+        torch._dynamo.reset()
+        model = tiny_model(fp8=True)
+        if compile_blocks:
+            for b in model.blocks:
+                b.compile(backend="aot_eager", fullgraph=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+        out, w_scales = [], []
+        for step in range(3):
+            for b in batches[2 * step:2 * step + 2]:
+                w_scales.append(model.blocks[0].mlp.w_down.scale[1].item())  # what this micro-batch uses
+                loss = model(b[:, :-1], b[:, 1:])
+                loss.backward()
+                model.update_fp8_scales()
+                out.append(loss.detach())
+            out += [p.grad.clone() for p in model.parameters()]
+            opt.step()
+            opt.zero_grad()
+        return out + [v.clone() for v in model.state_dict().values()], w_scales
+
+    ref, w_scales = run(False, False)
+    assert casts == [] and w_scales[2] != w_scales[3] and w_scales[4] != w_scales[5]  # moved within steps 1, 2
+    torch._dynamo.utils.counters.clear()
+    got, _ = run(True, compiled)
+    assert len(ref) == len(got) and all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert len(casts) == 3 * 4 * 2  # per step, each of the 4 FP8 linears of the 2 blocks
+    if compiled:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        assert not torch._dynamo.utils.counters["recompiles"]
+
+
+def test_fp8_layers_keep_the_rest_bf16_and_leave_checkpoints_and_export_alone():
+    """fp8_layers = "qkv, gate_up,down" (the attention output projection in bf16): exactly those linears are
+    FP8Linear (and the ones update_fp8_scales steps); the weights keep their names and shapes (the FP8 state
+    is there for the FP8 ones only); two training steps later the state dict loads strictly into a fresh
+    model of its config and computes the same, and the export reads the checkpoint and writes the tensors a
+    bf16 model with the same weights gives. The default is all four."""
+    from fp8 import FP8Linear
+    from tools import export
+    assert ModelConfig().fp8_layer_names == ("qkv", "out", "gate_up", "down") == model_mod.FP8_LAYERS
+    cfg = tiny(fp8=True, fp8_layers="qkv, gate_up,down")
+    model = tiny_model(fp8=True, fp8_layers="qkv, gate_up,down")
+    fp8_names = sorted(n for n, m in model.named_modules() if isinstance(m, FP8Linear))
+    assert fp8_names == [f"blocks.{i}.{s}" for i in range(2) for s in ("attn.wqkv", "mlp.w_down", "mlp.w_gate_up")]
+    assert type(model.blocks[1].attn.wo) is torch.nn.Linear and len(model._fp8_layers) == 6
+    sd = model.state_dict()
+    fp8_state = sorted(k for k in sd if k.endswith((".scale", ".amax_history")))
+    assert fp8_state == sorted(n + s for n in fp8_names for s in (".scale", ".amax_history"))
+    assert {k: v.shape for k, v in sd.items() if k not in fp8_state} == {
+        k: v.shape for k, v in tiny_model(fp8=False).state_dict().items()}
+    idx = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        model(idx[:, :-1], idx[:, 1:]).backward()
+        model.update_fp8_scales()
+        opt.step()
+        opt.zero_grad()
+    assert all((model.state_dict()[k] != 1).any() for k in fp8_state if k.endswith(".scale"))
+    fresh = Xmodel(cfg)
+    fresh.load_state_dict(model.state_dict())  # strict
+    with torch.no_grad():
+        assert torch.equal(fresh(idx), model(idx))
+    ckpt = {"model": model.state_dict(), "model_config": dataclasses.asdict(cfg)}
+    got_cfg, got_sd = export.checked_state_dict(ckpt, "checkpoint")
+    weights = {k: v for k, v in got_sd.items() if k not in fp8_state}
+    ours = export.export_tensors(got_cfg, got_sd, torch.float32)
+    plain = export.export_tensors(dataclasses.replace(cfg, fp8=False), weights, torch.float32)
+    assert ours.keys() == plain.keys() and all(torch.equal(ours[k], plain[k]) for k in ours)
+
+
 def test_flops_per_token():
     cfg = model_config("xmodel25", fp8=False)
     model = mup.build_model(cfg, device="meta")
@@ -823,6 +907,10 @@ def test_generate_sampling_seeded_and_top_k():
     (dict(input_scale=-12.0), "input_scale"),
     (dict(hidden=64.0), "hidden"),
     (dict(fp8_backend="cublas"), "fp8_backend"),
+    (dict(fp8_layers="qkv,attn_out"), "fp8_layers"),
+    (dict(fp8_layers="down,qkv,down"), "fp8_layers"),
+    (dict(fp8=True, fp8_layers=" , "), "fp8_layers"),
+    (dict(fp8_layers=("qkv", "down")), "fp8_layers"),
 ])
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"\b{field}\b"):

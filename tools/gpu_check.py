@@ -1,7 +1,8 @@
 """Ready for the GPU: one script that checks, on a GPU machine, what the CPU cannot.
 
     python -m tools.gpu_check --out DIR [--sections sm90,kernel,gemm,train,ns,dist,fixed] [--device auto]
-                              [--dtype auto] [--layers N] [--steps 4] [--fixed_steps 20]
+                              [--dtype auto] [--layers N] [--steps 4] [--micro_batches 2] [--train_runs ...]
+                              [--fixed_steps 20]
 
 writes DIR/gpu_check.json and DIR/gpu_check.md (rewritten after every section, so a run cut short still
 leaves what it measured). The sections, each time-boxed, each recording device, versions and the command
@@ -9,7 +10,8 @@ that reruns it; a failure in one is recorded and the next one runs:
 
     sm90    the Triton FP8 kernel compiled ahead of time for Hopper (sm_90a), on any machine, GPU or not:
             every autotune config for the forward, dgrad and wgrad GEMMs, read from the PTX and the cubin:
-            fp8 wgmma of the right formats, a pipelined K loop, the split accumulator's fp32 adds, no spills
+            fp8 wgmma of the right formats, a pipelined K loop, the split accumulator's fp32 adds, no spills;
+            and the fused cast kernel in each launch mode (no spills, its rounding kept, div.rn for scales)
     kernel  fp8.fp8_matmul (the Triton FP8 GEMM, compiled) and fp8.torch_fp8_matmul (torch._scaled_mm) vs a
             float64 reference, e4m3 x e4m3 and e5m2 x e4m3, b K-major and row-major, with and without fast
             accumulation, K up to 14,848; the error is reported against the fp32-summation bound (ratio <= 1
@@ -17,10 +19,15 @@ that reruns it; a failure in one is recorded and the next one runs:
             place) in fp32 and bf16 against float64 cross-entropy, loss and gradients
     gemm    TFLOP/s at the 1.3B layer shapes (M = 4 x 3712, K/N from 1536/2560/3840/7680; forward, dgrad,
             wgrad, with FP8Linear's accumulation): the Triton FP8 kernel, torch._scaled_mm, bf16 torch.mm, and
-            for the backward GEMMs the Triton kernel with fast accumulation (the split accumulator's cost)
+            for the backward GEMMs the Triton kernel with fast accumulation (the split accumulator's cost); the
+            fused cast (fp8.cast_transpose) against the separate ops on x, dY and W of each layer (ms, GB/s,
+            the same bytes on the device: a difference fails the section); each block linear's forward and
+            backward in FP8 (weight cache warm and cold) against bf16: the measurement behind fp8_layers
     train   xmodel25's width with as many layers as fit (Xmodel.memory_estimate_gb vs the free memory),
-            micro-batch 4 x 3712, compiled, bf16 vs FP8 (both kernels): tokens/s, MFU vs the device's bf16
-            peak, peak memory, and the losses of the same steps on the same synthetic batches, finite and
+            micro-batch 4 x 3712, --micro_batches per optimizer step (2: FP8's weight cache is used), compiled,
+            bf16 vs FP8 (both kernels; cuBLASLt also without the fused cast and the weight cache, and without
+            FP8 in the attention output projection): tokens/s, MFU vs the device's bf16 peak, peak memory,
+            weight casts per step, and the losses of the same steps on the same synthetic batches, finite and
             equal within FP8 tolerance
     ns      the Newton-Schulz step (muon.zeropower_via_newtonschulz5) at every 1.3B hidden-matrix shape:
             ms, TFLOP/s, and the whole Muon orthogonalization per step on one device, one matrix at a time
@@ -59,9 +66,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist", "fixed", "trainer")
-# s; expected ~5 min on an H100 without "fixed" and "trainer" (last, so that the --budget_s cut falls on them:
-# run each on its own)
-TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 120, "train": 240, "ns": 30, "dist": 60, "fixed": 300, "trainer": 480}
+# s; the first six fit one 10-minute command on an H100 ("fixed" and "trainer" come last, so that the --budget_s
+# cut falls on them: run each on its own)
+TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 150, "train": 300, "ns": 30, "dist": 60, "fixed": 300, "trainer": 480}
 # fast accumulation on Hopper: errors up to 2^10 x the fp32 bound, as if its accumulator kept ~14 of fp32's
 # 24 mantissa bits (DeepSeek-V3's measurement); exactly the fp32 bound wherever accumulation is fp32
 FAST_ACCUM_SLACK = 2.0 ** 10
@@ -140,9 +147,9 @@ def sm90(device, args, rec):
     for the training shapes (16-byte aligned pointers, sizes and strides divisible by 16, K-major unit
     strides), and read what Hopper will run: fp8 wgmma instructions of the right formats, a software
     pipeline (one shared-memory buffer per stage), the split accumulator's fp32 adds where asked, and from
-    the cubin the registers and spills (LOCAL bytes). A failure here costs no GPU time."""
+    the cubin the registers and spills (LOCAL bytes); then the fused cast kernel the same way (sm90_cast).
+    A failure here costs no GPU time."""
     import re
-    import tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -182,14 +189,7 @@ def sm90(device, args, rec):
                 row.update(wgmma=sorted(set(wgmma)), n_wgmma=len(wgmma), shared=ck.metadata.shared,
                            stage_buffers=ck.metadata.shared // tile_bytes,
                            fp32_adds=len(re.findall(r"\badd(?:\.rn)?\.f32", ptx)))
-                if cuobjdump:
-                    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                        f.write(ck.asm["cubin"])
-                        f.flush()
-                        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                               text=True, timeout=60).stdout
-                    got = dict(re.findall(r"\b(REG|LOCAL|STACK):(\d+)", usage))
-                    row.update({k.lower(): int(v) for k, v in got.items()})
+                row.update(cubin_usage(ck.asm["cubin"], cuobjdump))
                 fmt = {"fp8e4nv": "e4m3", "fp8e5": "e5m2"}
                 problems = [why for bad, why in (
                     (not any(f".{fmt[ta]}.{fmt[tb]}" in w for w in wgmma), "no fp8 wgmma of these formats"),
@@ -202,9 +202,91 @@ def sm90(device, args, rec):
                 row.update(status="failed", error=f"{type(e).__name__}: {e}"[:300])
             rows.append(row)
     rec["cuobjdump"] = cuobjdump
-    bad = [r for r in rows if r["status"] != "ok"]
+    sm90_cast(rec, cuobjdump)
+    bad = [r for r in rows + rec["cast"] if r["status"] != "ok"]
     if bad:
-        raise AssertionError(f"{len(bad)} of {len(rows)} sm_90 compilations not as expected: {bad[:3]}")
+        raise AssertionError(f"{len(bad)} of {len(rows) + len(rec['cast'])} sm_90 compilations not as expected: "
+                             f"{bad[:3]}")
+
+
+def cubin_usage(cubin, cuobjdump) -> dict:
+    """Registers and spills (local memory, stack) of a compiled kernel, read with cuobjdump ({} without it)."""
+    import re
+    import tempfile
+    if not cuobjdump:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               timeout=60).stdout
+    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", usage)}
+
+
+# The fused cast kernel's launches as FP8Linear makes them: (what, x's type, fp8 format, the kernel's mode flags)
+_CAST = dict(STEP_SCALE=False, SKIP=0, CAST=True, TRANSPOSE=True, AMAX=True)
+SM90_CASTS = (("x", "bf16", "e4m3", _CAST), ("dy", "bf16", "e5m2", _CAST), ("weight", "fp32", "e4m3", _CAST),
+              ("jit_amax", "bf16", "e4m3", dict(_CAST, SKIP=1, CAST=False, TRANSPOSE=False)),
+              ("weight_recast", "fp32", "e4m3", dict(_CAST, STEP_SCALE=True, SKIP=2, AMAX=False)))
+
+
+def sm90_cast(rec, cuobjdump):
+    """fp8.cast_transpose's kernel compiled for sm_90a in each mode FP8Linear launches, into rec["cast"]: no spills;
+    its hand-made rounding still in the PTX (the 2^23 constant added and subtracted: not folded away); the
+    weight's scale divided with div.rn.f32 as torch divides (not an approximate division); the shared memory
+    the transposed store goes through."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+    import fp8
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        fn = fp8.build_cast_kernel(interpret=False)
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    names, fmts = fn.arg_names, {"e4m3": fp8.E4M3, "e5m2": fp8.E5M2}
+    # The kernel reduces with tl.max's combine function, which Triton binds when it is imported: an interpreted
+    # one if that was under TRITON_INTERPRET=1 (this check on a CPU), which the compiler cannot use. Compile
+    # against a compiled twin of it (the interpreter only compares it by identity: it never calls it).
+    combine = tl.standard._elementwise_max
+    tl.standard._elementwise_max = combine if isinstance(combine, JITFunction) else JITFunction(combine.fn)
+    try:
+        for what, xt, fmt, flags in SM90_CASTS:
+            rec.setdefault("cast", []).append(_sm90_cast_one(fn, names, what, xt, fmts[fmt], flags, cuobjdump))
+    finally:
+        tl.standard._elementwise_max = combine
+
+
+def _sm90_cast_one(fn, names, what, xt, fmt, flags, cuobjdump) -> dict:
+    """One launch mode of the cast kernel compiled for sm_90a (sm90_cast): its row."""
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import fp8
+    bm, bn, warps = fp8.CAST_TILE
+    e_min, mant = fp8._FORMAT_BITS[fmt]
+    const = dict(BLOCK_M=bm, BLOCK_N=bn, FP8_MAX=fp8.FP8_MAX[fmt], E_MIN=e_min, MANT=mant, INV_MARGIN=1.0,
+                 stride_xn=1, **flags)
+    sig = {n: "*u8" if n in ("q_ptr", "t_ptr") else "*" + xt if n == "x_ptr" else "*fp32" for n in names
+           if n.endswith("_ptr")}
+    sig.update({n: "constexpr" if n in const else "i32" for n in names if n not in sig})
+    row = dict(launch=what, x=xt, fp8=str(fmt)[6:], tile=[bm, bn, warps])
+    try:
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if t != "constexpr"}
+        src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+        ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        ptx = ck.asm["ptx"]
+        row.update(shared=ck.metadata.shared, rounding_adds=ptx.count("0f4B000000"),
+                   div_rn=len(re.findall(r"div\.rn\.f32", ptx)), **cubin_usage(ck.asm["cubin"], cuobjdump))
+        problems = [why for bad, why in (
+            (flags["CAST"] and not row["rounding_adds"], "the rounding's 2^23 add is gone"),
+            (flags["STEP_SCALE"] and not row["div_rn"], "no div.rn.f32 for the scale"),
+            (row.get("local", 0) or row.get("stack", 0), "register spills")) if bad]
+        row.update(status="failed" if problems else "ok", **({"problems": problems} if problems else {}))
+    except Exception as e:
+        row.update(status="failed", error=f"{type(e).__name__}: {e}"[:300])
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -268,7 +350,101 @@ def kernel(device, args, rec):
 def gemm(device, args, rec):
     from tools.bench import fp8_gemm_rows
     mcfg, run = shapes_config(device)
-    rec["results"] = fp8_gemm_rows(mcfg, run["micro_batch"] * run["seq_len"], device, lambda fn: bench_ms(fn, device))
+    tokens, ms_of = run["micro_batch"] * run["seq_len"], lambda fn: bench_ms(fn, device)
+    rec["results"] = fp8_gemm_rows(mcfg, tokens, device, ms_of)
+    rec["cast"] = cast_rows(mcfg, tokens, device, ms_of)
+    rec["layers"] = layer_rows(mcfg, tokens, device, ms_of)
+    bad = [r for r in rec["cast"] if not r.get("bit_equal")]
+    if bad:
+        raise AssertionError(f"the fused cast differs from the separate ops on this device: {bad[:3]}")
+
+
+def rounding_cases(dtype, device):
+    """Every finite value of the fp8 `dtype`, the midpoints between neighbours (ties), one fp32 ulp either side
+    of each, both signs, beyond the maximum, +-inf, nan: a [n, 16] fp32 tensor to cast with scale 1."""
+    import fp8
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = codes[torch.isfinite(codes) & (codes >= 0)].unique()
+    mid = (grid[1:] + grid[:-1]) / 2
+    vals = torch.cat([grid, mid, torch.nextafter(mid, torch.tensor(0.0)), torch.nextafter(mid, torch.tensor(1e9)),
+                      torch.tensor([fp8.FP8_MAX[dtype] * 1.01, 3e38, float("inf"), float("nan"), 1e-40])])
+    vals = torch.cat([vals, -vals])
+    return torch.nn.functional.pad(vals, (0, -len(vals) % 16)).reshape(-1, 16).to(device)
+
+
+def cast_rows(mcfg, tokens, device, ms_of) -> list[dict]:
+    """The fused cast (fp8.cast_transpose: FP8 copy, transposed copy and amax in one pass) against the separate
+    ops it replaces (amax, quantize, transposed copy) on every tensor FP8Linear casts at the layer shapes: x and
+    dY (bf16, `tokens` rows), W (fp32): ms each, the fused pass's GB/s (x read, two fp8 copies written), and
+    whether both give the same bytes and amax on this device; first every fp8 value and tie of both formats."""
+    import fp8
+    from tools.bench import layer_shapes
+    rows = []
+
+    def same(a, b):
+        return bool(torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8))
+                    and torch.equal(a[1].view(torch.uint8), b[1].view(torch.uint8))
+                    and (torch.equal(a[2], b[2]) or bool(a[2].isnan() & b[2].isnan())))
+
+    for fmt in (fp8.E4M3, fp8.E5M2):
+        x, one = rounding_cases(fmt, device), torch.ones((), device=device)
+        rows.append(dict(layer="-", tensor="every value and tie", fp8=str(fmt)[6:], M=x.shape[0], N=x.shape[1],
+                         bit_equal=same(fp8.cast_transpose(x, one, fmt, kernel=True),
+                                        fp8.cast_transpose(x, one, fmt, kernel=False))))
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, n_in, n_out in layer_shapes(mcfg):
+        for what, shape, src, fmt in (("x", (tokens, n_in), torch.bfloat16, fp8.E4M3),
+                                      ("dy", (tokens, n_out), torch.bfloat16, fp8.E5M2),
+                                      ("weight", (n_out, n_in), torch.float32, fp8.E4M3)):
+            x = torch.randn(shape, device=device, generator=g).to(src)
+            scale = torch.full((), fp8.FP8_MAX[fmt], device=device) / fp8.amax(x) * 2  # the largest saturate
+            fused = lambda: fp8.cast_transpose(x, scale, fmt, kernel=True)  # noqa: E731
+            separate = lambda: fp8.cast_transpose(x, scale, fmt, kernel=False)  # noqa: E731
+            row = dict(layer=name, tensor=what, fp8=str(fmt)[6:], M=shape[0], N=shape[1],
+                       bit_equal=same(fused(), separate()), fused_ms=ms_of(fused), separate_ms=ms_of(separate))
+            row.update(speedup=row["separate_ms"] / row["fused_ms"],
+                       fused_gb_s=x.numel() * (x.element_size() + 2) / row["fused_ms"] / 1e6)
+            rows.append(row)
+    return rows
+
+
+def layer_rows(mcfg, tokens, device, ms_of) -> list[dict]:
+    """Each block linear's forward and backward (plus the delayed-scaling update) at the layer shapes: FP8Linear
+    with each GEMM kernel, its weight cache warm (as on every micro-batch of a step but the first) and cold (a new
+    weight: the first), against nn.Linear under bf16 autocast. The measurement behind fp8_layers: a linear pays
+    in FP8 where its FP8 time is below bf16's (docs/FP8.md, "Which layers run in FP8")."""
+    import fp8
+    from model import FP8_LAYERS
+    from tools.bench import layer_shapes
+    rows = []
+    for key, (name, n_in, n_out) in zip(FP8_LAYERS, layer_shapes(mcfg)):
+        x = torch.randn(tokens, n_in, device=device, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(tokens, n_out, device=device, dtype=torch.bfloat16)
+
+        def step(layer, cold=False):
+            def fn():
+                if cold:
+                    layer.forget_fp8_weight()
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    y = layer(x)
+                y.backward(dy)
+                if isinstance(layer, fp8.FP8Linear):
+                    fp8.update_scales([layer])
+            return fn
+
+        row = dict(layer=name, fp8_layers_name=key, M=tokens, K=n_in, N=n_out,
+                   bf16_ms=ms_of(step(torch.nn.Linear(n_in, n_out, bias=False, device=device))))
+        for gemm_kind in fp8.GEMMS:
+            layer = fp8.FP8Linear(n_in, n_out, device=device, gemm=gemm_kind)
+            try:
+                step(layer)()  # calibrates the scales and fills the cache
+                row[f"fp8_{gemm_kind}_ms"] = ms_of(step(layer))
+                row[f"fp8_{gemm_kind}_cold_ms"] = ms_of(step(layer, cold=True))
+                row[f"fp8_{gemm_kind}_vs_bf16"] = row["bf16_ms"] / row[f"fp8_{gemm_kind}_ms"]
+            except Exception as e:
+                row[f"fp8_{gemm_kind}_error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -299,11 +475,12 @@ def train_section(device, args, rec):
     tcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["train"]
     n_layer = args.layers or (fit_layers(mcfg, run, device) if device.type == "cuda" else mcfg.n_layer)
     compile_ = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    B, T = run["micro_batch"], run["seq_len"]
-    rec.update(n_layer=n_layer, hidden=mcfg.hidden, micro_batch=B, seq_len=T, compiled=compile_, dtype=args.dtype,
-               steps=args.steps)
+    B, T, accum = run["micro_batch"], run["seq_len"], args.micro_batches
+    rec.update(n_layer=n_layer, hidden=mcfg.hidden, micro_batch=B, seq_len=T, micro_batches=accum, compiled=compile_,
+               dtype=args.dtype, steps=args.steps)
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(args.steps + 2)]
+    batches = [[torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(accum)]
+               for _ in range(args.steps + 2)]  # per optimizer step, its micro-batches
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     peak = device_peak(device, "bf16")
 
@@ -315,23 +492,29 @@ def train_section(device, args, rec):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def step(batch):
-            with autocast:
-                loss = model(batch[:, :-1], batch[:, 1:])
-            loss.backward()
-            model.update_fp8_scales()
+        def step(micro):  # as train.py's train_step: the micro-batches' gradients summed, one optimizer step
+            total = 0.0
+            for batch in micro:
+                with autocast:
+                    loss = model(batch[:, :-1], batch[:, 1:]) / len(micro)
+                loss.backward()
+                model.update_fp8_scales()
+                total = total + loss.detach()
             opts.step()
             opts.zero_grad()
-            return loss
+            return total
 
-        losses, times = [], []
-        for batch in batches:
-            synchronize(device)
-            t0 = time.perf_counter()
-            loss = step(batch)
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
-            losses.append(float(loss.detach()))
+        losses, times, casts = [], [], count_weight_casts()
+        try:
+            for micro in batches:
+                synchronize(device)
+                t0 = time.perf_counter()
+                loss = step(micro)
+                synchronize(device)
+                times.append(time.perf_counter() - t0)
+                losses.append(float(loss))
+        finally:
+            weight_casts = casts.stop() / len(batches)
         syncs = host_syncs(device, lambda: step(batches[-1]))  # one more step, after the timed ones
         where = profile_step(device, lambda: step(batches[-1]))  # and one under the profiler
         synchronize(device)
@@ -341,25 +524,26 @@ def train_section(device, args, rec):
         synchronize(device)
         update_ms = (time.perf_counter() - t0) * 100 if cfg.fp8 else None
         step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
-        tok_s = B * T / step_s
+        tok_s = B * T * accum / step_s
         flops = model.flops_per_token(T) * tok_s
         return dict(gemm=fp8.resolve_backend(device, cfg.fp8_backend) if cfg.fp8 else None, losses=losses,
                     tokens_per_s=tok_s, step_ms=step_s * 1e3, warmup_s=sum(times[:2]), tflops=flops / 1e12,
                     mfu=flops / peak if peak else None, params=model.num_params(),
                     host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
-                    update_fp8_scales_ms=update_ms, profile=where,
+                    update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts,
                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
 
     runs = rec.setdefault("runs", {})
-    for label, over in (("bf16", dict(fp8=False)), ("fp8_triton", dict(fp8=True, fp8_backend="triton")),
-                        ("fp8_torch", dict(fp8=True, fp8_backend="torch"))):
+    for label in args.train_runs.split(","):
+        over, flags = TRAIN_RUNS[label]
         cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
         r = runs.setdefault(label, {})
         # a run that fails to compile is measured again eagerly, so the kernel's numbers survive a compiler problem
         for compiled in ((True, False) if compile_ else (False,)):
             try:
                 torch.manual_seed(0)
-                r.update(measure(cfg, compiled), status="ok", compiled=compiled)
+                with fp8_switches(**flags):
+                    r.update(measure(cfg, compiled), status="ok", compiled=compiled)
                 if not all(math.isfinite(x) for x in r["losses"]):
                     r.update(status="failed", error="non-finite loss")
                 break
@@ -375,8 +559,14 @@ def train_section(device, args, rec):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     r["left_allocated_gb"] = torch.cuda.memory_allocated(device) / 1e9
-    base = runs["bf16"].get("losses")
-    for label in ("fp8_triton", "fp8_torch"):
+    judge_train_runs(runs)
+
+
+def judge_train_runs(runs: dict) -> None:
+    """Each FP8 run against bf16 (speed, losses within FP8_LOSS_RTOL), fp8_torch against the code before the fused
+    cast and the weight cache (fp8_torch_uncached); raises if a run is not ok."""
+    base = runs.get("bf16", {}).get("losses")
+    for label in [k for k in runs if k != "bf16"]:
         got = runs[label].get("losses")
         if base and got:
             diff = abs(sum(got) - sum(base)) / abs(sum(base))
@@ -386,9 +576,59 @@ def train_section(device, args, rec):
             if diff > FP8_LOSS_RTOL:  # the speedup is read with both runs' "compiled"
                 runs[label]["status"] = "failed"
                 runs[label]["error"] = f"mean loss differs from bf16 by {diff:.3g} > {FP8_LOSS_RTOL}"
+    new, old = runs.get("fp8_torch", {}), runs.get("fp8_torch_uncached", {})
+    if new.get("tokens_per_s") and old.get("tokens_per_s"):
+        new["speedup_vs_uncached"] = new["tokens_per_s"] / old["tokens_per_s"]
+        new["max_loss_rel_diff_vs_uncached"] = max(abs(a - b) / abs(b) for a, b in zip(new["losses"], old["losses"]))
     failed = [k for k, v in runs.items() if v.get("status") != "ok"]
     if failed:
         raise AssertionError(f"train runs not ok: {failed}")
+
+
+# The train section's runs: label -> (ModelConfig overrides, fp8 module switches). fp8_torch_uncached is the code
+# before the fused cast and the weight cache (the same numbers: fp8.FUSED_CAST, fp8.WEIGHT_CACHE), fp8_torch_no_out
+# leaves the attention output projection in bf16 (fp8_layers; docs/FP8.md, "Which layers run in FP8").
+TRAIN_RUNS = {"bf16": (dict(fp8=False), {}),
+              "fp8_triton": (dict(fp8=True, fp8_backend="triton"), {}),
+              "fp8_torch": (dict(fp8=True, fp8_backend="torch"), {}),
+              "fp8_torch_uncached": (dict(fp8=True, fp8_backend="torch"), dict(FUSED_CAST=False, WEIGHT_CACHE=False)),
+              "fp8_torch_no_out": (dict(fp8=True, fp8_backend="torch", fp8_layers="qkv,gate_up,down"), {})}
+
+
+class fp8_switches:
+    """with fp8_switches(FUSED_CAST=False, ...): fp8.py's module switches set for the block, then restored."""
+
+    def __init__(self, **flags):
+        self.flags, self.saved = flags, {}
+
+    def __enter__(self):
+        import fp8
+        self.saved = {k: getattr(fp8, k) for k in self.flags}
+        for k, v in self.flags.items():
+            setattr(fp8, k, v)
+
+    def __exit__(self, *exc):
+        import fp8
+        for k, v in self.saved.items():
+            setattr(fp8, k, v)
+
+
+class count_weight_casts:
+    """Counts the passes that quantize a new weight into FP8Linear's cache (fp8._cast_weight) until stop()."""
+
+    def __init__(self):
+        import fp8
+        self.n, self.real = 0, fp8._cast_weight
+
+        def counted(*a, **k):
+            self.n += 1
+            return self.real(*a, **k)
+        fp8._cast_weight = counted
+
+    def stop(self) -> int:
+        import fp8
+        fp8._cast_weight = self.real
+        return self.n
 
 
 KERNEL_CLASSES = (("gemm", ("gemm", "xmma", "cutlass", "nvjet", "fp8_matmul", "cublas", "aten::mm", "aten::addmm",
@@ -743,9 +983,10 @@ def markdown(report: dict) -> str:
         if r.get("error"):
             lines += [f"**{r['section']}**: {r['error']}", ""]
         head, rows = details(r)
-        if rows:
-            lines += [f"## {r['section']}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows] + [""]
+        for title, (head, rows) in [(r["section"], (head, rows))] + more_details(r):
+            if rows:
+                lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows] + [""]
     return "\n".join(lines)
 
 
@@ -759,9 +1000,12 @@ def summary(r: dict) -> str:
     """One line per section for the table at the top of gpu_check.md (details() has the rest)."""
     s, res = r["section"], r.get("results", [])
     if s == "sm90":
+        cast = r.get("cast", [])
         return (f"{sum(x['status'] == 'ok' for x in res)} of {len(res)} compilations ok; most registers "
                 + ", ".join(f"{g} {max(x.get('reg', 0) for x in res if x['gemm'] == g)}"
-                            for g in dict.fromkeys(x["gemm"] for x in res)))
+                            for g in dict.fromkeys(x["gemm"] for x in res))
+                + (f"; cast kernel {sum(x['status'] == 'ok' for x in cast)} of {len(cast)} ok, most registers "
+                   f"{max(x.get('reg', 0) for x in cast)}" if cast else ""))
     if s == "kernel":
         return (f"{sum(x['status'] == 'ok' for x in res)} of {len(res)} ok; worst error / fp32 bound: triton "
                 f"{_ratio_of(res, 'triton', False)} (fast {_ratio_of(res, 'triton', True)}), torch "
@@ -770,8 +1014,15 @@ def summary(r: dict) -> str:
         def mean_speedup(col):
             got = [x[col] / x["bf16_mm_tflops"] for x in res if col in x and x.get("bf16_mm_tflops")]
             return f"x{math.exp(sum(map(math.log, got)) / len(got)):.3g}" if got else "-"
+        cast, layers = r.get("cast", []), r.get("layers", [])
+        timed = [x["speedup"] for x in cast if "speedup" in x]
         return (f"FP8 vs bf16 torch.mm, geometric mean of {len(res)} GEMMs: triton {mean_speedup('triton_fp8_tflops')}"
-                f", torch._scaled_mm {mean_speedup('torch_scaled_mm_tflops')}")
+                f", torch._scaled_mm {mean_speedup('torch_scaled_mm_tflops')}"
+                + (f"; fused cast vs separate ops x{math.exp(sum(map(math.log, timed)) / len(timed)):.3g}, "
+                   f"{sum(x['bit_equal'] for x in cast)} of {len(cast)} bit-equal" if timed else "")
+                + ("; layer fwd+bwd FP8 (cuBLASLt) vs bf16: " + ", ".join(
+                    f"{x['fp8_layers_name']} x{x['fp8_torch_vs_bf16']:.2f}" for x in layers if "fp8_torch_vs_bf16" in x)
+                   if layers else ""))
     if s == "train":
         return f"{r.get('n_layer')} layers x {r.get('hidden')}, {r.get('micro_batch')} x {r.get('seq_len')}: " + "; ".join(
             f"{k} {v.get('status')}" + (" (eager)" if v.get("compiled") is False and r.get("compiled") else "")
@@ -816,11 +1067,13 @@ def details(r: dict) -> tuple[list, list]:
                     for c in cols)] for x in res])
     if s == "train":
         return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "MFU %", "peak GB", "vs bf16",
-                 "mean loss diff", "host syncs", "GEMM / attention / other ms"],
+                 "mean loss diff", "weight casts / step", "host syncs", "GEMM / attention / other ms"],
                 [[k, v.get("status"), v.get("compiled"), v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
                   num(v.get("step_ms"), ".1f"), num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
-                  num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f"),
-                  num(v.get("mean_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("host_syncs_per_step"), "d"),
+                  num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f")
+                  + (f" ({v['speedup_vs_uncached']:.2f} vs uncached)" if "speedup_vs_uncached" in v else ""),
+                  num(v.get("mean_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("weight_casts_per_step"), ".3g"),
+                  num(v.get("host_syncs_per_step"), "d"),
                   " / ".join(num(v["profile"]["ms"][c], ".1f") for c in ("gemm", "attention", "other"))
                   if v.get("profile") else "-"]
                  for k, v in r.get("runs", {}).items()])
@@ -834,6 +1087,37 @@ def details(r: dict) -> tuple[list, list]:
                 [[x["phase"], x["steps"], f"{x['batch']} x {x['seq_len']}", x["optimizer"],
                   num(x["tokens_per_s"], ".0f"), num(100 * x["mfu"], ".1f") if x["mfu"] else "-"] for x in res])
     return [], []
+
+
+def more_details(r: dict) -> list:
+    """[(title, (header, rows))] of a section's further tables in gpu_check.md (the fused cast, the layers)."""
+    num = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-"  # noqa: E731
+    s, out = r["section"], []
+    if s == "sm90" and r.get("cast"):
+        out.append(("sm90: the fused cast kernel", (
+            ["launch", "x", "fp8", "status", "registers", "spills", "shared", "rounding adds", "div.rn"],
+            [[x["launch"], x["x"], x["fp8"], x["status"] + (f" {x.get('problems') or x.get('error')}"
+                                                            if x["status"] != "ok" else ""),
+              x.get("reg", "-"), x.get("local", 0) + x.get("stack", 0), x.get("shared", "-"),
+              x.get("rounding_adds", "-"), x.get("div_rn", "-")] for x in r["cast"]])))
+    if s == "gemm" and r.get("cast"):
+        out.append(("gemm: the fused cast vs the separate ops", (
+            ["layer", "tensor", "fp8", "M x N", "bit-equal", "fused ms", "separate ms", "speedup", "fused GB/s"],
+            [[x["layer"], x["tensor"], x["fp8"], f"{x['M']}x{x['N']}", x["bit_equal"], num(x.get("fused_ms"), ".4g"),
+              num(x.get("separate_ms"), ".4g"), num(x.get("speedup"), ".2f"), num(x.get("fused_gb_s"), ".4g")]
+             for x in r["cast"]])))
+    if s == "gemm" and r.get("layers"):
+        out.append(("gemm: each block linear, forward + backward", (
+            ["fp8_layers", "M x K x N", "bf16 ms", "FP8 cuBLASLt ms (cold)", "vs bf16", "FP8 Triton ms (cold)",
+             "vs bf16"],
+            [[x["fp8_layers_name"], f"{x['M']}x{x['K']}x{x['N']}", num(x["bf16_ms"], ".4g")]
+             + [f"{num(x.get(f'fp8_{k}_ms'), '.4g')} ({num(x.get(f'fp8_{k}_cold_ms'), '.4g')})"
+                if f"fp8_{k}_ms" in x else x.get(f"fp8_{k}_error", "-") for k in ("torch",)]
+             + [num(x.get("fp8_torch_vs_bf16"), ".2f")]
+             + [f"{num(x.get('fp8_triton_ms'), '.4g')} ({num(x.get('fp8_triton_cold_ms'), '.4g')})"
+                if "fp8_triton_ms" in x else x.get("fp8_triton_error", "-"), num(x.get("fp8_triton_vs_bf16"), ".2f")]
+             for x in r["layers"]])))
+    return out
 
 
 def write(report: dict, out: str) -> None:
@@ -856,6 +1140,10 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="train section: layers (default: as many as fit)")
     p.add_argument("--steps", type=int, default=None, help="train section: timed steps after two warm-up steps "
                    "(default 4 on CUDA, 1 on the CPU)")
+    p.add_argument("--micro_batches", type=int, default=2, help="train section: micro-batches per optimizer step "
+                   "(gradient accumulation: FP8's weight cache is reused from the second on)")
+    p.add_argument("--train_runs", default=",".join(TRAIN_RUNS), help="train section: comma-separated runs of "
+                   f"{','.join(TRAIN_RUNS)}")
     p.add_argument("--fixed_steps", type=int, default=20, help="fixed section: steps on the fixed batch")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="train and fixed sections: torch.compile the models (auto: on CUDA); a run that fails to "
@@ -868,6 +1156,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.dist_worker:
         return dist_worker(args)
+    unknown = set(args.train_runs.split(",")) - set(TRAIN_RUNS)
+    if unknown or args.micro_batches < 1:
+        raise ValueError(f"--train_runs: unknown {sorted(unknown)}; choose from {','.join(TRAIN_RUNS)}" if unknown
+                         else f"--micro_batches must be >= 1, got {args.micro_batches}")
     sections = [s for s in args.sections.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
