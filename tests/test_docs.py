@@ -58,7 +58,7 @@ def test_readme_is_a_ten_minute_page():
 
 def test_the_project_speaks_of_itself_only():
     files = PAGES + sorted(ROOT.glob("*.py")) + sorted((ROOT / "tools").glob("*.py")) + sorted((ROOT / "tests").glob("*.py"))
-    pattern = re.compile(r"earlier session|(?<!pytorch/pytorch)issue [0-9]+|\bstop [0-9]+", re.I)
-    hits = [f"{f.relative_to(ROOT)}: {m.group(0)!r}" for f in files if f.name != "test_docs.py"
+    pattern = re.compile(r"earlier\ssession|\bissue\s[0-9]+|\bstop\s[0-9]+", re.I)  # \s: this file passes too
+    hits = [f"{f.relative_to(ROOT)}: {m.group(0)!r}" for f in files
             for m in pattern.finditer(f.read_text(encoding="utf-8"))]
     assert not hits, hits
