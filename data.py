@@ -1064,7 +1064,9 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
         records = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
                    | ({"text_key": key} if key != "text" else {}) for f in files]
         if shard is not None:
-            parts[name] = _fingerprint(records)  # the whole's files: what combine checks the parts agree on
+            # the whole's files, by their path under the source's root (machines may mount it elsewhere): what
+            # combine checks the parts agree on
+            parts[name] = _fingerprint([dict(r, path=_doc_key(f, root)) for f, r in zip(files, records)])
             files, records = part_files(name, files, *shard), part_files(name, records, *shard)
         inputs[name] = [r | ({"sha256": runtime.sha256_file(f)} if hash_contents else
                              {"mtime_ns": f.stat().st_mtime_ns}) for f, r in zip(files, records)]
@@ -1138,7 +1140,7 @@ def _check_parts(ms: list[tuple[dict, Path]]) -> None:
         if "part" not in m:
             raise ValueError(f"combine: {d} is not a part of a sharded preparation (prepare --shard I/N)")
         for k, what in (("tokenizer", "tokenizer"), ("heldout", "held-out fraction"), ("shard_tokens", "shard size")):
-            if m[k] != ms[0][0][k]:
+            if _same(m[k]) != _same(ms[0][0][k]):
                 raise ValueError(f"combine: {d} has another {what} than {ms[0][1]}")
         if m["part"]["of"] != n or m["part"]["sources"] != ms[0][0]["part"]["sources"]:
             raise ValueError(f"combine: {d} is part {m['part']['index']}/{m['part']['of']} of another preparation "
@@ -1148,6 +1150,11 @@ def _check_parts(ms: list[tuple[dict, Path]]) -> None:
         twice = sorted({i for i in have if have.count(i) > 1})
         raise ValueError(f"combine: the parts of {n} are {list(range(n))}; given {have} (missing "
                          f"{sorted(set(range(n)) - set(have))}, twice {twice})")
+
+
+def _same(value):
+    """What must agree between parts: a tokenizer by its name and file hash (its path differs by machine)."""
+    return (value["name"], value["sha256"]) if isinstance(value, dict) and "sha256" in value else value
 
 
 def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None = None,
@@ -1166,9 +1173,9 @@ def ready_sources(spec: Mapping[str, str], cache_dir: str | os.PathLike | None =
             f"data: {len(bad)} of {len(spec)} sources cannot be used (docs/DATA.md: where each comes from):\n"
             + "\n".join(f"  {s}: {spec[s]} {why}; prepare it with: {fix[s]}" for s, why in bad.items()))
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    return {s: str(p) if (Path(p) / "manifest.json").is_file()
-            else prepare({s: p}, cache / "prepared" / s, tokenizer=tokenizer, progress=progress)
-            for s, p in spec.items()}
+    found = {s: _dataset_dir(s, p, cache) for s, p in spec.items()}
+    return {s: prepare({s: Path(spec[s]).expanduser()}, d, tokenizer=tokenizer, progress=progress) if raw else str(d)
+            for s, (d, raw) in found.items()}
 
 
 def prepared_sources(spec: Mapping[str, str] | None, cache_dir: str | os.PathLike | None = None,
@@ -1178,9 +1185,16 @@ def prepared_sources(spec: Mapping[str, str] | None, cache_dir: str | os.PathLik
     if spec is None:
         return default_corpus(cache_dir, tokenizer, progress=False, build=False)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    found = {s: next((str(d) for d in (Path(p), cache / "prepared" / s) if (d / "manifest.json").is_file()), None)
-             for s, p in spec.items()}
-    return found if all(found.values()) else None
+    found = {s: _dataset_dir(s, p, cache)[0] for s, p in spec.items()}
+    return {s: str(d) for s, d in found.items()} if all((d / "manifest.json").is_file() for d in found.values()) \
+        else None
+
+
+def _dataset_dir(source: str, path, cache: Path) -> tuple[Path, bool]:
+    """(where a `data` entry's tokens are, whether its raw text is prepared there): a path holding a
+    manifest.json is a dataset; anything else is raw text, prepared into cache/prepared/SOURCE."""
+    p = Path(path).expanduser()
+    return (p, False) if (p / "manifest.json").is_file() else (cache / "prepared" / source, True)
 
 
 def _unusable(source: str, path) -> str | None:

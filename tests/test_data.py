@@ -962,3 +962,20 @@ def test_passes_table_names_a_source_repeated_too_often(tmp_path):
     assert f"  p{'':<19}{n['p']:>16,}{180 * 16 + 20 * 32:>16,}" in text
     assert rows["p"]["passes"] > data.MAX_PASSES > rows["q"]["passes"]
     assert "warning: source 'p' is drawn" in text and "source 'q' is drawn" not in text
+
+
+def test_a_dataset_under_home_is_used_as_it_is_and_parts_mounted_elsewhere_combine(tmp_path, corpus, monkeypatch):
+    """`data` paths may start with ~ (a prepared dataset there is not raw text to prepare again), and the
+    parts of a sharded preparation combine when each machine mounts the raw files at another path."""
+    _, out = corpus
+    monkeypatch.setenv("HOME", str(Path(out).parent))
+    home = "~/" + Path(out).name
+    assert data.ready_sources({"a": home}, tmp_path / "cache", progress=False) == {"a": str(Path(out))}
+    assert data.prepared_sources({"a": home}, tmp_path / "cache") == {"a": str(Path(out))}
+    for i, mount in enumerate(("m0", "m1")):
+        (tmp_path / mount).mkdir()
+        for k in range(2):
+            (tmp_path / mount / f"f{k}.txt").write_text(DOCS_A[k])
+        data.prepare({"web": str(tmp_path / mount)}, tmp_path / f"part{i}", workers=1, progress=False, shard=(i, 2))
+    combined = data.combine([tmp_path / "part0", tmp_path / "part1"], tmp_path / "all")
+    assert data.read_manifest(combined)["sources"]["web"]["documents"] == 2
