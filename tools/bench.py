@@ -132,7 +132,7 @@ def run(args) -> dict:
     after_backward = getattr(model, "update_fp8_scales", lambda: None)  # ours: FP8 delayed scaling, as train.py
     data = torch.randint(0, mcfg.vocab_size, (B, T + 1), device=device)
     x, y = data[:, :-1], data[:, 1:]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = runtime.autocast(device, args.dtype)
     seen = [0]  # tokens that reached the model
 
     def step():

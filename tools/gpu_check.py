@@ -469,6 +469,7 @@ def train_section(device, args, rec):
     import fp8
     import muon
     import mup
+    import runtime
     import train
     from tools.bench import device_peak, synchronize
     mcfg, run = shapes_config(device)
@@ -481,7 +482,7 @@ def train_section(device, args, rec):
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(accum)]
                for _ in range(args.steps + 2)]  # per optimizer step, its micro-batches
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = runtime.autocast(device, args.dtype)
     peak = device_peak(device, "bf16")
 
     def measure(cfg, compiled):
@@ -805,6 +806,7 @@ def fixed_section(device, args, rec):
     every step within FIXED_BATCH_RTOL, both below FIXED_BATCH_DROP x the first loss at the end, no step more
     than 5% of the first loss above the one before. A run that fails to compile is repeated eagerly."""
     import dataclasses
+    import runtime
     import train
     mcfg, run = shapes_config(device)
     tcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["train"]
@@ -812,7 +814,7 @@ def fixed_section(device, args, rec):
     big = dict(run, micro_batch=max(FIXED_MICRO_BATCHES))
     n_layer = args.layers or (fit_layers(mcfg, big, device) if cuda else mcfg.n_layer)
     compile_ = args.compile == "on" or (args.compile == "auto" and cuda)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = runtime.autocast(device, args.dtype)
     rec.update(n_layer=n_layer, hidden=mcfg.hidden, seq_len=T, steps=args.fixed_steps, compiled=compile_,
                dtype=args.dtype, lr=tcfg.lr, emb_lr=tcfg.emb_lr, rtol=FIXED_BATCH_RTOL, drop=FIXED_BATCH_DROP)
     rows = rec.setdefault("results", [])
