@@ -852,11 +852,12 @@ class FP8Linear(nn.Module):
 
     def _weight_operands(self, record):
         """(w_q, w_t, w_amax, w_scale) for _FP8LinearFunction: the cache, or Nones (the forward quantizes the
-        weight itself) without a cache or when compiled outside a model that refreshes it."""
+        weight itself) without a cache or when compiled outside a model that refreshes it. A layer alone
+        refreshes its own cache; one in a model that refreshes it (Xmodel.hidden_states) is already fresh."""
         compiling = torch.compiler.is_compiling()
         if not WEIGHT_CACHE or (compiling and not self.owner_refreshes_weight):
             return None, None, None, None
-        if not compiling:
+        if not compiling and not self.owner_refreshes_weight:
             self.refresh_fp8_weight(record)
         return self._w_q, self._w_t, self._w_amax, self._w_scale
 

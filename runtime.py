@@ -787,8 +787,9 @@ class Checkpointer:
         return outcome[0]
 
     def _publish(self, step: int, tmp: str, final: str, hashes: dict) -> None:
-        """Rank 0, every rank's part complete: the manifest (the sha256 of every file; rank 0 hashes what no
-        rank claimed: DCP's index, meta.pt) written last, then the rename that makes the checkpoint listed."""
+        """Rank 0, every rank's part complete: the manifest (the sha256 of every file, as hashed while written;
+        should DCP write a file by other means, rank 0 hashes it here) written last, then the rename that makes
+        the checkpoint listed."""
         for name in sorted(os.listdir(tmp)):
             if name not in hashes:
                 hashes[name] = sha256_file(os.path.join(tmp, name))
@@ -1120,15 +1121,19 @@ class Meter:
     """The logged loss and the throughput of one log interval. The loss is summed on the device (no sync per
     step) and read only when a row is written; a resume continues the interval its checkpoint cut short
     (the checkpoint holds the sum and the count). Checkpoints and evaluations are not training time: the
-    loop pauses the clock after them."""
+    loop moves the clock past them (hold)."""
 
     def __init__(self, tokens: int, loss_sum: torch.Tensor, steps: int, device):
         self.loss, self.n = loss_sum.to(device=device, dtype=torch.float32).clone(), steps
         self.pause(tokens)
 
-    def pause(self, tokens: int | None = None) -> None:
-        self.t = time.perf_counter()
-        self.tokens = self.tokens if tokens is None else tokens
+    def pause(self, tokens: int) -> None:
+        """Start timing afresh from here, `tokens` trained so far."""
+        self.t, self.tokens = time.perf_counter(), tokens
+
+    def hold(self, seconds: float) -> None:
+        """Leave `seconds` out of the interval's time (a checkpoint, an evaluation), keeping its tokens."""
+        self.t += seconds
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss += loss

@@ -233,8 +233,9 @@ def due(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
 
 
-def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runtime.Preemption) -> int:
-    """Steps from `step` to the run's stop (or a preemption); returns the last step done. Logs every
+def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runtime.Preemption) -> tuple[int, int]:
+    """Steps from `step` to the run's stop (or a preemption); returns the last step done and the tokens trained
+    by then. Logs every
     log_interval steps, checkpoints every ckpt_interval, evaluates every eval_interval and at the end."""
     cfg, phases, stop, start = r.cfg, r.cfg.phases, stop_step(r.cfg), step
     first_bad = torch.full((), -1, dtype=torch.long, device=r.device)  # first step with a non-finite loss/grad
@@ -275,16 +276,16 @@ def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runti
         if stopping:
             stop_early(r, step, tokens, meter, first_bad, stopping, preemption)
             break
+        t_held = time.perf_counter()
         if due(step, cfg.ckpt_interval) or step == stop:  # before evaluating: never costs weights
             write_checkpoint(r, step, tokens, meter, first_bad)
         if due(step, cfg.eval_interval) or step == stop:
             evaluate(r, step, tokens, phase)
-        if due(step, cfg.ckpt_interval) or due(step, cfg.eval_interval) or step == stop:
-            meter.pause()  # checkpoints and evaluations are not training time
+        meter.hold(time.perf_counter() - t_held)  # checkpoints and evaluations are not training time
     if step == stop and start == stop and stop:  # resumed a finished run: its final evaluation again
         evaluate(r, step, tokens, phases[phase_at(phases, step - 1)[0]])
     wait_checkpoint(r)  # the last one (its write overlapped the final evaluation) complete before the end
-    return step
+    return step, tokens
 
 
 def log_row(r: Run, meter: runtime.Meter, step: int, tokens: int, phase: dict, lr: float, grad_norm, closes: bool):
@@ -325,7 +326,7 @@ def write_checkpoint(r: Run, step: int, tokens: int, meter: runtime.Meter, first
     still in flight, if any (an error in writing it stops the run here, on every rank) and for the copy of its
     own share to CPU memory."""
     check_finite(first_bad, r.cfg.out_dir)
-    if not all(bool(torch.isfinite(p).all()) for p in r.model.parameters()):
+    if not torch.stack([torch.isfinite(p).all() for p in r.model.parameters()]).all():  # one device sync
         raise FloatingPointError(f"non-finite weights after step {step}: no checkpoint written; the last "
                                  f"good checkpoint in {r.cfg.out_dir} is kept as it was")
     wait_checkpoint(r)
@@ -722,8 +723,8 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         print_plan(cfg, r.model, world, say, step)
         if not runtime.can_plot():
             say("note: matplotlib is not installed: no loss.png will be drawn (pip install matplotlib)")
-        r.summary["step"] = step = train_loop(r, step, tokens, unlogged, preemption)
-        tokens = curriculum_tokens(cfg.phases, 0, step)
+        step, tokens = train_loop(r, step, tokens, unlogged, preemption)
+        r.summary["step"] = step
         if r.summary["preempted"]:
             return r.summary
         if world > 1:  # leave together: no rank tears the group down under another's last collective; before
@@ -733,7 +734,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         return r.summary
     except RuntimeError as e:
         broken = world > 1 and runtime.is_collective_failure(e)
-        if broken and not isinstance(e, runtime.CollectiveFailure):
+        if broken:
             raise runtime.collective_failure(e, cfg.dist_timeout_s) from e
         raise
     finally:
