@@ -190,24 +190,32 @@ def update_scales(layers):
     recorded are all-reduced with MAX across ranks in ONE collective, pushed into their histories, their
     scales recomputed (update_delayed_scale), and the records cleared. A layer that recorded nothing (no
     training forward since the last call) keeps its state. Consecutive layers of the same history length and
-    margin (a model's are all alike) make one batched update; no step of it waits for the device."""
+    margin (a model's are all alike) make one batched update; no step of it waits for the device.
+
+    Returns the micro-batch's range use per role (INPUT, WEIGHT, GRAD_OUTPUT), a [3] device tensor (None without
+    layers): the largest amax x scale / fp8_max over the layers, with the scale the micro-batch was quantized
+    with. Delayed scaling keeps it <= 1 while tensors do not outgrow their history; above 1 the largest values
+    were saturated (clipped to +-fp8_max) by up to that factor. A layer scaled just in time counts 1."""
     layers = list(layers)
     if not layers:
-        return
+        return None
     pending = [m.pending_amax for m in layers]
     amaxes = _all_reduce_max(torch.stack(pending))
-    start = 0
+    start, use = 0, []
     for (_, margin), run in itertools.groupby(layers, key=lambda m: (m.amax_history.shape, m.margin)):
         run = list(run)
         histories, scales = [m.amax_history for m in run], [m.scale for m in run]
         history, scale = torch.stack(histories), torch.stack(scales)  # [n, 3, H], [n, 3]
         fp8_max = torch.full_like(scale, FP8_MAX[E4M3])  # filled on the device: a host->GPU copy would sync
         fp8_max[:, GRAD_OUTPUT] = FP8_MAX[E5M2]
-        update_delayed_scale(history, scale, amaxes[start:start + len(run)], fp8_max, margin)
+        amax_run = amaxes[start:start + len(run)]
+        use.append(torch.where(history[..., 0] > 0, amax_run * scale / fp8_max, (amax_run > 0).float()))
+        update_delayed_scale(history, scale, amax_run, fp8_max, margin)
         torch._foreach_copy_(histories, history.unbind(0))
         torch._foreach_copy_(scales, scale.unbind(0))
         start += len(run)
     torch._foreach_zero_(pending)
+    return torch.cat(use).amax(0)
 
 
 # ----------------------------------------------------------------------------------------------

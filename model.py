@@ -371,11 +371,14 @@ class Xmodel(nn.Module):
         every backward; a model whose last training forward was not followed by it runs it at its next training
         forward (so a bare loop is still correct, but its checkpoints and evaluations miss the last micro-batch;
         under DDP, whose forward first broadcasts rank 0's buffers, they would reduce rank 0's amaxes only).
-        Only training forwards do: sampling on one rank never enters a collective."""
+        Only training forwards do: sampling on one rank never enters a collective. Returns fp8.update_scales'
+        range use ([3]: inputs, weights, output gradients; above 1 means saturated), None without FP8."""
+        use = None
         if self._fp8_layers:
             from fp8 import update_scales
-            update_scales(self._fp8_layers)
+            use = update_scales(self._fp8_layers)
         self._fp8_recorded = False
+        return use
 
     def compile_for_training(self):
         """torch.compile each block (in place: parameter names are unchanged) and, but for fp32 on a CPU, the

@@ -188,6 +188,7 @@ class Run:
     ckpt: runtime.Checkpointer         # checkpoints, every rank writing its share in the background
     say: typing.Callable               # print on rank 0, nothing elsewhere
     summary: dict                      # what run() returns: step, losses, evals, checkpoint, sample, preempted
+    fp8_range: torch.Tensor | None = None  # FP8: the largest range use since the last row (fp8.update_scales)
 
 
 def enter_phase(r: Run, phase: dict, step: int, i: int) -> tuple[int, int]:
@@ -220,7 +221,9 @@ def train_step(r: Run, params: list, phase: dict, step: int, mb: int, accum: int
             loss = r.ddp(x, y) / accum
         with sync():
             loss.backward()
-        r.model.update_fp8_scales()  # FP8: this micro-batch's amaxes, one all-reduce for every layer
+        use = r.model.update_fp8_scales()  # FP8: this micro-batch's amaxes, one all-reduce for every layer
+        if use is not None:
+            r.fp8_range = use if r.fp8_range is None else torch.maximum(r.fp8_range, use)
         loss_step += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, r.cfg.grad_clip)
     r.opts.step()
@@ -300,6 +303,9 @@ def log_row(r: Run, meter: runtime.Meter, step: int, tokens: int, phase: dict, l
            "seq_len": phase["seq_len"], "global_batch": phase["batch"], "optimizer": r.opts.kind}
     line = (f"step {step}/{total_steps(r.cfg.phases)} {phase['name']} loss {loss:.4f} lr {row['lr']:.3g} "
             f"gnorm {row['grad_norm']:.3f} {tps:,.0f} tok/s ETA {eta:.1f} min")
+    if r.fp8_range is not None:  # above 1: a tensor outgrew its delayed scale and was clipped (docs/FP8.md)
+        row["fp8_range"] = dict(zip(("x", "w", "dy"), r.fp8_range.tolist()))
+        r.fp8_range = None
     if r.device.type == "cuda":
         row["mfu"] = r.model.flops_per_token(phase["seq_len"]) * tps / r.world / (r.cfg.gpu_peak_tflops * 1e12)
         line += f" MFU {row['mfu']:.1%}"

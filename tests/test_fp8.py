@@ -548,6 +548,27 @@ def test_first_micro_batch_is_scaled_just_in_time(backend):
     xq, wq = fp8.quantize(x * 4, s[INPUT], E4M3), fp8.quantize(w, s[WEIGHT], E4M3)
     assert torch.equal(y2, fp8.emulated_matmul(xq, wq.t(), s[INPUT], s[WEIGHT], torch.float32))
 
+
+def test_update_scales_reports_the_range_each_role_used(backend):
+    """update_scales returns, per role, the largest amax x (scale used) / fp8_max over the layers: 1 for a layer
+    scaled just in time, the growth factor of a tensor that outgrew its history (its largest values were
+    clipped by that much), below 1 for a shrinking one; a layer that recorded nothing adds nothing."""
+    backend("emulate")
+    torch.manual_seed(7)
+    a, b, idle = fp8.FP8Linear(16, 8), fp8.FP8Linear(16, 8), fp8.FP8Linear(16, 8)
+    x, dy = torch.randn(32, 16), torch.randn(32, 8)
+    for layer in (a, b):
+        layer(x.clone().requires_grad_(True)).backward(dy)
+    assert torch.equal(fp8.update_scales([a, b, idle]), torch.ones(3))  # first micro-batch: just in time
+    a(x.clone().requires_grad_(True) * 4).backward(dy / 8)             # inputs grew 4x, gradients shrank 8x
+    b(x.clone().requires_grad_(True) / 2).backward(dy * 3)             # inputs halved, gradients grew 3x
+    use = fp8.update_scales([a, b, idle])
+    assert use[INPUT].item() == pytest.approx(4.0, rel=1e-6)
+    assert use[WEIGHT].item() == pytest.approx(1.0, rel=1e-6)
+    assert use[GRAD_OUTPUT].item() == pytest.approx(3.0, rel=1e-6)
+    assert torch.equal(fp8.update_scales([idle]), torch.zeros(3)) and fp8.update_scales([]) is None
+
+
 def test_zero_and_nonfinite_amax_keep_previous_scale(backend):
     backend("emulate")
     layer = fp8.FP8Linear(8, 4)

@@ -106,6 +106,9 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert set(x["losses"]) == {"bf16", "fp8"} and all(len(v) == fixed["steps"] == 20 for v in x["losses"].values())
         assert x["losses"]["bf16"] != x["losses"]["fp8"] and 0 < x["max_rel_diff"] <= gpu_check.FIXED_BATCH_RTOL
         assert all(v < gpu_check.FIXED_BATCH_DROP for v in x["final_over_first"].values())
+        use = x["range_use"]["fp8"]  # x, W, dY per step: the first scaled just in time, later ones near 1
+        assert len(use) == 20 and use[0] == [1.0, 1.0, 1.0] and all(0 < u <= 4 for step in use for u in step)
+        assert "bisect" not in x
     assert md.count("| 4 | ok |") == 1 and "micro-batch 8 ok" in md
     # the real train.py under torchrun through every phase kind; stopped and resumed = uninterrupted, bit for bit
     phases = gpu_check.TRAINER_PHASES["cpu"]
@@ -187,6 +190,30 @@ def test_a_run_that_fails_to_compile_is_measured_eagerly(tmp_path, monkeypatch):
     for x in fixed["results"]:  # measured eagerly too (3 steps: too few to judge, only the fallback is checked)
         assert len(x["losses"]["fp8"]) == 3 and x["fp8_compiled"] is False and "inductor says no" in x["fp8_compile_error"]
     assert "bf16 ok (eager)" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_where_fp8_fails_the_fixed_section_names_the_culprit(tmp_path, monkeypatch):
+    """A broken weight cache (its FP8 copy zeroed): FP8 leaves bf16's curve; of the variants run one at a time
+    only the one without the weight cache follows bf16 again, and the report says so."""
+    import fp8
+    refresh = fp8.FP8Linear.refresh_fp8_weight
+
+    def broken(self, record):
+        refresh(self, record)
+        if self._w_q is not None:
+            self._w_q = torch.zeros_like(self._w_q)
+
+    monkeypatch.setattr(fp8.FP8Linear, "refresh_fp8_weight", broken)
+    report = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--sections", "fixed"])
+    (fixed,) = report["sections"]
+    assert fixed["status"] == "failed" and "FP8 does not follow bf16" in fixed["error"]
+    for x in fixed["results"]:
+        assert x["status"] == "failed" and list(x["bisect"]) == list(gpu_check.FIXED_BISECT)
+        assert {k: v["status"] for k, v in x["bisect"].items()} == dict(
+            eager="failed", no_weight_cache="ok", separate_casts="failed", other_gemm="failed")
+        assert len(x["bisect"]["no_weight_cache"]["fp8"]) == 20
+    assert "eager failed, no_weight_cache ok, separate_casts failed, other_gemm failed" in \
+        (tmp_path / "gpu_check.md").read_text()
 
 
 def test_host_syncs_lists_where_a_step_waited_for_the_gpu(monkeypatch):

@@ -537,6 +537,20 @@ def test_fp8_history_advances_per_micro_batch_and_rolls_over_at_128(tmp_path, ti
                 evicted += step == len(micro) and max(pushed) > max(window)
     # the rollover shows in the scales: for some layers the largest amax has left the window
     assert evicted > 0
+    # each row's fp8_range: per role the largest amax / (largest of the window before it) over the step's
+    # micro-batches and the layers (1 for a layer's first, scaled just in time)
+    rows = [r for r in map(json.loads, open(tmp_path / "out" / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, len(micro) + 1))
+    for row, step in zip(rows, range(1, len(micro) + 1)):
+        first = sum(micro[:step - 1])
+        for role, key in enumerate(("x", "w", "dy")):
+            want = 0.0
+            for rec in seen.values():
+                for k in range(first, first + micro[step - 1]):
+                    before = [a for a in rec[role][:k] if 0 < a < math.inf][::-1][:FP8_HISTORY]
+                    want = max(want, rec[role][k] / max(before) if before else 1.0)
+            assert row["fp8_range"][key] == pytest.approx(want, rel=1e-5), (step, key)
+    assert max(r["fp8_range"]["x"] for r in rows) > 1  # a growing input outgrew its window: clipped
     print(f"roles whose largest amax was evicted by the end: {evicted} of {3 * len(seen)}")
 
 

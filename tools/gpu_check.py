@@ -37,7 +37,9 @@ that reruns it; a failure in one is recorded and the next one runs:
     fixed   FP8 vs bf16 memorizing ONE fixed batch at the recipe's peak LR (no warmup), xmodel25's width,
             compiled, micro-batches 4 and 8 x 3712, --fixed_steps steps from the same init: the per-step losses
             within FIXED_BATCH_RTOL of each other, both falling below FIXED_BATCH_DROP x the first, neither
-            climbing back (the scales' delayed-scaling lag under the fastest change training sees)
+            climbing back (the scales' delayed-scaling lag under the fastest change training sees); each FP8 step's
+            range use (amax x scale / fp8_max of x, W, dY: above 1 = clipped); where FP8 fails, the FIXED_BISECT
+            variants (eager, no weight cache, separate casts, the other GEMM) each run once, to name the culprit
     trainer the real train.py under torchrun --standalone on the embedded corpus: xmodel25 (FP8, compiled)
             through every phase kind in 18 steps (warmup, stable, the batch doubling, the decay with the switch to
             Muon, 8k and 16k context), uninterrupted and stopped + resumed: per-phase tokens/s and MFU from the
@@ -68,7 +70,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist", "fixed", "trainer")
 # s; the first six fit one 10-minute command on an H100 ("fixed" and "trainer" come last, so that the --budget_s
 # cut falls on them: run each on its own)
-TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 150, "train": 300, "ns": 30, "dist": 60, "fixed": 300, "trainer": 480}
+TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 150, "train": 300, "ns": 30, "dist": 60, "fixed": 540, "trainer": 480}
 # fast accumulation on Hopper: errors up to 2^10 x the fp32 bound, as if its accumulator kept ~14 of fp32's
 # 24 mantissa bits (DeepSeek-V3's measurement); exactly the fp32 bound wherever accumulation is fp32
 FAST_ACCUM_SLACK = 2.0 ** 10
@@ -778,9 +780,10 @@ def dist_section(device, args, rec):
 # ----------------------------------------------------------------------------------------------------
 # fixed: FP8 vs bf16 on one fixed batch at the peak LR
 
-def fixed_batch_losses(cfg, tcfg, batch, device, autocast, steps, compiled) -> list[float]:
+def fixed_batch_losses(cfg, tcfg, batch, device, autocast, steps, compiled) -> tuple[list[float], list | None]:
     """The losses of `steps` training steps on `batch`, as the trainer takes them at the peak LR (μP groups, fused
-    AdamW, gradients clipped at grad_clip, update_fp8_scales after each backward), from seed 0's init."""
+    AdamW, gradients clipped at grad_clip, update_fp8_scales after each backward), from seed 0's init; with FP8
+    also each step's range use per role (x, W, dY: fp8.update_scales; above 1 = clipped), else None."""
     import muon
     import mup
     torch.manual_seed(0)
@@ -788,24 +791,64 @@ def fixed_batch_losses(cfg, tcfg, batch, device, autocast, steps, compiled) -> l
     if compiled:
         model.compile_for_training()
     opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
-    losses = []
+    losses, ranges = [], []
     for _ in range(steps):
         with autocast:
             loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
-        model.update_fp8_scales()
+        ranges.append(model.update_fp8_scales())
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opts.step()
         opts.zero_grad()
         losses.append(loss.detach())  # read at the end: no host sync per step
-    return [float(x) for x in losses]
+    use = [[round(v, 4) for v in r.tolist()] for r in ranges] if cfg.fp8 else None
+    return [float(x) for x in losses], use
+
+
+# What differs between FP8 runs, tried one at a time on a micro-batch where FP8 does not follow bf16 (the first that
+# also follows bf16 names the culprit): compiling, the weight cache, the fused cast, the other GEMM kernel
+FIXED_BISECT = ("eager", "no_weight_cache", "separate_casts", "other_gemm")
+
+
+def fixed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, compile_, row, variant=None):
+    """One curve of the fixed section into row["losses"][label] (and its FP8 range use into row["range_use"]),
+    compiled where asked (a run that fails to compile is repeated eagerly), under a FIXED_BISECT `variant`."""
+    import dataclasses
+    import fp8
+    over = dict(fp8=label != "bf16")
+    if variant == "other_gemm":
+        over["fp8_backend"] = "triton" if mcfg.fp8_backend == "torch" else "torch"
+    cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
+    saved = fp8.WEIGHT_CACHE, fp8.FUSED_CAST
+    fp8.WEIGHT_CACHE, fp8.FUSED_CAST = variant != "no_weight_cache", variant != "separate_casts"
+    try:
+        for compiled in ((True, False) if compile_ and variant != "eager" else (False,)):
+            try:
+                row["losses"][label], use = fixed_batch_losses(cfg, tcfg, batch, device, autocast, args.fixed_steps,
+                                                               compiled)
+                row[label + "_compiled"] = compiled
+                if use:
+                    row.setdefault("range_use", {})[label] = use
+                return
+            except SectionTimeout:
+                raise
+            except Exception as e:
+                row[f"{label}_{'compile_' if compiled else ''}error"] = f"{type(e).__name__}: {e}"[:500]
+            finally:
+                if compiled:
+                    torch._dynamo.reset()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        fp8.WEIGHT_CACHE, fp8.FUSED_CAST = saved
 
 
 def fixed_section(device, args, rec):
     """FP8 (the config's GEMM) against bf16 on one fixed batch of random tokens per micro-batch size, same init:
     every step within FIXED_BATCH_RTOL, both below FIXED_BATCH_DROP x the first loss at the end, no step more
-    than 5% of the first loss above the one before. A run that fails to compile is repeated eagerly."""
-    import dataclasses
+    than 5% of the first loss above the one before; each FP8 step's range use (x, W, dY; above 1 = clipped).
+    Where FP8 fails, the FIXED_BISECT variants run on that micro-batch while the time box lasts."""
     import runtime
     import train
     mcfg, run = shapes_config(device)
@@ -817,30 +860,32 @@ def fixed_section(device, args, rec):
     autocast = runtime.autocast(device, args.dtype)
     rec.update(n_layer=n_layer, hidden=mcfg.hidden, seq_len=T, steps=args.fixed_steps, compiled=compile_,
                dtype=args.dtype, lr=tcfg.lr, emb_lr=tcfg.emb_lr, rtol=FIXED_BATCH_RTOL, drop=FIXED_BATCH_DROP)
-    rows = rec.setdefault("results", [])
+    rows, t0, longest = rec.setdefault("results", []), time.perf_counter(), 0.0
+
+    def timed_run(*a):
+        nonlocal longest
+        t = time.perf_counter()
+        fixed_run(*a)
+        longest = max(longest, time.perf_counter() - t)
+
     for B in FIXED_MICRO_BATCHES:
         batch = torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(B)).to(device)
         row = dict(micro_batch=B, losses={})
         rows.append(row)
-        for label, over in (("bf16", dict(fp8=False)), ("fp8", dict(fp8=True))):
-            cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
-            for compiled in ((True, False) if compile_ else (False,)):
-                try:
-                    row["losses"][label] = fixed_batch_losses(cfg, tcfg, batch, device, autocast, args.fixed_steps,
-                                                              compiled)
-                    row[label + "_compiled"] = compiled
-                    break
-                except SectionTimeout:
-                    raise
-                except Exception as e:
-                    row[f"{label}_{'compile_' if compiled else ''}error"] = f"{type(e).__name__}: {e}"[:500]
-                finally:
-                    if compiled:
-                        torch._dynamo.reset()
-                    gc.collect()
-                    if cuda:
-                        torch.cuda.empty_cache()
+        for label in ("bf16", "fp8"):
+            timed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, compile_, row)
         row.update(judge_fixed(row["losses"]))
+        if row["status"] == "ok" or "bf16" not in row["losses"]:
+            continue
+        bisect = row["bisect"] = {}
+        for variant in FIXED_BISECT:
+            if time.perf_counter() - t0 + longest > rec["time_box_s"] * 0.95:
+                bisect[variant] = "not run: the time box"
+                continue
+            one = dict(micro_batch=B, losses=dict(bf16=row["losses"]["bf16"]))
+            timed_run("fp8", mcfg, n_layer, T, tcfg, batch, device, autocast, args, compile_, one, variant)
+            bisect[variant] = dict(judge_fixed(one["losses"]), fp8=one["losses"].get("fp8"),
+                                   range_use=one.get("range_use", {}).get("fp8"))
     bad = [r["micro_batch"] for r in rows if r["status"] != "ok"]
     if bad:
         raise AssertionError(f"fixed batch: FP8 does not follow bf16 at micro-batch {bad}: "
@@ -1080,10 +1125,14 @@ def details(r: dict) -> tuple[list, list]:
                   if v.get("profile") else "-"]
                  for k, v in r.get("runs", {}).items()])
     if s == "fixed":
-        return (["micro-batch", "status", "first loss", "bf16 last / first", "fp8 last / first", "max step diff"],
+        peak = lambda use: " / ".join(f"{max(u[i] for u in use):.3g}" for i in range(3)) if use else "-"  # noqa: E731
+        verdict = lambda v: v if isinstance(v, str) else v["status"]  # noqa: E731
+        return (["micro-batch", "status", "first loss", "bf16 last / first", "fp8 last / first", "max step diff",
+                 "fp8 largest range use x / W / dY", "where FP8 failed: each variant alone"],
                 [[x["micro_batch"], x["status"], num(x["losses"].get("bf16", [None])[0], ".4g"),
                   *(num(x.get("final_over_first", {}).get(k), ".3f") for k in ("bf16", "fp8")),
-                  num(x.get("max_rel_diff"), ".2g")] for x in res])
+                  num(x.get("max_rel_diff"), ".2g"), peak(x.get("range_use", {}).get("fp8")),
+                  ", ".join(f"{k} {verdict(v)}" for k, v in x.get("bisect", {}).items()) or "-"] for x in res])
     if s == "trainer":
         return (["phase", "steps", "batch x seq", "optimizer", "tokens/s", "MFU %"],
                 [[x["phase"], x["steps"], f"{x['batch']} x {x['seq_len']}", x["optimizer"],
