@@ -101,12 +101,13 @@ class TrainConfig:
     # dry-run cost model
     gpus: int = 0                      # the data-parallel size the dry run plans for (0 = the current one)
     gpu_peak_tflops: float = 989.0     # the GPU's dense bf16 peak (H100 SXM)
-    mfu: float = 0.4                   # the model-FLOPs utilization the dry run assumes
+    mfu: float = 0.4                   # the model-FLOPs utilization the dry run assumes (a phase may set its own)
 
 
 LR_SHAPES = ("linear", "constant", "exp")
 OPTIMIZERS = ("adamw", "muon")
-PHASE_KEYS = {"name", "steps", "lr", "batch", "seq_len", "mix", "optimizer", "micro_batch"}
+PHASE_KEYS = {"name", "steps", "lr", "batch", "seq_len", "mix", "optimizer", "micro_batch", "mfu"}
+OPTIONAL_PHASE_KEYS = {"micro_batch", "mfu"}
 # ModelConfig keys that change how the model is computed, not what it is: a resume may change them
 EXECUTION_KEYS = ("act_ckpt", "loss_chunk", "fp8_backend")
 
@@ -525,7 +526,8 @@ overridden as --key=value (a Python literal; --flag alone means True) and any ke
 curriculum as --phase.NAME.KEY=value (e.g. --phase.decay.optimizer=adamw), of every phase as
 --phase.*.KEY=value (--phase.*.optimizer=adamw: the AdamW-only ablation). Phase keys: name, steps,
 lr=(shape, start, end) with shape linear|constant|exp, batch (global, sequences), seq_len, mix, optimizer
-(adamw|muon) and optionally micro_batch. --dry_run prints the plan and its cost on any machine."""
+(adamw|muon) and optionally micro_batch and mfu (the dry run's cost). --dry_run prints the plan and its cost
+on any machine."""
 
 
 def load_config(argv: list[str]) -> dict:
@@ -600,7 +602,7 @@ def validate_phases(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
         raise ValueError(f"config key 'phases': phase names must be unique, got {names}")
     for i, p in enumerate(cfg.phases):
         where = f"phases[{i}] ({p.get('name', '?')})"
-        missing = PHASE_KEYS - {"micro_batch"} - set(p)
+        missing = PHASE_KEYS - OPTIONAL_PHASE_KEYS - set(p)
         if missing or set(p) - PHASE_KEYS:
             raise ValueError(f"{where}: missing keys {sorted(missing)} / unknown keys {sorted(set(p) - PHASE_KEYS)}")
         for k in ("steps", "batch", "seq_len") + (("micro_batch",) if "micro_batch" in p else ()):
@@ -611,6 +613,8 @@ def validate_phases(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
                 and all(runtime.is_number(v) and math.isfinite(v) and v >= 0 for v in lr[1:])):
             raise ValueError(f"{where}: lr must be (shape, start, end) with shape in {LR_SHAPES} and "
                              f"finite start, end >= 0 (fractions of the peak LR), got {lr!r}")
+        if "mfu" in p and not (runtime.is_number(p["mfu"]) and 0 < p["mfu"] <= 1):
+            raise ValueError(f"{where}: mfu must be in (0, 1], got {p['mfu']!r}")
         if p["mix"] not in cfg.mixtures:
             raise ValueError(f"{where}: mix {p['mix']!r} is not in mixtures {sorted(cfg.mixtures)}")
         if p["optimizer"] not in OPTIMIZERS:
@@ -676,21 +680,28 @@ def print_plan(cfg: TrainConfig, model, world: int, say, start: int = 0) -> None
 
 
 def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
-    """The plan and what it costs, on any machine (a meta-device model: nothing is allocated)."""
+    """The plan and what it costs, on any machine (a meta-device model: nothing is allocated). Each phase's
+    GPU-hours at its own `mfu` (measured figures in configs/xmodel25.py), else the config's."""
     world = cfg.gpus or world
     model = mup.build_model(mcfg, device="meta")
     groups = mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
     print("peak LRs: " + ", ".join(f"{g['name']} {g['lr']:.4g} (wd {g['weight_decay']:g})" for g in groups))
     print_plan(cfg, model, world, print)
-    tokens = curriculum_tokens(cfg.phases, 0, stop_step(cfg))
-    flops = sum(p["steps"] * p["batch"] * p["seq_len"] * model.flops_per_token(p["seq_len"]) for p in cfg.phases)
-    gpu_hours = flops / (cfg.gpu_peak_tflops * 1e12 * cfg.mfu) / 3600
-    print(f"total: {stop_step(cfg):,} steps, {_si(tokens)} tokens, {model.flops_per_token(cfg.phases[0]['seq_len']):.3g} "
-          f"FLOPs/token at {cfg.phases[0]['seq_len']}, {flops:.3g} FLOPs; {gpu_hours:,.4g} GPU-hours at {cfg.mfu:.0%} "
-          f"MFU of {cfg.gpu_peak_tflops:g} TFLOP/s; memory per GPU with {world} data-parallel GPUs (last column: "
-          f"with activation checkpointing and ZeRO-1)")
+    stop, begin, flops, gpu_hours, cost = stop_step(cfg), 0, 0.0, 0.0, []
+    for p in cfg.phases:
+        steps, begin = max(0, min(p["steps"], stop - begin)), begin + p["steps"]
+        phase_flops = steps * p["batch"] * p["seq_len"] * model.flops_per_token(p["seq_len"])
+        hours = phase_flops / (cfg.gpu_peak_tflops * 1e12 * p.get("mfu", cfg.mfu)) / 3600
+        flops, gpu_hours = flops + phase_flops, gpu_hours + hours
+        cost.append(f"{p['name']} {hours:,.4g} ({p.get('mfu', cfg.mfu):.0%})")
+    tokens = curriculum_tokens(cfg.phases, 0, stop)
+    print(f"total: {stop:,} steps, {_si(tokens)} tokens, {model.flops_per_token(cfg.phases[0]['seq_len']):.3g} "
+          f"FLOPs/token at {cfg.phases[0]['seq_len']}, {flops:.3g} FLOPs; {gpu_hours:,.4g} GPU-hours of "
+          f"{cfg.gpu_peak_tflops:g} TFLOP/s at each phase's MFU; memory per GPU with {world} data-parallel GPUs "
+          f"(last column: with activation checkpointing and ZeRO-1)")
+    print(f"GPU-hours per phase (its MFU): {', '.join(cost)}")
     print(data_table(cfg))
-    return dict(params=model.num_params(), steps=stop_step(cfg), tokens=tokens, flops=flops, gpu_hours=gpu_hours)
+    return dict(params=model.num_params(), steps=stop, tokens=tokens, flops=flops, gpu_hours=gpu_hours)
 
 
 def data_table(cfg: TrainConfig) -> str:

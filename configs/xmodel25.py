@@ -60,16 +60,19 @@ mixtures = {
 eval_mix = "stable"
 
 # --- the Warmup-Stable-Decay curriculum. lr = (shape, start, end) as fractions of each group's peak LR;
-# "exp" is the recipe's lr = end + (2 * 0.5**r - 1) * (start - end), r from 0 to 1 over the phase. ---
+# "exp" is the recipe's lr = end + (2 * 0.5**r - 1) * (start - end), r from 0 to 1 over the phase.
+# mfu: the dry run's cost per phase, as measured on one H200 (late 2026-11; torch 2.11, FP8, compiled, the trainer
+# under torchrun): 3712 tokens 0.46-0.48, the decay with Muon 0.38 (before Newton-Schulz was batched by shape),
+# 8k and 12k tokens 0.25-0.26 (16k: 12k's). Many nodes add communication: lower them for a cluster. ---
 phases = [
-    dict(name="warmup", steps=2000, lr=("linear", 0.0, 1.0), batch=480, seq_len=3712, mix="stable", optimizer="adamw"),
-    dict(name="stable1", steps=268000, lr=("constant", 1.0, 1.0), batch=480, seq_len=3712, mix="stable", optimizer="adamw"),
-    dict(name="stable2", steps=260000, lr=("constant", 1.0, 1.0), batch=960, seq_len=3712, mix="stable", optimizer="adamw"),
-    dict(name="decay", steps=20000, lr=("exp", 1.0, 1 / 16), batch=960, seq_len=3712, mix="decay", optimizer="muon"),
+    dict(name="warmup", steps=2000, lr=("linear", 0.0, 1.0), batch=480, seq_len=3712, mix="stable", optimizer="adamw", mfu=0.46),
+    dict(name="stable1", steps=268000, lr=("constant", 1.0, 1.0), batch=480, seq_len=3712, mix="stable", optimizer="adamw", mfu=0.46),
+    dict(name="stable2", steps=260000, lr=("constant", 1.0, 1.0), batch=960, seq_len=3712, mix="stable", optimizer="adamw", mfu=0.46),
+    dict(name="decay", steps=20000, lr=("exp", 1.0, 1 / 16), batch=960, seq_len=3712, mix="decay", optimizer="muon", mfu=0.38),
     # long context (the scripts: 500 steps from 1e-6 back up to the decay's last LR, then linear to 1e-5;
     # as fractions of the hidden peak 1.6667e-3: 6e-4 -> 1/16 -> 6e-3, the linear part spread over both lengths)
-    dict(name="rewarm8k", steps=500, lr=("linear", 6e-4, 1 / 16), batch=480, seq_len=8192, mix="decay", optimizer="muon", micro_batch=2),
-    dict(name="long8k", steps=2500, lr=("linear", 1 / 16, 0.047632), batch=480, seq_len=8192, mix="decay", optimizer="muon", micro_batch=2),
-    dict(name="long16k", steps=7000, lr=("linear", 0.047632, 6e-3), batch=240, seq_len=16384, mix="decay", optimizer="muon", micro_batch=1),
+    dict(name="rewarm8k", steps=500, lr=("linear", 6e-4, 1 / 16), batch=480, seq_len=8192, mix="decay", optimizer="muon", micro_batch=2, mfu=0.25),
+    dict(name="long8k", steps=2500, lr=("linear", 1 / 16, 0.047632), batch=480, seq_len=8192, mix="decay", optimizer="muon", micro_batch=2, mfu=0.25),
+    dict(name="long16k", steps=7000, lr=("linear", 0.047632, 6e-3), batch=240, seq_len=16384, mix="decay", optimizer="muon", micro_batch=1, mfu=0.25),
 ]
 act_ckpt = False             # set True (or per run) for 16k-token sequences on smaller GPUs

@@ -98,8 +98,14 @@ def test_dry_run_xmodel25(capsys):
     assert plan["tokens"] == sum(p["steps"] * p["batch"] * p["seq_len"] for p in c.phases) and plan["steps"] == 560_000
     flops = sum(p["steps"] * p["batch"] * p["seq_len"] * fpt(p["seq_len"]) for p in c.phases)
     assert plan["flops"] == pytest.approx(flops, rel=1e-12)
-    assert plan["gpu_hours"] == pytest.approx(flops / (989e12 * 0.4) / 3600, rel=1e-12)
+    # each phase at its own (measured) MFU; a phase without one at the config's
+    assert {p["name"]: p["mfu"] for p in c.phases} == dict(warmup=0.46, stable1=0.46, stable2=0.46, decay=0.38,
+                                                           rewarm8k=0.25, long8k=0.25, long16k=0.25)
+    hours = sum(p["steps"] * p["batch"] * p["seq_len"] * fpt(p["seq_len"]) / (989e12 * p["mfu"]) / 3600 for p in c.phases)
+    assert plan["gpu_hours"] == pytest.approx(hours, rel=1e-12)
     assert (c.gpus, c.gpu_peak_tflops, c.mfu) == (16, 989.0, 0.4)
+    without = dataclasses.replace(c, phases=[{k: v for k, v in p.items() if k != "mfu"} for p in c.phases])
+    assert train.dry_run(without, m, 1)["gpu_hours"] == pytest.approx(flops / (989e12 * 0.4) / 3600, rel=1e-12)
     # memory per GPU (Xmodel.memory_estimate_gb's docstring): 8 B/param weights + grads; AdamW 8 B/param, Muon 4 B
     # per hidden weight, / world under ZeRO-1; activations 34 x tokens x hidden per layer (checkpointing:
     # 4 B x tokens x hidden per layer + one block's); the loss: a chunk of fp32 logits twice + fp32 grad of x
@@ -133,6 +139,7 @@ def test_dry_run_xmodel25(capsys):
     (["--phase.decay.lr=('cosine', 1, 0)"], "lr must be"),
     (["--phase.decay.mix=unknown"], "mix 'unknown'"),
     (["--phase.decay.batch=0"], "batch must be a positive integer"),
+    (["--phase.decay.mfu=1.5"], r"\(decay\): mfu must be in \(0, 1\]"),
     (["--hidden=129"], "n_head=2 does not divide hidden=129"),
     (["--eval_mix=zzz"], "eval_mix"),
 ])
