@@ -814,14 +814,12 @@ def fixed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, comp
     """One curve of the fixed section into row["losses"][label] (and its FP8 range use into row["range_use"]),
     compiled where asked (a run that fails to compile is repeated eagerly), under a FIXED_BISECT `variant`."""
     import dataclasses
-    import fp8
     over = dict(fp8=label != "bf16")
     if variant == "other_gemm":
         over["fp8_backend"] = "triton" if mcfg.fp8_backend == "torch" else "torch"
     cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
-    saved = fp8.WEIGHT_CACHE, fp8.FUSED_CAST
-    fp8.WEIGHT_CACHE, fp8.FUSED_CAST = variant != "no_weight_cache", variant != "separate_casts"
-    try:
+    flags = dict(no_weight_cache=dict(WEIGHT_CACHE=False), separate_casts=dict(FUSED_CAST=False)).get(variant, {})
+    with fp8_switches(**flags):
         for compiled in ((True, False) if compile_ and variant != "eager" else (False,)):
             try:
                 row["losses"][label], use = fixed_batch_losses(cfg, tcfg, batch, device, autocast, args.fixed_steps,
@@ -840,8 +838,6 @@ def fixed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, comp
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-    finally:
-        fp8.WEIGHT_CACHE, fp8.FUSED_CAST = saved
 
 
 def fixed_section(device, args, rec):
