@@ -468,14 +468,16 @@ class Xmodel(nn.Module):
         (AdamW 8 B/param, Muon 4 B per hidden weight; ZeRO-1 divides it by the world size), and activations
         under bf16 autocast with SDPA (about 34 bytes x tokens x hidden per layer, Korthikanti et al. 2022,
         without the s^2 term flash attention removes; with checkpointing only each block's fp32 input plus one
-        block's activations), plus the chunked loss (one chunk of fp32 logits, twice)."""
+        block's activations), plus the chunked loss (one chunk of fp32 logits, twice), plus with FP8 the weight
+        cache (each FP8 layer's weight as an FP8 copy and its transpose: 2 B/param)."""
         cfg, n, n_hidden = self.config, self.num_params(), self.num_hidden_params()
         opt = (8 * (n - n_hidden) + (4 if muon else 8) * n_hidden) / (world if zero1 else 1)
+        fp8_cache = 2 * sum(m.weight.numel() for m in self._fp8_layers)
         tokens = micro_batch * seq_len
         per_layer = 34 * tokens * cfg.hidden
         act = (4 * tokens * cfg.hidden * cfg.n_layer + per_layer) if act_ckpt else per_layer * cfg.n_layer
         loss = 2 * 4 * cfg.loss_chunk * cfg.vocab_size + 2 * tokens * cfg.hidden * 4
-        return (8 * n + opt + act + loss) / 1e9
+        return (8 * n + opt + fp8_cache + act + loss) / 1e9
 
 
 def _loss_and_grad_fused(logits, y, valid, scale: float, tgt):

@@ -107,8 +107,9 @@ def test_dry_run_xmodel25(capsys):
     without = dataclasses.replace(c, phases=[{k: v for k, v in p.items() if k != "mfu"} for p in c.phases])
     assert train.dry_run(without, m, 1)["gpu_hours"] == pytest.approx(flops / (989e12 * 0.4) / 3600, rel=1e-12)
     # memory per GPU (Xmodel.memory_estimate_gb's docstring): 8 B/param weights + grads; AdamW 8 B/param, Muon 4 B
-    # per hidden weight, / world under ZeRO-1; activations 34 x tokens x hidden per layer (checkpointing:
-    # 4 B x tokens x hidden per layer + one block's); the loss: a chunk of fp32 logits twice + fp32 grad of x
+    # per hidden weight, / world under ZeRO-1; FP8's weight cache 2 B per hidden weight; activations 34 x tokens x
+    # hidden per layer (checkpointing: 4 B x tokens x hidden per layer + one block's); the loss: a chunk of fp32
+    # logits twice + fp32 grad of x
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
     with torch.device("meta"):
         meta = model_mod.Xmodel(m)
@@ -118,8 +119,9 @@ def test_dry_run_xmodel25(capsys):
         tokens = mb * p["seq_len"]
         opt = 8 * (n - n_hidden) + (4 if p["optimizer"] == "muon" else 8) * n_hidden
         loss = 2 * 4 * m.loss_chunk * V + 2 * tokens * h * 4
-        gb = (8 * n + opt + 34 * tokens * h * L + loss) / 1e9
-        lean = (8 * n + opt / c.gpus + 4 * tokens * h * L + 34 * tokens * h + loss) / 1e9
+        cache = 2 * n_hidden if m.fp8 else 0  # FP8: every hidden weight's FP8 copy and transpose
+        gb = (8 * n + opt + cache + 34 * tokens * h * L + loss) / 1e9
+        lean = (8 * n + opt / c.gpus + cache + 4 * tokens * h * L + 34 * tokens * h + loss) / 1e9
         assert rows[p["name"]][-2:] == [f"{gb:.1f}", f"{lean:.1f}"], p["name"]
         assert meta.memory_estimate_gb(mb, p["seq_len"], p["optimizer"] == "muon", c.gpus) == pytest.approx(gb, rel=1e-12)
     for name in ("warmup", "stable1", "stable2", "decay", "long16k", "GPU-hours", "1.52T", "hidden 0.001667"):
