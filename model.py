@@ -537,7 +537,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     Speed (the output layer is most of a small model's step): the GEMMs run in h's dtype (bf16 under
     autocast) while W stays the fp32 master, so dW is accumulated and returned in fp32 with no bf16
-    round trip; the chunk's logits, and then its gradient, live in one buffer reused by every chunk (a
+    round trip (on CUDA each chunk's GEMM adds into it, `fp32_accumulating_addmm`); the chunk's logits, and then its gradient, live in one buffer reused by every chunk (a
     fresh [chunk, vocab] tensor per chunk costs the kernel's page faults, about as much as the softmax);
     every GEMM writes into preallocated memory (`out=`). Each pass over a [chunk, vocab] tensor costs
     about a tenth of a GEMM here, so there are few: the softmax is aten's row-wise kernel in place,
@@ -563,7 +563,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if need_grad:
             dh = torch.empty_like(h)
             dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-            dw_chunk = None if fp32 else torch.empty(w.shape, dtype=h.dtype, device=w.device)
+            # bf16 GEMMs: adding into the fp32 accumulator in the GEMM itself where it can, else through a scratch
+            into_fp32 = not fp32 and fp32_accumulating_addmm(w.device)
+            dw_chunk = None if fp32 or into_fp32 else torch.empty(w.shape, dtype=h.dtype, device=w.device)
             coef = valid * (inv_n * scale)
         # the eager softmax's fp32 scratch covers _EAGER_ROWS rows of a chunk at a time: the GEMMs keep the
         # chunk's efficiency, the scratch stays small; fp32 logits need none (the softmax runs in place)
@@ -588,8 +590,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # sides of the two GEMMs (dh rows after, h rows before), again sparing a pass over [chunk, V]
             g, c = logits, coef[i:i + chunk, None]
             torch.mm(g, wc, out=dh[i:i + chunk]).mul_(c)
-            if dw_chunk is None:
+            if fp32:
                 dw.addmm_(g.t(), hc * c)
+            elif into_fp32:  # the bf16 product summed in fp32 and added in the GEMM's epilogue: one kernel
+                torch.addmm(dw, g.t(), (hc * c).to(hc.dtype), out_dtype=torch.float32, out=dw)
             else:  # bf16 GEMM into scratch, then one mixed-dtype add into the fp32 accumulator
                 dw.add_(torch.mm(g.t(), (hc * c).to(hc.dtype), out=dw_chunk))
         if need_grad:
@@ -600,6 +604,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         dh, dw = ctx.saved_tensors
         return dh * grad_loss.to(dh.dtype), dw * grad_loss.to(dw.dtype), None, None, None, None, None
+
+
+_ADDMM_INTO_FP32 = {}  # device -> whether addmm adds a bf16 product into an fp32 tensor in place
+
+
+def fp32_accumulating_addmm(device) -> bool:
+    """Whether torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc) with bf16 a, b and an fp32 acc works on
+    `device` (cuBLASLt on CUDA; no CPU kernel): tried once per device on a small product, and its result checked.
+    It spares the output layer's gradient a bf16 scratch [vocab, hidden] and a separate add per chunk."""
+    device = torch.device(device)
+    if device not in _ADDMM_INTO_FP32:
+        a = torch.full((16, 16), 0.5, dtype=torch.bfloat16, device=device)
+        acc = torch.full((16, 16), 1.0 / 3, dtype=torch.float32, device=device)
+        try:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            works = bool((acc == torch.tensor(1.0 / 3, dtype=torch.float32) + 4).all())
+        except (RuntimeError, TypeError, NotImplementedError):
+            works = False
+        _ADDMM_INTO_FP32[device] = works
+    return _ADDMM_INTO_FP32[device]
 
 
 def chunked_cross_entropy(h, w, targets, scale: float = 1.0, chunk: int = 1024, compiled: bool = False):

@@ -528,6 +528,58 @@ def test_chunked_ce_and_grads_equal_plain(chunk):
     assert not torch.allclose(loss, F.cross_entropy(scale * h @ w.T, y.clamp(min=0)), rtol=1e-5, atol=0)
 
 
+def _addmm_into_fp32(monkeypatch, how):
+    """torch.addmm with out_dtype (cuBLASLt's, absent on the CPU) as `how` says: "exact" sums the bf16 product in
+    fp32 into the fp32 tensor as the GPU kernel does, "bf16" rounds the sum to bf16, "missing" raises."""
+    real, calls = torch.addmm, []
+
+    def addmm(acc, a, b, *args, out_dtype=None, out=None, **kw):
+        if out_dtype is None:
+            return real(acc, a, b, *args, out=out, **kw)
+        calls.append((acc.dtype, a.dtype, out is acc))
+        if how == "missing":
+            raise RuntimeError("Could not run 'aten::addmm.dtype_out' with arguments from the 'CPU' backend")
+        got = acc + a.float() @ b.float()
+        return out.copy_(got.bfloat16() if how == "bf16" else got)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    return calls
+
+
+@pytest.mark.parametrize("how,works", [("exact", True), ("bf16", False), ("missing", False)])
+def test_fp32_accumulating_addmm_is_tried_and_checked(monkeypatch, how, works):
+    import model
+    monkeypatch.setattr(model, "_ADDMM_INTO_FP32", {})
+    calls = _addmm_into_fp32(monkeypatch, how)
+    assert model.fp32_accumulating_addmm("cpu") is works and len(calls) == 1
+    assert model.fp32_accumulating_addmm(torch.device("cpu")) is works and len(calls) == 1  # once per device
+
+
+def test_chunked_ce_bf16_gradient_added_into_fp32_by_the_gemm(monkeypatch):
+    """Where addmm adds a bf16 product into the fp32 accumulator (CUDA), the output layer's gradient takes that
+    path (no bf16 scratch): the same loss and dh as the scratch path, dW at least as close to float64."""
+    import model
+    h, w, y = ce_inputs(N=96, V=300, D=32)
+    hb = h.bfloat16()
+
+    def run():
+        h1, w1 = hb.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = chunked_cross_entropy(h1, w1, y, 0.37, 16)
+        loss.backward()
+        return loss, h1.grad, w1.grad
+
+    ref_loss, ref_dh, ref_dw = run()
+    monkeypatch.setattr(model, "_ADDMM_INTO_FP32", {torch.device("cpu"): True})
+    calls = _addmm_into_fp32(monkeypatch, "exact")
+    loss, dh, dw = run()
+    assert calls == [(torch.float32, torch.bfloat16, True)] * 6  # one per chunk, into the accumulator itself
+    assert torch.equal(loss, ref_loss) and torch.equal(dh, ref_dh) and dw.dtype == torch.float32
+    h64, w64 = hb.double().requires_grad_(), w.double().requires_grad_()
+    F.cross_entropy(0.37 * h64 @ w64.T, y, ignore_index=-1).backward()
+    err, ref_err = ((dw - w64.grad).norm() / w64.grad.norm()).item(), ((ref_dw - w64.grad).norm() / w64.grad.norm()).item()
+    assert err <= ref_err * 1.01 and err < 2e-2
+
+
 def test_chunked_ce_only_one_input_needs_grad_and_all_ignored():
     h, w, y = ce_inputs()
     hr = h.clone().requires_grad_()
