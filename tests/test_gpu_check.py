@@ -82,6 +82,8 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     for v in runs.values():
         assert len(v["losses"]) == train["steps"] + 2 and all(math.isfinite(x) for x in v["losses"])
         assert abs(v["losses"][0] - math.log(512)) < 0.5  # synthetic tokens from 512: ~uniform at init
+        assert 0 < v["fwd_bwd_ms"] < v["step_ms"] and v["fwd_bwd_tokens_per_s"] > v["tokens_per_s"]  # + optimizer
+    assert runs["fp8_torch"]["fwd_bwd_speedup_vs_bf16"] > 0
     assert runs["fp8_triton"]["losses"] != runs["bf16"]["losses"]  # FP8 really quantized
     assert all(v["host_syncs_per_step"] is None for v in runs.values())  # counted on CUDA only
     assert runs["bf16"]["update_fp8_scales_ms"] is None and runs["fp8_torch"]["update_fp8_scales_ms"] > 0

@@ -495,7 +495,7 @@ def train_section(device, args, rec):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def step(micro):  # as train.py's train_step: the micro-batches' gradients summed, one optimizer step
+        def step(micro, marks=None):  # as train.py's train_step: the micro-batches' gradients summed, one optimizer step
             total = 0.0
             for batch in micro:
                 with autocast:
@@ -503,18 +503,22 @@ def train_section(device, args, rec):
                 loss.backward()
                 model.update_fp8_scales()
                 total = total + loss.detach()
+            if marks is not None:  # where the forwards and backwards end and the optimizer begins
+                synchronize(device)
+                marks.append(time.perf_counter())
             opts.step()
             opts.zero_grad()
             return total
 
-        losses, times, casts = [], [], count_weight_casts()
+        losses, times, fwd_bwd, casts = [], [], [], count_weight_casts()
         try:
             for micro in batches:
                 synchronize(device)
-                t0 = time.perf_counter()
-                loss = step(micro)
+                t0, marks = time.perf_counter(), []
+                loss = step(micro, marks)
                 synchronize(device)
                 times.append(time.perf_counter() - t0)
+                fwd_bwd.append(marks[0] - t0)
                 losses.append(float(loss))
         finally:
             weight_casts = casts.stop() / len(batches)
@@ -527,10 +531,12 @@ def train_section(device, args, rec):
         synchronize(device)
         update_ms = (time.perf_counter() - t0) * 100 if cfg.fp8 else None
         step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
+        fwd_bwd_s = sorted(fwd_bwd[2:])[len(fwd_bwd[2:]) // 2]
         tok_s = B * T * accum / step_s
         flops = model.flops_per_token(T) * tok_s
         return dict(gemm=fp8.resolve_backend(device, cfg.fp8_backend) if cfg.fp8 else None, losses=losses,
-                    tokens_per_s=tok_s, step_ms=step_s * 1e3, warmup_s=sum(times[:2]), tflops=flops / 1e12,
+                    tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_bwd_ms=fwd_bwd_s * 1e3,
+                    fwd_bwd_tokens_per_s=B * T * accum / fwd_bwd_s, warmup_s=sum(times[:2]), tflops=flops / 1e12,
                     mfu=flops / peak if peak else None, params=model.num_params(),
                     host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
                     update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts,
@@ -575,7 +581,9 @@ def judge_train_runs(runs: dict) -> None:
             diff = abs(sum(got) - sum(base)) / abs(sum(base))
             runs[label].update(mean_loss_rel_diff_vs_bf16=diff,
                                max_loss_rel_diff_vs_bf16=max(abs(a - b) / abs(b) for a, b in zip(got, base)),
-                               speedup_vs_bf16=runs[label]["tokens_per_s"] / runs["bf16"]["tokens_per_s"])
+                               speedup_vs_bf16=runs[label]["tokens_per_s"] / runs["bf16"]["tokens_per_s"],
+                               fwd_bwd_speedup_vs_bf16=runs[label]["fwd_bwd_tokens_per_s"]
+                               / runs["bf16"]["fwd_bwd_tokens_per_s"])
             if diff > FP8_LOSS_RTOL:  # the speedup is read with both runs' "compiled"
                 runs[label]["status"] = "failed"
                 runs[label]["error"] = f"mean loss differs from bf16 by {diff:.3g} > {FP8_LOSS_RTOL}"
@@ -1109,10 +1117,11 @@ def details(r: dict) -> tuple[list, list]:
                   *(num(x.get(c + "_tflops"), ".4g") if c + "_tflops" in x else x.get(c + "_error", "-")
                     for c in cols)] for x in res])
     if s == "train":
-        return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "MFU %", "peak GB", "vs bf16",
+        return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "fwd+bwd ms", "MFU %", "peak GB", "vs bf16",
                  "mean loss diff", "weight casts / step", "host syncs", "GEMM / attention / other ms"],
                 [[k, v.get("status"), v.get("compiled"), v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
-                  num(v.get("step_ms"), ".1f"), num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
+                  num(v.get("step_ms"), ".1f"), num(v.get("fwd_bwd_ms"), ".1f"),
+                  num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
                   num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f")
                   + (f" ({v['speedup_vs_uncached']:.2f} vs uncached)" if "speedup_vs_uncached" in v else ""),
                   num(v.get("mean_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("weight_casts_per_step"), ".3g"),
