@@ -7,7 +7,9 @@ that doubles as the output projection (tied embeddings). "Deep and thin" means m
 this width the embedding alone is 15% of the parameters and the 129,280-way softmax is most of the
 cost of a small proxy, which is why the loss here is computed in chunks (see `chunked_cross_entropy`).
 As in the original (Megatron's linear_qkv and linear_fc1), q, k, v are one linear and gate, up another
-(`fused_parts`): fewer, larger GEMMs, and under FP8 one quantization of their shared input.
+(`fused_parts`): fewer, larger GEMMs, and under FP8 one quantization of their shared input. Attention is one
+F.scaled_dot_product_attention call (`sdpa`) that gets the 8 K/V heads un-repeated (enable_gqa); which fused
+kernel runs it (flash, cuDNN, ...) is PyTorch's choice unless `attn_backend` forces one.
 
 What makes it μP (the maximal-update parameterization, Yang et al.) is a handful of multipliers in the
 forward pass, all read from `ModelConfig` and written out below where they act:
@@ -26,6 +28,7 @@ where a model is built (`mup.build_model`): a bare `Xmodel(cfg)` keeps torch's d
 With `use_mup=False` the same code is the standard parameterization (1/sqrt(head_dim), no multipliers,
 one width-independent init std), for side-by-side comparisons.
 """
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 
@@ -40,6 +44,11 @@ from torch.utils.checkpoint import checkpoint
 # mlp.w_gate_up ([gate;up]), mlp.w_down. Which run in FP8 is a measured choice (docs/FP8.md, "Which layers
 # run in FP8")
 FP8_LAYERS = ("qkv", "out", "gate_up", "down")
+# The SDPA kernels attn_backend can force ("auto": PyTorch picks, per call, the first of its priority order whose
+# checks pass); GQA_MODES: how the shared K/V heads reach it (`sdpa`)
+ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+GQA_MODES = ("native", "repeat")
 
 
 @dataclass
@@ -71,6 +80,14 @@ class ModelConfig:
     fp8_layers: str = "qkv,out,gate_up,down"  # with fp8: the block linears in FP8 (the rest bf16), docs/FP8.md
     act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)
     loss_chunk: int = 1024        # tokens per chunk of the chunked cross-entropy (fp32 on a CPU: at most 256)
+    # attention kernel (docs/PERFORMANCE.md, "Attention backends"; tools/gpu_check.py's section "attn" times them).
+    # gqa="repeat" is for the efficient kernel: PyTorch's dispatch (aten sdp_utils.cpp) lets flash (since 2.5) and
+    # cuDNN take n_head != n_kv_head, but efficient's checks (check_batch_size_and_num_heads_dense<false>) refuse
+    # it in every release up to at least 2.11, the H200's: with enable_gqa it never runs there (forced: "No
+    # available kernel"). pytorch PR 191085 (July 2026, after 2.12) gives CUDA's efficient kernel GQA; ROCm's has
+    # none. torch 2.13's CPU build runs flash and math with enable_gqa (tests/test_model.py)
+    attn_backend: str = "auto"    # SDPA kernel: "auto" (PyTorch's choice) | "flash" | "efficient" | "cudnn" | "math"
+    gqa: str = "native"           # K/V heads: "native" (enable_gqa, never copied) | "repeat" (copied to n_head first)
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "hidden", "ffn_hidden", "n_head", "n_kv_head", "max_seq_len",
@@ -84,7 +101,8 @@ class ModelConfig:
                 raise ValueError(f"model config: {name} must be a positive number, got {v!r}")
         if not isinstance(self.muon_fused, bool):
             raise ValueError(f"model config: muon_fused must be true or false, got {self.muon_fused!r}")
-        for name, choices in (("norm_lr", ("hidden", "embedding")), ("init_out", ("depth", "mup"))):
+        for name, choices in (("norm_lr", ("hidden", "embedding")), ("init_out", ("depth", "mup")),
+                              ("attn_backend", tuple(ATTN_BACKENDS)), ("gqa", GQA_MODES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"model config: {name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.hidden % self.n_head:
@@ -250,7 +268,7 @@ class Attention(_Fused):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.scale = cfg.attn_scale
+        self.scale, self.attn_backend, self.gqa = cfg.attn_scale, cfg.attn_backend, cfg.gqa
         self.fused, self.parts = fused_parts(cfg)["attn"]
         self.wqkv = _linear(cfg, cfg.hidden, sum(self.parts.values()), "qkv")
         self.wo = _linear(cfg, cfg.n_head * cfg.head_dim, cfg.hidden, "out")
@@ -272,10 +290,44 @@ class Attention(_Fused):
                 causal = False
                 mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
             cache["k"], cache["v"] = k, v.contiguous()  # not a view that keeps the prompt's q and k alive
-        # enable_gqa lets SDPA broadcast the shared K/V heads instead of materializing repeats
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                           enable_gqa=self.n_head != self.n_kv_head)
+        # generation leaves the kernel to PyTorch: a forced one may refuse its mask (CUDA's flash takes none)
+        y = sdpa(q, k, v, self.scale, self.attn_backend if cache is None else "auto", self.gqa, mask, causal)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+# PyTorch's words when no allowed SDPA kernel takes a call: on CUDA (after a warning per kernel saying why), on a CPU
+NO_KERNEL = ("No available kernel", "No viable backend for scaled_dot_product_attention")
+
+
+def no_kernel_message(cfg: ModelConfig, device) -> str:
+    """Why a forced attn_backend failed, in the config's words (the kernel's own reasons: PyTorch's warnings)."""
+    hint = " or gqa='repeat' (its kernel refuses enable_gqa in torch up to at least 2.11)" if \
+        cfg.attn_backend == "efficient" and cfg.gqa == "native" and cfg.n_head != cfg.n_kv_head else ""
+    return (f"model config: attn_backend={cfg.attn_backend!r} has no SDPA kernel for this model's attention on "
+            f"{device} (torch {torch.__version__}; on CUDA PyTorch's warnings above say why). Choose "
+            f"attn_backend='auto' (PyTorch's choice){hint}, or another of {tuple(ATTN_BACKENDS)}")
+
+
+def repeat_kv(x, n_rep: int):
+    """[B, Hkv, T, d] -> [B, Hkv * n_rep, T, d], each K/V head copied to the n_rep query heads that share it
+    (query head h reads K/V head h // n_rep, as SDPA's enable_gqa and torch.repeat_interleave pair them)."""
+    B, H, T, d = x.shape
+    return x if n_rep == 1 else x[:, :, None].expand(B, H, n_rep, T, d).reshape(B, H * n_rep, T, d)
+
+
+def sdpa(q, k, v, scale: float, backend: str = "auto", gqa: str = "native", mask=None, causal: bool = True):
+    """softmax(q k^T * scale + mask) v over q [B, H, T, d] and k, v [B, Hkv, S, d] (H a multiple of Hkv), with
+    F.scaled_dot_product_attention: the model's attention, and what tools/gpu_check.py times (section "attn").
+    A backend (ATTN_BACKENDS) other than "auto" allows that one SDPA kernel only (torch.nn.attention.sdpa_kernel,
+    which torch.compile traces). gqa "native" hands K/V over un-repeated with enable_gqa, and the kernel
+    broadcasts them; "repeat" copies them to H heads first (repeat_kv): the plain multi-head call every kernel
+    takes, at the cost of the copies and of summing their gradients."""
+    if gqa == "repeat" and k.shape[1] != q.shape[1]:
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+    kernel = ATTN_BACKENDS[backend]
+    with contextlib.nullcontext() if kernel is None else sdpa_kernel(kernel):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 class SwiGLU(_Fused):
@@ -339,11 +391,16 @@ class Xmodel(nn.Module):
             m.refresh_fp8_weight(self.training and torch.is_grad_enabled())  # compiled blocks cannot see a change
         cos, sin = rope_tables(T, cfg.head_dim, cfg.rope_base, idx.device, start_pos)
         x = self.tok_emb(idx) * cfg.embed_mult
-        for i, block in enumerate(self.blocks):
-            if cfg.act_ckpt and self.training and caches is None:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, None if caches is None else caches[i])
+        try:
+            for i, block in enumerate(self.blocks):
+                if cfg.act_ckpt and self.training and caches is None:
+                    x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, None if caches is None else caches[i])
+        except RuntimeError as e:  # here, not in Attention: the compiled blocks raise it while tracing
+            if cfg.attn_backend == "auto" or not any(words in str(e) for words in NO_KERNEL):
+                raise
+            raise RuntimeError(no_kernel_message(cfg, idx.device)) from e
         return self.norm(x)
 
     def logits(self, h):

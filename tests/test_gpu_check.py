@@ -22,7 +22,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert r["status"] == "ok", (r["section"], r.get("error"))
         assert r["versions"]["torch"] and r["device"] == "cpu" and f"--sections {r['section']}" in r["command"]
         assert f"| {r['section']} | ok |" in md
-    sm90, kernel, gemm, train, ns, dist, fixed, trainer = saved["sections"]
+    sm90, kernel, gemm, train, ns, attn, dist, fixed, trainer = saved["sections"]
     # the Triton kernel compiled for Hopper from this CPU: every config the autotuner would try, per GEMM
     import fp8
     tried = [(r["gemm"], r["config"]) for r in sm90["results"]]
@@ -94,6 +94,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert prof["total_ms"] == pytest.approx(sum(prof["ms"].values())) and len(prof["top"]) == 12
     assert ns["matrices"] == 2 * 4 and len(ns["results"]) == 4  # [q;k;v] 64x32, o 32x32, [gate;up] 160x32, down 32x80
     assert ns["batched_ms_per_step_one_device"] > 0 and all(x["count"] == 2 and x["batched_ms"] > 0 for x in ns["results"])
+    assert len(attn["results"]) == 3 * 5 * 2 and [x["backend"] for x in attn["model"]][0] == "auto"  # test_attn_...
     # gpu_check.md: every measured case in a table per section, beside the one-line summaries
     assert "| fp8_triton | ok | False | emulate |" in md and md.count("| qkv | dgrad | 32x64x32 |") == 1
     assert "## gemm: the fused cast vs the separate ops" in md and "| - | every value and tie | float8_e5m2 |" in md
@@ -120,6 +121,43 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     assert all(x["tokens_per_s"] > 0 and x["mfu"] is None for x in trainer["results"])  # MFU: on CUDA only
     assert set(trainer["launches"]) == {"whole", "stopped", "resumed"} and trainer["checkpoint_read_s"] >= 0
     assert "| long16k | 1 | 2 x 128 | muon |" in md
+
+
+def test_attn_section_times_every_kernel_and_records_the_ones_that_refuse(tmp_path):
+    """The attn section on the CPU: every phase shape x kernel x K/V mode is a row; the CPU's kernels (flash, and
+    math, timed only here) run and match auto, the CUDA ones are "unavailable" rows carrying PyTorch's error, auto's
+    choice is recorded; then the whole model with auto and with the fastest case."""
+    import model
+    report = gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--dtype", "float32", "--sections", "attn"])
+    (attn,) = report["sections"]
+    assert attn["status"] == "ok", attn.get("error")
+    rows, mcfg = attn["results"], gpu_check.shapes_config(torch.device("cpu"))[0]
+    assert [(x["seq_len"], x["micro_batch"]) for x in rows[::10]] == list(gpu_check.ATTN_CPU_SHAPES)
+    assert [(x["backend"], x["gqa"]) for x in rows[:10]] == [
+        (b, g) for b in ("auto", "flash", "efficient", "cudnn", "math") for g in ("native", "repeat")]
+    for x in rows:
+        if x["backend"] in ("efficient", "cudnn"):  # CUDA kernels: refused, with torch's words
+            assert x["status"] == "unavailable" and "No viable backend" in x["error"] and "ms" not in x, x
+            continue
+        assert x["status"] == "ok" and x["ms"] > 0, x
+        # the model's FLOP count: 6 * T * n_head * head_dim per token and layer, fwd + bwd, causal
+        flops = x["micro_batch"] * x["seq_len"] * 6 * x["seq_len"] * mcfg.n_head * mcfg.head_dim
+        assert x["tflops"] == pytest.approx(flops / x["ms"] / 1e9)
+        if x["backend"] == "auto":
+            assert x["ran"] == "flash" and x["kernels"], x  # torch 2.13's CPU choice, and what the profiler saw
+        if (x["backend"], x["gqa"]) != ("auto", "native"):
+            assert x["rel_err_vs_auto"] < 1e-5, x  # fp32: every kernel computes the same attention
+    # the whole model at the second shape (the 8k phase's on CUDA): the default against the fastest other case
+    auto, best = attn["model"]
+    fastest = min((x for x in rows if x["seq_len"] == 64 and x["status"] == "ok" and x is not rows[10]),
+                  key=lambda x: x["ms"])
+    assert (auto["backend"], auto["gqa"], best["backend"], best["gqa"]) == (
+        "auto", "native", fastest["backend"], fastest["gqa"])
+    assert all(x["status"] == "ok" and x["tokens_per_s"] > 0 and x["seq_len"] == 64 for x in attn["model"])
+    assert best["speedup_vs_auto"] == pytest.approx(auto["step_ms"] / best["step_ms"])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "| 128 x 1 | math | repeat | ok |" in md and "## attn: the whole model, forward + backward (eager)" in md
+    assert "auto ran flash" in md and model.NO_KERNEL[1] in md
 
 
 def test_a_failing_or_overrunning_section_is_recorded_and_the_rest_run(tmp_path, monkeypatch):

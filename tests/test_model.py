@@ -340,6 +340,125 @@ def test_gqa_shapes_and_no_repeated_kv(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# attention kernels (attn_backend) and K/V heads copied or not (gqa)
+
+CPU_BACKENDS = ("auto", "math", "flash")  # what torch's CPU build runs; "efficient" and "cudnn" are CUDA kernels
+CPU_FLASH_OP = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def attn_leaves(dtype, seed=0):
+    """q [2, 4, 12, 16], k and v [2, 2, 12, 16] (two query heads per K/V head) and an output gradient, in dtype."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, dy = (torch.randn(2, h, 12, 16, generator=g) for h in (4, 2, 2, 4))
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)], dy.to(dtype)
+
+
+def attn_and_grads(fn, leaves, dy):
+    """fn(q, k, v) and the gradients of q, k, v for the output gradient dy, on fresh copies of the leaves."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in leaves)
+    y = fn(q, k, v)
+    y.backward(dy)
+    return [y.detach(), q.grad, k.grad, v.grad]
+
+
+def compiled_with_ops(fn, ops: set):
+    """torch.compile(fn) without graph breaks, adding the aten ops of its forward and backward graphs to ops
+    (AOT autograd's graphs, run as they are: Dynamo and the kernel choice without Inductor's C++ build)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def keep(gm, inputs):
+        ops.update(str(n.target).split(".")[1] for n in gm.graph.nodes if n.op == "call_function"
+                   and str(n.target).startswith("aten."))
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("gqa", ["native", "repeat"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_backend_runs_its_kernel_and_equals_float64(backend, gqa, compiled):
+    """model.sdpa with each kernel the CPU has, eager and compiled (torch.compile traces sdpa_kernel): output and
+    gradients against the float64 softmax reference, and the kernel that ran read from the aten ops (math has
+    no fused op: softmax and bmm)."""
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        leaves, dy = attn_leaves(dtype)
+        fn = lambda q, k, v: model_mod.sdpa(q, k, v, 0.25, backend, gqa)  # noqa: E731
+        ops = set()
+        if compiled:
+            got = attn_and_grads(compiled_with_ops(fn, ops), leaves, dy)
+        else:
+            with AllocRecorder() as rec:
+                got = attn_and_grads(fn, leaves, dy)
+            ops = {op.overloadpacket.__name__ for op in rec.ops}
+        want = attn_and_grads(lambda q, k, v: ref_attention(q, k, v, 0.25), [t.double() for t in leaves],
+                              dy.double())
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+            assert a.dtype == dtype and rel_err(a, b) < tol, (name, dtype, rel_err(a, b))
+        assert (CPU_FLASH_OP in ops) == (backend != "math"), sorted(ops)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gqa_repeat_equals_native(backend):
+    """K/V copied to every query head (gqa="repeat") against enable_gqa (native): the same numbers, output and
+    gradients (the copies' gradients summed back onto the shared heads), in fp32."""
+    leaves, dy = attn_leaves(torch.float32, seed=1)
+    native, repeat = (attn_and_grads(lambda q, k, v: model_mod.sdpa(q, k, v, 0.25, backend, g), leaves, dy)
+                      for g in ("native", "repeat"))
+    for a, b in zip(native, repeat):
+        assert (a - b).abs().max() <= 1e-6
+    x = torch.arange(6.0).view(1, 3, 1, 2)  # the pairing: query head h reads K/V head h // n_rep
+    assert torch.equal(model_mod.repeat_kv(x, 2), x.repeat_interleave(2, 1))
+
+
+@pytest.mark.parametrize("gqa", ["native", "repeat"])
+def test_attn_backends_give_the_models_loss_and_gradients(gqa):
+    """A whole model with each kernel the CPU has: its loss equals the float64 functional forward's (fp32),
+    its gradients "auto"'s, and under bf16 autocast its loss is auto's within bf16 rounding."""
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(5))
+    tgt = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    out = {}
+    for backend in CPU_BACKENDS:
+        model = tiny_model(attn_backend=backend, gqa=gqa)
+        loss = model(idx, tgt)
+        loss.backward()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(idx, tgt)
+        out[backend] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, bf16)
+        want = F.cross_entropy(ref_forward(model, idx, hand_multipliers(model.config)).flatten(0, 1), tgt.flatten())
+        assert abs(loss.item() - want.item()) < 1e-5 * want.item(), backend
+    for backend in CPU_BACKENDS[1:]:
+        loss, grads, bf16 = out[backend]
+        assert abs(bf16 - out["auto"][2]) < 1e-2 * out["auto"][2], backend
+        for n, g in grads.items():
+            assert rel_err(g, out["auto"][1][n]) < 1e-5, (backend, n)
+
+
+@pytest.mark.parametrize("backend", ["efficient", "cudnn"])
+def test_a_backend_without_a_kernel_names_the_key_and_generation_still_runs(backend):
+    """A CUDA kernel forced on the CPU: the forward fails naming attn_backend, eager and compiled (Dynamo meets
+    it while tracing); generation, which leaves the kernel to PyTorch, still runs and equals the default's."""
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    model = tiny_model(attn_backend=backend)
+    hint = "gqa='repeat'" if backend == "efficient" else "attn_backend='auto'"
+    with pytest.raises(RuntimeError, match=rf"attn_backend='{backend}'.*{hint}") as err:
+        model(idx, idx)
+    assert "No viable backend" in str(err.value.__cause__)  # PyTorch's own error, kept as the cause
+    torch._dynamo.reset()
+    model.compile_for_training()
+    with pytest.raises(RuntimeError, match=rf"attn_backend='{backend}'"):
+        model(idx, idx)
+    torch._dynamo.reset()
+    default = tiny_model().eval()
+    prompt = idx[:, :4]
+    want = no_cache_greedy(default, prompt, 6)
+    assert torch.equal(tiny_model(attn_backend=backend).eval().generate(prompt, 6, temperature=0), want)
+    for forced in ("math", "flash"):  # and with a kernel the CPU has, generation is unchanged too
+        assert torch.equal(tiny_model(attn_backend=forced, gqa="repeat").eval().generate(prompt, 6, temperature=0), want)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # fused linears: [q; k; v] and [gate; up] against the separate layout they replaced
 
 class LegacyAttention(torch.nn.Module):
@@ -959,6 +1078,9 @@ def test_generate_sampling_seeded_and_top_k():
     (dict(input_scale=-12.0), "input_scale"),
     (dict(hidden=64.0), "hidden"),
     (dict(fp8_backend="cublas"), "fp8_backend"),
+    (dict(attn_backend="flash3"), "attn_backend"),
+    (dict(attn_backend="FLASH"), "attn_backend"),
+    (dict(gqa="expand"), "gqa"),
     (dict(fp8_layers="qkv,attn_out"), "fp8_layers"),
     (dict(fp8_layers="down,qkv,down"), "fp8_layers"),
     (dict(fp8=True, fp8_layers=" , "), "fp8_layers"),

@@ -458,6 +458,9 @@ def test_resume_refuses_another_model_but_not_another_execution(tmp_path, tiny_d
         train.train([cfg, *SHORT, "--resume", "--n_layer=3"])
     # how the model is computed may change on resume: the chunk of the loss is not the model
     assert train.train([cfg, *SHORT, "--resume", "--loss_chunk=32"])["step"] == 4
+    cfg = write_config(tmp_path / "d.py", tiny_data, out_dir=str(tmp_path / "other_kernel"))
+    train.train([cfg, *SHORT, "--max_steps=2"])  # nor the attention kernel (the long phases may want another)
+    assert train.train([cfg, *SHORT, "--resume", "--attn_backend=math", "--gqa=repeat"])["step"] == 4
 
 
 def test_fp8_run_resumes_exactly(tmp_path, tiny_data):

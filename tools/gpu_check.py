@@ -1,6 +1,6 @@
 """Ready for the GPU: one script that checks, on a GPU machine, what the CPU cannot.
 
-    python -m tools.gpu_check --out DIR [--sections sm90,kernel,gemm,train,ns,dist,fixed] [--device auto]
+    python -m tools.gpu_check --out DIR [--sections sm90,kernel,gemm,train,ns,attn,dist,fixed] [--device auto]
                               [--dtype auto] [--layers N] [--steps 4] [--micro_batches 2] [--train_runs ...]
                               [--fixed_steps 20]
 
@@ -32,6 +32,11 @@ that reruns it; a failure in one is recorded and the next one runs:
     ns      the Newton-Schulz step (muon.zeropower_via_newtonschulz5) at every 1.3B hidden-matrix shape:
             ms, TFLOP/s, and the whole Muon orthogonalization per step on one device, one matrix at a time
             and batched by shape (as Muon runs it)
+    attn    xmodel25's attention alone (model.sdpa: 24 query heads, 8 K/V heads, head dim 64, causal, bf16) at each
+            phase's seq_len x micro-batch (3712 x 4, 8192 x 2, 16384 x 1), forward + backward, with each SDPA kernel
+            (auto, flash, efficient, cudnn) and the K/V heads un-repeated (enable_gqa) or repeated: ms, TFLOP/s by
+            the model's FLOP count, the kernel auto picks, a kernel that refuses the call as a row with PyTorch's
+            reasons; then the whole model at 8192 x 2 with auto and with the fastest: what attn_backend and gqa choose
     dist    torchrun with one process: a DDP step (nccl) against the same step without DDP, and the FP8
             amax all-reduce (MAX) of fp8.FP8Linear's statistics
     fixed   FP8 vs bf16 memorizing ONE fixed batch at the recipe's peak LR (no warmup), xmodel25's width,
@@ -48,7 +53,7 @@ that reruns it; a failure in one is recorded and the next one runs:
 Without CUDA the same sequence runs at tiny shapes on the CPU, so tests/test_gpu_check.py proves the script
 in CI: sm90 exactly as on the GPU, the kernel under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors),
 torch._scaled_mm where the CPU build has it (else recorded as unavailable), FP8 emulated in training, no
-compile, gloo instead of nccl.
+compile, the CPU's attention kernels (flash, math; the CUDA ones as unavailable rows), gloo instead of nccl.
 Synthetic token batches everywhere but the trainer section (the embedded corpus, which needs no download).
 """
 import argparse
@@ -67,10 +72,11 @@ import warnings
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "dist", "fixed", "trainer")
-# s; the first six fit one 10-minute command on an H100 ("fixed" and "trainer" come last, so that the --budget_s
+SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "attn", "dist", "fixed", "trainer")
+# s; the first seven fit one 10-minute command on an H100 ("fixed" and "trainer" come last, so that the --budget_s
 # cut falls on them: run each on its own)
-TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 150, "train": 300, "ns": 30, "dist": 60, "fixed": 540, "trainer": 480}
+TIME_BOX = {"sm90": 60, "kernel": 90, "gemm": 150, "train": 300, "ns": 30, "attn": 90, "dist": 60, "fixed": 540,
+            "trainer": 480}
 # fast accumulation on Hopper: errors up to 2^10 x the fp32 bound, as if its accumulator kept ~14 of fp32's
 # 24 mantissa bits (DeepSeek-V3's measurement); exactly the fp32 bound wherever accumulation is fp32
 FAST_ACCUM_SLACK = 2.0 ** 10
@@ -722,6 +728,167 @@ def ns(device, args, rec):
 
 
 # ----------------------------------------------------------------------------------------------------
+# attn: the SDPA kernels at the phases' sequence lengths
+
+# The kernels the section times (model.ATTN_BACKENDS); math also on the CPU, where the fused CUDA kernels are error
+# rows (on a GPU its T x T scores, 25 GB at 16k, would only be slow)
+ATTN_TIMED = ("auto", "flash", "efficient", "cudnn")
+ATTN_CPU_SHAPES = ((32, 4), (64, 2), (128, 1))  # (seq_len, micro-batch): the phases' three shapes, tiny
+ATTN_RTOL = 0.02  # a forced kernel's output vs auto's (relative norm): bf16 rounding is ~0.004
+
+
+def attn_shapes(device) -> list[tuple[int, int]]:
+    """(seq_len, micro-batch) of xmodel25's phases, each once: 3712 x 4, 8192 x 2, 16384 x 1 on CUDA."""
+    if device.type != "cuda":
+        return list(ATTN_CPU_SHAPES)
+    import train
+    tcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["train"]
+    return list(dict.fromkeys((p["seq_len"], p.get("micro_batch", tcfg.micro_batch)) for p in tcfg.phases))
+
+
+def attn_flops_per_token(mcfg, seq_len: int) -> float:
+    """One layer's causal attention FLOPs per token, fwd + bwd, as Xmodel.flops_per_token counts them (the part
+    that grows with seq_len): 6 * seq_len * n_head * head_dim, i.e. q k^T and p v at 2 * T * d each per head,
+    halved by the causal mask, times 3 for forward + backward."""
+    from model import Xmodel
+    with torch.device("meta"):
+        m = Xmodel(mcfg)
+    return (m.flops_per_token(seq_len) - m.flops_per_token(0)) / mcfg.n_layer
+
+
+def attn_leaves(mcfg, B, T, device, dtype, g):
+    """q [B, H, T, d], k, v [B, Hkv, T, d] in the model's layouts (q, k: RoPE's new tensors; v: a view of the
+    fused qkv output, [B, T, Hkv, d] in memory), leaves that take gradients, and an output gradient."""
+    H, Hkv, d = mcfg.n_head, mcfg.n_kv_head, mcfg.head_dim
+    q, k = (torch.randn(B, h, T, d, device=device, generator=g, dtype=dtype).requires_grad_() for h in (H, Hkv))
+    v = torch.randn(B, T, Hkv, d, device=device, generator=g, dtype=dtype).requires_grad_()
+    return q, k, v, torch.randn(B, H, T, d, device=device, generator=g, dtype=dtype)
+
+
+def sdpa_choice(q, k, v, scale: float, gqa: str) -> str:
+    """The kernel PyTorch picks for model.sdpa's call under "auto": torch._fused_sdp_choice, which
+    F.scaled_dot_product_attention asks, on the same arguments."""
+    import model
+    if gqa == "repeat":
+        n_rep = q.shape[1] // k.shape[1]
+        k, v = model.repeat_kv(k, n_rep), model.repeat_kv(v, n_rep)
+    got = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return {int(b): n for n, b in model.ATTN_BACKENDS.items() if b is not None}.get(int(got), str(got))
+
+
+def attn_case(mcfg, B, T, backend, gqa, device, dtype, ref) -> tuple[dict, torch.Tensor | None]:
+    """One kernel and K/V mode at one shape: its row (median ms of forward + backward, TFLOP/s by
+    attn_flops_per_token, its output against ref, auto's with native GQA; for auto, the kernel PyTorch picked and
+    the profiler's longest three) and its output."""
+    import model
+    q, k, v, dy = attn_leaves(mcfg, B, T, device, dtype, torch.Generator(device=device).manual_seed(T))
+    row = dict(seq_len=T, micro_batch=B, backend=backend, gqa=gqa)
+
+    def fwd_bwd():
+        y = model.sdpa(q, k, v.transpose(1, 2), mcfg.attn_scale, backend, gqa)
+        torch.autograd.grad(y, (q, k, v), dy)
+        return y
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # on CUDA a refusing kernel's reasons come as warnings
+            warnings.simplefilter("always")
+            y = fwd_bwd().detach().float()
+        row.update(status="ok", ms=bench_ms(fwd_bwd, device, reps=3))
+        row["tflops"] = B * T * attn_flops_per_token(mcfg, T) / row["ms"] / 1e9
+        if backend == "auto":
+            row["ran"] = sdpa_choice(q, k, v.transpose(1, 2), mcfg.attn_scale, gqa)
+            row["kernels"] = [name for name, *_ in profile_step(device, fwd_bwd, top=3)["top"]]
+        if ref is not None:
+            row["rel_err_vs_auto"] = float((y - ref).norm() / ref.norm())
+            if row["rel_err_vs_auto"] > ATTN_RTOL:
+                row.update(status="failed", error=f"output {row['rel_err_vs_auto']:.3g} from auto's > {ATTN_RTOL}")
+        return row, y
+    except SectionTimeout:
+        raise
+    except Exception as e:  # a kernel that refuses the call is a finding, not a failure of the section
+        no_kernel = any(w in str(e) for w in model.NO_KERNEL)
+        reasons = " ".join(dict.fromkeys(str(w.message).strip() for w in caught))
+        return dict(row, status="unavailable" if no_kernel else "failed", error=f"{type(e).__name__}: {e}"[:300],
+                    **({"reasons": reasons[:1000]} if reasons else {})), None
+
+
+def attn_model_rows(mcfg, rows, device, args) -> list[dict]:
+    """The whole model's forward + backward (eager, the config's FP8 and autocast) at the first long phase's shape
+    (the second of attn_shapes), with the default (auto, native) and with the fastest other kernel and K/V mode of
+    `rows` there: tokens/s and MFU. As many layers as fit (--layers sets them); eager, since compiling twice would
+    not fit the time box."""
+    import dataclasses
+    import mup
+    import runtime
+    from tools.bench import device_peak
+    T, B = attn_shapes(device)[1]
+    timed = sorted((r for r in rows if r["seq_len"] == T and r["status"] == "ok"), key=lambda r: r["ms"])
+    # the default against the fastest other setting (when the default is the fastest: its runner-up)
+    runs = [("auto", "native")] + [(r["backend"], r["gqa"]) for r in timed if (r["backend"], r["gqa"]) !=
+                                   ("auto", "native")][:1]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # fit_layers reads the free memory: the attention cases' cached blocks count as used
+    n_layer = args.layers or (fit_layers(mcfg, dict(micro_batch=B, seq_len=T), device) if device.type == "cuda"
+                              else mcfg.n_layer)
+    batch = torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    peak, out = device_peak(device, "bf16"), []
+    for backend, gqa in runs:
+        cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), attn_backend=backend,
+                                  gqa=gqa)
+        row = dict(seq_len=T, micro_batch=B, n_layer=n_layer, backend=backend, gqa=gqa, compiled=False)
+        try:
+            torch.manual_seed(0)
+            model = mup.build_model(cfg, device)
+
+            def step():
+                with runtime.autocast(device, args.dtype):
+                    loss = model(batch[:, :-1], batch[:, 1:])
+                loss.backward()
+                model.update_fp8_scales()
+            ms = bench_ms(step, device)
+            flops = model.flops_per_token(T) * B * T / ms * 1e3
+            row.update(status="ok", step_ms=ms, tokens_per_s=B * T / ms * 1e3, mfu=flops / peak if peak else None)
+        except SectionTimeout:
+            raise
+        except Exception as e:
+            row.update(status="failed", error=f"{type(e).__name__}: {e}"[:300])
+        finally:
+            model = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        out.append(row)
+    if len(out) == 2 and out[0].get("step_ms") and out[1].get("step_ms"):
+        out[1]["speedup_vs_auto"] = out[0]["step_ms"] / out[1]["step_ms"]
+    return out
+
+
+def attn_section(device, args, rec):
+    """xmodel25's attention alone (model.sdpa: q [B, 24, T, 64], k, v [B, 8, T, 64], causal, the model's scale, bf16
+    on CUDA) at each phase's seq_len x micro-batch, forward + backward, for every kernel in ATTN_TIMED (and math on
+    the CPU) with K/V un-repeated (enable_gqa) and repeated: ms, TFLOP/s, which kernel auto ran; a kernel that
+    refuses the call is an "unavailable" row with PyTorch's error. Then the whole model at the first long phase's
+    shape with auto and with the fastest (attn_model_rows). The numbers behind attn_backend and gqa."""
+    mcfg, _ = shapes_config(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda or args.dtype == "bfloat16" else torch.float32
+    rec.update(n_head=mcfg.n_head, n_kv_head=mcfg.n_kv_head, head_dim=mcfg.head_dim, dtype=str(dtype)[6:],
+               scale=mcfg.attn_scale)
+    rows = rec.setdefault("results", [])
+    for T, B in attn_shapes(device):
+        ref = None
+        for backend, gqa in itertools.product(ATTN_TIMED + (() if cuda else ("math",)), ("native", "repeat")):
+            row, y = attn_case(mcfg, B, T, backend, gqa, device, dtype, ref)
+            ref = y if ref is None else ref
+            rows.append(row)
+    rec["model"] = attn_model_rows(mcfg, rows, device, args)
+    bad = [r for r in rows if r["status"] == "failed" or r["backend"] == "auto" and r["status"] != "ok"]
+    bad += [r for r in rec["model"] if r["status"] != "ok"]
+    if bad:
+        raise AssertionError(f"{len(bad)} attention cases failed: {bad[:3]}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # dist: a one-process torchrun (nccl on CUDA, gloo on the CPU)
 
 def dist_worker(args):
@@ -990,8 +1157,8 @@ def phase_rates(rows: list) -> list:
     return out
 
 
-RUNNERS = {"sm90": sm90, "kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "dist": dist_section,
-           "fixed": fixed_section, "trainer": trainer_section}
+RUNNERS = {"sm90": sm90, "kernel": kernel, "gemm": gemm, "train": train_section, "ns": ns, "attn": attn_section,
+           "dist": dist_section, "fixed": fixed_section, "trainer": trainer_section}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1083,6 +1250,8 @@ def summary(r: dict) -> str:
     if s == "ns":
         return (f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices one "
                 f"by one, {r.get('batched_ms_per_step_one_device', float('nan')):.1f} ms batched by shape")
+    if s == "attn":
+        return attn_summary(r)
     if s == "dist":
         return (f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal "
                 f"{r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)")
@@ -1097,6 +1266,23 @@ def summary(r: dict) -> str:
             f"micro-batch {x['micro_batch']} {x['status']}" + (f", steps <= {x['max_rel_diff']:.2g} apart"
                                                                if "max_rel_diff" in x else "") for x in res)
     return ""
+
+
+def attn_summary(r: dict) -> str:
+    """The attn section's line: per seq_len what auto ran and the fastest case; the whole model, auto vs that."""
+    res, parts = r.get("results", []), []
+    for T in dict.fromkeys(x["seq_len"] for x in res):
+        mine = [x for x in res if x["seq_len"] == T and x["status"] == "ok"]
+        auto = next((x for x in mine if x["backend"] == "auto" and x["gqa"] == "native"), None)
+        best = min(mine, key=lambda x: x["ms"], default=None)
+        if auto and best:
+            parts.append(f"{T}: auto ran {auto.get('ran')} {auto['tflops']:.3g} TFLOP/s, fastest {best['backend']}/"
+                         f"{best['gqa']} {best['tflops']:.3g}")
+    for x in r.get("model", []):
+        parts.append(f"model {x['micro_batch']} x {x['seq_len']} {x['backend']}/{x['gqa']} " + (
+            f"{x['tokens_per_s']:.0f} tok/s" + (f" MFU {100 * x['mfu']:.1f}%" if x.get("mfu") else "")
+            if x["status"] == "ok" else x["status"]))
+    return "; ".join(parts)
 
 
 def details(r: dict) -> tuple[list, list]:
@@ -1138,6 +1324,13 @@ def details(r: dict) -> tuple[list, list]:
                   *(num(x.get("final_over_first", {}).get(k), ".3f") for k in ("bf16", "fp8")),
                   num(x.get("max_rel_diff"), ".2g"), peak(x.get("range_use", {}).get("fp8")),
                   ", ".join(f"{k} {verdict(v)}" for k, v in x.get("bisect", {}).items()) or "-"] for x in res])
+    if s == "attn":
+        return (["seq_len x micro-batch", "backend", "K/V", "status", "ms fwd+bwd", "TFLOP/s", "auto ran",
+                 "vs auto", "longest kernels / why not"],
+                [[f"{x['seq_len']} x {x['micro_batch']}", x["backend"], x["gqa"], x["status"], num(x.get("ms"), ".4g"),
+                  num(x.get("tflops"), ".4g"), x.get("ran", "-"), num(x.get("rel_err_vs_auto"), ".2g"),
+                  x.get("reasons") or x.get("error") or ", ".join(k[:60] for k in x.get("kernels", [])) or "-"]
+                 for x in res])
     if s == "trainer":
         return (["phase", "steps", "batch x seq", "optimizer", "tokens/s", "MFU %"],
                 [[x["phase"], x["steps"], f"{x['batch']} x {x['seq_len']}", x["optimizer"],
@@ -1162,6 +1355,13 @@ def more_details(r: dict) -> list:
             [[x["layer"], x["tensor"], x["fp8"], f"{x['M']}x{x['N']}", x["bit_equal"], num(x.get("fused_ms"), ".4g"),
               num(x.get("separate_ms"), ".4g"), num(x.get("speedup"), ".2f"), num(x.get("fused_gb_s"), ".4g")]
              for x in r["cast"]])))
+    if s == "attn" and r.get("model"):
+        out.append(("attn: the whole model, forward + backward (eager)", (
+            ["micro-batch x seq_len", "layers", "backend", "K/V", "status", "step ms", "tokens/s", "MFU %", "vs auto"],
+            [[f"{x['micro_batch']} x {x['seq_len']}", x["n_layer"], x["backend"], x["gqa"], x["status"]
+              + (f" {x['error']}" if x.get("error") else ""), num(x.get("step_ms"), ".1f"),
+              num(x.get("tokens_per_s"), ".0f"), num(100 * x["mfu"], ".1f") if x.get("mfu") else "-",
+              num(x.get("speedup_vs_auto"), ".2f")] for x in r["model"]])))
     if s == "gemm" and r.get("layers"):
         out.append(("gemm: each block linear, forward + backward", (
             ["fp8_layers", "M x K x N", "bf16 ms", "FP8 cuBLASLt ms (cold)", "vs bf16", "FP8 Triton ms (cold)",
