@@ -694,7 +694,7 @@ class Checkpointer:
 
     def __init__(self, out_dir: str, keep: int, rank: int = 0, world: int = 1, timeout_s: int = 3600):
         self.out_dir, self.keep, self.rank, self.world = out_dir, keep, rank, world
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if world > 1 else None
+        self.group = gloo_group(world, timeout_s)
         self.thread, self.outcome = None, {}  # the write in flight; what it ended with
         self.buffers = {}                     # the staging copies, reused by the next checkpoint
         self.last = None                      # the last checkpoint this process completed
@@ -814,6 +814,13 @@ class Checkpointer:
 
 class CollectiveFailure(RuntimeError):
     """A collective failed or timed out because a rank died or hung; the message names the ranks behind."""
+
+
+def gloo_group(world: int, timeout_s: int):
+    """A process group of every rank on gloo, for collectives of host memory that must not queue behind the
+    device's work (nccl's do) or interleave with training's; None for one process, which creates none.
+    new_group is itself collective: every rank creates its groups at the same points, in the same order."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if world > 1 else None
 
 
 def setup_distributed(device: str, timeout_s: int) -> tuple[int, int, torch.device]:
@@ -970,6 +977,15 @@ def max_over_ranks(value: int, world: int, device) -> int:
 def any_rank(flag: bool, world: int, device) -> bool:
     """True on every rank if it is True on any."""
     return bool(max_over_ranks(int(flag), world, device))
+
+
+def to_device(tensors, device: torch.device) -> list:
+    """Host tensors (a batch) copied to the training device without the host waiting for the copy: on CUDA
+    each goes through pinned memory first (a host copy of a few hundred KB into pages the caching allocator
+    keeps, not reused before the copy is done), since a non_blocking copy from pageable memory is not
+    asynchronous to the host."""
+    pin = device.type == "cuda"
+    return [(t.pin_memory() if pin else t).to(device, non_blocking=True) for t in tensors]
 
 
 def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -1175,11 +1191,20 @@ class Preemption:
     """When to stop early, with a checkpoint, exit status 0. SIGTERM / SIGUSR1 (how SLURM, Kubernetes and
     torchrun announce the end) set a flag, with the time it came; `time_limit_s` (this launch's wall-clock
     budget) stops the run while another step and the final checkpoint still fit. `restore` puts the previous
-    signal handlers back."""
+    signal handlers back.
+
+    Several ranks must stop after the same step, so after every step they vote (`vote`; the largest reason
+    wins). Read at once, an all-reduce of a device tensor (nccl's only kind) would make the host wait at every
+    step for the whole step's GPU work: the GPU idles while the next step's kernels are queued, and the next
+    batch is loaded while nothing runs. So the vote is one integer in host memory, all-reduced over a gloo
+    group of its own (`join`), started asynchronously and read after the next step: all ranks stop one step
+    later than a single process, which polls alone. Where the host waits for the device anyway (a log row, a
+    checkpoint, an evaluation, the last step) the step's own vote is read at once."""
 
     def __init__(self, time_limit_s: float = 0, margin_s: float = 0):
         self.flag, self.signal, self.signalled_at, self.old = False, None, None, {}
         self.limit, self.margin, self.t0 = time_limit_s, margin_s, time.monotonic()
+        self.group, self.pending = None, None  # the ranks' vote: its process group; (tensor, work) in flight
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
                 self.old[sig] = signal.signal(sig, self._set)
@@ -1191,13 +1216,41 @@ class Preemption:
             self.signal, self.signalled_at = signal.Signals(signum).name, time.monotonic()
         self.flag = True
 
-    def poll(self, step_s: float, ckpt_s: float | None) -> int:
-        """STOP_SIGNAL after a signal; STOP_TIME when one more step (step_s) and then the final checkpoint (the
-        longer of margin_s and the last checkpoint's ckpt_s) would end past time_limit_s; else 0."""
+    def poll(self, step_s: float, ckpt_s: float | None, steps: int = 1) -> int:
+        """This process's reason: STOP_SIGNAL after a signal; STOP_TIME when `steps` more steps (step_s each)
+        and then the final checkpoint (the longer of margin_s and the last checkpoint's ckpt_s) would end past
+        time_limit_s; else 0."""
         if self.flag:
             return STOP_SIGNAL
         left = self.limit - (time.monotonic() - self.t0)
-        return STOP_TIME if self.limit and left < step_s + max(self.margin, ckpt_s or 0) else 0
+        return STOP_TIME if self.limit and left < steps * step_s + max(self.margin, ckpt_s or 0) else 0
+
+    def join(self, world: int, timeout_s: int) -> None:
+        """Vote with the other ranks from here on (a gloo group: every rank calls this at the same point)."""
+        self.group, self.pending = gloo_group(world, timeout_s), None
+
+    def vote(self, step_s: float, ckpt_s: float | None, settle: bool = False) -> int:
+        """The reason every rank stops for after this step, 0 to go on. One process: its own poll. Several:
+        this step's vote is started and the previous step's outcome returned; with `settle`, or when that
+        outcome is to stop, this step's is waited for and counted too, so none is left in flight. A vote
+        acted on a step late looks a step further ahead: two steps and the checkpoint must fit."""
+        if self.group is None:
+            return self.poll(step_s, ckpt_s)
+        mine = torch.tensor([self.poll(step_s, ckpt_s, steps=2)])
+        work = dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        previous, self.pending = self.pending, (mine, work)
+        agreed = self._outcome(previous)
+        if settle or agreed:
+            agreed, self.pending = max(agreed, self._outcome(self.pending)), None
+        return agreed
+
+    @staticmethod
+    def _outcome(vote) -> int:
+        if vote is None:
+            return 0
+        t, work = vote
+        work.wait()
+        return int(t.item())  # host memory: no device sync
 
     def since_signal(self) -> float:
         return time.monotonic() - self.signalled_at if self.signalled_at else 0.0

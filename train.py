@@ -27,7 +27,9 @@ decay's end and decays again.
 Each step: the global batch is split into micro-batches x gradient accumulation x data-parallel ranks; the
 learning rate of every μP group is its peak times the schedule's factor; gradients are clipped to norm 1.0.
 The loop does not wait on the device except at logging steps: the loss and a "first bad step" marker stay on
-the device, so a NaN stops the run naming its step without ever being written into a checkpoint.
+the device, so a NaN stops the run naming its step without ever being written into a checkpoint; on several
+ranks the decision to stop early (a signal, the time limit) is agreed in host memory, a step late
+(`runtime.Preemption.vote`).
 
 The run's plumbing (the machine, config files, checkpoints, the process group, metrics, the report) is
 runtime.py; a reader of the recipe can skip it.
@@ -214,8 +216,7 @@ def train_step(r: Run, params: list, phase: dict, step: int, mb: int, accum: int
     Returns this rank's loss and the global gradient norm, as device tensors (no sync)."""
     loss_step = torch.zeros((), device=r.device)
     for micro in range(accum):
-        x, y = r.mixture.batch(step, micro, r.rank, r.world, mb, phase["seq_len"])
-        x, y = x.to(r.device, non_blocking=True), y.to(r.device, non_blocking=True)
+        x, y = runtime.to_device(r.mixture.batch(step, micro, r.rank, r.world, mb, phase["seq_len"]), r.device)
         # DDP all-reduces the gradients only in the last micro-step's backward (a fresh context each use)
         sync = r.ddp.no_sync if r.world > 1 and micro < accum - 1 else nullcontext
         with sync(), runtime.autocast(r.device, r.cfg.dtype):
@@ -265,13 +266,16 @@ def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runti
         step += 1
         tokens += phase["batch"] * phase["seq_len"]
         meter.add(loss)
-        if due(step, cfg.ckpt_interval) or step == stop:  # the checkpoint in flight, if its write is slower than
-            wait_checkpoint(r)                           # ckpt_interval steps; a signal meanwhile is seen now
+        log_due, ckpt_due = due(step, cfg.log_interval), due(step, cfg.ckpt_interval) or step == stop
+        eval_due = due(step, cfg.eval_interval) or step == stop
+        if ckpt_due:  # the checkpoint in flight, if its write is slower than ckpt_interval steps
+            wait_checkpoint(r)
         step_s, t_polled = time.perf_counter() - t_polled, time.perf_counter()  # the whole last iteration
-        stopping = runtime.max_over_ranks(preemption.poll(step_s, r.ckpt.write_s), r.world, r.device)
-        if due(step, cfg.log_interval) or step == stop or stopping:
+        # every rank's stop reason (a signal, the time limit), agreed a step late unless the host waits here anyway
+        stopping = preemption.vote(step_s, r.ckpt.write_s, settle=log_due or ckpt_due or eval_due)
+        if log_due or step == stop or stopping:
             check_finite(first_bad, cfg.out_dir)
-            log_row(r, meter, step, tokens, phase, lr, grad_norm, closes=due(step, cfg.log_interval))
+            log_row(r, meter, step, tokens, phase, lr, grad_norm, closes=log_due)
         elif step - start == 2:  # a first estimate of the whole run's time, long before the first log row
             tps = meter.tokens_per_s(tokens)
             eta = curriculum_tokens(phases, step, stop) / tps / 60
@@ -281,9 +285,9 @@ def train_loop(r: Run, step: int, tokens: int, unlogged: dict, preemption: runti
             stop_early(r, step, tokens, meter, first_bad, stopping, preemption)
             break
         t_held = time.perf_counter()
-        if due(step, cfg.ckpt_interval) or step == stop:  # before evaluating: never costs weights
+        if ckpt_due:  # before evaluating: never costs weights
             write_checkpoint(r, step, tokens, meter, first_bad)
-        if due(step, cfg.eval_interval) or step == stop:
+        if eval_due:
             evaluate(r, step, tokens, phase)
         meter.hold(time.perf_counter() - t_held)  # checkpoints and evaluations are not training time
     if step == stop and start == stop and stop:  # resumed a finished run: its final evaluation again
@@ -362,7 +366,9 @@ def stop_early(r: Run, step: int, tokens: int, meter: runtime.Meter, first_bad: 
     is completed; then this step's own is written and completed, unless (after a signal) the last write's
     duration says it would end past preempt_grace_s from the signal: then the last one is kept, at most
     ckpt_interval steps back. So the run exits within preempt_grace_s of the signal whenever the rest of
-    the step and the write in flight fit in it. The time limit always writes it: stop_margin_s is for it."""
+    the step (on several ranks also the next one: their vote is read a step late, Preemption) and the write
+    in flight fit in it; since_signal() counts from the signal itself, so the late vote's step is in the
+    deadline. The time limit always writes it: stop_margin_s is for it."""
     wait_checkpoint(r)
     late = (why == runtime.STOP_SIGNAL and r.ckpt.write_s is not None
             and preemption.since_signal() + r.ckpt.write_s > r.cfg.preempt_grace_s)
@@ -737,6 +743,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         tok, mixture = build_data(cfg, mcfg, int(os.environ.get("RANK", 0)))  # before joining the group
         rank, world, device = runtime.setup_distributed(cfg.device, cfg.dist_timeout_s)
         r, step, tokens, unlogged = start_run(cfg, mcfg, tok, mixture, rank, world, device, say)
+        preemption.join(world, cfg.dist_timeout_s)  # the ranks' stop vote (its own group, after the checkpoints')
         print_plan(cfg, r.model, world, say, step)
         if not runtime.can_plot():
             say("note: matplotlib is not installed: no loss.png will be drawn (pip install matplotlib)")

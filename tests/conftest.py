@@ -1,9 +1,14 @@
-"""Shared fixtures: a small real dataset (two sources from the standard library) and a tiny run config."""
+"""Shared fixtures: a small real dataset (two sources from the standard library) and a tiny run config; HostReads,
+where a run's host reads device values."""
 import sysconfig
+import threading
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 from tools.proxy import small_bpe
@@ -67,3 +72,80 @@ def write_config(path, data_dir, **overrides) -> str:
     with open(path, "w") as f:
         f.writelines(f"{k} = {v!r}\n" for k, v in cfg.items())
     return str(path)
+
+
+
+class HostReads(TorchDispatchMode):
+    """Where a training run's host reads values of the device, per step: every op that would make the host
+    wait for the GPU's queued work there. A CPU has no such wait to see, so what is recorded is the read
+    itself: the ops aten tags data_dependent_output (.item(), bool(), int(), float(), torch.equal, ...) or
+    dynamic_output_shape (nonzero, masked_select, boolean indexing; integer indexing is none: its shape is
+    its indices'), and tolist / numpy, which read a CPU tensor without an aten op. A read of a tensor
+    all-reduced asynchronously over a gloo group (host memory on any machine: the ranks' stop vote) is
+    recorded as "gloo".
+
+    `with HostReads() as reads: train.train(argv)`; then reads.steps[k] lists the reads from train_step of
+    step k (0-based) to the next one: the step's own work, then what the loop does after it (a log row, a
+    checkpoint, the vote). Only this thread's reads count (a checkpoint's background write is not the loop)."""
+
+    INTEGER_INDEXABLE = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                         torch.ops.aten.index_put_.default)
+
+    def __init__(self):
+        super().__init__()
+        self.thread, self.steps, self.current, self.gloo = threading.get_ident(), {}, None, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        integer_index = func in self.INTEGER_INDEXABLE and all(
+            i is None or i.dtype not in (torch.bool, torch.uint8) for i in args[1])
+        if torch.Tag.data_dependent_output in func.tags or (
+                torch.Tag.dynamic_output_shape in func.tags and not integer_index):
+            self._read(str(func), args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        return func(*args, **(kwargs or {}))
+
+    def _read(self, what: str, tensor) -> None:
+        if self.current is None or threading.get_ident() != self.thread:
+            return
+        for t in (tensor, getattr(tensor, "_base", None)):
+            ref = self.gloo.get(id(t))
+            if t is not None and ref is not None and ref() is t:
+                what = "gloo"
+        self.steps[self.current].append(what)
+
+    def _train_step(self, r, params, phase, step, *a, **k):
+        self.current = step
+        self.steps[step] = []
+        return self.real["train_step"](r, params, phase, step, *a, **k)
+
+    def _all_reduce(self, tensor, *a, **k):
+        group = k.get("group", a[1] if len(a) > 1 else None)
+        if k.get("async_op") and group is not None and dist.get_backend(group) == "gloo":
+            self.gloo[id(tensor)] = weakref.ref(tensor)
+        return self.real["all_reduce"](tensor, *a, **k)
+
+    def _reader(self, name: str):
+        real = getattr(torch.Tensor, name)
+
+        def read(t, *a, **k):
+            self._read(f"Tensor.{name}", t)
+            return real(t, *a, **k)
+        return read
+
+    def __enter__(self):
+        import train
+        self.real = {"train_step": train.train_step, "all_reduce": dist.all_reduce}
+        self.own = {name: torch.Tensor.__dict__.get(name) for name in ("tolist", "numpy")}
+        train.train_step, dist.all_reduce = self._train_step, self._all_reduce
+        for name in self.own:
+            setattr(torch.Tensor, name, self._reader(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        import train
+        train.train_step, dist.all_reduce = self.real["train_step"], self.real["all_reduce"]
+        for name, own in self.own.items():
+            if own is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, own)
+        return super().__exit__(*exc)

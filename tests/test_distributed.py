@@ -1,5 +1,5 @@
 """Data-parallel training under torch.distributed: 2 CPU processes (gloo) against 1, resume (also with another
-world size), ZeRO-1, FP8, failures.
+world size), ZeRO-1, FP8, one rank preempted, failures.
 
 One spawned pair of ranks runs every 2-rank scenario in a row (one process group, started once: spawning
 is the expensive part) and saves, per rank, the losses, the final weights and what the optimizers hold;
@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 import muon
 import runtime
 import train
-from conftest import write_config
+from conftest import HostReads, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -76,7 +76,7 @@ def _capture():
             grad = {n: p.grad.detach().clone() for n, p in seen["model"][-1].named_parameters()}
         norm = real_clip(params, *a, **k)
         if first:
-            seen["first_grad"][run] = (grad, norm.item())
+            seen["first_grad"][run] = (grad, norm.detach().clone())  # read after the run (no read of the loop's)
         return norm
 
     def build(*a, **k):
@@ -97,12 +97,33 @@ def _capture():
 def _result(summary, seen, grad=False) -> dict:
     opts = seen["opts"][-1]
     first_grad, first_norm = seen["first_grad"].pop(len(seen["opts"]))  # popped: 16 MB a run
-    return {"losses": summary["losses"], "evals": summary["evals"],
+    return {"losses": summary["losses"], "evals": summary["evals"], "step": summary["step"],
+            "preempted": summary["preempted"],
             "model": {k: v.detach().clone() for k, v in seen["model"][-1].state_dict().items()},
             "rest_type": type(opts.rest).__name__, "hidden_type": type(opts.hidden).__name__,
             "muon_sharded": getattr(opts.hidden, "shard_state", None),
             "hidden_states": len(opts.hidden.state),
-            "grad": first_grad if grad else None, "grad_norm": first_norm}
+            "grad": first_grad if grad else None, "grad_norm": first_norm.item()}
+
+
+SIGTERM_STEP = 2  # the preemption scenarios: rank 1 gets SIGTERM during this 0-based step (the 3rd)
+
+
+def _signalled(rank, argv) -> tuple[dict, dict]:
+    """train.train(argv) with rank 1 sending itself SIGTERM during step SIGTERM_STEP; (the summary, the host's
+    reads of each step: conftest.HostReads)."""
+    real = train.train_step
+
+    def train_step(r, params, phase, step, *a, **k):
+        if rank == 1 and step == SIGTERM_STEP:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(r, params, phase, step, *a, **k)
+    train.train_step = train_step
+    try:
+        with HostReads() as reads:
+            return train.train(argv), reads.steps
+    finally:
+        train.train_step = real
 
 
 def _worker(rank, init_file, jobs, out_dir):
@@ -123,8 +144,10 @@ def _worker(rank, init_file, jobs, out_dir):
             else:
                 fp8._all_reduce_max = lambda t: reductions.append(t.shape) or real_max(t)
             try:
-                results[name] = _result(train.train(argv), seen, grad=name == "ddp")
-                results[name]["amax_reductions"] = reductions
+                signalled = name in ("preempt", "preempt_ckpt")
+                summary, reads = _signalled(rank, argv) if signalled else (train.train(argv), None)
+                results[name] = _result(summary, seen, grad=name == "ddp")
+                results[name].update(amax_reductions=reductions, reads=reads)
             finally:
                 fp8._all_reduce_max = real_max
     except BaseException:
@@ -163,7 +186,8 @@ def runs(tmp_path_factory, tiny_data):
     the run directories."""
     d = tmp_path_factory.mktemp("dist")
     cfg = write_config(d / "c.py", tiny_data)
-    out = {name: str(d / name) for name in ("single", "ddp", "res", "zero", "zres", "fp8", "fp8l", "w1", "w21", "w12")}
+    out = {name: str(d / name) for name in ("single", "ddp", "res", "zero", "zres", "fp8", "fp8l", "w1", "w21", "w12",
+                                            "pre", "prec")}
     jobs = [
         ("ddp", [cfg, *SHORT, f"--out_dir={out['ddp']}"]),
         ("stop", [cfg, *SHORT, f"--out_dir={out['res']}", "--max_steps=2"]),      # resume crosses the switch
@@ -175,6 +199,9 @@ def runs(tmp_path_factory, tiny_data):
         ("fp8_local_amax", [cfg, *SHORT, f"--out_dir={out['fp8l']}", "--fp8=True", "--max_steps=2"]),
         ("w2stop", [cfg, *WS, f"--out_dir={out['w21']}", f"--max_steps={WS_STOP}"]),  # then 1 rank resumes it
         ("w2resume", [cfg, *WS, f"--out_dir={out['w12']}", "--resume"]),             # 1 rank's checkpoint
+        ("preempt", [cfg, *SHORT, f"--out_dir={out['pre']}", "--log_interval=100"]),  # rank 1: SIGTERM in step 3
+        ("preempt_resume", [cfg, *SHORT, f"--out_dir={out['pre']}", "--log_interval=100", "--resume"]),
+        ("preempt_ckpt", [cfg, *SHORT, f"--out_dir={out['prec']}", "--log_interval=100", "--ckpt_interval=3"]),
     ]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same kernels, so the same per-micro-batch gradients
@@ -281,6 +308,30 @@ def test_two_rank_resume_across_the_switch_is_exact(runs):
         assert stop["losses"] + resume["losses"] == full["losses"], r  # bit for bit
         assert_models_equal(resume["model"], full["model"])
     assert [os.path.basename(p) for p in runtime.list_checkpoints(out["res"])] == ["ckpt_00000002", "ckpt_00000006"]
+
+
+# ---------------------------------------------------------------- one rank signalled: both stop after the same step
+
+def test_one_rank_signalled_both_stop_after_the_same_step_and_resume_exactly(runs):
+    """Rank 1 alone gets SIGTERM during step 3, with no log row until the end. The ranks' stop vote is read a
+    step late (runtime.Preemption.vote: no step waits for the device to agree), so both stop after step 4
+    with its checkpoint; resumed, the run ends with the uninterrupted run's weights, bit for bit. With a checkpoint due at step 3 the vote is read at once (the host waits for the device there
+    anyway): both stop after step 3. Before the stop, the only values either rank's host reads are the votes:
+    a host tensor all-reduced over gloo (conftest.HostReads), never the device's."""
+    res, out = runs
+    for r in range(WORLD):
+        pre, resumed, at_ckpt = res["preempt"][r], res["preempt_resume"][r], res["preempt_ckpt"][r]
+        assert (pre["step"], at_ckpt["step"], resumed["step"]) == (4, 3, N_STEPS), r
+        for run in (pre, at_ckpt):
+            assert run["preempted"].startswith("preempted (SIGTERM, " if r == 1 else
+                                               "preempted (a signal to another rank, "), (r, run["preempted"])
+        assert not resumed["preempted"]
+        assert_models_equal(resumed["model"], res["ddp"][r]["model"])
+        before = [pre["reads"][step] for step in range(3)]  # steps 1-3 and what follows each; step 4 stops
+        assert all(set(reads) <= {"gloo"} for reads in before) and any(before), (r, pre["reads"])
+        assert sorted(pre["reads"]) == [0, 1, 2, 3] and set(pre["reads"][3]) - {"gloo"}  # the stop's row is read
+    names = {k: [os.path.basename(p) for p in runtime.list_checkpoints(out[k])] for k in ("pre", "prec")}
+    assert names == {"pre": ["ckpt_00000004", "ckpt_00000006"], "prec": ["ckpt_00000003"]}
 
 
 # ---------------------------------------------------------------- resume with another world size

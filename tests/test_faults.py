@@ -480,6 +480,68 @@ def test_time_limit_keeps_room_for_a_step_and_the_final_checkpoint(monkeypatch):
 
 # ---------------------------------------------------------------- 10. the tools refuse nonsense in one line
 
+def test_ranks_vote_to_stop_in_host_memory_a_step_late(monkeypatch):
+    """Preemption.vote as rank 0 of 2, rank 1 simulated by the all-reduce: every step's vote is an
+    asynchronous MAX all-reduce of a host tensor over the vote's own gloo group (no device tensor, nothing
+    that waits for a GPU), and each step returns the previous step's outcome: rank 1's signal during step 3
+    stops both after step 4. Where the loop settles (it waits for the device there anyway) the step's own
+    vote is read at once. No vote stays in flight after a stop or a settled step. The time limit looks two
+    steps ahead (the one after the vote runs before its outcome is read). One process creates no group."""
+    now, theirs, calls = [1000.0], [], []
+
+    class Work:  # the all-reduce in flight: its outcome, MAX with rank 1's reason, is there once waited for
+        def __init__(self, t, other):
+            self.t, self.other = t, other
+
+        def wait(self):
+            self.t.clamp_(min=self.other)
+            return True
+
+    def all_reduce(t, op=None, group=None, async_op=False):
+        calls.append((t.device.type, t.dtype.is_floating_point, int(t), op, group, async_op))
+        return Work(t, theirs.pop(0))
+    group = object()
+    monkeypatch.setattr(runtime.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(runtime, "gloo_group", lambda world, timeout_s: group if world > 1 else None)
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    p = runtime.Preemption(time_limit_s=100, margin_s=10)
+    try:
+        p.join(2, 60)
+        theirs[:] = [0, 0, runtime.STOP_SIGNAL, 0]
+        assert [p.vote(step_s=1, ckpt_s=None) for _ in range(4)] == [0, 0, 0, runtime.STOP_SIGNAL]
+        assert p.pending is None and not theirs
+        assert calls == [("cpu", False, 0, runtime.dist.ReduceOp.MAX, group, True)] * 4
+        theirs[:] = [0, runtime.STOP_SIGNAL]
+        assert p.vote(1, None) == 0 and p.vote(1, None, settle=True) == runtime.STOP_SIGNAL and p.pending is None
+        theirs[:] = [0, 0]
+        assert p.vote(1, None, settle=True) == 0 and p.pending is None and p.vote(1, None) == 0
+        now[0] += 75  # 25 s left: a 5 s step and the 10 s margin fit, so does a second step
+        theirs[:] = [0]
+        assert p.vote(step_s=5, ckpt_s=None) == 0 and calls[-1][2] == 0
+        now[0] += 6  # 19 s left: one more 5 s step would fit, two would not
+        theirs[:] = [0, 0]
+        assert p.poll(step_s=5, ckpt_s=None) == 0
+        assert p.vote(step_s=5, ckpt_s=None) == 0 and calls[-1][2] == runtime.STOP_TIME
+        assert p.vote(step_s=5, ckpt_s=None) == runtime.STOP_TIME and p.pending is None  # read a step late
+        os.kill(os.getpid(), signal.SIGUSR1)  # this rank's own signal, read a step late too
+        theirs[:] = [0, 0]
+        assert p.vote(1, None) == 0 and calls[-1][2] == runtime.STOP_SIGNAL
+        assert p.vote(1, None) == runtime.STOP_SIGNAL and p.pending is None
+    finally:
+        p.restore()
+    monkeypatch.undo()  # the real gloo_group, with new_group failing the test if called
+    monkeypatch.setattr(runtime.dist, "new_group", lambda *a, **k: pytest.fail("one process created a group"))
+    monkeypatch.setattr(runtime.dist, "all_reduce", lambda *a, **k: pytest.fail("one process voted"))
+    alone = runtime.Preemption()
+    try:
+        alone.join(1, 60)
+        assert alone.group is None and alone.vote(1, None) == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert alone.vote(1, None) == runtime.STOP_SIGNAL  # at once: nobody to agree with
+    finally:
+        alone.restore()
+
+
 @pytest.mark.parametrize("argv,culprit", [
     (["tools.eval", "RUN", "--text", "README.md", "--seq_len", "0"], "argument --seq_len: must be > 0, got 0"),
     (["tools.eval", "RUN", "--text", "README.md", "--windows", "-3"], "argument --windows: must be > 0, got -3"),

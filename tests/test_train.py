@@ -18,7 +18,7 @@ import muon
 import mup
 import runtime
 import train
-from conftest import write_config
+from conftest import HostReads, write_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: a tiny model trains faster on one thread
 
@@ -320,6 +320,23 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_data, monkeypat
     assert [os.path.basename(p) for p in runtime.list_checkpoints(str(tmp_path / "out"))] == ["ckpt_00000002"]
     ck = runtime.load_checkpoint(str(tmp_path / "out"))
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+@pytest.mark.parametrize("extra", [[], ["--fp8=True"]], ids=["plain", "fp8"])
+def test_steps_between_log_rows_never_read_the_device(tmp_path, tiny_data, extra):
+    """On a GPU the host queues a step's kernels while earlier ones run; a read of a device value (.item(),
+    bool(), a boolean mask, ...) makes it wait for all of them, and the GPU idles while the next step is
+    queued and its batch loaded. The loop reads the device only for a log row, a checkpoint, an evaluation
+    and at the end: with log_interval past the run's end no step but the last reads anything (the phase
+    changes, the switch to Muon and FP8's scale updates included), and the last one does (its log row: so
+    the count sees reads). conftest.HostReads says what counts as a read."""
+    cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "out"), log_interval=100)
+    with HostReads() as reads:
+        s = train.train([cfg, *extra])
+    last = s["step"] - 1
+    assert sorted(reads.steps) == list(range(s["step"])) and s["step"] == 10
+    assert {step: r for step, r in reads.steps.items() if r and step != last} == {}
+    assert "aten._local_scalar_dense.default" in reads.steps[last]
 
 
 def test_checkpoint_loading_rejects_bad_files(tmp_path):
