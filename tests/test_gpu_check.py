@@ -119,6 +119,8 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
     assert [(x["phase"], x["steps"], x["seq_len"]) for x in trainer["results"]] == [(p[0], p[1], p[3]) for p in phases]
     assert [x["optimizer"] for x in trainer["results"]] == ["adamw"] * 3 + ["muon"] * 4  # the switch at the decay
     assert all(x["tokens_per_s"] > 0 and x["mfu"] is None for x in trainer["results"])  # MFU: on CUDA only
+    assert all(set(x["fp8_range"]) == {"x", "w", "dy"} and min(x["fp8_range"].values()) > 0  # xmodel25: FP8
+               for x in trainer["results"])
     assert set(trainer["launches"]) == {"whole", "stopped", "resumed"} and trainer["checkpoint_read_s"] >= 0
     assert "| long16k | 1 | 2 x 128 | muon |" in md
 

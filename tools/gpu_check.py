@@ -1146,14 +1146,16 @@ def trainer_section(device, args, rec):
 
 def phase_rates(rows: list) -> list:
     """Per phase of a run's metrics rows: steps, tokens/s and MFU as medians over its steps after the first
-    (the first step of a phase pays for compiling its shapes)."""
+    (the first step of a phase pays for compiling its shapes); with FP8 the largest range use of x, W and dY."""
     out = []
     for name in dict.fromkeys(r["phase"] for r in rows if "loss" in r):
         mine = [r for r in rows if r.get("phase") == name and "loss" in r]
         steady = mine[1:] or mine
         med = lambda k: sorted(r[k] for r in steady)[len(steady) // 2] if k in steady[0] else None  # noqa: E731
+        use = [r["fp8_range"] for r in mine if "fp8_range" in r]
         out.append(dict(phase=name, steps=len(mine), seq_len=mine[0]["seq_len"], batch=mine[0]["global_batch"],
-                        optimizer=mine[0]["optimizer"], tokens_per_s=med("tokens_per_s"), mfu=med("mfu")))
+                        optimizer=mine[0]["optimizer"], tokens_per_s=med("tokens_per_s"), mfu=med("mfu"),
+                        fp8_range={k: max(u[k] for u in use) for k in use[0]} if use else None))
     return out
 
 
@@ -1332,9 +1334,11 @@ def details(r: dict) -> tuple[list, list]:
                   x.get("reasons") or x.get("error") or ", ".join(k[:60] for k in x.get("kernels", [])) or "-"]
                  for x in res])
     if s == "trainer":
-        return (["phase", "steps", "batch x seq", "optimizer", "tokens/s", "MFU %"],
+        return (["phase", "steps", "batch x seq", "optimizer", "tokens/s", "MFU %", "FP8 range use x / W / dY"],
                 [[x["phase"], x["steps"], f"{x['batch']} x {x['seq_len']}", x["optimizer"],
-                  num(x["tokens_per_s"], ".0f"), num(100 * x["mfu"], ".1f") if x["mfu"] else "-"] for x in res])
+                  num(x["tokens_per_s"], ".0f"), num(100 * x["mfu"], ".1f") if x["mfu"] else "-",
+                  " / ".join(f"{v:.3g}" for v in x["fp8_range"].values()) if x.get("fp8_range") else "-"]
+                 for x in res])
     return [], []
 
 
