@@ -51,6 +51,9 @@ ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient":
 GQA_MODES = ("native", "repeat")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 129280      # DeepSeek-V3 tokenizer's 128,815 tokens, padded
@@ -437,12 +440,15 @@ class Xmodel(nn.Module):
         self._fp8_recorded = False
         return use
 
-    def compile_for_training(self):
+    def compile_for_training(self, mode: str = "default"):
         """torch.compile each block (in place: parameter names are unchanged) and, but for fp32 on a CPU, the
         loss's per-chunk softmax/gradient. Opt-in because compiling costs tens of seconds per new shape; it pays back
-        within a few steps (see tools/bench.py)."""
+        within a few steps (see tools/bench.py). mode: torch.compile's for the blocks (COMPILE_MODES; e.g.
+        "reduce-overhead" replays each block as a CUDA graph, fewer launches where the GPU would idle)."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
         for block in self.blocks:
-            block.compile()
+            block.compile(mode=None if mode == "default" else mode)
         self.compiled = True
         return self
 

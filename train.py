@@ -48,7 +48,7 @@ import torch.distributed as dist
 import data
 import mup
 import runtime
-from model import ModelConfig
+from model import COMPILE_MODES, ModelConfig
 from muon import Optimizers
 
 
@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0                      # model init and data order (data is a pure function of seed and step)
     max_steps: int = 0                 # stop after this many steps (with a checkpoint); 0 = whole curriculum
     compile: bool = False              # torch.compile each block
+    compile_mode: str = "default"      # its mode: default | reduce-overhead (CUDA graphs) | max-autotune[-no-cudagraphs]
     resume: bool = False               # continue from the latest checkpoint in out_dir
     init_from: str = ""                # start from these weights (a checkpoint or run dir), at step 0
     allow_tokenizer_change: bool = False  # resume/init_from a checkpoint trained with another tokenizer
@@ -398,7 +399,7 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
     torch.manual_seed(cfg.seed)
     model = mup.build_model(mcfg, device)
     if cfg.compile:
-        model.compile_for_training()
+        model.compile_for_training(cfg.compile_mode)
     ddp = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -575,7 +576,7 @@ _RANGES = [
 
 def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
     """Everything that can be checked without the data: choices, the range of every number, the mixtures."""
-    for key, choices in (("device", runtime.DEVICES), ("dtype", runtime.DTYPES)):
+    for key, choices in (("device", runtime.DEVICES), ("dtype", runtime.DTYPES), ("compile_mode", COMPILE_MODES)):
         if getattr(cfg, key) not in choices:
             raise ValueError(f"config key {key!r}: one of {choices}, got {getattr(cfg, key)!r}")
     for keys, ok, what in _RANGES:

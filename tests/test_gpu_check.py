@@ -218,7 +218,7 @@ def test_a_run_that_fails_to_compile_is_measured_eagerly(tmp_path, monkeypatch):
     the compile error kept beside it."""
     from model import Xmodel
 
-    def broken(self):
+    def broken(self, mode="default"):
         raise RuntimeError("inductor says no")
 
     monkeypatch.setattr(Xmodel, "compile_for_training", broken)

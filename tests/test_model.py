@@ -1131,3 +1131,20 @@ def test_compiled_loss_chunk_equals_eager():
         out[compiled] = (loss.detach(), h.grad.clone(), w.grad.clone())
     for a, b in zip(out[False], out[True]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_for_training_passes_the_mode_to_every_block(monkeypatch):
+    """compile_mode (train.py) reaches torch.compile of each block: "reduce-overhead" replays a block as a CUDA
+    graph; "default" is torch's own default; an unknown mode is refused before anything compiles."""
+    import torch.nn as nn
+    seen = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    model = Xmodel(ModelConfig(vocab_size=64, n_layer=3, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1,
+                               max_seq_len=16, base_width=16))
+    model.compile_for_training("reduce-overhead")
+    assert seen == [("Block", {"mode": "reduce-overhead"})] * 3 and model.compiled
+    seen.clear()
+    model.compile_for_training()
+    assert seen == [("Block", {"mode": None})] * 3
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        model.compile_for_training("fastest")

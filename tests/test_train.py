@@ -142,6 +142,7 @@ def test_dry_run_xmodel25(capsys):
     (["--phase.decay.mix=unknown"], "mix 'unknown'"),
     (["--phase.decay.batch=0"], "batch must be a positive integer"),
     (["--phase.decay.mfu=1.5"], r"\(decay\): mfu must be in \(0, 1\]"),
+    (["--compile_mode=fastest"], "config key 'compile_mode'"),
     (["--hidden=129"], "n_head=2 does not divide hidden=129"),
     (["--eval_mix=zzz"], "eval_mix"),
 ])

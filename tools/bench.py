@@ -49,7 +49,7 @@ import muon
 import mup
 import runtime
 import train
-from model import ModelConfig, Xmodel
+from model import COMPILE_MODES, ModelConfig, Xmodel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,7 +88,7 @@ def build_ours(mcfg: ModelConfig, tcfg, args, device):
     """Our model with exactly the trainer's optimizers (muon.Optimizers on the μP groups: fused AdamW, Muon)."""
     model = mup.build_model(mcfg, device)
     if args.compile:
-        model.compile_for_training()
+        model.compile_for_training(args.compile_mode)
     groups = mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay)
     return model, muon.Optimizers(groups, tcfg, args.optimizer).all(), lambda x, y: model(x, y)
 
@@ -208,7 +208,7 @@ def common_argv(args) -> list[str]:
     if args.batch_size:
         argv += ["--batch_size", str(args.batch_size)]
     if args.compile:
-        argv.append("--compile")
+        argv += ["--compile", "--compile_mode", args.compile_mode]
     if args.fp8 is not None:
         argv.append("--fp8" if args.fp8 else "--no-fp8")
     if args.threads:
@@ -548,6 +548,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks and the loss chunk")
+    p.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                   help="with --compile: torch.compile's mode for the blocks (reduce-overhead: CUDA graphs)")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="last printed line: one JSON object")

@@ -493,10 +493,11 @@ def train_section(device, args, rec):
     autocast = runtime.autocast(device, args.dtype)
     peak = device_peak(device, "bf16")
 
-    def measure(cfg, compiled):
+    def measure(cfg, compiled, mode):
         model = mup.build_model(cfg, device)
         if compiled:
-            model.compile_for_training()
+            model.compile_for_training(mode)
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
         opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -545,12 +546,13 @@ def train_section(device, args, rec):
                     fwd_bwd_tokens_per_s=B * T * accum / fwd_bwd_s, warmup_s=sum(times[:2]), tflops=flops / 1e12,
                     mfu=flops / peak if peak else None, params=model.num_params(),
                     host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
-                    update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts,
+                    update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts, compile_mode=mode,
+                    cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips,
                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
 
     runs = rec.setdefault("runs", {})
     for label in args.train_runs.split(","):
-        over, flags = TRAIN_RUNS[label]
+        over, flags, mode = TRAIN_RUNS[label]
         cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
         r = runs.setdefault(label, {})
         # a run that fails to compile is measured again eagerly, so the kernel's numbers survive a compiler problem
@@ -558,7 +560,7 @@ def train_section(device, args, rec):
             try:
                 torch.manual_seed(0)
                 with fp8_switches(**flags):
-                    r.update(measure(cfg, compiled), status="ok", compiled=compiled)
+                    r.update(measure(cfg, compiled, mode), status="ok", compiled=compiled)
                 if not all(math.isfinite(x) for x in r["losses"]):
                     r.update(status="failed", error="non-finite loss")
                 break
@@ -602,14 +604,17 @@ def judge_train_runs(runs: dict) -> None:
         raise AssertionError(f"train runs not ok: {failed}")
 
 
-# The train section's runs: label -> (ModelConfig overrides, fp8 module switches). fp8_torch_uncached is the code
-# before the fused cast and the weight cache (the same numbers: fp8.FUSED_CAST, fp8.WEIGHT_CACHE), fp8_torch_no_out
-# leaves the attention output projection in bf16 (fp8_layers; docs/FP8.md, "Which layers run in FP8").
-TRAIN_RUNS = {"bf16": (dict(fp8=False), {}),
-              "fp8_triton": (dict(fp8=True, fp8_backend="triton"), {}),
-              "fp8_torch": (dict(fp8=True, fp8_backend="torch"), {}),
-              "fp8_torch_uncached": (dict(fp8=True, fp8_backend="torch"), dict(FUSED_CAST=False, WEIGHT_CACHE=False)),
-              "fp8_torch_no_out": (dict(fp8=True, fp8_backend="torch", fp8_layers="qkv,gate_up,down"), {})}
+# The train section's runs: label -> (ModelConfig overrides, fp8 module switches, compile mode). fp8_torch_uncached is
+# the code before the fused cast and the weight cache (the same numbers: fp8.FUSED_CAST, fp8.WEIGHT_CACHE),
+# fp8_torch_no_out leaves the attention output projection in bf16 (fp8_layers; docs/FP8.md, "Which layers run in
+# FP8"), fp8_torch_graphs replays each compiled block as a CUDA graph (fewer launches where the GPU idles).
+TRAIN_RUNS = {"bf16": (dict(fp8=False), {}, "default"),
+              "fp8_triton": (dict(fp8=True, fp8_backend="triton"), {}, "default"),
+              "fp8_torch": (dict(fp8=True, fp8_backend="torch"), {}, "default"),
+              "fp8_torch_uncached": (dict(fp8=True, fp8_backend="torch"), dict(FUSED_CAST=False, WEIGHT_CACHE=False),
+                                     "default"),
+              "fp8_torch_no_out": (dict(fp8=True, fp8_backend="torch", fp8_layers="qkv,gate_up,down"), {}, "default"),
+              "fp8_torch_graphs": (dict(fp8=True, fp8_backend="torch"), {}, "reduce-overhead")}
 
 
 class fp8_switches:
@@ -1307,7 +1312,9 @@ def details(r: dict) -> tuple[list, list]:
     if s == "train":
         return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "fwd+bwd ms", "MFU %", "peak GB", "vs bf16",
                  "mean loss diff", "weight casts / step", "host syncs", "GEMM / attention / other ms"],
-                [[k, v.get("status"), v.get("compiled"), v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
+                [[k, v.get("status"), f"{v.get('compiled')}" + (f" {v['compile_mode']}, {v['cudagraph_skips']} graph skips"
+                                                                 if v.get("compile_mode", "default") != "default" else ""),
+                  v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
                   num(v.get("step_ms"), ".1f"), num(v.get("fwd_bwd_ms"), ".1f"),
                   num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
                   num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f")
