@@ -83,6 +83,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
         assert len(v["losses"]) == train["steps"] + 2 and all(math.isfinite(x) for x in v["losses"])
         assert abs(v["losses"][0] - math.log(512)) < 0.5  # synthetic tokens from 512: ~uniform at init
         assert 0 < v["fwd_bwd_ms"] < v["step_ms"] and v["fwd_bwd_tokens_per_s"] > v["tokens_per_s"]  # + optimizer
+        assert v["cast_launches_per_step"] == 0  # FP8 emulated on a CPU: no kernel launched
     assert runs["fp8_torch"]["fwd_bwd_speedup_vs_bf16"] > 0
     assert runs["fp8_triton"]["losses"] != runs["bf16"]["losses"]  # FP8 really quantized
     assert all(v["host_syncs_per_step"] is None for v in runs.values())  # counted on CUDA only
@@ -256,6 +257,20 @@ def test_where_fp8_fails_the_fixed_section_names_the_culprit(tmp_path, monkeypat
         assert len(x["bisect"]["no_weight_cache"]["fp8"]) == 20
     assert "eager failed, no_weight_cache ok, separate_casts failed, other_gemm failed" in \
         (tmp_path / "gpu_check.md").read_text()
+
+
+def test_count_calls_counts_the_fused_cast_launches(monkeypatch):
+    """The train section's launch count: each fused cast (a Python launch on the host) counted once, the
+    counter removed again by stop()."""
+    import fp8
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    real = fp8._launch_cast
+    launches = gpu_check.count_calls("_launch_cast")
+    x = torch.randn(8, 16)
+    fp8.cast_transpose(x, torch.tensor(2.0), fp8.E4M3, kernel=True)
+    fp8.cast_transpose(x, torch.tensor(2.0), fp8.E5M2, kernel=True)
+    fp8.cast_transpose(x, torch.tensor(2.0), fp8.E4M3, kernel=False)  # the separate torch ops: no launch
+    assert launches.stop() == 2 and fp8._launch_cast is real
 
 
 def test_host_syncs_lists_where_a_step_waited_for_the_gpu(monkeypatch):

@@ -517,7 +517,8 @@ def train_section(device, args, rec):
             opts.zero_grad()
             return total
 
-        losses, times, fwd_bwd, casts = [], [], [], count_weight_casts()
+        losses, times, fwd_bwd = [], [], []
+        casts, launches = count_calls("_cast_weight"), count_calls("_launch_cast")
         try:
             for micro in batches:
                 synchronize(device)
@@ -528,7 +529,7 @@ def train_section(device, args, rec):
                 fwd_bwd.append(marks[0] - t0)
                 losses.append(float(loss))
         finally:
-            weight_casts = casts.stop() / len(batches)
+            weight_casts, cast_launches = casts.stop() / len(batches), launches.stop() / len(batches)
         syncs = host_syncs(device, lambda: step(batches[-1]))  # one more step, after the timed ones
         where = profile_step(device, lambda: step(batches[-1]))  # and one under the profiler
         synchronize(device)
@@ -547,6 +548,7 @@ def train_section(device, args, rec):
                     mfu=flops / peak if peak else None, params=model.num_params(),
                     host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
                     update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts, compile_mode=mode,
+                    cast_launches_per_step=cast_launches,
                     cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips,
                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
 
@@ -635,21 +637,22 @@ class fp8_switches:
             setattr(fp8, k, v)
 
 
-class count_weight_casts:
-    """Counts the passes that quantize a new weight into FP8Linear's cache (fp8._cast_weight) until stop()."""
+class count_calls:
+    """Counts the calls of fp8.NAME until stop(): "_cast_weight", the passes that quantize a new weight into
+    FP8Linear's cache; "_launch_cast", the fused cast kernel's launches (each a Python launch on the host)."""
 
-    def __init__(self):
+    def __init__(self, name):
         import fp8
-        self.n, self.real = 0, fp8._cast_weight
+        self.name, self.n, self.real = name, 0, getattr(fp8, name)
 
         def counted(*a, **k):
             self.n += 1
             return self.real(*a, **k)
-        fp8._cast_weight = counted
+        setattr(fp8, name, counted)
 
     def stop(self) -> int:
         import fp8
-        fp8._cast_weight = self.real
+        setattr(fp8, self.name, self.real)
         return self.n
 
 
@@ -1311,7 +1314,8 @@ def details(r: dict) -> tuple[list, list]:
                     for c in cols)] for x in res])
     if s == "train":
         return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "fwd+bwd ms", "MFU %", "peak GB", "vs bf16",
-                 "mean loss diff", "weight casts / step", "host syncs", "GEMM / attention / other ms"],
+                 "mean loss diff", "weight casts / step", "cast launches / step", "host syncs",
+                 "GEMM / attention / other ms"],
                 [[k, v.get("status"), f"{v.get('compiled')}" + (f" {v['compile_mode']}, {v['cudagraph_skips']} graph skips"
                                                                  if v.get("compile_mode", "default") != "default" else ""),
                   v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
@@ -1320,6 +1324,7 @@ def details(r: dict) -> tuple[list, list]:
                   num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f")
                   + (f" ({v['speedup_vs_uncached']:.2f} vs uncached)" if "speedup_vs_uncached" in v else ""),
                   num(v.get("mean_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("weight_casts_per_step"), ".3g"),
+                  num(v.get("cast_launches_per_step"), ".4g"),
                   num(v.get("host_syncs_per_step"), "d"),
                   " / ".join(num(v["profile"]["ms"][c], ".1f") for c in ("gemm", "attention", "other"))
                   if v.get("profile") else "-"]
