@@ -49,8 +49,6 @@ FP8_LAYERS = ("qkv", "out", "gate_up", "down")
 ATTN_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 GQA_MODES = ("native", "repeat")
-
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -600,7 +598,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     Speed (the output layer is most of a small model's step): the GEMMs run in h's dtype (bf16 under
     autocast) while W stays the fp32 master, so dW is accumulated and returned in fp32 with no bf16
-    round trip (on CUDA each chunk's GEMM adds into it, `fp32_accumulating_addmm`); the chunk's logits, and then its gradient, live in one buffer reused by every chunk (a
+    round trip (on CUDA each chunk's GEMM adds into it, `fp32_accumulating_addmm`); the chunk's logits, and
+    then its gradient, live in one buffer reused by every chunk (a
     fresh [chunk, vocab] tensor per chunk costs the kernel's page faults, about as much as the softmax);
     every GEMM writes into preallocated memory (`out=`). Each pass over a [chunk, vocab] tensor costs
     about a tenth of a GEMM here, so there are few: the softmax is aten's row-wise kernel in place,

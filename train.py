@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0                      # model init and data order (data is a pure function of seed and step)
     max_steps: int = 0                 # stop after this many steps (with a checkpoint); 0 = whole curriculum
     compile: bool = False              # torch.compile each block
-    compile_mode: str = "default"      # its mode: default | reduce-overhead (CUDA graphs) | max-autotune[-no-cudagraphs]
+    compile_mode: str = "default"      # its mode: default | reduce-overhead (CUDA graphs) | max-autotune(...)
     resume: bool = False               # continue from the latest checkpoint in out_dir
     init_from: str = ""                # start from these weights (a checkpoint or run dir), at step 0
     allow_tokenizer_change: bool = False  # resume/init_from a checkpoint trained with another tokenizer

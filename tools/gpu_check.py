@@ -502,7 +502,8 @@ def train_section(device, args, rec):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-        def step(micro, marks=None):  # as train.py's train_step: the micro-batches' gradients summed, one optimizer step
+        def step(micro, marks=None):  # as train.py's train_step: the micro-batches' gradients summed, one optimizer
+            # step; `marks` gets the time the forwards and backwards end
             total = 0.0
             for batch in micro:
                 with autocast:
@@ -510,7 +511,7 @@ def train_section(device, args, rec):
                 loss.backward()
                 model.update_fp8_scales()
                 total = total + loss.detach()
-            if marks is not None:  # where the forwards and backwards end and the optimizer begins
+            if marks is not None:
                 synchronize(device)
                 marks.append(time.perf_counter())
             opts.step()
@@ -547,8 +548,8 @@ def train_section(device, args, rec):
                     fwd_bwd_tokens_per_s=B * T * accum / fwd_bwd_s, warmup_s=sum(times[:2]), tflops=flops / 1e12,
                     mfu=flops / peak if peak else None, params=model.num_params(),
                     host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
-                    update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts, compile_mode=mode,
-                    cast_launches_per_step=cast_launches,
+                    update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts,
+                    cast_launches_per_step=cast_launches, compile_mode=mode,
                     cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips,
                     peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
 
@@ -1313,11 +1314,13 @@ def details(r: dict) -> tuple[list, list]:
                   *(num(x.get(c + "_tflops"), ".4g") if c + "_tflops" in x else x.get(c + "_error", "-")
                     for c in cols)] for x in res])
     if s == "train":
-        return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "fwd+bwd ms", "MFU %", "peak GB", "vs bf16",
+        return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "fwd+bwd ms", "MFU %", "peak GB",
+                 "vs bf16",
                  "mean loss diff", "weight casts / step", "cast launches / step", "host syncs",
                  "GEMM / attention / other ms"],
-                [[k, v.get("status"), f"{v.get('compiled')}" + (f" {v['compile_mode']}, {v['cudagraph_skips']} graph skips"
-                                                                 if v.get("compile_mode", "default") != "default" else ""),
+                [[k, v.get("status"), str(v.get("compiled")) + (
+                    f" {v['compile_mode']}, {v['cudagraph_skips']} graph skips"
+                    if v.get("compile_mode", "default") != "default" else ""),
                   v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
                   num(v.get("step_ms"), ".1f"), num(v.get("fwd_bwd_ms"), ".1f"),
                   num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
