@@ -79,6 +79,7 @@ class ModelConfig:
     fp8: bool = False             # the blocks' linear layers in FP8 (fp8.py)
     fp8_backend: str = "torch"    # FP8 GEMM: "torch" (torch._scaled_mm, cuBLASLt; the faster) | "triton" (fp8.py)
     fp8_layers: str = "qkv,out,gate_up,down"  # with fp8: the block linears in FP8 (the rest bf16), docs/FP8.md
+    fp8_margin: int = 0           # delayed scaling's margin: scale = fp8_max / max(history) / 2^margin (TE's, 0)
     act_ckpt: bool = False        # activation checkpointing per block (recompute in backward)
     loss_chunk: int = 1024        # tokens per chunk of the chunked cross-entropy (fp32 on a CPU: at most 256)
     # attention kernel (docs/PERFORMANCE.md, "Attention backends"; tools/gpu_check.py's section "attn" times them).
@@ -100,6 +101,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ValueError(f"model config: {name} must be a positive number, got {v!r}")
+        if not isinstance(self.fp8_margin, int) or isinstance(self.fp8_margin, bool) or not 0 <= self.fp8_margin <= 8:
+            raise ValueError(f"model config: fp8_margin must be an integer in 0..8, got {self.fp8_margin!r}")
         if not isinstance(self.muon_fused, bool):
             raise ValueError(f"model config: muon_fused must be true or false, got {self.muon_fused!r}")
         for name, choices in (("norm_lr", ("hidden", "embedding")), ("init_out", ("depth", "mup")),
@@ -166,7 +169,7 @@ def _linear(cfg: ModelConfig, n_in: int, n_out: int, name: str) -> nn.Module:
     """The block linear `name` (FP8_LAYERS): FP8 when cfg.fp8 and fp8_layers names it, else a plain (bf16) one."""
     if cfg.fp8 and name in cfg.fp8_layer_names:
         from fp8 import FP8Linear  # only FP8 runs pay for importing it (and Triton)
-        return FP8Linear(n_in, n_out, gemm=cfg.fp8_backend)
+        return FP8Linear(n_in, n_out, gemm=cfg.fp8_backend, margin=cfg.fp8_margin)
     return nn.Linear(n_in, n_out, bias=False)
 
 

@@ -112,7 +112,7 @@ OPTIMIZERS = ("adamw", "muon")
 PHASE_KEYS = {"name", "steps", "lr", "batch", "seq_len", "mix", "optimizer", "micro_batch", "mfu"}
 OPTIONAL_PHASE_KEYS = {"micro_batch", "mfu"}
 # ModelConfig keys that change how the model is computed, not what it is: a resume may change them
-EXECUTION_KEYS = ("act_ckpt", "loss_chunk", "fp8_backend", "attn_backend", "gqa")
+EXECUTION_KEYS = ("act_ckpt", "loss_chunk", "fp8_backend", "fp8_margin", "attn_backend", "gqa")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -253,9 +253,9 @@ def test_where_fp8_fails_the_fixed_section_names_the_culprit(tmp_path, monkeypat
     for x in fixed["results"]:
         assert x["status"] == "failed" and list(x["bisect"]) == list(gpu_check.FIXED_BISECT)
         assert {k: v["status"] for k, v in x["bisect"].items()} == dict(
-            eager="failed", no_weight_cache="ok", separate_casts="failed", other_gemm="failed")
+            eager="failed", no_weight_cache="ok", separate_casts="failed", other_gemm="failed", margin_1="failed")
         assert len(x["bisect"]["no_weight_cache"]["fp8"]) == 20
-    assert "eager failed, no_weight_cache ok, separate_casts failed, other_gemm failed" in \
+    assert "eager failed, no_weight_cache ok, separate_casts failed, other_gemm failed, margin_1 failed" in \
         (tmp_path / "gpu_check.md").read_text()
 
 

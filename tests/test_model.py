@@ -1148,3 +1148,23 @@ def test_compile_for_training_passes_the_mode_to_every_block(monkeypatch):
     assert seen == [("Block", {"mode": None})] * 3
     with pytest.raises(ValueError, match="compile mode must be one of"):
         model.compile_for_training("fastest")
+
+
+def test_fp8_margin_reaches_every_fp8_layer_and_its_scales():
+    """fp8_margin (Transformer Engine's margin) gives each FP8 layer headroom: after a training step every scale
+    is fp8_max / amax / 2^margin; out of 0..8 (or not an integer) it is refused naming the key."""
+    import fp8
+    cfg = ModelConfig(vocab_size=64, n_layer=2, hidden=32, ffn_hidden=64, n_head=2, n_kv_head=1, max_seq_len=16,
+                      base_width=16, fp8=True, fp8_margin=2)
+    model = Xmodel(cfg)
+    layers = [m for m in model.modules() if isinstance(m, fp8.FP8Linear)]
+    assert len(layers) == 8 and {m.margin for m in layers} == {2}
+    idx = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    model.update_fp8_scales()
+    fp8_max = torch.tensor([448.0, 448.0, 57344.0])
+    for m in layers:
+        torch.testing.assert_close(m.scale * m.amax_history[:, 0] * 4, fp8_max, rtol=1e-6, atol=0)
+    for bad in (-1, 9, 1.0, True):
+        with pytest.raises(ValueError, match="fp8_margin must be an integer in 0..8"):
+            dataclasses.replace(cfg, fp8_margin=bad)

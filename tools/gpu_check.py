@@ -45,7 +45,8 @@ that reruns it; a failure in one is recorded and the next one runs:
             within FIXED_BATCH_RTOL of each other, both falling below FIXED_BATCH_DROP x the first, neither
             climbing back (the scales' delayed-scaling lag under the fastest change training sees); each FP8 step's
             range use (amax x scale / fp8_max of x, W, dY: above 1 = clipped); where FP8 fails, the FIXED_BISECT
-            variants (eager, no weight cache, separate casts, the other GEMM) each run once, to name the culprit
+            variants (eager, no weight cache, separate casts, the other GEMM, margin 1) each run once, to name
+            the culprit
     trainer the real train.py under torchrun --standalone on the embedded corpus: xmodel25 (FP8, compiled)
             through every phase kind in 18 steps (warmup, stable, the batch doubling, the decay with the switch to
             Muon, 8k and 16k context), uninterrupted and stopped + resumed: per-phase tokens/s and MFU from the
@@ -991,8 +992,9 @@ def fixed_batch_losses(cfg, tcfg, batch, device, autocast, steps, compiled) -> t
 
 
 # What differs between FP8 runs, tried one at a time on a micro-batch where FP8 does not follow bf16 (the first that
-# also follows bf16 names the culprit): compiling, the weight cache, the fused cast, the other GEMM kernel
-FIXED_BISECT = ("eager", "no_weight_cache", "separate_casts", "other_gemm")
+# also follows bf16 names the culprit): compiling, the weight cache, the fused cast, the other GEMM kernel, and the
+# delayed scales' lag (margin 1: twice the headroom for a tensor that outgrows its history)
+FIXED_BISECT = ("eager", "no_weight_cache", "separate_casts", "other_gemm", "margin_1")
 
 
 def fixed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, compile_, row, variant=None):
@@ -1002,6 +1004,8 @@ def fixed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, comp
     over = dict(fp8=label != "bf16")
     if variant == "other_gemm":
         over["fp8_backend"] = "triton" if mcfg.fp8_backend == "torch" else "torch"
+    if variant == "margin_1":
+        over["fp8_margin"] = 1
     cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
     flags = dict(no_weight_cache=dict(WEIGHT_CACHE=False), separate_casts=dict(FUSED_CAST=False)).get(variant, {})
     with fp8_switches(**flags):
