@@ -434,6 +434,8 @@ MAX_PASSES = 4  # a source drawn more often than this is named in the dry run: r
 def passes(mixture: Mixture, stop: int | None = None) -> dict[str, dict]:
     """What the curriculum draws from each source, steps [0, stop): {source: {"tokens": its train split,
     "drawn": tokens of the windows drawn (T per window), "passes": draws / windows, summed over lengths}}."""
+    if stop is None and any(p.steps is None for p in mixture.phases):
+        raise ValueError("data.passes: the curriculum's last phase has no end; say where to stop (stop=STEP)")
     rows = {s: {"tokens": mixture.split_tokens(s, "train"), "drawn": 0, "passes": 0.0} for s in mixture.names}
     for p in mixture.phases:
         steps = p.steps if stop is None else max(0, min(p.steps or stop, stop - p.start))

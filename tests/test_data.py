@@ -962,6 +962,10 @@ def test_passes_table_names_a_source_repeated_too_often(tmp_path):
     assert f"  p{'':<19}{n['p']:>16,}{180 * 16 + 20 * 32:>16,}" in text
     assert rows["p"]["passes"] > data.MAX_PASSES > rows["q"]["passes"]
     assert "warning: source 'p' is drawn" in text and "source 'q' is drawn" not in text
+    endless = data.Mixture(dsets, {"p": 0.5, "q": 0.5}).schedule([{"steps": None, "batch": 4, "seq_len": 32}])
+    assert data.passes(endless, stop=5)["p"]["drawn"] + data.passes(endless, stop=5)["q"]["drawn"] == 5 * 4 * 32
+    with pytest.raises(ValueError, match="last phase has no end"):
+        data.passes(endless)
 
 
 def test_a_dataset_under_home_is_used_as_it_is_and_parts_mounted_elsewhere_combine(tmp_path, corpus, monkeypatch):
