@@ -499,10 +499,11 @@ def _cast_grid(M, N):
 
 
 def _launch_cast(x, scale, skip_mode, q=None, t=None, amax_parts=None, history=None, amax_in=None, ref=None,
-                 scale_out=None, margin=0):
+                 scale_out=None, margin=0, direct=False):
     """Launch the fused cast kernel on x [M, N] with *scale: the cast into q (and t) where given, the per-tile
     amaxes into amax_parts where given; history and amax_in (step_scale in the kernel), ref and scale_out as
-    the kernel's SKIP and STEP_SCALE modes read them. Pointers a mode does not read get `scale`."""
+    the kernel's SKIP and STEP_SCALE modes read them. Pointers a mode does not read get `scale`. direct: from a
+    torch.library.triton_op (wrap_triton: compiled code launches the kernel itself, DIRECT_LAUNCH)."""
     interpret = _interpreting()
     if interpret not in _CAST_KERNELS:
         _CAST_KERNELS[interpret] = build_cast_kernel(interpret)
@@ -513,7 +514,8 @@ def _launch_cast(x, scale, skip_mode, q=None, t=None, amax_parts=None, history=N
     e_min, mant = _FORMAT_BITS[q.dtype if q is not None else E4M3]
     fmt_max = FP8_MAX[q.dtype if q is not None else E4M3]
     ptr = lambda t_, as_bytes=False: scale if t_ is None else (t_.view(torch.uint8) if as_bytes else t_)  # noqa: E731
-    _CAST_KERNELS[interpret][_cast_grid(M, N)](
+    kernel = torch.library.wrap_triton(_CAST_KERNELS[interpret]) if direct else _CAST_KERNELS[interpret]
+    kernel[_cast_grid(M, N)](
         x, ptr(q, True), ptr(t, True), ptr(amax_parts), scale, ptr(history), ptr(amax_in), ptr(ref), ptr(scale_out),
         M, N, x.stride(0), x.stride(1), BLOCK_M=bm, BLOCK_N=bn, FP8_MAX=fmt_max, E_MIN=e_min, MANT=mant,
         INV_MARGIN=2.0 ** -margin, STEP_SCALE=amax_in is not None, SKIP=skip_mode, CAST=q is not None,
@@ -528,16 +530,32 @@ def _amax_partials(x):
     return torch.empty(gm * gn, device=x.device, dtype=torch.float32)
 
 
-# Custom ops, as the GEMM: torch.compile calls each launch whole (register_fake gives it the shapes)
-@torch.library.custom_op("xmodel::fp8_cast_transpose", mutates_args=())
-def _triton_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+# Custom ops, as the GEMM: torch.compile calls each launch whole (register_fake gives it the shapes). Each is a
+# Python call on the host per launch (dispatch, then Triton's launcher), ~960 per micro-batch at 1.3B; with
+# DIRECT_LAUNCH the same kernels go through triton_op twins instead, which Inductor launches from its compiled
+# code itself (CUDA; the GPU check's train section measures fp8_torch_direct against fp8_torch)
+DIRECT_LAUNCH = False
+
+
+def _cast_launch(x, scale, dtype, transpose, direct):
     M, N = x.shape
     q = torch.empty((M, N), device=x.device, dtype=dtype)
     t = torch.empty((N, M) if transpose else (0, 0), device=x.device, dtype=dtype)
     amax_parts = _amax_partials(x)
-    _launch_cast(x, scale, SKIP_NEVER, q=q, t=t if transpose else None, amax_parts=amax_parts)
+    _launch_cast(x, scale, SKIP_NEVER, q=q, t=t if transpose else None, amax_parts=amax_parts, direct=direct)
     return q, t, amax_parts
+
+
+def _jit_amax_launch(x, history, direct):
+    amax_parts = _amax_partials(x)
+    _launch_cast(x, history, SKIP_IF_CALIBRATED, amax_parts=amax_parts, history=history, direct=direct)
+    return amax_parts
+
+
+@torch.library.custom_op("xmodel::fp8_cast_transpose", mutates_args=())
+def _triton_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cast_launch(x, scale, dtype, transpose, False)
 
 
 @_triton_cast.register_fake
@@ -550,15 +568,29 @@ def _(x, scale, dtype, transpose):
 
 @torch.library.custom_op("xmodel::fp8_amax_if_uncalibrated", mutates_args=())
 def _triton_jit_amax(x: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    amax_parts = _amax_partials(x)
-    _launch_cast(x, history, SKIP_IF_CALIBRATED, amax_parts=amax_parts, history=history)
-    return amax_parts
+    return _jit_amax_launch(x, history, False)
 
 
 @_triton_jit_amax.register_fake
 def _(x, history):
     gm, gn = _cast_grid(*x.shape)
     return x.new_empty((max(1, gm * gn),), dtype=torch.float32)
+
+
+@torch.library.triton_op("xmodel::fp8_cast_transpose_direct", mutates_args=())
+def _direct_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cast_launch(x, scale, dtype, transpose, True)
+
+
+@torch.library.triton_op("xmodel::fp8_amax_if_uncalibrated_direct", mutates_args=())
+def _direct_jit_amax(x: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    return _jit_amax_launch(x, history, True)
+
+
+def _cast_ops():
+    """(cast, just-in-time amax): the custom ops, or their triton_op twins with DIRECT_LAUNCH."""
+    return (_direct_cast, _direct_jit_amax) if DIRECT_LAUNCH else (_triton_cast, _triton_jit_amax)
 
 
 def cast_transpose(x, scale, dtype, transpose=True, kernel=None):
@@ -575,7 +607,7 @@ def cast_transpose(x, scale, dtype, transpose=True, kernel=None):
     if not kernel:
         q = quantize(x, scale, dtype)
         return q, q.t().contiguous() if transpose else q.t(), amax(x)
-    q, t, amax_parts = _triton_cast(x, scale.reshape(()).float(), dtype, transpose)
+    q, t, amax_parts = _cast_ops()[0](x, scale.reshape(()).float(), dtype, transpose)
     return q, t if transpose else q.t(), amax_parts.amax()
 
 
@@ -592,11 +624,9 @@ def scaled_cast(x, scale, history, dtype, margin, jit, transpose, kernel, want_a
         s = step_scale(scale, history, a, fp8_max, margin) if jit else scale.clone()
         q = quantize(x, s, dtype)
         return q, q.t().contiguous() if transpose else q.t(), a, s
-    if jit:
-        s = step_scale(scale, history, _triton_jit_amax(x, history).amax(), fp8_max, margin)
-    else:
-        s = scale.clone()
-    q, t, amax_parts = _triton_cast(x, s, dtype, transpose)
+    cast, jit_amax = _cast_ops()
+    s = step_scale(scale, history, jit_amax(x, history).amax(), fp8_max, margin) if jit else scale.clone()
+    q, t, amax_parts = cast(x, s, dtype, transpose)
     return q, t if transpose else q.t(), amax_parts.amax() if want_amax else None, s
 
 

@@ -469,6 +469,29 @@ def test_fp8_linear_fused_cast_equals_the_separate_ops(interpret, backend, monke
     assert casts == [((48, 32), True)] + [((48, 32), True), ((48, 48), True)] * 2
 
 
+def test_direct_launch_casts_equal_the_custom_ops(interpret, backend, monkeypatch):
+    """DIRECT_LAUNCH (the casts as triton_op twins, which compiled code launches itself on CUDA): eagerly, two steps
+    of FP8Linear give outputs, gradients and FP8 state bit for bit the custom ops', and every activation cast and
+    just-in-time amax goes through a twin."""
+    backend("kernel")
+    g = torch.Generator().manual_seed(7)
+    steps = [(torch.randn(2, 16, 32, generator=g) * 3, torch.randn(2, 16, 48, generator=g) * 1e-3) for _ in range(2)]
+    used = []
+    for name in ("_direct_cast", "_direct_jit_amax"):
+        real = getattr(fp8, name)
+        monkeypatch.setattr(fp8, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    runs = {}
+    for direct in (True, False):
+        monkeypatch.setattr(fp8, "DIRECT_LAUNCH", direct)
+        torch.manual_seed(0)
+        layer = fp8.FP8Linear(32, 48, gemm="triton")
+        runs[direct] = [linear_grads(layer, x, dy) + (layer.scale.clone(), layer.amax_history.clone())
+                        for x, dy in steps]
+    for got, want in zip(*runs.values()):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert used == ["_direct_jit_amax", "_direct_cast"] * 4  # x and dY per step, each amax-if-uncalibrated + cast
+
+
 def test_torch_gemm_falls_back_to_triton_off_cublas_shapes(interpret, backend, monkeypatch):
     """cuBLASLt's FP8 GEMM needs K and N in multiples of 16: a wgrad over 3 x 7 tokens (K = 21) goes to the
     Triton kernel instead, the K = 32 GEMMs stay with torch._scaled_mm."""

@@ -26,7 +26,8 @@ that reruns it; a failure in one is recorded and the next one runs:
     train   xmodel25's width with as many layers as fit (Xmodel.memory_estimate_gb vs the free memory),
             micro-batch 4 x 3712, --micro_batches per optimizer step (2: FP8's weight cache is used), compiled,
             bf16 vs FP8 (both kernels; cuBLASLt also without the fused cast and the weight cache, without FP8
-            in the attention output projection, and with each block replayed as a CUDA graph): tokens/s (the
+            in the attention output projection, with each block replayed as a CUDA graph, and with the casts
+            launched by compiled code itself): tokens/s (the
             step, and forward + backward alone), MFU vs the device's bf16 peak, peak memory, weight casts and
             cast launches per step, and the losses of the same steps on the same synthetic batches, finite and
             equal within FP8 tolerance
@@ -612,14 +613,16 @@ def judge_train_runs(runs: dict) -> None:
 # The train section's runs: label -> (ModelConfig overrides, fp8 module switches, compile mode). fp8_torch_uncached is
 # the code before the fused cast and the weight cache (the same numbers: fp8.FUSED_CAST, fp8.WEIGHT_CACHE),
 # fp8_torch_no_out leaves the attention output projection in bf16 (fp8_layers; docs/FP8.md, "Which layers run in
-# FP8"), fp8_torch_graphs replays each compiled block as a CUDA graph (fewer launches where the GPU idles).
+# FP8"), fp8_torch_graphs replays each compiled block as a CUDA graph (fewer launches where the GPU idles),
+# fp8_torch_direct has compiled code launch the cast kernels itself (fp8.DIRECT_LAUNCH: no Python per launch).
 TRAIN_RUNS = {"bf16": (dict(fp8=False), {}, "default"),
               "fp8_triton": (dict(fp8=True, fp8_backend="triton"), {}, "default"),
               "fp8_torch": (dict(fp8=True, fp8_backend="torch"), {}, "default"),
               "fp8_torch_uncached": (dict(fp8=True, fp8_backend="torch"), dict(FUSED_CAST=False, WEIGHT_CACHE=False),
                                      "default"),
               "fp8_torch_no_out": (dict(fp8=True, fp8_backend="torch", fp8_layers="qkv,gate_up,down"), {}, "default"),
-              "fp8_torch_graphs": (dict(fp8=True, fp8_backend="torch"), {}, "reduce-overhead")}
+              "fp8_torch_graphs": (dict(fp8=True, fp8_backend="torch"), {}, "reduce-overhead"),
+              "fp8_torch_direct": (dict(fp8=True, fp8_backend="torch"), dict(DIRECT_LAUNCH=True), "default")}
 
 
 class fp8_switches:
