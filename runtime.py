@@ -1117,8 +1117,10 @@ class Sinks:
                 self.tb.add_text("events", json.dumps(row), step)
         elif "eval_loss" in row:
             scalars = {"eval/loss": row["eval_loss"]}
-        else:
-            scalars = {f"train/{k}": v for k, v in row.items() if k != "step" and is_number(v)}
+        else:  # a field of several numbers (fp8_range: x, w, dy) as one scalar each, train/fp8_range/x ...
+            flat = {f"{k}/{n}" if isinstance(v, dict) else k: x for k, v in row.items()
+                    for n, x in (v.items() if isinstance(v, dict) else [(None, v)])}
+            scalars = {f"train/{k}": v for k, v in flat.items() if k != "step" and is_number(v)}
         if self.tb:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

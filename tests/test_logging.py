@@ -47,11 +47,15 @@ def test_wandb_is_called_with_the_rows_and_resumes_its_run(tmp_path, tiny_data, 
     fake.init = lambda **kw: calls["init"].append(kw) or Run()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     out = str(tmp_path / "my run")
-    train.train([write_config(tmp_path / "c.py", tiny_data, out_dir=out, log_to=["wandb"], max_steps=4)])
+    train.train([write_config(tmp_path / "c.py", tiny_data, out_dir=out, log_to=["wandb"], max_steps=4, fp8=True)])
     assert calls["init"][0]["id"] == "my-run" and calls["init"][0]["resume"] == "allow"
     assert calls["init"][0]["project"] == "xmodel25" and calls["finish"] == 1
     logged = [(s, v["train/loss"]) for s, v in calls["log"] if "train/loss" in v]
     assert logged == [(r["step"], r["loss"]) for r in rows(out) if "loss" in r]
+    # a field of several numbers (FP8's range use) as one scalar each
+    fp8 = [(s, {k[len("train/fp8_range/"):]: x for k, x in v.items() if k.startswith("train/fp8_range/")})
+           for s, v in calls["log"] if "train/loss" in v]
+    assert fp8 == [(r["step"], r["fp8_range"]) for r in rows(out) if "loss" in r] and fp8[0][1].keys() == {"x", "w", "dy"}
 
 
 def test_a_missing_logging_package_is_an_error_before_step_1(tmp_path, tiny_data, monkeypatch):
