@@ -763,6 +763,9 @@ class Checkpointer:
             error = f"could not complete {final}: the other ranks did not answer ({_first_failure(e)})"
         finally:
             self.outcome.update(path=final, error=error, total_s=time.perf_counter() - self.outcome["t0"])
+            if error and self.rank == 0:  # said at once; the run stops at its next wait (save, or the end)
+                print(f"checkpoint {step} failed: {error}; the run stops at the next checkpoint or its end, the "
+                      f"last good one ({self.last or 'none yet'}) is kept", flush=True)
 
     def _complete(self, step: int, tmp: str, final: str, hashes: dict, error: str | None) -> str | None:
         """Every rank's hashes and errors to rank 0, which publishes the checkpoint (or removes the partial one);

@@ -317,9 +317,10 @@ def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
 
 # ---------------------------------------------------------------- 9. a full disk
 
-def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch):
+def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
     """The second checkpoint's data file fills the disk halfway (inside torch.distributed.checkpoint's writer,
-    in the background): the run stops at the next wait for it (the end of the run) with one line."""
+    in the background): said as soon as the write fails, and the run stops at the next wait for it (the end of
+    the run) with one line."""
     out = tmp_path / "out"
     out.mkdir()
     (out / ".ckpt_00000007.pt.tmp-123").write_bytes(b"partial")  # left by runs that died mid-write
@@ -343,6 +344,8 @@ def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch):
     assert re.search(r"\d+\.\d\d GiB free on its file system", msg), msg
     assert not [n for n in os.listdir(out) if ".tmp" in n or n.startswith("ckpt_00000002")]
     assert ckpt_names(out) == ["ckpt_00000001"] and runtime.load_checkpoint(str(out))["step"] == 1
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint 2 failed")]
+    assert len(said) == 1 and f"the last good one ({out / 'ckpt_00000001'}) is kept" in said[0], said
 
 
 # ---------------------------------------------------------------- 11. a checkpoint's write waits under its own timeout
