@@ -514,7 +514,9 @@ def _launch_cast(x, scale, skip_mode, q=None, t=None, amax_parts=None, history=N
     e_min, mant = _FORMAT_BITS[q.dtype if q is not None else E4M3]
     fmt_max = FP8_MAX[q.dtype if q is not None else E4M3]
     ptr = lambda t_, as_bytes=False: scale if t_ is None else (t_.view(torch.uint8) if as_bytes else t_)  # noqa: E731
-    kernel = torch.library.wrap_triton(_CAST_KERNELS[interpret]) if direct else _CAST_KERNELS[interpret]
+    kernel = _CAST_KERNELS[interpret]
+    if direct and not interpret:  # for tracing only (compiled code on CUDA launches it itself): eager calls it as is
+        kernel = torch.library.wrap_triton(kernel)
     kernel[_cast_grid(M, N)](
         x, ptr(q, True), ptr(t, True), ptr(amax_parts), scale, ptr(history), ptr(amax_in), ptr(ref), ptr(scale_out),
         M, N, x.stride(0), x.stride(1), BLOCK_M=bm, BLOCK_N=bn, FP8_MAX=fmt_max, E_MIN=e_min, MANT=mant,
