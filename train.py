@@ -154,15 +154,21 @@ def total_steps(phases: list) -> int:
     return sum(p["steps"] for p in phases)
 
 
-def curriculum_tokens(phases: list, start: int = 0, stop: int | None = None) -> int:
-    """Tokens trained in steps [start, stop) of the curriculum (the whole of it by default)."""
-    total, begin = 0, 0
+def phase_spans(phases: list, stop: int | None = None) -> list[tuple[dict, int, int]]:
+    """(phase, its first step, its end step) of every phase, the end cut at `stop` (none: the whole curriculum);
+    a phase wholly past `stop` has end < first."""
+    spans, begin = [], 0
     for p in phases:
         end = begin + p["steps"]
-        total += max(0, min(end, total_steps(phases) if stop is None else stop) - max(begin, start)) \
-            * p["batch"] * p["seq_len"]
+        spans.append((p, begin, end if stop is None else min(end, stop)))
         begin = end
-    return total
+    return spans
+
+
+def curriculum_tokens(phases: list, start: int = 0, stop: int | None = None) -> int:
+    """Tokens trained in steps [start, stop) of the curriculum (the whole of it by default)."""
+    return sum(max(0, end - max(begin, start)) * p["batch"] * p["seq_len"]
+               for p, begin, end in phase_spans(phases, stop))
 
 
 def stop_step(cfg: TrainConfig) -> int:
@@ -668,9 +674,7 @@ def print_plan(cfg: TrainConfig, model, world: int, say, start: int = 0) -> None
         f"μP {'on' if mcfg.use_mup else 'off'}")
     say(f"  {'phase':<10} {'steps':>15} {'batch x seq':>13} {'mb x acc x world':>17} {'tokens':>8} "
         f"{'LR (x peak)':<24} {'mix':>7} {'opt':>6} {'GB/GPU':>7} {'ckpt+zero1':>10}")
-    begin = 0
-    for p in cfg.phases:
-        end = min(begin + p["steps"], stop)
+    for p, begin, end in phase_spans(cfg.phases, stop):
         if end > max(begin, start):
             mb, acc = batch_split(p, cfg.micro_batch, world)
             muon = p["optimizer"] == "muon"
@@ -680,7 +684,6 @@ def print_plan(cfg: TrainConfig, model, world: int, say, start: int = 0) -> None
             say(f"  {p['name']:<10} {f'{begin:,}..{end - 1:,}':>15} {p['batch']:>5} x {p['seq_len']:<6} "
                 f"{mb:>5} x {acc:>3} x {world:<4} {_si((end - begin) * p['batch'] * p['seq_len']):>8} "
                 f"{f'{shape} {lr0:.3g}->{lr1:.3g}':<24} {p['mix']:>7} {p['optimizer']:>6} {mem:>7.1f} {lean:>10.1f}")
-        begin += p["steps"]
     say(f"plan: {stop - start:,} steps to run of {total_steps(cfg.phases):,}, "
         f"{_si(curriculum_tokens(cfg.phases, start, stop))} tokens of {_si(curriculum_tokens(cfg.phases))} in the "
         f"curriculum, {world} rank(s)")
@@ -694,10 +697,9 @@ def dry_run(cfg: TrainConfig, mcfg: ModelConfig, world: int) -> dict:
     groups = mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay)
     print("peak LRs: " + ", ".join(f"{g['name']} {g['lr']:.4g} (wd {g['weight_decay']:g})" for g in groups))
     print_plan(cfg, model, world, print)
-    stop, begin, flops, gpu_hours, cost = stop_step(cfg), 0, 0.0, 0.0, []
-    for p in cfg.phases:
-        steps, begin = max(0, min(p["steps"], stop - begin)), begin + p["steps"]
-        phase_flops = steps * p["batch"] * p["seq_len"] * model.flops_per_token(p["seq_len"])
+    stop, flops, gpu_hours, cost = stop_step(cfg), 0.0, 0.0, []
+    for p, begin, end in phase_spans(cfg.phases, stop):
+        phase_flops = max(0, end - begin) * p["batch"] * p["seq_len"] * model.flops_per_token(p["seq_len"])
         hours = phase_flops / (cfg.gpu_peak_tflops * 1e12 * p.get("mfu", cfg.mfu)) / 3600
         flops, gpu_hours = flops + phase_flops, gpu_hours + hours
         cost.append(f"{p['name']} {hours:,.4g} ({p.get('mfu', cfg.mfu):.0%})")

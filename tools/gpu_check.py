@@ -119,7 +119,7 @@ def versions(device: torch.device) -> dict:
 
 
 def bench_ms(fn, device, reps=None) -> float:
-    """Median milliseconds of fn(): triton.testing.do_bench on CUDA, a plain timer on the CPU."""
+    """Milliseconds of fn(): triton.testing.do_bench's (its mean) on CUDA, a plain timer's median on the CPU."""
     if device.type == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=10, rep=50)
