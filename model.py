@@ -319,6 +319,14 @@ def repeat_kv(x, n_rep: int):
     return x if n_rep == 1 else x[:, :, None].expand(B, H, n_rep, T, d).reshape(B, H * n_rep, T, d)
 
 
+def kv_heads(q, k, v, gqa: str):
+    """k, v as the SDPA call gets them: as they are for gqa "native" (enable_gqa broadcasts them), copied to q's
+    heads for "repeat"."""
+    if gqa == "repeat" and k.shape[1] != q.shape[1]:
+        return repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+    return k, v
+
+
 def sdpa(q, k, v, scale: float, backend: str = "auto", gqa: str = "native", mask=None, causal: bool = True):
     """softmax(q k^T * scale + mask) v over q [B, H, T, d] and k, v [B, Hkv, S, d] (H a multiple of Hkv), with
     F.scaled_dot_product_attention: the model's attention, and what tools/gpu_check.py times (section "attn").
@@ -326,8 +334,7 @@ def sdpa(q, k, v, scale: float, backend: str = "auto", gqa: str = "native", mask
     which torch.compile traces). gqa "native" hands K/V over un-repeated with enable_gqa, and the kernel
     broadcasts them; "repeat" copies them to H heads first (repeat_kv): the plain multi-head call every kernel
     takes, at the cost of the copies and of summing their gradients."""
-    if gqa == "repeat" and k.shape[1] != q.shape[1]:
-        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+    k, v = kv_heads(q, k, v, gqa)
     kernel = ATTN_BACKENDS[backend]
     with contextlib.nullcontext() if kernel is None else sdpa_kernel(kernel):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,

@@ -783,9 +783,7 @@ def sdpa_choice(q, k, v, scale: float, gqa: str) -> str:
     """The kernel PyTorch picks for model.sdpa's call under "auto": torch._fused_sdp_choice, which
     F.scaled_dot_product_attention asks, on the same arguments."""
     import model
-    if gqa == "repeat":
-        n_rep = q.shape[1] // k.shape[1]
-        k, v = model.repeat_kv(k, n_rep), model.repeat_kv(v, n_rep)
+    k, v = model.kv_heads(q, k, v, gqa)
     got = torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return {int(b): n for n, b in model.ATTN_BACKENDS.items() if b is not None}.get(int(got), str(got))
 
