@@ -41,19 +41,14 @@ Muon unchanged:
     W  <- W * (1 - lr * weight_decay)                   (unscaled lr, as in AdamW)
     W  <- W - lr * 0.2 * sqrt(max(rows, cols)) * O
 
-Fused matrices (the param-group keys "stacks" and "splits")
------------------------------------------------------------
+Fused matrices (the param-group key "splits")
+---------------------------------------------
 What counts as "one matrix" is a modelling choice. A Megatron model stores q, k and v as one fused
 weight (and gate, up as another), so its Muon orthogonalizes [q; k; v] as one matrix, with the factor
 0.2 * sqrt(max) of the fused shape; the model here stores them fused as well, so by default each fused
-weight is simply one matrix to Muon. Two param-group keys change what is one matrix:
-- "stacks" (a list of lists of positions in the group's params) joins separately stored weights: each
-  listed set, with equal column counts, is one unit. Momentum stays per parameter; the Nesterov inputs
-  are concatenated along the rows, orthogonalized once, scaled by update_scale of the stacked shape and
-  split back.
-- "splits" (a list of [position, [rows, ...]]) does the opposite for a fused weight: each block of rows
-  (q, k and v of [q; k; v]) is orthogonalized and scaled alone, as if it were its own parameter.
-Other parameters are units of their own.
+weight is simply one matrix to Muon. The param-group key "splits" (a list of [position, [rows, ...]])
+makes each block of rows of a fused weight (q, k and v of [q; k; v]) its own matrix, orthogonalized and
+scaled alone, as if it were a separate parameter (muon_fused=False).
 
 The AdamW -> Muon switch (Xmodel-2.5, arXiv 2511.19496)
 -------------------------------------------------------
@@ -68,16 +63,15 @@ Distributed
 -----------
 Newton-Schulz is the only expensive part (15 matrix products per matrix and step). Under
 torch.distributed, gradients are already averaged (DDP), so every rank would compute the same
-orthogonalizations. Instead each rank orthogonalizes a disjoint share of the units (a stack or a lone
-matrix, a split one with all its blocks; see `shard_by_shape`, over the units' stacked shapes) and the bf16
-results are all-gathered, one collective per distinct shape. The
-momentum update is cheap and elementwise, so every rank keeps the full momentum state and applies
-the full update: all ranks hold identical weights, and the result is bit-for-bit the single-process
-one.
+orthogonalizations. Instead each rank orthogonalizes a disjoint share of the parameters (a split one with
+all its blocks; see `shard_by_shape`) and the bf16 results are all-gathered, one collective per distinct
+shape. The momentum update is cheap and elementwise, so every rank keeps the full momentum state and
+applies the full update: all ranks hold identical weights, and the result is bit-for-bit the
+single-process one.
 
 With `shard_state=True` (ZeRO-1 for Muon, "split by matrix") a rank keeps the fp32 momentum only of
-the matrices it owns (all members of a stack have the stack's owner): it updates that momentum, orthogonalizes it, and the bf16 results are
-all-gathered as above, so every rank still applies every update. The arithmetic is the same, so the
+the matrices it owns: it updates that momentum, orthogonalizes it, and the bf16 results are all-gathered as
+above, so every rank still applies every update. The arithmetic is the same, so the
 weights stay bit-identical to the unsharded run, and the momentum memory per rank drops from
 4 B x (hidden weights) to about 1/world of it. Each rank's `state_dict()` then holds only its share:
 `full_state_dict(to=0)` gathers the shares into one ordinary (unsharded) state dict on rank 0 for a
@@ -184,18 +178,17 @@ def _world():
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D hidden matrices (module docstring has the math).
 
-    Per unit (a matrix W, a group["stacks"] entry W = [W_1; W_2; ...], or a row block of a parameter in
-    group["splits"]) with gradient G, and per parameter an fp32 momentum M (state "momentum_buffer"):
-        M <- momentum * M + G                                   (each parameter)
-        U <- G + momentum * M if nesterov else M                (stacked: the members' U row-concatenated)
+    Per matrix W (a parameter, or a row block of one in group["splits"]) with gradient G, and per parameter
+    an fp32 momentum M (state "momentum_buffer"):
+        M <- momentum * M + G                                   (the whole parameter)
+        U <- G + momentum * M if nesterov else M
         O <- zeropower_via_newtonschulz5(U, ns_steps)
         W <- W * (1 - lr * weight_decay)
-        W <- W - lr * update_scale(W.shape, rms_scale) * O      (W.shape: the stacked shape; O split back)
+        W <- W - lr * update_scale(W.shape, rms_scale) * O
     lr and weight_decay are read from each param group at step time (a schedule may set group["lr"]).
     rms_scale: 0.2 = the recipe's AdamW-RMS match; None = plain Muon scaling max(1, rows/cols)**0.5.
-    stacks: per group, lists of positions in group["params"] (disjoint, equal column counts); splits: per
-    group, [position, [rows, ...]] (rows summing to the parameter's, in no stack). Both are structure, not
-    state, so load_state_dict keeps the constructor's, not the file's.
+    splits: per group, [position, [rows, ...]] (rows summing to the parameter's): structure, not state, so
+    load_state_dict keeps the constructor's, not the file's.
     Only 2-D parameters are accepted: embeddings (2-D, but not hidden), norm weights and biases belong
     on AdamW. Under torch.distributed (world size > 1) every rank must hold the same parameters in the
     same order with gradients already averaged; each orthogonalizes its share and all-gathers.
@@ -205,26 +198,15 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0, rms_scale=0.2,
                  shard_state=False):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        weight_decay=weight_decay, rms_scale=rms_scale, stacks=[], splits=[])
+                        weight_decay=weight_decay, rms_scale=rms_scale, splits=[])
         super().__init__(params, defaults)
         self.shard_state = shard_state  # under torch.distributed: keep momentum only for owned matrices
 
-    @staticmethod
-    def units(group):
-        """The group's units of momentum and ownership, in order: a stack where its first member stands, every
-        other parameter alone (a split parameter is one unit here; `pieces` cuts it)."""
-        stack_of = {i: stack for stack in group["stacks"] for i in stack}
-        params = group["params"]
-        return [[params[j] for j in stack_of.get(i, [i])] for i in range(len(params))
-                if i not in stack_of or stack_of[i][0] == i]
-
     def owners(self, world_size):
-        """Owner rank of every parameter (param-group order): shard_by_shape over the units' stacked shapes
-        (a stack's members share its owner), so the partition is fixed for the optimizer's life and the
-        same on every rank."""
-        units = [u for g in self.param_groups for u in self.units(g)]
-        ranks = shard_by_shape([_shape(_whole(u)) for u in units], world_size)
-        return {p: r for u, r in zip(units, ranks) for p in u}
+        """Owner rank of every parameter (param-group order; a split one with all its blocks): shard_by_shape,
+        so the partition is fixed for the optimizer's life and the same on every rank."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        return dict(zip(params, shard_by_shape([p.shape for p in params], world_size)))
 
     def add_param_group(self, param_group):
         first_index = sum(len(g["params"]) for g in self.param_groups)
@@ -236,9 +218,7 @@ class Muon(torch.optim.Optimizer):
                 raise ValueError(
                     f"Muon: parameter {first_index + j} (param group {group_index}) has shape {tuple(p.shape)}; "
                     "Muon only updates 2-D hidden matrices, keep embeddings, norm weights and biases on AdamW")
-        group["stacks"] = [list(stack) for stack in group["stacks"]]
         group["splits"] = [[i, list(rows)] for i, rows in group["splits"]]
-        _check_stacks(group, group_index)
         _check_splits(group, group_index)
         _check_hyperparameters(group, group_index)
 
@@ -253,63 +233,50 @@ class Muon(torch.optim.Optimizer):
         owners = self.owners(world_size) if world_size > 1 else None
         for group_index, group in enumerate(self.param_groups):
             _check_hyperparameters(group, group_index)
-            split_of = {id(group["params"][i]): rows for i, rows in group["splits"]}
-            for unit in self.units(group):
-                if not _has_grads(unit, group_index):
+            split_of = dict(group["splits"])
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
                     continue
-                # with shard_state, a unit's owner alone keeps its momentum; the update arrives by all-gather
-                if not (self.shard_state and owners is not None and owners[unit[0]] != rank):
-                    for p in unit:
-                        state = self.state[p]
-                        if "momentum_buffer" not in state:
-                            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
-                                                                        memory_format=torch.preserve_format)
-                        state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
-                items += [(piece, group) for piece in self.pieces(unit, split_of)]
-        for (piece, group), O in zip(items, self._orthogonalized(items, owners)):
+                if p.grad.is_sparse:
+                    raise ValueError("Muon does not support sparse gradients")
+                # with shard_state, a matrix's owner alone keeps its momentum; the update arrives by all-gather
+                if not (self.shard_state and owners is not None and owners[p] != rank):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32,
+                                                                    memory_format=torch.preserve_format)
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(p.grad)
+                items += [(piece, group) for piece in pieces(p, split_of.get(i))]
+        for ((p, lo, hi), group), O in zip(items, self._orthogonalized(items, owners)):
             lr = group["lr"]
-            scale = lr * update_scale(_shape(piece), group["rms_scale"])
-            for (p, lo, hi), o in zip(piece, O.split([hi - lo for _, lo, hi in piece])):
-                rows = p[lo:hi]  # a view: the whole parameter, or one block of a split one
-                rows.mul_(1 - lr * group["weight_decay"])
-                rows.sub_(o.float() * scale)
+            rows = p[lo:hi]  # a view: the whole parameter, or one block of a split one
+            rows.mul_(1 - lr * group["weight_decay"])
+            rows.sub_(O.float() * (lr * update_scale(rows.shape, group["rms_scale"])))
         return loss
 
-    @staticmethod
-    def pieces(unit, split_of):
-        """What of a unit is orthogonalized as one matrix: all of it (its members row-stacked), or, for a
-        parameter p with split_of[id(p)] = [rows, ...], each block of rows alone. A piece is a list of
-        (parameter, first row, end row)."""
-        rows = split_of.get(id(unit[0])) if len(unit) == 1 else None
-        if rows is None:
-            return [_whole(unit)]
-        ends = list(itertools.accumulate(rows))
-        return [[(unit[0], end - n, end)] for n, end in zip(rows, ends)]
-
     def _ns_input(self, piece, group):
-        def one(p, lo, hi):
-            buf = self.state[p]["momentum_buffer"][lo:hi]
-            return p.grad[lo:hi].float() + group["momentum"] * buf if group["nesterov"] else buf
-        return one(*piece[0]) if len(piece) == 1 else torch.cat([one(*x) for x in piece])
+        p, lo, hi = piece
+        buf = self.state[p]["momentum_buffer"][lo:hi]
+        return p.grad[lo:hi].float() + group["momentum"] * buf if group["nesterov"] else buf
 
     def _orthogonalized(self, items, owner_of=None):
         """NewtonSchulz5 of each piece's update direction, batched by shape; under DDP each rank computes only
         its share."""
         world_size, rank = _world()
-        shapes = [_shape(u) for u, _ in items]
+        shapes = [_shape(piece) for piece, _ in items]
         out = [None] * len(items)
         if world_size == 1:
             for idxs in _group_by_shape(shapes).values():
                 for i, o in zip(idxs, self._newton_schulz(items, idxs)):
                     out[i] = o
             return out
-        owners = [owner_of[u[0][0]] for u, _ in items]
+        owners = [owner_of[piece[0]] for piece, _ in items]
         pending = []
         for shape, idxs in _group_by_shape(shapes).items():
             owned = [[i for i in idxs if owners[i] == r] for r in range(world_size)]
             slots = max(len(o) for o in owned)
-            # Ranks with fewer units of this shape send zero padding so all_gather sizes match.
-            local = torch.zeros((slots, *shape), dtype=torch.bfloat16, device=items[idxs[0]][0][0][0].device)
+            # Ranks with fewer matrices of this shape send zero padding so all_gather sizes match.
+            local = torch.zeros((slots, *shape), dtype=torch.bfloat16, device=items[idxs[0]][0][0].device)
             if owned[rank]:
                 local[:len(owned[rank])] = self._newton_schulz(items, owned[rank])
             gathered = [torch.empty_like(local) for _ in range(world_size)]
@@ -328,7 +295,7 @@ class Muon(torch.optim.Optimizer):
         muon_fused=False, 192 with it). Per group's ns_steps, at most NS_BATCH_ELEMENTS elements per chain.
         Returns bf16 [len(idxs), rows, cols]."""
         (piece, _), shape = items[idxs[0]], _shape(items[idxs[0]][0])
-        out = torch.empty((len(idxs), *shape), dtype=torch.bfloat16, device=piece[0][0].device)
+        out = torch.empty((len(idxs), *shape), dtype=torch.bfloat16, device=piece[0].device)
         per_chain = max(1, NS_BATCH_ELEMENTS // math.prod(shape))
         by_steps = {}
         for s, i in enumerate(idxs):
@@ -380,10 +347,11 @@ class Muon(torch.optim.Optimizer):
             state_dict = dict(state_dict, state={i: s for i, s in state_dict["state"].items() if i in mine})
         # torch.optim casts loaded state to the parameter dtype (bf16 weights -> bf16 momentum);
         # put the saved fp32 buffers back so a resume is exact.
-        structure = [(g["stacks"], g["splits"]) for g in self.param_groups]
+        splits = [g["splits"] for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, (stacks, splits) in zip(self.param_groups, structure):  # what is one matrix: the model's, not the file's
-            g["stacks"], g["splits"] = stacks, splits
+        for g, s in zip(self.param_groups, splits):  # what is one matrix: the model's, not the file's
+            g["splits"] = s
+            g.pop("stacks", None)  # a key files kept when q, k, v were separate parameters
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
@@ -392,51 +360,27 @@ class Muon(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = saved["momentum_buffer"].to(device=p.device, dtype=torch.float32, copy=True)
 
 
-def _whole(unit):
-    """A unit (one parameter or a stack) as one piece: every member's rows."""
-    return [(p, 0, p.shape[0]) for p in unit]
+def pieces(p, rows=None):
+    """What of a parameter is orthogonalized as one matrix: all of it, or each block of `rows` (its split) alone.
+    A piece is (parameter, first row, end row)."""
+    if rows is None:
+        return [(p, 0, p.shape[0])]
+    ends = list(itertools.accumulate(rows))
+    return [(p, end - n, end) for n, end in zip(rows, ends)]
 
 
 def _shape(piece):
-    """The shape of a piece's row-stacked matrix."""
-    return (sum(hi - lo for _, lo, hi in piece), piece[0][0].shape[1])
-
-
-def _has_grads(unit, group_index):
-    """Whether a unit takes a step: all its members have a gradient, or none has (then it is skipped)."""
-    with_grad = [p.grad is not None for p in unit]
-    if not any(with_grad):
-        return False
-    if not all(with_grad):
-        raise ValueError(f"Muon: param group {group_index} has a stack of {len(unit)} matrices of which "
-                         "only some have a gradient; a stack is updated as one matrix")
-    if any(p.grad.is_sparse for p in unit):
-        raise ValueError("Muon does not support sparse gradients")
-    return True
-
-
-def _check_stacks(group, group_index):
-    where = f"Muon param group {group_index}"
-    n, seen = len(group["params"]), set()
-    for stack in group["stacks"]:
-        if not stack or not all(isinstance(i, int) and 0 <= i < n for i in stack):
-            raise ValueError(f"{where}: a stack must list positions 0..{n - 1} in the group's params, got {stack}")
-        if seen & set(stack) or len(set(stack)) != len(stack):
-            raise ValueError(f"{where}: parameter positions may be in one stack only, once; got {stack}")
-        seen |= set(stack)
-        cols = {group["params"][i].shape[1] for i in stack}
-        if len(cols) != 1:
-            raise ValueError(f"{where}: a stack's matrices are stacked vertically and need equal column counts, "
-                             f"got {sorted(cols)} in {stack}")
+    p, lo, hi = piece
+    return (hi - lo, p.shape[1])
 
 
 def _check_splits(group, group_index):
     where = f"Muon param group {group_index}"
-    n, stacked, seen = len(group["params"]), {i for s in group["stacks"] for i in s}, set()
+    n, seen = len(group["params"]), set()
     for i, rows in group["splits"]:
-        if not (isinstance(i, int) and 0 <= i < n) or i in seen or i in stacked:
+        if not (isinstance(i, int) and 0 <= i < n) or i in seen:
             raise ValueError(f"{where}: a split must name a position 0..{n - 1} in the group's params that is in "
-                             f"no stack and no other split, got {i}")
+                             f"no other split, got {i}")
         seen.add(i)
         if not rows or not all(isinstance(r, int) and r > 0 for r in rows) or sum(rows) != group["params"][i].shape[0]:
             raise ValueError(f"{where}: the row blocks of a split must be positive and add up to the parameter's "

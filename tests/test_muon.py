@@ -7,6 +7,7 @@ direction (D = U^T O V): D_ii in the band, D_ii close to p(x_i), off-diagonal sm
 about 0.02 (measured <= 0.012), hence BAND = [0.66, 1.23].
 """
 
+import copy
 import datetime
 import io
 import math
@@ -312,7 +313,7 @@ def test_closure_is_called_and_returned():
     assert loss.item() > 0 and "momentum_buffer" in opt.state[p]
 
 
-# ---------------------------------------------------------------- stacks: fused matrices orthogonalized as one
+# ---------------------------------------------------------------- fused matrices: one matrix, or split
 
 
 def float64_ns5(G, steps=5):
@@ -326,28 +327,29 @@ def rel(a, b):
     return (torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b)).item()
 
 
-STACK_SHAPES = [(48, 40), (16, 40), (16, 40), (24, 32)]  # q, k, v (one stack) and a lone matrix
+QKV_ROWS = [48, 16, 16]  # q, k, v of a fused [q; k; v] (80 x 40)
 
 
-def stacked_grads(step):
-    gs = grads_for(STACK_SHAPES, step)
-    gs[1] = gs[1] * 10  # k's gradient dominates: orthogonalizing it alone or inside the stack differs a lot
-    return gs
+def qkv_grads(step):
+    """Gradients of [q; k; v] and of a lone 24 x 32 matrix; k's dominates, so orthogonalizing [q; k; v] as one
+    matrix or block by block differs a lot."""
+    g, lone = grads_for([(80, 40), (24, 32)], step)
+    q, k, v = g.split(QKV_ROWS)
+    return [torch.cat([q, k * 10, v]), lone]
 
 
-def test_stacked_update_is_ns5_of_the_stacked_momentum():
-    """Two steps with stacks=[[0, 1, 2]]: per-parameter float64 momentum; the update of [q; k; v] is
-    float64 NS5 of the row-stacked Nesterov input times 0.2 sqrt(max) of the stacked 80 x 40 shape (not of
-    each member's). The bf16 iteration deviates from the exact one by 3.0-3.7% (relative Frobenius norm,
-    measured over 20 random 24x32 ... 96x40 matrices), bound 8%; orthogonalizing the members one by one,
-    or scaling by a member's shape (29% off), would be caught. The lone matrix is checked against its
-    own NS5 the same way."""
+def test_fused_update_is_ns5_of_the_fused_momentum():
+    """Two steps on a fused [q; k; v] and a lone matrix: float64 momentum; the update of [q; k; v] is float64
+    NS5 of its Nesterov input times 0.2 sqrt(max) of the fused 80 x 40 shape (not of each block's). The bf16
+    iteration deviates from the exact one by 3.0-3.7% (relative Frobenius norm, measured over 20 random
+    24x32 ... 96x40 matrices), bound 8%; orthogonalizing the blocks one by one, or scaling by a block's shape
+    (29% off), would be caught. The lone matrix is checked against its own NS5 the same way."""
     lr, mom, wd = 0.05, 0.9, 0.1
-    params = make_params(STACK_SHAPES)
-    opt = Muon([{"params": params, "stacks": [[0, 1, 2]]}], lr=lr, momentum=mom, weight_decay=wd)
-    bufs = [torch.zeros(s, dtype=torch.float64) for s in STACK_SHAPES]
+    params = make_params([(80, 40), (24, 32)])
+    opt = Muon(params, lr=lr, momentum=mom, weight_decay=wd)
+    bufs = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     for step in range(2):
-        gs = stacked_grads(step)
+        gs = qkv_grads(step)
         before = [p.detach().double().clone() for p in params]
         for p, g in zip(params, gs):
             p.grad = g
@@ -357,80 +359,53 @@ def test_stacked_update_is_ns5_of_the_stacked_momentum():
         for i, p in enumerate(params):
             torch.testing.assert_close(opt.state[p]["momentum_buffer"], bufs[i].float())  # fp32 rounding
         steps = [(b * (1 - lr * wd) - p.detach().double()) / lr for b, p in zip(before, params)]
-        got = torch.cat(steps[:3]) / (0.2 * math.sqrt(80))
-        want = float64_ns5(torch.cat(u[:3]))
-        assert rel(got, want) < 0.08, step
-        separate = torch.cat([float64_ns5(x) * math.sqrt(max(x.shape) / 80) for x in u[:3]])
+        want = float64_ns5(u[0])
+        assert rel(steps[0] / (0.2 * math.sqrt(80)), want) < 0.08, step
+        separate = torch.cat([float64_ns5(x) * math.sqrt(max(x.shape) / 80) for x in u[0].split(QKV_ROWS)])
         assert rel(separate, want) > 0.3, rel(separate, want)
-        lone = steps[3] / (0.2 * math.sqrt(32))
-        assert rel(lone, float64_ns5(u[3])) < 0.08
+        assert rel(steps[1] / (0.2 * math.sqrt(32)), float64_ns5(u[1])) < 0.08
 
 
-def test_stacked_update_equals_bf16_reference_exactly():
-    """The same two steps bit for bit against the test's own bf16 iteration (reference_ns) on the
-    concatenated fp32 Nesterov inputs, split back by rows."""
-    lr, mom, wd = 0.05, 0.9, 0.1
-    params = make_params(STACK_SHAPES)
-    opt = Muon([{"params": params, "stacks": [[0, 1, 2]]}], lr=lr, momentum=mom, weight_decay=wd)
-    ref = [p.detach().clone() for p in params]
-    bufs = [torch.zeros(s) for s in STACK_SHAPES]
+def test_splits_equal_separate_parameters():
+    """A fused [q; k; v] weight with splits against q, k, v as separate parameters, two steps, bit for bit
+    (weights and momentum): each row block is orthogonalized and scaled alone, as separate parameters are
+    (muon_fused=False)."""
+    parts = [torch.nn.Parameter(x.clone()) for x in make_params([(80, 40)])[0].detach().split(QKV_ROWS)]
+    fused = torch.nn.Parameter(torch.cat([p.detach() for p in parts]))
+    opt_sep = Muon(parts, lr=0.05, momentum=0.9, weight_decay=0.1)
+    opt_fused = Muon([{"params": [fused], "splits": [[0, QKV_ROWS]]}], lr=0.05, momentum=0.9, weight_decay=0.1)
     for step in range(2):
-        gs = stacked_grads(step)
-        for p, g in zip(params, gs):
-            p.grad = g
-        opt.step()
-        bufs = [mom * b + g for b, g in zip(bufs, gs)]
-        u = [g + mom * b for g, b in zip(gs, bufs)]
-        O = list(reference_ns(torch.cat(u[:3])).split([48, 16, 16])) + [reference_ns(u[3])]
-        scales = [0.2 * math.sqrt(80)] * 3 + [0.2 * math.sqrt(32)]
-        ref = [r * (1 - lr * wd) - o.float() * (lr * sc) for r, o, sc in zip(ref, O, scales)]
-        for i, p in enumerate(params):
-            assert torch.equal(p.detach(), ref[i]), (step, i)
-
-
-def test_splits_equal_separate_parameters_and_no_splits_equal_stacks():
-    """A fused [q; k; v] weight against q, k, v as separate parameters, two steps, bit for bit (weights and
-    momentum): with splits, each row block is orthogonalized and scaled alone, as separate parameters are;
-    without, the fused weight is one matrix, as the three in one stack are (muon_fused False and True, before
-    and after the model stored them fused)."""
-    parts = make_params(STACK_SHAPES[:3])
-    for splits, stacks in (([[0, [48, 16, 16]]], []), ([], [[0, 1, 2]])):
-        sep = [torch.nn.Parameter(p.detach().clone()) for p in parts]
-        fused = torch.nn.Parameter(torch.cat([p.detach() for p in parts]))
-        opt_sep = Muon([{"params": sep, "stacks": stacks}], lr=0.05, momentum=0.9, weight_decay=0.1)
-        opt_fused = Muon([{"params": [fused], "splits": splits}], lr=0.05, momentum=0.9, weight_decay=0.1)
-        for step in range(2):
-            gs = stacked_grads(step)[:3]
-            for p, g in zip(sep, gs):
-                p.grad = g
-            fused.grad = torch.cat(gs)
-            opt_sep.step()
-            opt_fused.step()
-            assert torch.equal(fused.detach(), torch.cat([p.detach() for p in sep])), (splits, step)
-            assert torch.equal(opt_fused.state[fused]["momentum_buffer"],
-                               torch.cat([opt_sep.state[p]["momentum_buffer"] for p in sep]))
-    assert Muon.pieces([fused], {id(fused): [48, 16, 16]}) == [[(fused, 0, 48)], [(fused, 48, 64)], [(fused, 64, 80)]]
+        g = qkv_grads(step)[0]
+        for p, x in zip(parts, g.split(QKV_ROWS)):
+            p.grad = x
+        fused.grad = g
+        opt_sep.step()
+        opt_fused.step()
+        assert torch.equal(fused.detach(), torch.cat([p.detach() for p in parts])), step
+        assert torch.equal(opt_fused.state[fused]["momentum_buffer"],
+                           torch.cat([opt_sep.state[p]["momentum_buffer"] for p in parts]))
+    assert muon.pieces(fused, QKV_ROWS) == [(fused, 0, 48), (fused, 48, 64), (fused, 64, 80)]
+    assert muon.pieces(fused) == [(fused, 0, 80)]
 
 
 def test_splits_are_validated():
     a, b = (torch.nn.Parameter(torch.zeros(r, 6)) for r in (6, 2))
-    for splits, stacks, msg in (([[0, [4, 3]]], [], "add up to"), ([[0, [6, 0]]], [], "positive"),
-                                ([[2, [1, 1]]], [], "position 0..1"), ([[0, [3, 3]], [0, [6]]], [], "no other split"),
-                                ([[0, [3, 3]]], [[0, 1]], "in no stack")):
+    for splits, msg in (([[0, [4, 3]]], "add up to"), ([[0, [6, 0]]], "positive"),
+                        ([[2, [1, 1]]], "position 0..1"), ([[0, [3, 3]], [0, [6]]], "no other split")):
         with pytest.raises(ValueError, match=msg):
-            Muon([{"params": [a, b], "splits": splits, "stacks": stacks}])
+            Muon([{"params": [a, b], "splits": splits}])
     opt = Muon([{"params": [a, b], "splits": [[0, [3, 3]]]}])
     sd = opt.state_dict()
     Muon([{"params": [a, b]}]).load_state_dict(sd)  # the file's splits do not travel: structure is the model's
-    opt.load_state_dict({**sd, "param_groups": [{**sd["param_groups"][0], "splits": []}]})
-    assert opt.param_groups[0]["splits"] == [[0, [3, 3]]]
+    opt.load_state_dict({**sd, "param_groups": [{**sd["param_groups"][0], "splits": [], "stacks": [[0, 1]]}]})
+    assert opt.param_groups[0]["splits"] == [[0, [3, 3]]] and "stacks" not in opt.param_groups[0]
 
 
 @pytest.mark.parametrize("kind", ["adamw", "muon"])
 def test_optimizer_state_saved_with_separate_parts_loads_for_fused_weights(kind):
-    """The hidden matrices' optimizer state of a checkpoint from before q/k/v and gate/up were fused (AdamW;
-    Muon with the original's stacks) loads into muon.Optimizers over the fused model: each fused weight's
-    state is its parts' stacked, and the next step equals the separate layout's, bit for bit."""
+    """The hidden matrices' optimizer state of a checkpoint from before q/k/v and gate/up were fused (each part
+    its own parameter holding its rows of the state) loads into muon.Optimizers over the fused model: each fused
+    weight's state is its parts' concatenated, and the next step equals the uninterrupted run's, bit for bit."""
     from types import SimpleNamespace
     import mup
     from model import ModelConfig
@@ -441,41 +416,42 @@ def test_optimizer_state_saved_with_separate_parts_loads_for_fused_weights(kind)
     model = mup.build_model(cfg)
     groups = mup.param_groups(model, 0.02, 0.01, 0.1)
     hidden, parts = groups[0], dict((i, rows) for i, rows in groups[0]["parts"])
-    old, members, stacks = [], [], []  # the separate layout, in its parameter order; each fused weight's parts
+    shapes = [p.shape for p in hidden["params"]]
+
+    def step(opts, s):
+        for p, g in zip(hidden["params"], grads_for(shapes, s)):
+            p.grad = g
+        opts.hidden.step()
+
+    run = muon.Optimizers(groups, tcfg, kind)
+    step(run, 0)
+    step(run, 1)
+    sd, at_2 = copy.deepcopy(run.state_dict()), [p.detach().clone() for p in hidden["params"]]
+    state, ids = {}, []  # the same state written apart: the parts of fused weight i are parameters of their own
     for i, p in enumerate(hidden["params"]):
-        pieces = [torch.nn.Parameter(x.clone()) for x in p.detach().split(parts.get(i, [len(p)]))]
-        stacks += [list(range(len(old), len(old) + len(pieces)))] if len(pieces) > 1 else []
-        members.append(pieces)
-        old += pieces
-    assert len(old) == 7 * 2 and len(hidden["params"]) == 4 * 2
-    old_group = dict(params=old, lr=hidden["lr"], weight_decay=0.1)
-    old_opt = Muon([dict(old_group, stacks=stacks)], momentum=0.95) if kind == "muon" else \
-        torch.optim.AdamW([old_group], betas=(0.9, 0.95), eps=1e-8, fused=True)
-    opts = muon.Optimizers(groups, tcfg, kind)
-    for s in range(3):
-        gs = grads_for([p.shape for p in hidden["params"]], s)
-        for ms, g in zip(members, gs):
-            for q, x in zip(ms, g.split([len(q) for q in ms])):
-                q.grad = x
-        old_opt.step()
-        if s == 1:  # the checkpoint: written by the separate layout after two steps, read by the fused one
-            buf = io.BytesIO()  # through a file, as a checkpoint: the loaded state shares no tensor with old_opt's
-            torch.save({"kind": kind, "rest": opts.rest.state_dict(), "hidden": old_opt.state_dict()}, buf)
-            opts.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
-            with torch.no_grad():
-                for p, ms in zip(hidden["params"], members):
-                    p.copy_(torch.cat([q.detach() for q in ms]))
-            for i, (p, ms) in enumerate(zip(hidden["params"], members)):
-                assert opts.hidden.state[p].keys() == old_opt.state[ms[0]].keys()
-                for key, value in opts.hidden.state[p].items():
-                    want = [old_opt.state[q][key] for q in ms]
-                    assert torch.equal(value, torch.cat(want) if value.dim() else want[0]), (i, key)
-        if s == 2:
-            for p, g in zip(hidden["params"], gs):
-                p.grad = g
-            opts.hidden.step()
-    for i, (p, ms) in enumerate(zip(hidden["params"], members)):
-        assert torch.equal(p.detach(), torch.cat([q.detach() for q in ms])), i
+        rows = parts.get(i, [len(p)])
+        for j in range(len(rows)):
+            state[len(ids)] = {k: v.split(rows)[j].clone() if v.dim() else v
+                               for k, v in sd["hidden"]["state"][i].items()}
+            ids.append(len(ids))
+    assert len(ids) == 7 * 2 and len(hidden["params"]) == 4 * 2
+    old = {**sd["hidden"], "state": state, "param_groups": [{**sd["hidden"]["param_groups"][0], "params": ids}]}
+    step(run, 2)
+    uninterrupted = [p.detach().clone() for p in hidden["params"]]
+
+    buf = io.BytesIO()  # through a file, as a checkpoint: the loaded state shares no tensor with run's
+    torch.save({**sd, "hidden": old}, buf)
+    resumed = muon.Optimizers(groups, tcfg, "adamw")
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue())))
+    for i, p in enumerate(hidden["params"]):
+        for key, value in resumed.hidden.state[p].items():
+            assert torch.equal(value, sd["hidden"]["state"][i][key]), (i, key)
+    with torch.no_grad():
+        for p, w in zip(hidden["params"], at_2):
+            p.copy_(w)
+    step(resumed, 2)
+    for i, p in enumerate(hidden["params"]):
+        assert torch.equal(p.detach(), uninterrupted[i]), i
     with pytest.raises(ValueError, match="does not fit"):
         muon.fuse_saved_parts({"state": {}, "param_groups": [{"params": [0, 1]}]}, [hidden])
 
@@ -517,40 +493,6 @@ def test_newton_schulz_runs_one_batched_chain_per_shape(monkeypatch, max_element
     first = {(2, 32, 48, 5): 2} if max_elements == 2 * 32 * 48 else {(4, 32, 48, 5): 1}
     per_step = {**first, (2, 48, 32, 5): 1, (2, 32, 48, 3): 1, (1, 16, 48, 3): 1, (1, 24, 24, 3): 1}
     assert Counter(calls) == Counter({k: 2 * n for k, n in per_step.items()})
-
-
-def test_stacks_are_validated():
-    a, b, c = (torch.nn.Parameter(torch.zeros(r, cols)) for r, cols in ((4, 6), (2, 6), (4, 5)))
-    with pytest.raises(ValueError, match="equal column counts"):
-        Muon([{"params": [a, b, c], "stacks": [[0, 2]]}])
-    with pytest.raises(ValueError, match="one stack only"):
-        Muon([{"params": [a, b, c], "stacks": [[0, 1], [1]]}])
-    with pytest.raises(ValueError, match="positions 0..2"):
-        Muon([{"params": [a, b, c], "stacks": [[0, 3]]}])
-    opt = Muon([{"params": [a, b, c], "stacks": [[1, 0]]}])
-    assert [[id(p) for p in u] for u in Muon.units(opt.param_groups[0])] == [[id(b), id(a)], [id(c)]]
-    a.grad = torch.ones_like(a)
-    with pytest.raises(ValueError, match="only some have a gradient"):
-        opt.step()
-
-
-def test_stacks_survive_state_dict_and_stay_the_constructors():
-    """stacks are structure: saved with the groups (as positions), and on load the optimizer keeps its own
-    (a checkpoint written with other stacks, or none, does not change which matrices are one unit)."""
-    params = make_params(STACK_SHAPES)
-    opt = Muon([{"params": params, "stacks": [[0, 1, 2]]}], lr=0.02)
-    for p, g in zip(params, stacked_grads(0)):
-        p.grad = g
-    opt.step()
-    sd = opt.state_dict()
-    assert sd["param_groups"][0]["stacks"] == [[0, 1, 2]]
-    unfused = Muon([{"params": params}], lr=0.02)
-    unfused.load_state_dict(sd)
-    assert unfused.param_groups[0]["stacks"] == []
-    old = {**sd, "param_groups": [{k: v for k, v in g.items() if k != "stacks"} for g in sd["param_groups"]]}
-    opt.load_state_dict(old)  # a checkpoint from before stacks existed
-    assert opt.param_groups[0]["stacks"] == [[0, 1, 2]]
-    assert torch.equal(opt.state[params[1]]["momentum_buffer"], unfused.state[params[1]]["momentum_buffer"])
 
 
 # ---------------------------------------------------------------- sharding and distributed
@@ -633,29 +575,28 @@ def test_distributed_equals_single_process_and_shards_work(tmp_path):
     assert sum(c[0] for res in results for c in res["calls"]) == len(DIST_SHAPES) * DIST_STEPS  # no repeated work
 
 
-# Two groups with stacks, and an (80, 48) weight split into blocks of 32, 16, 32 rows: units (64, 48) x 2,
-# (48, 32) x 2, (32, 48) x 3, (24, 24), (16, 48); each is orthogonalized once.
-STACKED_SHAPES = [(32, 48), (16, 48), (16, 48), (48, 32), (32, 48), (24, 24), (32, 48), (32, 48), (48, 32), (80, 48)]
-STACKED_UNITS = [(64, 48), (48, 32), (32, 48), (24, 24), (64, 48), (48, 32), (32, 48), (16, 48), (32, 48)]
+# Two groups, and an (80, 48) weight split into blocks of 32, 16, 32 rows: matrices (64, 48) x 2, (48, 32) x 2,
+# (32, 48) x 3, (24, 24), (16, 48); each is orthogonalized once.
+SPLIT_SHAPES = [(64, 48), (48, 32), (32, 48), (24, 24), (64, 48), (48, 32), (80, 48)]
+SPLIT_PIECES = [(64, 48), (48, 32), (32, 48), (24, 24), (64, 48), (48, 32), (32, 48), (16, 48), (32, 48)]
 
 
-def run_stacked(steps, shard_state=False, params=None, load=None, first_step=0):
-    params = params if params is not None else make_params(STACKED_SHAPES, seed=11)
-    opt = Muon([{"params": params[:6], "stacks": [[0, 1, 2]]},
-                {"params": params[6:], "stacks": [[0, 1]], "splits": [[3, [32, 16, 32]]], "lr": 0.01,
-                 "weight_decay": 0.0}],
+def run_split(steps, shard_state=False, params=None, load=None, first_step=0):
+    params = params if params is not None else make_params(SPLIT_SHAPES, seed=11)
+    opt = Muon([{"params": params[:4]},
+                {"params": params[4:], "splits": [[2, [32, 16, 32]]], "lr": 0.01, "weight_decay": 0.0}],
                lr=0.02, momentum=0.95, weight_decay=0.1, shard_state=shard_state)
     if load is not None:
         opt.load_state_dict(load)
     for s in range(first_step, first_step + steps):
-        for p, g in zip(params, grads_for(STACKED_SHAPES, s)):
+        for p, g in zip(params, grads_for(SPLIT_SHAPES, s)):
             p.grad = g
         opt.step()
     return params, opt
 
 
-def _stacked_worker(rank, world_size, init_file, out_dir):
-    """Unsharded and sharded-state Muon with stacks; the sharded one's full_state_dict, saved by rank 0,
+def _split_worker(rank, world_size, init_file, out_dir):
+    """Unsharded and sharded-state Muon with a split weight; the sharded one's full_state_dict, saved by rank 0,
     is loaded by a fresh sharded optimizer on every rank, which then takes one more step."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
@@ -664,14 +605,14 @@ def _stacked_worker(rank, world_size, init_file, out_dir):
     real = muon.zeropower_via_newtonschulz5
     muon.zeropower_via_newtonschulz5 = lambda G, steps=5, eps=1e-7: calls.append(tuple(G.shape)) or real(G, steps, eps)
     try:
-        plain, _ = run_stacked(DIST_STEPS)
-        sharded, opt = run_stacked(DIST_STEPS, shard_state=True)
+        plain, _ = run_split(DIST_STEPS)
+        sharded, opt = run_split(DIST_STEPS, shard_state=True)
         owned = sorted(i for i, p in enumerate(sharded) if p in opt.state)
         full = opt.full_state_dict(to=0)
         if rank == 0:
             torch.save(full, os.path.join(out_dir, "full.pt"))
         dist.barrier()
-        resumed, opt2 = run_stacked(1, True, [torch.nn.Parameter(p.detach().clone()) for p in sharded],
+        resumed, opt2 = run_split(1, True, [torch.nn.Parameter(p.detach().clone()) for p in sharded],
                                     torch.load(os.path.join(out_dir, "full.pt")), DIST_STEPS)
         owned_after_load = sorted(i for i, p in enumerate(resumed) if p in opt2.state)
     finally:
@@ -683,18 +624,18 @@ def _stacked_worker(rank, world_size, init_file, out_dir):
     runtime.exit_distributed()  # (not a return: gloo's threads can abort Python's finalization)
 
 
-def test_distributed_with_stacks_equals_single_process(tmp_path):
-    """2 gloo ranks, stacks in both groups and a split weight: weights bit-identical to one process with and
-    without sharded state; a stack is one unit of work on one rank (each unit orthogonalized once in all, members
-    never alone); with shard_state a rank keeps exactly its units' momentum; full_state_dict gathers
-    it all and a sharded resume from it continues bit-identically."""
+def test_distributed_with_a_split_weight_equals_single_process(tmp_path):
+    """2 gloo ranks, two groups and a split weight: weights bit-identical to one process with and without
+    sharded state; a split weight is one unit of work on one rank (each block orthogonalized once in all); with
+    shard_state a rank keeps exactly its matrices' momentum; full_state_dict gathers it all and a sharded
+    resume from it continues bit-identically."""
     world = 2
-    mp.spawn(_stacked_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_split_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        params, opt = run_stacked(DIST_STEPS + 1)
-        ref3, opt3 = run_stacked(DIST_STEPS)
+        params, opt = run_split(DIST_STEPS + 1)
+        ref3, opt3 = run_split(DIST_STEPS)
     finally:
         torch.set_num_threads(threads)
     ref3 = [p.detach().clone() for p in ref3]
@@ -702,20 +643,20 @@ def test_distributed_with_stacks_equals_single_process(tmp_path):
     owners = opt3.owners(world)
     full = torch.load(tmp_path / "full.pt")
     flat = [p for g in opt3.param_groups for p in g["params"]]
-    assert sorted(full["state"]) == list(range(len(STACKED_SHAPES)))
+    assert sorted(full["state"]) == list(range(len(SPLIT_SHAPES)))
     for i, p in enumerate(flat):
         assert torch.equal(full["state"][i]["momentum_buffer"], opt3.state[p]["momentum_buffer"]), i
-    units = Counter()
+    pieces = Counter()
     for r, res in enumerate(results):
-        for i in range(len(STACKED_SHAPES)):
+        for i in range(len(SPLIT_SHAPES)):
             assert torch.equal(res["plain"][i], ref3[i]) and torch.equal(res["sharded"][i], ref3[i]), (r, i)
             assert torch.equal(res["resumed"][i], params[i].detach()), (r, i)
         mine = [i for i, p in enumerate(flat) if owners[p] == r]
         assert res["owned"] == res["owned_after_load"] == mine, r
-        for n, *shape in res["calls"]:  # a batched chain of n units
-            units[tuple(shape)] += n
-    # 2 runs of DIST_STEPS steps and one resumed step: every unit once per step over both ranks
-    assert units == Counter({s: n * (2 * DIST_STEPS + 1) for s, n in Counter(STACKED_UNITS).items()})
+        for n, *shape in res["calls"]:  # a batched chain of n matrices
+            pieces[tuple(shape)] += n
+    # 2 runs of DIST_STEPS steps and one resumed step: every matrix once per step over both ranks
+    assert pieces == Counter({s: n * (2 * DIST_STEPS + 1) for s, n in Counter(SPLIT_PIECES).items()})
     assert all(len(res["calls"]) > 0 for res in results)
 
 
