@@ -477,12 +477,9 @@ def fit_layers(mcfg, run, device) -> int:
 
 def train_section(device, args, rec):
     import dataclasses
-    import fp8
-    import muon
-    import mup
     import runtime
     import train
-    from tools.bench import device_peak, synchronize
+    from tools.bench import device_peak
     mcfg, run = shapes_config(device)
     tcfg = train.load_config([os.path.join(ROOT, "configs", "xmodel25.py")])["train"]
     n_layer = args.layers or (fit_layers(mcfg, run, device) if device.type == "cuda" else mcfg.n_layer)
@@ -493,69 +490,8 @@ def train_section(device, args, rec):
     g = torch.Generator().manual_seed(0)
     batches = [[torch.randint(0, mcfg.vocab_size, (B, T + 1), generator=g).to(device) for _ in range(accum)]
                for _ in range(args.steps + 2)]  # per optimizer step, its micro-batches
-    autocast = runtime.autocast(device, args.dtype)
-    peak = device_peak(device, "bf16")
-
-    def measure(cfg, compiled, mode):
-        model = mup.build_model(cfg, device)
-        if compiled:
-            model.compile_for_training(mode)
-        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
-        opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-        def step(micro, marks=None):  # as train.py's train_step: the micro-batches' gradients summed, one optimizer
-            # step; `marks` gets the time the forwards and backwards end
-            total = 0.0
-            for batch in micro:
-                with autocast:
-                    loss = model(batch[:, :-1], batch[:, 1:]) / len(micro)
-                loss.backward()
-                model.update_fp8_scales()
-                total = total + loss.detach()
-            if marks is not None:
-                synchronize(device)
-                marks.append(time.perf_counter())
-            opts.step()
-            opts.zero_grad()
-            return total
-
-        losses, times, fwd_bwd = [], [], []
-        casts, launches = count_calls("_cast_weight"), count_calls("_launch_cast")
-        try:
-            for micro in batches:
-                synchronize(device)
-                t0, marks = time.perf_counter(), []
-                loss = step(micro, marks)
-                synchronize(device)
-                times.append(time.perf_counter() - t0)
-                fwd_bwd.append(marks[0] - t0)
-                losses.append(float(loss))
-        finally:
-            weight_casts, cast_launches = casts.stop() / len(batches), launches.stop() / len(batches)
-        syncs = host_syncs(device, lambda: step(batches[-1]))  # one more step, after the timed ones
-        where = profile_step(device, lambda: step(batches[-1]))  # and one under the profiler
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(10):  # FP8: the delayed-scaling step every micro-batch pays (one batched update)
-            model.update_fp8_scales()
-        synchronize(device)
-        update_ms = (time.perf_counter() - t0) * 100 if cfg.fp8 else None
-        step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
-        fwd_bwd_s = sorted(fwd_bwd[2:])[len(fwd_bwd[2:]) // 2]
-        tok_s = B * T * accum / step_s
-        flops = model.flops_per_token(T) * tok_s
-        return dict(gemm=fp8.resolve_backend(device, cfg.fp8_backend) if cfg.fp8 else None, losses=losses,
-                    tokens_per_s=tok_s, step_ms=step_s * 1e3, fwd_bwd_ms=fwd_bwd_s * 1e3,
-                    fwd_bwd_tokens_per_s=B * T * accum / fwd_bwd_s, warmup_s=sum(times[:2]), tflops=flops / 1e12,
-                    mfu=flops / peak if peak else None, params=model.num_params(),
-                    host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
-                    update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts,
-                    cast_launches_per_step=cast_launches, compile_mode=mode,
-                    cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips,
-                    peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
-
+    setting = dict(tcfg=tcfg, batches=batches, device=device, autocast=runtime.autocast(device, args.dtype),
+                   peak=device_peak(device, "bf16"))
     runs = rec.setdefault("runs", {})
     for label in args.train_runs.split(","):
         over, flags, mode = TRAIN_RUNS[label]
@@ -566,7 +502,7 @@ def train_section(device, args, rec):
             try:
                 torch.manual_seed(0)
                 with fp8_switches(**flags):
-                    r.update(measure(cfg, compiled, mode), status="ok", compiled=compiled)
+                    r.update(train_run(cfg, compiled=compiled, mode=mode, **setting), status="ok", compiled=compiled)
                 if not all(math.isfinite(x) for x in r["losses"]):
                     r.update(status="failed", error="non-finite loss")
                 break
@@ -583,6 +519,77 @@ def train_section(device, args, rec):
                     torch.cuda.empty_cache()
                     r["left_allocated_gb"] = torch.cuda.memory_allocated(device) / 1e9
     judge_train_runs(runs)
+
+
+def train_run(cfg, tcfg, batches, device, autocast, peak, compiled, mode) -> dict:
+    """One of TRAIN_RUNS: a fresh model stepped over `batches` (each an optimizer step's micro-batches) as train.py
+    steps it; the median step after the first two (compilation, calibration), forward+backward alone, the losses,
+    the host syncs and the profile of one more step, the cast launches, the peak memory."""
+    import fp8
+    import muon
+    import mup
+    from tools.bench import synchronize
+    model = mup.build_model(cfg, device)
+    if compiled:
+        model.compile_for_training(mode)
+    skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    opts = muon.Optimizers(mup.param_groups(model, tcfg.lr, tcfg.emb_lr, tcfg.weight_decay), tcfg, "adamw")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step = lambda micro, marks=None: train_step(model, opts, autocast, device, micro, marks)  # noqa: E731
+    losses, times, fwd_bwd = [], [], []
+    casts, launches = count_calls("_cast_weight"), count_calls("_launch_cast")
+    try:
+        for micro in batches:
+            synchronize(device)
+            t0, marks = time.perf_counter(), []
+            loss = step(micro, marks)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+            fwd_bwd.append(marks[0] - t0)
+            losses.append(float(loss))
+    finally:
+        weight_casts, cast_launches = casts.stop() / len(batches), launches.stop() / len(batches)
+    syncs = host_syncs(device, lambda: step(batches[-1]))  # one more step, after the timed ones
+    where = profile_step(device, lambda: step(batches[-1]))  # and one under the profiler
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):  # FP8: the delayed-scaling step every micro-batch pays (one batched update)
+        model.update_fp8_scales()
+    synchronize(device)
+    update_ms = (time.perf_counter() - t0) * 100 if cfg.fp8 else None
+    step_s = sorted(times[2:])[len(times[2:]) // 2]  # the first two steps compile and calibrate
+    fwd_bwd_s = sorted(fwd_bwd[2:])[len(fwd_bwd[2:]) // 2]
+    tokens = batches[0][0].shape[0] * (batches[0][0].shape[1] - 1) * len(batches[0])
+    flops = model.flops_per_token(batches[0][0].shape[1] - 1) * tokens / step_s
+    return dict(gemm=fp8.resolve_backend(device, cfg.fp8_backend) if cfg.fp8 else None, losses=losses,
+                tokens_per_s=tokens / step_s, step_ms=step_s * 1e3, fwd_bwd_ms=fwd_bwd_s * 1e3,
+                fwd_bwd_tokens_per_s=tokens / fwd_bwd_s, warmup_s=sum(times[:2]), tflops=flops / 1e12,
+                mfu=flops / peak if peak else None, params=model.num_params(),
+                host_syncs_per_step=None if syncs is None else len(syncs), host_sync_sites=syncs,
+                update_fp8_scales_ms=update_ms, profile=where, weight_casts_per_step=weight_casts,
+                cast_launches_per_step=cast_launches, compile_mode=mode,
+                cudagraph_skips=torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] - skips,
+                peak_mem_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
+
+
+def train_step(model, opts, autocast, device, micro, marks=None):
+    """As train.py's train_step: the micro-batches' gradients summed, one optimizer step; `marks` gets the time the
+    forwards and backwards end. Returns the step's loss (on the device)."""
+    from tools.bench import synchronize
+    total = 0.0
+    for batch in micro:
+        with autocast:
+            loss = model(batch[:, :-1], batch[:, 1:]) / len(micro)
+        loss.backward()
+        model.update_fp8_scales()
+        total = total + loss.detach()
+    if marks is not None:
+        synchronize(device)
+        marks.append(time.perf_counter())
+    opts.step()
+    opts.zero_grad()
+    return total
 
 
 def judge_train_runs(runs: dict) -> None:
