@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tools import gpu_check
+from tools import gpu_check, gpu_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny steps, where more threads only wait at barriers
 
@@ -124,6 +124,13 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, monkeypatch):
                for x in trainer["results"])
     assert set(trainer["launches"]) == {"whole", "stopped", "resumed"} and trainer["checkpoint_read_s"] >= 0
     assert "| long16k | 1 | 2 x 128 | muon |" in md
+    # what the measurements choose (which way depends on this CPU's timings) and the goals measured here
+    suggested = {row[0] for row in gpu_report.settings(saved)}
+    assert {"fp8_layers", "compile_mode", "fp8.DIRECT_LAUNCH (module switch)", "attn_backend, gqa (the phases at 64)",
+            "fp8_margin"} <= suggested and ({"fp8", "fp8, fp8_backend"} & suggested)
+    assert "phases' mfu (the dry run's cost)" not in suggested  # no MFU without a GPU's peak
+    assert "## What these measurements suggest" in md and "| fp8_margin | default |" in md
+    assert "| FP8 follows bf16 on the fixed batch (fixed) | micro-batch 4 ok, micro-batch 8 ok |" in md
 
 
 def test_attn_section_times_every_kernel_and_records_the_ones_that_refuse(tmp_path):
@@ -255,8 +262,9 @@ def test_where_fp8_fails_the_fixed_section_names_the_culprit(tmp_path, monkeypat
         assert {k: v["status"] for k, v in x["bisect"].items()} == dict(
             eager="failed", no_weight_cache="ok", separate_casts="failed", other_gemm="failed", margin_1="failed")
         assert len(x["bisect"]["no_weight_cache"]["fp8"]) == 20
-    assert "eager failed, no_weight_cache ok, separate_casts failed, other_gemm failed, margin_1 failed" in \
-        (tmp_path / "gpu_check.md").read_text()
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "eager failed, no_weight_cache ok, separate_casts failed, other_gemm failed, margin_1 failed" in md
+    assert "| fp8.WEIGHT_CACHE (module switch) | False | FP8 failed the fixed batch at micro-batch 4 (" in md
 
 
 def test_count_calls_counts_the_fused_cast_launches(monkeypatch):
@@ -296,3 +304,86 @@ def test_host_syncs_lists_where_a_step_waited_for_the_gpu(monkeypatch):
         gpu_check.host_syncs(torch.device("cuda"), broken)
     assert modes[-1] == 0  # the debug mode is switched off whatever the step does
     assert gpu_check.host_syncs(torch.device("cpu"), lambda: None) is None
+
+
+def _record(train=None, attn=None, fixed=None, trainer=None):
+    sections = [dict(section=name, status="ok", **body) for name, body in
+                (("train", train), ("attn", attn), ("fixed", fixed), ("trainer", trainer)) if body is not None]
+    return dict(device="cuda", versions={}, command="python -m tools.gpu_check", sections=sections)
+
+
+def _run(tokens_per_s, gemm="torch", mfu=None):
+    return dict(status="ok", tokens_per_s=tokens_per_s, gemm=gemm, mfu=mfu)
+
+
+def _phase(name, optimizer, batch, seq_len, tokens_per_s, mfu):
+    return dict(phase=name, steps=3, seq_len=seq_len, batch=batch, optimizer=optimizer, tokens_per_s=tokens_per_s,
+                mfu=mfu)
+
+
+def test_the_report_turns_measurements_into_settings_and_goals():
+    """A setting leaves its default only where its run is faster by more than NOISE; each goal is met or not by its
+    measured value; what was not measured says so."""
+    record = _record(
+        train=dict(runs=dict(bf16=_run(100.0, None, 0.52), fp8_torch=_run(125.0), fp8_triton=_run(110.0, "triton"),
+                             fp8_torch_no_out=_run(130.0), fp8_torch_graphs=_run(126.0), fp8_torch_direct=_run(140.0),
+                             fp8_torch_uncached=dict(status="failed"))),
+        attn=dict(model=[dict(status="ok", micro_batch=2, seq_len=8192, backend="auto", gqa="native", n_layer=48,
+                              tokens_per_s=50.0),
+                         dict(status="ok", micro_batch=2, seq_len=8192, backend="cudnn", gqa="repeat", n_layer=48,
+                              tokens_per_s=65.0, speedup_vs_auto=1.3)]),
+        fixed=dict(results=[dict(micro_batch=4, status="ok", losses={}), dict(micro_batch=8, status="ok", losses={})]),
+        trainer=dict(results=[_phase("stable2", "adamw", 16, 3712, 100.0, 0.5),
+                              _phase("decay", "muon", 16, 3712, 90.0, 0.45),
+                              _phase("long8k", "muon", 4, 8192, 80.0, 0.42),
+                              _phase("long16k", "muon", 2, 16384, 70.0, 0.38)]))
+    got = {name: value for name, value, _ in gpu_report.settings(record)}
+    assert got == {"fp8, fp8_backend": "True, torch", "fp8_layers": '"qkv,gate_up,down"', "compile_mode": "default",
+                   "fp8.DIRECT_LAUNCH (module switch)": "True",
+                   "attn_backend, gqa (the phases at 8192)": "cudnn, repeat", "fp8_margin": "default",
+                   "phases' mfu (the dry run's cost)": "stable2 0.50, decay 0.45, long8k 0.42, long16k 0.38"}
+    goals = {g[0]: (g[1], g[3]) for g in gpu_report.goals(record)}
+    assert goals == {"FP8 tokens/s over bf16's (train: the fastest FP8 run)": ("x1.40", "met"),
+                     "bf16 MFU (train)": ("52.0%", "met"),
+                     "the Muon step over the AdamW step, same batch (trainer: decay vs stable2)": ("x1.11", "met"),
+                     "MFU at 8192 tokens (trainer)": ("42.0%", "met"),
+                     "MFU at 16384 tokens (trainer)": ("38.0%", "not met"),
+                     "FP8 follows bf16 on the fixed batch (fixed)": ("micro-batch 4 ok, micro-batch 8 ok", "met")}
+    md = gpu_report.markdown(record)
+    assert "| compile_mode | default | fp8_torch_graphs: x1.01 the tokens/s of fp8_torch |" in md
+    assert "| MFU at 16384 tokens (trainer) | 38.0% | >= 40.0% | not met |" in md
+
+    # FP8 slower than bf16, and failing the fixed batch: where one variant alone passes, its setting; else fp8 off
+    bisect = dict(eager=dict(status="failed"), margin_1=dict(status="ok"), other_gemm=dict(status="ok"),
+                  separate_casts="not run: the time box")
+    record = _record(train=dict(runs=dict(bf16=_run(100.0), fp8_torch=_run(99.0))),
+                     fixed=dict(other_gemm="triton", results=[
+                         dict(micro_batch=4, status="failed", problem="fp8 climbs back at step 9", bisect=bisect,
+                              losses={}),
+                         dict(micro_batch=8, status="failed", problem="a run did not finish", bisect={},
+                              losses={})]))
+    rows = gpu_report.settings(record)
+    assert [(name, value) for name, value, _ in rows] == [("fp8", "False"), ("fp8_margin", "1"),
+                                                          ("fp8_backend", "triton"), ("fp8", "False")]
+    assert rows[1][2] == ("FP8 failed the fixed batch at micro-batch 4 (fp8 climbs back at step 9); margin_1 alone "
+                          "follows bf16")
+    assert rows[3][2].endswith("no single variant follows bf16")
+    goals = {g[0]: g[3] for g in gpu_report.goals(record)}
+    assert goals["FP8 tokens/s over bf16's (train: the fastest FP8 run)"] == "not met"
+    assert goals["bf16 MFU (train)"] == "not measured"
+    assert goals["FP8 follows bf16 on the fixed batch (fixed)"] == "not met"
+
+    # nothing that settles a setting or a goal: no such tables
+    md = gpu_report.markdown(_record())
+    assert "What these measurements suggest" not in md and "## Goals" not in md
+
+
+def test_gpu_report_rewrites_the_page_from_a_record(tmp_path):
+    record = _record(train=dict(runs=dict(bf16=dict(status="ok", tokens_per_s=100.0, mfu=0.5))))
+    (tmp_path / "gpu_check.json").write_text(json.dumps(record))
+    gpu_report.main([str(tmp_path / "gpu_check.json")])
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md == gpu_report.markdown(record) and "| bf16 MFU (train) | 50.0% | >= 50.0% | met |" in md
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bad.json: not a gpu_check record"):
+        gpu_report.main([str(tmp_path / "bad.json")])

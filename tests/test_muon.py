@@ -12,7 +12,6 @@ import datetime
 import io
 import math
 import os
-import sys
 from collections import Counter
 
 import pytest
@@ -20,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import muon  # noqa: E402
-import runtime  # noqa: E402
-from muon import Muon, newton_schulz_flops, shard_by_shape, update_scale, zeropower_via_newtonschulz5  # noqa: E402
+import muon
+import runtime
+from muon import Muon, newton_schulz_flops, shard_by_shape, update_scale, zeropower_via_newtonschulz5
 
 BAND = (0.66, 1.23)
 X_MIN = 2e-3  # normalized singular values above this reach the band in 5 steps

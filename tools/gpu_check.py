@@ -74,6 +74,8 @@ import warnings
 
 import torch
 
+from tools import gpu_report
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("sm90", "kernel", "gemm", "train", "ns", "attn", "dist", "fixed", "trainer")
 # s; the first seven fit one 10-minute command on an H100 ("fixed" and "trainer" come last, so that the --budget_s
@@ -1011,7 +1013,7 @@ def fixed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, comp
     import dataclasses
     over = dict(fp8=label != "bf16")
     if variant == "other_gemm":
-        over["fp8_backend"] = "triton" if mcfg.fp8_backend == "torch" else "torch"
+        over["fp8_backend"] = other_gemm(mcfg.fp8_backend)
     if variant == "margin_1":
         over["fp8_margin"] = 1
     cfg = dataclasses.replace(mcfg, n_layer=n_layer, max_seq_len=max(mcfg.max_seq_len, T), **over)
@@ -1037,6 +1039,10 @@ def fixed_run(label, mcfg, n_layer, T, tcfg, batch, device, autocast, args, comp
                     torch.cuda.empty_cache()
 
 
+def other_gemm(backend: str) -> str:
+    return "triton" if backend == "torch" else "torch"
+
+
 def fixed_section(device, args, rec):
     """FP8 (the config's GEMM) against bf16 on one fixed batch of random tokens per micro-batch size, same init:
     every step within FIXED_BATCH_RTOL, both below FIXED_BATCH_DROP x the first loss at the end, no step more
@@ -1052,7 +1058,8 @@ def fixed_section(device, args, rec):
     compile_ = args.compile == "on" or (args.compile == "auto" and cuda)
     autocast = runtime.autocast(device, args.dtype)
     rec.update(n_layer=n_layer, hidden=mcfg.hidden, seq_len=T, steps=args.fixed_steps, compiled=compile_,
-               dtype=args.dtype, lr=tcfg.lr, emb_lr=tcfg.emb_lr, rtol=FIXED_BATCH_RTOL, drop=FIXED_BATCH_DROP)
+               dtype=args.dtype, lr=tcfg.lr, emb_lr=tcfg.emb_lr, rtol=FIXED_BATCH_RTOL, drop=FIXED_BATCH_DROP,
+               other_gemm=other_gemm(mcfg.fp8_backend))
     rows, t0, longest = rec.setdefault("results", []), time.perf_counter(), 0.0
 
     def timed_run(*a):
@@ -1215,207 +1222,6 @@ def run_section(name, device, args, seconds_left=math.inf) -> dict:
     return rec
 
 
-def markdown(report: dict) -> str:
-    lines = [f"# GPU check ({report['device']})", "", f"`{report['command']}`", "",
-             "| section | status | seconds | summary |", "|---|---|---:|---|"]
-    for r in report["sections"]:
-        lines.append(f"| {r['section']} | {r['status']} | {r.get('seconds', '')} | {summary(r)} |")
-    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
-    for r in report["sections"]:
-        if r.get("error"):
-            lines += [f"**{r['section']}**: {r['error']}", ""]
-        head, rows = details(r)
-        for title, (head, rows) in [(r["section"], (head, rows))] + more_details(r):
-            if rows:
-                lines += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows] + [""]
-    return "\n".join(lines)
-
-
-def _ratio_of(rows, kernel, fast):
-    got = [x["error_over_bound"] for x in rows if x.get("kernel") == kernel and x.get("fast_accum") == fast
-           and "error_over_bound" in x]
-    return f"{max(got):.2g}" if got else "-"
-
-
-def summary(r: dict) -> str:
-    """One line per section for the table at the top of gpu_check.md (details() has the rest)."""
-    s, res = r["section"], r.get("results", [])
-    if s == "sm90":
-        cast = r.get("cast", [])
-        return (f"{sum(x['status'] == 'ok' for x in res)} of {len(res)} compilations ok; most registers "
-                + ", ".join(f"{g} {max(x.get('reg', 0) for x in res if x['gemm'] == g)}"
-                            for g in dict.fromkeys(x["gemm"] for x in res))
-                + (f"; cast kernel {sum(x['status'] == 'ok' for x in cast)} of {len(cast)} ok, most registers "
-                   f"{max(x.get('reg', 0) for x in cast)}" if cast else ""))
-    if s == "kernel":
-        return (f"{sum(x['status'] == 'ok' for x in res)} of {len(res)} ok; worst error / fp32 bound: triton "
-                f"{_ratio_of(res, 'triton', False)} (fast {_ratio_of(res, 'triton', True)}), torch "
-                f"{_ratio_of(res, 'torch', False)} (fast {_ratio_of(res, 'torch', True)})")
-    if s == "gemm":
-        def mean_speedup(col):
-            got = [x[col] / x["bf16_mm_tflops"] for x in res if col in x and x.get("bf16_mm_tflops")]
-            return f"x{math.exp(sum(map(math.log, got)) / len(got)):.3g}" if got else "-"
-        cast, layers = r.get("cast", []), r.get("layers", [])
-        timed = [x["speedup"] for x in cast if "speedup" in x]
-        return (f"FP8 vs bf16 torch.mm, geometric mean of {len(res)} GEMMs: triton {mean_speedup('triton_fp8_tflops')}"
-                f", torch._scaled_mm {mean_speedup('torch_scaled_mm_tflops')}"
-                + (f"; fused cast vs separate ops x{math.exp(sum(map(math.log, timed)) / len(timed)):.3g}, "
-                   f"{sum(x['bit_equal'] for x in cast)} of {len(cast)} bit-equal" if timed else "")
-                + ("; layer fwd+bwd FP8 (cuBLASLt) vs bf16: " + ", ".join(
-                    f"{x['fp8_layers_name']} x{x['fp8_torch_vs_bf16']:.2f}" for x in layers if "fp8_torch_vs_bf16" in x)
-                   if layers else ""))
-    if s == "train":
-        return f"{r.get('n_layer')} layers x {r.get('hidden')}, {r.get('micro_batch')} x {r.get('seq_len')}: " + "; ".join(
-            f"{k} {v.get('status')}" + (" (eager)" if v.get("compiled") is False and r.get("compiled") else "")
-            + (f" {v['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in v else "")
-            + (f" MFU {100 * v['mfu']:.1f}%" if v.get("mfu") else "")
-            for k, v in r.get("runs", {}).items())
-    if s == "ns":
-        return (f"{r.get('ms_per_step_one_device', float('nan')):.1f} ms per step for {r.get('matrices')} matrices one "
-                f"by one, {r.get('batched_ms_per_step_one_device', float('nan')):.1f} ms batched by shape")
-    if s == "attn":
-        return attn_summary(r)
-    if s == "dist":
-        return (f"{r.get('backend')}: DDP grad diff {r.get('ddp_max_grad_diff')}, amax all-reduce equal "
-                f"{r.get('amax_all_reduce_equal')} ({r.get('amax_layers')} layers)")
-    if s == "trainer":
-        return (f"{r.get('steps')} steps, stopped at {r.get('stopped_at')} and resumed: losses <= "
-                f"{r.get('resume_max_loss_diff', float('nan')):.2g} from the uninterrupted run's; checkpoint read "
-                f"{r.get('checkpoint_read_s')} s; " + ", ".join(
-                    f"{x['phase']} {x['tokens_per_s']:.0f} tok/s" + (f" MFU {100 * x['mfu']:.1f}%" if x["mfu"] else "")
-                    for x in res))
-    if s == "fixed":
-        return f"{r.get('n_layer')} layers x {r.get('hidden')}, {r.get('steps')} steps: " + "; ".join(
-            f"micro-batch {x['micro_batch']} {x['status']}" + (f", steps <= {x['max_rel_diff']:.2g} apart"
-                                                               if "max_rel_diff" in x else "") for x in res)
-    return ""
-
-
-def attn_summary(r: dict) -> str:
-    """The attn section's line: per seq_len what auto ran and the fastest case; the whole model, auto vs that."""
-    res, parts = r.get("results", []), []
-    for T in dict.fromkeys(x["seq_len"] for x in res):
-        mine = [x for x in res if x["seq_len"] == T and x["status"] == "ok"]
-        auto = next((x for x in mine if x["backend"] == "auto" and x["gqa"] == "native"), None)
-        best = min(mine, key=lambda x: x["ms"], default=None)
-        if auto and best:
-            parts.append(f"{T}: auto ran {auto.get('ran')} {auto['tflops']:.3g} TFLOP/s, fastest {best['backend']}/"
-                         f"{best['gqa']} {best['tflops']:.3g}")
-    for x in r.get("model", []):
-        parts.append(f"model {x['micro_batch']} x {x['seq_len']} {x['backend']}/{x['gqa']} " + (
-            f"{x['tokens_per_s']:.0f} tok/s" + (f" MFU {100 * x['mfu']:.1f}%" if x.get("mfu") else "")
-            if x["status"] == "ok" else x["status"]))
-    return "; ".join(parts)
-
-
-def details(r: dict) -> tuple[list, list]:
-    """(header, rows) of a section's table in gpu_check.md: every measured case, not only the summary."""
-    s, res = r["section"], r.get("results", [])
-    num = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-"  # noqa: E731
-    if s == "kernel":
-        return (["kernel", "operands", "layout", "M x K x N", "accumulation", "status", "error / fp32 bound"],
-                [[x["kernel"], x.get("dtype") or f"{x['a']} x {x['b']}", x.get("layout", "-"),
-                  "x".join(map(str, x.get("shape", []))) or "-",
-                  {True: "fast", False: "split"}.get(x.get("fast_accum"), "-"), x["status"],
-                  num(x.get("error_over_bound"), ".3g") if "error_over_bound" in x else
-                  x.get("error", "/".join(f"{e:.2g}" for e in x.get("rel_err_loss_dh_dw", [])))] for x in res])
-    if s == "gemm":
-        cols = ("bf16_mm", "triton_fp8", "torch_scaled_mm", "triton_fp8_fast")
-        return (["layer", "gemm", "M x K x N", *(c + " TFLOP/s" for c in cols)],
-                [[x["layer"], x["gemm"], f"{x['M']}x{x['K']}x{x['N']}",
-                  *(num(x.get(c + "_tflops"), ".4g") if c + "_tflops" in x else x.get(c + "_error", "-")
-                    for c in cols)] for x in res])
-    if s == "train":
-        return (["run", "status", "compiled", "GEMM", "tokens/s", "step ms", "fwd+bwd ms", "MFU %", "peak GB",
-                 "vs bf16",
-                 "mean loss diff", "weight casts / step", "cast launches / step", "host syncs",
-                 "GEMM / attention / other ms"],
-                [[k, v.get("status"), str(v.get("compiled")) + (
-                    f" {v['compile_mode']}, {v['cudagraph_skips']} graph skips"
-                    if v.get("compile_mode", "default") != "default" else ""),
-                  v.get("gemm") or "bf16", num(v.get("tokens_per_s"), ".0f"),
-                  num(v.get("step_ms"), ".1f"), num(v.get("fwd_bwd_ms"), ".1f"),
-                  num(100 * v["mfu"], ".1f") if v.get("mfu") else "-",
-                  num(v.get("peak_mem_gb"), ".1f"), num(v.get("speedup_vs_bf16"), ".2f")
-                  + (f" ({v['speedup_vs_uncached']:.2f} vs uncached)" if "speedup_vs_uncached" in v else ""),
-                  num(v.get("mean_loss_rel_diff_vs_bf16"), ".2g"), num(v.get("weight_casts_per_step"), ".3g"),
-                  num(v.get("cast_launches_per_step"), ".4g"),
-                  num(v.get("host_syncs_per_step"), "d"),
-                  " / ".join(num(v["profile"]["ms"][c], ".1f") for c in ("gemm", "attention", "other"))
-                  if v.get("profile") else "-"]
-                 for k, v in r.get("runs", {}).items()])
-    if s == "fixed":
-        peak = lambda use: " / ".join(f"{max(u[i] for u in use):.3g}" for i in range(3)) if use else "-"  # noqa: E731
-        verdict = lambda v: v if isinstance(v, str) else v["status"]  # noqa: E731
-        return (["micro-batch", "status", "first loss", "bf16 last / first", "fp8 last / first", "max step diff",
-                 "fp8 largest range use x / W / dY", "where FP8 failed: each variant alone"],
-                [[x["micro_batch"], x["status"], num(x["losses"].get("bf16", [None])[0], ".4g"),
-                  *(num(x.get("final_over_first", {}).get(k), ".3f") for k in ("bf16", "fp8")),
-                  num(x.get("max_rel_diff"), ".2g"), peak(x.get("range_use", {}).get("fp8")),
-                  ", ".join(f"{k} {verdict(v)}" for k, v in x.get("bisect", {}).items()) or "-"] for x in res])
-    if s == "attn":
-        return (["seq_len x micro-batch", "backend", "K/V", "status", "ms fwd+bwd", "TFLOP/s", "auto ran",
-                 "vs auto", "longest kernels / why not"],
-                [[f"{x['seq_len']} x {x['micro_batch']}", x["backend"], x["gqa"], x["status"], num(x.get("ms"), ".4g"),
-                  num(x.get("tflops"), ".4g"), x.get("ran", "-"), num(x.get("rel_err_vs_auto"), ".2g"),
-                  x.get("reasons") or x.get("error") or ", ".join(k[:60] for k in x.get("kernels", [])) or "-"]
-                 for x in res])
-    if s == "trainer":
-        return (["phase", "steps", "batch x seq", "optimizer", "tokens/s", "MFU %", "FP8 range use x / W / dY"],
-                [[x["phase"], x["steps"], f"{x['batch']} x {x['seq_len']}", x["optimizer"],
-                  num(x["tokens_per_s"], ".0f"), num(100 * x["mfu"], ".1f") if x["mfu"] else "-",
-                  " / ".join(f"{v:.3g}" for v in x["fp8_range"].values()) if x.get("fp8_range") else "-"]
-                 for x in res])
-    return [], []
-
-
-def more_details(r: dict) -> list:
-    """[(title, (header, rows))] of a section's further tables in gpu_check.md (the fused cast, the layers)."""
-    num = lambda v, fmt: format(v, fmt) if isinstance(v, (int, float)) and v is not None else "-"  # noqa: E731
-    s, out = r["section"], []
-    if s == "sm90" and r.get("cast"):
-        out.append(("sm90: the fused cast kernel", (
-            ["launch", "x", "fp8", "status", "registers", "spills", "shared", "rounding adds", "div.rn"],
-            [[x["launch"], x["x"], x["fp8"], x["status"] + (f" {x.get('problems') or x.get('error')}"
-                                                            if x["status"] != "ok" else ""),
-              x.get("reg", "-"), x.get("local", 0) + x.get("stack", 0), x.get("shared", "-"),
-              x.get("rounding_adds", "-"), x.get("div_rn", "-")] for x in r["cast"]])))
-    if s == "gemm" and r.get("cast"):
-        out.append(("gemm: the fused cast vs the separate ops", (
-            ["layer", "tensor", "fp8", "M x N", "bit-equal", "fused ms", "separate ms", "speedup", "fused GB/s"],
-            [[x["layer"], x["tensor"], x["fp8"], f"{x['M']}x{x['N']}", x["bit_equal"], num(x.get("fused_ms"), ".4g"),
-              num(x.get("separate_ms"), ".4g"), num(x.get("speedup"), ".2f"), num(x.get("fused_gb_s"), ".4g")]
-             for x in r["cast"]])))
-    if s == "attn" and r.get("model"):
-        out.append(("attn: the whole model, forward + backward (eager)", (
-            ["micro-batch x seq_len", "layers", "backend", "K/V", "status", "step ms", "tokens/s", "MFU %", "vs auto"],
-            [[f"{x['micro_batch']} x {x['seq_len']}", x["n_layer"], x["backend"], x["gqa"], x["status"]
-              + (f" {x['error']}" if x.get("error") else ""), num(x.get("step_ms"), ".1f"),
-              num(x.get("tokens_per_s"), ".0f"), num(100 * x["mfu"], ".1f") if x.get("mfu") else "-",
-              num(x.get("speedup_vs_auto"), ".2f")] for x in r["model"]])))
-    if s == "gemm" and r.get("layers"):
-        out.append(("gemm: each block linear, forward + backward", (
-            ["fp8_layers", "M x K x N", "bf16 ms", "FP8 cuBLASLt ms (cold)", "vs bf16", "FP8 Triton ms (cold)",
-             "vs bf16"],
-            [[x["fp8_layers_name"], f"{x['M']}x{x['K']}x{x['N']}", num(x["bf16_ms"], ".4g")]
-             + [f"{num(x.get(f'fp8_{k}_ms'), '.4g')} ({num(x.get(f'fp8_{k}_cold_ms'), '.4g')})"
-                if f"fp8_{k}_ms" in x else x.get(f"fp8_{k}_error", "-") for k in ("torch",)]
-             + [num(x.get("fp8_torch_vs_bf16"), ".2f")]
-             + [f"{num(x.get('fp8_triton_ms'), '.4g')} ({num(x.get('fp8_triton_cold_ms'), '.4g')})"
-                if "fp8_triton_ms" in x else x.get("fp8_triton_error", "-"), num(x.get("fp8_triton_vs_bf16"), ".2f")]
-             for x in r["layers"]])))
-    return out
-
-
-def write(report: dict, out: str) -> None:
-    from runtime import atomic_write
-    with atomic_write(os.path.join(out, "gpu_check.json")) as f:
-        json.dump(report, f, indent=1, default=str)
-    with atomic_write(os.path.join(out, "gpu_check.md")) as f:
-        f.write(markdown(report))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m tools.gpu_check",
@@ -1468,8 +1274,8 @@ def main(argv=None):
         print(f"[gpu_check] {name} ...", flush=True)
         rec = run_section(name, device, args, deadline - time.perf_counter())
         report["sections"].append(rec)
-        write(report, args.out)
-        print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s  {summary(rec)[:300]}"
+        gpu_report.write(report, args.out)
+        print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']} s  {gpu_report.summary(rec)[:300]}"
               + (f"\n  {rec['error'][:500]}" if rec.get("error") else ""), flush=True)
     return report
 
