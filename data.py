@@ -746,7 +746,9 @@ def _probe(path: Path) -> None:
 
 def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
     """Files of one source: explicit files as given, directories scanned recursively (sorted); a scan
-    reports on stderr what it skipped and why, one line per suffix."""
+    reports on stderr what it skipped and why, one line per suffix. Paths are made absolute, not resolved: a
+    symlink keeps its own name, which says how to read it and keys its documents (a Hugging Face cache's
+    snapshot links each data/*.parquet to a blob named by its hash)."""
     files: list[Path] = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         p = Path(p).expanduser()
@@ -763,7 +765,7 @@ def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
             files.append(p)
         else:
             raise FileNotFoundError(f"source {name!r}: input {str(p)!r} does not exist")
-    return [f.resolve() for f in files]
+    return [Path(os.path.abspath(f)) for f in files]
 
 
 def _scan(root: Path) -> tuple[list[Path], collections.Counter]:

@@ -445,6 +445,26 @@ def test_formats_as_they_arrive(tmp_path, tok, capsys):
     assert "extra.jsonl.zst: line 1: a record needs a string 'content' field" in capsys.readouterr().err
 
 
+@needs_pyarrow
+def test_a_hugging_face_cache_snapshot_of_symlinks_to_blobs(tmp_path, tok):
+    """The hub's cache links snapshots/REV/data/train-*.parquet to blobs/SHA256 (no suffix): a file is read
+    and keyed by its link's name, not its target's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    snap, blobs = tmp_path / "snapshots" / "rev" / "data", tmp_path / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for k in range(2):
+        pq.write_table(pa.table({"content": DOCS_B[3 * k:3 * k + 3]}), blobs / f"{k}abc")
+        (snap / f"train-0000{k}-of-00002.parquet").symlink_to(blobs / f"{k}abc")
+    data.prepare({"web": str(snap.parent)}, tmp_path / "ds", text_key="content", workers=1, progress=False)
+    m = data.read_manifest(tmp_path / "ds")
+    assert [Path(i["path"]).name for i in m["sources"]["web"]["inputs"]] == ["train-00000-of-00002.parquet",
+                                                                             "train-00001-of-00002.parquet"]
+    assert [i["read_as"] for i in m["sources"]["web"]["inputs"]] == ["parquet", "parquet"]
+    assert sorted(documents_of(tmp_path / "ds", "web", tok)) == sorted(DOCS_B[:6])
+
+
 def test_a_file_that_is_neither_text_nor_its_format_names_the_file_and_the_line(tmp_path):
     """Never one giant document of raw bytes or raw JSON: each is an error naming the file and the line."""
     import gzip
