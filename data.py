@@ -61,6 +61,7 @@ import ast
 import base64
 import codecs
 import collections
+import concurrent.futures
 import contextlib
 import fractions
 import functools
@@ -1014,9 +1015,8 @@ def _tokenize_into(tasks: list[_Task], tmp: Path, tok: Tokenizer, names, heldout
     args = ((t, k, tok.spec, heldout_frac, str(tmp)) for k, t in enumerate(tasks))
     with contextlib.ExitStack() as stack:
         if workers > 1 and total >= POOL_MIN_BYTES:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
-                workers, _init_worker, (max(1, cores // workers),)))
-            results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
+            pool = stack.enter_context(_worker_pool(workers, max(1, cores // workers)))
+            results = _ordered_results(pool.map(_tokenize_task, args), tasks)  # ordered: the output is deterministic
         else:
             results = map(_tokenize_task, args)
         last = t0
@@ -1040,6 +1040,35 @@ def _tokenize_into(tasks: list[_Task], tmp: Path, tok: Tokenizer, names, heldout
         if st["max_token_id"] >= tok.n_vocab:
             raise ValueError(f"source {name!r}: tokenizer produced id {st['max_token_id']} >= n_vocab {tok.n_vocab}")
     return stats
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, threads: int):
+    """A spawn pool of `workers` processes that fails rather than hangs: a worker that dies (the out-of-memory
+    killer) breaks a concurrent.futures pool, where multiprocessing.Pool would wait for its task forever. On
+    any error the workers are stopped at once, not left to finish their files first."""
+    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
+                                                  (threads,))
+    try:
+        yield pool
+    except BaseException:
+        for proc in list((pool._processes or {}).values()):
+            proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ordered_results(results: Iterable, tasks: list[_Task]) -> Iterable:
+    """The pool's results in task order; a worker's death is an error naming the file awaited."""
+    done = 0
+    try:
+        for result in results:
+            yield result
+            done += 1
+    except concurrent.futures.BrokenExecutor:
+        raise ChildProcessError(f"a worker process died (killed: out of memory?) while {tasks[done].path} or a file "
+                                f"after it was being tokenized; fewer --workers need less memory") from None
 
 
 def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,

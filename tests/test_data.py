@@ -205,6 +205,15 @@ def test_parallel_workers_give_identical_shards(tmp_path, corpus, monkeypatch):
                    [s["sha256"] for s in m2["sources"][name]["splits"][split]["shards"]]
 
 
+def test_a_worker_that_dies_is_an_error_naming_the_file_not_a_hang(tmp_path):
+    """A worker killed mid-file (the out-of-memory killer; here one that exits) fails the preparation with a
+    line naming the file awaited; multiprocessing.Pool would have waited for its result forever."""
+    task = data._Task("s", str(tmp_path / "big.jsonl"), "big.jsonl", "text", None, 1)
+    with pytest.raises(ChildProcessError, match=r"worker process died .*big.jsonl or a file after it"):
+        with data._worker_pool(1, 1) as pool:
+            list(data._ordered_results(pool.map(os._exit, [3]), [task]))
+
+
 def test_reuse_and_rebuild(tmp_path):
     src = tmp_path / "t"
     src.mkdir()
