@@ -700,12 +700,43 @@ def _decompressed(path: str):
             f = gzip.GzipFile(fileobj=raw)
         elif path.endswith(".zst"):
             zstd = _need("zstandard", path, "zstandard")
-            f, errors = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), \
-                errors + (zstd.ZstdError,)
+            f, errors = io.BufferedReader(_ZstdFrames(raw, zstd)), errors + (zstd.ZstdError,)
         try:
             yield raw, f
         except errors as e:
             raise ValueError(f"{path}: not a readable {Path(path).suffix} file ({e})") from None
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames decompressed one after another, as a stream. zstandard's own stream reader ends
+    quietly where a truncated file stops (a part download: the documents after the cut silently lost); here
+    a file that ends inside a frame is an error."""
+
+    def __init__(self, raw, zstd):
+        self.raw, self.zstd, self.frame, self.out = raw, zstd, None, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.out:
+            data = self.raw.read(1 << 18)
+            if not data:
+                if self.frame is not None:
+                    raise self.zstd.ZstdError("the file ends inside a frame: truncated")
+                return 0
+            self.out = memoryview(self._decompress(data))
+        n = min(len(b), len(self.out))
+        b[:n], self.out = self.out[:n], self.out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:  # a frame's end leaves the next frame's first bytes unused
+            self.frame = self.frame or self.zstd.ZstdDecompressor().decompressobj()
+            out.append(self.frame.decompress(data))
+            data, self.frame = (self.frame.unused_data, None) if self.frame.eof else (b"", self.frame)
+        return b"".join(out)
 
 
 def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tuple[str, str, int]]:

@@ -495,6 +495,22 @@ def test_a_file_that_is_neither_text_nor_its_format_names_the_file_and_the_line(
         data.prepare({"s": str(tmp_path / "only")}, tmp_path / "ds", workers=1, progress=False)
 
 
+@needs_zstandard
+def test_a_truncated_zst_is_an_error_not_its_first_frames(tmp_path, tok):
+    """A .zst cut short (a part download) names the file, even where its first frames are whole: zstandard's
+    stream reader stops quietly there, and the documents after the cut would be lost without a word."""
+    import zstandard
+    c = zstandard.ZstdCompressor()
+    frames = [c.compress("".join(json.dumps({"text": d}) + "\n" for d in DOCS_A[k:k + 5]).encode()) for k in (0, 5)]
+    (tmp_path / "whole.jsonl.zst").write_bytes(b"".join(frames))
+    data.prepare({"s": str(tmp_path / "whole.jsonl.zst")}, tmp_path / "ds", workers=1, progress=False)
+    assert documents_of(tmp_path / "ds", "s", tok) == DOCS_A[:10]
+    for cut in (len(frames[0]) + 10, len(frames[0]) + len(frames[1]) - 3, 10):
+        (tmp_path / "cut.jsonl.zst").write_bytes(b"".join(frames)[:cut])
+        with pytest.raises(ValueError, match=r"cut.jsonl.zst: not a readable .zst file \(the file ends inside a frame"):
+            data.prepare({"s": str(tmp_path / "cut.jsonl.zst")}, tmp_path / "ds2", workers=1, progress=False)
+
+
 def test_missing_optional_reader_names_the_file_and_the_install(tmp_path, monkeypatch):
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     (tmp_path / "x.jsonl.zst").write_bytes(b"")
