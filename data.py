@@ -690,15 +690,21 @@ def _parquet_documents(path: str, key: str, text_key: str) -> Iterable[tuple[str
         yield f"{key}@{row}", _record_text({col: value}, text_key, f"{path}: row {row}"), size * row // n
 
 
+def _compression(path) -> str:
+    """".gz", ".zst" or "": how a file is compressed, by its name in any case, as `read_as` reads names."""
+    name = str(path).lower()
+    return next((c for c in COMPRESSED_SUFFIXES if name.endswith(c)), "")
+
+
 @contextlib.contextmanager
 def _decompressed(path: str):
     """(the file, its bytes decompressed on the fly for .gz / .zst); a damaged or truncated compressed file
     is an error naming it."""
     with open(path, "rb") as raw:
         f, errors = raw, (EOFError, gzip.BadGzipFile)
-        if path.endswith(".gz"):
+        if _compression(path) == ".gz":
             f = gzip.GzipFile(fileobj=raw)
-        elif path.endswith(".zst"):
+        elif _compression(path) == ".zst":
             zstd = _need("zstandard", path, "zstandard")
             f, errors = io.BufferedReader(_ZstdFrames(raw, zstd)), errors + (zstd.ZstdError,)
         try:
@@ -830,7 +836,8 @@ SPLITS = ("train", "heldout")
 def _doc_key(path: Path, root: str) -> str:
     """A file's part of its documents' keys: its path relative to the source's root, without .gz/.zst, so a
     file and its compressed copy split alike, and a part of a sharded preparation keys as the whole does."""
-    return os.path.relpath(path, root).removesuffix(".gz").removesuffix(".zst")
+    rel = os.path.relpath(path, root)
+    return rel[:len(rel) - len(_compression(rel))]
 
 
 def _tokenize_task(args) -> tuple:
@@ -1137,7 +1144,7 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
         for f in files:  # a missing dependency or column is an error now, not hours into the run
             if read_as(f) == "parquet":
                 _parquet_column(str(f), key)
-            elif f.name.endswith(".zst"):
+            elif _compression(f) == ".zst":
                 _need("zstandard", f, "zstandard")
             tasks.append(_Task(name, str(f), _doc_key(f, root), key, None, f.stat().st_size))
     extra = {"part": {"index": shard[0], "of": shard[1], "sources": parts}} if shard is not None else None
