@@ -663,7 +663,8 @@ def _record_text(obj, key: str, where: str) -> str:
 
 def _parquet_column(path: str, key: str) -> str:
     """The column to read: `key`, else a chat "messages" column; an error names the file and column."""
-    names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
+    with _parquet_errors(path):
+        names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
     if key not in names and "messages" not in names:
         raise ValueError(f"{path}: no column {key!r} (it has {names}); choose one with --text-key")
     return key if key in names else "messages"
@@ -683,11 +684,24 @@ def _documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, i
 
 
 def _parquet_documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
-    pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, text_key)
-    n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
-    rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
-    for row, value in enumerate(rows):  # a row group in memory at a time, at most
-        yield f"{key}@{row}", _record_text({col: value}, text_key, f"{path}: row {row}"), size * row // n
+    col = _parquet_column(path, text_key)
+    with _parquet_errors(path):
+        pf = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path)
+        n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
+        rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
+        for row, value in enumerate(rows):  # a row group in memory at a time, at most
+            yield f"{key}@{row}", _record_text({col: value}, text_key, f"{path}: row {row}"), size * row // n
+
+
+@contextlib.contextmanager
+def _parquet_errors(path: str):
+    """A damaged Parquet file (a download cut short, a string column that is not UTF-8) is an error naming it;
+    pyarrow's own messages do not, which leaves a user of 2048 files guessing."""
+    pa = _need("pyarrow", path, "pyarrow")
+    try:
+        yield
+    except (pa.ArrowException, UnicodeDecodeError, OSError) as e:  # pyarrow raises a bare OSError for bad pages
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
 
 
 def _compression(path) -> str:

@@ -495,6 +495,24 @@ def test_a_file_that_is_neither_text_nor_its_format_names_the_file_and_the_line(
         data.prepare({"s": str(tmp_path / "only")}, tmp_path / "ds", workers=1, progress=False)
 
 
+@needs_pyarrow
+def test_a_damaged_parquet_file_is_named(tmp_path):
+    """pyarrow's messages ("Parquet magic bytes not found in footer") do not say which of a source's files is
+    damaged: a download cut short, flipped bytes in a page, strings that are not UTF-8 each name the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [d * 20 for d in DOCS_A[:20]]}), tmp_path / "whole.parquet")
+    blob = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(blob[:len(blob) // 2])
+    (tmp_path / "flipped.parquet").write_bytes(blob[:200] + bytes(b ^ 0x5A for b in blob[200:3000]) + blob[3000:])
+    offsets = pa.array([0, 4, 8], type=pa.int32()).buffers()[1]
+    latin1 = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"goodcaf\xe9")])
+    pq.write_table(pa.table({"text": latin1}), tmp_path / "latin1.parquet")
+    for name in ("cut", "flipped", "latin1"):
+        with pytest.raises(ValueError, match=rf"{name}.parquet: not a readable Parquet file"):
+            data.prepare({"s": str(tmp_path / f"{name}.parquet")}, tmp_path / "ds", workers=1, progress=False)
+
+
 @needs_zstandard
 def test_a_truncated_zst_is_an_error_not_its_first_frames(tmp_path, tok):
     """A .zst cut short (a part download) names the file, even where its first frames are whole: zstandard's
