@@ -78,6 +78,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -759,6 +760,9 @@ class _ZstdFrames(io.RawIOBase):
         return b"".join(out)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # valid in a JSON escape, not in text a tokenizer encodes
+
+
 def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tuple[str, str, int]]:
     at = 0  # the byte offset of the line in the decompressed stream: the document's key
     for n, line in enumerate(f, 1):
@@ -769,7 +773,10 @@ def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tup
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{where}: not a JSON object ({e}); a {read_as(path)} file is read as JSON "
                                  f"lines, one object per line") from None
-            yield f"{key}@{at - len(line)}", _record_text(obj, text_key, where), raw.tell()
+            text = _record_text(obj, text_key, where)
+            if b"\\u" in line:  # only an escape can hold a lone surrogate (web text cut mid-emoji)
+                text = _LONE_SURROGATE.sub("\ufffd", text)
+            yield f"{key}@{at - len(line)}", text, raw.tell()
 
 
 def _text_document(path: str, key: str, raw, f, limit: int = -1) -> Iterable[tuple[str, str, int]]:

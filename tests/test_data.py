@@ -495,6 +495,19 @@ def test_a_file_that_is_neither_text_nor_its_format_names_the_file_and_the_line(
         data.prepare({"s": str(tmp_path / "only")}, tmp_path / "ds", workers=1, progress=False)
 
 
+def test_a_lone_surrogate_escape_in_json_is_read_as_the_replacement_character(tmp_path, tok):
+    """JSON may escape half of a surrogate pair ("\\ud83d": web text cut inside an emoji); no tokenizer takes
+    that string, so it reads as U+FFFD. A whole pair is its character."""
+    lines = [r'{"text": "cut \ud83d here"}', r'{"text": "whole \ud83d\ude00 pair"}', r'{"text": "\udc00"}',
+             json.dumps({"messages": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "ok"}]})]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    data.prepare({"s": str(tmp_path / "s.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
+    assert documents_of(tmp_path / "ds", "s", tok) == ["cut \ufffd here", "whole \U0001F600 pair", "\ufffd",
+                                                       data.render_chat([{"role": "user", "content": "hi \ufffd"},
+                                                                         {"role": "assistant", "content": "ok"}]
+                                                                        ).removesuffix(data.EOS_TEXT)]
+
+
 @needs_pyarrow
 def test_a_damaged_parquet_file_is_named(tmp_path):
     """pyarrow's messages ("Parquet magic bytes not found in footer") do not say which of a source's files is
