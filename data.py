@@ -63,6 +63,7 @@ import codecs
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import fractions
 import functools
 import gzip
@@ -1041,8 +1042,13 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
             sources = _tokenize_into(tasks, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            free = shutil.disk_usage(out).free if full else 0
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:  # a write's ENOSPC names no file: say where, and what was free
+                raise OSError(e.errno, f"could not write the shards into {out} ({e.strerror}; {free / 2**30:.2f} "
+                                       f"GiB free on its file system; nothing there was changed)") from None
             raise
         for name, src in sources.items():
             src["inputs"] = inputs[name]

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import sys
 import zipfile
@@ -282,6 +283,25 @@ def test_interrupted_prepare_is_atomic(tmp_path, monkeypatch):
     assert not list((tmp_path / "ds").glob(".tmp-*"))
 
 
+def test_a_full_disk_names_the_dataset_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """A write's ENOSPC names no file ("[Errno 28] No space left on device"): the error says where, and the
+    dataset already there stands."""
+    import errno
+    src, kw = tmp_path / "in.txt", dict(heldout_frac=0.0, workers=1, progress=False)
+    src.write_text("stable text " * 300)
+    old = data.read_manifest(data.prepare({"s": str(src)}, tmp_path / "ds", **kw))
+    src.write_text("changed text " * 300)
+
+    def full(self, tokens):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data._ShardWriter, "write", full)
+    where = re.escape(str(tmp_path / "ds"))
+    with pytest.raises(OSError, match=rf"could not write the shards into {where} \(No space left on device; [0-9.]+ GiB"):
+        data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    assert data.read_manifest(tmp_path / "ds") == old and not list((tmp_path / "ds").glob(".tmp-*"))
+
+
 def test_bad_inputs_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError, match="'s'.*nope.txt"):
         data.prepare({"s": str(tmp_path / "nope.txt")}, tmp_path / "ds", progress=False)
@@ -499,7 +519,8 @@ def test_a_lone_surrogate_escape_in_json_is_read_as_the_replacement_character(tm
     """JSON may escape half of a surrogate pair ("\\ud83d": web text cut inside an emoji); no tokenizer takes
     that string, so it reads as U+FFFD. A whole pair is its character."""
     lines = [r'{"text": "cut \ud83d here"}', r'{"text": "whole \ud83d\ude00 pair"}', r'{"text": "\udc00"}',
-             json.dumps({"messages": [{"role": "user", "content": "hi \ud800"}, {"role": "assistant", "content": "ok"}]})]
+             json.dumps({"messages": [{"role": "user", "content": "hi \ud800"},
+                                      {"role": "assistant", "content": "ok"}]})]
     (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
     data.prepare({"s": str(tmp_path / "s.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
     assert documents_of(tmp_path / "ds", "s", tok) == ["cut \ufffd here", "whole \U0001F600 pair", "\ufffd",
