@@ -329,6 +329,22 @@ def test_jsonl_chunks_split_at_line_starts(tmp_path, monkeypatch):
     assert np.array_equal(stream(out, "s", "train"), want)
 
 
+def test_a_long_document_goes_to_the_tokenizer_in_pieces_with_the_whole_documents_tokens(tmp_path, tok, monkeypatch):
+    """encode_batch keeps ~160 bytes per character of a text until it returns (8 GB for a 50 MB book): a
+    document longer than ENCODE_BYTES is encoded a piece at a time, cut only after a newline where the whole's
+    tokens do not cross (never inside "\\n\\n", one token): the tokens are the whole's."""
+    seps = ["\n\n", "\n\n\n", ".\n\n", "\n  ", "\n123 ", "\n数据 ", "\n\t"]
+    text = "".join(d.replace("\n", " ") + seps[k % len(seps)] for k, d in enumerate(DOCS_A))
+    monkeypatch.setattr(data, "ENCODE_BYTES", 300)
+    seen = []
+    spy = data.Tokenizer(**{**tok.__dict__, "encode_batch": lambda t: seen.extend(map(len, t)) or tok.encode_batch(t)})
+    assert data._encode(spy, [text, "short"]) == tok.encode_batch([text, "short"])
+    assert max(seen) < len(text) // 4  # never the whole text at once
+    (tmp_path / "book.txt").write_text(text)
+    out = data.prepare({"s": str(tmp_path / "book.txt")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
+    assert stream(out, "s", "train").tolist() == [0] + tok.encode(text) + [1]
+
+
 needs_pyarrow = pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None,
                                    reason="pyarrow is not installed (requirements-extra.txt)")
 needs_zstandard = pytest.mark.skipif(importlib.util.find_spec("zstandard") is None,
