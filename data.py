@@ -782,10 +782,11 @@ def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tup
 
 def _text_document(path: str, key: str, raw, f, limit: int = -1) -> Iterable[tuple[str, str, int]]:
     """The whole file, one document, with universal newlines like Path.read_text (a text file is held in
-    memory whole: for multi-GB inputs use JSON lines, which stream); `limit`: only its first bytes."""
+    memory whole: for multi-GB inputs use JSON lines, which stream) and without a leading byte-order mark (an
+    editor's signature of UTF-8, not text: JSON lines drop it too); `limit`: only its first bytes."""
     data = f.read(limit)
     try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=limit < 0)
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=limit < 0).removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); data.py reads "

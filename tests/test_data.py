@@ -407,9 +407,10 @@ def test_compressed_and_parquet_equal_plain_jsonl(tmp_path, tok, monkeypatch):
 def test_txt_gz_directory_equals_txt(tmp_path, tok):
     import gzip
     (tmp_path / "gz" / "sub").mkdir(parents=True)
-    for k, d in enumerate(DOCS_A[:10]):  # CRLF line ends are read as \n, as in plain .txt files; .GZ is .gz
+    for k, d in enumerate(DOCS_A[:10]):  # CRLF line ends are read as \n, as in plain .txt files; .GZ is .gz; a
+        # byte-order mark is no text
         (tmp_path / "gz" / ("sub" if k % 2 else "") / f"doc{k:03d}.txt.{'GZ' if k % 3 else 'gz'}").write_bytes(
-            gzip.compress(d.replace("\n", "\r\n").encode()))
+            gzip.compress(("\ufeff" if k % 4 else "").encode() + d.replace("\n", "\r\n").encode()))
     (tmp_path / "gz" / "notes.csv").write_text("not picked up by a directory scan")
     out = data.prepare({"s": str(tmp_path / "gz")}, tmp_path / "ds", heldout_frac=0.3, workers=1, progress=False)
     keys = sorted((f"{'sub/' if k % 2 else ''}doc{k:03d}.txt", d) for k, d in enumerate(DOCS_A[:10]))
