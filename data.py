@@ -830,19 +830,32 @@ def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
 
 
 def _scan(root: Path) -> tuple[list[Path], collections.Counter]:
-    """(the files under root that `read_as` knows, sorted; {why skipped: count} of the others)."""
+    """(the files under root that `read_as` knows, sorted; {why skipped: count} of the others). A dataset
+    prepared inside the scanned directory (--out under the source) is no input: its manifest.json is not
+    JSON lines, and a second run would read it."""
     found, skipped = [], collections.Counter()
+    prepared = {m.parent for m in root.rglob("manifest.json") if _is_dataset(m.parent)}
     for f in root.rglob("*"):
         if not f.is_file():
             continue
         if any(part.startswith(".") for part in f.relative_to(root).parts):
             skipped["hidden files (a name starting with '.')"] += 1
+        elif prepared.intersection(f.parents):
+            skipped["files of a prepared dataset"] += 1
         elif read_as(f) is None:
             suffix = "".join(f.suffixes[-2:]) if f.suffix in COMPRESSED_SUFFIXES else f.suffix
             skipped[f"{suffix or '(no suffix)'!r} files (not a format data.py reads)"] += 1
         else:
             found.append(f)
     return sorted(found), skipped
+
+
+def _is_dataset(d: Path) -> bool:
+    """d holds a dataset data.py prepared (a manifest.json of its format, any version)."""
+    try:
+        return str(json.loads((d / "manifest.json").read_bytes()).get("format", "")).startswith("xmodel25-tokens/")
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def _is_heldout(key: str, frac: float) -> bool:

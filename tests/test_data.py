@@ -491,6 +491,19 @@ def test_formats_as_they_arrive(tmp_path, tok, capsys):
     assert "extra.jsonl.zst: line 1: a record needs a string 'content' field" in capsys.readouterr().err
 
 
+def test_a_dataset_prepared_inside_its_source_directory_is_not_read_as_input(tmp_path, capsys):
+    """--out under the source's directory: the next run's scan skips the prepared dataset (its manifest.json
+    is no JSON lines) and reuses it."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS_B[:5]))
+    argv = ["prepare", "--out", str(tmp_path / "raw" / "tokens"), "--source", f"s={tmp_path / 'raw'}", "--workers", "1"]
+    data.main(argv)
+    capsys.readouterr()
+    data.main(argv)
+    err = capsys.readouterr().err
+    assert "skipped 2 files of a prepared dataset" in err and "reusing" in err  # manifest.json, one shard
+
+
 @needs_pyarrow
 def test_a_hugging_face_cache_snapshot_of_symlinks_to_blobs(tmp_path, tok):
     """The hub's cache links snapshots/REV/data/train-*.parquet to blobs/SHA256 (no suffix): a file is read
