@@ -1570,6 +1570,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "prepare":
             keys = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_key)
             key = keys.pop("", "text")
+            for name in keys.keys() - sources.keys():  # a misspelt source would silently read its "text"
+                ap.error(f"--text-key {name}={keys[name]}: no --source named {name!r} (sources: {list(sources)})")
             args.dir = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
                                args.hash_contents, text_key={s: keys.get(s, key) for s in sources},
                                shard=_shard_arg(ap, args.shard))

@@ -440,6 +440,13 @@ def test_text_key_flag_and_missing_column(tmp_path, tok, capsys):
     data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", heldout_frac=0.0, text_key="content",
                  workers=1, progress=False)
     assert data.read_manifest(tmp_path / "ds")["fingerprint"] != fp
+    # a misspelt source in --text-key is refused, not left to read "text" (both columns here: silently wrong)
+    pq.write_table(pa.table({"content": DOCS_B[:2], "text": ["x", "y"]}), tmp_path / "both.parquet")
+    with pytest.raises(SystemExit):
+        data.main(["prepare", "--out", str(tmp_path / "ds2"), "--source", f"web={tmp_path / 'both.parquet'}",
+                   "--text-key", "wbe=content"])
+    assert "--text-key wbe=content: no --source named 'wbe' (sources: ['web'])" in capsys.readouterr().err
+    assert not (tmp_path / "ds2").exists()
 
 
 def documents_of(out, source, tok) -> list[str]:
