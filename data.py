@@ -84,6 +84,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -952,9 +953,20 @@ def _chunks(docs: Iterable[tuple[str, str]], nbytes: int) -> Iterable[list[tuple
 
 def _init_worker(threads: int):
     """A worker's tokenizer gets its share of the cores: one worker per file, each with cores // workers
-    threads (a single big file: one worker with all of them), never more threads than cores."""
+    threads (a single big file: one worker with all of them), never more threads than cores. The worker
+    ends with its parent (`_exit_with_parent`)."""
     os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Exit once the process that started this worker is gone (killed: SIGKILL, the out-of-memory killer).
+    A concurrent.futures worker holds both ends of its task queue, so it never sees the parent's end close:
+    it would wait for a next task forever, an orphan."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 class _ShardWriter:

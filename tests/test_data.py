@@ -1,6 +1,7 @@
 """Tests for data.py: tokenizers, atomic preparation, reuse, and the counter-hash mixture."""
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -213,6 +214,33 @@ def test_a_worker_that_dies_is_an_error_naming_the_file_not_a_hang(tmp_path):
     with pytest.raises(ChildProcessError, match=r"worker process died .*big.jsonl or a file after it"):
         with data._worker_pool(1, 1) as pool:
             list(data._ordered_results(pool.map(os._exit, [3]), [task]))
+
+
+def test_workers_end_with_a_killed_preparer(tmp_path):
+    """SIGKILL of `data.py prepare` (or the out-of-memory killer) takes its workers along: a concurrent.futures
+    worker would otherwise wait for its next task forever."""
+    import subprocess
+    import time
+    script = ("import os, signal, data\n"
+              "if __name__ == '__main__':\n"
+              "    with data._worker_pool(1, 1) as pool:\n"
+              "        print(pool.submit(os.getpid).result(), flush=True)\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n")
+    (tmp_path / "killed.py").write_text(script)
+    root = str(Path(data.__file__).parent)
+    run = subprocess.run([sys.executable, str(tmp_path / "killed.py")], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=30)
+    worker = int(run.stdout.split()[0])
+
+    def alive() -> bool:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive()
 
 
 def test_reuse_and_rebuild(tmp_path):
