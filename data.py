@@ -61,7 +61,9 @@ import ast
 import base64
 import codecs
 import collections
+import concurrent.futures
 import contextlib
+import errno
 import fractions
 import functools
 import gzip
@@ -77,10 +79,12 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -662,7 +666,8 @@ def _record_text(obj, key: str, where: str) -> str:
 
 def _parquet_column(path: str, key: str) -> str:
     """The column to read: `key`, else a chat "messages" column; an error names the file and column."""
-    names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
+    with _parquet_errors(path):
+        names = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path).schema_arrow.names
     if key not in names and "messages" not in names:
         raise ValueError(f"{path}: no column {key!r} (it has {names}); choose one with --text-key")
     return key if key in names else "messages"
@@ -682,11 +687,30 @@ def _documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, i
 
 
 def _parquet_documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
-    pf, col = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path), _parquet_column(path, text_key)
-    n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
-    rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
-    for row, value in enumerate(rows):  # a row group in memory at a time, at most
-        yield f"{key}@{row}", _record_text({col: value}, text_key, f"{path}: row {row}"), size * row // n
+    col = _parquet_column(path, text_key)
+    with _parquet_errors(path):
+        pf = _need("pyarrow.parquet", path, "pyarrow").ParquetFile(path)
+        n, size = max(pf.metadata.num_rows, 1), os.path.getsize(path)
+        rows = (v for b in pf.iter_batches(batch_size=1024, columns=[col]) for v in b.column(0).to_pylist())
+        for row, value in enumerate(rows):  # a row group in memory at a time, at most
+            yield f"{key}@{row}", _record_text({col: value}, text_key, f"{path}: row {row}"), size * row // n
+
+
+@contextlib.contextmanager
+def _parquet_errors(path: str):
+    """A damaged Parquet file (a download cut short, a string column that is not UTF-8) is an error naming it;
+    pyarrow's own messages do not, which leaves a user of 2048 files guessing."""
+    pa = _need("pyarrow", path, "pyarrow")
+    try:
+        yield
+    except (pa.ArrowException, UnicodeDecodeError, OSError) as e:  # pyarrow raises a bare OSError for bad pages
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _compression(path) -> str:
+    """".gz", ".zst" or "": how a file is compressed, by its name in any case, as `read_as` reads names."""
+    name = str(path).lower()
+    return next((c for c in COMPRESSED_SUFFIXES if name.endswith(c)), "")
 
 
 @contextlib.contextmanager
@@ -695,16 +719,50 @@ def _decompressed(path: str):
     is an error naming it."""
     with open(path, "rb") as raw:
         f, errors = raw, (EOFError, gzip.BadGzipFile)
-        if path.endswith(".gz"):
+        if _compression(path) == ".gz":
             f = gzip.GzipFile(fileobj=raw)
-        elif path.endswith(".zst"):
+        elif _compression(path) == ".zst":
             zstd = _need("zstandard", path, "zstandard")
-            f, errors = io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)), \
-                errors + (zstd.ZstdError,)
+            f, errors = io.BufferedReader(_ZstdFrames(raw, zstd)), errors + (zstd.ZstdError,)
         try:
             yield raw, f
         except errors as e:
             raise ValueError(f"{path}: not a readable {Path(path).suffix} file ({e})") from None
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames decompressed one after another, as a stream. zstandard's own stream reader ends
+    quietly where a truncated file stops (a part download: the documents after the cut silently lost); here
+    a file that ends inside a frame is an error."""
+
+    def __init__(self, raw, zstd):
+        self.raw, self.zstd, self.frame, self.out = raw, zstd, None, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.out:
+            data = self.raw.read(1 << 18)
+            if not data:
+                if self.frame is not None:
+                    raise self.zstd.ZstdError("the file ends inside a frame: truncated")
+                return 0
+            self.out = memoryview(self._decompress(data))
+        n = min(len(b), len(self.out))
+        b[:n], self.out = self.out[:n], self.out[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:  # a frame's end leaves the next frame's first bytes unused
+            self.frame = self.frame or self.zstd.ZstdDecompressor().decompressobj()
+            out.append(self.frame.decompress(data))
+            data, self.frame = (self.frame.unused_data, None) if self.frame.eof else (b"", self.frame)
+        return b"".join(out)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # valid in a JSON escape, not in text a tokenizer encodes
 
 
 def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tuple[str, str, int]]:
@@ -717,15 +775,19 @@ def _jsonl_documents(path: str, key: str, text_key: str, raw, f) -> Iterable[tup
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{where}: not a JSON object ({e}); a {read_as(path)} file is read as JSON "
                                  f"lines, one object per line") from None
-            yield f"{key}@{at - len(line)}", _record_text(obj, text_key, where), raw.tell()
+            text = _record_text(obj, text_key, where)
+            if b"\\u" in line:  # only an escape can hold a lone surrogate (web text cut mid-emoji)
+                text = _LONE_SURROGATE.sub("\ufffd", text)
+            yield f"{key}@{at - len(line)}", text, raw.tell()
 
 
 def _text_document(path: str, key: str, raw, f, limit: int = -1) -> Iterable[tuple[str, str, int]]:
     """The whole file, one document, with universal newlines like Path.read_text (a text file is held in
-    memory whole: for multi-GB inputs use JSON lines, which stream); `limit`: only its first bytes."""
+    memory whole: for multi-GB inputs use JSON lines, which stream) and without a leading byte-order mark (an
+    editor's signature of UTF-8, not text: JSON lines drop it too); `limit`: only its first bytes."""
     data = f.read(limit)
     try:
-        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=limit < 0)
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=limit < 0).removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start}); data.py reads "
@@ -746,7 +808,9 @@ def _probe(path: Path) -> None:
 
 def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
     """Files of one source: explicit files as given, directories scanned recursively (sorted); a scan
-    reports on stderr what it skipped and why, one line per suffix."""
+    reports on stderr what it skipped and why, one line per suffix. Paths are made absolute, not resolved: a
+    symlink keeps its own name, which says how to read it and keys its documents (a Hugging Face cache's
+    snapshot links each data/*.parquet to a blob named by its hash)."""
     files: list[Path] = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         p = Path(p).expanduser()
@@ -763,23 +827,36 @@ def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
             files.append(p)
         else:
             raise FileNotFoundError(f"source {name!r}: input {str(p)!r} does not exist")
-    return [f.resolve() for f in files]
+    return [Path(os.path.abspath(f)) for f in files]
 
 
 def _scan(root: Path) -> tuple[list[Path], collections.Counter]:
-    """(the files under root that `read_as` knows, sorted; {why skipped: count} of the others)."""
+    """(the files under root that `read_as` knows, sorted; {why skipped: count} of the others). A dataset
+    prepared inside the scanned directory (--out under the source) is no input: its manifest.json is not
+    JSON lines, and a second run would read it."""
     found, skipped = [], collections.Counter()
+    prepared = {m.parent for m in root.rglob("manifest.json") if _is_dataset(m.parent)}
     for f in root.rglob("*"):
         if not f.is_file():
             continue
         if any(part.startswith(".") for part in f.relative_to(root).parts):
             skipped["hidden files (a name starting with '.')"] += 1
+        elif prepared.intersection(f.parents):
+            skipped["files of a prepared dataset"] += 1
         elif read_as(f) is None:
             suffix = "".join(f.suffixes[-2:]) if f.suffix in COMPRESSED_SUFFIXES else f.suffix
             skipped[f"{suffix or '(no suffix)'!r} files (not a format data.py reads)"] += 1
         else:
             found.append(f)
     return sorted(found), skipped
+
+
+def _is_dataset(d: Path) -> bool:
+    """d holds a dataset data.py prepared (a manifest.json of its format, any version)."""
+    try:
+        return str(json.loads((d / "manifest.json").read_bytes()).get("format", "")).startswith("xmodel25-tokens/")
+    except (ValueError, OSError, AttributeError):
+        return False
 
 
 def _is_heldout(key: str, frac: float) -> bool:
@@ -796,7 +873,8 @@ SPLITS = ("train", "heldout")
 def _doc_key(path: Path, root: str) -> str:
     """A file's part of its documents' keys: its path relative to the source's root, without .gz/.zst, so a
     file and its compressed copy split alike, and a part of a sharded preparation keys as the whole does."""
-    return os.path.relpath(path, root).removesuffix(".gz").removesuffix(".zst")
+    rel = os.path.relpath(path, root)
+    return rel[:len(rel) - len(_compression(rel))]
 
 
 def _tokenize_task(args) -> tuple:
@@ -813,7 +891,7 @@ def _tokenize_task(args) -> tuple:
         files = {split: stack.enter_context(open(p, "wb")) for split, p in paths.items()}
         for chunk in _chunks(docs, ENCODE_BYTES):
             parts = {split: [] for split in SPLITS}
-            for (key, _), seq in zip(chunk, tok.encode_batch([text for _, text in chunk])):
+            for (key, _), seq in zip(chunk, _encode(tok, [text for _, text in chunk])):
                 if tok.bos_id is not None and seq[:1] != [tok.bos_id]:
                     seq = [tok.bos_id] + seq
                 if seq[-1:] != [tok.eos_id]:  # a rendered chat already ends in EOS
@@ -826,6 +904,39 @@ def _tokenize_task(args) -> tuple:
                 counts[split][0] += len(seqs)
                 counts[split][1] += arr.size
     return task.source, task.nbytes, {s: (*counts[s], str(paths[s])) for s in SPLITS}, max_id
+
+
+def _encode(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """tok.encode_batch(texts), but a text longer than ENCODE_BYTES a piece at a time: one long text costs the
+    tokenizer ~160 bytes per character until it returns (a 5 MB document: 1.17 GB peak, 0.52 GB in pieces; a
+    50 MB book or .txt file: 8 GB). A piece ends only where the whole's tokens do not cross (`_cut`)."""
+    if max(map(len, texts), default=0) <= ENCODE_BYTES:
+        return tok.encode_batch(texts)
+    out = []
+    for text in texts:
+        ids, at = [], 0
+        while at < len(text):
+            end = _cut(tok, text, at + ENCODE_BYTES)
+            ids += tok.encode_batch([text[at:end]])[0]
+            at = end
+        out.append(ids)
+    return out
+
+
+def _cut(tok: Tokenizer, text: str, near: int, tries: int = 8) -> int:
+    """Where to end a piece of `text`: after the first newline from `near` on at which tokenizing the 2 kB
+    around it in two pieces gives its tokens in one (pre-tokenizers split by local rules: a BPE token never
+    crosses "\n" followed by a letter); len(text), the whole rest, if none of the first `tries` is such."""
+    c = near
+    for _ in range(tries):
+        c = text.find("\n", c) + 1
+        if not 0 < c < len(text):
+            break
+        left, right = text[max(0, c - 1024):c], text[c:c + 1024]
+        a, b, ab = tok.encode_batch([left, right, left + right])
+        if a + b == ab:
+            return c
+    return len(text)
 
 
 def _chunks(docs: Iterable[tuple[str, str]], nbytes: int) -> Iterable[list[tuple[str, str]]]:
@@ -842,9 +953,20 @@ def _chunks(docs: Iterable[tuple[str, str]], nbytes: int) -> Iterable[list[tuple
 
 def _init_worker(threads: int):
     """A worker's tokenizer gets its share of the cores: one worker per file, each with cores // workers
-    threads (a single big file: one worker with all of them), never more threads than cores."""
+    threads (a single big file: one worker with all of them), never more threads than cores. The worker
+    ends with its parent (`_exit_with_parent`)."""
     os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Exit once the process that started this worker is gone (killed: SIGKILL, the out-of-memory killer).
+    A concurrent.futures worker holds both ends of its task queue, so it never sees the parent's end close:
+    it would wait for a next task forever, an orphan."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 class _ShardWriter:
@@ -979,8 +1101,13 @@ def _build(tasks: list[_Task], out_dir, tokenizer, inputs: dict, heldout_frac: f
             sources = _tokenize_into(tasks, tmp, tok, inputs, heldout_frac, workers, shard_tokens, progress)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            free = shutil.disk_usage(out).free if full else 0
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:  # a write's ENOSPC names no file: say where, and what was free
+                raise OSError(e.errno, f"could not write the shards into {out} ({e.strerror}; {free / 2**30:.2f} "
+                                       f"GiB free on its file system; nothing there was changed)") from None
             raise
         for name, src in sources.items():
             src["inputs"] = inputs[name]
@@ -1012,9 +1139,8 @@ def _tokenize_into(tasks: list[_Task], tmp: Path, tok: Tokenizer, names, heldout
     args = ((t, k, tok.spec, heldout_frac, str(tmp)) for k, t in enumerate(tasks))
     with contextlib.ExitStack() as stack:
         if workers > 1 and total >= POOL_MIN_BYTES:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(
-                workers, _init_worker, (max(1, cores // workers),)))
-            results = pool.imap(_tokenize_task, args, chunksize=1)  # ordered: the output is deterministic
+            pool = stack.enter_context(_worker_pool(workers, max(1, cores // workers)))
+            results = _ordered_results(pool.map(_tokenize_task, args), tasks)  # ordered: the output is deterministic
         else:
             results = map(_tokenize_task, args)
         last = t0
@@ -1038,6 +1164,35 @@ def _tokenize_into(tasks: list[_Task], tmp: Path, tok: Tokenizer, names, heldout
         if st["max_token_id"] >= tok.n_vocab:
             raise ValueError(f"source {name!r}: tokenizer produced id {st['max_token_id']} >= n_vocab {tok.n_vocab}")
     return stats
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int, threads: int):
+    """A spawn pool of `workers` processes that fails rather than hangs: a worker that dies (the out-of-memory
+    killer) breaks a concurrent.futures pool, where multiprocessing.Pool would wait for its task forever. On
+    any error the workers are stopped at once, not left to finish their files first."""
+    pool = concurrent.futures.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker,
+                                                  (threads,))
+    try:
+        yield pool
+    except BaseException:
+        for proc in list((pool._processes or {}).values()):
+            proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ordered_results(results: Iterable, tasks: list[_Task]) -> Iterable:
+    """The pool's results in task order; a worker's death is an error naming the file awaited."""
+    done = 0
+    try:
+        for result in results:
+            yield result
+            done += 1
+    except concurrent.futures.BrokenExecutor:
+        raise ChildProcessError(f"a worker process died (killed: out of memory?) while {tasks[done].path} or a file "
+                                f"after it was being tokenized; fewer --workers need less memory") from None
 
 
 def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | os.PathLike,
@@ -1075,7 +1230,7 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
         for f in files:  # a missing dependency or column is an error now, not hours into the run
             if read_as(f) == "parquet":
                 _parquet_column(str(f), key)
-            elif f.name.endswith(".zst"):
+            elif _compression(f) == ".zst":
                 _need("zstandard", f, "zstandard")
             tasks.append(_Task(name, str(f), _doc_key(f, root), key, None, f.stat().st_size))
     extra = {"part": {"index": shard[0], "of": shard[1], "sources": parts}} if shard is not None else None
@@ -1427,6 +1582,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "prepare":
             keys = dict(c.partition("=")[::2] if "=" in c else ("", c) for c in args.text_key)
             key = keys.pop("", "text")
+            for name in keys.keys() - sources.keys():  # a misspelt source would silently read its "text"
+                ap.error(f"--text-key {name}={keys[name]}: no --source named {name!r} (sources: {list(sources)})")
             args.dir = prepare(sources, args.out, args.tokenizer, args.heldout_frac, args.workers, args.shard_tokens,
                                args.hash_contents, text_key={s: keys.get(s, key) for s in sources},
                                shard=_shard_arg(ap, args.shard))

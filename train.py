@@ -604,6 +604,18 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
             raise ValueError(f"config key 'mixtures': {name!r} must map sources to finite weights >= 0, not all 0; "
                              f"got {mix!r}")
     validate_phases(cfg, mcfg)
+    validate_sources(cfg)
+
+
+def validate_sources(cfg: TrainConfig) -> None:
+    """Every source the phases' and the evaluation's mixtures name is one of `data`'s: an error before hours
+    of preparing the others, as Mixture.schedule words it once they are prepared."""
+    uses = [(f"phases[{i}] ({p['name']})", p["mix"]) for i, p in enumerate(cfg.phases)]
+    for where, mix in uses + [("config key 'eval_mix'", cfg.eval_mix)] if cfg.data is not None else []:
+        unknown = [s for s in cfg.mixtures[mix] if s not in cfg.data]
+        if unknown:
+            raise ValueError(f"{where}: mixture {mix!r} names source {unknown[0]!r}, which the data does not have "
+                             f"(sources: {list(cfg.data)})")
 
 
 def validate_phases(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:

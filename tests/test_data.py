@@ -1,12 +1,14 @@
 """Tests for data.py: tokenizers, atomic preparation, reuse, and the counter-hash mixture."""
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import math
 import os
+import re
 import socket
 import sys
 import zipfile
@@ -205,6 +207,42 @@ def test_parallel_workers_give_identical_shards(tmp_path, corpus, monkeypatch):
                    [s["sha256"] for s in m2["sources"][name]["splits"][split]["shards"]]
 
 
+def test_a_worker_that_dies_is_an_error_naming_the_file_not_a_hang(tmp_path):
+    """A worker killed mid-file (the out-of-memory killer; here one that exits) fails the preparation with a
+    line naming the file awaited; multiprocessing.Pool would have waited for its result forever."""
+    task = data._Task("s", str(tmp_path / "big.jsonl"), "big.jsonl", "text", None, 1)
+    with pytest.raises(ChildProcessError, match=r"worker process died .*big.jsonl or a file after it"):
+        with data._worker_pool(1, 1) as pool:
+            list(data._ordered_results(pool.map(os._exit, [3]), [task]))
+
+
+def test_workers_end_with_a_killed_preparer(tmp_path):
+    """SIGKILL of `data.py prepare` (or the out-of-memory killer) takes its workers along: a concurrent.futures
+    worker would otherwise wait for its next task forever."""
+    import subprocess
+    import time
+    script = ("import os, signal, data\n"
+              "if __name__ == '__main__':\n"
+              "    with data._worker_pool(1, 1) as pool:\n"
+              "        print(pool.submit(os.getpid).result(), flush=True)\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n")
+    (tmp_path / "killed.py").write_text(script)
+    root = str(Path(data.__file__).parent)
+    run = subprocess.run([sys.executable, str(tmp_path / "killed.py")], capture_output=True, text=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=30)
+    worker = int(run.stdout.split()[0])
+
+    def alive() -> bool:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.time() + 10
+    while alive() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+
+
 def test_reuse_and_rebuild(tmp_path):
     src = tmp_path / "t"
     src.mkdir()
@@ -273,6 +311,25 @@ def test_interrupted_prepare_is_atomic(tmp_path, monkeypatch):
     assert not list((tmp_path / "ds").glob(".tmp-*"))
 
 
+def test_a_full_disk_names_the_dataset_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """A write's ENOSPC names no file ("[Errno 28] No space left on device"): the error says where, and the
+    dataset already there stands."""
+    import errno
+    src, kw = tmp_path / "in.txt", dict(heldout_frac=0.0, workers=1, progress=False)
+    src.write_text("stable text " * 300)
+    old = data.read_manifest(data.prepare({"s": str(src)}, tmp_path / "ds", **kw))
+    src.write_text("changed text " * 300)
+
+    def full(self, tokens):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data._ShardWriter, "write", full)
+    where = re.escape(str(tmp_path / "ds"))
+    with pytest.raises(OSError, match=rf"could not write the shards into {where} \(No space left on device; [0-9.]+ GiB"):
+        data.prepare({"s": str(src)}, tmp_path / "ds", **kw)
+    assert data.read_manifest(tmp_path / "ds") == old and not list((tmp_path / "ds").glob(".tmp-*"))
+
+
 def test_bad_inputs_to_prepare(tmp_path):
     with pytest.raises(FileNotFoundError, match="'s'.*nope.txt"):
         data.prepare({"s": str(tmp_path / "nope.txt")}, tmp_path / "ds", progress=False)
@@ -298,6 +355,22 @@ def test_jsonl_chunks_split_at_line_starts(tmp_path, monkeypatch):
     tok = data.get_tokenizer()
     want = np.concatenate([[0] + tok.encode(json.loads(l)["text"]) + [1] for l in lines])
     assert np.array_equal(stream(out, "s", "train"), want)
+
+
+def test_a_long_document_goes_to_the_tokenizer_in_pieces_with_the_whole_documents_tokens(tmp_path, tok, monkeypatch):
+    """encode_batch keeps ~160 bytes per character of a text until it returns (8 GB for a 50 MB book): a
+    document longer than ENCODE_BYTES is encoded a piece at a time, cut only after a newline where the whole's
+    tokens do not cross (never inside "\\n\\n", one token): the tokens are the whole's."""
+    seps = ["\n\n", "\n\n\n", ".\n\n", "\n  ", "\n123 ", "\n数据 ", "\n\t"]
+    text = "".join(d.replace("\n", " ") + seps[k % len(seps)] for k, d in enumerate(DOCS_A))
+    monkeypatch.setattr(data, "ENCODE_BYTES", 300)
+    seen = []
+    spy = data.Tokenizer(**{**tok.__dict__, "encode_batch": lambda t: seen.extend(map(len, t)) or tok.encode_batch(t)})
+    assert data._encode(spy, [text, "short"]) == tok.encode_batch([text, "short"])
+    assert max(seen) < len(text) // 4  # never the whole text at once
+    (tmp_path / "book.txt").write_text(text)
+    out = data.prepare({"s": str(tmp_path / "book.txt")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
+    assert stream(out, "s", "train").tolist() == [0] + tok.encode(text) + [1]
 
 
 needs_pyarrow = pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None,
@@ -362,9 +435,10 @@ def test_compressed_and_parquet_equal_plain_jsonl(tmp_path, tok, monkeypatch):
 def test_txt_gz_directory_equals_txt(tmp_path, tok):
     import gzip
     (tmp_path / "gz" / "sub").mkdir(parents=True)
-    for k, d in enumerate(DOCS_A[:10]):  # CRLF line ends are read as \n, as in plain .txt files
-        (tmp_path / "gz" / ("sub" if k % 2 else "") / f"doc{k:03d}.txt.gz").write_bytes(
-            gzip.compress(d.replace("\n", "\r\n").encode()))
+    for k, d in enumerate(DOCS_A[:10]):  # CRLF line ends are read as \n, as in plain .txt files; .GZ is .gz; a
+        # byte-order mark is no text
+        (tmp_path / "gz" / ("sub" if k % 2 else "") / f"doc{k:03d}.txt.{'GZ' if k % 3 else 'gz'}").write_bytes(
+            gzip.compress(("\ufeff" if k % 4 else "").encode() + d.replace("\n", "\r\n").encode()))
     (tmp_path / "gz" / "notes.csv").write_text("not picked up by a directory scan")
     out = data.prepare({"s": str(tmp_path / "gz")}, tmp_path / "ds", heldout_frac=0.3, workers=1, progress=False)
     keys = sorted((f"{'sub/' if k % 2 else ''}doc{k:03d}.txt", d) for k, d in enumerate(DOCS_A[:10]))
@@ -394,6 +468,13 @@ def test_text_key_flag_and_missing_column(tmp_path, tok, capsys):
     data.prepare({"c": str(tmp_path / "code.jsonl")}, tmp_path / "ds", heldout_frac=0.0, text_key="content",
                  workers=1, progress=False)
     assert data.read_manifest(tmp_path / "ds")["fingerprint"] != fp
+    # a misspelt source in --text-key is refused, not left to read "text" (both columns here: silently wrong)
+    pq.write_table(pa.table({"content": DOCS_B[:2], "text": ["x", "y"]}), tmp_path / "both.parquet")
+    with pytest.raises(SystemExit):
+        data.main(["prepare", "--out", str(tmp_path / "ds2"), "--source", f"web={tmp_path / 'both.parquet'}",
+                   "--text-key", "wbe=content"])
+    assert "--text-key wbe=content: no --source named 'wbe' (sources: ['web'])" in capsys.readouterr().err
+    assert not (tmp_path / "ds2").exists()
 
 
 def documents_of(out, source, tok) -> list[str]:
@@ -445,6 +526,39 @@ def test_formats_as_they_arrive(tmp_path, tok, capsys):
     assert "extra.jsonl.zst: line 1: a record needs a string 'content' field" in capsys.readouterr().err
 
 
+def test_a_dataset_prepared_inside_its_source_directory_is_not_read_as_input(tmp_path, capsys):
+    """--out under the source's directory: the next run's scan skips the prepared dataset (its manifest.json
+    is no JSON lines) and reuses it."""
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS_B[:5]))
+    argv = ["prepare", "--out", str(tmp_path / "raw" / "tokens"), "--source", f"s={tmp_path / 'raw'}", "--workers", "1"]
+    data.main(argv)
+    capsys.readouterr()
+    data.main(argv)
+    err = capsys.readouterr().err
+    assert "skipped 2 files of a prepared dataset" in err and "reusing" in err  # manifest.json, one shard
+
+
+@needs_pyarrow
+def test_a_hugging_face_cache_snapshot_of_symlinks_to_blobs(tmp_path, tok):
+    """The hub's cache links snapshots/REV/data/train-*.parquet to blobs/SHA256 (no suffix): a file is read
+    and keyed by its link's name, not its target's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    snap, blobs = tmp_path / "snapshots" / "rev" / "data", tmp_path / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for k in range(2):
+        pq.write_table(pa.table({"content": DOCS_B[3 * k:3 * k + 3]}), blobs / f"{k}abc")
+        (snap / f"train-0000{k}-of-00002.parquet").symlink_to(blobs / f"{k}abc")
+    data.prepare({"web": str(snap.parent)}, tmp_path / "ds", text_key="content", workers=1, progress=False)
+    m = data.read_manifest(tmp_path / "ds")
+    assert [Path(i["path"]).name for i in m["sources"]["web"]["inputs"]] == ["train-00000-of-00002.parquet",
+                                                                             "train-00001-of-00002.parquet"]
+    assert [i["read_as"] for i in m["sources"]["web"]["inputs"]] == ["parquet", "parquet"]
+    assert sorted(documents_of(tmp_path / "ds", "web", tok)) == sorted(DOCS_B[:6])
+
+
 def test_a_file_that_is_neither_text_nor_its_format_names_the_file_and_the_line(tmp_path):
     """Never one giant document of raw bytes or raw JSON: each is an error naming the file and the line."""
     import gzip
@@ -464,6 +578,54 @@ def test_a_file_that_is_neither_text_nor_its_format_names_the_file_and_the_line(
     (tmp_path / "only" / "a.csv").write_text("x")
     with pytest.raises(ValueError, match=r"source 's': directory .*only' has no file data.py reads.*it holds 1 '.csv' files"):
         data.prepare({"s": str(tmp_path / "only")}, tmp_path / "ds", workers=1, progress=False)
+
+
+def test_a_lone_surrogate_escape_in_json_is_read_as_the_replacement_character(tmp_path, tok):
+    """JSON may escape half of a surrogate pair ("\\ud83d": web text cut inside an emoji); no tokenizer takes
+    that string, so it reads as U+FFFD. A whole pair is its character."""
+    lines = [r'{"text": "cut \ud83d here"}', r'{"text": "whole \ud83d\ude00 pair"}', r'{"text": "\udc00"}',
+             json.dumps({"messages": [{"role": "user", "content": "hi \ud800"},
+                                      {"role": "assistant", "content": "ok"}]})]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    data.prepare({"s": str(tmp_path / "s.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
+    assert documents_of(tmp_path / "ds", "s", tok) == ["cut \ufffd here", "whole \U0001F600 pair", "\ufffd",
+                                                       data.render_chat([{"role": "user", "content": "hi \ufffd"},
+                                                                         {"role": "assistant", "content": "ok"}]
+                                                                        ).removesuffix(data.EOS_TEXT)]
+
+
+@needs_pyarrow
+def test_a_damaged_parquet_file_is_named(tmp_path):
+    """pyarrow's messages ("Parquet magic bytes not found in footer") do not say which of a source's files is
+    damaged: a download cut short, flipped bytes in a page, strings that are not UTF-8 each name the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [d * 20 for d in DOCS_A[:20]]}), tmp_path / "whole.parquet")
+    blob = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(blob[:len(blob) // 2])
+    (tmp_path / "flipped.parquet").write_bytes(blob[:200] + bytes(b ^ 0x5A for b in blob[200:3000]) + blob[3000:])
+    offsets = pa.array([0, 4, 8], type=pa.int32()).buffers()[1]
+    latin1 = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"goodcaf\xe9")])
+    pq.write_table(pa.table({"text": latin1}), tmp_path / "latin1.parquet")
+    for name in ("cut", "flipped", "latin1"):
+        with pytest.raises(ValueError, match=rf"{name}.parquet: not a readable Parquet file"):
+            data.prepare({"s": str(tmp_path / f"{name}.parquet")}, tmp_path / "ds", workers=1, progress=False)
+
+
+@needs_zstandard
+def test_a_truncated_zst_is_an_error_not_its_first_frames(tmp_path, tok):
+    """A .zst cut short (a part download) names the file, even where its first frames are whole: zstandard's
+    stream reader stops quietly there, and the documents after the cut would be lost without a word."""
+    import zstandard
+    c = zstandard.ZstdCompressor()
+    frames = [c.compress("".join(json.dumps({"text": d}) + "\n" for d in DOCS_A[k:k + 5]).encode()) for k in (0, 5)]
+    (tmp_path / "whole.jsonl.zst").write_bytes(b"".join(frames))
+    data.prepare({"s": str(tmp_path / "whole.jsonl.zst")}, tmp_path / "ds", workers=1, progress=False)
+    assert documents_of(tmp_path / "ds", "s", tok) == DOCS_A[:10]
+    for cut in (len(frames[0]) + 10, len(frames[0]) + len(frames[1]) - 3, 10):
+        (tmp_path / "cut.jsonl.zst").write_bytes(b"".join(frames)[:cut])
+        with pytest.raises(ValueError, match=r"cut.jsonl.zst: not a readable .zst file \(the file ends inside a frame"):
+            data.prepare({"s": str(tmp_path / "cut.jsonl.zst")}, tmp_path / "ds2", workers=1, progress=False)
 
 
 def test_missing_optional_reader_names_the_file_and_the_install(tmp_path, monkeypatch):

@@ -145,6 +145,7 @@ def test_dry_run_xmodel25(capsys):
     (["--compile_mode=fastest"], "config key 'compile_mode'"),
     (["--hidden=129"], "n_head=2 does not divide hidden=129"),
     (["--eval_mix=zzz"], "eval_mix"),
+    (["--data={'prose': 'p', 'code': 'c'}"], r"\(decay\): mixture 'decay' names source 'sft', which the data does not"),
 ])
 def test_config_errors(args, match):
     with pytest.raises(ValueError, match=match):
