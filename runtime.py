@@ -228,9 +228,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     over `path`: a reader sees the old file or the new one. On any error (a full disk included) `path` is
     untouched and an OSError names it and the free space left. The project's one atomic-write helper."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode) as f:
             yield f
             f.flush()
@@ -242,11 +242,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-            raise OSError(e.errno, f"could not write {path} ({e.strerror or e}; "
-                                   f"{free / 2**30:.2f} GiB free on its file system)") from e
+        cause = os_error(e)
+        if cause is not None and not isinstance(cause, FileNotFoundError):
+            where = f": {cause.filename}" if cause.filename not in (None, str(path), str(tmp)) else ""
+            free = (f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free on its file system"
+                    if path.parent.is_dir() else "")
+            raise OSError(cause.errno, f"could not write {path} ({cause.strerror or cause}{where}{free})") from e
         raise
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The OSError behind an error: the error itself, or one it was raised from or while handling. torch.save
+    into a full disk raises a RuntimeError ("enforce fail at inline_container.cc ... unexpected pos") whose
+    context is the OSError that says what happened (No space left on device). None if there is none."""
+    seen = set()
+    while isinstance(error, Exception) and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
 
 
 def sha256_file(path) -> str:
@@ -587,8 +602,9 @@ def _first_failure(error: BaseException) -> str:
     if failures:
         rank, failure = sorted(failures.items())[0]
         error, where = (failure[0] if isinstance(failure, tuple) else failure), f"rank {rank}: "
-    if isinstance(error, OSError) and error.strerror:
-        return where + error.strerror
+    cause = os_error(error)
+    if cause is not None and cause.strerror:
+        return where + cause.strerror
     return where + (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 

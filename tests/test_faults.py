@@ -317,10 +317,28 @@ def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
 
 # ---------------------------------------------------------------- 9. a full disk
 
+class FullDisk:
+    """A file on a disk that fills after `room` bytes: its writes fail with ENOSPC, where a real full disk
+    fails them (inside torch.save, which wraps the OSError in a RuntimeError of its own)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
-    """The second checkpoint's data file fills the disk halfway (inside torch.distributed.checkpoint's writer,
-    in the background): said as soon as the write fails, and the run stops at the next wait for it (the end of
-    the run) with one line."""
+    """The second checkpoint's data file fills the disk halfway (inside torch.save, inside
+    torch.distributed.checkpoint's writer, in the background): said as soon as the write fails, naming the
+    reason (not torch's "enforce fail ... unexpected pos"), and the run stops at the next wait for it (the end
+    of the run) with one line."""
     out = tmp_path / "out"
     out.mkdir()
     (out / ".ckpt_00000007.pt.tmp-123").write_bytes(b"partial")  # left by runs that died mid-write
@@ -332,10 +350,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
     @contextlib.contextmanager
     def full(self, path, mode):
         with real(self, path, mode) as f:
-            if "ckpt_00000002" in str(path) and "w" in mode:
-                f.write(b"\0" * 4096)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            yield f
+            yield FullDisk(f, 4096) if "ckpt_00000002" in str(path) and "w" in mode else f
     monkeypatch.setattr(filesystem.FileSystem, "create_stream", full)
     with pytest.raises(OSError) as e:
         run(cfg, out, "--max_steps=2", "--ckpt_interval=1")
@@ -346,6 +361,21 @@ def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
     assert ckpt_names(out) == ["ckpt_00000001"] and runtime.load_checkpoint(str(out))["step"] == 1
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint 2 failed")]
     assert len(said) == 1 and f"the last good one ({out / 'ckpt_00000001'}) is kept" in said[0], said
+
+
+def test_disk_full_in_a_single_file_checkpoint_names_the_reason(tmp_path, monkeypatch):
+    """The single file (tools.export --to_file, an import) on a full disk: one OSError naming the file and the
+    reason, the temporary file removed; a file where its folder should be is named too."""
+    out = tmp_path / "ckpt_00000001.pt"
+    real = runtime.HashingWriter
+    monkeypatch.setattr(runtime, "HashingWriter", lambda f: real(FullDisk(f, 1000)))
+    with pytest.raises(OSError, match=rf"could not write {out} \(No space left on device; [\d.]+ GiB free"):
+        runtime.write_checkpoint_file(str(out), {"model": {"w": torch.zeros(4096)}})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=rf"could not write {tmp_path}/file/x.pt \(File exists: {tmp_path}/file\)"):
+        runtime.write_checkpoint_file(str(tmp_path / "file" / "x.pt"), {})
 
 
 # ---------------------------------------------------------------- 11. a checkpoint's write waits under its own timeout
