@@ -114,9 +114,10 @@ def test_replicated_state_is_split_by_size_the_same_way_on_every_rank():
     assert set(runtime.replicated_share(sizes, 1).values()) == {0}
 
 
-def test_a_run_converts_to_one_file_that_the_tools_and_a_resume_read(tmp_path, tiny_data):
+def test_a_run_converts_to_one_file_that_the_tools_and_a_resume_read(tmp_path, tiny_data, capsys):
     """python -m tools.export --to_file RUN OUT.pt: the single-file layout of older runs, with its sha256; the
-    tools read both layouts, and a run resumes from either."""
+    tools read both layouts, and a run resumes from either. An output that cannot be written is one line."""
+    import tools
     from tools import export
     cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "run"), sample_tokens=0)
     train.train([cfg, "--max_steps=2"])
@@ -132,6 +133,10 @@ def test_a_run_converts_to_one_file_that_the_tools_and_a_resume_read(tmp_path, t
                    for n, t in s.items())
     with pytest.raises(ValueError, match="exists"):
         export.main(["--to_file", str(tmp_path / "run"), out])
+    with pytest.raises(SystemExit) as e:  # a file where the output's folder should be
+        tools.run(lambda: export.main(["--to_file", str(tmp_path / "run"), os.path.join(out, "x.pt")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and f"could not write {out}/x.pt (File exists: {out})" in err
     for src in (str(tmp_path / "run"), out):
         model, _, info = export.load_any(src)
         assert info["step"] == 2 and torch.equal(model.state_dict()["tok_emb.weight"], a["model"]["tok_emb.weight"])
