@@ -295,9 +295,13 @@ class RunLock:
     holder's PID and host for the message a second run gets."""
 
     def __init__(self, out_dir: str):
-        os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, ".lock")
-        self.f = open(self.path, "a+")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            self.f = open(self.path, "a+")
+        except OSError as e:  # a file in the way, a read-only file system: say which key, not just an errno
+            raise OSError(e.errno, f"out_dir {out_dir!r} is not a directory this run can write ({e.strerror}: "
+                                   f"{e.filename})") from None
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -227,6 +227,14 @@ def test_second_run_into_one_out_dir_is_refused_and_a_dead_holder_does_not_block
     lock.release()
 
 
+def test_an_out_dir_that_cannot_be_written_is_named_as_such(tmp_path, cfg):
+    """A file where out_dir should be: the config key and the file, at once (not a bare "File exists")."""
+    (tmp_path / "file").write_text("")
+    for out, why in ((tmp_path / "file", "File exists"), (tmp_path / "file" / "out", "Not a directory")):
+        with pytest.raises(OSError, match=rf"out_dir '{out}' is not a directory this run can write \({why}: "):
+            run(cfg, out)
+
+
 # ---------------------------------------------------------------- 6. metrics across a resume: exact rows, no duplicate switch
 
 @pytest.fixture(scope="module")
