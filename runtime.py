@@ -190,10 +190,11 @@ def _check_type(key, value, tp):
         if value is None and type(None) in typing.get_args(tp):
             return None
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        for option in options[:-1]:
+        for option in options:
             with contextlib.suppress(ValueError):
                 return _check_type(key, value, option)
-        tp = options[-1]
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in options)  # every type it may be, not the last
+        raise ValueError(f"config key {key!r}: expected {names}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, bool) or not isinstance(value, typing.get_origin(tp) or tp):

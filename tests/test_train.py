@@ -145,6 +145,8 @@ def test_dry_run_xmodel25(capsys):
     (["--compile_mode=fastest"], "config key 'compile_mode'"),
     (["--hidden=129"], "n_head=2 does not divide hidden=129"),
     (["--eval_mix=zzz"], "eval_mix"),
+    (["--time_limit=0.5"], r"config key 'time_limit': expected int or str, got 0.5"),
+    (["--data=3"], r"config key 'data': expected dict, got 3"),
 ])
 def test_config_errors(args, match):
     with pytest.raises(ValueError, match=match):
