@@ -555,10 +555,12 @@ def load_config(argv: list[str]) -> dict:
     for key, value in dotted:  # --phase.decay.optimizer=adamw, --phase.*.optimizer=adamw
         kind, name, pkey = (key.split(".", 2) + ["", ""])[:3]
         hits = [p for p in tcfg.phases if name in ("*", p.get("name"))]
-        if kind != "phase" or not hits or pkey not in PHASE_KEYS:
-            raise ValueError(f"config override --{key}: no phase named {name!r} (phases: "
-                             f"{[p.get('name') for p in tcfg.phases]}, or * for all) or unknown phase key {pkey!r} "
-                             f"(one of {sorted(PHASE_KEYS)}); the form is --phase.NAME.KEY=value")
+        wrong = ("only phase keys are dotted" if kind != "phase" else
+                 f"unknown phase key {pkey!r} (one of {sorted(PHASE_KEYS)})" if pkey not in PHASE_KEYS else
+                 f"no phase named {name!r} (phases: {[p.get('name') for p in tcfg.phases]}, or * for all)"
+                 if not hits else None)  # the one part that is wrong: a message that blames none of the others
+        if wrong:
+            raise ValueError(f"config override --{key}: {wrong}; the form is --phase.NAME.KEY=value")
         for p in hits:
             p[pkey] = value
     validate(tcfg, mcfg)

@@ -160,8 +160,10 @@ def test_config_overrides_and_missing_file():
     assert {p["optimizer"] for p in load("xmodel25", "--phase.*.optimizer=adamw")["train"].phases} == {"adamw"}
     with pytest.raises(ValueError, match=r"phases\[0\] \(warmup\): optimizer must be one of"):
         load("proxy20m", "--phase.*.optimizer=sgd")
-    for bad in ("--phase.nope.steps=3", "--phase.decay.nope=3", "--model.n_layer=3"):
-        with pytest.raises(ValueError, match=r"the form is --phase.NAME.KEY=value"):
+    for bad, why in (("--phase.nope.steps=3", "no phase named 'nope'"), ("--phase.decay.nope=3", "unknown phase key "
+                     "'nope'"), ("--model.n_layer=3", "only phase keys are dotted")):  # the wrong part alone
+        with pytest.raises(ValueError, match=rf"^config override {re.escape(bad[:bad.index('=')])}: {why}[^;]*; "
+                                             rf"the form is --phase.NAME.KEY=value$"):
             load("proxy20m", bad)
     with pytest.raises(ValueError, match="config file not found"):
         train.load_config(["configs/nope.py"])
