@@ -1023,9 +1023,10 @@ def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
 
 def run_main(main, argv: list[str]) -> None:
     """A command's entry point under torchrun or alone: bad input, a missing or damaged file, a non-finite
-    loss or a full disk ends in one line on stderr naming the rank, and exit status 1; a broken process group
-    exits at once (tearing it down could wait on the dead rank again); a finished rank of a multi-process
-    job leaves through exit_distributed."""
+    loss or a full disk ends in one line on stderr naming the rank, and exit status 1; Ctrl-C (SIGINT) in one
+    line too (what the interrupted command says is safe), exit status 130 as the shell's; a broken process
+    group exits at once (tearing it down could wait on the dead rank again); a finished rank of a
+    multi-process job leaves through exit_distributed."""
     try:
         main(argv)
     except CollectiveFailure as e:
@@ -1035,6 +1036,10 @@ def run_main(main, argv: list[str]) -> None:
         where = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
         print(f"error: {where}{e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:
+        where = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+        print(f"interrupted (SIGINT): {where}{e or 'stopped'}", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -766,6 +766,14 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         if broken:
             raise runtime.collective_failure(e, cfg.dist_timeout_s) from e
         raise
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint in flight completes, then one line says what is on disk
+        if r:
+            with suppress(OSError):
+                r.ckpt.wait()
+        latest = (runtime.list_checkpoints(cfg.out_dir) or [None])[-1]
+        raise KeyboardInterrupt(f"stopped without a checkpoint of its own; " + (
+            f"the latest is {latest}; continue with: {runtime.launch_command('train.py', sys.argv[1:])}" if latest
+            else "none was written yet")) from None
     finally:
         if r and not broken:  # a checkpoint still in flight (an error stopped the run) completes before the exit
             with suppress(OSError):

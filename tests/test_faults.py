@@ -519,6 +519,27 @@ def test_time_limit_keeps_room_for_a_step_and_the_final_checkpoint(monkeypatch):
         train.validate(train.TrainConfig(time_limit="2h"))
 
 
+def test_ctrl_c_completes_the_checkpoint_in_flight_and_says_so_in_one_line(tmp_path, cfg, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) during step 3: the checkpoint of step 2, still being written, completes; one
+    line (no traceback) names it and the command that resumes, exit status 130 as a shell's."""
+    out, real, calls = tmp_path / "out", train.train_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(SystemExit) as e:
+        runtime.run_main(train.main, [cfg, *SHORT, f"--out_dir={out}", "--ckpt_interval=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1, err
+    assert err.startswith(f"interrupted (SIGINT): stopped without a checkpoint of its own; the latest is "
+                          f"{out / 'ckpt_00000002'}; continue with: python train.py "), err
+    assert ckpt_names(out) == ["ckpt_00000001", "ckpt_00000002"] and runtime.verify_checkpoint(
+        str(out / "ckpt_00000002")) is None
+
+
 # ---------------------------------------------------------------- 10. the tools refuse nonsense in one line
 
 def test_ranks_vote_to_stop_in_host_memory_a_step_late(monkeypatch):
