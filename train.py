@@ -596,6 +596,8 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
         runtime.parse_duration(cfg.time_limit)
     except ValueError as e:
         raise ValueError(f"config key 'time_limit': {e}") from None
+    if not cfg.out_dir.strip():  # "--out_dir=" would otherwise fail later as a directory named ''
+        raise ValueError(f"config key 'out_dir': a directory path, got {cfg.out_dir!r}")
     if not (isinstance(cfg.log_to, list) and set(cfg.log_to) <= set(runtime.LOG_SINKS)):
         raise ValueError(f"config key 'log_to': a list of {runtime.LOG_SINKS}, got {cfg.log_to!r}")
     if cfg.eval_mix not in cfg.mixtures:

@@ -147,6 +147,7 @@ def test_dry_run_xmodel25(capsys):
     (["--eval_mix=zzz"], "eval_mix"),
     (["--time_limit=0.5"], r"config key 'time_limit': expected int or str, got 0.5"),
     (["--data=3"], r"config key 'data': expected dict, got 3"),
+    (["--out_dir="], r"config key 'out_dir': a directory path, got ''"),
 ])
 def test_config_errors(args, match):
     with pytest.raises(ValueError, match=match):
