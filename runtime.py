@@ -246,10 +246,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         cause = os_error(e)
         if cause is not None and not isinstance(cause, FileNotFoundError):
             where = f": {cause.filename}" if cause.filename not in (None, str(path), str(tmp)) else ""
-            free = (f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free on its file system"
-                    if path.parent.is_dir() else "")
+            free = f"; {disk_free(path.parent)}" if path.parent.is_dir() else ""
             raise OSError(cause.errno, f"could not write {path} ({cause.strerror or cause}{where}{free})") from e
         raise
+
+
+def disk_free(directory) -> str:
+    """The free space of a directory's file system, as the messages of a failed write give it."""
+    return f"{shutil.disk_usage(directory).free / 2**30:.2f} GiB free on its file system"
 
 
 def os_error(error: BaseException) -> OSError | None:
@@ -1137,8 +1141,12 @@ class Sinks:
                                     dir=out_dir, resume="allow", config=config)
 
     def log(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: the file and the space, not a bare errno (a torn line is dropped on resume)
+            raise OSError(e.errno, f"could not append to {self.path} ({e.strerror or e}; "
+                                   f"{disk_free(os.path.dirname(self.path))})") from e
         step = row["step"]
         if "event" in row:  # e.g. the optimizer switch: a marker in both dashboards
             scalars = {f"event/{row['event']}": 1.0}

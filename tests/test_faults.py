@@ -341,6 +341,12 @@ class FullDisk:
     def __getattr__(self, name):
         return getattr(self.f, name)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
 
 def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
     """The second checkpoint's data file fills the disk halfway (inside torch.save, inside
@@ -384,6 +390,15 @@ def test_disk_full_in_a_single_file_checkpoint_names_the_reason(tmp_path, monkey
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match=rf"could not write {tmp_path}/file/x.pt \(File exists: {tmp_path}/file\)"):
         runtime.write_checkpoint_file(str(tmp_path / "file" / "x.pt"), {})
+
+
+def test_disk_full_in_metrics_jsonl_names_the_file(tmp_path, monkeypatch):
+    """A row that no longer fits: one OSError naming metrics.jsonl and the free space (it was a bare errno)."""
+    sinks = runtime.Sinks(str(tmp_path), ["jsonl"])
+    monkeypatch.setattr(runtime, "open", lambda p, *a, **k: FullDisk(open(p, *a, **k), 0), raising=False)
+    with pytest.raises(OSError, match=rf"could not append to {tmp_path / 'metrics.jsonl'} \(No space left on "
+                                      rf"device; [\d.]+ GiB free on its file system\)"):
+        sinks.log({"step": 1, "loss": 2.0})
 
 
 # ---------------------------------------------------------------- 11. a checkpoint's write waits under its own timeout
