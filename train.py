@@ -613,7 +613,8 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
 def validate_phases(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
     """Every phase of the curriculum: its keys, positive sizes, an LR shape, a known mix and optimizer."""
     if not cfg.phases:
-        raise ValueError("config key 'phases': the curriculum is empty")
+        raise ValueError("config key 'phases': the curriculum is empty (the defaults have none: give a config file, "
+                         "e.g. python train.py configs/proxy20m.py)")
     names = [p.get("name") for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ValueError(f"config key 'phases': phase names must be unique, got {names}")

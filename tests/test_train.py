@@ -168,6 +168,8 @@ def test_config_overrides_and_missing_file():
             load("proxy20m", bad)
     with pytest.raises(ValueError, match="config file not found"):
         train.load_config(["configs/nope.py"])
+    with pytest.raises(ValueError, match=r"the curriculum is empty \(the defaults have none: give a config file"):
+        train.load_config(["--dry_run"])  # no config file at all
 
 
 # ---------------------------------------------------------------- running
