@@ -1406,6 +1406,9 @@ def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as f:  # a full disk: no half-drawn loss.png, and an error naming it
+            fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png", dpi=110)  # OUT.svg, .pdf as asked
+    finally:
+        plt.close(fig)
     return path

@@ -401,6 +401,21 @@ def test_disk_full_in_metrics_jsonl_names_the_file(tmp_path, monkeypatch):
         sinks.log({"step": 1, "loss": 2.0})
 
 
+def test_disk_full_while_drawing_the_loss_curve_names_the_file(tmp_path, monkeypatch):
+    """loss.png on a full disk: one OSError naming it, and no half-written file left."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 64}) + "\n")
+    real = runtime.atomic_write
+
+    @contextlib.contextmanager
+    def full(path, mode="w"):
+        with real(path, mode) as f:
+            yield FullDisk(f, 100)
+    monkeypatch.setattr(runtime, "atomic_write", full)
+    with pytest.raises(OSError, match=rf"could not write {tmp_path / 'loss.png'} \(No space left on device; "):
+        runtime.plot_runs({"run": str(tmp_path)}, str(tmp_path / "loss.png"))
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
 # ---------------------------------------------------------------- 11. a checkpoint's write waits under its own timeout
 
 def _free_port() -> int:
