@@ -393,7 +393,11 @@ def prune_checkpoints(out_dir: str, keep: int) -> None:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint (directory or file) as given, or a run directory's latest."""
+    """A checkpoint (directory or file) as given, or a run directory's latest. A file of a checkpoint directory
+    is refused: meta.pt alone reads as a checkpoint without its weights."""
+    folder = os.path.dirname(path)
+    if os.path.isfile(path) and os.path.isfile(os.path.join(folder, MANIFEST)):
+        raise ValueError(f"{path} is one file of the checkpoint directory {folder}: give the directory (or its run's)")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
         found = list_checkpoints(path)
         if not found:

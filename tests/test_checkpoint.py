@@ -52,6 +52,13 @@ def test_a_checkpoint_directory_reads_back_in_the_nested_layout_and_is_pruned(tm
     only = runtime.read_checkpoint(paths[-1], want=lambda meta: lambda key: key.startswith("model/"))
     assert set(only["model"]) == {"w", "b"} and "state" not in only["optim"]["rest"]
     assert [t[0] for t in ck.timings] == [1, 2, 3] and all(0 <= w <= total for _, w, total in ck.timings)
+    for name in ("meta.pt", "__0_0.distcp", "manifest.json"):  # a file of it (meta.pt alone has no weights)
+        part = os.path.join(paths[-1], name)
+        with pytest.raises(ValueError, match=f"{part} is one file of the checkpoint directory {paths[-1]}: give"):
+            runtime.load_checkpoint(part)
+        assert runtime.read_start(part, 0, 1, lambda meta: None) == (None, f"{part} is one file of the checkpoint "
+                                                                     f"directory {paths[-1]}: give the directory "
+                                                                     f"(or its run's)")
 
 
 def test_a_directory_is_listed_only_once_complete(tmp_path):
