@@ -414,6 +414,10 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
                                       gradient_as_bucket_view=True)
     opts = Optimizers(mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
     step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, rank, world, device, say)
+    if step > stop_step(cfg):  # before metrics.jsonl is cut back to the checkpoint's step
+        raise ValueError(f"resume: the latest checkpoint in {cfg.out_dir} is at step {step}, past this run's end at "
+                         f"step {stop_step(cfg)} (" + (f"max_steps={cfg.max_steps}" if cfg.max_steps else
+                         "the curriculum's length") + "): nothing to train; the checkpoint and metrics are untouched")
     if world > 1 and 0 < step < stop_step(cfg):
         runtime.settle_ddp_buckets(ddp, model, cfg.dtype, device)
     ckpt = runtime.Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, world, cfg.ckpt_timeout_s)

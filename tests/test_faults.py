@@ -268,6 +268,17 @@ def test_a_kill_after_the_switch_row_does_not_duplicate_it(uninterrupted, resume
     assert rows == [{"step": SWITCH_STEP, "event": "optimizer_switch", "from": "adamw", "to": "muon", "phase": "decay"}]
 
 
+def test_resume_past_the_runs_end_is_refused_and_touches_nothing(tmp_path, cfg):
+    """A checkpoint at step 2 resumed with max_steps=1 (as a curriculum cut shorter): an error before anything
+    is written; metrics.jsonl keeps its rows (it lost the last evaluation, and the plan said "-1 steps")."""
+    out = tmp_path / "out"
+    run(cfg, out, "--max_steps=2")
+    rows = open(out / "metrics.jsonl").read()
+    with pytest.raises(ValueError, match=r"is at step 2, past this run's end at step 1 \(max_steps=1\): nothing"):
+        run(cfg, out, "--resume", "--max_steps=1")
+    assert open(out / "metrics.jsonl").read() == rows and ckpt_names(out) == ["ckpt_00000002"]
+
+
 # ---------------------------------------------------------------- 7. a damaged metrics.jsonl
 
 def test_torn_last_metrics_line_is_dropped_a_bad_middle_line_is_an_error(tmp_path, cfg, one_step, capsys):
