@@ -653,6 +653,7 @@ def test_ranks_vote_to_stop_in_host_memory_a_step_late(monkeypatch):
     (["tools.sample", "BROKEN_WEIGHTS", "--prompt", "x"], "model.safetensors: not a readable safetensors file"),
     (["tools.eval", "BROKEN_CONFIG", "--text", "README.md"], "config.json: not valid JSON"),
     (["data.py", "info", "BROKEN_MANIFEST"], "manifest.json: not valid JSON"),
+    (["tools.plot", "UNDER_A_FILE", "A=METRICS"], "could not write UNDER_A_FILE (File exists: "),
 ])
 def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
     (tmp_path / "weights").mkdir()
@@ -665,9 +666,13 @@ def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
     (tmp_path / "config" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
     (tmp_path / "manifest").mkdir()
     (tmp_path / "manifest" / "manifest.json").write_text("{bad")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 64}) + "\n")
     where = {"RUN": str(tmp_path / "no_run"), "BROKEN_WEIGHTS": str(tmp_path / "weights"),
-             "BROKEN_CONFIG": str(tmp_path / "config"), "BROKEN_MANIFEST": str(tmp_path / "manifest")}
-    argv = [where.get(a, a) for a in argv]
+             "BROKEN_CONFIG": str(tmp_path / "config"), "BROKEN_MANIFEST": str(tmp_path / "manifest"),
+             "UNDER_A_FILE": str(tmp_path / "manifest" / "manifest.json" / "loss.png"),
+             "A=METRICS": f"A={tmp_path / 'metrics'}"}
+    argv, culprit = [where.get(a, a) for a in argv], culprit.replace("UNDER_A_FILE", where["UNDER_A_FILE"])
     cmd = [sys.executable, *(["-m", argv[0]] if argv[0].startswith("tools.") else [argv[0]]), *argv[1:]]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and culprit in p.stderr, p.stderr[-2000:]
