@@ -294,6 +294,15 @@ class HashingWriter:
         return getattr(self.f, name)
 
 
+def refuse_checkpoint_as_out_dir(out_dir: str) -> None:
+    """A run's out_dir holds checkpoint directories; one given as out_dir itself (meaning "resume from this one")
+    would find no checkpoint in it and train from step 0 inside it. Refused before anything is written there."""
+    if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        parent = os.path.dirname(os.path.normpath(out_dir)) or "."
+        raise ValueError(f"out_dir {out_dir!r} is a checkpoint (or dataset) directory, not a run's: continue its "
+                         f"run with --out_dir={parent} --resume, or start from its weights with --init_from={out_dir}")
+
+
 class RunLock:
     """One run per out_dir: an exclusive flock on out_dir/.lock, held for the run's life. The kernel drops
     it when the process dies however it dies, so a stale lock never blocks a resume; the file holds the

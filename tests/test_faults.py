@@ -235,6 +235,18 @@ def test_an_out_dir_that_cannot_be_written_is_named_as_such(tmp_path, cfg):
             run(cfg, out)
 
 
+def test_a_checkpoint_directory_as_out_dir_is_refused_untouched(tmp_path, cfg):
+    """--out_dir=RUN/ckpt_N --resume ("resume from this one") found no checkpoint in it and trained from step 0
+    inside the checkpoint directory: refused, naming the run directory and --init_from, with nothing written."""
+    ckpt = tmp_path / "run" / "ckpt_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"out_dir '{ckpt}' is a checkpoint \(or dataset\) directory, not a "
+                                         rf"run's: continue its run with --out_dir={tmp_path / 'run'} --resume"):
+        run(cfg, ckpt, "--resume")
+    assert os.listdir(ckpt) == ["manifest.json"]
+
+
 # ---------------------------------------------------------------- 6. metrics across a resume: exact rows, no duplicate switch
 
 @pytest.fixture(scope="module")
