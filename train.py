@@ -555,6 +555,9 @@ def load_config(argv: list[str]) -> dict:
         if key not in typing.get_type_hints(TrainConfig) and key not in model_keys:
             raise ValueError(f"unknown config key {key!r} (python train.py --help lists them)")
     tcfg, mcfg = runtime.build_config(TrainConfig, values), runtime.build_config(ModelConfig, values)
+    for i, p in enumerate(tcfg.phases):  # each one copied below: a stray string or number is named, not a TypeError
+        if not isinstance(p, dict):
+            raise ValueError(f"config key 'phases': phases[{i}] must be a dict of phase keys, got {p!r}")
     tcfg.phases = [dict(p) for p in tcfg.phases]
     for key, value in dotted:  # --phase.decay.optimizer=adamw, --phase.*.optimizer=adamw
         kind, name, pkey = (key.split(".", 2) + ["", ""])[:3]
@@ -607,8 +610,8 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
     if cfg.eval_mix not in cfg.mixtures:
         raise ValueError(f"config key 'eval_mix': {cfg.eval_mix!r} is not in mixtures {sorted(cfg.mixtures)}")
     for name, mix in cfg.mixtures.items():
-        if not isinstance(mix, dict) or not mix or sum(mix.values()) <= 0 or not all(
-                runtime.is_number(w) and math.isfinite(w) and w >= 0 for w in mix.values()):
+        if not isinstance(mix, dict) or not mix or not all(  # the weights' types before their sum
+                runtime.is_number(w) and math.isfinite(w) and w >= 0 for w in mix.values()) or sum(mix.values()) <= 0:
             raise ValueError(f"config key 'mixtures': {name!r} must map sources to finite weights >= 0, not all 0; "
                              f"got {mix!r}")
     validate_phases(cfg, mcfg)
@@ -619,6 +622,10 @@ def validate_phases(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
     if not cfg.phases:
         raise ValueError("config key 'phases': the curriculum is empty (the defaults have none: give a config file, "
                          "e.g. python train.py configs/proxy20m.py)")
+    for i, p in enumerate(cfg.phases):  # looked up by (a set of names, the mixtures): a list would be a TypeError
+        for k in ("name", "mix"):
+            if k in p and not isinstance(p[k], str):
+                raise ValueError(f"phases[{i}]: {k} must be a string, got {p[k]!r}")
     names = [p.get("name") for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ValueError(f"config key 'phases': phase names must be unique, got {names}")

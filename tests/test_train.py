@@ -148,6 +148,11 @@ def test_dry_run_xmodel25(capsys):
     (["--time_limit=0.5"], r"config key 'time_limit': expected int or str, got 0.5"),
     (["--data=3"], r"config key 'data': expected dict, got 3"),
     (["--out_dir="], r"config key 'out_dir': a directory path, got ''"),
+    (["--phases=[1]"], r"config key 'phases': phases\[0\] must be a dict of phase keys, got 1"),
+    (["--phases=['warmup']"], r"config key 'phases': phases\[0\] must be a dict of phase keys, got 'warmup'"),
+    (["--mixtures={'stable': {'code': '0.5'}, 'decay': {'sft': 1}}"], r"'stable' must map sources to finite weights"),
+    (["--phase.decay.mix=['decay']"], r"phases\[3\]: mix must be a string, got \['decay'\]"),
+    (["--phase.decay.name=[1]"], r"phases\[3\]: name must be a string, got \[1\]"),
 ])
 def test_config_errors(args, match):
     with pytest.raises(ValueError, match=match):
