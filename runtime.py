@@ -197,6 +197,8 @@ def _check_type(key, value, tp):
         raise ValueError(f"config key {key!r}: expected {names}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
+        return float(value)  # no literal spells them: --grad_clip=inf (no clipping), as --help says
     if tp is int and isinstance(value, bool) or not isinstance(value, typing.get_origin(tp) or tp):
         raise ValueError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
     return value

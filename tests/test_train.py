@@ -164,6 +164,9 @@ def test_config_overrides_and_missing_file():
     assert conf["train"].lr == 0.02 and conf["train"].compile is True and conf["model"].n_layer == 4
     assert [p["optimizer"] for p in conf["train"].phases if p["name"] == "decay"] == ["adamw"]
     assert {p["optimizer"] for p in load("xmodel25", "--phase.*.optimizer=adamw")["train"].phases} == {"adamw"}
+    assert load("proxy20m", "--grad_clip=inf")["train"].grad_clip == math.inf  # no clipping, as --help says
+    with pytest.raises(ValueError, match="config key 'lr' must be a finite number > 0, got nan"):
+        load("proxy20m", "--lr=nan")
     with pytest.raises(ValueError, match=r"phases\[0\] \(warmup\): optimizer must be one of"):
         load("proxy20m", "--phase.*.optimizer=sgd")
     for bad, why in (("--phase.nope.steps=3", "no phase named 'nope'"), ("--phase.decay.nope=3", "unknown phase key "
