@@ -190,12 +190,15 @@ def _check_type(key, value, tp):
         if value is None and type(None) in typing.get_args(tp):
             return None
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        for option in options[:-1]:
+        for option in options:
             with contextlib.suppress(ValueError):
                 return _check_type(key, value, option)
-        tp = options[-1]
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in options)  # every type it may be, not the last
+        raise ValueError(f"config key {key!r}: expected {names}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", "nan"):
+        return float(value)  # no literal spells them: --grad_clip=inf (no clipping), as --help says
     if tp is int and isinstance(value, bool) or not isinstance(value, typing.get_origin(tp) or tp):
         raise ValueError(f"config key {key!r}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
     return value
@@ -228,9 +231,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     over `path`: a reader sees the old file or the new one. On any error (a full disk included) `path` is
     untouched and an OSError names it and the free space left. The project's one atomic-write helper."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode) as f:
             yield f
             f.flush()
@@ -242,11 +245,30 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
-            raise OSError(e.errno, f"could not write {path} ({e.strerror or e}; "
-                                   f"{free / 2**30:.2f} GiB free on its file system)") from e
+        cause = os_error(e)
+        if cause is not None and not isinstance(cause, FileNotFoundError):
+            where = f": {cause.filename}" if cause.filename not in (None, str(path), str(tmp)) else ""
+            free = f"; {disk_free(path.parent)}" if path.parent.is_dir() else ""
+            raise OSError(cause.errno, f"could not write {path} ({cause.strerror or cause}{where}{free})") from e
         raise
+
+
+def disk_free(directory) -> str:
+    """The free space of a directory's file system, as the messages of a failed write give it."""
+    return f"{shutil.disk_usage(directory).free / 2**30:.2f} GiB free on its file system"
+
+
+def os_error(error: BaseException) -> OSError | None:
+    """The OSError behind an error: the error itself, or one it was raised from or while handling. torch.save
+    into a full disk raises a RuntimeError ("enforce fail at inline_container.cc ... unexpected pos") whose
+    context is the OSError that says what happened (No space left on device). None if there is none."""
+    seen = set()
+    while isinstance(error, Exception) and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None
 
 
 def sha256_file(path) -> str:
@@ -274,15 +296,28 @@ class HashingWriter:
         return getattr(self.f, name)
 
 
+def refuse_checkpoint_as_out_dir(out_dir: str) -> None:
+    """A run's out_dir holds checkpoint directories; one given as out_dir itself (meaning "resume from this one")
+    would find no checkpoint in it and train from step 0 inside it. Refused before anything is written there."""
+    if os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        parent = os.path.dirname(os.path.normpath(out_dir)) or "."
+        raise ValueError(f"out_dir {out_dir!r} is a checkpoint (or dataset) directory, not a run's: continue its "
+                         f"run with --out_dir={parent} --resume, or start from its weights with --init_from={out_dir}")
+
+
 class RunLock:
     """One run per out_dir: an exclusive flock on out_dir/.lock, held for the run's life. The kernel drops
     it when the process dies however it dies, so a stale lock never blocks a resume; the file holds the
     holder's PID and host for the message a second run gets."""
 
     def __init__(self, out_dir: str):
-        os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, ".lock")
-        self.f = open(self.path, "a+")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            self.f = open(self.path, "a+")
+        except OSError as e:  # a file in the way, a read-only file system: say which key, not just an errno
+            raise OSError(e.errno, f"out_dir {out_dir!r} is not a directory this run can write ({e.strerror}: "
+                                   f"{e.filename})") from None
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -369,7 +404,11 @@ def prune_checkpoints(out_dir: str, keep: int) -> None:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint (directory or file) as given, or a run directory's latest."""
+    """A checkpoint (directory or file) as given, or a run directory's latest. A file of a checkpoint directory
+    is refused: meta.pt alone reads as a checkpoint without its weights."""
+    folder = os.path.dirname(path)
+    if os.path.isfile(path) and os.path.isfile(os.path.join(folder, MANIFEST)):
+        raise ValueError(f"{path} is one file of the checkpoint directory {folder}: give the directory (or its run's)")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
         found = list_checkpoints(path)
         if not found:
@@ -587,8 +626,9 @@ def _first_failure(error: BaseException) -> str:
     if failures:
         rank, failure = sorted(failures.items())[0]
         error, where = (failure[0] if isinstance(failure, tuple) else failure), f"rank {rank}: "
-    if isinstance(error, OSError) and error.strerror:
-        return where + error.strerror
+    cause = os_error(error)
+    if cause is not None and cause.strerror:
+        return where + cause.strerror
     return where + (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
@@ -1002,9 +1042,10 @@ def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
 
 def run_main(main, argv: list[str]) -> None:
     """A command's entry point under torchrun or alone: bad input, a missing or damaged file, a non-finite
-    loss or a full disk ends in one line on stderr naming the rank, and exit status 1; a broken process group
-    exits at once (tearing it down could wait on the dead rank again); a finished rank of a multi-process
-    job leaves through exit_distributed."""
+    loss or a full disk ends in one line on stderr naming the rank, and exit status 1; Ctrl-C (SIGINT) in one
+    line too (what the interrupted command says is safe), exit status 130 as the shell's; a broken process
+    group exits at once (tearing it down could wait on the dead rank again); a finished rank of a
+    multi-process job leaves through exit_distributed."""
     try:
         main(argv)
     except CollectiveFailure as e:
@@ -1014,6 +1055,10 @@ def run_main(main, argv: list[str]) -> None:
         where = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
         print(f"error: {where}{e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:
+        where = f"rank {dist.get_rank()}: " if dist.is_initialized() else ""
+        print(f"interrupted (SIGINT): {where}{e or 'stopped'}", file=sys.stderr, flush=True)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1111,8 +1156,12 @@ class Sinks:
                                     dir=out_dir, resume="allow", config=config)
 
     def log(self, row: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # a full disk: the file and the space, not a bare errno (a torn line is dropped on resume)
+            raise OSError(e.errno, f"could not append to {self.path} ({e.strerror or e}; "
+                                   f"{disk_free(os.path.dirname(self.path))})") from e
         step = row["step"]
         if "event" in row:  # e.g. the optimizer switch: a marker in both dashboards
             scalars = {f"event/{row['event']}": 1.0}
@@ -1372,6 +1421,9 @@ def plot_runs(runs: dict, path: str, title: str = "", from_tokens: float = 0) ->
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_write(path, "wb") as f:  # a full disk: no half-drawn loss.png, and an error naming it
+            fig.savefig(f, format=os.path.splitext(path)[1][1:] or "png", dpi=110)  # OUT.svg, .pdf as asked
+    finally:
+        plt.close(fig)
     return path

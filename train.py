@@ -414,6 +414,10 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
                                       gradient_as_bucket_view=True)
     opts = Optimizers(mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
     step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, rank, world, device, say)
+    if step > stop_step(cfg):  # before metrics.jsonl is cut back to the checkpoint's step
+        raise ValueError(f"resume: the latest checkpoint in {cfg.out_dir} is at step {step}, past this run's end at "
+                         f"step {stop_step(cfg)} (" + (f"max_steps={cfg.max_steps}" if cfg.max_steps else
+                         "the curriculum's length") + "): nothing to train; the checkpoint and metrics are untouched")
     if world > 1 and 0 < step < stop_step(cfg):
         runtime.settle_ddp_buckets(ddp, model, cfg.dtype, device)
     ckpt = runtime.Checkpointer(cfg.out_dir, cfg.keep_checkpoints, rank, world, cfg.ckpt_timeout_s)
@@ -551,14 +555,19 @@ def load_config(argv: list[str]) -> dict:
         if key not in typing.get_type_hints(TrainConfig) and key not in model_keys:
             raise ValueError(f"unknown config key {key!r} (python train.py --help lists them)")
     tcfg, mcfg = runtime.build_config(TrainConfig, values), runtime.build_config(ModelConfig, values)
+    for i, p in enumerate(tcfg.phases):  # each one copied below: a stray string or number is named, not a TypeError
+        if not isinstance(p, dict):
+            raise ValueError(f"config key 'phases': phases[{i}] must be a dict of phase keys, got {p!r}")
     tcfg.phases = [dict(p) for p in tcfg.phases]
     for key, value in dotted:  # --phase.decay.optimizer=adamw, --phase.*.optimizer=adamw
         kind, name, pkey = (key.split(".", 2) + ["", ""])[:3]
         hits = [p for p in tcfg.phases if name in ("*", p.get("name"))]
-        if kind != "phase" or not hits or pkey not in PHASE_KEYS:
-            raise ValueError(f"config override --{key}: no phase named {name!r} (phases: "
-                             f"{[p.get('name') for p in tcfg.phases]}, or * for all) or unknown phase key {pkey!r} "
-                             f"(one of {sorted(PHASE_KEYS)}); the form is --phase.NAME.KEY=value")
+        wrong = ("only phase keys are dotted" if kind != "phase" else
+                 f"unknown phase key {pkey!r} (one of {sorted(PHASE_KEYS)})" if pkey not in PHASE_KEYS else
+                 f"no phase named {name!r} (phases: {[p.get('name') for p in tcfg.phases]}, or * for all)"
+                 if not hits else None)  # the one part that is wrong: a message that blames none of the others
+        if wrong:
+            raise ValueError(f"config override --{key}: {wrong}; the form is --phase.NAME.KEY=value")
         for p in hits:
             p[pkey] = value
     validate(tcfg, mcfg)
@@ -594,13 +603,15 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
         runtime.parse_duration(cfg.time_limit)
     except ValueError as e:
         raise ValueError(f"config key 'time_limit': {e}") from None
+    if not cfg.out_dir.strip():  # "--out_dir=" would otherwise fail later as a directory named ''
+        raise ValueError(f"config key 'out_dir': a directory path, got {cfg.out_dir!r}")
     if not (isinstance(cfg.log_to, list) and set(cfg.log_to) <= set(runtime.LOG_SINKS)):
         raise ValueError(f"config key 'log_to': a list of {runtime.LOG_SINKS}, got {cfg.log_to!r}")
     if cfg.eval_mix not in cfg.mixtures:
         raise ValueError(f"config key 'eval_mix': {cfg.eval_mix!r} is not in mixtures {sorted(cfg.mixtures)}")
     for name, mix in cfg.mixtures.items():
-        if not isinstance(mix, dict) or not mix or sum(mix.values()) <= 0 or not all(
-                runtime.is_number(w) and math.isfinite(w) and w >= 0 for w in mix.values()):
+        if not isinstance(mix, dict) or not mix or not all(  # the weights' types before their sum
+                runtime.is_number(w) and math.isfinite(w) and w >= 0 for w in mix.values()) or sum(mix.values()) <= 0:
             raise ValueError(f"config key 'mixtures': {name!r} must map sources to finite weights >= 0, not all 0; "
                              f"got {mix!r}")
     validate_phases(cfg, mcfg)
@@ -621,7 +632,12 @@ def validate_sources(cfg: TrainConfig) -> None:
 def validate_phases(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
     """Every phase of the curriculum: its keys, positive sizes, an LR shape, a known mix and optimizer."""
     if not cfg.phases:
-        raise ValueError("config key 'phases': the curriculum is empty")
+        raise ValueError("config key 'phases': the curriculum is empty (the defaults have none: give a config file, "
+                         "e.g. python train.py configs/proxy20m.py)")
+    for i, p in enumerate(cfg.phases):  # looked up by (a set of names, the mixtures): a list would be a TypeError
+        for k in ("name", "mix"):
+            if k in p and not isinstance(p[k], str):
+                raise ValueError(f"phases[{i}]: {k} must be a string, got {p[k]!r}")
     names = [p.get("name") for p in cfg.phases]
     if len(set(names)) != len(names):
         raise ValueError(f"config key 'phases': phase names must be unique, got {names}")
@@ -750,6 +766,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
     say = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
     t_start = time.perf_counter()
     cfg.device, cfg.dtype = runtime.resolve_machine(cfg.device, cfg.dtype, say)
+    runtime.refuse_checkpoint_as_out_dir(cfg.out_dir)
     lock = runtime.RunLock(cfg.out_dir) if master else None
     preemption = runtime.Preemption(runtime.parse_duration(cfg.time_limit), cfg.stop_margin_s)
     r, world, broken = None, 1, False
@@ -776,6 +793,14 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
         if broken:
             raise runtime.collective_failure(e, cfg.dist_timeout_s) from e
         raise
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint in flight completes, then one line says what is on disk
+        if r:
+            with suppress(OSError):
+                r.ckpt.wait()
+        latest = (runtime.list_checkpoints(cfg.out_dir) or [None])[-1]
+        raise KeyboardInterrupt(f"stopped without a checkpoint of its own; " + (
+            f"the latest is {latest}; continue with: {runtime.launch_command('train.py', sys.argv[1:])}" if latest
+            else "none was written yet")) from None
     finally:
         if r and not broken:  # a checkpoint still in flight (an error stopped the run) completes before the exit
             with suppress(OSError):

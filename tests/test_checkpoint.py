@@ -52,6 +52,13 @@ def test_a_checkpoint_directory_reads_back_in_the_nested_layout_and_is_pruned(tm
     only = runtime.read_checkpoint(paths[-1], want=lambda meta: lambda key: key.startswith("model/"))
     assert set(only["model"]) == {"w", "b"} and "state" not in only["optim"]["rest"]
     assert [t[0] for t in ck.timings] == [1, 2, 3] and all(0 <= w <= total for _, w, total in ck.timings)
+    for name in ("meta.pt", "__0_0.distcp", "manifest.json"):  # a file of it (meta.pt alone has no weights)
+        part = os.path.join(paths[-1], name)
+        with pytest.raises(ValueError, match=f"{part} is one file of the checkpoint directory {paths[-1]}: give"):
+            runtime.load_checkpoint(part)
+        assert runtime.read_start(part, 0, 1, lambda meta: None) == (None, f"{part} is one file of the checkpoint "
+                                                                     f"directory {paths[-1]}: give the directory "
+                                                                     f"(or its run's)")
 
 
 def test_a_directory_is_listed_only_once_complete(tmp_path):
@@ -114,9 +121,10 @@ def test_replicated_state_is_split_by_size_the_same_way_on_every_rank():
     assert set(runtime.replicated_share(sizes, 1).values()) == {0}
 
 
-def test_a_run_converts_to_one_file_that_the_tools_and_a_resume_read(tmp_path, tiny_data):
+def test_a_run_converts_to_one_file_that_the_tools_and_a_resume_read(tmp_path, tiny_data, capsys):
     """python -m tools.export --to_file RUN OUT.pt: the single-file layout of older runs, with its sha256; the
-    tools read both layouts, and a run resumes from either."""
+    tools read both layouts, and a run resumes from either. An output that cannot be written is one line."""
+    import tools
     from tools import export
     cfg = write_config(tmp_path / "c.py", tiny_data, out_dir=str(tmp_path / "run"), sample_tokens=0)
     train.train([cfg, "--max_steps=2"])
@@ -132,6 +140,10 @@ def test_a_run_converts_to_one_file_that_the_tools_and_a_resume_read(tmp_path, t
                    for n, t in s.items())
     with pytest.raises(ValueError, match="exists"):
         export.main(["--to_file", str(tmp_path / "run"), out])
+    with pytest.raises(SystemExit) as e:  # a file where the output's folder should be
+        tools.run(lambda: export.main(["--to_file", str(tmp_path / "run"), os.path.join(out, "x.pt")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and f"could not write {out}/x.pt (File exists: {out})" in err
     for src in (str(tmp_path / "run"), out):
         model, _, info = export.load_any(src)
         assert info["step"] == 2 and torch.equal(model.state_dict()["tok_emb.weight"], a["model"]["tok_emb.weight"])

@@ -227,6 +227,26 @@ def test_second_run_into_one_out_dir_is_refused_and_a_dead_holder_does_not_block
     lock.release()
 
 
+def test_an_out_dir_that_cannot_be_written_is_named_as_such(tmp_path, cfg):
+    """A file where out_dir should be: the config key and the file, at once (not a bare "File exists")."""
+    (tmp_path / "file").write_text("")
+    for out, why in ((tmp_path / "file", "File exists"), (tmp_path / "file" / "out", "Not a directory")):
+        with pytest.raises(OSError, match=rf"out_dir '{out}' is not a directory this run can write \({why}: "):
+            run(cfg, out)
+
+
+def test_a_checkpoint_directory_as_out_dir_is_refused_untouched(tmp_path, cfg):
+    """--out_dir=RUN/ckpt_N --resume ("resume from this one") found no checkpoint in it and trained from step 0
+    inside the checkpoint directory: refused, naming the run directory and --init_from, with nothing written."""
+    ckpt = tmp_path / "run" / "ckpt_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"out_dir '{ckpt}' is a checkpoint \(or dataset\) directory, not a "
+                                         rf"run's: continue its run with --out_dir={tmp_path / 'run'} --resume"):
+        run(cfg, ckpt, "--resume")
+    assert os.listdir(ckpt) == ["manifest.json"]
+
+
 # ---------------------------------------------------------------- 6. metrics across a resume: exact rows, no duplicate switch
 
 @pytest.fixture(scope="module")
@@ -258,6 +278,17 @@ def test_resume_off_the_log_interval_logs_an_uninterrupted_runs_rows(uninterrupt
 def test_a_kill_after_the_switch_row_does_not_duplicate_it(uninterrupted, resumed_at_switch):
     rows = [r for r in map(json.loads, open(resumed_at_switch / "metrics.jsonl")) if r.get("event")]
     assert rows == [{"step": SWITCH_STEP, "event": "optimizer_switch", "from": "adamw", "to": "muon", "phase": "decay"}]
+
+
+def test_resume_past_the_runs_end_is_refused_and_touches_nothing(tmp_path, cfg):
+    """A checkpoint at step 2 resumed with max_steps=1 (as a curriculum cut shorter): an error before anything
+    is written; metrics.jsonl keeps its rows (it lost the last evaluation, and the plan said "-1 steps")."""
+    out = tmp_path / "out"
+    run(cfg, out, "--max_steps=2")
+    rows = open(out / "metrics.jsonl").read()
+    with pytest.raises(ValueError, match=r"is at step 2, past this run's end at step 1 \(max_steps=1\): nothing"):
+        run(cfg, out, "--resume", "--max_steps=1")
+    assert open(out / "metrics.jsonl").read() == rows and ckpt_names(out) == ["ckpt_00000002"]
 
 
 # ---------------------------------------------------------------- 7. a damaged metrics.jsonl
@@ -317,10 +348,34 @@ def test_data_verify_checks_shard_hashes(tmp_path, tiny_data):
 
 # ---------------------------------------------------------------- 9. a full disk
 
+class FullDisk:
+    """A file on a disk that fills after `room` bytes: its writes fail with ENOSPC, where a real full disk
+    fails them (inside torch.save, which wraps the OSError in a RuntimeError of its own)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
-    """The second checkpoint's data file fills the disk halfway (inside torch.distributed.checkpoint's writer,
-    in the background): said as soon as the write fails, and the run stops at the next wait for it (the end of
-    the run) with one line."""
+    """The second checkpoint's data file fills the disk halfway (inside torch.save, inside
+    torch.distributed.checkpoint's writer, in the background): said as soon as the write fails, naming the
+    reason (not torch's "enforce fail ... unexpected pos"), and the run stops at the next wait for it (the end
+    of the run) with one line."""
     out = tmp_path / "out"
     out.mkdir()
     (out / ".ckpt_00000007.pt.tmp-123").write_bytes(b"partial")  # left by runs that died mid-write
@@ -332,10 +387,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
     @contextlib.contextmanager
     def full(self, path, mode):
         with real(self, path, mode) as f:
-            if "ckpt_00000002" in str(path) and "w" in mode:
-                f.write(b"\0" * 4096)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            yield f
+            yield FullDisk(f, 4096) if "ckpt_00000002" in str(path) and "w" in mode else f
     monkeypatch.setattr(filesystem.FileSystem, "create_stream", full)
     with pytest.raises(OSError) as e:
         run(cfg, out, "--max_steps=2", "--ckpt_interval=1")
@@ -346,6 +398,45 @@ def test_disk_full_during_a_checkpoint(tmp_path, cfg, monkeypatch, capsys):
     assert ckpt_names(out) == ["ckpt_00000001"] and runtime.load_checkpoint(str(out))["step"] == 1
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint 2 failed")]
     assert len(said) == 1 and f"the last good one ({out / 'ckpt_00000001'}) is kept" in said[0], said
+
+
+def test_disk_full_in_a_single_file_checkpoint_names_the_reason(tmp_path, monkeypatch):
+    """The single file (tools.export --to_file, an import) on a full disk: one OSError naming the file and the
+    reason, the temporary file removed; a file where its folder should be is named too."""
+    out = tmp_path / "ckpt_00000001.pt"
+    real = runtime.HashingWriter
+    monkeypatch.setattr(runtime, "HashingWriter", lambda f: real(FullDisk(f, 1000)))
+    with pytest.raises(OSError, match=rf"could not write {out} \(No space left on device; [\d.]+ GiB free"):
+        runtime.write_checkpoint_file(str(out), {"model": {"w": torch.zeros(4096)}})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=rf"could not write {tmp_path}/file/x.pt \(File exists: {tmp_path}/file\)"):
+        runtime.write_checkpoint_file(str(tmp_path / "file" / "x.pt"), {})
+
+
+def test_disk_full_in_metrics_jsonl_names_the_file(tmp_path, monkeypatch):
+    """A row that no longer fits: one OSError naming metrics.jsonl and the free space (it was a bare errno)."""
+    sinks = runtime.Sinks(str(tmp_path), ["jsonl"])
+    monkeypatch.setattr(runtime, "open", lambda p, *a, **k: FullDisk(open(p, *a, **k), 0), raising=False)
+    with pytest.raises(OSError, match=rf"could not append to {tmp_path / 'metrics.jsonl'} \(No space left on "
+                                      rf"device; [\d.]+ GiB free on its file system\)"):
+        sinks.log({"step": 1, "loss": 2.0})
+
+
+def test_disk_full_while_drawing_the_loss_curve_names_the_file(tmp_path, monkeypatch):
+    """loss.png on a full disk: one OSError naming it, and no half-written file left."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 64}) + "\n")
+    real = runtime.atomic_write
+
+    @contextlib.contextmanager
+    def full(path, mode="w"):
+        with real(path, mode) as f:
+            yield FullDisk(f, 100)
+    monkeypatch.setattr(runtime, "atomic_write", full)
+    with pytest.raises(OSError, match=rf"could not write {tmp_path / 'loss.png'} \(No space left on device; "):
+        runtime.plot_runs({"run": str(tmp_path)}, str(tmp_path / "loss.png"))
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
 
 
 # ---------------------------------------------------------------- 11. a checkpoint's write waits under its own timeout
@@ -481,6 +572,27 @@ def test_time_limit_keeps_room_for_a_step_and_the_final_checkpoint(monkeypatch):
         train.validate(train.TrainConfig(time_limit="2h"))
 
 
+def test_ctrl_c_completes_the_checkpoint_in_flight_and_says_so_in_one_line(tmp_path, cfg, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) during step 3: the checkpoint of step 2, still being written, completes; one
+    line (no traceback) names it and the command that resumes, exit status 130 as a shell's."""
+    out, real, calls = tmp_path / "out", train.train_step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(SystemExit) as e:
+        runtime.run_main(train.main, [cfg, *SHORT, f"--out_dir={out}", "--ckpt_interval=1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1, err
+    assert err.startswith(f"interrupted (SIGINT): stopped without a checkpoint of its own; the latest is "
+                          f"{out / 'ckpt_00000002'}; continue with: python train.py "), err
+    assert ckpt_names(out) == ["ckpt_00000001", "ckpt_00000002"] and runtime.verify_checkpoint(
+        str(out / "ckpt_00000002")) is None
+
+
 # ---------------------------------------------------------------- 10. the tools refuse nonsense in one line
 
 def test_ranks_vote_to_stop_in_host_memory_a_step_late(monkeypatch):
@@ -553,6 +665,7 @@ def test_ranks_vote_to_stop_in_host_memory_a_step_late(monkeypatch):
     (["tools.sample", "BROKEN_WEIGHTS", "--prompt", "x"], "model.safetensors: not a readable safetensors file"),
     (["tools.eval", "BROKEN_CONFIG", "--text", "README.md"], "config.json: not valid JSON"),
     (["data.py", "info", "BROKEN_MANIFEST"], "manifest.json: not valid JSON"),
+    (["tools.plot", "UNDER_A_FILE", "A=METRICS"], "could not write UNDER_A_FILE (File exists: "),
 ])
 def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
     (tmp_path / "weights").mkdir()
@@ -565,9 +678,13 @@ def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
     (tmp_path / "config" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
     (tmp_path / "manifest").mkdir()
     (tmp_path / "manifest" / "manifest.json").write_text("{bad")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 64}) + "\n")
     where = {"RUN": str(tmp_path / "no_run"), "BROKEN_WEIGHTS": str(tmp_path / "weights"),
-             "BROKEN_CONFIG": str(tmp_path / "config"), "BROKEN_MANIFEST": str(tmp_path / "manifest")}
-    argv = [where.get(a, a) for a in argv]
+             "BROKEN_CONFIG": str(tmp_path / "config"), "BROKEN_MANIFEST": str(tmp_path / "manifest"),
+             "UNDER_A_FILE": str(tmp_path / "manifest" / "manifest.json" / "loss.png"),
+             "A=METRICS": f"A={tmp_path / 'metrics'}"}
+    argv, culprit = [where.get(a, a) for a in argv], culprit.replace("UNDER_A_FILE", where["UNDER_A_FILE"])
     cmd = [sys.executable, *(["-m", argv[0]] if argv[0].startswith("tools.") else [argv[0]]), *argv[1:]]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and culprit in p.stderr, p.stderr[-2000:]

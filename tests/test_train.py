@@ -146,6 +146,14 @@ def test_dry_run_xmodel25(capsys):
     (["--hidden=129"], "n_head=2 does not divide hidden=129"),
     (["--eval_mix=zzz"], "eval_mix"),
     (["--data={'prose': 'p', 'code': 'c'}"], r"\(decay\): mixture 'decay' names source 'sft', which the data does not"),
+    (["--time_limit=0.5"], r"config key 'time_limit': expected int or str, got 0.5"),
+    (["--data=3"], r"config key 'data': expected dict, got 3"),
+    (["--out_dir="], r"config key 'out_dir': a directory path, got ''"),
+    (["--phases=[1]"], r"config key 'phases': phases\[0\] must be a dict of phase keys, got 1"),
+    (["--phases=['warmup']"], r"config key 'phases': phases\[0\] must be a dict of phase keys, got 'warmup'"),
+    (["--mixtures={'stable': {'code': '0.5'}, 'decay': {'sft': 1}}"], r"'stable' must map sources to finite weights"),
+    (["--phase.decay.mix=['decay']"], r"phases\[3\]: mix must be a string, got \['decay'\]"),
+    (["--phase.decay.name=[1]"], r"phases\[3\]: name must be a string, got \[1\]"),
 ])
 def test_config_errors(args, match):
     with pytest.raises(ValueError, match=match):
@@ -157,13 +165,20 @@ def test_config_overrides_and_missing_file():
     assert conf["train"].lr == 0.02 and conf["train"].compile is True and conf["model"].n_layer == 4
     assert [p["optimizer"] for p in conf["train"].phases if p["name"] == "decay"] == ["adamw"]
     assert {p["optimizer"] for p in load("xmodel25", "--phase.*.optimizer=adamw")["train"].phases} == {"adamw"}
+    assert load("proxy20m", "--grad_clip=inf")["train"].grad_clip == math.inf  # no clipping, as --help says
+    with pytest.raises(ValueError, match="config key 'lr' must be a finite number > 0, got nan"):
+        load("proxy20m", "--lr=nan")
     with pytest.raises(ValueError, match=r"phases\[0\] \(warmup\): optimizer must be one of"):
         load("proxy20m", "--phase.*.optimizer=sgd")
-    for bad in ("--phase.nope.steps=3", "--phase.decay.nope=3", "--model.n_layer=3"):
-        with pytest.raises(ValueError, match=r"the form is --phase.NAME.KEY=value"):
+    for bad, why in (("--phase.nope.steps=3", "no phase named 'nope'"), ("--phase.decay.nope=3", "unknown phase key "
+                     "'nope'"), ("--model.n_layer=3", "only phase keys are dotted")):  # the wrong part alone
+        with pytest.raises(ValueError, match=rf"^config override {re.escape(bad[:bad.index('=')])}: {why}[^;]*; "
+                                             rf"the form is --phase.NAME.KEY=value$"):
             load("proxy20m", bad)
     with pytest.raises(ValueError, match="config file not found"):
         train.load_config(["configs/nope.py"])
+    with pytest.raises(ValueError, match=r"the curriculum is empty \(the defaults have none: give a config file"):
+        train.load_config(["--dry_run"])  # no config file at all
 
 
 # ---------------------------------------------------------------- running

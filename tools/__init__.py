@@ -45,10 +45,11 @@ def model_overrides(items, flag: str = "--set") -> dict:
 
 
 def run(main) -> None:
-    """A tool's entry point: bad input (a value, a missing or damaged file) ends in one line on stderr and
-    exit status 1, not a traceback."""
+    """A tool's entry point: bad input (a value, a missing or damaged file) or an output that cannot be written
+    (a full disk, a read-only folder: runtime.atomic_write names the file) ends in one line on stderr and exit
+    status 1, not a traceback."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -11,6 +11,7 @@ import os
 import sys
 
 import runtime
+import tools
 
 
 def main(argv=None) -> None:
@@ -38,4 +39,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    tools.run(main)  # an output that cannot be written: one line, not a traceback
