@@ -798,7 +798,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
             with suppress(OSError):
                 r.ckpt.wait()
         latest = (runtime.list_checkpoints(cfg.out_dir) or [None])[-1]
-        raise KeyboardInterrupt(f"stopped without a checkpoint of its own; " + (
+        raise KeyboardInterrupt("stopped without a checkpoint of its own; " + (
             f"the latest is {latest}; continue with: {runtime.launch_command('train.py', sys.argv[1:])}" if latest
             else "none was written yet")) from None
     finally:

@@ -385,5 +385,5 @@ def test_gpu_report_rewrites_the_page_from_a_record(tmp_path):
     md = (tmp_path / "gpu_check.md").read_text()
     assert md == gpu_report.markdown(record) and "| bf16 MFU (train) | 50.0% | >= 50.0% | met |" in md
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(SystemExit, match="bad.json: not a gpu_check record"):
+    with pytest.raises(ValueError, match="bad.json: not a gpu_check record"):
         gpu_report.main([str(tmp_path / "bad.json")])

@@ -19,7 +19,8 @@ import argparse
 import json
 import math
 import os
-import sys
+
+import tools
 
 NOISE = 1.02  # a measured speedup below this is within run-to-run noise: the default stays
 # The project's goals at xmodel25's shape (48 x 1536, micro-batch 4 x 3712, compiled, the trainer's cadence):
@@ -356,7 +357,7 @@ def main(argv=None):
             report = json.load(f)
         report["sections"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {args.record}: not a gpu_check record ({type(e).__name__}: {e})")
+        raise ValueError(f"{args.record}: not a gpu_check record ({type(e).__name__}: {e})") from None
     from runtime import atomic_write
     out = os.path.join(os.path.dirname(os.path.abspath(args.record)), "gpu_check.md")
     with atomic_write(out) as f:
@@ -365,4 +366,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tools.run(main)

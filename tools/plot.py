@@ -8,7 +8,6 @@ decay phase of an ablation).
 """
 import argparse
 import os
-import sys
 
 import runtime
 import tools

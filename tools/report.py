@@ -5,7 +5,6 @@ The report is also written at the end of every run; this tool redoes it for a ru
 """
 import argparse
 import os
-import sys
 
 import runtime
 import tools
