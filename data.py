@@ -1375,6 +1375,7 @@ def _unusable(source: str, path) -> str | None:
 # -------- The embedded default corpus --------------------------------------------------------------
 
 DEFAULT_CORPUS_VERSION = 2  # 2: the SFT source
+DEFAULT_CORPUS_SOURCES = ("code", "prose", "sft")  # what a run with data = None draws from
 DEFAULT_CORPUS_HELDOUT = 0.02
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 

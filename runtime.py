@@ -392,11 +392,14 @@ def list_checkpoints(out_dir: str) -> list[str]:
 
 
 def prune_checkpoints(out_dir: str, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints (a directory's manifest first: it is unlisted at once)."""
+    """Remove all but the newest `keep` checkpoints. A directory is renamed to a temporary name first: unlisted at
+    once, and what a kill during its removal leaves, the next run's RunLock clears."""
     for old in list_checkpoints(out_dir)[:-keep]:
         if os.path.isdir(old):
-            os.remove(os.path.join(old, MANIFEST))
-            shutil.rmtree(old)
+            doomed = os.path.join(out_dir, f".{os.path.basename(old)}.tmp-prune")
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.rename(old, doomed)
+            shutil.rmtree(doomed)
         else:
             for p in (old, old + ".sha256"):
                 with contextlib.suppress(FileNotFoundError):
@@ -411,6 +414,9 @@ def resolve_checkpoint(path: str) -> str:
         raise ValueError(f"{path} is one file of the checkpoint directory {folder}: give the directory (or its run's)")
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)):
         found = list_checkpoints(path)
+        if not found and os.path.isfile(os.path.join(path, "config.json")):  # an exported Hugging Face folder
+            raise FileNotFoundError(f"no checkpoint (ckpt_*) in {path}, a Hugging Face folder: make it one with "
+                                    f"python -m tools.export --import {path} OUT_DIR")
         if not found:
             raise FileNotFoundError(f"no checkpoint (ckpt_*) in {path}")
         return found[-1]

@@ -619,14 +619,16 @@ def validate(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:
 
 
 def validate_sources(cfg: TrainConfig) -> None:
-    """Every source the phases' and the evaluation's mixtures name is one of `data`'s: an error before hours
-    of preparing the others, as Mixture.schedule words it once they are prepared."""
+    """Every source the phases' and the evaluation's mixtures name is one of `data`'s (with data = None, the
+    embedded corpus's): an error before hours of preparing the others, as Mixture.schedule words it once they
+    are prepared."""
+    sources = list(cfg.data) if cfg.data is not None else list(data.DEFAULT_CORPUS_SOURCES)
     uses = [(f"phases[{i}] ({p['name']})", p["mix"]) for i, p in enumerate(cfg.phases)]
-    for where, mix in uses + [("config key 'eval_mix'", cfg.eval_mix)] if cfg.data is not None else []:
-        unknown = [s for s in cfg.mixtures[mix] if s not in cfg.data]
+    for where, mix in uses + [("config key 'eval_mix'", cfg.eval_mix)]:
+        unknown = [s for s in cfg.mixtures[mix] if s not in sources]
         if unknown:
             raise ValueError(f"{where}: mixture {mix!r} names source {unknown[0]!r}, which the data does not have "
-                             f"(sources: {list(cfg.data)})")
+                             f"(sources: {sources})")
 
 
 def validate_phases(cfg: TrainConfig, mcfg: ModelConfig | None = None) -> None:

@@ -74,6 +74,32 @@ def test_a_directory_is_listed_only_once_complete(tmp_path):
     assert not (tmp_path / ".ckpt_00000002.tmp-dcp").exists()
 
 
+def test_a_hugging_face_folder_given_as_a_checkpoint_names_the_import(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"a Hugging Face folder: make it one with python -m tools.export "
+                                                f"--import {tmp_path} OUT_DIR"):
+        runtime.load_checkpoint(str(tmp_path))
+
+
+def test_a_checkpoint_pruned_halfway_is_unlisted_and_cleared_by_the_next_run(tmp_path, monkeypatch):
+    """A kill while keep-K removes an old checkpoint: nothing half-removed is listed, and the next start clears it."""
+    ck = runtime.Checkpointer(str(tmp_path), keep=5)
+    save(ck, 1)
+    second = save(ck, 2)
+
+    def killed(path, *a, **k):
+        if not k.get("ignore_errors"):
+            raise KeyboardInterrupt  # the removal stops partway (its first file gone)
+    monkeypatch.setattr(runtime.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.prune_checkpoints(str(tmp_path), 1)
+    monkeypatch.undo()
+    assert runtime.list_checkpoints(str(tmp_path)) == [second]
+    assert sorted(os.listdir(tmp_path)) == [".ckpt_00000001.tmp-prune", "ckpt_00000002"]
+    runtime.RunLock(str(tmp_path)).release()
+    assert sorted(os.listdir(tmp_path)) == [".lock", "ckpt_00000002"]
+
+
 def test_flipped_bytes_are_found_by_the_rank_whose_share_holds_the_file(tmp_path):
     ck = runtime.Checkpointer(str(tmp_path), keep=5)
     first, second = save(ck, 1), save(ck, 2)

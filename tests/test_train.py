@@ -146,6 +146,8 @@ def test_dry_run_xmodel25(capsys):
     (["--hidden=129"], "n_head=2 does not divide hidden=129"),
     (["--eval_mix=zzz"], "eval_mix"),
     (["--data={'prose': 'p', 'code': 'c'}"], r"\(decay\): mixture 'decay' names source 'sft', which the data does not"),
+    (["--mixtures={'stable': {'nosuch': 1}, 'decay': {'sft': 1}}"],  # data = None: the embedded corpus's sources
+     r"\(warmup\): mixture 'stable' names source 'nosuch', which the data does not have \(sources: \['code'"),
     (["--time_limit=0.5"], r"config key 'time_limit': expected int or str, got 0.5"),
     (["--data=3"], r"config key 'data': expected dict, got 3"),
     (["--out_dir="], r"config key 'out_dir': a directory path, got ''"),
