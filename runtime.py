@@ -296,13 +296,17 @@ class HashingWriter:
         return getattr(self.f, name)
 
 
-def refuse_checkpoint_as_out_dir(out_dir: str) -> None:
-    """A run's out_dir holds checkpoint directories; one given as out_dir itself (meaning "resume from this one")
-    would find no checkpoint in it and train from step 0 inside it. Refused before anything is written there."""
+def check_out_dir(out_dir: str, resume: bool) -> None:
+    """Refused before anything is read or written: a checkpoint directory given as out_dir (meaning "resume from
+    this one": it would find no checkpoint in it and train from step 0 inside it), and a fresh start in an out_dir
+    holding another run's checkpoints (nothing is overwritten)."""
     if os.path.isfile(os.path.join(out_dir, MANIFEST)):
         parent = os.path.dirname(os.path.normpath(out_dir)) or "."
         raise ValueError(f"out_dir {out_dir!r} is a checkpoint (or dataset) directory, not a run's: continue its "
                          f"run with --out_dir={parent} --resume, or start from its weights with --init_from={out_dir}")
+    if not resume and list_checkpoints(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} holds checkpoints of an earlier run: continue it with --resume, "
+                         f"or choose another out_dir")
 
 
 class RunLock:
@@ -1118,14 +1122,11 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def start_metrics(out_dir: str, resumed_step: int | None, redo_row: bool = False) -> None:
-    """A fresh run refuses an out_dir holding another run's checkpoints (nothing is overwritten). A resumed
+    """A fresh run starts an empty file (check_out_dir made sure it overwrites no other run's). A resumed
     run keeps the rows up to its checkpoint's step, minus the events and evaluations of that step itself,
     which it redoes, and minus that step's loss row if it closed a log interval early (`redo_row`: the
     resumed run continues that interval): the file ends as an uninterrupted run's would."""
     path = os.path.join(out_dir, "metrics.jsonl")
-    if resumed_step is None and list_checkpoints(out_dir):
-        raise ValueError(f"out_dir {out_dir!r} holds checkpoints of an earlier run: continue it with --resume, "
-                         f"or choose another out_dir")
     rows = read_metrics(path) if resumed_step is not None and os.path.exists(path) else []
     keep = [r for r in rows if r.get("step", 0) < resumed_step or r.get("step") == resumed_step and "loss" in r
             and not redo_row]

@@ -768,7 +768,7 @@ def run(cfg: TrainConfig, mcfg: ModelConfig) -> dict:
     say = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
     t_start = time.perf_counter()
     cfg.device, cfg.dtype = runtime.resolve_machine(cfg.device, cfg.dtype, say)
-    runtime.refuse_checkpoint_as_out_dir(cfg.out_dir)
+    runtime.check_out_dir(cfg.out_dir, cfg.resume)
     lock = runtime.RunLock(cfg.out_dir) if master else None
     preemption = runtime.Preemption(runtime.parse_duration(cfg.time_limit), cfg.stop_margin_s)
     r, world, broken = None, 1, False

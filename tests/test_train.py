@@ -212,12 +212,13 @@ def uninterrupted(tmp_path_factory, tiny_data):
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])  # inside "stable" (resume crosses the switch) and inside "decay"
-def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at):
+def test_resume_is_exact(tmp_path, tiny_data, uninterrupted, stop_at, monkeypatch):
     full_dir, full = uninterrupted
     cfg_b = write_config(tmp_path / "b.py", tiny_data, out_dir=str(tmp_path / "b"))
     first = train.train([cfg_b, f"--max_steps={stop_at}"])
     assert first["step"] == stop_at and os.path.isdir(tmp_path / "b" / f"ckpt_{stop_at:08d}")
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+    with monkeypatch.context() as m, pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        m.setattr(train, "build_data", None)  # refused before the data is read, the model built
         train.train([cfg_b])  # a fresh start never writes over another run
     rest = train.train([cfg_b, "--resume"])
     assert first["losses"] + rest["losses"] == full["losses"]  # bit for bit
