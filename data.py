@@ -884,7 +884,7 @@ def _tokenize_task(args) -> tuple:
     task, k, spec, heldout_frac, tmp = args
     tok = get_tokenizer(spec)
     docs = task.docs if task.docs is not None else \
-        ((key, text) for key, text, _ in _documents(task.path, task.key, task.text_key))
+        ((key, text) for key, text, _ in _documents(task.path, task.key, task.text_key) if text)  # "": no document
     paths = {split: Path(tmp) / f".task{k:06d}.{split}.bin" for split in SPLITS}
     counts, max_id = {split: [0, 0] for split in SPLITS}, -1
     with contextlib.ExitStack() as stack:

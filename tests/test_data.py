@@ -491,7 +491,8 @@ def documents_of(out, source, tok) -> list[str]:
 def test_formats_as_they_arrive(tmp_path, tok, capsys):
     """Dolma's .json.gz JSON lines ({"id", "text", "source", "metadata"}), a .jsonl.zst and Parquet with a
     `content` column (Ultra-FineWeb's) in one directory scan, each source with its own --text-key; what the
-    scan skips is reported, one line per suffix; the shards decode to exactly the documents."""
+    scan skips is reported, one line per suffix; the shards decode to exactly the documents (an empty text is
+    none)."""
     import gzip
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -500,10 +501,12 @@ def test_formats_as_they_arrive(tmp_path, tok, capsys):
     (web / "part").mkdir(parents=True)
     ufw.mkdir()
     dolma = [{"id": f"d{k}", "text": DOCS_A[k], "source": "wiki", "metadata": {"len": k}} for k in range(6)]
+    dolma.insert(3, {"id": "empty", "text": ""})  # no document, as an empty text file is none
     (web / "part" / "v1-0000.json.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in dolma).encode()))
     (web / "extra.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
         "".join(json.dumps({"text": d}) + "\n" for d in DOCS_A[6:9]).encode()))
-    pq.write_table(pa.table({"content": DOCS_B[:5], "score": [0.5] * 5}), ufw / "ufw-0001.parquet", row_group_size=2)
+    pq.write_table(pa.table({"content": DOCS_B[:5] + [""], "score": [0.5] * 6}), ufw / "ufw-0001.parquet",
+                   row_group_size=2)
     (web / "notes.csv").write_text("a,b\n")
     (web / "part" / "more.csv").write_text("c,d\n")
     (web / "_SUCCESS").write_text("")
