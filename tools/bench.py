@@ -478,8 +478,8 @@ def synthetic_dolma(path: str, mb: float) -> str:
 def bare_tokenizer(path: str, text_key: str, tokenizer: str) -> dict:
     """encode_batch alone (its own threads, as data.py's workers call it) on the input's documents, read first."""
     import data
-    files = data._expand_source("bench", path, progress=False)
-    texts = [t for f in files for _, t, _ in data._documents(str(f), f.name, text_key)]
+    files = data.source_files("bench", path, progress=False)
+    texts = [t for f in files for _, t, _ in data.file_documents(str(f), f.name, text_key)]
     tok = data.get_tokenizer(tokenizer)
     nbytes = sum(len(t.encode()) for t in texts)
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -518,7 +518,7 @@ def data_bench(argv: list[str]) -> list[dict]:
         path = args.path or synthetic_dolma(os.path.join(tmp, "synthetic.json.gz"), args.synthetic)
         rows = [bare_tokenizer(path, args.text_key, args.tokenizer)]
         rows += [prepare_run(path, args.text_key, args.tokenizer, w) for w in args.workers]
-        on_disk = sum(f.stat().st_size for f in data._expand_source("bench", path, progress=False))
+        on_disk = sum(f.stat().st_size for f in data.source_files("bench", path, progress=False))
     text_mb = rows[0]["text_mb"]
     print(f"input {args.path or f'synthetic Dolma-style .json.gz'}: {on_disk / 1e6:.1f} MB on disk, {text_mb:.1f} MB "
           f"of text, {rows[0]['tokens']:,} tokens; {len(os.sched_getaffinity(0))} cores")
