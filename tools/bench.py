@@ -531,6 +531,13 @@ def data_bench(argv: list[str]) -> list[dict]:
     return rows
 
 
+MODES = """other tables (a first argument; scaling, muon and fp8 take the options above):
+  python -m tools.bench scaling CONFIG   tokens/s and peak memory vs sequence length and width
+  python -m tools.bench muon CONFIG      Newton-Schulz FLOPs vs the step's; Muon vs AdamW step time
+  python -m tools.bench fp8 CONFIG       FP8 vs bf16 GEMM TFLOP/s at the config's layer shapes (CUDA)
+  python -m tools.bench data [PATH]      data.py prepare's throughput vs the bare tokenizer (data --help)"""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "data":
@@ -538,8 +545,8 @@ def main(argv=None):
     mode = "bench"
     if argv and argv[0] in ("scaling", "muon", "fp8"):
         mode, argv = argv[0], argv[1:]
-    p = argparse.ArgumentParser(prog="python -m tools.bench",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODES)
     p.add_argument("config")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--seq_len", type=int, default=None, help="default 512 (fp8: 3712)")
