@@ -673,7 +673,7 @@ def _parquet_column(path: str, key: str) -> str:
     return key if key in names else "messages"
 
 
-def _documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
+def file_documents(path: str, key: str, text_key: str) -> Iterable[tuple[str, str, int]]:
     """(document key, text, input bytes read so far) of one file, streamed, as `read_as` says: a JSON line
     (key@byte offset) or a Parquet row (key@row) per document, else the whole file."""
     if read_as(path) == "parquet":
@@ -800,13 +800,13 @@ def _probe(path: Path) -> None:
     """Read a file's first document (a text file's first MiB) as preparing it would: raises what that would."""
     with contextlib.ExitStack() as stack:
         if read_as(path) in ("jsonl", "parquet"):
-            docs = stack.enter_context(contextlib.closing(iter(_documents(str(path), path.name, "text"))))
+            docs = stack.enter_context(contextlib.closing(iter(file_documents(str(path), path.name, "text"))))
         else:
             docs = _text_document(str(path), path.name, *stack.enter_context(_decompressed(str(path))), limit=1 << 20)
         next(docs, None)
 
 
-def _expand_source(name: str, paths, progress: bool = True) -> list[Path]:
+def source_files(name: str, paths, progress: bool = True) -> list[Path]:
     """Files of one source: explicit files as given, directories scanned recursively (sorted); a scan
     reports on stderr what it skipped and why, one line per suffix. Paths are made absolute, not resolved: a
     symlink keeps its own name, which says how to read it and keys its documents (a Hugging Face cache's
@@ -884,7 +884,7 @@ def _tokenize_task(args) -> tuple:
     task, k, spec, heldout_frac, tmp = args
     tok = get_tokenizer(spec)
     docs = task.docs if task.docs is not None else \
-        ((key, text) for key, text, _ in _documents(task.path, task.key, task.text_key) if text)  # "": no document
+        ((key, text) for key, text, _ in file_documents(task.path, task.key, task.text_key) if text)  # "": none
     paths = {split: Path(tmp) / f".task{k:06d}.{split}.bin" for split in SPLITS}
     counts, max_id = {split: [0, 0] for split in SPLITS}, -1
     with contextlib.ExitStack() as stack:
@@ -1216,7 +1216,7 @@ def prepare(sources: Mapping[str, str | os.PathLike | Sequence], out_dir: str | 
         if not name or not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"source name {name!r}: use letters, digits, '-' and '_' only")
         key = text_key if isinstance(text_key, str) else text_key.get(name, "text")
-        files = _expand_source(name, sources[name], progress)
+        files = source_files(name, sources[name], progress)
         root = os.path.commonpath([str(f.parent) for f in files])  # of all the files: a part keys as the whole
         records = [{"path": str(f), "bytes": f.stat().st_size, "read_as": read_as(f) or "text"}
                    | ({"text_key": key} if key != "text" else {}) for f in files]
@@ -1366,7 +1366,7 @@ def _unusable(source: str, path) -> str | None:
         except ValueError as e:
             return f"is a damaged dataset ({e})"
     try:
-        _probe(_expand_source(source, p, progress=False)[0])
+        _probe(source_files(source, p, progress=False)[0])
         return None
     except (ValueError, OSError, ImportError) as e:
         return f"is neither a prepared dataset (no manifest.json) nor raw text data.py reads ({e})"

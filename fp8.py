@@ -423,7 +423,7 @@ def torch_fp8_matmul(a, b, scale_a, scale_b, out_dtype=torch.bfloat16, fast_accu
 
 CAST_TILE = (64, 64, 4)  # BLOCK_M, BLOCK_N, num_warps of the cast on the GPU: 4 KB of fp8 out per tile
 _INTERPRET_CAST_TILE = (16, 32, 1)  # small, so that the tests' odd shapes cover ragged tiles both ways
-_FORMAT_BITS = {E4M3: (-6, 3), E5M2: (-14, 2)}  # (smallest normal exponent, mantissa bits)
+FORMAT_BITS = {E4M3: (-6, 3), E5M2: (-14, 2)}  # (smallest normal exponent, mantissa bits)
 # when a launch leaves the tensor alone (each program reads one or two scalars first): never; when the
 # history already holds an amax (the just-in-time amax of a fresh layer, step_scale); when the scale equals
 # the one the cached copy was made with (the weight cache: FP8Linear.refresh_fp8_weight)
@@ -511,7 +511,7 @@ def _launch_cast(x, scale, skip_mode, q=None, t=None, amax_parts=None, history=N
     if M == 0 or N == 0:
         return
     bm, bn, warps = _cast_tile()
-    e_min, mant = _FORMAT_BITS[q.dtype if q is not None else E4M3]
+    e_min, mant = FORMAT_BITS[q.dtype if q is not None else E4M3]
     fmt_max = FP8_MAX[q.dtype if q is not None else E4M3]
     ptr = lambda t_, as_bytes=False: scale if t_ is None else (t_.view(torch.uint8) if as_bytes else t_)  # noqa: E731
     kernel = _CAST_KERNELS[interpret]

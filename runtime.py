@@ -1393,7 +1393,7 @@ def wrap_up(out_dir: str, summary: dict, tokens: int, wall_s: float, say) -> Non
         f"  loss curve  {plot or 'not drawn: matplotlib is not installed (pip install matplotlib)'}\n"
         f"  config      {os.path.join(out, 'config.json')}\n  report      {report}\n"
         f"next:\n  python -m tools.sample {out} --prompt 'def '\n  python -m tools.export {out} {out}/hf\n"
-        f"  python -m tools.eval {out}\n  python -m tools.plot compare.png A={out} B=OTHER_RUN")
+        f"  python -m tools.eval {out} --task sft\n  python -m tools.plot compare.png A={out} B=OTHER_RUN")
 
 
 def can_plot() -> bool:

@@ -59,6 +59,14 @@ def test_bench_peer_same_shape_and_consistent_ratios(tmp_path):
     assert r["speedup_cap"] == pytest.approx(peer["step_ms"] / r["bound"]["bound_ms"])
 
 
+def test_help_names_every_mode(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    out = capsys.readouterr().out
+    for mode in ("scaling", "muon", "fp8", "data"):
+        assert f"python -m tools.bench {mode} " in out, out
+
+
 def test_bench_bad_config(tmp_path):
     p = subprocess.run(BENCH + [str(tmp_path / "none.py")], capture_output=True, text=True)
     assert p.returncode != 0 and "config file not found" in p.stderr

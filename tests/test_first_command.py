@@ -3,6 +3,7 @@ overrides, prints the machine, the model and the plan first, and ends with the n
 wrote (which exist) and the commands to run next; without matplotlib it says the plot was skipped."""
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -43,6 +44,12 @@ def test_first_lines_then_closing_lines_name_real_files(tmp_path):
     assert re.search(r"^done: 3 steps in [\d.]+ min", out, re.M) and "final held-out loss" in out
     for cmd in ("python -m tools.sample", "python -m tools.export", "python -m tools.eval"):
         assert cmd in out
+    # the evaluation it suggests runs as printed (here on 1 problem per family)
+    evals = re.findall(r"^  python (-m tools\.eval .*)$", out, re.M)
+    assert len(evals) == 1, out
+    p = subprocess.run([sys.executable, *shlex.split(evals[0]), "--per_family=1", "--device=cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "overall" in p.stdout, p.stderr[-3000:]
     assert "note: matplotlib" not in out
 
 

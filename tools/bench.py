@@ -478,8 +478,8 @@ def synthetic_dolma(path: str, mb: float) -> str:
 def bare_tokenizer(path: str, text_key: str, tokenizer: str) -> dict:
     """encode_batch alone (its own threads, as data.py's workers call it) on the input's documents, read first."""
     import data
-    files = data._expand_source("bench", path, progress=False)
-    texts = [t for f in files for _, t, _ in data._documents(str(f), f.name, text_key)]
+    files = data.source_files("bench", path, progress=False)
+    texts = [t for f in files for _, t, _ in data.file_documents(str(f), f.name, text_key)]
     tok = data.get_tokenizer(tokenizer)
     nbytes = sum(len(t.encode()) for t in texts)
     t0, c0 = time.perf_counter(), cpu_seconds()
@@ -518,7 +518,7 @@ def data_bench(argv: list[str]) -> list[dict]:
         path = args.path or synthetic_dolma(os.path.join(tmp, "synthetic.json.gz"), args.synthetic)
         rows = [bare_tokenizer(path, args.text_key, args.tokenizer)]
         rows += [prepare_run(path, args.text_key, args.tokenizer, w) for w in args.workers]
-        on_disk = sum(f.stat().st_size for f in data._expand_source("bench", path, progress=False))
+        on_disk = sum(f.stat().st_size for f in data.source_files("bench", path, progress=False))
     text_mb = rows[0]["text_mb"]
     print(f"input {args.path or f'synthetic Dolma-style .json.gz'}: {on_disk / 1e6:.1f} MB on disk, {text_mb:.1f} MB "
           f"of text, {rows[0]['tokens']:,} tokens; {len(os.sched_getaffinity(0))} cores")
@@ -531,6 +531,13 @@ def data_bench(argv: list[str]) -> list[dict]:
     return rows
 
 
+MODES = """other tables (a first argument; scaling, muon and fp8 take the options above):
+  python -m tools.bench scaling CONFIG   tokens/s and peak memory vs sequence length and width
+  python -m tools.bench muon CONFIG      Newton-Schulz FLOPs vs the step's; Muon vs AdamW step time
+  python -m tools.bench fp8 CONFIG       FP8 vs bf16 GEMM TFLOP/s at the config's layer shapes (CUDA)
+  python -m tools.bench data [PATH]      data.py prepare's throughput vs the bare tokenizer (data --help)"""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "data":
@@ -538,8 +545,8 @@ def main(argv=None):
     mode = "bench"
     if argv and argv[0] in ("scaling", "muon", "fp8"):
         mode, argv = argv[0], argv[1:]
-    p = argparse.ArgumentParser(prog="python -m tools.bench",
-                                description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODES)
     p.add_argument("config")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--seq_len", type=int, default=None, help="default 512 (fp8: 3712)")

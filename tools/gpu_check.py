@@ -278,7 +278,7 @@ def _sm90_cast_one(fn, names, what, xt, fmt, flags, cuobjdump) -> dict:
     from triton.compiler import ASTSource
     import fp8
     bm, bn, warps = fp8.CAST_TILE
-    e_min, mant = fp8._FORMAT_BITS[fmt]
+    e_min, mant = fp8.FORMAT_BITS[fmt]
     const = dict(BLOCK_M=bm, BLOCK_N=bn, FP8_MAX=fp8.FP8_MAX[fmt], E_MIN=e_min, MANT=mant, INV_MARGIN=1.0,
                  stride_xn=1, **flags)
     sig = {n: "*u8" if n in ("q_ptr", "t_ptr") else "*" + xt if n == "x_ptr" else "*fp32" for n in names
