@@ -979,12 +979,13 @@ def test_default_corpus(tmp_path, monkeypatch, tok):
 
 def test_bos_opens_every_document(tmp_path, tok):
     """Against a plain reference written out by hand: BOS doc EOS per document (one BOS, also where the text
-    spells it or is empty); a tokenizer without BOS (tiktoken) separates documents by EOS alone."""
+    spells it; an empty text is no document, as in Megatron's preprocessing); a tokenizer without BOS
+    (tiktoken) separates documents by EOS alone."""
     texts = ["plain text", "", "<｜begin▁of▁sentence｜>spelled out", "tail"]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts) +
                                       json.dumps({"messages": CHATS[0]}) + "\n")
     out = data.prepare({"s": str(tmp_path / "d.jsonl")}, tmp_path / "ds", heldout_frac=0.0, workers=1, progress=False)
-    want = ([0] + tok.encode("plain text") + [1] + [0, 1] + [0] + tok.encode("spelled out") + [1] +
+    want = ([0] + tok.encode("plain text") + [1] + [0] + tok.encode("spelled out") + [1] +
             [0] + tok.encode("tail") + [1] + [0] + tok.encode(data.render_chat(CHATS[0])))
     assert stream(out, "s", "train").tolist() == want and want[-1] == 1
     tiny = data.get_tokenizer(str(tiny_tiktoken(tmp_path / "tiny.tiktoken")))
