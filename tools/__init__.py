@@ -28,6 +28,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (nan, which every comparison refuses, is not let through)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
 def model_overrides(items, flag: str = "--set") -> dict:
     """["KEY=VALUE", ...] -> {KEY: value} for ModelConfig fields, values parsed as train.py parses them;
     a bad key or value fails here, naming the flag, not at the first model."""
