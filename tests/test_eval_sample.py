@@ -156,6 +156,8 @@ def test_eval_bad_inputs(run, tmp_path):
         ev.evaluate(path, text=str(tmp_path / "nope.txt"), seq_len=16, **FP32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.evaluate(str(tmp_path / "missing_ckpt"), text=str(tmp_path / "nope.txt"), **FP32)
+    with pytest.raises(ValueError, match="is a directory, not a text file"):
+        ev.evaluate(path, text=str(tmp_path), seq_len=16, **FP32)
     (tmp_path / "t.txt").write_text(CORPUS)
     with pytest.raises(ValueError, match="max"):
         ev.evaluate(path, text=str(tmp_path / "t.txt"), seq_len=4096, **FP32)

@@ -102,6 +102,8 @@ def confidence(losses) -> dict:
 
 def text_tokens(path: str, tok: data.Tokenizer) -> np.ndarray:
     p = Path(path)
+    if p.is_dir():  # a dataset directory belongs to --data
+        raise ValueError(f"--text {path!r} is a directory, not a text file (a prepared dataset: --data)")
     if not p.is_file():
         raise FileNotFoundError(f"--text file {path!r} does not exist")
     ids = np.asarray(tok.encode(p.read_text(encoding="utf-8")), dtype=np.int64)
