@@ -438,6 +438,12 @@ def test_overwrite_replaces_only_an_export(tmp_path):
     export.export(run, str(tmp_path / "hf"))
     export.export(run, str(tmp_path / "hf"), overwrite=True, dtype="bfloat16")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):  # 0 is not "the default"
+        export.main([run, str(tmp_path / "hf"), "--overwrite", "--max_position_embeddings", "0"])
+    for out in (tmp_path / "hf", tmp_path / "new"):  # --to_file into a folder: refused, nothing left in or beside it
+        with pytest.raises(ValueError, match="is a directory: --to_file writes one file"):
+            export.main(["--to_file", run, str(out) + "/", "--overwrite"])
+    assert not (tmp_path / "new").exists() and not (tmp_path / "hf.sha256").exists()
 
 def test_tokenizer_json_is_the_training_tokenizers_file(tmp_path):
     """data.tokenizer_json (the blob the export writes) hashes to the tokenizer's recorded sha256."""

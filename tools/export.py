@@ -598,6 +598,8 @@ def load_any(path: str, tokenizer: str | None = None, device="cpu") -> tuple[Xmo
 def to_file(checkpoint: str, out: str, overwrite: bool = False) -> str:
     """A checkpoint (a directory written by the ranks of a run, or a run directory's latest) as one file in the
     single-file layout (weights, optimizer state, configs; with its sha256 beside it), for tools elsewhere."""
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):  # the file's .sha256 would land inside it
+        raise ValueError(f"{out!r} is a directory: --to_file writes one file (give its path, e.g. {out.rstrip('/')}/ckpt.pt)")
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out!r} exists (--overwrite replaces it)")
     return runtime.write_checkpoint_file(out, runtime.load_checkpoint(checkpoint))
@@ -612,7 +614,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
     ap.add_argument("--overwrite", action="store_true", help="replace a previous export (a Hugging Face model folder "
                     "only: never a run directory or a checkpoint); with --to_file, an existing file")
-    ap.add_argument("--max_position_embeddings", type=int, default=None,
+    ap.add_argument("--max_position_embeddings", type=tools.positive_int, default=None,
                     help="the context the export promises (default: the longest the checkpoint was trained at)")
     ap.add_argument("--import", dest="do_import", action="store_true", help="Llama folder -> checkpoint")
     ap.add_argument("--to_file", "--to-file", action="store_true",
