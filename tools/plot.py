@@ -4,7 +4,8 @@
 
 Each run's metrics.jsonl is read (a torn last line is dropped with a warning); dots are held-out
 evaluations, dotted lines the AdamW -> Muon switch. --from-tokens zooms to the end of the runs (e.g. the
-decay phase of an ablation).
+decay phase of an ablation). A run with no loss to draw (none logged yet, or all before --from-tokens) is
+an error naming it.
 """
 import argparse
 import contextlib
