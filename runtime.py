@@ -488,6 +488,8 @@ def read_checkpoint(path: str, want=None) -> dict:
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if not type(e).__name__ == "CheckpointException":
             raise
+        if _interrupted(e):  # Ctrl-C while reading: the checkpoint is fine, say so as an interruption
+            raise KeyboardInterrupt from None
         raise ValueError(f"{path}: not a readable checkpoint ({_first_failure(e)})") from None
     for key, t in tensors.items():  # "optim/rest/state/3/exp_avg" -> content["optim"]["rest"]["state"][3]["exp_avg"]
         *parents, leaf = [int(k) if k.isdigit() else k for k in key.split("/")]
@@ -640,6 +642,12 @@ def _first_failure(error: BaseException) -> str:
     if cause is not None and cause.strerror:
         return where + cause.strerror
     return where + (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _interrupted(error: BaseException) -> bool:
+    """Whether DCP gathered a KeyboardInterrupt as a rank's failure (it catches BaseException while reading)."""
+    failures = (getattr(error, "failures", None) or {}).values()
+    return any(isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt) for f in failures)
 
 
 def _write_error(path: str, error: BaseException) -> str:

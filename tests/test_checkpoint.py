@@ -61,6 +61,23 @@ def test_a_checkpoint_directory_reads_back_in_the_nested_layout_and_is_pruned(tm
                                                                      f"(or its run's)")
 
 
+
+def test_ctrl_c_while_reading_is_an_interruption_not_a_damaged_checkpoint(tmp_path, monkeypatch, capsys):
+    """DCP gathers a KeyboardInterrupt raised while it reads as a rank's failure: it is raised again as the
+    interruption it is (the checkpoint is fine), and a tool ends on it in one line, exit status 130."""
+    import tools
+    from torch.distributed.checkpoint.api import CheckpointException
+    path = save(runtime.Checkpointer(str(tmp_path), keep=1), 1)
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException("load failed", {0: (KeyboardInterrupt(), None)})
+    monkeypatch.setattr(runtime, "_read_tensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.read_checkpoint(path)
+    with pytest.raises(SystemExit) as e:
+        tools.run(lambda: runtime.load_checkpoint(path))
+    assert e.value.code == 130 and capsys.readouterr().err == "interrupted (SIGINT): stopped\n"
+
 def test_a_directory_is_listed_only_once_complete(tmp_path):
     ck = runtime.Checkpointer(str(tmp_path), keep=5)
     first = save(ck, 1)

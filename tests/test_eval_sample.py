@@ -156,6 +156,8 @@ def test_eval_bad_inputs(run, tmp_path):
         ev.evaluate(path, text=str(tmp_path / "nope.txt"), seq_len=16, **FP32)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.evaluate(str(tmp_path / "missing_ckpt"), text=str(tmp_path / "nope.txt"), **FP32)
+    with pytest.raises(ValueError, match="is a directory, not a text file"):
+        ev.evaluate(path, text=str(tmp_path), seq_len=16, **FP32)
     (tmp_path / "t.txt").write_text(CORPUS)
     with pytest.raises(ValueError, match="max"):
         ev.evaluate(path, text=str(tmp_path / "t.txt"), seq_len=4096, **FP32)
@@ -235,6 +237,36 @@ def test_chat_prompt_and_cli(run, capsys):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         sample.main([path + "_missing", "--prompt", "x"])
 
+
+
+def test_sample_refuses_bad_values_before_printing(run, capsys):
+    """A sampling value out of range (nan included) stops at argument parsing, and a prompt the model cannot
+    run (an id beyond its vocabulary: another tokenizer; too long for max_seq_len) stops in one line naming
+    it, before the prompt is echoed, not with a traceback from the embedding lookup or the sampler."""
+    path, model, tok, tmp = run
+    base = [path, "--prompt", "the", "--max_tokens", "4", "--device", "cpu", "--dtype", "float32"]
+    for flag, value in (("--top_p", "0"), ("--top_p", "1.5"), ("--top_p", "nan"), ("--repetition_penalty", "nan"),
+                        ("--repetition_penalty", "inf"), ("--repetition_penalty", "0")):
+        with pytest.raises(SystemExit):
+            sample.main([*base, flag, value])
+        assert flag in capsys.readouterr().err
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        sample.stream(model, tok, [1, 2], 5, repetition_penalty=float("nan"))
+    big = "the quick 数学 " * 3
+    wide = tmp / "wide.json"  # a tokenizer with ids beyond the model's 300
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.add_tokens([f"word{i}" for i in range(400)] + ["数学"])
+    tk.add_special_tokens(["<|endoftext|>"])
+    tk.save(str(wide))
+    tok_wide = data.get_tokenizer(str(wide))
+    assert max(tok_wide.encode(big)) >= CFG.vocab_size
+    with pytest.raises(ValueError, match="vocab_size 300"):
+        sample.stream(model, tok_wide, tok_wide.encode(big), 4)
+    with pytest.raises(ValueError, match="--max_tokens 300 exceed the model's max_seq_len 256"):
+        sample.main([*base[:3], "--max_tokens", "300"])
+    assert capsys.readouterr().out == ""  # the prompt was not echoed
 
 def test_top_p_keeps_the_nucleus_of_a_hand_built_distribution(run):
     from model import Xmodel

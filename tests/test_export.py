@@ -419,6 +419,32 @@ def test_bad_inputs(tmp_path):
     assert not (tmp_path / "hf3").exists() and not (tmp_path / "hf4").exists()
 
 
+
+@needs_safetensors
+def test_overwrite_replaces_only_an_export(tmp_path):
+    """--overwrite replaces a previous export, never a run directory, a checkpoint, a file or another folder
+    given as the output by mistake (replacing deletes it), and says so before reading the checkpoint."""
+    run, _ = make_run(tmp_path)
+    ckpt = runtime.list_checkpoints(run)[-1]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    for out in (run, ckpt, str(tmp_path / "notes"), str(tmp_path / "tokenizer.json")):
+        before = sorted(p.name for p in Path(out).iterdir()) if os.path.isdir(out) else Path(out).read_bytes()
+        with pytest.raises(ValueError, match="not a Hugging Face model folder|is a file"):
+            export.export(run, out, overwrite=True)
+        assert before == (sorted(p.name for p in Path(out).iterdir()) if os.path.isdir(out) else Path(out).read_bytes())
+    with pytest.raises(ValueError, match="not empty"):
+        export.export(str(tmp_path / "missing"), run)  # the output is checked first
+    export.export(run, str(tmp_path / "hf"))
+    export.export(run, str(tmp_path / "hf"), overwrite=True, dtype="bfloat16")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):  # 0 is not "the default"
+        export.main([run, str(tmp_path / "hf"), "--overwrite", "--max_position_embeddings", "0"])
+    for out in (tmp_path / "hf", tmp_path / "new"):  # --to_file into a folder: refused, nothing left in or beside it
+        with pytest.raises(ValueError, match="is a directory: --to_file writes one file"):
+            export.main(["--to_file", run, str(out) + "/", "--overwrite"])
+    assert not (tmp_path / "new").exists() and not (tmp_path / "hf.sha256").exists()
+
 def test_tokenizer_json_is_the_training_tokenizers_file(tmp_path):
     """data.tokenizer_json (the blob the export writes) hashes to the tokenizer's recorded sha256."""
     import hashlib

@@ -666,6 +666,8 @@ def test_ranks_vote_to_stop_in_host_memory_a_step_late(monkeypatch):
     (["tools.eval", "BROKEN_CONFIG", "--text", "README.md"], "config.json: not valid JSON"),
     (["data.py", "info", "BROKEN_MANIFEST"], "manifest.json: not valid JSON"),
     (["tools.plot", "UNDER_A_FILE", "A=METRICS"], "could not write UNDER_A_FILE (File exists: "),
+    (["tools.plot", "NEW_PNG", "A=METRICS", "B=NO_ROWS"], "NO_ROWS: nothing to draw (no loss in metrics.jsonl)"),
+    (["tools.plot", "NEW_PNG", "A=METRICS", "--from-tokens", "1000"], "at or after --from-tokens 1000"),
 ])
 def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
     (tmp_path / "weights").mkdir()
@@ -680,15 +682,20 @@ def test_tools_refuse_nonsense_in_one_line(tmp_path, argv, culprit):
     (tmp_path / "manifest" / "manifest.json").write_text("{bad")
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 64}) + "\n")
-    where = {"RUN": str(tmp_path / "no_run"), "BROKEN_WEIGHTS": str(tmp_path / "weights"),
+    (tmp_path / "no_rows").mkdir()
+    (tmp_path / "no_rows" / "metrics.jsonl").write_text(json.dumps({"step": 0, "event": "start"}) + "\n")
+    where = {"RUN": str(tmp_path / "no_run"), "NEW_PNG": str(tmp_path / "new.png"), "NO_ROWS": str(tmp_path / "no_rows"),
+             "B=NO_ROWS": f"B={tmp_path / 'no_rows'}", "BROKEN_WEIGHTS": str(tmp_path / "weights"),
              "BROKEN_CONFIG": str(tmp_path / "config"), "BROKEN_MANIFEST": str(tmp_path / "manifest"),
              "UNDER_A_FILE": str(tmp_path / "manifest" / "manifest.json" / "loss.png"),
              "A=METRICS": f"A={tmp_path / 'metrics'}"}
     argv, culprit = [where.get(a, a) for a in argv], culprit.replace("UNDER_A_FILE", where["UNDER_A_FILE"])
+    culprit = culprit.replace("NO_ROWS", where["NO_ROWS"])
     cmd = [sys.executable, *(["-m", argv[0]] if argv[0].startswith("tools.") else [argv[0]]), *argv[1:]]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and culprit in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr
+    assert not (tmp_path / "new.png").exists()
 
 
 def test_open_files_limit_is_raised_to_the_hard_limit():

@@ -267,6 +267,14 @@ def test_sweep_and_search_command_lines(tiny_dataset, tmp_path, capsys):
     assert train.load_config([str(tmp_path / "best.py")])["train"].lr == res["best"]["lr"]
     out = capsys.readouterr().out
     assert "device cpu (as configured)" in out and f"wrote {tmp_path / 'best.py'}" in out
+    # a count or an LR out of range is refused naming its flag (an LR of -1 said "math domain error", --steps 0
+    # wrote a sweep of untrained models, --trials 0 blamed the study), before any run or study file
+    for tool, flag, value in ((lr_sweep, "--lrs", "-1"), (lr_sweep, "--steps", "0"), (search, "--trials", "0"),
+                              (search, "--steps", "0")):
+        with pytest.raises(SystemExit):
+            tool.main(["--out", str(tmp_path / "bad"), flag, value])
+        assert f"argument {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- the original's choices vs μP-pure (ModelConfig)

@@ -28,6 +28,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (nan, which every comparison refuses, is not let through)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
 def model_overrides(items, flag: str = "--set") -> dict:
     """["KEY=VALUE", ...] -> {KEY: value} for ModelConfig fields, values parsed as train.py parses them;
     a bad key or value fails here, naming the flag, not at the first model."""
@@ -47,9 +58,13 @@ def model_overrides(items, flag: str = "--set") -> dict:
 def run(main) -> None:
     """A tool's entry point: bad input (a value, a missing or damaged file) or an output that cannot be written
     (a full disk, a read-only folder: runtime.atomic_write names the file) ends in one line on stderr and exit
-    status 1, not a traceback."""
+    status 1, not a traceback; Ctrl-C in one line too, exit status 130 as the shell's (the tools write their
+    outputs whole or not at all: a temporary name, renamed into place)."""
     try:
         main()
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT): stopped", file=sys.stderr)
+        sys.exit(130)

@@ -58,7 +58,7 @@ import runtime
 import tools
 from model import chunked_cross_entropy
 from tools import export, positive_int
-from tools.sample import prompt_ids
+from tools.sample import check_context, prompt_ids
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 SFT_TEST_SEED = 1         # the probe's test problems: data.sft_problems("test", per_family, seed=1)
@@ -102,6 +102,8 @@ def confidence(losses) -> dict:
 
 def text_tokens(path: str, tok: data.Tokenizer) -> np.ndarray:
     p = Path(path)
+    if p.is_dir():  # a dataset directory belongs to --data
+        raise ValueError(f"--text {path!r} is a directory, not a text file (a prepared dataset: --data)")
     if not p.is_file():
         raise FileNotFoundError(f"--text file {path!r} does not exist")
     ids = np.asarray(tok.encode(p.read_text(encoding="utf-8")), dtype=np.int64)
@@ -239,8 +241,10 @@ def sft_accuracy(path: str, per_family: int = SFT_PER_FAMILY, max_tokens: int = 
     model, tok, _ = export.load_any(path, tokenizer, device)
     rows = sft_task_rows(per_family)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    replies = greedy_replies(model, tok, [prompt_ids(tok, r["question"], True) for r in rows], max_tokens,
-                             device, dt)
+    prompts = [prompt_ids(tok, r["question"], True) for r in rows]
+    for ids in prompts:
+        check_context(model, ids, max_tokens)
+    replies = greedy_replies(model, tok, prompts, max_tokens, device, dt)
     ok = [reply.strip() == r["answer"].strip() for r, reply in zip(rows, replies)]
 
     def summary(keep) -> dict:

@@ -310,12 +310,35 @@ def export_tensors(cfg: ModelConfig, sd: dict, dtype: torch.dtype) -> dict:
     return out
 
 
+def _check_replaceable(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output that the export would destroy: a file, a non-empty folder without --overwrite, and,
+    even with it, anything but a model folder (config.json naming a model type or architecture, no
+    checkpoint): replacing the folder deletes all it holds, and a run directory (checkpoints, metrics), a
+    checkpoint or an unrelated folder given as the output by mistake must survive."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"output {str(out_dir)!r} is a file, not a folder: choose another output folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"output {str(out_dir)!r} exists and is not empty (pass --overwrite to replace it)")
+    try:
+        conf = _json_file(out_dir / "config.json")
+    except ValueError:
+        conf = {}
+    if runtime.list_checkpoints(str(out_dir)) or (out_dir / runtime.MANIFEST).exists() or \
+            not (conf.get("model_type") or conf.get("architectures")):
+        raise ValueError(f"output {str(out_dir)!r} is not a Hugging Face model folder (a run directory, a "
+                         f"checkpoint or another folder): --overwrite replaces only a previous export; "
+                         f"choose another output folder")
+
+
 def _write_dir_atomic(out_dir: Path, files: dict, overwrite: bool) -> None:
     """Write {name: bytes or tensors-dict} into a temporary sibling directory, then rename it to out_dir."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise ValueError(f"output {str(out_dir)!r} exists and is not empty (pass --overwrite to replace it)")
+    _check_replaceable(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is for serving containers too
@@ -332,7 +355,7 @@ def _write_dir_atomic(out_dir: Path, files: dict, overwrite: bool) -> None:
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -344,6 +367,7 @@ def export(checkpoint: str, out_dir: str, dtype: str = "float32", tokenizer: str
     Returns the config.json written."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    _check_replaceable(Path(out_dir), overwrite)  # before the checkpoint is read, which takes long
     ckpt = runtime.load_checkpoint(checkpoint)
     cfg, sd = checked_state_dict(ckpt, checkpoint)
     tok = checkpoint_tokenizer(ckpt, tokenizer)
@@ -574,6 +598,8 @@ def load_any(path: str, tokenizer: str | None = None, device="cpu") -> tuple[Xmo
 def to_file(checkpoint: str, out: str, overwrite: bool = False) -> str:
     """A checkpoint (a directory written by the ranks of a run, or a run directory's latest) as one file in the
     single-file layout (weights, optimizer state, configs; with its sha256 beside it), for tools elsewhere."""
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):  # the file's .sha256 would land inside it
+        raise ValueError(f"{out!r} is a directory: --to_file writes one file (give its path, e.g. {out.rstrip('/')}/ckpt.pt)")
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out!r} exists (--overwrite replaces it)")
     return runtime.write_checkpoint_file(out, runtime.load_checkpoint(checkpoint))
@@ -586,8 +612,9 @@ def main(argv=None) -> None:
     ap.add_argument("out", help="output folder (export) or checkpoint directory (import)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the checkpoint's")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
-    ap.add_argument("--max_position_embeddings", type=int, default=None,
+    ap.add_argument("--overwrite", action="store_true", help="replace a previous export (a Hugging Face model folder "
+                    "only: never a run directory or a checkpoint); with --to_file, an existing file")
+    ap.add_argument("--max_position_embeddings", type=tools.positive_int, default=None,
                     help="the context the export promises (default: the longest the checkpoint was trained at)")
     ap.add_argument("--import", dest="do_import", action="store_true", help="Llama folder -> checkpoint")
     ap.add_argument("--to_file", "--to-file", action="store_true",

@@ -22,7 +22,7 @@ import runtime
 from model import ModelConfig
 from tools.proxy import (PARAMETERIZATIONS, add_machine_options, add_variant_options, equal_mixture,
                          proxy_config, proxy_dataset, pyplot, report_written, save_png, train_proxy, write_json)
-from tools import model_overrides
+from tools import model_overrides, positive_float, positive_int
 
 
 def lr_grid(lo: int = -12, hi: int = -4) -> list[float]:
@@ -201,13 +201,13 @@ def main(argv=None):
                                  description="μP LR transfer: held-out loss vs base LR at several widths, μP and "
                                              "SP. Writes OUT/lr_sweep.json (resumable) and OUT/lr_sweep.png.")
     ap.add_argument("--out", default="docs")
-    ap.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
-    ap.add_argument("--lrs", type=float, nargs="+", default=None, help="base LRs (default 2^-10 ... 2^-3)")
-    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--widths", type=positive_int, nargs="+", default=[64, 128, 256, 512])
+    ap.add_argument("--lrs", type=positive_float, nargs="+", default=None, help="base LRs (default 2^-10 ... 2^-3)")
+    ap.add_argument("--steps", type=positive_int, default=128)
     ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--seq-len", type=positive_int, default=64)
+    ap.add_argument("--eval-windows", type=positive_int, default=64)
     ap.add_argument("--jobs", type=int, default=None,
                     help="parallel runs of --threads torch threads each (default: one per core on a CPU, 1 on a GPU)")
     ap.add_argument("--threads", type=int, default=1)

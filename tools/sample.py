@@ -35,7 +35,7 @@ import torch
 import data
 import runtime
 import tools
-from tools import export, nonnegative_float, positive_int
+from tools import export, nonnegative_float, positive_float, positive_int
 
 REPLACEMENT = "\ufffd"
 
@@ -75,6 +75,27 @@ def prompt_ids(tok: data.Tokenizer, prompt: str, chat: bool, bos: bool = True) -
     return ids
 
 
+def check_context(model, ids: list[int], max_tokens: int) -> None:
+    """A context the model can run: every id inside its vocabulary (a tokenizer larger than the model's, given
+    with --tokenizer or shipped with a foreign folder, fails here, not in the embedding lookup), and the
+    context plus max_tokens within max_seq_len."""
+    cfg = model.config
+    if ids and max(ids) >= cfg.vocab_size:
+        raise ValueError(f"the prompt has token id {max(ids)}, beyond the model's vocab_size {cfg.vocab_size} "
+                         f"(a tokenizer other than the model's? see --tokenizer)")
+    if len(ids) + max_tokens > cfg.max_seq_len:
+        raise ValueError(f"the prompt's {len(ids)} tokens + --max_tokens {max_tokens} exceed the model's "
+                         f"max_seq_len {cfg.max_seq_len}")
+
+
+def nucleus(text: str) -> float:
+    """argparse type of --top_p: a probability mass in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def stream(model, tok: data.Tokenizer, ids: list[int], max_tokens: int, temperature: float = 0.8,
            top_k: int | None = None, seed: int = 0, out=None, device="cpu", top_p: float | None = None,
            repetition_penalty: float = 1.0, caches: list | None = None) -> list[int]:
@@ -88,8 +109,9 @@ def stream(model, tok: data.Tokenizer, ids: list[int], max_tokens: int, temperat
         raise ValueError(f"--top_k must be positive, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"--repetition_penalty must be positive (1 = off), got {repetition_penalty}")
+    if not 0 < repetition_penalty < float("inf"):
+        raise ValueError(f"--repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty}")
+    check_context(model, ids, max_tokens)
     g = torch.Generator(device=device).manual_seed(seed)
     dec, new = StreamDecoder(tok), []
     idx = torch.tensor([ids], device=device)
@@ -140,9 +162,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max_tokens", type=positive_int, default=200)
     ap.add_argument("--temperature", type=nonnegative_float, default=0.8, help="0 = greedy")
     ap.add_argument("--top_k", type=positive_int, default=None)
-    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
+    ap.add_argument("--top_p", type=nucleus, default=None, help="nucleus sampling: keep the most likely tokens "
                     "whose probabilities sum to this (default: all)")
-    ap.add_argument("--repetition_penalty", type=float, default=1.0,
+    ap.add_argument("--repetition_penalty", type=positive_float, default=1.0,
                     help="> 1 discourages tokens already in the context (CTRL); 1 = off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (SFT checkpoints); "
@@ -164,6 +186,7 @@ def main(argv=None) -> None:
             return chat(model, tok, a.max_tokens, sys.stdin, sys.stdout, sys.stderr, not a.no_bos, **sampling)
         prompt = a.prompt or ""
         ids = prompt_ids(tok, prompt, a.chat, not a.no_bos)
+        check_context(model, ids, a.max_tokens)  # before the prompt is echoed
         if not a.chat:
             sys.stdout.write(prompt)
         stream(model, tok, ids, a.max_tokens, out=sys.stdout, **sampling)

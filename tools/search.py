@@ -20,6 +20,7 @@ import torch
 import data
 import runtime
 import train
+from tools import positive_int
 from tools.proxy import add_machine_options, equal_mixture, proxy_dataset, train_proxy
 
 # what the search may tune, with default ranges (low, high), all sampled on a log scale
@@ -170,17 +171,17 @@ def main(argv=None):
                                  description="Optuna TPE search of base LRs, init std and multipliers on the "
                                              "μP proxy; writes the base config plus the best values.")
     ap.add_argument("--base", default="configs/proxy20m.py", help="config file to tune and copy")
-    ap.add_argument("--trials", type=int, default=20, help="total finished trials wanted in the study")
+    ap.add_argument("--trials", type=positive_int, default=20, help="total finished trials wanted in the study")
     ap.add_argument("--study", default="out/mup_search.db", help="the study file (SQLite); reuse it to resume")
     ap.add_argument("--study-name", default="mup-proxy")
     ap.add_argument("--out", default="best_config.py")
     ap.add_argument("--space", action="append", metavar="NAME=LOW:HIGH",
                     help=f"override a range (log scale) or NAME=off; tunable: {', '.join(TUNABLE)}; defaults: "
                          + ", ".join(f"{k}={lo:g}:{hi:g}" for k, (lo, hi) in SEARCH_SPACE.items()))
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--steps", type=positive_int, default=100)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--seq-len", type=positive_int, default=64)
+    ap.add_argument("--eval-windows", type=positive_int, default=64)
     ap.add_argument("--width", type=int, default=None, help="proxy width (default: the base config's)")
     ap.add_argument("--n-layer", type=int, default=None, help="proxy depth (default: the base config's)")
     ap.add_argument("--dataset", default=None)
