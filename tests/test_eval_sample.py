@@ -254,7 +254,7 @@ def test_sample_refuses_bad_values_before_printing(run, capsys):
         sample.stream(model, tok, [1, 2], 5, repetition_penalty=float("nan"))
     big = "the quick 数学 " * 3
     wide = tmp / "wide.json"  # a tokenizer with ids beyond the model's 300
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.add_tokens([f"word{i}" for i in range(400)] + ["数学"])

@@ -7,8 +7,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--hidden=32", "--ffn_hidden=64", "--n_head=1", "--n_kv_head=1", "--base_width=16",
         "--max_steps=3", "--micro_batch=2", "--eval_windows=2", "--eval_batch=2", "--log_interval=1",

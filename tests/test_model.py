@@ -11,7 +11,6 @@ would tell the difference, so a broken model cannot pass by accident.
 import dataclasses
 import math
 import os
-import sys
 
 import pytest
 import torch
