@@ -599,7 +599,8 @@ def to_file(checkpoint: str, out: str, overwrite: bool = False) -> str:
     """A checkpoint (a directory written by the ranks of a run, or a run directory's latest) as one file in the
     single-file layout (weights, optimizer state, configs; with its sha256 beside it), for tools elsewhere."""
     if os.path.isdir(out) or out.endswith(("/", os.sep)):  # the file's .sha256 would land inside it
-        raise ValueError(f"{out!r} is a directory: --to_file writes one file (give its path, e.g. {out.rstrip('/')}/ckpt.pt)")
+        raise ValueError(f"{out!r} is a directory: --to_file writes one file (give its path, e.g. "
+                         f"{out.rstrip('/')}/ckpt.pt)")
     if os.path.exists(out) and not overwrite:
         raise ValueError(f"{out!r} exists (--overwrite replaces it)")
     return runtime.write_checkpoint_file(out, runtime.load_checkpoint(checkpoint))
