@@ -334,6 +334,7 @@ class RunLock:
         self.f.truncate()
         self.f.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
         self.f.flush()
+        os.fsync(self.f.fileno())  # the other ranks read it to check that they see this out_dir (agree_on_checkpoint)
         for name in os.listdir(out_dir):  # what a run that died mid-write left (never listed, just space)
             path = os.path.join(out_dir, name)
             if ".tmp-" in name:
@@ -969,12 +970,27 @@ def settle_ddp_buckets(ddp, model, dtype: str, device) -> None:
 def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None:
     """After each rank found, verified (its share) and read the checkpoint to start from, one all_gather
     compares what they hold: mine = {"checkpoint": path or None, "step", "tokens", "problem": an error or None}.
-    Raises ValueError on every rank, naming the ranks, if one found a damaged checkpoint, if some found none
-    while others did, or if they disagree (each node seeing its own out_dir is the usual cause)."""
+    Raises ValueError on every rank, naming the ranks, if one does not see rank 0's out_dir (the lock file rank 0
+    holds in it, also on a fresh start), if one found a damaged checkpoint, if some found none while others did,
+    or if they disagree (each node seeing its own out_dir is the usual cause)."""
+    try:
+        with open(os.path.join(out_dir, ".lock")) as f:
+            lock = f.read()
+    except OSError:
+        lock = None
+    mine = {**mine, "out_dir": out_dir, "lock": lock}
     views = [mine]
     if world > 1:
         views = [None] * world
         dist.all_gather_object(views, mine)
+    cause = (f"out_dir {out_dir!r} is probably not shared: every rank must see the same one, a directory on a "
+             f"file system all nodes mount")
+    elsewhere = [r for r, v in enumerate(views) if v["lock"] != views[0]["lock"]]
+    if elsewhere:
+        theirs = ", ".join(sorted({repr(views[r]["out_dir"]) for r in elsewhere}))
+        raise ValueError(f"rank(s) {elsewhere} do not see rank 0's out_dir {views[0]['out_dir']!r} (the .lock rank 0 "
+                         f"holds in it; they use {theirs}): every rank must see the same one, a directory on a "
+                         f"file system all nodes mount")
     problems = [(r, v["problem"]) for r, v in enumerate(views) if v["problem"]]
     if problems:
         raise ValueError(problems[0][1] if world == 1 else f"rank {problems[0][0]}: {problems[0][1]}")
@@ -983,8 +999,6 @@ def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None
         held.setdefault((v["checkpoint"], v["step"], v["tokens"]), []).append(r)
     if len(held) == 1:
         return
-    cause = (f"out_dir {out_dir!r} is probably not shared: every rank must see the same one, a directory on a "
-             f"file system all nodes mount")
     none = [ranks for (path, *_), ranks in held.items() if path is None]
     if none:
         found = "; ".join(f"rank(s) {ranks} found {path}" for (path, *_), ranks in held.items() if path is not None)

@@ -498,6 +498,38 @@ def test_ranks_that_see_different_checkpoints_stop_naming_the_ranks(tmp_path, ti
     assert sorted(os.listdir(out)) == before
 
 
+def _own_out_dir_worker(rank, init_file, argv, out_dir, results):
+    """A fresh start, each rank with its own out_dir (a node-local directory): the error it stops with."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        train.train([*argv, f"--out_dir={out_dir}{rank}"])
+        error = None
+    except ValueError as e:
+        error = str(e)
+    with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
+        json.dump(error, f)
+    runtime.exit_distributed()
+
+
+def test_a_fresh_start_with_an_out_dir_per_rank_stops_before_training(tmp_path, tiny_data):
+    """Each rank given its own out_dir on a fresh start (no checkpoint to disagree on) would write each
+    checkpoint's shares into different directories and publish in rank 0's one a checkpoint missing rank 1's
+    file. Both ranks stop before training, naming rank 1 and both directories; no checkpoint is written."""
+    cfg = write_config(tmp_path / "c.py", tiny_data)
+    out = tmp_path / "out"
+    mp.start_processes(_own_out_dir_worker, args=(str(tmp_path / "rendezvous"), [cfg, *WS, "--ckpt_interval=1"],
+                                                  str(out), str(tmp_path)), nprocs=WORLD, join=True,
+                       start_method="fork")
+    errors = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
+    assert errors[0] == errors[1] == (f"rank(s) [1] do not see rank 0's out_dir {str(out) + '0'!r} (the .lock rank 0 "
+                                      f"holds in it; they use {str(out) + '1'!r}): every rank must see the same one, "
+                                      f"a directory on a file system all nodes mount")
+    assert not runtime.list_checkpoints(f"{out}0") and not os.path.exists(f"{out}1/metrics.jsonl")
+
+
 # ---------------------------------------------------------------- real launches: torchrun, a dead rank, a hung rank
 
 def _env(**extra):
