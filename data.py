@@ -234,6 +234,7 @@ class Mixture:
         self.seed, self.vocab_size = int(seed), vocab_size
         self.streams: dict[str, dict[str, _Stream]] = {}
         first = None  # (tokenizer identity, its dataset) of the first source
+        self.fingerprints = {}  # {source: (its dataset directory, the dataset's fingerprint)}
         for source, d in _dataset_of_each_source(datasets).items():
             m = read_manifest(d)
             if source not in m["sources"]:
@@ -243,6 +244,7 @@ class Mixture:
                 raise ValueError(f"datasets disagree on the tokenizer: {str(first[1])!r} uses {first[0]['name']}, "
                                  f"{str(d)!r} uses {m['tokenizer']['name']} (sha256 {m['tokenizer']['sha256'][:12]})")
             _check_shards(d, m, [source])
+            self.fingerprints[source] = (str(d), m.get("fingerprint"))
             info = m["sources"][source]
             if vocab_size is not None and info["max_token_id"] >= vocab_size:
                 raise ValueError(f"source {source!r} in {str(d)!r} has token id {info['max_token_id']} >= "

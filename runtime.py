@@ -969,10 +969,12 @@ def settle_ddp_buckets(ddp, model, dtype: str, device) -> None:
 
 def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None:
     """After each rank found, verified (its share) and read the checkpoint to start from, one all_gather
-    compares what they hold: mine = {"checkpoint": path or None, "step", "tokens", "problem": an error or None}.
+    compares what they hold: mine = {"checkpoint": path or None, "step", "tokens", "problem": an error or None,
+    and optionally "data": {source: (dataset directory, fingerprint)}}.
     Raises ValueError on every rank, naming the ranks, if one does not see rank 0's out_dir (the lock file rank 0
-    holds in it, also on a fresh start), if one found a damaged checkpoint, if some found none while others did,
-    or if they disagree (each node seeing its own out_dir is the usual cause)."""
+    holds in it, also on a fresh start), if one reads other data (a dataset's fingerprint differs), if one found a
+    damaged checkpoint, if some found none while others did, or if they disagree (each node seeing its own out_dir
+    is the usual cause)."""
     try:
         with open(os.path.join(out_dir, ".lock")) as f:
             lock = f.read()
@@ -991,6 +993,20 @@ def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None
         raise ValueError(f"rank(s) {elsewhere} do not see rank 0's out_dir {views[0]['out_dir']!r} (the .lock rank 0 "
                          f"holds in it; they use {theirs}): every rank must see the same one, a directory on a "
                          f"file system all nodes mount")
+    def fingerprints(v):
+        return {source: fp for source, (_, fp) in (v.get("data") or {}).items()}
+    other = [r for r, v in enumerate(views) if fingerprints(v) != fingerprints(views[0])]
+    if other:
+        ours, theirs = views[0].get("data") or {}, views[other[0]].get("data") or {}
+        a, b = fingerprints(views[0]), fingerprints(views[other[0]])
+        source = sorted(s for s in {*a, *b} if a.get(s) != b.get(s))[0]
+        def where(d):
+            return f"{d[0]} (fingerprint {str(d[1])[:12]})" if d else "no such source"
+        raise ValueError(f"rank(s) {other} read other data than rank 0: source {source!r} is "
+                         f"{where(theirs.get(source))} on rank {other[0]}, {where(ours.get(source))} on rank 0: "
+                         f"every rank must read the same "
+                         f"prepared data (the same `data`, `data_cache` / $XMODEL_CACHE on a file system all nodes "
+                         f"mount, the same Python for the default corpus)")
     problems = [(r, v["problem"]) for r, v in enumerate(views) if v["problem"]]
     if problems:
         raise ValueError(problems[0][1] if world == 1 else f"rank {problems[0][0]}: {problems[0][1]}")

@@ -413,7 +413,7 @@ def start_run(cfg: TrainConfig, mcfg: ModelConfig, tok, mixture, rank: int, worl
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       gradient_as_bucket_view=True)
     opts = Optimizers(mup.param_groups(model, cfg.lr, cfg.emb_lr, cfg.weight_decay), cfg, cfg.phases[0]["optimizer"])
-    step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, rank, world, device, say)
+    step, tokens, unlogged = restore(cfg, mcfg, model, opts, tok, rank, world, device, say, mixture.fingerprints)
     if step > stop_step(cfg):  # before metrics.jsonl is cut back to the checkpoint's step
         raise ValueError(f"resume: the latest checkpoint in {cfg.out_dir} is at step {step}, past this run's end at "
                          f"step {stop_step(cfg)} (" + (f"max_steps={cfg.max_steps}" if cfg.max_steps else
@@ -455,11 +455,12 @@ def data_schedule(cfg: TrainConfig) -> list[dict]:
 
 
 def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, rank: int, world: int, device,
-            say) -> tuple[int, int, dict]:
+            say, data_fingerprints: dict | None = None) -> tuple[int, int, dict]:
     """Continue from the latest checkpoint (--resume) or start from a checkpoint's weights (--init_from). Every
     rank verifies its share of the checkpoint's files and reads what it needs (the weights, and of sharded
     optimizer state its own share, whatever the world size that wrote it); then one collective compares what
-    the ranks found (runtime.agree_on_checkpoint). The model config and the tokenizer must be the run's.
+    the ranks found and the data each reads (runtime.agree_on_checkpoint). The model config and the tokenizer
+    must be the run's.
     Returns (step, tokens, the unfinished log interval: {"loss_sum", "steps"}) to start from."""
     fresh = {"loss_sum": torch.zeros(()), "steps": 0}
     found = runtime.list_checkpoints(cfg.out_dir) if cfg.resume else []
@@ -475,7 +476,8 @@ def restore(cfg: TrainConfig, mcfg: ModelConfig, model, opts: Optimizers, tok, r
     ckpt, problem = runtime.read_start(source, rank, world, optimizers_for) if source else (None, None)
     runtime.agree_on_checkpoint(rank, world, cfg.out_dir, {
         "checkpoint": source if found else None, "problem": problem,
-        "step": ckpt["step"] if found and ckpt else 0, "tokens": ckpt["tokens"] if found and ckpt else 0})
+        "step": ckpt["step"] if found and ckpt else 0, "tokens": ckpt["tokens"] if found and ckpt else 0,
+        "data": data_fingerprints})
     if not source:
         return 0, 0, fresh
     theirs = {**asdict(ModelConfig()), **ckpt["model_config"]}  # keys added since it was written: defaults

@@ -498,14 +498,15 @@ def test_ranks_that_see_different_checkpoints_stop_naming_the_ranks(tmp_path, ti
     assert sorted(os.listdir(out)) == before
 
 
-def _own_out_dir_worker(rank, init_file, argv, out_dir, results):
-    """A fresh start, each rank with its own out_dir (a node-local directory): the error it stops with."""
+def _own_argv_worker(rank, init_file, argvs, results):
+    """A fresh start of train.py with argvs[rank] (a node that sees its own out_dir or data): the error it stops
+    with."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        train.train([*argv, f"--out_dir={out_dir}{rank}"])
+        train.train(argvs[rank])
         error = None
     except ValueError as e:
         error = str(e)
@@ -520,14 +521,37 @@ def test_a_fresh_start_with_an_out_dir_per_rank_stops_before_training(tmp_path, 
     file. Both ranks stop before training, naming rank 1 and both directories; no checkpoint is written."""
     cfg = write_config(tmp_path / "c.py", tiny_data)
     out = tmp_path / "out"
-    mp.start_processes(_own_out_dir_worker, args=(str(tmp_path / "rendezvous"), [cfg, *WS, "--ckpt_interval=1"],
-                                                  str(out), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="fork")
+    argvs = [[cfg, *WS, "--ckpt_interval=1", f"--out_dir={out}{r}"] for r in range(WORLD)]
+    mp.start_processes(_own_argv_worker, args=(str(tmp_path / "rendezvous"), argvs, str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method="fork")
     errors = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
     assert errors[0] == errors[1] == (f"rank(s) [1] do not see rank 0's out_dir {str(out) + '0'!r} (the .lock rank 0 "
                                       f"holds in it; they use {str(out) + '1'!r}): every rank must see the same one, "
                                       f"a directory on a file system all nodes mount")
     assert not runtime.list_checkpoints(f"{out}0") and not os.path.exists(f"{out}1/metrics.jsonl")
+
+
+def test_a_rank_that_reads_other_data_stops_before_training(tmp_path, tiny_data):
+    """Rank 1 reads its own copy of the dataset, prepared otherwise (another fingerprint: other text, another
+    Python's standard library for the default corpus): both ranks stop before training, naming rank 1, the
+    source and both directories, instead of training on data that differs per rank."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    manifest = json.load(open(other / "manifest.json"))
+    ours, manifest["fingerprint"] = manifest["fingerprint"], "0" * 64
+    json.dump(manifest, open(other / "manifest.json", "w"))
+    out = tmp_path / "out"
+    argvs = [[write_config(tmp_path / f"c{r}.py", d), *WS, f"--out_dir={out}"]
+             for r, d in enumerate((tiny_data, other))]
+    mp.start_processes(_own_argv_worker, args=(str(tmp_path / "rendezvous"), argvs, str(tmp_path)), nprocs=WORLD,
+                       join=True, start_method="fork")
+    errors = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
+    assert errors[0] == errors[1] == (f"rank(s) [1] read other data than rank 0: source 'code' is {other} (fingerprint "
+                                      f"000000000000) on rank 1, {tiny_data} (fingerprint {ours[:12]}) on rank 0: "
+                                      f"every rank must read the same prepared data (the same `data`, `data_cache` / "
+                                      f"$XMODEL_CACHE on a file system all nodes mount, the same Python for the "
+                                      f"default corpus)")
+    assert not runtime.list_checkpoints(out) and not os.path.exists(out / "metrics.jsonl")
 
 
 # ---------------------------------------------------------------- real launches: torchrun, a dead rank, a hung rank
