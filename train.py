@@ -384,9 +384,11 @@ def stop_early(r: Run, step: int, tokens: int, meter: runtime.Meter, first_bad: 
     else:
         write_checkpoint(r, step, tokens, meter, first_bad)
         wait_checkpoint(r)
+    ago = preemption.since_signal()
+    if why == runtime.STOP_SIGNAL and r.world > 1:  # the signal may have reached another rank only: its time
+        ago = runtime.max_over_ranks(round(ago * 1000), r.world, r.device) / 1000
     r.summary["preempted"] = (f"time limit ({preemption.limit:g} s)" if why == runtime.STOP_TIME else
-                              f"preempted ({preemption.signal or 'a signal to another rank'}, "
-                              f"{preemption.since_signal():.1f} s ago)")
+                              f"preempted ({preemption.signal or 'a signal to another rank'}, {ago:.1f} s ago)")
     kept = (f"; {r.summary['kept']} is kept (this step's own would have ended past preempt_grace_s="
             f"{r.cfg.preempt_grace_s})" if r.summary.get("kept") else " with a checkpoint")
     r.say(f"{r.summary['preempted']}: stopped after step {step}{kept}; continue with: "

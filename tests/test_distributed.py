@@ -325,6 +325,8 @@ def test_one_rank_signalled_both_stop_after_the_same_step_and_resume_exactly(run
         for run in (pre, at_ckpt):
             assert run["preempted"].startswith("preempted (SIGTERM, " if r == 1 else
                                                "preempted (a signal to another rank, "), (r, run["preempted"])
+            ago = run["preempted"].split(", ")[1]  # rank 0 states the time since rank 1's signal, as rank 1 does
+            assert ago == res["preempt" if run is pre else "preempt_ckpt"][1]["preempted"].split(", ")[1], (r, ago)
         assert not resumed["preempted"]
         assert_models_equal(resumed["model"], res["ddp"][r]["model"])
         before = [pre["reads"][step] for step in range(3)]  # steps 1-3 and what follows each; step 4 stops
