@@ -985,28 +985,8 @@ def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None
     if world > 1:
         views = [None] * world
         dist.all_gather_object(views, mine)
-    cause = (f"out_dir {out_dir!r} is probably not shared: every rank must see the same one, a directory on a "
-             f"file system all nodes mount")
-    elsewhere = [r for r, v in enumerate(views) if v["lock"] != views[0]["lock"]]
-    if elsewhere:
-        theirs = ", ".join(sorted({repr(views[r]["out_dir"]) for r in elsewhere}))
-        raise ValueError(f"rank(s) {elsewhere} do not see rank 0's out_dir {views[0]['out_dir']!r} (the .lock rank 0 "
-                         f"holds in it; they use {theirs}): every rank must see the same one, a directory on a "
-                         f"file system all nodes mount")
-    def fingerprints(v):
-        return {source: fp for source, (_, fp) in (v.get("data") or {}).items()}
-    other = [r for r, v in enumerate(views) if fingerprints(v) != fingerprints(views[0])]
-    if other:
-        ours, theirs = views[0].get("data") or {}, views[other[0]].get("data") or {}
-        a, b = fingerprints(views[0]), fingerprints(views[other[0]])
-        source = sorted(s for s in {*a, *b} if a.get(s) != b.get(s))[0]
-        def where(d):
-            return f"{d[0]} (fingerprint {str(d[1])[:12]})" if d else "no such source"
-        raise ValueError(f"rank(s) {other} read other data than rank 0: source {source!r} is "
-                         f"{where(theirs.get(source))} on rank {other[0]}, {where(ours.get(source))} on rank 0: "
-                         f"every rank must read the same "
-                         f"prepared data (the same `data`, `data_cache` / $XMODEL_CACHE on a file system all nodes "
-                         f"mount, the same Python for the default corpus)")
+    _same_out_dir(views)
+    _same_data(views)
     problems = [(r, v["problem"]) for r, v in enumerate(views) if v["problem"]]
     if problems:
         raise ValueError(problems[0][1] if world == 1 else f"rank {problems[0][0]}: {problems[0][1]}")
@@ -1015,6 +995,8 @@ def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None
         held.setdefault((v["checkpoint"], v["step"], v["tokens"]), []).append(r)
     if len(held) == 1:
         return
+    cause = (f"out_dir {out_dir!r} is probably not shared: every rank must see the same one, a directory on a "
+             f"file system all nodes mount")
     none = [ranks for (path, *_), ranks in held.items() if path is None]
     if none:
         found = "; ".join(f"rank(s) {ranks} found {path}" for (path, *_), ranks in held.items() if path is not None)
@@ -1022,6 +1004,35 @@ def agree_on_checkpoint(rank: int, world: int, out_dir: str, mine: dict) -> None
     raise ValueError("the ranks disagree on the checkpoint to resume from: " + "; ".join(
         f"rank(s) {ranks}: {path} (step {step}, {tokens:,} tokens)" for (path, step, tokens), ranks in held.items())
         + f": {cause} (or another run wrote into it meanwhile)")
+
+
+def _same_out_dir(views: list[dict]) -> None:
+    """Every rank reads the .lock rank 0 holds in out_dir: a rank that does not sees another directory."""
+    elsewhere = [r for r, v in enumerate(views) if v["lock"] != views[0]["lock"]]
+    if elsewhere:
+        theirs = ", ".join(sorted({repr(views[r]["out_dir"]) for r in elsewhere}))
+        raise ValueError(f"rank(s) {elsewhere} do not see rank 0's out_dir {views[0]['out_dir']!r} (the .lock rank 0 "
+                         f"holds in it; they use {theirs}): every rank must see the same one, a directory on a "
+                         f"file system all nodes mount")
+
+
+def _same_data(views: list[dict]) -> None:
+    """Every rank's datasets have rank 0's fingerprints (node-local copies of the same data may lie elsewhere)."""
+    def fingerprints(v):
+        return {source: fp for source, (_, fp) in (v.get("data") or {}).items()}
+
+    def where(d):
+        return f"{d[0]} (fingerprint {str(d[1])[:12]})" if d else "no such source"
+
+    other = [r for r, v in enumerate(views) if fingerprints(v) != fingerprints(views[0])]
+    if other:
+        ours, theirs = views[0].get("data") or {}, views[other[0]].get("data") or {}
+        a, b = fingerprints(views[0]), fingerprints(views[other[0]])
+        source = sorted(s for s in {*a, *b} if a.get(s) != b.get(s))[0]
+        raise ValueError(f"rank(s) {other} read other data than rank 0: source {source!r} is "
+                         f"{where(theirs.get(source))} on rank {other[0]}, {where(ours.get(source))} on rank 0: "
+                         f"every rank must read the same prepared data (the same `data`, `data_cache` / "
+                         f"$XMODEL_CACHE on a file system all nodes mount, the same Python for the default corpus)")
 
 
 def _agent_command() -> list[str] | None:
