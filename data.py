@@ -837,10 +837,9 @@ def _scan(root: Path) -> tuple[list[Path], collections.Counter]:
     prepared inside the scanned directory (--out under the source) is no input: its manifest.json is not
     JSON lines, and a second run would read it."""
     found, skipped = [], collections.Counter()
-    prepared = {m.parent for m in root.rglob("manifest.json") if _is_dataset(m.parent)}
-    for f in root.rglob("*"):
-        if not f.is_file():
-            continue
+    files = [f for f in root.rglob("*") if f.is_file()]  # one walk: on a network file system it takes long
+    prepared = {f.parent for f in files if f.name == "manifest.json" and _is_dataset(f.parent)}
+    for f in files:
         if any(part.startswith(".") for part in f.relative_to(root).parts):
             skipped["hidden files (a name starting with '.')"] += 1
         elif prepared.intersection(f.parents):
